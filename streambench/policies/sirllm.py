@@ -1,0 +1,76 @@
+"""sirllm: keep the start tokens, the tokens of highest (decayed) token entropy, then recent ones."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.policies import register_policy
+from streambench.policies.base import CachePolicy, CacheView
+
+SCORES = ("surprisal", "upstream")
+
+
+@register_policy("sirllm")
+@dataclass
+class SirLLMPolicy(CachePolicy):
+    """SirLLM (Yao, Li, Zhao, arXiv:2405.12528). Tokens the model found surprising carry the
+    information a conversation must remember (names, numbers, choices); keeping the highest
+    token-entropy ones gives a streaming model memory beyond its window, and multiplying stored
+    scores by `decay` each user turn lets old key tokens fade.
+
+    Selection follows Zoeyyao27/SirLLM `evict_for_space_token_entropy`: with n incoming tokens it
+    keeps the top (entropy_size - n) scores over the whole cache, the start tokens, then the most
+    recent tokens until budget - n are kept (stable order breaks ties toward older tokens).
+    Scores: `surprisal` (default) is the paper's e_i = -log p(x_i | x_<i), taken from the forward
+    that fed the previous token. `upstream` reproduces the released code, whose stored score for
+    token j is -log p(x_{j-1} | x_<=j-1) with each chunk's first token given the chunk's maximum
+    (see FACTS: it is not the paper's definition). Defaults match the released scripts:
+    recent_size 0, entropy_size = budget - start_size."""
+
+    summary = "start tokens + highest token-entropy tokens (decayed per turn) + recent fill"
+    start_size: int = 4
+    entropy_size: int | None = None
+    recent_size: int = 0
+    decay: float = 1.0
+    score: str = "surprisal"
+
+    def configure(self) -> None:
+        self._check_int("start_size", 0)
+        self._check_int("recent_size", 0)
+        if self.entropy_size is None:
+            self._require(self.budget is not None, "needs a budget or entropy_size")
+            self.entropy_size = self.budget - self.start_size - self.recent_size
+            self._require(self.entropy_size >= 1, f"budget {self.budget} must be above start_size + recent_size = {self.start_size + self.recent_size}")
+        self._check_int("entropy_size", 0)
+        total = self.start_size + self.entropy_size + self.recent_size
+        self._require(total >= 1 and total > self.start_size, "needs room beyond the start tokens")
+        self._require(self.budget in (None, total), f"start_size + entropy_size + recent_size = {total} disagrees with budget {self.budget}")
+        self.budget = total
+        self._require(isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0, f"decay must be in (0, 1], got {self.decay!r}")
+        self.decay = float(self.decay)
+        self._require(self.score in SCORES, f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+
+    @property
+    def needs_scores(self) -> str:
+        return self.score
+
+    @property
+    def max_incoming(self) -> int:
+        return self.budget - self.start_size
+
+    def select(self, view: CacheView) -> np.ndarray:
+        target = view.target
+        keep = np.zeros(view.length, dtype=bool)
+        keep[: min(self.start_size, view.length)] = True
+        top = self.entropy_size - view.incoming
+        if top > 0:
+            keep[np.argsort(-view.scores, kind="stable")[:top]] = True
+        missing = target - int(keep.sum())
+        if missing > 0:  # fill with the most recent tokens not yet kept
+            candidates = np.flatnonzero(~keep)
+            keep[candidates[-missing:]] = True
+        return np.flatnonzero(keep)
+
+    def new_round(self, scores: np.ndarray) -> np.ndarray:
+        return scores * self.decay if self.decay != 1.0 else scores

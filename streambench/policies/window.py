@@ -1,0 +1,30 @@
+"""window: a sliding window of the most recent tokens, re-indexed to positions 0..size-1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.policies import register_policy
+from streambench.policies.base import CachePolicy, CacheView, recent_ranks
+
+
+@register_policy("window")
+@dataclass
+class WindowPolicy(CachePolicy):
+    """Window attention (StreamingLLM, arXiv:2309.17453, Fig. 1b): cheap and constant memory, but
+    once the first tokens leave the cache the model loses its attention sinks and quality collapses."""
+
+    summary = "sliding window of the last `size` tokens"
+    size: int | None = None
+
+    def configure(self) -> None:
+        if self.size is None:
+            self._require(self.budget is not None, "needs a budget or size")
+            self.size = self.budget
+        self._check_int("size", 1)
+        self._require(self.budget in (None, self.size), f"size {self.size} disagrees with budget {self.budget}")
+        self.budget = self.size
+
+    def select(self, view: CacheView) -> np.ndarray:
+        return recent_ranks(view.length, view.target)

@@ -1,0 +1,66 @@
+"""Rotary position tables: rotate a pre-RoPE key to any position, or undo the rotation of a cached key.
+
+Transformers caches keys *after* RoPE. To move a kept key to a new slot exactly, the engine keeps
+the pre-RoPE key (recovered once, when the token enters the cache) and rotates it afresh at the new
+position. Composing many small rotations on the cached key instead would drift, badly in bf16.
+The tables come from the model's own `rotary_emb`, so rope scaling (llama3, linear, yarn's
+attention factor) and partial rotary dims are whatever the model computes.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryTable:
+    """cos/sin for positions [0, size), float32, grown on demand by doubling."""
+
+    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, size: int = 1024):
+        self.rotary_emb = rotary_emb
+        self.device = device
+        self.cos = self.sin = self.inv_norm = None
+        self.size = 0
+        self.ensure(size)
+
+    @torch.no_grad()
+    def ensure(self, size: int) -> None:
+        if size <= self.size:
+            return
+        size = max(size, 2 * self.size)
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        positions = torch.arange(size, device=self.device)[None]
+        cos, sin = self.rotary_emb(probe, position_ids=positions)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # (P, rotary_dim)
+        norm = self.cos.square() + self.sin.square()  # attention_scaling**2 (1 for plain RoPE)
+        self.inv_norm = None if torch.allclose(norm, torch.ones_like(norm)) else 1.0 / norm
+        self.size = size
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.cos.shape[-1]
+
+    def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+        # k: (..., T, D) in any dtype; positions: (T,) long on k's device. Math in float32.
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, rd)
+        rd = cos.shape[-1]
+        x = k[..., :rd].float()
+        if inverse:
+            out = x * cos - rotate_half(x) * sin
+            if self.inv_norm is not None:
+                out = out * self.inv_norm[positions]
+        else:
+            out = x * cos + rotate_half(x) * sin
+        out = out.to(k.dtype)
+        if rd < k.shape[-1]:
+            out = torch.cat((out, k[..., rd:]), dim=-1)
+        return out
+
+    def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._apply(k_pre, positions, inverse=False)
+
+    def unrotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._apply(k, positions, inverse=True)

@@ -1,0 +1,110 @@
+"""StreamSession: one stream through one model under one cache policy.
+
+Tasks talk only to this: `feed(ids)` returns the logits of every fed token, `new_round()` marks a
+user turn (SirLLM's decay), `reset()` starts a new stream. Before each forward the session asks the
+policy which tokens stay (only when the incoming tokens would overflow the budget) and the cache
+moves and re-indexes them; after it, the session records the new tokens and, when the policy
+asked for them, their scores, computed from logits the forward produced anyway.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streambench.cache import StreamCache
+from streambench.models import LoadedModel
+from streambench.policies.base import CachePolicy, CacheView
+from streambench.rope import RotaryTable
+
+
+class StreamSession:
+    def __init__(self, lm: LoadedModel, policy: CachePolicy):
+        self.lm, self.model, self.policy = lm, lm.model, policy
+        info = lm.info
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache: StreamCache | None = None
+        if not policy.recompute:
+            rope = RotaryTable(lm.rotary_emb, self.device, size=2 * (policy.budget or 512)) if policy.evicts else None
+            self.cache = StreamCache(
+                info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
+                capacity=policy.budget or 1024, rope=rope,
+            )
+        self._token_bytes = 2 * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fed = 0  # tokens fed since the last reset
+        self._prev_logprobs = None  # log-probs after the last fed token (for the next one's surprisal)
+        self._window = torch.empty(1, 0, dtype=torch.long, device=self.device)  # recompute-window only
+        if self.cache is not None:
+            self.cache.reset()
+
+    # ---- stream ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed token ids of shape (1, c); return logits (1, c, vocab) for each of them."""
+        limit = self.policy.max_incoming
+        if limit is not None and ids.shape[1] > limit:
+            return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
+        if self.policy.recompute:
+            return self._feed_recompute(ids)
+        cache, count = self.cache, ids.shape[1]
+        if self.policy.evicts and cache.length + count > self.policy.budget:
+            cache.evict(self.policy.select(self.view(count)))
+        out = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True)
+        logits = out.logits
+        scores = self._scores(ids, logits) if self.policy.needs_scores else None
+        cache.commit(np.arange(self.fed, self.fed + count), scores)
+        self.fed += count
+        return logits
+
+    def _feed_recompute(self, ids: torch.Tensor) -> torch.Tensor:
+        size, outs = self.policy.budget, []
+        for i in range(ids.shape[1]):
+            self._window = torch.cat([self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1)
+            outs.append(self.model(input_ids=self._window, use_cache=False).logits[:, -1:])
+        self.fed += ids.shape[1]
+        return torch.cat(outs, dim=1)
+
+    def new_round(self) -> None:
+        """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
+        if self.cache is not None:
+            self.cache.scores = self.policy.new_round(self.cache.scores)
+
+    def view(self, incoming: int) -> CacheView:
+        c = self.cache
+        return CacheView(c.length, incoming, self.policy.budget, c.positions, c.scores)
+
+    def _scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # (c, vocab)
+        tokens = ids[0]
+        if self.policy.needs_scores == "upstream":
+            # Zoeyyao27/SirLLM _cal_selfinfo: the log-prob each position gives its *own* token,
+            # shifted right by one, the chunk's maximum in front.
+            own = -logprobs.gather(1, tokens[:, None])[:, 0]
+            scores = torch.cat([own.max()[None], own[:-1]])
+        else:  # the paper's e_i = -log p(x_i | x_<i)
+            nxt = -logprobs[:-1].gather(1, tokens[1:, None])[:, 0]
+            first = -self._prev_logprobs[tokens[0]] if self._prev_logprobs is not None else nxt.new_zeros(())
+            scores = torch.cat([first.reshape(1), nxt])
+            self._prev_logprobs = logprobs[-1]
+        return scores.double().cpu().numpy()
+
+    # ---- accounting --------------------------------------------------------------------------
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose keys and values attention reads for the next query (excluding it)."""
+        if self.cache is None:
+            return min(self._window.shape[1], self.policy.budget)
+        return self.cache.length
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_tokens * self._token_bytes
+
+    @property
+    def allocated_kv_bytes(self) -> int:
+        if self.cache is None:  # recompute-window builds a transient cache of the window each step
+            return self.policy.budget * self._token_bytes
+        return self.cache.allocated_bytes()
