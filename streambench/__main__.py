@@ -1,0 +1,3 @@
+from streambench.cli import main
+
+main()

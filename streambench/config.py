@@ -1,0 +1,189 @@
+"""Run configuration: defaults, then a YAML preset, then command-line flags.
+
+Presets are flat YAML files whose keys are the fields of a policy or task:
+
+    # policies/streamingllm.yaml
+    policy: streamingllm
+    version: 1
+    start_size: 4
+
+`include: other.yaml` (relative to the file) loads another preset first, so a variant is a few
+lines. Presets are looked up by name in `./policies` (or `./tasks`), then in the folders shipped
+next to the package, then as a file path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streambench.errors import ConfigError
+
+PRESET_META = ("policy", "task", "version", "include", "description")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PolicySpec:
+    name: str  # registered policy name
+    args: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # preset name, when it came from one
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    budget: int | None = 256
+    policies: list[PolicySpec] = field(default_factory=list)
+    task: str = "perplexity"
+    task_args: dict[str, Any] = field(default_factory=dict)
+    out: str = "results"
+
+
+def preset_dirs(kind: str) -> list[Path]:
+    return [Path.cwd() / kind, _REPO_ROOT / kind]
+
+
+def list_presets(kind: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in reversed(preset_dirs(kind)):  # cwd wins
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.yaml")):
+                found[f.stem] = f
+    return found
+
+
+def find_preset(name_or_path: str, kind: str) -> Path | None:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {name_or_path}")
+        return path
+    return list_presets(kind).get(name_or_path)
+
+
+def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving `include:` chains (cycles are an error)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"preset include cycle: {' -> '.join(p.name for p in (*_seen, path))}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in preset {path.name}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read preset {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path.name} must be a mapping of keys to values")
+    base: dict[str, Any] = {}
+    if "include" in data:
+        base = load_preset(path.parent / str(data["include"]), (*_seen, path))
+    base.update({k: v for k, v in data.items() if k != "include"})
+    return base
+
+
+def parse_assignments(items: tuple[str, ...] | list[str], flag: str) -> dict[str, Any]:
+    """`key=value` pairs; values are YAML scalars (8, 0.9, true, text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"malformed {flag} '{item}': expected key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def resolve_policy(name: str, overrides: dict[str, Any]) -> PolicySpec:
+    """A policy name or preset, with `-p` overrides applied (`policy.key` targets one policy)."""
+    from streambench.policies import POLICIES
+
+    args: dict[str, Any] = {}
+    label = None
+    if name not in POLICIES:
+        preset = find_preset(name, "policies")
+        if preset is None:
+            POLICIES.get(name)  # raises with a did-you-mean hint
+        data = load_preset(preset)
+        if "policy" not in data:
+            raise ConfigError(f"preset {preset.name} names no policy (add 'policy: <name>')")
+        POLICIES.get(data["policy"])
+        args = {k: v for k, v in data.items() if k not in PRESET_META}
+        label, name = preset.stem, data["policy"]
+    return PolicySpec(name, args, label)
+
+
+def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
+    """Route each `-p` key to the policies that have that field; unknown keys are an error."""
+    from streambench.policies import POLICIES
+
+    for key, value in overrides.items():
+        target, _, field_name = key.rpartition(".")
+        hit = False
+        for spec in specs:
+            if target and target not in (spec.name, spec.label):
+                continue
+            fields = {f.name for f in dataclasses.fields(POLICIES.get(spec.name))}
+            if field_name in fields:
+                spec.args[field_name] = value
+                hit = True
+        if not hit:
+            names = ", ".join(sorted({s.display for s in specs}))
+            raise ConfigError(f"no selected policy ({names}) takes the argument '{key}'")
+
+
+def build_policy(spec: PolicySpec, budget: int | None):
+    """Instantiate and validate a policy; the run's budget applies unless the args fix the sizes."""
+    from streambench.policies import POLICIES
+
+    cls = POLICIES.get(spec.name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec.args) - fields)
+    if unknown:
+        raise ConfigError(f"{spec.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
+    args = dict(spec.args)
+    if "budget" not in args and not _sizes_given(cls, args):
+        args["budget"] = budget
+    if isinstance(args.get("budget"), int) and args["budget"] < 1:
+        raise ConfigError(f"{spec.name}: budget must be >= 1, got {args['budget']}")
+    return cls(**args)
+
+
+def _sizes_given(cls, args: dict[str, Any]) -> bool:
+    """True when the args fix the budget themselves (window size, or every size of a split)."""
+    sized = {"size"} if "size" in {f.name for f in dataclasses.fields(cls)} else set()
+    splits = {f.name for f in dataclasses.fields(cls) if f.name.endswith("_size") and f.name != "start_size"}
+    return bool(sized & args.keys()) or (bool(splits) and splits <= args.keys())
+
+
+def build_task(name: str, args: dict[str, Any]):
+    from streambench.tasks import TASKS
+
+    data: dict[str, Any] = {}
+    if name not in TASKS:
+        preset = find_preset(name, "tasks")
+        if preset is None:
+            TASKS.get(name)
+        data = load_preset(preset)
+        name = data.get("task") or TASKS.get(name)
+    cls = TASKS.get(name)
+    merged = {k: v for k, v in data.items() if k not in PRESET_META}
+    merged.update(args)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(merged) - fields)
+    if unknown:
+        raise ConfigError(f"{cls.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
+    return cls(**merged)

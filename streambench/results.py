@@ -1,0 +1,128 @@
+"""The result schema (one JSON file per run), atomic writing, and reading with validation.
+
+Schema `streambench.result/1`:
+
+    schema          "streambench.result/1"
+    run_id          "<task>-<policy>-b<budget>-<config hash[:10]>"
+    config          {model, device, dtype, seed, task: {name, version, args}, policy: {name, args}}
+    config_hash     sha256 of the canonical JSON of `config` (what a resumed sweep compares)
+    model           ModelInfo: name, source, model_type, layers, heads, kv_heads, head_dim, ...
+    metrics         {name: number}: task metrics plus tokens_per_s, latency_p50_ms/p95, memory
+    higher_is_better {metric name: bool} for every metric a gate may compare
+    curves          {name: {index: [...], value: [...]}}: per-position NLL, KV tokens over the stream
+    records         per-item records (dialogue tasks); [] for perplexity
+    info            what the task actually ran (text source, token counts, token_exact, ...)
+    environment     python, platform, package versions, torch threads, device name, git commit
+    timing          started/finished (UTC ISO 8601), wall_s, model_load_s
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from streambench.errors import ResultsError
+
+SCHEMA = "streambench.result/1"
+REQUIRED = ("schema", "run_id", "config", "config_hash", "metrics", "higher_is_better")
+
+# Directions of the engine-level metrics every run reports (tasks declare their own).
+ENGINE_DIRECTIONS = {
+    "tokens_per_s": True,
+    "latency_p50_ms": False,
+    "latency_p95_ms": False,
+    "rss_peak_mib": False,
+    "cuda_peak_mib": False,
+    "nvml_used_peak_mib": False,
+    "kv_mib_peak": False,
+    "kv_tokens_peak": False,
+    "kv_allocated_mib": False,
+}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def environment(device) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("streambench", "torch", "transformers", "accelerate", "numpy", "datasets", "lm-eval"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    return env
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1, allow_nan=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: remove the partial temp file
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"results file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"corrupt results file {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ResultsError(f"{path} is not a streambench result (schema {found!r}, expected {SCHEMA!r})")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ResultsError(f"{path} lacks {', '.join(missing)}")
+    return data

@@ -1,0 +1,45 @@
+"""The task interface: a task feeds a stream to a `StreamSession` and scores what comes back.
+
+Tasks are dataclasses whose fields are their arguments (a YAML preset under `tasks/` maps onto
+them 1:1). Each declares, per metric, whether higher is better, so reports and gates need no
+table of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from streambench.errors import ConfigError
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float]
+    curves: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # what was run (text source, token count, ...)
+
+
+@dataclass
+class Task:
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1  # bump when a change moves the task's numbers
+    summary: ClassVar[str] = ""
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def __post_init__(self) -> None:
+        self.configure()
+
+    def configure(self) -> None:
+        """Validate arguments; raise ConfigError."""
+
+    def run(self, session, tokenizer, meter, progress) -> TaskResult:
+        raise NotImplementedError
+
+    def args(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{self.name}: {message}")

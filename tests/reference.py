@@ -1,0 +1,121 @@
+"""An independent re-implementation of a policy's stream, to check the engine against.
+
+It shares no code with streambench's cache or RoPE module: pre-RoPE keys and values are captured
+by forward hooks on the projections, and every step rebuilds a plain `DynamicCache` from the kept
+tokens' states, rotated with the model's own `apply_rotary_pos_emb` at positions 0..n-1 (the
+re-indexing of mit-han-lab/streaming-llm), then runs the new tokens on top of it.
+
+Why not "a fresh forward over the kept tokens"? In layers >= 1 a kept token's keys and values were
+computed while it attended to tokens evicted since, so for a multi-layer model no eviction policy
+can equal a fresh forward; for a 1-layer model it can, and tests check that too.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from streambench.policies.base import CacheView
+
+
+class ReferenceStream:
+    def __init__(self, model, policy):
+        self.model, self.policy = model, policy
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.apply_rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+        layers = model.model.layers
+        self.keys = [None] * len(layers)  # per layer (B, H, T, D), pre-RoPE, time order
+        self.values = [None] * len(layers)
+        self.positions = np.empty(0, dtype=np.int64)
+        self.scores = np.empty(0)
+        self.prev_logprobs = None
+        self.fed = 0
+        self._new = {}
+        self._handles = []
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # phi3: fused projection
+                self._handles.append(attn.qkv_proj.register_forward_hook(self._hook_fused(i)))
+            else:
+                key_module = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+                self._handles.append(key_module.register_forward_hook(self._hook("k", i)))
+                self._handles.append(attn.v_proj.register_forward_hook(self._hook("v", i)))
+
+    def close(self):
+        """Remove the hooks (the embedded model is shared between tests)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _split(self, out):  # (B, c, H*D) or (B, c, H, D) -> (B, H, c, D)
+        b, c = out.shape[:2]
+        return out.reshape(b, c, self.kv_heads, self.head_dim).transpose(1, 2)
+
+    def _hook(self, kind, i):
+        def hook(_module, _inputs, out):
+            self._new[(kind, i)] = self._split(out).detach().clone()
+        return hook
+
+    def _hook_fused(self, i):
+        def hook(_module, _inputs, out):
+            q = self.heads * self.head_dim
+            kv = self.kv_heads * self.head_dim
+            self._new[("k", i)] = self._split(out[..., q : q + kv]).detach().clone()
+            self._new[("v", i)] = self._split(out[..., q + kv :]).detach().clone()
+        return hook
+
+    @torch.no_grad()
+    def feed(self, ids):
+        count = ids.shape[1]
+        n = len(self.positions)
+        budget = self.policy.budget
+        if self.policy.evicts and n + count > budget:
+            keep = self.policy.select(CacheView(n, count, budget, self.positions, self.scores))
+            idx = torch.as_tensor(keep)
+            self.keys = [k[:, :, idx] for k in self.keys]
+            self.values = [v[:, :, idx] for v in self.values]
+            self.positions, self.scores = self.positions[keep], self.scores[keep]
+            n = len(keep)
+        cache = DynamicCache(config=self.model.config)
+        if n:
+            pos = torch.arange(n)[None]
+            for i, (k, v) in enumerate(zip(self.keys, self.values)):
+                cos, sin = self.model.model.rotary_emb(v, position_ids=pos)
+                _, k_rot = self.apply_rope(k, k, cos, sin)
+                cache.update(k_rot, v, i)
+        self._new.clear()
+        logits = self.model(input_ids=ids, position_ids=torch.arange(n, n + count)[None], cache=cache).logits
+        for i in range(len(self.keys)):
+            k_new, v_new = self._new[("k", i)], self._new[("v", i)]
+            self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
+            self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
+        self.positions = np.concatenate([self.positions, np.arange(self.fed, self.fed + count)])
+        self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])
+        self.fed += count
+        return logits
+
+    def new_round(self):
+        self.scores = self.policy.new_round(self.scores)
+
+    def _surprisal(self, ids, logits):
+        if self.policy.needs_scores is None:
+            return np.zeros(ids.shape[1])
+        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        tok = ids[0].tolist()
+        if self.policy.needs_scores == "upstream":
+            own = [-logprobs[i, t].item() for i, t in enumerate(tok)]
+            return np.array([max(own)] + own[:-1])
+        first = -self.prev_logprobs[tok[0]].item() if self.prev_logprobs is not None else 0.0
+        rest = [-logprobs[i - 1, tok[i]].item() for i in range(1, len(tok))]
+        self.prev_logprobs = logprobs[-1]
+        return np.array([first] + rest)

@@ -1,0 +1,130 @@
+"""The heart of the project: a policy's cache after eviction, keys re-indexed to their new slots,
+gives the logits an exact computation gives, for every policy and every supported architecture."""
+import numpy as np
+import pytest
+import torch
+from reference import ReferenceStream
+from tiny_models import ARCHITECTURES, tiny_model
+
+from streambench.config import PolicySpec, build_policy
+from streambench.models import LoadedModel
+from streambench.session import StreamSession
+
+# Every registered policy, with arguments that make it evict often on short streams.
+POLICY_CASES = [
+    ("dense", {}),
+    ("window", {}),
+    ("streamingllm", {"start_size": 4}),
+    ("sirllm", {"start_size": 2, "recent_size": 3}),
+    ("sirllm", {"score": "upstream", "decay": 0.8}),
+    ("recompute-window", {}),
+]
+IDS = [f"{name}-{'-'.join(map(str, args.values()))}" if args else name for name, args in POLICY_CASES]
+BUDGET = 12
+
+
+def make_policy(name, args, budget=BUDGET):
+    return build_policy(PolicySpec(name, dict(args)), budget)
+
+
+def stream_ids(n, vocab=96, seed=1):
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def kept_positions(session, fed):
+    if session.cache is None:  # recompute-window: the last `size` tokens
+        return np.arange(max(0, fed - session.policy.budget), fed)
+    return session.cache.positions
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("name,args", POLICY_CASES, ids=IDS)
+def test_one_layer_cache_equals_fresh_forward_over_kept_tokens(arch, name, args):
+    """With one layer, kept keys/values depend only on their token and position: after any number
+    of evictions the next-token logits equal a fresh forward over exactly the kept tokens at 0..n-1."""
+    model = tiny_model(arch, layers=1)
+    session = StreamSession(LoadedModel.wrap(model), make_policy(name, args))
+    ids = stream_ids(80)
+    for t in range(ids.shape[1]):
+        logits = session.feed(ids[:, t : t + 1])[0, -1]
+        if t % 7 == 6 or t == ids.shape[1] - 1:
+            kept = torch.as_tensor(kept_positions(session, t + 1))
+            fresh = model(input_ids=ids[:, kept]).logits[0, -1]
+            torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)
+        if t % 20 == 19:
+            session.new_round()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("name,args", POLICY_CASES, ids=IDS)
+def test_deep_cache_equals_reference_rebuilt_from_kept_states(arch, name, args):
+    """With several layers, the engine (swap-remove slots, shared rotation offset, re-rotation from
+    pre-RoPE keys) equals a plain DynamicCache rebuilt every step from the kept tokens' states."""
+    model = tiny_model(arch, layers=3)
+    policy = make_policy(name, args)
+    if policy.recompute:
+        pytest.skip("recompute-window keeps no states; its definition is tested below")
+    session = StreamSession(LoadedModel.wrap(model), policy)
+    reference = ReferenceStream(model, make_policy(name, args))
+    ids = stream_ids(60, seed=2)
+    for t in range(ids.shape[1]):
+        got = session.feed(ids[:, t : t + 1])
+        want = reference.feed(ids[:, t : t + 1])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        if session.cache is not None:
+            np.testing.assert_array_equal(session.cache.positions, reference.positions)
+        if t % 15 == 14:
+            session.new_round()
+            reference.new_round()
+
+
+@pytest.mark.parametrize("name,args", [c for c in POLICY_CASES if c[0] != "recompute-window"],
+                         ids=[i for i, c in zip(IDS, POLICY_CASES) if c[0] != "recompute-window"])
+def test_chunked_feeding_equals_reference(name, args):
+    """Multi-token chunks (dialogue turns, --chunk-size): eviction before each chunk, causal mask
+    inside it; still equal to the rebuilt reference."""
+    model = tiny_model("llama", layers=2)
+    session = StreamSession(LoadedModel.wrap(model), make_policy(name, args))
+    reference = ReferenceStream(model, make_policy(name, args))
+    ids = stream_ids(90, seed=3)
+    for start, size in zip(range(0, 90, 5), [1, 3, 5, 2, 7, 4] * 10):
+        chunk = ids[:, start : start + size]
+        if chunk.shape[1] == 0:
+            break
+        torch.testing.assert_close(session.feed(chunk), reference.feed(chunk), atol=1e-4, rtol=0)
+        session.new_round()
+        reference.new_round()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_equals_one_full_forward(arch):
+    model = tiny_model(arch, layers=2)
+    session = StreamSession(LoadedModel.wrap(model), make_policy("dense", {}))
+    ids = stream_ids(50, seed=4)
+    streamed = torch.cat([session.feed(ids[:, t : t + 1]) for t in range(50)], dim=1)
+    torch.testing.assert_close(streamed, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_recompute_window_is_a_fresh_forward_over_the_window():
+    model = tiny_model("llama", layers=2)
+    session = StreamSession(LoadedModel.wrap(model), make_policy("recompute-window", {}, budget=8))
+    ids = stream_ids(30, seed=5)
+    for t in range(30):
+        got = session.feed(ids[:, t : t + 1])[0, -1]
+        want = model(input_ids=ids[:, max(0, t - 7) : t + 1]).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,args", [("streamingllm", {}), ("sirllm", {"recent_size": 8})])
+def test_embedded_model_equals_reference(embedded, name, args):
+    """The real 30-layer model, budget 32, 100 tokens of Hamlet."""
+    from streambench.data import load_text
+
+    ids = torch.tensor([embedded.tokenizer(load_text()[:2000])["input_ids"][:100]])
+    session = StreamSession(embedded, make_policy(name, args, budget=32))
+    with ReferenceStream(embedded.model, make_policy(name, args, budget=32)) as reference:
+        for t in range(ids.shape[1]):
+            got = session.feed(ids[:, t : t + 1])
+            want = reference.feed(ids[:, t : t + 1])
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
