@@ -22,6 +22,8 @@ kept tokens at positions 0..n-1 (tests/test_exactness.py).
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -30,16 +32,24 @@ from streambench.rope import RotaryTable
 
 
 class _StreamLayer(CacheLayerMixin):
-    """A view of one layer of the shared buffers, for code that walks `cache.layers`."""
+    """A view of one layer of the shared buffers, for code that walks `cache.layers`.
+
+    It holds its cache weakly: a cycle would keep a finished run's buffers (GPU memory) alive
+    until the garbage collector happens to run.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
     def __init__(self, owner: "StreamCache", idx: int):  # no super().__init__: keys/values are properties
-        self._owner = owner
+        self._ref = weakref.ref(owner)
         self._idx = idx
         self.is_initialized = True
+
+    @property
+    def _owner(self) -> "StreamCache":
+        return self._ref()
 
     @property
     def keys(self) -> torch.Tensor:

@@ -81,20 +81,21 @@ class ReferenceStream:
         budget = self.policy.budget
         if self.policy.evicts and n + count > budget:
             keep = self.policy.select(CacheView(n, count, budget, self.positions, self.scores))
-            idx = torch.as_tensor(keep)
+            idx = torch.as_tensor(keep, device=ids.device)
             self.keys = [k[:, :, idx] for k in self.keys]
             self.values = [v[:, :, idx] for v in self.values]
             self.positions, self.scores = self.positions[keep], self.scores[keep]
             n = len(keep)
         cache = DynamicCache(config=self.model.config)
         if n:
-            pos = torch.arange(n)[None]
+            pos = torch.arange(n, device=ids.device)[None]
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
                 cos, sin = self.model.model.rotary_emb(v, position_ids=pos)
                 _, k_rot = self.apply_rope(k, k, cos, sin)
                 cache.update(k_rot, v, i)
         self._new.clear()
-        logits = self.model(input_ids=ids, position_ids=torch.arange(n, n + count)[None], cache=cache).logits
+        positions = torch.arange(n, n + count, device=ids.device)[None]
+        logits = self.model(input_ids=ids, position_ids=positions, cache=cache).logits
         for i in range(len(self.keys)):
             k_new, v_new = self._new[("k", i)], self._new[("v", i)]
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
