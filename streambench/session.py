@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from streambench.cache import StreamCache
+from streambench.errors import ConfigError
 from streambench.models import LoadedModel
 from streambench.policies.base import CachePolicy, CacheView
 from streambench.rope import RotaryTable
@@ -31,10 +32,11 @@ class StreamSession:
                 capacity=policy.budget or 1024, rope=rope,
             )
         self._token_bytes = 2 * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.reset()
 
     def reset(self) -> None:
-        self.fed = 0  # tokens fed since the last reset
+        self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
         self._prev_logprobs = None  # log-probs after the last fed token (for the next one's surprisal)
         self._window = torch.empty(1, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:
@@ -47,6 +49,7 @@ class StreamSession:
         limit = self.policy.max_incoming
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
+        self.processed += ids.shape[1]
         if self.policy.recompute:
             return self._feed_recompute(ids)
         cache, count = self.cache, ids.shape[1]
@@ -66,6 +69,36 @@ class StreamSession:
             outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
         self.fed += ids.shape[1]
         return torch.cat(outs, dim=1)
+
+    # ---- branches: score alternatives from one state, keep none of them -----------------------
+    def reserve(self, count: int) -> None:
+        """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
+        turn, for the whole turn); feeds up to that many tokens can then be rolled back."""
+        if self.cache is not None and self.policy.evicts:
+            if count > self.policy.max_incoming:
+                raise ConfigError(
+                    f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.policy.budget} "
+                    f"(at most {self.policy.max_incoming} tokens can come in at once); raise the budget"
+                )
+            if self.cache.length + count > self.policy.budget:
+                self.cache.evict(self.policy.select(self.view(count)))
+
+    def checkpoint(self):
+        """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
+        cache = self.cache
+        kept = None if cache is None else (cache.length, cache.slots, cache.positions, cache.scores, cache.offset)
+        return (self.fed, self._prev_logprobs, self._window, kept)
+
+    def rollback(self, state) -> None:
+        self.fed, self._prev_logprobs, self._window, kept = state
+        if kept is not None:
+            n, slots, positions, scores, offset = kept
+            cache = self.cache
+            if cache.offset != offset or cache.length < n or not np.array_equal(cache.slots[:n], slots):
+                raise RuntimeError("cannot roll back across an eviction: reserve() room for the branch first")
+            # the branch's tokens sit after slot n-1 (appended); forgetting them is enough
+            cache.slots, cache.positions, cache.scores = slots, positions, scores
+            cache._len = [n] * cache.num_layers
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""

@@ -27,6 +27,7 @@ class Task:
     version: ClassVar[int] = 1  # bump when a change moves the task's numbers
     summary: ClassVar[str] = ""
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (table header, metric) the CLI prints
 
     def __post_init__(self) -> None:
         self.configure()

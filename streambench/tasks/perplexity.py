@@ -26,6 +26,7 @@ class PerplexityTask(Task):
     version = 1
     summary = "streaming perplexity of a long text, token by token (or in chunks)"
     higher_is_better = {"ppl": False, "ppl_last_half": False, "nll_mean": False}
+    columns = (("tokens", "tokens"), ("PPL", "ppl"), ("PPL last half", "ppl_last_half"))
 
     text: str = DEFAULT_TEXT
     tokens: int = 2048
@@ -54,6 +55,7 @@ class PerplexityTask(Task):
         n_pred = ids.shape[1] - 1
         nll = torch.empty(n_pred, dtype=torch.float32, device=session.device)
         step = self.chunk_size
+        progress.total(n_pred, "tok")
         meter.start()
         for start in range(0, n_pred, step):
             end = min(start + step, n_pred)

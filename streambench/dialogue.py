@@ -1,0 +1,122 @@
+"""One endless conversation: chat formatting and SirLLM's multiple-choice scoring.
+
+Each user turn is formatted with the model's chat template (split into per-turn pieces, so the
+stream is exactly the template's rendering of the whole conversation), fed into the session, and
+the model answers by choosing among fixed replies, scored as Zoeyyao27/SirLLM
+`sir_llm/eval_utils.py` does: a reply wins if greedy decoding would produce it exactly (the first
+such reply), otherwise the reply whose first token is most probable. The chosen reply, not the
+gold one, is fed into the cache as the model's turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_U1, _A1, _U2 = "\x00user-one\x00", "\x00assistant-one\x00", "\x00user-two\x00"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    preamble: str  # once per conversation (e.g. a default system prompt)
+    user_prefix: str
+    user_suffix: str  # ends the user turn and opens the assistant's
+    assistant_suffix: str  # closes the assistant's turn; part of every scored reply
+    reply_prefix: str = ""  # SirLLM's plain format moves the space after "ASSISTANT:" onto the reply
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "ChatFormat":
+        """Pieces of the tokenizer's chat template; SirLLM's plain format when it has none."""
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                return cls._from_template(tokenizer)
+            except (ValueError, IndexError):
+                pass
+        return cls(preamble="", user_prefix="USER: ", user_suffix="\n\nASSISTANT:", assistant_suffix="", reply_prefix=" ")
+
+    @classmethod
+    def _from_template(cls, tokenizer) -> "ChatFormat":
+        render = tokenizer.apply_chat_template
+        full = render([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
+                       {"role": "user", "content": _U2}], tokenize=False, add_generation_prompt=True)
+        single = render([{"role": "user", "content": _U1}], tokenize=False, add_generation_prompt=False)
+        head, rest = full.split(_U1)
+        user_suffix, rest = rest.split(_A1)
+        between, tail = rest.split(_U2)
+        turn_end = single.split(_U1)[1]  # what closes a turn (ChatML: "<|im_end|>\n")
+        assistant_suffix = turn_end if turn_end and between.startswith(turn_end) else ""
+        user_prefix = between[len(assistant_suffix):]
+        if not head.endswith(user_prefix) or tail != user_suffix:
+            raise ValueError("chat template is not turn-regular")
+        return cls(head[: len(head) - len(user_prefix)], user_prefix, user_suffix, assistant_suffix)
+
+    def user_turn(self, text: str, first: bool) -> str:
+        return (self.preamble if first else "") + self.user_prefix + text + self.user_suffix
+
+    def reply(self, text: str) -> str:
+        return self.reply_prefix + text + self.assistant_suffix
+
+
+@dataclass
+class Choice:
+    index: int
+    logprob: float  # log-probability of the reply's first token
+    greedy: bool  # greedy decoding would produce the reply exactly
+
+
+class Conversation:
+    """Feeds user turns and chosen replies of one conversation into a StreamSession."""
+
+    def __init__(self, session, tokenizer, fmt: ChatFormat | None = None):
+        self.session, self.tokenizer = session, tokenizer
+        self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
+        self.turns = 0
+        self._reply_cache: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.session.reset()
+        self.turns = 0
+
+    def encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids], device=self.session.device)
+
+    def _reply_ids(self, text: str) -> torch.Tensor:
+        ids = self._reply_cache.get(text)
+        if ids is None:
+            ids = self._reply_cache[text] = self.encode(self.fmt.reply(text))
+        return ids
+
+    @torch.no_grad()
+    def ask(self, question: str, replies: list[str], by_greedy: bool = True) -> tuple[int, list[Choice]]:
+        """One user turn and the model's choice among `replies`; the chosen reply enters the cache.
+
+        `by_greedy=False` (RPS) picks by first-token log-probability alone."""
+        session = self.session
+        if self.turns:
+            session.new_round()  # SirLLM decays stored scores once per user turn
+        context = self.encode(self.fmt.user_turn(question, first=self.turns == 0))
+        options = [self._reply_ids(r) for r in replies]
+        session.reserve(context.shape[1] + max(o.shape[1] for o in options))
+        last = session.feed(context)[0, -1]
+        state = session.checkpoint()
+        scored = []
+        for i, option in enumerate(options):
+            logits = session.feed(option)[0]
+            predicted = torch.cat([last[None], logits[:-1]]).argmax(-1)
+            logprob = torch.log_softmax(last.float(), -1)[option[0, 0]].item()
+            scored.append(Choice(i, logprob, self._same_text(predicted, option[0])))
+            session.rollback(state)
+        chosen = next((c.index for c in scored if c.greedy), None) if by_greedy else None
+        if chosen is None:
+            chosen = max(scored, key=lambda c: c.logprob).index
+        session.feed(options[chosen])
+        self.turns += 1
+        return chosen, scored
+
+    def _same_text(self, predicted: torch.Tensor, target: torch.Tensor) -> bool:
+        """SirLLM compares decoded strings with spaces removed."""
+        if torch.equal(predicted, target):
+            return True
+        decode = self.tokenizer.decode
+        return decode(predicted.tolist()).replace(" ", "") == decode(target.tolist()).replace(" ", "")

@@ -1,0 +1,45 @@
+"""dailydialog: next-utterance choice inside each DailyDialog conversation (SirLLM, Sec. 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streambench.dialogue_data import dailydialog_from_hub, load_dailydialog
+from streambench.tasks import register_task
+from streambench.tasks.base import Task, TaskResult
+from streambench.tasks.conversation import accuracy, play_items
+
+
+@register_task("dailydialog")
+@dataclass
+class DailyDialogTask(Task):
+    """Each user turn quotes an utterance and asks for the best response among four (the true next
+    utterance and three from other dialogues); the conversation grows turn by turn and the cache is
+    reset at each new dialogue. SirLLM evaluates the first 2,000 records of its file (519
+    dialogues). `data`: SirLLM's dailydialog.jsonl (path or URL); without it the test split is
+    built from the hub with the same construction (needs network)."""
+
+    version = 1
+    summary = "DailyDialog next-response choice within each dialogue (accuracy)"
+    higher_is_better = {"accuracy": True}
+    columns = (("items", "items"), ("dialogues", "dialogues"), ("accuracy", "accuracy"))
+
+    data: str | None = None
+    limit: int | None = 2000
+    seed: int = 0
+
+    def configure(self) -> None:
+        self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
+
+    def items(self):
+        items = load_dailydialog(self.data) if self.data else dailydialog_from_hub(seed=self.seed)
+        return items[: self.limit] if self.limit else items
+
+    def run(self, session, tokenizer, meter, progress) -> TaskResult:
+        items = self.items()
+        records = play_items(items, session, tokenizer, meter, progress)
+        dialogues = len({r["group"] for r in records})
+        return TaskResult(
+            metrics={"accuracy": accuracy(records), "items": len(records), "dialogues": dialogues},
+            records=records,
+            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)"},
+        )

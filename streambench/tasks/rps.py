@@ -1,0 +1,110 @@
+"""rps: Rock-Paper-Scissors against players with a preference (SirLLM, Sec. 4).
+
+Each round the model commits to a move before the player's is revealed; the next round's prompt
+reveals it ("I chose [paper]. Analyze my preferences ..."), so a model that remembers the history
+can exploit the player's bias. The move is chosen by first-token log-probability, as SirLLM does.
+Reference points, printed beside the result: random play wins 1/3; the best fixed move against
+the player's actual frequencies (about 50% for SirLLM's 50/30/20 players).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.dialogue import Conversation
+from streambench.dialogue_data import MOVES, load_rps_moves, player_moves
+from streambench.metrics import subsample
+from streambench.tasks import register_task
+from streambench.tasks.base import Task, TaskResult
+
+FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
+NEXT = ("I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next "
+        "round. Choices: (A) rock (B) paper (C) scissors. You choose:")
+REPLIES = ["A", "B", "C"]
+ROLLING = 50
+
+
+def outcome(model: int, user: int) -> str:
+    if model == user:
+        return "tie"
+    return "win" if model == (user + 1) % 3 else "loss"
+
+
+@register_task("rps")
+@dataclass
+class RockPaperScissorsTask(Task):
+    """`players`: comma-separated rock, paper, scissors (50/30/20 players), switch (rock-dominant,
+    then scissors-dominant: tests decay), mix:R,P,S, or paths/URLs of SirLLM's player files.
+    `limit`: rounds per player (SirLLM plays 2,000)."""
+
+    version = 1
+    summary = "Rock-Paper-Scissors against biased players (win/tie/loss, rolling win rate)"
+    higher_is_better = {"win_rate": True, "loss_rate": False, "best_fixed_gap": False}
+    columns = (("rounds", "rounds"), ("win", "win_rate"), ("tie", "tie_rate"), ("loss", "loss_rate"),
+               ("best fixed", "best_fixed_win"), ("model moves R/P/S", "model_moves"))
+
+    players: str = "rock,paper,scissors"
+    limit: int | None = 2000
+    seed: int = 0
+
+    def configure(self) -> None:
+        self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
+        self._require(bool(self.player_list()), "needs at least one player")
+
+    def player_list(self) -> list[str]:
+        return [p.strip() for p in str(self.players).split(",") if p.strip()]
+
+    def moves(self, player: str, index: int) -> list[int]:
+        if player.endswith(".jsonl") or player.startswith(("http://", "https://")):
+            moves = load_rps_moves(player)
+            return moves[: self.limit] if self.limit else moves
+        return player_moves(player, self.limit or 2000, seed=self.seed + 1000 * index)
+
+    def run(self, session, tokenizer, meter, progress) -> TaskResult:
+        games = {p: self.moves(p, i) for i, p in enumerate(self.player_list())}
+        progress.total(sum(len(m) for m in games.values()), "round")
+        conversation = Conversation(session, tokenizer)
+        records, metrics, curves, info = [], {}, {}, {"model_moves": {}}
+        meter.start()
+        for player, user_moves in games.items():
+            conversation.reset()
+            results = []
+            for r, user in enumerate(user_moves):
+                question = FIRST if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
+                before = session.processed
+                model, scored = conversation.ask(question, REPLIES, by_greedy=False)
+                meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
+                progress(1)
+                results.append(outcome(model, user))
+                records.append({"player": player, "round": r, "user": MOVES[user], "model": MOVES[model],
+                                "outcome": results[-1], "logprobs": [round(c.logprob, 4) for c in scored]})
+            tag = player.rsplit("/", 1)[-1].removesuffix(".jsonl")
+            played = [rec["model"] for rec in records if rec["player"] == player]
+            metrics.update(_rates(results, tag))
+            metrics[f"best_fixed_win_{tag}"] = best_fixed_win(user_moves)
+            info["model_moves"][tag] = {m: played.count(m) / len(played) for m in MOVES}
+            wins = np.array([o == "win" for o in results], dtype=float)
+            rolling = np.convolve(wins, np.ones(ROLLING) / ROLLING, mode="valid") if len(wins) >= ROLLING else wins.cumsum() / np.arange(1, len(wins) + 1)
+            curves[f"rolling_win_rate_{tag}"] = subsample(rolling.tolist(), 512)
+        every = [rec["outcome"] for rec in records]
+        metrics.update(_rates(every))
+        metrics["rounds"] = len(every)
+        metrics["random_win"] = 1 / 3
+        metrics["best_fixed_win"] = float(np.mean([metrics[k] for k in metrics if k.startswith("best_fixed_win_")]))
+        metrics["best_fixed_gap"] = metrics["best_fixed_win"] - metrics["win_rate"]
+        moves = [rec["model"] for rec in records]
+        metrics["model_moves"] = "/".join(f"{100 * moves.count(m) / len(moves):.0f}" for m in MOVES)
+        return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
+
+
+def _rates(outcomes: list[str], tag: str | None = None) -> dict[str, float]:
+    n = len(outcomes)
+    suffix = f"_{tag}" if tag else ""
+    return {f"{name}_rate{suffix}": outcomes.count(name) / n for name in ("win", "tie", "loss")}
+
+
+def best_fixed_win(user_moves: list[int]) -> float:
+    """Win rate of the best single move played every round against these moves."""
+    counts = np.bincount(user_moves, minlength=3) / len(user_moves)
+    return float(max(counts[(m - 1) % 3] for m in range(3)))

@@ -1,0 +1,154 @@
+"""Dialogue scoring as SirLLM specifies it, on a real tiny model whose next-token logits are forced
+by a bigram table (hooks on its embedding and LM head), so every choice is known in advance."""
+import numpy as np
+import pytest
+import torch
+from tiny_models import byte_tokenizer, tiny_model
+
+from streambench.config import PolicySpec, build_policy, build_task
+from streambench.dialogue import Conversation
+from streambench.dialogue_data import MOVES, generate_grocery, player_moves
+from streambench.metrics import Meter
+from streambench.models import LoadedModel
+from streambench.runner import Progress
+from streambench.session import StreamSession
+
+END, NL = 257, 10  # <|im_end|>, "\n"
+
+
+class Bigram:
+    """Forces logits[t] = table[token t]: the next token depends only on the current one."""
+
+    def __init__(self, model, vocab=258):
+        self.table = torch.zeros(vocab, vocab)
+        self.fed: list[int] = []  # every token the model was run on, in order
+        self._ids = None
+        model.model.embed_tokens.register_forward_pre_hook(self._capture)
+        model.lm_head.register_forward_hook(self._force)
+
+    def prefer(self, after: str | int, token: str | int, strength: float = 20.0):
+        a = after if isinstance(after, int) else ord(after)
+        b = token if isinstance(token, int) else ord(token)
+        self.table[a, b] = strength
+
+    def _capture(self, _module, args):
+        self._ids = args[0]
+        self.fed.extend(args[0][0].tolist())
+
+    def _force(self, _module, _inputs, output):
+        return self.table[self._ids].to(output.dtype)
+
+
+def conversation(policy="streamingllm", budget=200, **args):
+    model = tiny_model("llama", layers=2, vocab=258)
+    stub = Bigram(model)
+    session = StreamSession(LoadedModel.wrap(model, byte_tokenizer()), build_policy(PolicySpec(policy, args), budget))
+    return Conversation(session, session.lm.tokenizer), stub
+
+
+def test_greedy_match_wins_over_first_token_probability():
+    conv, stub = conversation()
+    # both replies start with "A"; greedy decoding continues A -> C -> <|im_end|> -> "\n"
+    stub.prefer(NL, "A")
+    stub.prefer("A", "C")
+    stub.prefer("C", END)
+    stub.prefer(END, NL)
+    chosen, scored = conv.ask("pick", ["AB", "AC"])
+    assert [c.greedy for c in scored] == [False, True]
+    assert scored[0].logprob == pytest.approx(scored[1].logprob)
+    assert chosen == 1  # the greedy match, although the log-probabilities tie (index 0 would win)
+
+
+def test_first_token_probability_decides_without_a_greedy_match_and_always_in_rps():
+    conv, stub = conversation()
+    stub.prefer(NL, "B", 5.0)
+    stub.prefer(NL, "C", 4.0)
+    stub.prefer("C", END)
+    stub.prefer(END, NL)  # "C" is a greedy match only if "C" were the argmax after "\n"; it is not
+    chosen, scored = conv.ask("pick", ["A", "B", "C"])
+    assert not any(c.greedy for c in scored) and chosen == 1
+    stub.prefer(NL, "C", 9.0)  # now "C" is both greedy and most probable
+    assert conv.ask("again", ["A", "B", "C"])[0] == 2
+    stub.prefer(NL, "A", 9.5)  # RPS rule: first-token log-probability only
+    stub.prefer("A", "x")
+    chosen, scored = conv.ask("rps", ["A", "B", "C"], by_greedy=False)
+    assert chosen == 0 and scored[2].greedy is False
+
+
+def test_the_chosen_reply_not_the_gold_one_enters_the_cache():
+    conv, stub = conversation()
+    stub.prefer(NL, "B")
+    tok = conv.tokenizer
+    chosen, _ = conv.ask("Which?", ["A", "B"])
+    assert chosen == 1
+    context = tok(conv.fmt.user_turn("Which?", first=True), add_special_tokens=False)["input_ids"]
+    reply = tok(conv.fmt.reply("B"), add_special_tokens=False)["input_ids"]
+    # the branches were rolled back: the stream is the context then the chosen reply, fed last
+    assert conv.session.cache.length == len(context) + len(reply)
+    assert stub.fed[-len(reply):] == reply
+    assert conv.session.fed == len(context) + len(reply)
+
+
+def test_rps_win_tie_loss_counts_are_exact():
+    """A model forced to answer B (paper) every round: wins exactly when the player threw rock."""
+    model = tiny_model("llama", layers=2, vocab=258)
+    stub = Bigram(model)
+    stub.prefer(NL, "B")
+    lm = LoadedModel.wrap(model, byte_tokenizer())
+    task = build_task("rps", {"players": "rock,switch", "limit": 30, "seed": 3})
+    session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), 400))
+    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    for tag in ("rock", "switch"):
+        user = np.array(player_moves(tag, 30, seed=3 + (0 if tag == "rock" else 1000)))
+        assert result.metrics[f"win_rate_{tag}"] == pytest.approx(np.mean(user == 0))
+        assert result.metrics[f"tie_rate_{tag}"] == pytest.approx(np.mean(user == 1))
+        assert result.metrics[f"loss_rate_{tag}"] == pytest.approx(np.mean(user == 2))
+    assert result.metrics["rounds"] == 60
+    assert result.metrics["model_moves"] == "0/100/0"
+    assert {r["model"] for r in result.records} == {"paper"}
+    # the next round's prompt reveals the previous move
+    assert "I chose [" + MOVES[player_moves("rock", 30, seed=3)[0]] + "]" in lm.tokenizer.decode(stub.fed)
+
+
+def test_grocery_accuracy_and_key_accuracy_are_exact():
+    model = tiny_model("llama", layers=2, vocab=258)
+    stub = Bigram(model)
+    stub.prefer(NL, "A")
+    stub.prefer("A", END)
+    stub.prefer(END, NL)
+    lm = LoadedModel.wrap(model, byte_tokenizer())
+    task = build_task("grocery", {"limit": 3, "seed": 1})
+    session = StreamSession(lm, build_policy(PolicySpec("sirllm", {"decay": 0.9}), 256))
+    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    items = generate_grocery(3, seed=1)
+    fillers = [i for i in items if i.kind == "filler"]
+    recalls = [i for i in items if i.kind == "recall"]
+    assert result.metrics["accuracy"] == pytest.approx(np.mean([i.answer == 0 for i in fillers]))
+    assert result.metrics["key_accuracy"] == pytest.approx(np.mean([i.answer == 0 for i in recalls]))
+    assert result.metrics["episodes"] == 3 and len(result.records) == 3 * 22
+    # "OK" is the only reply to a request, and "A" greedily matches every other question
+    assert all(r["chosen"] == 0 and any(r["greedy"]) for r in result.records if r["kind"] != "key")
+
+
+@pytest.mark.parametrize("decay,kept", [(1.0, True), (0.5, False)])
+def test_sirllm_decay_forgets_old_key_tokens_across_rounds(decay, kept):
+    """A planted key token (score 50) survives 30 rounds at decay 1 and is forgotten at decay 0.5,
+    once 50 * 0.5**k falls below the surprisal of newer tokens."""
+    model = tiny_model("llama", layers=1, vocab=96)
+    policy = build_policy(PolicySpec("sirllm", {"start_size": 2, "recent_size": 4, "decay": decay}), 16)
+    session = StreamSession(LoadedModel.wrap(model), policy)
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
+    session.feed(ids[:, :10])
+    session.cache.scores[5] = 50.0  # the key token: position 5
+    for r in range(30):
+        session.new_round()
+        session.feed(ids[:, 10 + 3 * r : 13 + 3 * r])
+    assert (5 in session.cache.positions) is kept
+
+
+def test_turn_larger_than_the_budget_is_a_clear_error():
+    conv, _ = conversation(budget=16)
+    from streambench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not fit in budget 16"):
+        conv.ask("a question far longer than sixteen tokens", ["A", "B"])
