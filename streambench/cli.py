@@ -57,8 +57,9 @@ def cli() -> None:
               help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).")
 @click.option("--preset", "presets", multiple=True, type=click.Path(dir_okay=False),
               help="Policy preset YAML file to run (repeatable; adds to --policy).")
-@click.option("--budget", "-b", type=int, default=64, show_default=True,
-              help="Keys each query attends to, including itself (dense ignores it).")
+@click.option("--budget", "-b", type=int, default=None,
+              help="Keys each query attends to, including itself (dense ignores it).  "
+                   "[default: the task's: 64 for perplexity, 512 for the dialogue tasks]")
 @click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
 @click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
 @click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 768]")

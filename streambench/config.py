@@ -43,7 +43,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    budget: int | None = 64
+    budget: int | None = None  # None: the task's default_budget
     policies: list[PolicySpec] = field(default_factory=list)
     task: str = "perplexity"
     task_args: dict[str, Any] = field(default_factory=dict)

@@ -31,7 +31,8 @@ def _silent(_desc: str, _total: int) -> Progress:
 def plan(config: RunConfig):
     """Build and validate the task and every policy before anything heavy is loaded."""
     task = build_task(config.task, config.task_args)
-    policies = [(spec, build_policy(spec, config.budget)) for spec in config.policies]
+    budget = config.budget if config.budget is not None else task.default_budget
+    policies = [(spec, build_policy(spec, budget)) for spec in config.policies]
     return task, policies
 
 

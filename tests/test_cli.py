@@ -127,3 +127,34 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     assert results["window"]["metrics"]["kv_tokens_peak"] == 24
     kv_token_bytes = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, fp32
     assert results["streamingllm"]["metrics"]["kv_mib_peak"] * 2**20 == pytest.approx(24 * kv_token_bytes)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "rps", "--player", "lizard"], "unknown player 'lizard'"),
+    (["--task", "grocery", "--limit", "0"], "limit must be >= 1"),
+    (["--task", "grocery", "--data", "/nonexistent/keys.jsonl", "--policy", "window"], "data not found"),
+])
+def test_dialogue_task_bad_input(args, message, tmp_path):
+    assert_user_error(invoke("run", "-q", "--out", str(tmp_path), *args), message)
+
+
+@pytest.mark.slow
+def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
+    result = invoke("run", "-q", "--task", "rps", "--player", "rock", "--limit", "4", "--budget", "128",
+                    "--policy", "streamingllm,sirllm", "--out", str(tmp_path / "rps"))
+    assert result.exit_code == 0, result.output
+    assert "win" in result.output.splitlines()[0] and "model moves R/P/S" in result.output.splitlines()[0]
+    for f in (tmp_path / "rps").glob("*.json"):
+        r = json.loads(f.read_text())
+        m = r["metrics"]
+        assert m["rounds"] == 4 and m["win_rate"] + m["tie_rate"] + m["loss_rate"] == pytest.approx(1.0)
+        assert len(r["records"]) == 4 and r["records"][1]["round"] == 1
+    result = invoke("run", "-q", "--task", "grocery", "--limit", "1", "--budget", "256",
+                    "--policy", "streamingllm,sirllm", "--out", str(tmp_path / "grocery"))
+    assert result.exit_code == 0, result.output
+    files = list((tmp_path / "grocery").glob("*.json"))
+    assert len(files) == 2
+    for f in files:
+        r = json.loads(f.read_text())
+        assert r["metrics"]["episodes"] == 1 and len(r["records"]) == 22
+        assert 0 <= r["metrics"]["key_accuracy"] <= 1

@@ -28,6 +28,7 @@ class Task:
     summary: ClassVar[str] = ""
     higher_is_better: ClassVar[dict[str, bool]] = {}
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (table header, metric) the CLI prints
+    default_budget: ClassVar[int] = 512  # used when the run names no --budget
 
     def __post_init__(self) -> None:
         self.configure()

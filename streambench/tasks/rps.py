@@ -51,6 +51,9 @@ class RockPaperScissorsTask(Task):
     def configure(self) -> None:
         self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
         self._require(bool(self.player_list()), "needs at least one player")
+        for player in self.player_list():  # fail before the model loads
+            if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
+                player_moves(player, 1)
 
     def player_list(self) -> list[str]:
         return [p.strip() for p in str(self.players).split(",") if p.strip()]
