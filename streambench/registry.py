@@ -26,7 +26,7 @@ class Registry(Generic[T]):
                 if name in self._entries and self._entries[name] is not cls:
                     raise ValueError(f"{self.kind} name '{name}' is already taken by {self._entries[name].__name__}")
                 self._entries[name] = cls
-            if not getattr(cls, "name", None):
+            if not cls.__dict__.get("name"):  # a subclass does not inherit its parent's name
                 cls.name = names[0]
             return cls
 

@@ -2,11 +2,12 @@
 cache is reset when the group changes, as SirLLM does per dialogue or episode), one record each."""
 from __future__ import annotations
 
-from streambench.dialogue import Conversation
 from streambench.dialogue_data import MCItem
 
 
 def play_items(items: list[MCItem], session, tokenizer, meter, progress) -> list[dict]:
+    from streambench.dialogue import Conversation  # torch: loaded when a run starts, not on listing
+
     conversation = Conversation(session, tokenizer)
     records, group = [], None
     progress.total(len(items), "item")

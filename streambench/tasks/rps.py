@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.dialogue import Conversation
 from streambench.dialogue_data import MOVES, load_rps_moves, player_moves
 from streambench.metrics import subsample
 from streambench.tasks import register_task
@@ -65,6 +64,8 @@ class RockPaperScissorsTask(Task):
         return player_moves(player, self.limit or 2000, seed=self.seed + 1000 * index)
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
+        from streambench.dialogue import Conversation  # torch: loaded when a run starts
+
         games = {p: self.moves(p, i) for i, p in enumerate(self.player_list())}
         progress.total(sum(len(m) for m in games.values()), "round")
         conversation = Conversation(session, tokenizer)
