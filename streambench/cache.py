@@ -105,16 +105,35 @@ class StreamCache(Cache):
     def reset(self) -> None:
         self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
         self.offset = 0  # keys are rotated at rank + offset
-        self.slots = np.empty(0, dtype=np.int64)  # physical slot of each kept token, time order
-        self.positions = np.empty(0, dtype=np.int64)  # original stream position, time order
-        self.scores = np.empty(0, dtype=np.float64)  # per-token score (e.g. surprisal), time order
+        self.evictions = 0  # bumped by every eviction (a rollback must not cross one)
+        self._n = 0  # kept tokens; the per-token arrays below are valid up to here
+        capacity = max(self.capacity, 1)
+        self._slot = np.zeros(capacity, dtype=np.int64)  # physical slot of each kept token, time order
+        self._pos = np.zeros(capacity, dtype=np.int64)  # original stream position, time order
+        self._score = np.zeros(capacity, dtype=np.float64)  # per-token score (e.g. surprisal)
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
         return self.num_layers
 
     @property
     def length(self) -> int:
-        return len(self.slots)
+        return self._n
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._slot[: self._n]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._pos[: self._n]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._score[: self._n]
+
+    @scores.setter
+    def scores(self, values: np.ndarray) -> None:
+        self._score[: self._n] = values
 
     def next_positions(self, count: int) -> torch.Tensor:
         """RoPE positions for the next `count` tokens: they sit right after the kept ones."""
@@ -153,30 +172,41 @@ class StreamCache(Cache):
     # ---- called by the session ---------------------------------------------------------------
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
         """Record the tokens the last forward appended (their stream positions and scores)."""
-        start, count = self.length, len(positions)
-        if any(n != start + count for n in self._len):
+        start, count = self._n, len(positions)
+        end = start + count
+        if any(n != end for n in self._len):
             raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
-        self.slots = np.concatenate([self.slots, np.arange(start, start + count)])
-        self.positions = np.concatenate([self.positions, positions])
-        self.scores = np.concatenate([self.scores, np.zeros(count) if scores is None else scores])
+        if end > len(self._slot):
+            self._grow_meta(end)
+        self._slot[start:end] = np.arange(start, end)
+        self._pos[start:end] = positions
+        self._score[start:end] = 0.0 if scores is None else scores
+        self._n = end
         if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
-            idx = torch.arange(start, start + count, device=self.device)
-            self.rope.ensure(start + count + self.offset)
-            self.k_pre[..., start : start + count, :] = self.rope.unrotate(
-                self.k[..., start : start + count, :], idx + self.offset
-            )
+            idx = torch.arange(start, end, device=self.device)
+            self.rope.ensure(end + self.offset)
+            self.k_pre[..., start:end, :] = self.rope.unrotate(self.k[..., start:end, :], idx + self.offset)
+
+    def _grow_meta(self, size: int) -> None:
+        size = max(size, 2 * len(self._slot))
+        for name in ("_slot", "_pos", "_score"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
 
     def evict(self, keep: np.ndarray) -> None:
         """Keep the tokens at ranks `keep` (sorted, time order); re-index them to 0..len(keep)-1."""
-        n_old, n_new = self.length, len(keep)
+        n_old, n_new = self._n, len(keep)
         if n_new == n_old:
             return
+        self.evictions += 1
         if self.rope is None:
             raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
         kept_mask = np.zeros(n_old, dtype=bool)
         kept_mask[keep] = True
-        kept_slots = self.slots[keep]
-        freed = self.slots[~kept_mask]
+        kept_slots = self._slot[keep]
+        freed = self._slot[:n_old][~kept_mask]
         holes = freed[freed < n_new]  # free slots inside the new valid region ...
         movers = np.flatnonzero(kept_slots >= n_new)  # ... filled by kept tokens beyond it
         if len(movers):
@@ -196,13 +226,22 @@ class StreamCache(Cache):
             stale = np.arange(n_new)
         else:
             stale = np.flatnonzero(shift != common)
-        self.slots, self.positions, self.scores = kept_slots, self.positions[keep], self.scores[keep]
+        self._pos[:n_new] = self._pos[keep]
+        self._score[:n_new] = self._score[keep]
+        self._slot[:n_new] = kept_slots
+        self._n = n_new
         self._len = [n_new] * self.num_layers
         if len(stale):
             self._rerotate(stale)
 
+    def truncate(self, n: int) -> None:
+        """Forget the tokens appended after the first `n` (valid only if nothing was evicted since:
+        appended tokens occupy the slots and bookkeeping entries after them)."""
+        self._n = n
+        self._len = [n] * self.num_layers
+
     def _rerotate(self, ranks: np.ndarray) -> None:
-        slots = torch.from_numpy(self.slots[ranks]).to(self.device)
+        slots = torch.from_numpy(self._slot[ranks]).to(self.device)
         positions = torch.from_numpy(ranks + self.offset).to(self.device)
         self.rope.ensure(int(ranks[-1]) + self.offset + 1)
         fresh = self.rope.rotate(self.k_pre.index_select(3, slots), positions)

@@ -86,19 +86,17 @@ class StreamSession:
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
         cache = self.cache
-        kept = None if cache is None else (cache.length, cache.slots, cache.positions, cache.scores, cache.offset)
+        kept = None if cache is None else (cache.length, cache.evictions)
         return (self.fed, self._prev_logprobs, self._window, kept)
 
     def rollback(self, state) -> None:
         self.fed, self._prev_logprobs, self._window, kept = state
         if kept is not None:
-            n, slots, positions, scores, offset = kept
+            n, evictions = kept
             cache = self.cache
-            if cache.offset != offset or cache.length < n or not np.array_equal(cache.slots[:n], slots):
+            if cache.evictions != evictions or cache.length < n:
                 raise RuntimeError("cannot roll back across an eviction: reserve() room for the branch first")
-            # the branch's tokens sit after slot n-1 (appended); forgetting them is enough
-            cache.slots, cache.positions, cache.scores = slots, positions, scores
-            cache._len = [n] * cache.num_layers
+            cache.truncate(n)
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
@@ -107,7 +105,9 @@ class StreamSession:
 
     def view(self, incoming: int) -> CacheView:
         c = self.cache
-        return CacheView(c.length, incoming, self.policy.budget, c.positions, c.scores)
+        positions, scores = c.positions, c.scores
+        positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
+        return CacheView(c.length, incoming, self.policy.budget, positions, scores)
 
     def _scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
         logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # (c, vocab)
