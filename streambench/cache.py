@@ -234,6 +234,46 @@ class StreamCache(Cache):
         if len(stale):
             self._rerotate(stale)
 
+    def take(self, ranks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
+        slots = torch.from_numpy(self._slot[ranks]).to(self.device)
+        return self._pos[ranks].copy(), self.k_pre.index_select(3, slots), self.v.index_select(3, slots)
+
+    def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
+        that they take ranks at..at+m-1: how retrieved memory joins the cache between the sinks and
+        the recent window. The side of the insertion point with fewer tokens is re-rotated."""
+        self.evict(keep)
+        m, n = len(positions), self._n
+        if m == 0:
+            return
+        self.evictions += 1  # ranks move: no rollback across a splice either
+        if n + m > self.capacity:
+            self._grow(n + m)
+        if n + m > len(self._slot):
+            self._grow_meta(n + m)
+        if at <= n - at and self.offset >= m:
+            self.offset -= m  # the tokens after `at` keep their rotation; those before move
+            stale = np.arange(at)
+        elif at > n - at:
+            stale = np.arange(at + m, n + m)  # the tokens after `at` move by m
+        else:
+            self.offset = 0  # no room to lower the offset: re-rotate everything once
+            stale = np.concatenate([np.arange(at), np.arange(at + m, n + m)])
+        self._slot[: n + m] = np.insert(self._slot[:n], at, np.arange(n, n + m))
+        self._pos[: n + m] = np.insert(self._pos[:n], at, positions)
+        self._score[: n + m] = np.insert(self._score[:n], at, np.zeros(m))
+        self._n = n + m
+        self._len = [n + m] * self.num_layers
+        new_positions = torch.arange(at, at + m, device=self.device) + self.offset
+        self.rope.ensure(n + m + self.offset)
+        k_pre, v = k_pre.to(self.device, self.dtype), v.to(self.device, self.dtype)
+        self.k_pre[..., n : n + m, :] = k_pre
+        self.v[..., n : n + m, :] = v
+        self.k[..., n : n + m, :] = self.rope.rotate(k_pre, new_positions)
+        if len(stale):
+            self._rerotate(stale)
+
     def truncate(self, n: int) -> None:
         """Forget the tokens appended after the first `n` (valid only if nothing was evicted since:
         appended tokens occupy the slots and bookkeeping entries after them)."""

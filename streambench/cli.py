@@ -133,7 +133,12 @@ def _execute(config, quiet: bool) -> None:
         click.echo(f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.", err=True)
         sys.exit(130)
     if rows:
+        from streambench.tasks import TASKS
+
         click.echo(format_table(rows))
+        notes = TASKS.get(rows[0]["config"]["task"]["name"]).notes(rows)
+        if notes:
+            click.echo("\n" + notes)
         click.echo(f"\nWrote {len(rows)} result(s) to {Path(config.out)}/")
 
 
@@ -214,7 +219,7 @@ def list_command(what):
     if what in ("all", "policies"):
         click.echo("Policies:")
         for name, cls in _unique(POLICIES):
-            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "budget")
+            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.init and f.name != "budget")
             click.echo(f"  {name:<18} {cls.summary}" + (f"  [{fields}]" if fields else ""))
     if what in ("all", "tasks"):
         click.echo("Tasks:")

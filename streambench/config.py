@@ -136,7 +136,7 @@ def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
         for spec in specs:
             if target and target not in (spec.name, spec.label):
                 continue
-            fields = {f.name for f in dataclasses.fields(POLICIES.get(spec.name))}
+            fields = {f.name for f in dataclasses.fields(POLICIES.get(spec.name)) if f.init}
             if field_name in fields:
                 spec.args[field_name] = value
                 hit = True
@@ -150,7 +150,7 @@ def build_policy(spec: PolicySpec, budget: int | None):
     from streambench.policies import POLICIES
 
     cls = POLICIES.get(spec.name)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(spec.args) - fields)
     if unknown:
         raise ConfigError(f"{spec.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")

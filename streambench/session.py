@@ -32,11 +32,19 @@ class StreamSession:
                 capacity=policy.budget or 1024, rope=rope,
             )
         self._token_bytes = 2 * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        self.tap = None
+        if policy.retrieves:  # retrieval scores bank blocks against the last token's query
+            from streambench.taps import QueryTap
+
+            self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.reset()
 
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
+        self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
+        self._hold_until = 0  # ... but not inside a turn whose room reserve() made
+        self.policy.reset()
         self._prev_logprobs = None  # log-probs after the last fed token (for the next one's surprisal)
         self._window = torch.empty(1, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:
@@ -53,14 +61,34 @@ class StreamSession:
         if self.policy.recompute:
             return self._feed_recompute(ids)
         cache, count = self.cache, ids.shape[1]
+        if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
+            self._recall(count)
         if self.policy.evicts and cache.length + count > self.policy.budget:
-            cache.evict(self.policy.select(self.view(count)))
+            self._evict(self.policy.select(self.view(count)))
         out = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True)
         logits = out.logits
         scores = self._scores(ids, logits) if self.policy.needs_scores else None
         cache.commit(np.arange(self.fed, self.fed + count), scores)
         self.fed += count
         return logits
+
+    def _evict(self, keep: np.ndarray) -> None:
+        if self.policy.retrieves:  # what leaves goes to the policy's bank first
+            gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
+            if len(gone):
+                self.policy.on_evict(*self.cache.take(gone))
+        self.cache.evict(keep)
+
+    def _recall(self, incoming: int) -> None:
+        self._recall_at = self.fed + self.policy.refresh
+        plan = self.policy.recall(self.view(incoming), self.tap.query())
+        if plan is None:
+            return
+        keep, at, positions, k_pre, values = plan
+        gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
+        if len(gone):
+            self.policy.on_evict(*self.cache.take(gone))
+        self.cache.splice(keep, at, positions, k_pre, values)
 
     def _feed_recompute(self, ids: torch.Tensor) -> torch.Tensor:
         size, outs = self.policy.budget, []
@@ -80,8 +108,12 @@ class StreamSession:
                     f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.policy.budget} "
                     f"(at most {self.policy.max_incoming} tokens can come in at once); raise the budget"
                 )
+            if self.policy.retrieves:
+                if self.fed >= self._recall_at:
+                    self._recall(count)
+                self._hold_until = self.fed + count  # no recall inside this turn's branches
             if self.cache.length + count > self.policy.budget:
-                self.cache.evict(self.policy.select(self.view(count)))
+                self._evict(self.policy.select(self.view(count)))
 
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
@@ -102,6 +134,7 @@ class StreamSession:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
         if self.cache is not None:
             self.cache.scores = self.policy.new_round(self.cache.scores)
+            self._recall_at = self.fed  # retrieval policies recall at each user turn
 
     def view(self, incoming: int) -> CacheView:
         c = self.cache

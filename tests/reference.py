@@ -28,9 +28,9 @@ class ReferenceStream:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.apply_rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
         layers = model.model.layers
-        self.keys = [None] * len(layers)  # per layer (B, H, T, D), pre-RoPE, time order
+        self.keys = [None] * len(layers)  # per layer (B, H, every token fed, D), pre-RoPE
         self.values = [None] * len(layers)
-        self.positions = np.empty(0, dtype=np.int64)
+        self.positions = np.empty(0, dtype=np.int64)  # the kept tokens, time order
         self.scores = np.empty(0)
         self.prev_logprobs = None
         self.fed = 0
@@ -75,21 +75,23 @@ class ReferenceStream:
         return hook
 
     @torch.no_grad()
-    def feed(self, ids):
+    def feed(self, ids, keep_positions=None):
+        """Feed `ids` after evicting as the policy says, or, given `keep_positions` (time order),
+        after keeping exactly those tokens (to replay another engine's choices, e.g. retrieval)."""
         count = ids.shape[1]
         n = len(self.positions)
-        budget = self.policy.budget
-        if self.policy.evicts and n + count > budget:
-            keep = self.policy.select(CacheView(n, count, budget, self.positions, self.scores))
-            idx = torch.as_tensor(keep, device=ids.device)
-            self.keys = [k[:, :, idx] for k in self.keys]
-            self.values = [v[:, :, idx] for v in self.values]
-            self.positions, self.scores = self.positions[keep], self.scores[keep]
-            n = len(keep)
+        if keep_positions is not None:
+            self.positions = np.asarray(keep_positions, dtype=np.int64)
+        elif self.policy.evicts and n + count > self.policy.budget:
+            view = CacheView(n, count, self.policy.budget, self.positions, self.scores[self.positions])
+            self.positions = self.positions[self.policy.select(view)]
+        n = len(self.positions)
         cache = DynamicCache(config=self.model.config)
         if n:
             pos = torch.arange(n, device=ids.device)[None]
+            idx = torch.as_tensor(self.positions, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
+                k, v = k[:, :, idx], v[:, :, idx]
                 cos, sin = self.model.model.rotary_emb(v, position_ids=pos)
                 _, k_rot = self.apply_rope(k, k, cos, sin)
                 cache.update(k_rot, v, i)
@@ -101,12 +103,12 @@ class ReferenceStream:
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
             self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
         self.positions = np.concatenate([self.positions, np.arange(self.fed, self.fed + count)])
-        self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])
+        self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])  # every token fed
         self.fed += count
         return logits
 
     def new_round(self):
-        self.scores = self.policy.new_round(self.scores)
+        self.scores[self.positions] = self.policy.new_round(self.scores[self.positions])
 
     def _surprisal(self, ids, logits):
         if self.policy.needs_scores is None:

@@ -56,3 +56,30 @@ def test_a_finished_session_frees_its_buffers_without_the_garbage_collector():
         assert buffers() is None
     finally:
         gc.enable()
+
+
+def test_splice_inserts_old_tokens_between_sinks_and_recent_exactly():
+    """Retrieval's primitive: tokens taken from the cache earlier (pre-RoPE keys, values) come back
+    at ranks 4.., between the sinks and the recent window; with one layer the next logits equal a
+    fresh forward over the kept tokens in time order. Both sides of the insertion point are tried."""
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(3, 96, (1, 80), generator=torch.Generator().manual_seed(4))
+    for recent_kept in (11, 2):  # insertion before a long tail, then before a short one
+        session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec("streamingllm"), 16))
+        for t in range(20):
+            session.feed(ids[:, t : t + 1])
+        saved = session.cache.take(np.arange(4, 8))  # positions 8..11 (sinks 0-3, then 8..19)
+        for t in range(20, 40):
+            session.feed(ids[:, t : t + 1])
+        cache = session.cache
+        keep = np.concatenate([np.arange(4), np.arange(cache.length - recent_kept, cache.length)])
+        cache.splice(keep, 4, *saved)
+        assert list(cache.positions[:8]) == [0, 1, 2, 3, 8, 9, 10, 11]
+        logits = session.feed(ids[:, 40:41])[0, -1]
+        kept = torch.as_tensor(np.sort(cache.positions))
+        fresh = model(input_ids=ids[:, kept]).logits[0, -1]
+        torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)
+        for t in range(41, 60):  # streaming goes on exactly after the splice
+            logits = session.feed(ids[:, t : t + 1])[0, -1]
+        fresh = model(input_ids=ids[:, torch.as_tensor(cache.positions)]).logits[0, -1]
+        torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)

@@ -144,6 +144,7 @@ def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
                     "--policy", "streamingllm,sirllm", "--out", str(tmp_path / "rps"))
     assert result.exit_code == 0, result.output
     assert "win" in result.output.splitlines()[0] and "model moves R/P/S" in result.output.splitlines()[0]
+    assert "Per player:" in result.output and "Reference points: random play wins 0.333" in result.output
     for f in (tmp_path / "rps").glob("*.json"):
         r = json.loads(f.read_text())
         m = r["metrics"]
@@ -158,3 +159,14 @@ def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
         r = json.loads(f.read_text())
         assert r["metrics"]["episodes"] == 1 and len(r["records"]) == 22
         assert 0 <= r["metrics"]["key_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_run_on_a_pg19_book_from_shared_data(shared_data, tmp_path):
+    book = shared_data / "pg19-sample" / "10146.txt"
+    result = invoke("run", "-q", "--text", str(book), "--tokens", "48", "--budget", "16",
+                    "--policy", "streamingllm", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    r = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert r["info"]["text"] == str(book) and r["metrics"]["tokens"] == 47
+    assert r["config"]["task"]["args"]["text"] == str(book)

@@ -45,6 +45,7 @@ class CachePolicy:
     # What the engine must provide. Declared, so the engine never asks isinstance(policy, X).
     needs_scores: ClassVar[str | None] = None  # score kind the engine computes per token, if any
     recompute: ClassVar[bool] = False  # no cache at all: re-encode the window every step
+    retrieves: ClassVar[bool] = False  # has on_evict / recall hooks and a `refresh` interval (longmem)
 
     budget: int | None = None
 
@@ -63,6 +64,15 @@ class CachePolicy:
         """Called once per user turn by dialogue tasks; may rescale stored scores (SirLLM's decay)."""
         return scores
 
+    def reset(self) -> None:
+        """A new stream starts (a policy with state, such as a memory bank, clears it)."""
+
+    # Retrieval policies (retrieves = True) also define:
+    #   on_evict(positions, k_pre, values)  tokens leaving the cache, (L, B, H, T, D) tensors
+    #   recall(view, query) -> (keep, at, positions, k_pre, values) | None
+    # The session calls recall every `refresh` tokens and at each user turn, with the last
+    # token's pre-RoPE query (layers, kv_heads, head_dim), and splices the result into the cache.
+
     # ---- shared helpers ------------------------------------------------------------------------
     @property
     def evicts(self) -> bool:
@@ -75,7 +85,7 @@ class CachePolicy:
 
     def args(self) -> dict[str, Any]:
         """The policy's hyperparameters, as recorded in results and presets."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def _require(self, condition: bool, message: str) -> None:
         if not condition:

@@ -42,6 +42,11 @@ class Task:
     def args(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def notes(cls, results: list[dict]) -> str:
+        """Text printed under the results table (reference points, breakdowns); "" for none."""
+        return ""
+
     def _require(self, condition: bool, message: str) -> None:
         if not condition:
             raise ConfigError(f"{self.name}: {message}")

@@ -101,6 +101,22 @@ class RockPaperScissorsTask(Task):
         metrics["model_moves"] = "/".join(f"{100 * moves.count(m) / len(moves):.0f}" for m in MOVES)
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 
+    @classmethod
+    def notes(cls, results: list[dict]) -> str:
+        from tabulate import tabulate
+
+        rows = []
+        for r in results:
+            m, moves = r["metrics"], r.get("info", {}).get("model_moves", {})
+            for tag, dist in moves.items():
+                rows.append([r.get("label"), tag, m.get(f"win_rate_{tag}"), m.get(f"tie_rate_{tag}"),
+                             m.get(f"loss_rate_{tag}"), m.get(f"best_fixed_win_{tag}"),
+                             "/".join(f"{100 * dist[mv]:.0f}" for mv in MOVES)])
+        table = tabulate(rows, headers=["policy", "player", "win", "tie", "loss", "best fixed", "model moves R/P/S"],
+                         floatfmt=".3f")
+        return (f"Per player:\n{table}\nReference points: random play wins 0.333; the best fixed move wins "
+                "'best fixed' (about 0.5 against a 50/30/20 player).")
+
 
 def _rates(outcomes: list[str], tag: str | None = None) -> dict[str, float]:
     n = len(outcomes)
