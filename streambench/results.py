@@ -44,6 +44,7 @@ ENGINE_DIRECTIONS = {
     "kv_mib_peak": False,
     "kv_tokens_peak": False,
     "kv_allocated_mib": False,
+    "bank_mib": False,  # longmem's memory bank (host memory by default)
 }
 
 

@@ -74,7 +74,7 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None) -> Iter
         finally:
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
-        metrics = {**outcome.metrics, **engine_metrics}
+        metrics = {**outcome.metrics, **engine_metrics, **policy.stats()}
         directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
         result = {
             "schema": SCHEMA,

@@ -67,6 +67,10 @@ class CachePolicy:
     def reset(self) -> None:
         """A new stream starts (a policy with state, such as a memory bank, clears it)."""
 
+    def stats(self) -> dict[str, float]:
+        """Metrics of the policy's own state at the end of a run (e.g. its memory bank's size)."""
+        return {}
+
     # Retrieval policies (retrieves = True) also define:
     #   on_evict(positions, k_pre, values)  tokens leaving the cache, (L, B, H, T, D) tensors
     #   recall(view, query) -> (keep, at, positions, k_pre, values) | None

@@ -51,6 +51,7 @@ class LongMemPolicy(CachePolicy):
     _bank: object = field(default=None, init=False, repr=False, compare=False)
     _retrieved: np.ndarray = field(default=None, init=False, repr=False, compare=False)
     _frontier: int = field(default=-1, init=False, repr=False, compare=False)  # newest banked position
+    _recalls: int = field(default=0, init=False, repr=False, compare=False)
 
     def configure(self) -> None:
         self._check_int("start_size", 0)
@@ -126,7 +127,17 @@ class LongMemPolicy(CachePolicy):
         room = max(0, view.target - start - len(positions))
         recent = np.arange(max(old_head, view.length - room), view.length)
         self._retrieved = positions
+        self._recalls += 1
         return Recall(np.concatenate([np.arange(start), recent]), start, positions, k_pre, values)
+
+    def stats(self) -> dict[str, float]:
+        bank = self._bank
+        return {
+            "bank_tokens": bank.tokens if bank else 0,
+            "bank_blocks": bank.blocks if bank else 0,
+            "bank_mib": bank.bytes() / 2**20 if bank else 0.0,
+            "recalls": self._recalls,
+        }
 
     def reset(self) -> None:
         """A new stream: the bank starts empty."""
