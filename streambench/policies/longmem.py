@@ -35,18 +35,21 @@ class LongMemPolicy(CachePolicy):
     oldest block overwritten first, on `bank_device`). Every `refresh` tokens, and at each user turn,
     blocks are scored by the mean of their pre-RoPE keys against the last token's pre-RoPE query,
     summed over all layers and KV heads (one choice for all layers), and the `top_k` best replace the
-    retrieved region. Budget = start_size + top_k * block_size + recent_size."""
+    retrieved region. Budget = start_size + top_k * block_size + recent_size. Defaults: blocks of
+    budget/32 tokens (4 to 128; LongMem's chunks are 4), top_k filling about a quarter of the budget,
+    refresh every 4 tokens (each refresh is an inner product over every bank block: at 64K bank
+    tokens in blocks of 4 that is ~94M multiply-adds for the embedded model)."""
 
     summary = ("LongMem-style memory bank (training-free, InfLLM-style retrieval; not the trained SideNet): "
                "sinks + top-k retrieved evicted blocks + recent window")
     retrieves = True
     start_size: int = 4
     block_size: int | None = None
-    top_k: int = 4
+    top_k: int | None = None
     recent_size: int | None = None
     bank_tokens: int = 65536
     bank_device: str = "cpu"
-    refresh: int = 16
+    refresh: int = 4
     index: str = "exact"
     _bank: object = field(default=None, init=False, repr=False, compare=False)
     _retrieved: np.ndarray = field(default=None, init=False, repr=False, compare=False)
@@ -55,11 +58,14 @@ class LongMemPolicy(CachePolicy):
 
     def configure(self) -> None:
         self._check_int("start_size", 0)
-        self._check_int("top_k", 0)
-        if self.block_size is None:
+        if self.block_size is None:  # LongMem's chunks are 4 tokens; larger blocks for large budgets
             self._require(self.budget is not None, "needs a budget or block_size")
-            self.block_size = int(min(128, max(1, self.budget // 16)))
+            self.block_size = int(min(128, max(4, self.budget // 32)))
         self._check_int("block_size", 1)
+        if self.top_k is None:  # about a quarter of the budget is retrieved memory
+            self._require(self.budget is not None, "needs a budget or top_k")
+            self.top_k = max(1, self.budget // (4 * self.block_size))
+        self._check_int("top_k", 0)
         retrieved = self.top_k * self.block_size
         if self.recent_size is None:
             self._require(self.budget is not None, "needs a budget or recent_size")
