@@ -107,15 +107,17 @@ def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_run_end_to_end_on_the_embedded_model(tmp_path):
     result = invoke("run", "-q", "--tokens", "96", "--budget", "24", "--out", str(tmp_path),
-                    "--policy", "dense,window,recompute-window,streamingllm,sirllm,streamingllm-4-252")
+                    "--policy", "dense,window,recompute-window,streamingllm,sirllm,longmem,streamingllm-4-252")
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
     for column in ("policy", "budget", "tokens", "PPL", "PPL last half", "tokens/s", "peak mem MiB", "KV MiB"):
         assert column in header
+    assert "bank MiB" in header
     files = sorted(tmp_path.glob("*.json"))
-    assert len(files) == 6
+    assert len(files) == 7
     results = {json.loads(f.read_text())["label"]: json.loads(f.read_text()) for f in files}
-    assert set(results) == {"dense", "window", "recompute-window", "streamingllm", "sirllm", "streamingllm-4-252"}
+    assert set(results) == {"dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem", "streamingllm-4-252"}
+    assert results["longmem"]["metrics"]["bank_tokens"] > 0 and results["longmem"]["metrics"]["recalls"] > 0
     for r in results.values():
         assert r["schema"] == "streambench.result/1"
         assert r["metrics"]["tokens"] == 95 and r["metrics"]["ppl"] > 1
@@ -141,7 +143,7 @@ def test_dialogue_task_bad_input(args, message, tmp_path):
 @pytest.mark.slow
 def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
     result = invoke("run", "-q", "--task", "rps", "--player", "rock", "--limit", "4", "--budget", "128",
-                    "--policy", "streamingllm,sirllm", "--out", str(tmp_path / "rps"))
+                    "--policy", "streamingllm,sirllm,longmem", "--out", str(tmp_path / "rps"))
     assert result.exit_code == 0, result.output
     assert "win" in result.output.splitlines()[0] and "model moves R/P/S" in result.output.splitlines()[0]
     assert "Per player:" in result.output and "Reference points: random play wins 0.333" in result.output
@@ -151,10 +153,10 @@ def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
         assert m["rounds"] == 4 and m["win_rate"] + m["tie_rate"] + m["loss_rate"] == pytest.approx(1.0)
         assert len(r["records"]) == 4 and r["records"][1]["round"] == 1
     result = invoke("run", "-q", "--task", "grocery", "--limit", "1", "--budget", "256",
-                    "--policy", "streamingllm,sirllm", "--out", str(tmp_path / "grocery"))
+                    "--policy", "streamingllm,sirllm,longmem", "--out", str(tmp_path / "grocery"))
     assert result.exit_code == 0, result.output
     files = list((tmp_path / "grocery").glob("*.json"))
-    assert len(files) == 2
+    assert len(files) == 3
     for f in files:
         r = json.loads(f.read_text())
         assert r["metrics"]["episodes"] == 1 and len(r["records"]) == 22
