@@ -35,6 +35,16 @@ def test_a_planted_block_is_retrieved_first():
     assert bank.pos[bank.search(query, 2, exclude={best[0]})[0]].tolist() != [100, 101, 102, 103]
 
 
+def test_faiss_index_gives_the_exact_ranking():
+    pytest.importorskip("faiss", reason="faiss-cpu is an optional extra (pip install streambench[faiss])")
+    exact = bank_with_blocks(60, capacity=1000, seed=3)
+    indexed = bank_with_blocks(60, capacity=1000, seed=3)
+    indexed.index = "faiss"
+    query = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(5))
+    assert indexed.search(query, 5) == exact.search(query, 5)
+    assert indexed.search(query, 5, exclude={exact.search(query, 1)[0]}) == exact.search(query, 6)[1:]
+
+
 def test_partial_blocks_wait_and_the_oldest_block_goes_first():
     bank = MemoryBank(1, 1, 4, block_size=4, capacity_tokens=12, dtype=torch.float32)
     bank.add(np.arange(0, 3), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4))
