@@ -23,11 +23,13 @@ class MemoryBank:
         self.block_size = block_size
         self.max_blocks = max(1, capacity_tokens // block_size)
         self.device = torch.device(device)
-        shape = (self.max_blocks, num_layers, kv_heads, block_size, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)  # pre-RoPE
-        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.repr = torch.zeros((self.max_blocks, num_layers * kv_heads * head_dim), dtype=torch.float32, device=self.device)
-        self.pos = np.full((self.max_blocks, block_size), -1, dtype=np.int64)  # stream positions of each block
+        self._shape = (num_layers, kv_heads, block_size, head_dim)
+        self._dtype = dtype
+        # Storage grows by doubling up to max_blocks: memory follows the stream, not the limit.
+        self.keys = torch.zeros((0, *self._shape), dtype=dtype, device=self.device)  # pre-RoPE
+        self.values = torch.zeros((0, *self._shape), dtype=dtype, device=self.device)
+        self.repr = torch.zeros((0, num_layers * kv_heads * head_dim), dtype=torch.float32, device=self.device)
+        self.pos = np.full((0, block_size), -1, dtype=np.int64)  # stream positions of each block
         self.count = 0  # blocks ever written; slot = block number % max_blocks
         self.index = index
         self._pending_pos: list[np.ndarray] = []
@@ -55,8 +57,18 @@ class MemoryBank:
         self._pending_k = [k[:, :, full:]] if full < len(pos) else []
         self._pending_v = [vv[:, :, full:]] if full < len(pos) else []
 
+    def _grow(self) -> None:
+        size = min(self.max_blocks, max(16, 2 * len(self.pos)))
+        extra = size - len(self.pos)
+        self.keys = torch.cat([self.keys, self.keys.new_zeros((extra, *self._shape))])
+        self.values = torch.cat([self.values, self.values.new_zeros((extra, *self._shape))])
+        self.repr = torch.cat([self.repr, self.repr.new_zeros((extra, self.repr.shape[1]))])
+        self.pos = np.concatenate([self.pos, np.full((extra, self.block_size), -1, dtype=np.int64)])
+
     def _write_block(self, positions: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
         slot = self.count % self.max_blocks  # the oldest block goes first
+        if slot >= len(self.pos):
+            self._grow()
         self.keys[slot] = k
         self.values[slot] = v
         self.repr[slot] = k.float().mean(dim=2).reshape(-1)
@@ -73,7 +85,8 @@ class MemoryBank:
         return self.blocks * self.block_size
 
     def bytes(self) -> int:
-        per_block = 2 * self.keys[0].numel() * self.keys.element_size()
+        """Bytes of the keys and values held (the bank's storage may be up to 2x while growing)."""
+        per_block = 2 * int(np.prod(self._shape)) * self.keys.element_size()
         return self.blocks * per_block
 
     def search(self, query: torch.Tensor, k: int, exclude: set[int] = frozenset()) -> list[int]:

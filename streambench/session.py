@@ -72,23 +72,24 @@ class StreamSession:
         self.fed += count
         return logits
 
-    def _evict(self, keep: np.ndarray) -> None:
-        if self.policy.retrieves:  # what leaves goes to the policy's bank first
+    def _hand_over(self, keep: np.ndarray) -> None:
+        """Retrieval policies get the tokens about to leave the cache (for their bank)."""
+        if self.policy.retrieves:
             gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
             if len(gone):
                 self.policy.on_evict(*self.cache.take(gone))
+
+    def _evict(self, keep: np.ndarray) -> None:
+        self._hand_over(keep)
         self.cache.evict(keep)
 
     def _recall(self, incoming: int) -> None:
         self._recall_at = self.fed + self.policy.refresh
         plan = self.policy.recall(self.view(incoming), self.tap.query())
-        if plan is None:
-            return
-        keep, at, positions, k_pre, values = plan
-        gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
-        if len(gone):
-            self.policy.on_evict(*self.cache.take(gone))
-        self.cache.splice(keep, at, positions, k_pre, values)
+        if plan is not None:
+            keep, at, positions, k_pre, values = plan
+            self._hand_over(keep)
+            self.cache.splice(keep, at, positions, k_pre, values)
 
     def _feed_recompute(self, ids: torch.Tensor) -> torch.Tensor:
         size, outs = self.policy.budget, []

@@ -69,6 +69,7 @@ def test_memory_stays_bounded_over_a_long_stream():
         if t > 200:
             bank_bytes.append(policy.bank.bytes())
     assert session.cache.capacity == 24 and len(set(bank_bytes)) == 1
+    assert len(policy.bank.pos) == 16  # storage grew to the limit (64 tokens / 4), not beyond
     assert len(policy.stats()) and policy.stats()["bank_tokens"] == 64
 
 
@@ -103,3 +104,9 @@ def test_passkey_is_retrieved_and_helps_on_the_embedded_model(embedded):
     assert sinks["fact_tokens_in_cache"] == 0
     assert memory["fact_tokens_in_cache"] >= 8
     assert memory["passkey_nll"] < sinks["passkey_nll"] - 1.0
+
+
+def test_bank_storage_follows_the_stream_not_the_limit():
+    bank = MemoryBank(2, 2, 8, block_size=4, capacity_tokens=65536, dtype=torch.float32)
+    bank.add(np.arange(40), torch.zeros(2, 2, 40, 8), torch.zeros(2, 2, 40, 8))
+    assert bank.blocks == 10 and len(bank.pos) == 16 and bank.keys.shape[0] == 16  # not 16384
