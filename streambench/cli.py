@@ -204,6 +204,103 @@ def _quiet_libraries() -> None:
         pass
 
 
+@cli.command(name="sweep")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--store", "store_path", default=None, help="SQLite store (default: the spec's `store`).")
+@click.option("--out", "out", default=None, help="Folder for the JSON results (default: the spec's `out`).")
+@click.option("--force", is_flag=True, help="Rerun runs the store already holds.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_user_errors
+def sweep_command(spec_file, store_path, out, force, quiet):
+    """Run a matrix of models x tasks x budgets x policies into the results store.
+
+    Every finished run is committed at once; rerunning the same command resumes (finished runs are
+    skipped by config hash), failed runs are recorded with their error and retried next time.
+
+    \b
+    Examples:
+        streambench sweep sweep.yaml
+        streambench sweep sweep.yaml --store results/team.sqlite --force
+    """
+    from streambench.store import Store
+    from streambench.sweep import load_spec, run_sweep
+
+    if not Path(spec_file).is_file():
+        raise UserError(f"sweep spec not found: {spec_file}")
+    spec = load_spec(spec_file)
+    if out:
+        spec.out = out
+    store = Store(store_path or spec.store)
+    _quiet_libraries()
+
+    def report(event, info):
+        if event == "finished":
+            m = info["metrics"]
+            shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("ppl", "accuracy", "key_accuracy", "win_rate", "tokens_per_s") if k in m)
+            click.echo(f"finished  {info['run_id']}  {shown}")
+        elif event == "failed":
+            click.echo(f"FAILED    {info['run_id']}: {info['error']}")
+
+    try:
+        counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
+                   "run the same command again to resume.", err=True)
+        sys.exit(130)
+    finally:
+        store.close()
+    click.echo(f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} already in {store.path}")
+
+
+@cli.command(name="import")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--store", "store_path", default="results/streambench.sqlite", show_default=True)
+@_user_errors
+def import_command(folder, store_path):
+    """Bring result JSON files (from `streambench run`) into the store."""
+    from streambench.store import Store
+
+    with Store(store_path) as store:
+        count = store.import_dir(folder)
+    click.echo(f"imported {count} result(s) into {store_path}")
+
+
+@cli.command(name="export")
+@click.option("--store", "store_path", default="results/streambench.sqlite", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--out", "out", default="-", help="File to write, or - for standard output.")
+@_user_errors
+def export_command(store_path, fmt, out):
+    """Write every run in the store as CSV (one row per run, metrics as columns) or JSON."""
+    import csv
+    import io
+    import json
+
+    from streambench.store import Store
+
+    if not Path(store_path).is_file():
+        raise UserError(f"store not found: {store_path}")
+    with Store(store_path) as store:
+        rows, results = store.rows(), {r["config_hash"]: r for r in store.results()}
+    if fmt == "json":
+        text = json.dumps([{**row, "result": results.get(row["config_hash"])} for row in rows], indent=1, default=str)
+    else:
+        names = sorted({k for r in results.values() for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        base = ["run_id", "status", "label", "task", "policy", "model", "budget", "finished", "error"]
+        writer.writerow(base + names)
+        for row in rows:
+            metrics = results.get(row["config_hash"], {}).get("metrics", {})
+            writer.writerow([row[k] for k in base] + [metrics.get(n, "") for n in names])
+        text = buffer.getvalue()
+    if out == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {len(rows)} run(s) to {out}")
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
 def list_command(what):

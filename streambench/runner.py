@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from streambench.config import RunConfig, build_policy, build_task
+from streambench.config import PolicySpec, RunConfig, build_policy, build_task
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
 
 ProgressFactory = Callable[[str, int], "Progress"]
@@ -28,76 +29,109 @@ def _silent(_desc: str, _total: int) -> Progress:
     return Progress()
 
 
+@dataclass
+class PlannedRun:
+    spec: PolicySpec
+    policy: object
+    config: dict  # what the config hash covers
+    digest: str
+    run_id: str
+
+
 def plan(config: RunConfig):
-    """Build and validate the task and every policy before anything heavy is loaded."""
+    """Build and validate the task and every policy before anything heavy is loaded; each run's
+    config and hash are known here, so a sweep can skip finished runs without loading a model."""
+    from streambench.models import resolve_device, resolve_dtype
+
     task = build_task(config.task, config.task_args)
     budget = config.budget if config.budget is not None else task.default_budget
-    policies = [(spec, build_policy(spec, budget)) for spec in config.policies]
-    return task, policies
-
-
-def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None) -> Iterator[dict]:
-    """Yield one result dict per policy, each already written to `config.out`."""
-    task, policies = plan(config)
-    import numpy as np
-    import torch
-
-    from streambench import models
-    from streambench.metrics import Meter
-    from streambench.session import StreamSession
-
-    if lm is None:
-        lm = models.load(config.model, config.device, config.dtype)
-    env = environment(next(lm.model.parameters()).device)
-    out_dir = Path(config.out)
-    for spec, policy in policies:
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    planned = []
+    for spec in config.policies:
+        policy = build_policy(spec, budget)
         run_config = {
             "model": config.model,
-            "device": str(next(lm.model.parameters()).device),
-            "dtype": lm.info.dtype,
+            "device": str(device),
+            "dtype": dtype,
             "seed": config.seed,
             "task": {"name": task.name, "version": task.version, "args": task.args()},
             "policy": {"name": policy.name, "args": policy.args()},
         }
         digest = config_hash(run_config)
-        budget = policy.budget if policy.budget is not None else "inf"
-        run_id = f"{task.name}-{spec.display}-b{budget}-{digest[:10]}"
-        started, t0 = now_iso(), time.perf_counter()
-        session = StreamSession(lm, policy)
-        meter = Meter(session.device)
-        bar = progress(spec.display, 0)
-        try:
-            outcome = task.run(session, lm.tokenizer, meter, bar)
-        finally:
-            bar.close()
-        engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
-        metrics = {**outcome.metrics, **engine_metrics, **policy.stats()}
-        directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
-        result = {
-            "schema": SCHEMA,
-            "run_id": run_id,
-            "label": spec.display,
-            "config": run_config,
-            "config_hash": digest,
-            "model": lm.info.as_dict(),
-            "metrics": metrics,
-            "higher_is_better": directions,
-            "curves": {**outcome.curves, **engine_curves},
-            "records": outcome.records,
-            "info": outcome.info,
-            "environment": env,
-            "timing": {
-                "started": started,
-                "finished": now_iso(),
-                "wall_s": round(time.perf_counter() - t0, 3),
-                "model_load_s": lm.info.load_seconds,
-            },
-        }
-        path = out_dir / f"{run_id}.json"
-        write_json_atomic(path, result)
-        result["path"] = str(path)
-        yield result
+        shown = policy.budget if policy.budget is not None else "inf"
+        planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}"))
+    return task, planned
 
+
+def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: frozenset[str] = frozenset(),
+        on_error: Callable | None = None) -> Iterator[dict]:
+    """Yield one result dict per policy, each already written to `config.out`. Runs whose config
+    hash is in `skip` are left out (the model is not even loaded if nothing is left); with
+    `on_error`, a failing run is reported to it (planned run, exception) and the others go on."""
+    task, planned = plan(config)
+    todo = [p for p in planned if p.digest not in skip]
+    if not todo:
+        return
+    from streambench import models
+
+    if lm is None:
+        lm = models.load(config.model, config.device, config.dtype)
+    env = environment(next(lm.model.parameters()).device)
+    out_dir = Path(config.out)
+    for item in todo:
+        try:
+            yield _run_one(item, task, lm, env, out_dir, config.seed, progress)
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except Exception as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
+            if on_error is None:
+                raise
+            on_error(item, exc)
+
+
+def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory) -> dict:
+    import numpy as np
+    import torch
+
+    from streambench.metrics import Meter
+    from streambench.session import StreamSession
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    started, t0 = now_iso(), time.perf_counter()
+    session = StreamSession(lm, item.policy)
+    meter = Meter(session.device)
+    bar = progress(item.spec.display, 0)
+    try:
+        outcome = task.run(session, lm.tokenizer, meter, bar)
+    finally:
+        bar.close()
+    engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
+    metrics = {**outcome.metrics, **engine_metrics, **item.policy.stats()}
+    directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
+    result = {
+        "schema": SCHEMA,
+        "run_id": item.run_id,
+        "label": item.spec.display,
+        "config": item.config,
+        "config_hash": item.digest,
+        "model": lm.info.as_dict(),
+        "metrics": metrics,
+        "higher_is_better": directions,
+        "curves": {**outcome.curves, **engine_curves},
+        "records": outcome.records,
+        "info": outcome.info,
+        "environment": env,
+        "timing": {
+            "started": started,
+            "finished": now_iso(),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "model_load_s": lm.info.load_seconds,
+        },
+    }
+    path = out_dir / f"{item.run_id}.json"
+    write_json_atomic(path, result)
+    result["path"] = str(path)
+    return result
