@@ -301,6 +301,108 @@ def export_command(store_path, fmt, out):
         click.echo(f"wrote {len(rows)} run(s) to {out}")
 
 
+def _load_results(store_path, paths) -> list[dict]:
+    """Results from a store and/or JSON files and folders."""
+    from streambench.results import read_result
+    from streambench.store import Store
+
+    results = []
+    if store_path:
+        if not Path(store_path).is_file():
+            raise UserError(f"store not found: {store_path}")
+        with Store(store_path) as store:
+            results += list(store.results())
+    for p in paths:
+        path = Path(p)
+        files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
+        results += [read_result(f) for f in files]
+    return results
+
+
+def _filter(results: list[dict], filters: dict) -> list[dict]:
+    def value(r, key):
+        c = r["config"]
+        return {"task": c["task"]["name"], "policy": r.get("label") or c["policy"]["name"], "model": c["model"],
+                "budget": c["policy"]["args"].get("budget")}.get(key)
+
+    return [r for r in results if all(str(value(r, k)) == str(v) for k, v in filters.items())]
+
+
+@cli.command(name="report")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--store", "store_path", default=None, help="SQLite store to report on.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="task=, policy=, model= or budget= (repeatable).")
+@click.option("--out", "out", default="report", show_default=True, type=click.Path(file_okay=False))
+@_user_errors
+def report_command(paths, store_path, filters, out):
+    """Write report.md, report.html (self-contained) and PNG plots comparing policies.
+
+    \b
+    Examples:
+        streambench report --store results/sweep.sqlite --out report/
+        streambench report results/ --filter task=perplexity
+    """
+    from streambench.config import parse_assignments
+    from streambench.report import write_report
+
+    wanted = parse_assignments(filters, "--filter")
+    unknown = set(wanted) - {"task", "policy", "model", "budget"}
+    if unknown:
+        raise UserError(f"unknown --filter key(s) {', '.join(sorted(unknown))} (task, policy, model, budget)")
+    if not store_path and not paths:
+        raise UserError("nothing to report on: give --store FILE or result files/folders")
+    results = _filter(_load_results(store_path, paths), wanted)
+    if not results:
+        raise UserError("no results match")
+    files = write_report(results, out)
+    click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/")
+
+
+@cli.command(name="gate")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False), help="Baseline JSON.")
+@click.option("--store", "store_path", default=None, help="SQLite store holding the current results.")
+@click.option("--update", is_flag=True, help="Write the current results as the new baseline (keeps its gate settings).")
+@_user_errors
+def gate_command(paths, baseline_path, store_path, update):
+    """Fail (exit 1) when a result is worse than the baseline beyond its tolerance.
+
+    Exit codes: 0 pass, 1 regression, 2 bad input (missing run or metric, mismatched config,
+    malformed baseline).
+
+    \b
+    Examples:
+        streambench gate --baseline ci/baseline.json --store results/gate.sqlite
+        streambench gate --baseline ci/baseline.json results/ --update
+    """
+    import json
+
+    from tabulate import tabulate
+
+    from streambench.gate import compare, load_baseline, make_baseline
+    from streambench.results import write_json_atomic
+
+    if not store_path and not paths:
+        raise UserError("nothing to gate: give --store FILE or result files/folders")
+    results = _load_results(store_path, paths)
+    if update:
+        previous = load_baseline(baseline_path) if Path(baseline_path).exists() else None
+        baseline = make_baseline(results, previous)
+        write_json_atomic(Path(baseline_path), baseline)
+        click.echo(f"wrote a baseline of {len(baseline['runs'])} run(s) to {baseline_path}")
+        return
+    checks, ratios = compare(load_baseline(baseline_path), results)
+    rows = [[c.run, c.metric, f"{c.baseline:.6g}", f"{c.current:.6g}", f"{100 * c.delta:+.3f}%", f"{c.limit:.6g}",
+             "pass" if c.passed else "REGRESSION"] for c in checks]
+    rows += [[c.run, c.metric, "", f"{c.current:.4g}", "", f"{c.limit:.4g}", "pass" if c.passed else "REGRESSION"]
+             for c in ratios]
+    click.echo(tabulate(rows, headers=["run", "metric", "baseline", "current", "delta", "limit", "status"]))
+    failed = [c for c in checks + ratios if not c.passed]
+    click.echo(f"\n{len(checks) + len(ratios) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        sys.exit(1)
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
 def list_command(what):

@@ -1,0 +1,126 @@
+"""Reports from a fixture store, and the regression gate's verdicts and exit codes."""
+import json
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from streambench.cli import cli
+from streambench.store import Store
+
+
+@pytest.fixture(scope="module")
+def fixture_store(tmp_path_factory, tiny_model_dir, small_text):
+    """Perplexity at two budgets plus RPS and grocery runs of a tiny model, in one store."""
+    root = tmp_path_factory.mktemp("fixture")
+    runner = CliRunner()
+    for budget in ("8", "16"):
+        result = runner.invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--policy", "dense,window,streamingllm",
+                                     "--budget", budget, "--text", str(small_text), "--tokens", "48", "--out", str(root / "json")])
+        assert result.exit_code == 0, result.output
+    for task, extra in (("rps", ["--limit", "6", "--player", "rock"]), ("grocery", ["--limit", "1"])):
+        result = runner.invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", task, *extra,
+                                     "--policy", "streamingllm", "--budget", "400", "--out", str(root / "json")])
+        assert result.exit_code == 0, result.output
+    store = root / "store.sqlite"
+    with Store(store) as s:
+        s.import_dir(root / "json")
+    return store
+
+
+def run_ids(store):
+    with Store(store) as s:
+        return [r["run_id"] for r in s.rows()]
+
+
+def test_report_contains_every_run_tables_and_plots(fixture_store, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["report", "--store", str(fixture_store), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    ids = run_ids(fixture_store)
+    assert len(ids) == 7  # dense once (budget-free) + 2 policies x 2 budgets + rps + grocery
+    for run_id in ids:
+        assert run_id in md and run_id in page
+    for heading in ("## perplexity on", "## rps on", "## grocery on"):
+        assert heading in md
+    assert "**" in md and "<b>" in page  # best values marked
+    plots = {p.name for p in out.glob("*.png")}
+    assert {"ppl_over_stream_b8.png", "ppl_over_stream_b16.png", "kv_over_stream.png",
+            "tokens_per_s_vs_budget.png", "rps_rolling_win_rate.png"} <= plots
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_filters_and_bad_input(fixture_store, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["report", "--store", str(fixture_store), "--filter", "task=rps", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0
+    assert "## perplexity" not in (tmp_path / "r" / "report.md").read_text()
+    assert runner.invoke(cli, ["report", "--store", str(fixture_store), "--filter", "colour=red"]).exit_code == 2
+    assert "no results match" in runner.invoke(cli, ["report", "--store", str(fixture_store), "--filter", "task=nope"]).output
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless Chromium not installed (Debian package 'chromium'); the HTML is not rendered")
+def test_report_html_renders_in_headless_chromium(fixture_store, tmp_path):
+    out = tmp_path / "report"
+    CliRunner().invoke(cli, ["report", "--store", str(fixture_store), "--out", str(out)])
+    shot = tmp_path / "shot.png"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
+                    (out / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    colours = len(set(image.getdata()))
+    assert image.size == (1200, 3000) and colours > 50  # tables and plots drawn, not a blank page
+
+
+def gate(*args):
+    return CliRunner().invoke(cli, ["gate", *map(str, args)])
+
+
+def test_gate_passes_on_its_own_baseline_and_fails_on_a_regression(fixture_store, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    assert gate("--baseline", baseline, "--store", fixture_store, "--update").exit_code == 0
+    data = json.loads(baseline.read_text())
+    assert {"ppl", "win_rate", "key_accuracy"} <= set(data["metrics"])
+    passed = gate("--baseline", baseline, "--store", fixture_store)
+    assert passed.exit_code == 0 and "REGRESSION" not in passed.output
+    # plant a regression: the baseline remembers a better PPL than the store holds
+    key = next(k for k in data["runs"] if k.startswith("perplexity/") and "/streamingllm/" in k)
+    data["runs"][key]["metrics"]["ppl"] *= 0.9
+    baseline.write_text(json.dumps(data))
+    failed = gate("--baseline", baseline, "--store", fixture_store)
+    assert failed.exit_code == 1
+    assert f"{key}" in failed.output and "REGRESSION" in failed.output and "1 failed" in failed.output
+
+
+def test_gate_ratio_and_bad_input(fixture_store, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    gate("--baseline", baseline, "--store", fixture_store, "--update")
+    data = json.loads(baseline.read_text())
+    keys = sorted(k for k in data["runs"] if k.startswith("perplexity/"))
+    data["ratios"] = [{"name": "impossible", "metric": "tokens_per_s", "numerator": keys[0], "denominator": keys[1], "min": 1e9}]
+    baseline.write_text(json.dumps(data))
+    assert gate("--baseline", baseline, "--store", fixture_store).exit_code == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "something else"}')
+    result = gate("--baseline", bad, "--store", fixture_store)
+    assert result.exit_code == 2 and "malformed baseline" in result.output
+    data["ratios"] = []
+    data["runs"]["perplexity/other-model/dense/binf"] = {"metrics": {"ppl": 1.0}}
+    baseline.write_text(json.dumps(data))
+    result = gate("--baseline", baseline, "--store", fixture_store)
+    assert result.exit_code == 2 and "no result for baseline run perplexity/other-model/dense/binf" in result.output
+    del data["runs"]["perplexity/other-model/dense/binf"]
+    data["runs"][keys[0]]["config_hash"] = "0" * 64
+    baseline.write_text(json.dumps(data))
+    result = gate("--baseline", baseline, "--store", fixture_store)
+    assert result.exit_code == 2 and "config differs from the baseline's" in result.output
