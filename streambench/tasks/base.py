@@ -50,3 +50,7 @@ class Task:
     def _require(self, condition: bool, message: str) -> None:
         if not condition:
             raise ConfigError(f"{self.name}: {message}")
+
+    def _check_limit(self) -> None:
+        limit = getattr(self, "limit", None)
+        self._require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be >= 1, got {limit!r}")

@@ -28,7 +28,7 @@ class DailyDialogTask(Task):
     seed: int = 0
 
     def configure(self) -> None:
-        self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
+        self._check_limit()
 
     def items(self):
         items = load_dailydialog(self.data) if self.data else dailydialog_from_hub(seed=self.seed)

@@ -29,7 +29,7 @@ class GroceryTask(Task):
     seed: int = 0
 
     def configure(self) -> None:
-        self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
+        self._check_limit()
 
     def items(self):
         if not self.data:

@@ -48,7 +48,7 @@ class RockPaperScissorsTask(Task):
     seed: int = 0
 
     def configure(self) -> None:
-        self._require(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"limit must be >= 1, got {self.limit!r}")
+        self._check_limit()
         self._require(bool(self.player_list()), "needs at least one player")
         for player in self.player_list():  # fail before the model loads
             if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
