@@ -1,0 +1,84 @@
+"""The lm-eval bridge against lm-eval's own `hf` model and streambench's own perplexity."""
+import math
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from streambench.lmeval import StreambenchLM, register
+from streambench.models import LoadedModel
+
+
+def req(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def bridge(tiny_model_dir):
+    return lambda **kw: StreambenchLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", **kw)
+
+
+PAIRS = [("The capital of France is", " Paris"), ("It was the best of times, it was the", " worst of times"),
+         ("Question: 2 + 2 = ", "4"), ("", "An empty context")]
+
+
+def test_dense_loglikelihoods_equal_lm_evals_hf_model(hf_model, bridge):
+    requests = [req("loglikelihood", c, x) for c, x in PAIRS]
+    ours = bridge(policy="dense").loglikelihood(requests)
+    theirs = hf_model.loglikelihood(requests)
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_rolling_loglikelihood_equals_streaming_perplexity(bridge, tiny_model_dir, small_text):
+    """Budget 8 over 120 tokens: many evictions; the bridge's rolling loglikelihood is exactly the
+    session's token-by-token NLL over [prefix] + text."""
+    from streambench import models
+    from streambench.config import PolicySpec, build_policy
+    from streambench.session import StreamSession
+
+    text = small_text.read_text()[:120]
+    bridged = bridge(policy="streamingllm", budget=8, start_size=2)
+    got = bridged.loglikelihood_rolling([req("loglikelihood_rolling", text)])[0]
+    lm = models.load(str(tiny_model_dir), "cpu", "float32")
+    ids = torch.tensor([[bridged.prefix_token_id] + lm.tokenizer.encode(text)])
+    session = StreamSession(lm, build_policy(PolicySpec("streamingllm", {"start_size": 2}), 8))
+    nll = sum(torch.nn.functional.cross_entropy(session.feed(ids[:, t : t + 1])[0, -1:].float(), ids[0, t + 1 : t + 2]).item()
+              for t in range(ids.shape[1] - 1))
+    assert got == pytest.approx(-nll, abs=1e-3)
+    dense = bridge(policy="dense").loglikelihood_rolling([req("loglikelihood_rolling", text)])[0]
+    assert dense != pytest.approx(got, abs=1e-2)  # the budget changed something
+    assert math.isfinite(got)
+
+
+def test_generate_until_stops_at_until(bridge):
+    """Logits forced to cycle a -> b -> c -> d -> e -> a (a bigram table on the real tiny model)."""
+    from test_dialogue import Bigram
+
+    lm = bridge(policy="window", budget=16)
+    stub = Bigram(lm.model_info.model)
+    for a, b in zip("eabcd", "abcde"):
+        stub.prefer(a, b)
+    ask = lambda kwargs: lm.generate_until([req("generate_until", "Once upon a time", kwargs)])[0]  # noqa: E731
+    assert ask({"until": [], "max_gen_toks": 12}) == "abcdeabcdeab"  # stops at max_gen_toks, window evicting
+    assert ask({"until": ["d"], "max_gen_toks": 12}) == "abc"
+    assert ask({"until": ["ea", "q"], "max_gen_toks": 50}) == "abcd"
+    stub.prefer("c", lm.eot_token_id, 50.0)
+    assert ask({"until": ["zz"], "max_gen_toks": 50}) == "abc"  # the end-of-text token stops it
+
+
+def test_registered_for_lm_eval_by_name(tiny_model_dir):
+    from lm_eval.api.registry import get_model
+
+    register()
+    cls = get_model("streambench")
+    assert cls is StreambenchLM and get_model("hf") is not None
+    lm = cls.create_from_arg_string(f"pretrained={tiny_model_dir},policy=streamingllm,budget=16,start_size=2,device=cpu,dtype=float32")
+    assert lm.spec.args == {"start_size": 2} and lm.budget == 16
