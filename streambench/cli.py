@@ -149,7 +149,7 @@ def format_table(results: list[dict]) -> str:
     from streambench.metrics import peak_memory_mib
     from streambench.tasks import TASKS
 
-    columns = TASKS.get(results[0]["config"]["task"]["name"]).columns
+    columns = TASKS.get(results[0]["config"]["task"]["name"]).columns_for(results)
     headers = ["policy", "budget", *(h for h, _ in columns), "tokens/s", "peak mem MiB", "KV MiB"]
     bank = any("bank_mib" in r["metrics"] for r in results)  # longmem's memory bank, beside the cache
     if bank:
@@ -401,6 +401,47 @@ def gate_command(paths, baseline_path, store_path, update):
     click.echo(f"\n{len(checks) + len(ratios) - len(failed)} passed, {len(failed)} failed")
     if failed:
         sys.exit(1)
+
+
+@cli.command(name="lm-eval")
+@click.option("--tasks", "tasks", default="streambench_mc,streambench_ppl", show_default=True,
+              help="lm-eval task names, comma-separated (offline: streambench_mc, streambench_ppl).")
+@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
+@click.option("--policy", "policies", default="dense,streamingllm", show_default=True)
+@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE")
+@click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to.  [default: 256]")
+@click.option("--limit", type=int, default=None, help="Items per lm-eval task.")
+@click.option("--num-fewshot", type=int, default=None)
+@click.option("--stream", is_flag=True, help="Feed every item into one endless stream (streaming evaluation).")
+@click.option("--include-path", default=None, type=click.Path(file_okay=False, exists=True), help="Folder of your own lm-eval task YAMLs.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--quiet", "-q", is_flag=True)
+@_user_errors
+def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fewshot, stream, include_path, device,
+                    dtype, out, quiet):
+    """Run lm-evaluation-harness tasks under streambench cache policies.
+
+    Results land in streambench's schema (reports, stores and gates work on them). lm-eval has no
+    plugin mechanism for models, so this command is the supported path (in Python:
+    `streambench.lmeval.StreambenchLM`, or `streambench.lmeval.register()` then `--model streambench`).
+
+    \b
+    Examples:
+        streambench lm-eval
+        streambench lm-eval --tasks streambench_mc --stream --policy window,streamingllm --budget 64
+        streambench lm-eval --tasks arc_easy,hellaswag --limit 200 --policy streamingllm --device cuda
+    """
+    from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
+
+    overrides = parse_assignments(policy_args, "-p")
+    specs = [resolve_policy(n.strip(), overrides) for n in policies.split(",") if n.strip()]
+    apply_overrides(specs, overrides)
+    targs = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "stream": stream, "include_path": include_path}
+    config = RunConfig(model=model, device=device, dtype=dtype, budget=budget, policies=specs, task="lm-eval",
+                       task_args=targs, out=out)
+    _execute(config, quiet)
 
 
 @cli.command(name="list")

@@ -125,6 +125,6 @@ def make_baseline(results: list[dict], previous: dict[str, Any] | None = None) -
 
 def _quality(result: dict) -> set[str]:
     """The task's own directional metrics (quality), not the engine's speed and memory."""
-    from streambench.tasks import TASKS
+    from streambench.results import ENGINE_DIRECTIONS
 
-    return set(TASKS.get(result["config"]["task"]["name"]).higher_is_better)
+    return {m for m in result["higher_is_better"] if m not in ENGINE_DIRECTIONS}

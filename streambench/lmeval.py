@@ -13,6 +13,9 @@ streambench cache policy.
   policy, the first token predicted from the prefix token as lm-eval does.
 - `generate_until`: greedy generation with the policy active, stopping at any `until` string, at
   the end-of-text token or after `max_gen_toks`.
+- `stream=True`: every request continues ONE endless stream (StreamingLLM's "streaming ARC"): a
+  multiple-choice item's context is fed once, each choice is scored from that state
+  (checkpoint/rollback), and the most likely choice stays in the stream as the model's answer.
 
 lm-eval discovers no third-party models through entry points; `@register_model` takes effect when
 this module is imported (after `lm_eval.models`, or `hf` disappears from the registry).
@@ -29,7 +32,7 @@ from streambench.config import PolicySpec, build_policy, parse_assignments
 
 class StreambenchLM(TemplateLM):
     def __init__(self, pretrained: str = "smollm2-135m", policy: str = "dense", budget: int | None = 256,
-                 device: str = "auto", dtype: str = "auto", lm=None, **policy_args: Any):
+                 device: str = "auto", dtype: str = "auto", stream: bool = False, lm=None, **policy_args: Any):
         super().__init__()
         from streambench import models
 
@@ -37,6 +40,10 @@ class StreambenchLM(TemplateLM):
         self.tokenizer = self.model_info.tokenizer
         self.spec = PolicySpec(policy, dict(policy_args))
         self.budget = budget
+        self.stream = bool(stream)
+        self._stream_session = None
+        self.tokens = 0  # tokens run through the model (tokens/s)
+        self.kv_tokens_peak = self.kv_bytes_peak = 0
         build_policy(self.spec, budget)  # validate now
 
     @classmethod
@@ -59,9 +66,22 @@ class StreambenchLM(TemplateLM):
         return self.tokenizer.encode(string)
 
     def _session(self):
+        """A fresh stream per request, or the one endless stream in streaming mode."""
         from streambench.session import StreamSession
 
-        return StreamSession(self.model_info, build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget))
+        if self.stream and self._stream_session is not None:
+            return self._stream_session
+        session = StreamSession(self.model_info, build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget))
+        if self.stream:
+            self._stream_session = session
+        return session
+
+    def _feed(self, session, tokens: list[int]) -> torch.Tensor:
+        self.tokens += len(tokens)
+        logits = session.feed(self._ids(tokens))[0]
+        if session.kv_tokens > self.kv_tokens_peak:
+            self.kv_tokens_peak, self.kv_bytes_peak = session.kv_tokens, session.kv_bytes
+        return logits
 
     def _ids(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], device=next(self.model_info.model.parameters()).device)
@@ -69,16 +89,45 @@ class StreambenchLM(TemplateLM):
     # ---- the three request types -----------------------------------------------------------------
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        if self.stream:
+            return self._loglikelihood_stream(requests)
         out = []
         for _, context_enc, continuation_enc in requests:
             session = self._session()
-            last = session.feed(self._ids(context_enc))[0, -1:]
-            cont = self._ids(continuation_enc)
-            logits = torch.cat([last, session.feed(cont)[0, :-1]]).float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            target = cont[0]
-            out.append((logprobs.gather(1, target[:, None]).sum().item(), bool((logits.argmax(-1) == target).all())))
-            self.cache_hook.add_partial("loglikelihood", None, out[-1])
+            last = self._feed(session, context_enc)[-1]
+            out.append(self._score(session, last, continuation_enc))
+        return out
+
+    def _score(self, session, last: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """Log-probability of `continuation` after the state whose last logits are `last`."""
+        logits = torch.cat([last[None], self._feed(session, continuation)[:-1]]).float()
+        target = self._ids(continuation)[0]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs.gather(1, target[:, None]).sum().item(), bool((logits.argmax(-1) == target).all())
+
+    def _loglikelihood_stream(self, requests) -> list[tuple[float, bool]]:
+        """Consecutive requests with one context are one item: its context enters the stream once,
+        its choices are scored from that state, the most likely one stays as the answer."""
+        out, i = [], 0
+        while i < len(requests):
+            context = requests[i][1]
+            j = i
+            while j < len(requests) and requests[j][1] == context:
+                j += 1
+            choices = [r[2] for r in requests[i:j]]
+            session = self._session()
+            session.new_round()
+            session.reserve(len(context) + max(len(c) for c in choices))
+            last = self._feed(session, context)[-1]
+            state = session.checkpoint()
+            scored = []
+            for choice in choices:
+                scored.append(self._score(session, last, choice))
+                session.rollback(state)
+            best = max(range(len(choices)), key=lambda k: scored[k][0])
+            self._feed(session, choices[best])
+            out += scored
+            i = j
         return out
 
     @torch.no_grad()
@@ -86,12 +135,12 @@ class StreambenchLM(TemplateLM):
         out = []
         for request in requests:
             tokens = self.tok_encode(request.args[0])
-            ids = self._ids([self.prefix_token_id] + tokens)
+            ids = [self.prefix_token_id] + tokens
             session = self._session()
             total = 0.0
             for t in range(len(tokens)):
-                logits = session.feed(ids[:, t : t + 1])[0, -1].float()
-                total += torch.log_softmax(logits, dim=-1)[ids[0, t + 1]].item()
+                logits = self._feed(session, ids[t : t + 1])[-1].float()
+                total += torch.log_softmax(logits, dim=-1)[ids[t + 1]].item()
             out.append(total)
         return out
 
@@ -104,7 +153,7 @@ class StreambenchLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             limit = int(kwargs.get("max_gen_toks", 256))
             session = self._session()
-            last = session.feed(self._ids(self.tok_encode(context)))[0, -1]
+            last = self._feed(session, self.tok_encode(context))[-1]
             generated: list[int] = []
             text = ""
             for _ in range(limit):
@@ -115,7 +164,7 @@ class StreambenchLM(TemplateLM):
                 text = self.tokenizer.decode(generated)
                 if any(stop in text for stop in until):
                     break
-                last = session.feed(self._ids([token]))[0, -1]
+                last = self._feed(session, [token])[-1]
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

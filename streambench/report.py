@@ -21,11 +21,12 @@ ENGINE_COLUMNS = (("tokens/s", "tokens_per_s", True), ("p95 ms", "latency_p95_ms
                   ("peak mem MiB", None, False), ("KV MiB", "kv_mib_peak", False))
 
 
-def _task_columns(task_name: str):
+def _task_columns(rows: list[dict]):
     from streambench.tasks import TASKS
 
-    cls = TASKS.get(task_name)
-    return [(h, key, cls.higher_is_better.get(key)) for h, key in cls.columns]
+    cls = TASKS.get(rows[0]["config"]["task"]["name"])
+    directions = {k: v for r in rows for k, v in r.get("higher_is_better", {}).items()}
+    return [(h, key, directions.get(key)) for h, key in cls.columns_for(rows)]
 
 
 def _value(result: dict, key: str | None):
@@ -51,7 +52,7 @@ def table(rows: list[dict], fmt: str) -> str:
     """tabulate table; the best value per directional column is marked (bold in md, <b> in html)."""
     from tabulate import tabulate
 
-    columns = [(h, k, d) for h, k, d in _task_columns(rows[0]["config"]["task"]["name"])] + list(ENGINE_COLUMNS)
+    columns = _task_columns(rows) + list(ENGINE_COLUMNS)
     best = {}
     for header, key, higher in columns:
         values = [v for v in (_value(r, key) for r in rows) if isinstance(v, (int, float)) and np.isfinite(v)]

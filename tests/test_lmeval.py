@@ -82,3 +82,27 @@ def test_registered_for_lm_eval_by_name(tiny_model_dir):
     assert cls is StreambenchLM and get_model("hf") is not None
     lm = cls.create_from_arg_string(f"pretrained={tiny_model_dir},policy=streamingllm,budget=16,start_size=2,device=cpu,dtype=float32")
     assert lm.spec.args == {"start_size": 2} and lm.budget == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_shipped_offline_task_end_to_end_under_two_policies(tiny_model_dir, tmp_path, stream):
+    import json
+
+    from click.testing import CliRunner
+
+    from streambench.cli import cli
+
+    args = ["lm-eval", "-q", "--model", str(tiny_model_dir), "--policy", "window,streamingllm", "--budget", "200",
+            "--limit", "5", "--device", "cpu", "--out", str(tmp_path)] + (["--stream"] if stream else [])
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "streambench_mc/acc" in result.output and "streambench_ppl/word_perplexity" in result.output
+    runs = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert len(runs) == 2
+    for r in runs:
+        m = r["metrics"]
+        assert 0 <= m["streambench_mc/acc"] <= 1 and m["streambench_ppl/word_perplexity"] > 1
+        assert r["higher_is_better"]["streambench_mc/acc"] is True
+        assert r["higher_is_better"]["streambench_ppl/word_perplexity"] is False
+        assert r["config"]["task"]["args"]["stream"] is stream and r["info"]["n_samples"]

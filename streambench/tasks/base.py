@@ -43,6 +43,11 @@ class Task:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
+    def columns_for(cls, results: list[dict]) -> tuple[tuple[str, str], ...]:
+        """(table header, metric) pairs to show for these results."""
+        return cls.columns
+
+    @classmethod
     def notes(cls, results: list[dict]) -> str:
         """Text printed under the results table (reference points, breakdowns); "" for none."""
         return ""
