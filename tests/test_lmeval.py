@@ -98,6 +98,7 @@ def test_shipped_offline_task_end_to_end_under_two_policies(tiny_model_dir, tmp_
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "streambench_mc/acc" in result.output and "streambench_ppl/word_perplexity" in result.output
+    assert "window (budget 200):" in result.output and "|streambench_mc " in result.output  # lm-eval's table
     runs = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
     assert len(runs) == 2
     for r in runs:

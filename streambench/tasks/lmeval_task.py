@@ -85,6 +85,18 @@ class LMEvalTask(Task):
                     if higher is not None:
                         directions[f"{task}/{metric}"] = bool(higher)
         self.higher_is_better = directions  # per run: whatever the lm-eval tasks declare
+        from lm_eval.utils import make_table
+
         versions = {t: str(v) for t, v in out.get("versions", {}).items()}
         return TaskResult(metrics=metrics, info={"lm_eval_tasks": self.task_list(), "versions": versions,
-                                                 "n_samples": out.get("n-samples", {}), "stream": self.stream})
+                                                 "n_samples": out.get("n-samples", {}), "stream": self.stream,
+                                                 "lm_eval_table": make_table(out)})
+
+    @classmethod
+    def notes(cls, results: list[dict]) -> str:
+        """lm-eval's own results table, per policy."""
+        parts = []
+        for r in results:
+            budget = r["config"]["policy"]["args"].get("budget")
+            parts.append(f"{r.get('label')} (budget {budget if budget is not None else 'all'}):\n{r['info'].get('lm_eval_table', '')}")
+        return "\n".join(parts)
