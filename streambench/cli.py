@@ -444,6 +444,59 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
     _execute(config, quiet)
 
 
+@cli.command(name="bench")
+@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
+@click.option("--policy", "policies", default="dense,window,streamingllm,sirllm,longmem", show_default=True)
+@click.option("--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison.")
+@click.option("--budgets", default="256,512,1024", show_default=True, help="Budgets for streamingllm vs recompute-window.")
+@click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
+@click.option("--burn", type=int, default=4, show_default=True, help="Burn-in steps per measurement.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers here.")
+@_user_errors
+def bench_command(model, policies, budget, budgets, steps, burn, device, dtype, json_path):
+    """Decode speed as ratios measured in this process: against the bare weight-streaming bound,
+    plain transformers decode, dense, and streamingllm over recompute-window per budget.
+
+    \b
+    Examples:
+        streambench bench
+        streambench bench --device cuda --budgets 256,512,1024,2048,4096 --json bench.json
+    """
+    import json
+
+    from tabulate import tabulate
+
+    from streambench import models
+    from streambench.bench import run_bench
+    from streambench.results import write_json_atomic
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    sizes = [int(b) for b in budgets.split(",") if b.strip()]
+    from streambench.config import PolicySpec, build_policy
+
+    for name in names:
+        build_policy(PolicySpec(name), budget)  # validate before loading
+    if steps < 2 or burn < 0:
+        raise UserError("--steps must be >= 2 and --burn >= 0")
+    _quiet_libraries()
+    lm = models.load(model, device, dtype)
+    out = run_bench(lm, names, budget, sizes, steps, burn)
+    click.echo(f"{model} on {out['device']} ({lm.info.dtype}), cache {budget}, {steps} measured steps after {burn} burn-in")
+    click.echo(f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
+               f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
+               f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound)\n")
+    rows = [[n, r["ms_per_token"], r["tokens_per_s"], r["of_bound"], r["over_plain"], r["over_dense_time"]]
+            for n, r in out["policies"].items()]
+    click.echo(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "time over dense"],
+                        floatfmt=".2f"))
+    rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
+    click.echo("\n" + tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f"))
+    if json_path:
+        write_json_atomic(Path(json_path), json.loads(json.dumps(out, default=str)))
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
 def list_command(what):

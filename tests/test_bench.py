@@ -1,0 +1,25 @@
+"""`streambench bench` runs and reports ratios (no timing assertions: speed is not unit-tested)."""
+import json
+
+from click.testing import CliRunner
+
+from streambench.cli import cli
+
+
+def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                                      "--policy", "dense,streamingllm,longmem", "--budget", "16", "--budgets", "16,32",
+                                      "--steps", "3", "--burn", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "bare weight-streaming bound" in result.output and "speedup" in result.output
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"dense", "streamingllm", "longmem"}
+    assert data["policies"]["dense"]["over_dense_time"] == 1.0
+    assert set(data["streamingllm_vs_recompute"]) == {"16", "32"}
+    assert all(v["speedup"] > 0 for v in data["streamingllm_vs_recompute"].values())
+
+
+def test_bench_rejects_bad_input():
+    result = CliRunner().invoke(cli, ["bench", "--policy", "nope"])
+    assert result.exit_code == 2 and "unknown policy 'nope'" in result.output
