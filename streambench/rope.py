@@ -44,14 +44,18 @@ class RotaryTable:
         return self.cos.shape[-1]
 
     def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
-        # k: (..., T, D) in any dtype; positions: (T,) long on k's device. Math in float32.
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, rd)
+        # k: (..., T, D) in any dtype; positions: (T,) long on k's device, or (B, T) for a
+        # (L, B, H, T, D) stack of batched streams. Math in float32.
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, rd) or (B, T, rd)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
         rd = cos.shape[-1]
         x = k[..., :rd].float()
         if inverse:
             out = x * cos - rotate_half(x) * sin
             if self.inv_norm is not None:
-                out = out * self.inv_norm[positions]
+                scale = self.inv_norm[positions]
+                out = out * (scale[:, None] if positions.dim() == 2 else scale)
         else:
             out = x * cos + rotate_half(x) * sin
         out = out.to(k.dtype)

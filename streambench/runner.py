@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from streambench.config import PolicySpec, RunConfig, build_policy, build_task
+from streambench.errors import ConfigError
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
 
 ProgressFactory = Callable[[str, int], "Progress"]
@@ -47,9 +48,16 @@ def plan(config: RunConfig):
     budget = config.budget if config.budget is not None else task.default_budget
     device = resolve_device(config.device)
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    batch = config.batch_size
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch size must be an integer >= 1, got {batch!r}")
+    if batch > 1 and not task.batchable:
+        raise ConfigError(f"task {task.name} runs one stream at a time; --batch-size applies to perplexity")
     planned = []
     for spec in config.policies:
         policy = build_policy(spec, budget)
+        if batch > 1 and policy.retrieves:
+            raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
         run_config = {
             "model": config.model,
             "device": str(device),
@@ -58,6 +66,8 @@ def plan(config: RunConfig):
             "task": {"name": task.name, "version": task.version, "args": task.args()},
             "policy": {"name": policy.name, "args": policy.args()},
         }
+        if batch > 1:  # speed depends on it, quality does not; batch 1 keeps the hashes it always had
+            run_config["batch_size"] = batch
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
         planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}"))
@@ -81,7 +91,7 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
     out_dir = Path(config.out)
     for item in todo:
         try:
-            yield _run_one(item, task, lm, env, out_dir, config.seed, progress)
+            yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
         except (KeyboardInterrupt, GeneratorExit):
             raise
         except Exception as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
@@ -90,7 +100,8 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
             on_error(item, exc)
 
 
-def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory) -> dict:
+def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory,
+             batch_size: int = 1) -> dict:
     import numpy as np
     import torch
 
@@ -101,7 +112,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
-    session = StreamSession(lm, item.policy)
+    session = StreamSession(lm, item.policy, batch_size=batch_size)
     meter = Meter(session.device)
     bar = progress(item.spec.display, 0)
     try:

@@ -19,8 +19,13 @@ from streambench.rope import RotaryTable
 
 
 class StreamSession:
-    def __init__(self, lm: LoadedModel, policy: CachePolicy):
+    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size > 1 and policy.retrieves:
+            raise ConfigError(f"{policy.name} keeps one memory bank per session: run it with batch size 1")
+        self.batch = batch_size
         info = lm.info
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -29,9 +34,9 @@ class StreamSession:
             rope = RotaryTable(lm.rotary_emb, self.device, size=2 * (policy.budget or 512)) if policy.evicts else None
             self.cache = StreamCache(
                 info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
-                capacity=policy.budget or 1024, rope=rope,
+                capacity=policy.budget or 1024, rope=rope, batch_size=batch_size,
             )
-        self._token_bytes = 2 * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
         self.tap = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.taps import QueryTap
@@ -40,20 +45,33 @@ class StreamSession:
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.reset()
 
+    def set_batch(self, batch_size: int) -> None:
+        """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
+        if batch_size != self.batch:
+            if batch_size > 1 and self.policy.retrieves:
+                raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
+            self._token_bytes = self._token_bytes // self.batch * batch_size
+            self.batch = batch_size
+            if self.cache is not None:
+                c = self.cache
+                self.cache = StreamCache(c.num_layers, c.kv_heads, c.head_dim, c.dtype, c.device,
+                                         capacity=c.capacity, rope=c.rope, batch_size=batch_size)
+        self.reset()
+
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
         self.policy.reset()
         self._prev_logprobs = None  # log-probs after the last fed token (for the next one's surprisal)
-        self._window = torch.empty(1, 0, dtype=torch.long, device=self.device)  # recompute-window only
+        self._window = torch.empty(self.batch, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:
             self.cache.reset()
 
     # ---- stream ------------------------------------------------------------------------------
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed token ids of shape (1, c); return logits (1, c, vocab) for each of them."""
+        """Feed token ids of shape (B, c), one row per stream; return logits (B, c, vocab)."""
         limit = self.policy.max_incoming
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
@@ -64,7 +82,7 @@ class StreamSession:
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
         if self.policy.evicts and cache.length + count > self.policy.budget:
-            self._evict(self.policy.select(self.view(count)))
+            self._evict(self._select(count))
         out = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True)
         logits = out.logits
         scores = self._scores(ids, logits) if self.policy.needs_scores else None
@@ -114,7 +132,7 @@ class StreamSession:
                     self._recall(count)
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
             if self.cache.length + count > self.policy.budget:
-                self._evict(self.policy.select(self.view(count)))
+                self._evict(self._select(count))
 
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
@@ -134,28 +152,40 @@ class StreamSession:
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
         if self.cache is not None:
-            self.cache.scores = self.policy.new_round(self.cache.scores)
+            self.cache.rescale_scores(self.policy.new_round)
             self._recall_at = self.fed  # retrieval policies recall at each user turn
 
-    def view(self, incoming: int) -> CacheView:
+    def _select(self, incoming: int) -> np.ndarray:
+        """Ranks to keep: (n,) for a single stream, (B, n) for batched ones (each its own choice)."""
+        if self.batch == 1:
+            return self.policy.select(self.view(incoming))
+        keeps = [self.policy.select(self.view(incoming, b)) for b in range(self.batch)]
+        if len({len(k) for k in keeps}) != 1:
+            raise RuntimeError(f"{self.policy.name} kept different numbers of tokens in batched streams")
+        return np.stack(keeps)
+
+    def view(self, incoming: int, stream: int = 0) -> CacheView:
         c = self.cache
-        positions, scores = c.positions, c.scores
+        positions, scores = c.positions_of(stream), c.scores_of(stream)
         positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
         return CacheView(c.length, incoming, self.policy.budget, positions, scores)
 
     def _scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-        logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # (c, vocab)
-        tokens = ids[0]
+        """Per-token scores (B, c) from the logits the forward produced anyway."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, c, vocab)
         if self.policy.needs_scores == "upstream":
             # Zoeyyao27/SirLLM _cal_selfinfo: the log-prob each position gives its *own* token,
             # shifted right by one, the chunk's maximum in front.
-            own = -logprobs.gather(1, tokens[:, None])[:, 0]
-            scores = torch.cat([own.max()[None], own[:-1]])
+            own = -logprobs.gather(2, ids[..., None])[..., 0]
+            scores = torch.cat([own.max(dim=1, keepdim=True).values, own[:, :-1]], dim=1)
         else:  # the paper's e_i = -log p(x_i | x_<i)
-            nxt = -logprobs[:-1].gather(1, tokens[1:, None])[:, 0]
-            first = -self._prev_logprobs[tokens[0]] if self._prev_logprobs is not None else nxt.new_zeros(())
-            scores = torch.cat([first.reshape(1), nxt])
-            self._prev_logprobs = logprobs[-1]
+            nxt = -logprobs[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+            if self._prev_logprobs is not None:
+                first = -self._prev_logprobs.gather(1, ids[:, :1])
+            else:
+                first = nxt.new_zeros(ids.shape[0], 1)
+            scores = torch.cat([first, nxt], dim=1)
+            self._prev_logprobs = logprobs[:, -1]
         return scores.double().cpu().numpy()
 
     # ---- accounting --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Task:
     higher_is_better: ClassVar[dict[str, bool]] = {}
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (table header, metric) the CLI prints
     default_budget: ClassVar[int] = 512  # used when the run names no --budget
+    batchable: ClassVar[bool] = False  # runs several streams in one batch (--batch-size)
 
     def __post_init__(self) -> None:
         self.configure()

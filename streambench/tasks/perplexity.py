@@ -21,13 +21,18 @@ FULL_CURVE_LIMIT = 8192  # longer streams store the NLL curve as bin means
 @register_task("perplexity", "ppl")
 @dataclass
 class PerplexityTask(Task):
-    """Perplexity of a long text streamed through the policy (StreamingLLM, Fig. 3)."""
+    """Perplexity of a long text streamed through the policy (StreamingLLM, Fig. 3).
+
+    `text` may name several texts, comma-separated (e.g. three PG19 books): each is its own stream
+    of `tokens` tokens, and PPL is over all their predictions. With `--batch-size B` the streams
+    run B at a time in one batch; the numbers are the same as one by one, only faster."""
 
     version = 1
     summary = "streaming perplexity of a long text, token by token (or in chunks)"
     higher_is_better = {"ppl": False, "ppl_last_half": False, "nll_mean": False}
     columns = (("tokens", "tokens"), ("PPL", "ppl"), ("PPL last half", "ppl_last_half"))
     default_budget = 64  # with 768 tokens: the papers' effect in a few CPU minutes
+    batchable = True
 
     text: str = DEFAULT_TEXT
     tokens: int = 2048
@@ -39,43 +44,58 @@ class PerplexityTask(Task):
     def configure(self) -> None:
         self._require(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}")
         self._require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-        check_source(self.text)  # a missing file fails now, not after the model has loaded
+        self._require(isinstance(self.text, str) and self.sources, f"text must name at least one text, got {self.text!r}")
+        for source in self.sources:
+            check_source(source)  # a missing file fails now, not after the model has loaded
 
-    def token_ids(self, tokenizer) -> list[int]:
-        text = load_text(self.text, self.split, self.field, self.index)
+    @property
+    def sources(self) -> list[str]:
+        return [s.strip() for s in str(self.text).split(",") if s.strip()]
+
+    def token_ids(self, tokenizer, source: str | None = None) -> list[int]:
+        source = source or self.sources[0]
+        text = load_text(source, self.split, self.field, self.index)
         ids = tokenizer(text)["input_ids"]
         if len(ids) < self.tokens:
-            raise DataError(f"text {self.text} has {len(ids)} tokens, fewer than the {self.tokens} requested")
+            raise DataError(f"text {source} has {len(ids)} tokens, fewer than the {self.tokens} requested")
         return ids[: self.tokens]
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         import torch
         import torch.nn.functional as F
 
-        ids = torch.tensor(self.token_ids(tokenizer), device=session.device)[None]
-        n_pred = ids.shape[1] - 1
-        nll = torch.empty(n_pred, dtype=torch.float32, device=session.device)
-        step = self.chunk_size
-        progress.total(n_pred, "tok")
+        sources = self.sources
+        ids = torch.tensor([self.token_ids(tokenizer, s) for s in sources], device=session.device)
+        n_streams, n_pred = ids.shape[0], ids.shape[1] - 1
+        nll = torch.empty(n_streams, n_pred, dtype=torch.float32, device=session.device)
+        step, batch = self.chunk_size, min(session.batch, n_streams)
+        progress.total(n_streams * n_pred, "tok")
         meter.start()
-        for start in range(0, n_pred, step):
-            end = min(start + step, n_pred)
-            logits = session.feed(ids[:, start:end])
-            nll[start:end] = F.cross_entropy(logits[0].float(), ids[0, start + 1 : end + 1], reduction="none")
-            meter.step(end - start, session.kv_tokens, session.kv_bytes)
-            progress(end - start)
+        for first in range(0, n_streams, batch):
+            rows = ids[first : first + batch]
+            width = rows.shape[0]
+            session.set_batch(width)  # each group of streams starts afresh
+            for start in range(0, n_pred, step):
+                end = min(start + step, n_pred)
+                logits = session.feed(rows[:, start:end])
+                nll[first : first + width, start:end] = F.cross_entropy(
+                    logits.float().transpose(1, 2), rows[:, start + 1 : end + 1], reduction="none")
+                meter.step(width * (end - start), session.kv_tokens, session.kv_bytes)
+                progress(width * (end - start))
         values = nll.double().cpu()
-        half = values[n_pred // 2 :]
+        half = values[:, n_pred // 2 :]
         metrics = {
             "ppl": math.exp(values.mean().item()),
             "ppl_last_half": math.exp(half.mean().item()),
             "nll_mean": values.mean().item(),
         }
-        return TaskResult(
-            metrics=metrics,
-            curves={"nll": nll_curve(values.tolist())},
-            info={"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred, "token_exact": step == 1},
-        )
+        info = {"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred * n_streams,
+                "token_exact": step == 1}
+        if n_streams > 1:
+            info["streams"] = n_streams
+            info["batch_size"] = batch
+            info["per_text"] = [{"text": s, "ppl": math.exp(values[i].mean().item())} for i, s in enumerate(sources)]
+        return TaskResult(metrics=metrics, curves={"nll": nll_curve(values.mean(0).tolist())}, info=info)
 
 
 def nll_curve(values: list[float]) -> dict:

@@ -1,0 +1,107 @@
+"""Batched streams: B independent streams in one batch give what each gives alone (logits, kept
+tokens), for every policy that batches, token by token and in chunks; several texts through the
+perplexity task give the same numbers at any batch size."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_exactness import POLICY_CASES, make_policy
+from tiny_models import tiny_model
+
+from streambench.cli import cli
+from streambench.errors import ConfigError
+from streambench.models import LoadedModel
+from streambench.session import StreamSession
+
+BATCHED = [(n, a) for n, a in POLICY_CASES if n != "longmem"]
+IDS = [f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in BATCHED]
+
+
+def streams(count, n, vocab=96):
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(3, vocab, (count, n), generator=g)
+
+
+def run_stream(session, ids, chunk):
+    """Feed ids (B, n) in chunks; logits (B, n, V) and, per stream, the kept positions at the end."""
+    out = []
+    for i in range(0, ids.shape[1], chunk):
+        out.append(session.feed(ids[:, i : i + chunk]))
+        if i % 20 == 19:
+            session.new_round()
+    kept = None if session.cache is None else [session.cache.positions_of(b).copy() for b in range(session.batch)]
+    return torch.cat(out, dim=1), kept
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("name,args", BATCHED, ids=IDS)
+def test_batched_streams_equal_one_by_one(name, args, chunk):
+    model = tiny_model("llama", layers=2)
+    lm = LoadedModel.wrap(model)
+    ids = streams(3, 45)
+    batched = StreamSession(lm, make_policy(name, args), batch_size=3)
+    logits, kept = run_stream(batched, ids, chunk)
+    for b in range(3):
+        alone = StreamSession(lm, make_policy(name, args))
+        single, single_kept = run_stream(alone, ids[b : b + 1], chunk)
+        torch.testing.assert_close(logits[b : b + 1], single, atol=2e-5, rtol=0)
+        if kept is not None:
+            np.testing.assert_array_equal(kept[b], single_kept[0])
+    if name == "sirllm":  # scores differ per stream, so must the kept tokens: the test can tell
+        assert any(not np.array_equal(kept[0], k) for k in kept[1:])
+
+
+def test_batched_kv_bytes_count_every_stream():
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    one = StreamSession(lm, make_policy("streamingllm", {}))
+    four = StreamSession(lm, make_policy("streamingllm", {}), batch_size=4)
+    one.feed(streams(1, 30))
+    four.feed(streams(4, 30))
+    assert four.kv_tokens == one.kv_tokens and four.kv_bytes == 4 * one.kv_bytes
+
+
+def test_retrieval_policy_refuses_a_batch():
+    lm = LoadedModel.wrap(tiny_model("llama", layers=1))
+    with pytest.raises(ConfigError, match="batch size 1"):
+        StreamSession(lm, make_policy("longmem", {"start_size": 2, "block_size": 2}), batch_size=2)
+
+
+def test_several_texts_same_numbers_at_any_batch_size(tiny_model_dir, tmp_path):
+    texts = []
+    for i, word in enumerate(["river", "stone", "lantern"]):
+        path = tmp_path / f"t{i}.txt"
+        path.write_text(" ".join(f"{word} {j % (5 + i)} and the {word}s" for j in range(40)))
+        texts.append(str(path))
+    results = {}
+    for batch in (1, 2, 3):
+        out = tmp_path / f"out{batch}"
+        result = CliRunner().invoke(cli, [
+            "run", "-q", "--model", str(tiny_model_dir), "--text", ",".join(texts), "--tokens", "60",
+            "--budget", "16", "--policy", "streamingllm,sirllm", "--batch-size", str(batch), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        for f in out.glob("*.json"):
+            r = json.loads(f.read_text())
+            assert r["info"]["streams"] == 3 and r["metrics"]["tokens"] == 3 * 59
+            results[(batch, r["label"])] = r
+    for label in ("streamingllm", "sirllm"):
+        base = results[(1, label)]
+        for batch in (2, 3):
+            other = results[(batch, label)]
+            assert other["config"]["batch_size"] == batch
+            assert other["metrics"]["ppl"] == pytest.approx(base["metrics"]["ppl"], rel=1e-5)
+            for a, b in zip(base["info"]["per_text"], other["info"]["per_text"]):
+                assert a["text"] == b["text"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert "batch_size" not in results[(1, "sirllm")]["config"]  # batch 1 keeps its old config hash
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "rps", "--batch-size", "2"], "runs one stream at a time"),
+    (["--policy", "longmem", "--batch-size", "2"], "run it with --batch-size 1"),
+    (["--batch-size", "0"], "batch size must be an integer >= 1"),
+])
+def test_batch_size_bad_input(args, message, tmp_path):
+    result = CliRunner().invoke(cli, ["run", "-q", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.output
