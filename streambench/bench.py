@@ -23,16 +23,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step, n: int, burn: int, device) -> float:
-    """Seconds per call of `step(i)` over n calls, after `burn` untimed ones."""
+def _timed(step, n: int, burn: int, device, repeats: int = 2) -> float:
+    """Seconds per call of `step(i)`: the best of `repeats` rounds of n calls, after `burn` untimed
+    ones (the minimum is the least disturbed by other work on the machine)."""
     for i in range(burn):
         step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(burn, burn + n):
-        step(i)
-    _sync(device)
-    return (time.perf_counter() - start) / n
+    best = float("inf")
+    for r in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(burn + r * n, burn + (r + 1) * n):
+            step(i)
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
 
 
 @torch.no_grad()
@@ -55,37 +59,152 @@ def plain_decode(lm, ids: torch.Tensor, length: int, steps: int, burn: int) -> f
 
 
 @torch.no_grad()
-def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, steps: int, burn: int) -> float:
+def plain_generate(lm, ids: torch.Tensor, length: int, steps: int) -> float:
+    """Seconds per new token of `model.generate` (greedy) from a `length`-token prompt: the
+    difference between generating steps+1 tokens and 1 token, so the prefill cancels out."""
+    model = lm.model
+    prompt = ids[:, :length]
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(new: int) -> float:
+        _sync(ids.device)
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kwargs)
+        _sync(ids.device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    return min((timed(steps + 1) - timed(1)) / steps for _ in range(2))
+
+
+@torch.no_grad()
+def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, steps: int, burn: int,
+                  repeats: int = 2) -> float:
     from streambench.session import StreamSession
 
-    session = StreamSession(lm, build_policy(PolicySpec(name), budget))
+    session = StreamSession(lm, build_policy(PolicySpec(name), budget), batch_size=ids.shape[0])
     if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
         session._window = ids[:, :length]
     else:
         session.feed(ids[:, :length])
-    return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device)
+    return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
 
 
-def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: int, burn: int) -> dict:
+def batched(lm, name: str, budget: int, sizes: list[int], steps: int, burn: int, single_plain: float) -> dict:
+    """Aggregate tokens/s of B streams decoded together (policy and plain transformers), against
+    one plain stream: batching shares each weight read among B tokens."""
     device = next(lm.model.parameters()).device
-    need = max([budget, *budgets]) + steps + burn + 2
+    top = min(lm.model.config.vocab_size, 30000)
+    rows = {}
+    for size in sizes:
+        ids = torch.randint(100, top, (size, budget + 2 * steps + burn + 2), generator=torch.Generator().manual_seed(size)).to(device)
+        t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
+        plain = plain_decode(lm, ids, budget - 1, steps, burn)
+        rows[size] = {"tokens_per_s": size / t, "plain_tokens_per_s": size / plain,
+                      "over_single_plain": single_plain / t * size, "over_plain_same_batch": plain / t}
+    return rows
+
+
+def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: int, burn: int,
+              batch_sizes: tuple[int, ...] = (1, 4, 8), batch_policy: str = "streamingllm") -> dict:
+    device = next(lm.model.parameters()).device
+    need = max([budget, *budgets]) + 2 * steps + burn + 2
     top = min(lm.model.config.vocab_size, 30000)
     ids = torch.randint(100, top, (1, need), generator=torch.Generator().manual_seed(0)).to(device)
+    plain_decode(lm, ids, budget - 1, steps, burn)  # warm-up: first calls pay for allocations and page faults
     bound = weight_bound(lm.model, steps, burn)
     plain = plain_decode(lm, ids, budget - 1, steps, burn)
+    generate = plain_generate(lm, ids, budget - 1, steps)
     rows = {}
     for name in policies:
         t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
-        rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t}
+        rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t,
+                      "over_generate": generate / t}
     dense = rows.get("dense", {}).get("ms_per_token")
     for row in rows.values():
         row["over_dense_time"] = row["ms_per_token"] / dense if dense else None
     speedups = {}
     for b in budgets:
         sinks = policy_decode(lm, "streamingllm", b, ids, b - 1, steps, burn)
-        recompute = policy_decode(lm, "recompute-window", b, ids, b - 1, max(2, steps // 8), 1)
+        recompute = policy_decode(lm, "recompute-window", b, ids, b - 1, max(2, steps // 8), 1, repeats=1)
         speedups[b] = {"streamingllm_ms": 1e3 * sinks, "recompute_ms": 1e3 * recompute, "speedup": recompute / sinks}
     return {"device": str(device), "budget": budget, "steps": steps,
             "bound": {"ms_per_token": 1e3 * bound, "tokens_per_s": 1 / bound},
             "plain": {"ms_per_token": 1e3 * plain, "tokens_per_s": 1 / plain, "of_bound": bound / plain},
-            "policies": rows, "streamingllm_vs_recompute": speedups}
+            "generate": {"ms_per_token": 1e3 * generate, "tokens_per_s": 1 / generate, "of_bound": bound / generate},
+            "policies": rows, "streamingllm_vs_recompute": speedups,
+            "batched": {"policy": batch_policy, "rows": batched(lm, batch_policy, budget, list(batch_sizes), steps, burn, plain)}
+            if batch_sizes else None}
+
+
+@torch.no_grad()
+def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
+    """Stream `tokens` tokens under streamingllm in chunks; record the KV bytes and process RSS
+    along the way. Memory must be flat: KV bytes constant once full, RSS growth small between the
+    10% mark and the end (a leak of even a few bytes per token shows over a million tokens)."""
+    import psutil
+
+    from streambench.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), budget))
+    chunk = min(chunk, session.policy.max_incoming)
+    top = min(lm.model.config.vocab_size, 30000)
+    gen = torch.Generator().manual_seed(0)
+    process = psutil.Process()
+    marks, kv, allocated = [], set(), set()
+    mark_every = max(tokens // 20, chunk)
+    fed, next_mark, rss_10 = 0, mark_every, None
+    _sync(device)
+    start = time.perf_counter()
+    while fed < tokens:
+        n = min(chunk, tokens - fed)
+        ids = torch.randint(100, top, (1, n), generator=gen).to(device)
+        session.feed(ids)
+        fed += n
+        if fed > budget:
+            kv.add(session.kv_bytes)
+            allocated.add(session.allocated_kv_bytes)
+        if fed >= next_mark or fed == tokens:
+            _sync(device)
+            rss = process.memory_info().rss
+            marks.append({"tokens": fed, "rss_mib": rss / 2**20, "kv_bytes": session.kv_bytes,
+                          "seconds": time.perf_counter() - start})
+            if rss_10 is None and fed >= tokens // 10:
+                rss_10 = rss
+            next_mark += mark_every
+            if on_chunk:
+                on_chunk(marks[-1])
+    seconds = time.perf_counter() - start
+    rss_end = process.memory_info().rss
+    return {"tokens": fed, "budget": budget, "chunk": chunk, "seconds": seconds, "tokens_per_s": fed / seconds,
+            "kv_bytes_values": sorted(kv), "allocated_kv_bytes_values": sorted(allocated),
+            "kv_constant": len(kv) == 1 and len(allocated) == 1,
+            "rss_10pct_mib": rss_10 / 2**20, "rss_end_mib": rss_end / 2**20,
+            "rss_growth": rss_end / rss_10 - 1, "marks": marks}
+
+
+def format_bench(out: dict, model: str, dtype: str) -> str:
+    """The bench's tables, as `streambench bench` and bench/gpu_bench.py print them."""
+    from tabulate import tabulate
+
+    budget = out["budget"]
+    lines = [f"{model} on {out['device']} ({dtype}), cache {budget}, {out['steps']} measured steps",
+             f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
+             f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
+             f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound); "
+             f"model.generate: {out['generate']['ms_per_token']:.2f} ms/token", ""]
+    rows = [[n, r["ms_per_token"], r["tokens_per_s"], r["of_bound"], r["over_plain"], r["over_generate"],
+             r["over_dense_time"]] for n, r in out["policies"].items()]
+    lines.append(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain",
+                                         "speed over generate", "time over dense"], floatfmt=".2f"))
+    if out["streamingllm_vs_recompute"]:
+        rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
+        lines += ["", tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f")]
+    if out["batched"]:
+        rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"]]
+                for b, r in out["batched"]["rows"].items()]
+        lines += ["", f"batched streams ({out['batched']['policy']}, cache {budget}):", tabulate(
+            rows, headers=["batch", "tokens/s (all streams)", "plain tokens/s", "over single plain", "over plain same batch"],
+            floatfmt=".2f")]
+    return "\n".join(lines)

@@ -212,25 +212,38 @@ def _quiet_libraries() -> None:
 @click.option("--store", "store_path", default=None, help="SQLite store (default: the spec's `store`).")
 @click.option("--out", "out", default=None, help="Folder for the JSON results (default: the spec's `out`).")
 @click.option("--force", is_flag=True, help="Rerun runs the store already holds.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: one Ray task per run, on a cluster (pip install 'streambench[ray]').")
+@click.option("--address", default=None, help="Ray cluster to join: auto, or ray://HOST:10001 (default: start a local one).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_user_errors
-def sweep_command(spec_file, store_path, out, force, quiet):
+def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
     """Run a matrix of models x tasks x budgets x policies into the results store.
 
     Every finished run is committed at once; rerunning the same command resumes (finished runs are
     skipped by config hash), failed runs are recorded with their error and retried next time.
+    With --engine ray each run is a Ray task asking for the spec's `resources` (num_gpus, num_cpus,
+    memory); a failed run is recorded and retried up to the spec's `retries` (default 2).
 
     \b
     Examples:
         streambench sweep sweep.yaml
         streambench sweep sweep.yaml --store results/team.sqlite --force
+        streambench sweep sweep.yaml --engine ray
+        streambench sweep sweep.yaml --engine ray --address auto
     """
     from streambench.store import Store
     from streambench.sweep import load_spec, run_sweep
 
     if not Path(spec_file).is_file():
         raise UserError(f"sweep spec not found: {spec_file}")
-    spec = load_spec(spec_file)
+    if engine == "local" and address:
+        raise UserError("--address needs --engine ray")
+    if engine == "ray":
+        from streambench.ray_sweep import import_ray
+
+        import_ray()  # says how to install it, before any work
+    spec = load_spec(spec_file, check_device=engine == "local")
     if out:
         spec.out = out
     store = Store(store_path or spec.store)
@@ -243,9 +256,16 @@ def sweep_command(spec_file, store_path, out, force, quiet):
             click.echo(f"finished  {info['run_id']}  {shown}")
         elif event == "failed":
             click.echo(f"FAILED    {info['run_id']}: {info['error']}")
+        elif event == "retry":
+            click.echo(f"retrying  {info['run_id']} (attempt {info['attempt']} failed: {info['error']})")
 
     try:
-        counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
+        if engine == "ray":
+            from streambench.ray_sweep import run_sweep_ray
+
+            counts = run_sweep_ray(spec, store, force=force, address=address, report=report)
+        else:
+            counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
     except KeyboardInterrupt:
         click.echo(f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
                    "run the same command again to resume.", err=True)
@@ -451,51 +471,71 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
 @click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
 @click.option("--policy", "policies", default="dense,window,streamingllm,sirllm,longmem", show_default=True)
 @click.option("--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison.")
-@click.option("--budgets", default="256,512,1024", show_default=True, help="Budgets for streamingllm vs recompute-window.")
+@click.option("--budgets", default="256,512,1024,2048,4096", show_default=True, help="Budgets for streamingllm vs recompute-window.")
+@click.option("--batch-sizes", default="1,4,8", show_default=True, help="Batched streams to measure ('' to skip).")
+@click.option("--soak", type=int, default=0, show_default=True,
+              help="Also stream this many tokens under streamingllm and check memory stays flat (e.g. 1000000).")
+@click.option("--soak-budget", type=int, default=512, show_default=True)
+@click.option("--soak-chunk", type=int, default=256, show_default=True, help="Tokens per forward in the soak.")
 @click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
 @click.option("--burn", type=int, default=4, show_default=True, help="Burn-in steps per measurement.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @_user_errors
-def bench_command(model, policies, budget, budgets, steps, burn, device, dtype, json_path):
+def bench_command(model, policies, budget, budgets, batch_sizes, soak, soak_budget, soak_chunk, steps, burn, device,
+                  dtype, json_path):
     """Decode speed as ratios measured in this process: against the bare weight-streaming bound,
-    plain transformers decode, dense, and streamingllm over recompute-window per budget.
+    plain transformers decode and generate, dense, batched streams, and streamingllm over
+    recompute-window per budget; with --soak, a long stream's memory.
 
     \b
     Examples:
         streambench bench
-        streambench bench --device cuda --budgets 256,512,1024,2048,4096 --json bench.json
+        streambench bench --budgets 256,512 --batch-sizes '' --steps 16
+        streambench bench --policy '' --budgets '' --batch-sizes '' --soak 1000000
+        streambench bench --device cuda --json bench.json
     """
     import json
 
-    from tabulate import tabulate
-
     from streambench import models
-    from streambench.bench import run_bench
+    from streambench.bench import format_bench, run_bench
     from streambench.results import write_json_atomic
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    sizes = [int(b) for b in budgets.split(",") if b.strip()]
+    try:
+        sizes = [int(b) for b in budgets.split(",") if b.strip()]
+        batches = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError("--budgets and --batch-sizes take comma-separated integers") from None
     from streambench.config import PolicySpec, build_policy
 
     for name in names:
         build_policy(PolicySpec(name), budget)  # validate before loading
-    if steps < 2 or burn < 0:
-        raise UserError("--steps must be >= 2 and --burn >= 0")
+    for size in sizes:
+        build_policy(PolicySpec("streamingllm"), size)
+    if soak:
+        build_policy(PolicySpec("streamingllm"), soak_budget)
+    if steps < 2 or burn < 0 or any(b < 1 for b in batches) or soak < 0 or soak_chunk < 1:
+        raise UserError("--steps must be >= 2, --burn >= 0, --batch-sizes >= 1, --soak >= 0, --soak-chunk >= 1")
     _quiet_libraries()
     lm = models.load(model, device, dtype)
-    out = run_bench(lm, names, budget, sizes, steps, burn)
-    click.echo(f"{model} on {out['device']} ({lm.info.dtype}), cache {budget}, {steps} measured steps after {burn} burn-in")
-    click.echo(f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
-               f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
-               f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound)\n")
-    rows = [[n, r["ms_per_token"], r["tokens_per_s"], r["of_bound"], r["over_plain"], r["over_dense_time"]]
-            for n, r in out["policies"].items()]
-    click.echo(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "time over dense"],
-                        floatfmt=".2f"))
-    rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
-    click.echo("\n" + tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f"))
+    out = {}
+    if names or sizes or batches:  # `--policy '' --budgets '' --batch-sizes '' --soak N`: the soak alone
+        out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
+        click.echo(format_bench(out, model, lm.info.dtype))
+    if soak:
+        from streambench.bench import soak as run_soak
+
+        click.echo(f"\nsoak: {soak:,} tokens under streamingllm, budget {soak_budget}, chunks of {soak_chunk}")
+        out["soak"] = s = run_soak(lm, soak, soak_budget, soak_chunk, on_chunk=lambda m: click.echo(
+            f"  {m['tokens']:>10,} tokens  {m['seconds']:8.0f} s  RSS {m['rss_mib']:8.1f} MiB  KV {m['kv_bytes'] / 2**20:.2f} MiB",
+            err=True))
+        flat = s["kv_constant"] and s["rss_growth"] < 0.05
+        click.echo(f"  {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s); KV bytes "
+                   f"{'constant' if s['kv_constant'] else 'NOT constant'} ({', '.join(map(str, s['kv_bytes_values']))}); "
+                   f"RSS {s['rss_10pct_mib']:.1f} MiB at 10% -> {s['rss_end_mib']:.1f} MiB at the end "
+                   f"({100 * s['rss_growth']:+.2f}%): {'flat' if flat else 'NOT flat'}")
     if json_path:
         write_json_atomic(Path(json_path), json.loads(json.dumps(out, default=str)))
 

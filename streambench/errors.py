@@ -28,3 +28,7 @@ class DataError(StreambenchError):
 
 class ResultsError(StreambenchError):
     """A results file that is missing, corrupt or of an unknown schema."""
+
+
+class MissingDependencyError(StreambenchError):
+    """An optional extra (e.g. Ray) that the requested feature needs is not installed."""

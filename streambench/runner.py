@@ -39,14 +39,17 @@ class PlannedRun:
     run_id: str
 
 
-def plan(config: RunConfig):
+def plan(config: RunConfig, check_device: bool = True):
     """Build and validate the task and every policy before anything heavy is loaded; each run's
-    config and hash are known here, so a sweep can skip finished runs without loading a model."""
+    config and hash are known here, so a sweep can skip finished runs without loading a model.
+    `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
+    import torch
+
     from streambench.models import resolve_device, resolve_dtype
 
     task = build_task(config.task, config.task_args)
     budget = config.budget if config.budget is not None else task.default_budget
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if check_device else torch.device(config.device)
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
     batch = config.batch_size
     if not isinstance(batch, int) or batch < 1:

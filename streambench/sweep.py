@@ -21,7 +21,8 @@ from streambench.config import PRESET_META, PolicySpec, RunConfig, load_preset, 
 from streambench.errors import ConfigError, StreambenchError
 
 SPEC_KEYS = {"models", "model", "budgets", "budget", "policies", "tasks", "task", "device", "dtype", "seed",
-             "store", "out", "version", "description", "include"}
+             "store", "out", "version", "description", "include", "resources", "retries", "batch_size"}
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
 
 @dataclass
@@ -35,18 +36,21 @@ class SweepSpec:
     seed: int = 0
     store: str = "results/streambench.sqlite"
     out: str = "results"
+    resources: dict[str, Any] | None = None  # per run, on a Ray cluster: num_cpus, num_gpus, memory
+    retries: int = 2  # a run that fails on a Ray cluster (error, node died) is tried this many more times
+    batch_size: int = 1
 
     def runs(self) -> list[RunConfig]:
         """One RunConfig per (model, task, budget), each with every policy."""
         return [
             RunConfig(model=m, device=self.device, dtype=self.dtype, seed=self.seed, budget=b,
                       policies=[PolicySpec(p.name, dict(p.args), p.label) for p in self.policies],
-                      task=t, task_args=dict(args), out=self.out)
+                      task=t, task_args=dict(args), out=self.out, batch_size=self.batch_size)
             for m in self.models for t, args in self.tasks for b in self.budgets
         ]
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     data = load_preset(Path(path))
     unknown = sorted(set(data) - SPEC_KEYS)
     if unknown:
@@ -60,14 +64,52 @@ def load_spec(path: str | Path) -> SweepSpec:
     tasks = [_task(t) for t in _as_list(data.get("tasks", data.get("task", "perplexity")), "tasks")]
     if not policies:
         raise ConfigError("sweep spec names no policies")
+    retries = data.get("retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigError(f"sweep spec: retries must be an integer >= 0, got {retries!r}")
     spec = SweepSpec(models, tasks, budgets, policies, str(data.get("device", "auto")), str(data.get("dtype", "auto")),
                      int(data.get("seed", 0)), str(data.get("store", "results/streambench.sqlite")),
-                     str(data.get("out", "results")))
+                     str(data.get("out", "results")), _resources(data.get("resources")), retries,
+                     data.get("batch_size", 1))
     for config in spec.runs():  # validate every policy, task and size now, before any model loads
         from streambench.runner import plan
 
-        plan(config)
+        plan(config, check_device=check_device)
     return spec
+
+
+def _resources(value: Any) -> dict[str, Any] | None:
+    """`resources: {num_gpus: 1, num_cpus: 4, memory: 16GiB}` -> Ray's task options."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep spec: resources is a mapping of {', '.join(RESOURCE_KEYS)}, got {value!r}")
+    unknown = sorted(set(value) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"sweep spec: unknown resource(s) {', '.join(unknown)} (use {', '.join(RESOURCE_KEYS)})")
+    out: dict[str, Any] = {}
+    for key, amount in value.items():
+        if key == "memory":
+            amount = parse_bytes(amount)
+        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"sweep spec: resources.{key} must be a number >= 0, got {amount!r}")
+        out[key] = amount
+    return out
+
+
+def parse_bytes(value: Any) -> int:
+    """8GiB, 512MiB, 2GB or a plain number of bytes."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"sweep spec: memory must look like 8GiB or 512MB, got {value!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(number * scale)
 
 
 def _as_list(value: Any, key: str) -> list:
@@ -95,17 +137,16 @@ def _task(item: Any) -> tuple[str, dict]:
     raise ConfigError(f"sweep spec: a task is a name or a mapping with 'task:', got {item!r}")
 
 
-def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
-              report: Callable[[str, dict], None] = lambda event, info: None) -> dict[str, int]:
-    """Run what the store does not hold yet; returns counts of finished, failed and skipped runs."""
-    from streambench import models, runner
+def pending(spec: SweepSpec, store, force: bool, counts: dict[str, int], report, configs=None, check_device=True):
+    """Per model: the planned runs (config, item) and those still to do (not in the store)."""
+    from streambench import runner
 
-    counts = {"finished": 0, "failed": 0, "skipped": 0}
     done = set() if force else store.finished()
     seen: set[str] = set()
+    configs = spec.runs() if configs is None else configs
     for model in spec.models:
-        configs = [c for c in spec.runs() if c.model == model]
-        planned = [(c, p) for c in configs for p in runner.plan(c)[1]]
+        mine = [c for c in configs if c.model == model]
+        planned = [(c, p) for c in mine for p in runner.plan(c, check_device=check_device)[1]]
         todo = []
         for config, item in planned:
             if item.digest in seen:
@@ -116,6 +157,17 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
                 report("skipped", {"run_id": item.run_id})
             else:
                 todo.append((config, item))
+        yield model, mine, planned, todo
+
+
+def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
+              report: Callable[[str, dict], None] = lambda event, info: None) -> dict[str, int]:
+    """Run what the store does not hold yet, in this process; returns counts of finished, failed
+    and skipped runs. (`streambench.ray_sweep` runs the same matrix on a Ray cluster.)"""
+    from streambench import models, runner
+
+    counts = {"finished": 0, "failed": 0, "skipped": 0}
+    for model, configs, planned, todo in pending(spec, store, force, counts, report):
         if not todo:
             continue
         try:

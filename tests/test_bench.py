@@ -23,3 +23,18 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
 def test_bench_rejects_bad_input():
     result = CliRunner().invoke(cli, ["bench", "--policy", "nope"])
     assert result.exit_code == 2 and "unknown policy 'nope'" in result.output
+
+
+def test_bench_batched_and_soak(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                                      "--policy", "dense", "--budget", "16", "--budgets", "", "--batch-sizes", "1,2",
+                                      "--soak", "300", "--soak-budget", "24", "--soak-chunk", "7",
+                                      "--steps", "2", "--burn", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["batched"]["rows"]) == {"1", "2"}
+    soak = data["soak"]
+    assert soak["tokens"] == 300 and soak["kv_constant"]
+    assert soak["kv_bytes_values"] == [24 * 2 * 2 * 2 * 16 * 4]  # budget x K,V x layers x kv heads x head dim x fp32
+    assert "flat" in result.output
