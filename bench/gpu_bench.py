@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference import ReferenceStream  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from streambench.bench import format_bench, run_bench  # noqa: E402
+from streambench.bench import format_bench, random_ids, run_bench  # noqa: E402
 from streambench.config import PolicySpec, build_policy  # noqa: E402
 from streambench.metrics import _Nvml  # noqa: E402
 from streambench.models import LoadedModel  # noqa: E402
@@ -56,7 +56,7 @@ POLICIES = ["dense", "window", "streamingllm", "sirllm"]
 def exactness(device) -> dict:
     out = {}
     cases = [("window", {}), ("streamingllm", {}), ("sirllm", {"recent_size": 3})]
-    ids = torch.randint(3, 96, (3, 300), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(3, 96, (3, 160), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         for name, args in cases:
             model = tiny_model("llama", layers=3).to(device)
@@ -115,7 +115,7 @@ def build(name: str, device, tokenizer_dir: str | None) -> LoadedModel:
 def memory(lm, policies, budget: int, tokens: int, device) -> list[dict]:
     """Per policy: CUDA allocator peak and NVML while streaming `tokens` tokens (chunks of 64)."""
     nvml, rows = _Nvml(device), []
-    ids = torch.randint(100, min(lm.model.config.vocab_size, 30000), (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = random_ids(lm, (1, tokens), 1, device)
     for name in policies:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

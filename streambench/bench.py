@@ -90,14 +90,19 @@ def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, st
     return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
 
 
+def random_ids(lm, shape: tuple[int, int], seed: int, device) -> torch.Tensor:
+    """Token ids for timing (ordinary ones: no special tokens at the vocabulary's start)."""
+    top = min(lm.model.config.vocab_size, 30000)
+    return torch.randint(min(100, top // 2), top, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def batched(lm, name: str, budget: int, sizes: list[int], steps: int, burn: int, single_plain: float) -> dict:
     """Aggregate tokens/s of B streams decoded together (policy and plain transformers), against
     one plain stream: batching shares each weight read among B tokens."""
     device = next(lm.model.parameters()).device
-    top = min(lm.model.config.vocab_size, 30000)
     rows = {}
     for size in sizes:
-        ids = torch.randint(100, top, (size, budget + 2 * steps + burn + 2), generator=torch.Generator().manual_seed(size)).to(device)
+        ids = random_ids(lm, (size, budget + 2 * steps + burn + 2), size, device)
         t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
         plain = plain_decode(lm, ids, budget - 1, steps, burn)
         rows[size] = {"tokens_per_s": size / t, "plain_tokens_per_s": size / plain,
@@ -109,8 +114,7 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
               batch_sizes: tuple[int, ...] = (1, 4, 8), batch_policy: str = "streamingllm") -> dict:
     device = next(lm.model.parameters()).device
     need = max([budget, *budgets]) + 2 * steps + burn + 2
-    top = min(lm.model.config.vocab_size, 30000)
-    ids = torch.randint(100, top, (1, need), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = random_ids(lm, (1, need), 0, device)
     plain_decode(lm, ids, budget - 1, steps, burn)  # warm-up: first calls pay for allocations and page faults
     bound = weight_bound(lm.model, steps, burn)
     plain = plain_decode(lm, ids, budget - 1, steps, burn)
@@ -150,6 +154,7 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
     session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), budget))
     chunk = min(chunk, session.policy.max_incoming)
     top = min(lm.model.config.vocab_size, 30000)
+    low = min(100, top // 2)
     gen = torch.Generator().manual_seed(0)
     process = psutil.Process()
     marks, kv, allocated = [], set(), set()
@@ -159,7 +164,7 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
     start = time.perf_counter()
     while fed < tokens:
         n = min(chunk, tokens - fed)
-        ids = torch.randint(100, top, (1, n), generator=gen).to(device)
+        ids = torch.randint(low, top, (1, n), generator=gen).to(device)
         session.feed(ids)
         fed += n
         if fed > budget:
