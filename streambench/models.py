@@ -44,6 +44,7 @@ class ModelInfo:
     dtype: str
     device: str
     load_seconds: float
+    devices: list[str] | None = None  # with a device map: every device holding layers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,12 +60,28 @@ class LoadedModel:
     def rotary_emb(self):
         return self.model.model.rotary_emb
 
+    def layer_devices(self) -> list:
+        """The device each decoder layer computes on (its keys and values are cached there). With
+        accelerate's device map that is the layer's hook's execution device."""
+        devices = []
+        for layer in self.model.model.layers:
+            hook = getattr(layer, "_hf_hook", None)
+            device = getattr(hook, "execution_device", None)
+            devices.append(torch_device(device) if device is not None else next(layer.parameters()).device)
+        return devices
+
     @classmethod
     def wrap(cls, model, tokenizer=None, name: str = "custom", source: str = "in-memory") -> "LoadedModel":
         """Wrap an already built model (tests build random-weight ones from a config)."""
         check_supported(model)
         model.eval()
         return cls(model, tokenizer, _describe(model, name, source, 0.0))
+
+
+def torch_device(device):
+    import torch
+
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
 
 def cache_root() -> Path:
@@ -137,8 +154,10 @@ def embedded_folder() -> Path:
     return target
 
 
-def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> LoadedModel:
-    """Load a causal LM by name (embedded default, hub id, folder, or .gguf file)."""
+def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: str = "sdpa",
+         device_map: str | dict | None = None) -> LoadedModel:
+    """Load a causal LM by name (embedded default, hub id, folder, or .gguf file). `device_map`
+    ("auto", "balanced", ... or a dict) spreads the layers over the GPUs with accelerate."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,14 +176,21 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
         source, path = ("local:" + name) if Path(name).is_dir() else ("hub:" + name), name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)" if source.startswith("hub:") else ""
         raise ModelLoadError(f"cannot load model '{name}'{hint}: {first}") from None
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    model.eval()
     check_supported(model)
-    return LoadedModel(model, tokenizer, _describe(model, name, source, time.perf_counter() - started))
+    lm = LoadedModel(model, tokenizer, _describe(model, name, source, time.perf_counter() - started))
+    if device_map is not None:
+        lm.info.devices = list(dict.fromkeys(str(d) for d in lm.layer_devices()))
+    return lm
 
 
 def check_supported(model) -> None:

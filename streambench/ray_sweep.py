@@ -34,10 +34,10 @@ def execute_run(config) -> dict:
     """Runs on a Ray worker: one run (a RunConfig with one policy); returns its result."""
     from streambench import models, runner
 
-    key = (config.model, config.device, config.dtype)
+    key = (config.model, config.device, config.dtype, config.device_map)
     if key not in _LOADED:
         _LOADED.clear()  # one model per worker: free the last one before loading the next
-        _LOADED[key] = models.load(config.model, config.device, config.dtype)
+        _LOADED[key] = models.load(config.model, config.device, config.dtype, device_map=config.device_map)
     with tempfile.TemporaryDirectory() as tmp:
         (result,) = list(runner.run(dataclasses.replace(config, out=tmp), lm=_LOADED[key]))
     result.pop("path", None)

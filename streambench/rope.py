@@ -23,6 +23,7 @@ class RotaryTable:
         self.rotary_emb = rotary_emb
         self.device = device
         self.cos = self.sin = self.inv_norm = None
+        self._copies: dict = {}
         self.size = 0
         self.ensure(size)
 
@@ -38,6 +39,16 @@ class RotaryTable:
         norm = self.cos.square() + self.sin.square()  # attention_scaling**2 (1 for plain RoPE)
         self.inv_norm = None if torch.allclose(norm, torch.ones_like(norm)) else 1.0 / norm
         self.size = size
+        self._copies = {}  # per-device copies of the old tables are stale now
+
+    def _on(self, device: torch.device):
+        """The tables on `device` (a model spread over GPUs rotates keys on each layer's device)."""
+        if device == self.cos.device:
+            return self.cos, self.sin, self.inv_norm
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = tuple(None if t is None else t.to(device) for t in (self.cos, self.sin, self.inv_norm))
+        return self._copies[key]
 
     @property
     def rotary_dim(self) -> int:
@@ -46,15 +57,16 @@ class RotaryTable:
     def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
         # k: (..., T, D) in any dtype; positions: (T,) long on k's device, or (B, T) for a
         # (L, B, H, T, D) stack of batched streams. Math in float32.
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, rd) or (B, T, rd)
+        table_cos, table_sin, inv_norm = self._on(k.device)
+        cos, sin = table_cos[positions], table_sin[positions]  # (T, rd) or (B, T, rd)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
         rd = cos.shape[-1]
         x = k[..., :rd].float()
         if inverse:
             out = x * cos - rotate_half(x) * sin
-            if self.inv_norm is not None:
-                scale = self.inv_norm[positions]
+            if inv_norm is not None:
+                scale = inv_norm[positions]
                 out = out * (scale[:, None] if positions.dim() == 2 else scale)
         else:
             out = x * cos + rotate_half(x) * sin

@@ -71,6 +71,8 @@ def plan(config: RunConfig, check_device: bool = True):
         }
         if batch > 1:  # speed depends on it, quality does not; batch 1 keeps the hashes it always had
             run_config["batch_size"] = batch
+        if config.device_map is not None:
+            run_config["device_map"] = config.device_map
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
         planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}"))
@@ -89,7 +91,7 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
     from streambench import models
 
     if lm is None:
-        lm = models.load(config.model, config.device, config.dtype)
+        lm = models.load(config.model, config.device, config.dtype, device_map=config.device_map)
     env = environment(next(lm.model.parameters()).device)
     out_dir = Path(config.out)
     for item in todo:

@@ -19,7 +19,7 @@ from streambench.rope import RotaryTable
 
 
 class StreamSession:
-    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1):
+    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None):
         self.lm, self.model, self.policy = lm, lm.model, policy
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -35,6 +35,7 @@ class StreamSession:
             self.cache = StreamCache(
                 info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
                 capacity=policy.budget or 1024, rope=rope, batch_size=batch_size,
+                layer_devices=layer_devices or lm.layer_devices(),
             )
         self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
         self.tap = None
@@ -55,7 +56,8 @@ class StreamSession:
             if self.cache is not None:
                 c = self.cache
                 self.cache = StreamCache(c.num_layers, c.kv_heads, c.head_dim, c.dtype, c.device,
-                                         capacity=c.capacity, rope=c.rope, batch_size=batch_size)
+                                         capacity=c.capacity, rope=c.rope, batch_size=batch_size,
+                                         layer_devices=[s.device for s in c.shards for _ in range(s.start, s.stop)])
         self.reset()
 
     def reset(self) -> None:
@@ -85,6 +87,8 @@ class StreamSession:
             self._evict(self._select(count))
         out = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True)
         logits = out.logits
+        if logits.device != self.device:  # a model spread over GPUs ends on the last one
+            logits = logits.to(self.device)
         scores = self._scores(ids, logits) if self.policy.needs_scores else None
         cache.commit(np.arange(self.fed, self.fed + count), scores)
         self.fed += count

@@ -21,7 +21,7 @@ from streambench.config import PRESET_META, PolicySpec, RunConfig, load_preset, 
 from streambench.errors import ConfigError, StreambenchError
 
 SPEC_KEYS = {"models", "model", "budgets", "budget", "policies", "tasks", "task", "device", "dtype", "seed",
-             "store", "out", "version", "description", "include", "resources", "retries", "batch_size"}
+             "store", "out", "version", "description", "include", "resources", "retries", "batch_size", "device_map"}
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
 
@@ -39,13 +39,15 @@ class SweepSpec:
     resources: dict[str, Any] | None = None  # per run, on a Ray cluster: num_cpus, num_gpus, memory
     retries: int = 2  # a run that fails on a Ray cluster (error, node died) is tried this many more times
     batch_size: int = 1
+    device_map: str | None = None
 
     def runs(self) -> list[RunConfig]:
         """One RunConfig per (model, task, budget), each with every policy."""
         return [
             RunConfig(model=m, device=self.device, dtype=self.dtype, seed=self.seed, budget=b,
                       policies=[PolicySpec(p.name, dict(p.args), p.label) for p in self.policies],
-                      task=t, task_args=dict(args), out=self.out, batch_size=self.batch_size)
+                      task=t, task_args=dict(args), out=self.out, batch_size=self.batch_size,
+                      device_map=self.device_map)
             for m in self.models for t, args in self.tasks for b in self.budgets
         ]
 
@@ -70,7 +72,7 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     spec = SweepSpec(models, tasks, budgets, policies, str(data.get("device", "auto")), str(data.get("dtype", "auto")),
                      int(data.get("seed", 0)), str(data.get("store", "results/streambench.sqlite")),
                      str(data.get("out", "results")), _resources(data.get("resources")), retries,
-                     data.get("batch_size", 1))
+                     data.get("batch_size", 1), data.get("device_map"))
     for config in spec.runs():  # validate every policy, task and size now, before any model loads
         from streambench.runner import plan
 
@@ -171,7 +173,7 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
         if not todo:
             continue
         try:
-            lm = models.load(model, spec.device, spec.dtype)
+            lm = models.load(model, spec.device, spec.dtype, device_map=spec.device_map)
         except StreambenchError as exc:
             for _, item in todo:
                 store.add_failure(item.config, item.digest, item.run_id, item.spec.display, str(exc))

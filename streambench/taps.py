@@ -36,7 +36,8 @@ class QueryTap:
         """(layers, kv_heads, head_dim) float32, or None before the first forward."""
         if any(q is None for q in self._last):
             return None
-        q = torch.stack(self._last).float().reshape(len(self._last), self.kv_heads, -1, self.head_dim)
+        first = self._last[0].device  # layers may sit on several GPUs (--device-map)
+        q = torch.stack([q.to(first) for q in self._last]).float().reshape(len(self._last), self.kv_heads, -1, self.head_dim)
         return q.mean(dim=2)
 
     def close(self) -> None:

@@ -105,3 +105,33 @@ def test_batch_size_bad_input(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["run", "-q", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+SHARDED = [(n, a) for n, a in POLICY_CASES if n not in ("dense", "recompute-window")]
+
+
+@pytest.mark.parametrize("name,args", SHARDED, ids=[f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in SHARDED])
+def test_cache_split_over_devices_equals_one_buffer(name, args):
+    """A model spread over GPUs (--device-map) caches each layer's keys on its own device: a cache in
+    two shards ("cpu" and "cpu:0" are distinct devices to it) gives the single buffer's logits."""
+    model = tiny_model("llama", layers=3)
+    lm = LoadedModel.wrap(model)
+    batch = 1 if name == "longmem" else 2
+    ids = streams(batch, 50)
+    whole = StreamSession(lm, make_policy(name, args), batch_size=batch)
+    split = StreamSession(lm, make_policy(name, args), batch_size=batch, layer_devices=["cpu", "cpu:0", "cpu:0"])
+    assert len(split.cache.shards) == 2 and len(whole.cache.shards) == 1
+    a, kept_a = run_stream(whole, ids, 1)
+    b, kept_b = run_stream(split, ids, 1)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for x, y in zip(kept_a, kept_b):
+        np.testing.assert_array_equal(x, y)
+    assert split.allocated_kv_bytes == whole.allocated_kv_bytes
+
+
+def test_device_map_auto_loads_and_streams(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device-map", "auto",
+                                      "--tokens", "40", "--budget", "16", "--policy", "streamingllm", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert r["config"]["device_map"] == "auto" and r["model"]["devices"]
