@@ -79,10 +79,13 @@ def plain_generate(lm, ids: torch.Tensor, length: int, steps: int) -> float:
 
 @torch.no_grad()
 def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, steps: int, burn: int,
-                  repeats: int = 2) -> float:
+                  repeats: int = 2, decode: str = "eager") -> float:
     from streambench.session import StreamSession
 
-    session = StreamSession(lm, build_policy(PolicySpec(name), budget), batch_size=ids.shape[0])
+    policy = build_policy(PolicySpec(name), budget)
+    if policy.recompute or policy.retrieves:
+        decode = "eager"  # no static-shape path for these
+    session = StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode)
     if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
         session._window = ids[:, :length]
     else:
@@ -107,6 +110,9 @@ def batched(lm, name: str, budget: int, sizes: list[int], steps: int, burn: int,
         plain = plain_decode(lm, ids, budget - 1, steps, burn)
         rows[size] = {"tokens_per_s": size / t, "plain_tokens_per_s": size / plain,
                       "over_single_plain": single_plain / t * size, "over_plain_same_batch": plain / t}
+        if device.type == "cuda":
+            g = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
+            rows[size].update({"graph_tokens_per_s": size / g, "graph_over_single_plain": single_plain / g * size})
     return rows
 
 
@@ -124,6 +130,11 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
         t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
         rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t,
                       "over_generate": generate / t}
+    if device.type == "cuda":  # the same steps replayed as CUDA graphs (streambench run --cuda-graphs)
+        for name, row in rows.items():
+            t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
+            row.update({"graph_ms_per_token": 1e3 * t, "graph_of_bound": bound / t, "graph_over_plain": plain / t,
+                        "graph_over_eager": row["ms_per_token"] / (1e3 * t)})
     dense = rows.get("dense", {}).get("ms_per_token")
     for row in rows.values():
         row["over_dense_time"] = row["ms_per_token"] / dense if dense else None
@@ -203,13 +214,22 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
              r["over_dense_time"]] for n, r in out["policies"].items()]
     lines.append(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain",
                                          "speed over generate", "time over dense"], floatfmt=".2f"))
+    graphed = {n: r for n, r in out["policies"].items() if "graph_ms_per_token" in r}
+    if graphed:
+        rows = [[n, r["graph_ms_per_token"], 1e3 / r["graph_ms_per_token"], r["graph_of_bound"], r["graph_over_plain"],
+                 r["graph_over_eager"]] for n, r in graphed.items()]
+        lines += ["", "with CUDA graphs (--cuda-graphs):", tabulate(
+            rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "speed over eager"], floatfmt=".2f")]
     if out["streamingllm_vs_recompute"]:
         rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
         lines += ["", tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f")]
     if out["batched"]:
-        rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"]]
+        rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"],
+                 *([r["graph_tokens_per_s"], r["graph_over_single_plain"]] if "graph_tokens_per_s" in r else [])]
                 for b, r in out["batched"]["rows"].items()]
-        lines += ["", f"batched streams ({out['batched']['policy']}, cache {budget}):", tabulate(
-            rows, headers=["batch", "tokens/s (all streams)", "plain tokens/s", "over single plain", "over plain same batch"],
-            floatfmt=".2f")]
+        headers = ["batch", "tokens/s (all streams)", "plain tokens/s", "over single plain", "over plain same batch"]
+        if len(rows[0]) > len(headers):
+            headers += ["graph tokens/s", "graph over single plain"]
+        lines += ["", f"batched streams ({out['batched']['policy']}, cache {budget}):",
+                  tabulate(rows, headers=headers, floatfmt=".2f")]
     return "\n".join(lines)

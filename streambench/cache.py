@@ -123,6 +123,7 @@ class StreamCache(Cache):
                 self.shards.append(_Shard(d, i, i))
             self.shards[-1].stop = i + 1
         self._where = [(s, i - s.start) for s in self.shards for i in range(s.start, s.stop)]
+        self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
         self._grow(max(int(capacity), 1))
         self.reset()
 
@@ -216,7 +217,23 @@ class StreamCache(Cache):
         self.capacity = capacity
 
     # ---- called by the model, once per layer per forward -----------------------------------
+    def set_write_slot(self, slot: int) -> None:
+        """Where the next static-shape forward writes its token (a device tensor, read by the graph)."""
+        for shard in self.shards:
+            if getattr(shard, "slot", None) is None:
+                shard.slot = torch.zeros(1, dtype=torch.long, device=shard.device)
+            shard.slot.fill_(slot)
+
+    def mark_written(self, count: int) -> None:
+        """A static-shape forward (which leaves no trace in Python) appended `count` tokens."""
+        self._len = [self._n + count] * self.num_layers
+
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.static:
+            shard, i = self._where[layer]
+            shard.k[i].index_copy_(2, shard.slot, k)
+            shard.v[i].index_copy_(2, shard.slot, v)
+            return shard.k[i], shard.v[i]
         start = self._len[layer]
         end = start + k.shape[-2]
         if end > self.capacity:

@@ -19,7 +19,8 @@ from streambench.rope import RotaryTable
 
 
 class StreamSession:
-    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None):
+    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
+                 decode: str = "eager"):
         self.lm, self.model, self.policy = lm, lm.model, policy
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -38,6 +39,17 @@ class StreamSession:
                 layer_devices=layer_devices or lm.layer_devices(),
             )
         self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        # decode="graph": one-token steps replayed as a CUDA graph; "static": the same static-shape
+        # forward run eagerly (what the tests check on CPU); "eager": plain transformers forwards.
+        if decode not in ("eager", "static", "graph"):
+            raise ConfigError(f"decode must be eager, static or graph, got {decode!r}")
+        self._static = None
+        if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
+            if decode == "graph" and self.device.type != "cuda":
+                raise ConfigError("CUDA graphs need a CUDA device")
+            from streambench.graphs import StaticDecoder
+
+            self._static = StaticDecoder(self, capture=decode == "graph")
         self.tap = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.taps import QueryTap
@@ -58,6 +70,8 @@ class StreamSession:
                 self.cache = StreamCache(c.num_layers, c.kv_heads, c.head_dim, c.dtype, c.device,
                                          capacity=c.capacity, rope=c.rope, batch_size=batch_size,
                                          layer_devices=[s.device for s in c.shards for _ in range(s.start, s.stop)])
+                if self._static is not None:
+                    self._static.capacity = -1  # new buffers: new static inputs and graph
         self.reset()
 
     def reset(self) -> None:
@@ -85,8 +99,11 @@ class StreamSession:
             self._recall(count)
         if self.policy.evicts and cache.length + count > self.policy.budget:
             self._evict(self._select(count))
-        out = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True)
-        logits = out.logits
+        if self._static is not None and count == 1:
+            logits = self._static(ids)
+            cache.mark_written(1)
+        else:
+            logits = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
         scores = self._scores(ids, logits) if self.policy.needs_scores else None
