@@ -61,7 +61,7 @@ class ChatFormat:
 class Choice:
     index: int
     logprob: float  # log-probability of the reply's first token
-    greedy: bool  # greedy decoding would produce the reply exactly
+    greedy: bool | None  # greedy decoding would produce the reply exactly (None: not computed)
 
 
 class Conversation:
@@ -91,7 +91,8 @@ class Conversation:
     def ask(self, question: str, replies: list[str], by_greedy: bool = True) -> tuple[int, list[Choice]]:
         """One user turn and the model's choice among `replies`; the chosen reply enters the cache.
 
-        `by_greedy=False` (RPS) picks by first-token log-probability alone."""
+        `by_greedy=False` (RPS) picks by first-token log-probability alone, which the context's
+        forward already gives: no reply is fed as a branch, so a round costs two forwards, not 2 + N."""
         session = self.session
         if self.turns:
             session.new_round()  # SirLLM decays stored scores once per user turn
@@ -99,6 +100,13 @@ class Conversation:
         options = [self._reply_ids(r) for r in replies]
         session.reserve(context.shape[1] + max(o.shape[1] for o in options))
         last = session.feed(context)[0, -1]
+        if not by_greedy:
+            logprobs = torch.log_softmax(last.float(), -1)
+            scored = [Choice(i, logprobs[option[0, 0]].item(), None) for i, option in enumerate(options)]
+            chosen = max(scored, key=lambda c: c.logprob).index
+            session.feed(options[chosen])
+            self.turns += 1
+            return chosen, scored
         state = session.checkpoint()
         scored = []
         for i, option in enumerate(options):
@@ -107,7 +115,7 @@ class Conversation:
             logprob = torch.log_softmax(last.float(), -1)[option[0, 0]].item()
             scored.append(Choice(i, logprob, self._same_text(predicted, option[0])))
             session.rollback(state)
-        chosen = next((c.index for c in scored if c.greedy), None) if by_greedy else None
+        chosen = next((c.index for c in scored if c.greedy), None)
         if chosen is None:
             chosen = max(scored, key=lambda c: c.logprob).index
         session.feed(options[chosen])

@@ -71,8 +71,11 @@ def test_first_token_probability_decides_without_a_greedy_match_and_always_in_rp
     assert conv.ask("again", ["A", "B", "C"])[0] == 2
     stub.prefer(NL, "A", 9.5)  # RPS rule: first-token log-probability only
     stub.prefer("A", "x")
+    before = conv.session.processed
     chosen, scored = conv.ask("rps", ["A", "B", "C"], by_greedy=False)
-    assert chosen == 0 and scored[2].greedy is False
+    assert chosen == 0 and all(c.greedy is None for c in scored)  # not computed: no branch forwards
+    context = conv.encode(conv.fmt.user_turn("rps", first=False)).shape[1]
+    assert conv.session.processed - before == context + conv._reply_ids("A").shape[1]
 
 
 def test_the_chosen_reply_not_the_gold_one_enters_the_cache():
