@@ -83,7 +83,11 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
         return counts
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, log_to_driver=False, **(init_kwargs or {}))
+        try:
+            ray.init(address=address, log_to_driver=False, **(init_kwargs or {}))
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot start or join a Ray cluster at {address or 'this machine'}: {first}") from None
     task = ray.remote(execute_run)
     waiting: dict = {}  # ObjectRef -> (single-policy config, planned item, attempt)
 

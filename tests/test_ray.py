@@ -34,6 +34,14 @@ def write_spec(tmp_path, **extra):
     return path
 
 
+def test_no_cluster_at_the_address_is_one_line(tmp_path, monkeypatch):  # runs before the module's cluster starts
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = CliRunner().invoke(cli, ["sweep", "-q", "--engine", "ray", "--address", "auto", str(write_spec(tmp_path))])
+    assert result.exit_code == 2
+    assert "cannot start or join a Ray cluster at auto" in result.output
+    assert not ray.is_initialized()
+
+
 def test_ray_sweep_stores_every_run_records_a_planted_failure_and_matches_local(cluster, tmp_path):
     missing = tmp_path / "no-such-model"  # planted: plans fine, fails on the worker, every attempt
     spec_path = write_spec(tmp_path, models=["smollm2-135m", str(missing)], policies=["window", "streamingllm", "sirllm"])
