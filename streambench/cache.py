@@ -1,7 +1,9 @@
 """StreamCache: a transformers `Cache` whose kept tokens can be evicted and re-indexed exactly.
 
-Layout: one preallocated buffer per tensor for all layers, shape (L, B, H, capacity, D), so the
-engine's own work (eviction, re-rotation) is a handful of batched ops per step, not L of them.
+Layout: one preallocated buffer per tensor for all layers, shape (L, B, H, capacity, D) (one per
+device when a device map spreads the layers), so the engine's own work (eviction, re-rotation) is
+a handful of batched ops per step, not L of them. B streams are fed in lockstep; each keeps its own
+tokens, bookkeeping and rotation offset.
 The valid tokens occupy physical slots [0, n) in *any* order: attention over a cache is
 permutation-invariant, so eviction fills holes with tokens moved from the tail ("swap-remove"):
 O(evicted) copies, never a shift of the whole cache. New tokens are always appended at the end,
@@ -9,7 +11,7 @@ so the ordinary causal mask is right for multi-token chunks too.
 
 Positions follow mit-han-lab/streaming-llm: a kept token's position is its rank among the kept
 tokens (time order), the query's is the number of kept tokens. RoPE depends only on position
-differences, so the cache stores every key rotated at `rank + offset` for one shared `offset`:
+differences, so the cache stores every key rotated at `rank + offset` for one `offset` per stream:
 after an eviction, the largest group of tokens whose rank shifted by the same amount keeps its
 rotation (the offset absorbs the shift) and only the others are re-rotated, from their pre-RoPE
 keys. For StreamingLLM that is the 4 sink tokens per step. When the offset grows past the
