@@ -14,16 +14,22 @@ the ordinary path's logits.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
 
 class StaticDecoder:
     def __init__(self, session, capture: bool = True):
-        self.session, self.capture = session, capture
+        self._session = weakref.ref(session)  # no cycle: a finished session frees its graph pool at once
+        self.capture = capture
         self.graph = None
         self.capacity = -1
         self.replays = 0
+
+    @property
+    def session(self):
+        return self._session()
 
     def _buffers(self) -> None:
         s, cache = self.session, self.session.cache

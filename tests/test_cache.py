@@ -83,3 +83,24 @@ def test_splice_inserts_old_tokens_between_sinks_and_recent_exactly():
             logits = session.feed(ids[:, t : t + 1])[0, -1]
         fresh = model(input_ids=ids[:, torch.as_tensor(cache.positions)]).logits[0, -1]
         torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)
+
+
+def test_a_static_decode_session_is_freed_without_the_garbage_collector():
+    """The CUDA-graph decoder must not form a cycle with its session: a graph's memory pool would
+    stay allocated until the collector ran, inflating the next run's memory numbers."""
+    from streambench.config import PolicySpec, build_policy
+    from streambench.models import LoadedModel
+    from streambench.session import StreamSession
+    from tiny_models import tiny_model
+
+    session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=1)), build_policy(PolicySpec("window"), 8),
+                            decode="static")
+    feed(session, 12)
+    assert session._static.replays == 0  # eager static path (no capture on CPU) did the steps
+    buffers = weakref.ref(session.cache.k)
+    gc.disable()
+    try:
+        del session
+        assert buffers() is None
+    finally:
+        gc.enable()
