@@ -104,3 +104,18 @@ def test_sweep_spec_resources_are_checked(tmp_path):
     assert result.exit_code == 2 and "unknown resource(s) gpus" in result.output
     spec = load_spec(write_spec(tmp_path, resources={"num_gpus": 0.5, "memory": "2GiB"}))
     assert spec.resources == {"num_gpus": 0.5, "memory": 2 * 2**30}
+
+
+def test_what_ray_raises_is_one_line_and_retried_unless_a_bad_argument():
+    from ray.exceptions import NodeDiedError, RayTaskError, WorkerCrashedError
+
+    from streambench.errors import ConfigError, DataError
+    from streambench.ray_sweep import describe
+
+    assert describe(WorkerCrashedError())[1] is True  # the worker process died: try again elsewhere
+    message, retry = describe(NodeDiedError("node 1a2b died"))
+    assert retry is True and "node 1a2b died" in message and "\n" not in message
+    wrapped = RayTaskError("execute_run", "Traceback ...\nstreambench.errors.DataError: gone", DataError("text x.txt is gone"))
+    assert describe(wrapped) == ("text x.txt is gone", True)  # maybe present on another node
+    bad = RayTaskError("execute_run", "Traceback ...", ConfigError("budget 2 must be above start_size 4"))
+    assert describe(bad) == ("budget 2 must be above start_size 4", False)
