@@ -164,9 +164,6 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
     device = next(lm.model.parameters()).device
     session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), budget))
     chunk = min(chunk, session.policy.max_incoming)
-    top = min(lm.model.config.vocab_size, 30000)
-    low = min(100, top // 2)
-    gen = torch.Generator().manual_seed(0)
     process = psutil.Process()
     marks, kv, allocated = [], set(), set()
     mark_every = max(tokens // 20, chunk)
@@ -175,7 +172,7 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
     start = time.perf_counter()
     while fed < tokens:
         n = min(chunk, tokens - fed)
-        ids = torch.randint(low, top, (1, n), generator=gen).to(device)
+        ids = random_ids(lm, (1, n), fed, device)
         session.feed(ids)
         fed += n
         if fed > budget:

@@ -133,6 +133,7 @@ class StreamCache(Cache):
     def reset(self) -> None:
         self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
         self.evictions = 0  # bumped by every eviction (a rollback must not cross one)
+        self._uniform = True  # every stream's slots and offsets alike (no per-stream eviction yet)
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
         self._offsets = np.zeros(self.batch, dtype=np.int64)  # per stream (batched streams evict apart)
         capacity = max(self.capacity, 1)
@@ -278,20 +279,25 @@ class StreamCache(Cache):
             setattr(self, name, new)
 
     def evict(self, keep: np.ndarray) -> None:
-        """Keep the tokens at ranks `keep` (sorted, time order; (n_new,) for every stream or
-        (B, n_new) one row per stream) and re-index them to 0..n_new-1."""
+        """Keep the tokens at ranks `keep` (sorted, time order) and re-index them to 0..n_new-1.
+        `keep` is (n_new,) for every stream alike (a position-based policy: the streams' slots and
+        offsets stay identical, so the work is done once for all) or (B, n_new), one row each."""
         keep = np.asarray(keep)
-        if keep.ndim == 1:
+        shared = keep.ndim == 1 and self._uniform
+        if keep.ndim == 1 and not shared:
             keep = np.broadcast_to(keep, (self.batch, len(keep)))
-        n_old, n_new = self._n, keep.shape[1]
+        rows = keep[None] if shared else keep
+        if self.batch > 1 and not shared:
+            self._uniform = False
+        n_old, n_new = self._n, rows.shape[1]
         if n_new == n_old:
             return
         self.evictions += 1
         if self.rope is None:
             raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
         moves, stale = [], []
-        for b in range(self.batch):
-            kb = keep[b]
+        for b, kb in enumerate(rows):
+            stream = None if shared else b  # None: the same for every stream
             kept_mask = np.zeros(n_old, dtype=bool)
             kept_mask[kb] = True
             kept_slots = self._slot[b, kb]
@@ -299,23 +305,25 @@ class StreamCache(Cache):
             holes = freed[freed < n_new]  # free slots inside the new valid region ...
             movers = np.flatnonzero(kept_slots >= n_new)  # ... filled by kept tokens beyond it
             if len(movers):
-                moves.append((b, kept_slots[movers], holes))
+                moves.append((stream, kept_slots[movers], holes))
                 kept_slots[movers] = holes
             # Each kept token's rank dropped by the number of evicted tokens before it. The biggest
             # group of equal shifts keeps its rotation; the stream's offset absorbs that shift.
             shift = kb - np.arange(n_new)
             common = int(np.bincount(shift).argmax())
-            self._offsets[b] += common
-            if self._offsets[b] > self.capacity:  # renormalise: every key back to offset 0
-                self._offsets[b] = 0
-                stale.append((b, np.arange(n_new)))
+            offsets = self._offsets if shared else self._offsets[b : b + 1]
+            offsets += common
+            if offsets[0] > self.capacity:  # renormalise: every key back to offset 0
+                offsets[:] = 0
+                stale.append((stream, np.arange(n_new)))
             else:
                 changed = np.flatnonzero(shift != common)
                 if len(changed):
-                    stale.append((b, changed))
-            self._pos[b, :n_new] = self._pos[b, kb]
-            self._score[b, :n_new] = self._score[b, kb]
-            self._slot[b, :n_new] = kept_slots
+                    stale.append((stream, changed))
+            target = slice(None) if shared else b
+            self._pos[target, :n_new] = self._pos[target, kb]
+            self._score[target, :n_new] = self._score[target, kb]
+            self._slot[target, :n_new] = kept_slots
         if moves:
             self._move(moves)
         self._n = n_new
@@ -323,9 +331,13 @@ class StreamCache(Cache):
         if stale:
             self._rerotate(stale)
 
+    def _for_all_rows(self, entries: list) -> bool:
+        """One entry that applies to every stream alike: index the slot dimension of all rows."""
+        return len(entries) == 1 and (entries[0][0] is None or self.batch == 1)
+
     def _move(self, moves: list) -> None:
-        """Copy tokens between slots: `moves` holds (stream, source slots, destination slots)."""
-        if self.batch == 1:
+        """Copy tokens between slots: `moves` holds (stream or None for all, source slots, destination slots)."""
+        if self._for_all_rows(moves):
             (_, src, dst), = moves
             for shard in self.shards:
                 s, d = shard.index(src), shard.index(dst)
@@ -400,9 +412,9 @@ class StreamCache(Cache):
         self._len = [n] * self.num_layers
 
     def _rerotate(self, stale: list) -> None:
-        """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream, ranks) pairs."""
+        """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream or None for all, ranks) pairs."""
         self.rope.ensure(self._n + int(self._offsets.max()) + 1)
-        if self.batch == 1:
+        if self._for_all_rows(stale):
             (_, ranks), = stale
             slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
             for shard in self.shards:

@@ -36,8 +36,9 @@ class StaticDecoder:
         dtype = s.dtype if s.dtype.is_floating_point else torch.float32
         self.ids = torch.zeros(s.batch, 1, dtype=torch.long, device=s.device)
         self.positions = torch.zeros(s.batch, 1, dtype=torch.long, device=s.device)
-        self.mask = torch.zeros(s.batch, 1, 1, cache.capacity, dtype=dtype, device=s.device)
         self.blocked = torch.finfo(dtype).min
+        self.mask = torch.full((s.batch, 1, 1, cache.capacity), self.blocked, dtype=dtype, device=s.device)
+        self.open = 0  # the mask lets the query see slots [0, open)
         self.capacity = cache.capacity
 
     def _forward(self) -> torch.Tensor:
@@ -54,8 +55,11 @@ class StaticDecoder:
         n = cache.length
         self.ids.copy_(ids)
         self.positions.copy_(cache.next_positions(1))
-        self.mask.fill_(self.blocked)
-        self.mask[..., : n + 1] = 0
+        if n + 1 > self.open:  # one slot more per step, or none: touch only the slots that changed
+            self.mask[..., self.open : n + 1] = 0
+        elif n + 1 < self.open:  # after an eviction or a rollback
+            self.mask[..., n + 1 : self.open] = self.blocked
+        self.open = n + 1
         cache.set_write_slot(n)
 
     @torch.no_grad()

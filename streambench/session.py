@@ -22,23 +22,15 @@ class StreamSession:
     def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
                  decode: str = "eager"):
         self.lm, self.model, self.policy = lm, lm.model, policy
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        if batch_size > 1 and policy.retrieves:
-            raise ConfigError(f"{policy.name} keeps one memory bank per session: run it with batch size 1")
-        self.batch = batch_size
         info = lm.info
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache: StreamCache | None = None
-        if not policy.recompute:
-            rope = RotaryTable(lm.rotary_emb, self.device, size=2 * (policy.budget or 512)) if policy.evicts else None
-            self.cache = StreamCache(
-                info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
-                capacity=policy.budget or 1024, rope=rope, batch_size=batch_size,
-                layer_devices=layer_devices or lm.layer_devices(),
-            )
-        self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * param.element_size()
+        self._rope = None
+        if policy.evicts and not policy.recompute:
+            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * (policy.budget or 512))
+        self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
+        self.batch, self.cache = 0, None
+        self._set_batch(batch_size)
         # decode="graph": one-token steps replayed as a CUDA graph; "static": the same static-shape
         # forward run eagerly (what the tests check on CPU); "eager": plain transformers forwards.
         if decode not in ("eager", "static", "graph"):
@@ -63,18 +55,24 @@ class StreamSession:
     def set_batch(self, batch_size: int) -> None:
         """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
         if batch_size != self.batch:
-            if batch_size > 1 and self.policy.retrieves:
-                raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
-            self._token_bytes = self._token_bytes // self.batch * batch_size
-            self.batch = batch_size
-            if self.cache is not None:
-                c = self.cache
-                self.cache = StreamCache(c.num_layers, c.kv_heads, c.head_dim, c.dtype, c.device,
-                                         capacity=c.capacity, rope=c.rope, batch_size=batch_size,
-                                         layer_devices=[s.device for s in c.shards for _ in range(s.start, s.stop)])
-                if self._static is not None:
-                    self._static.capacity = -1  # new buffers: new static inputs and graph
+            self._set_batch(batch_size)
+            if self._static is not None:
+                self._static.capacity = -1  # new buffers: new static inputs and graph
         self.reset()
+
+    def _set_batch(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size > 1 and self.policy.retrieves:
+            raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
+        info, policy = self.lm.info, self.policy
+        self.batch = batch_size
+        self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * self.dtype.itemsize
+        if not policy.recompute:
+            capacity = self.cache.capacity if self.cache is not None else policy.budget or 1024
+            self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
+                                     capacity=capacity, rope=self._rope, batch_size=batch_size,
+                                     layer_devices=self._layer_devices)
 
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
@@ -180,7 +178,7 @@ class StreamSession:
 
     def _select(self, incoming: int) -> np.ndarray:
         """Ranks to keep: (n,) for a single stream, (B, n) for batched ones (each its own choice)."""
-        if self.batch == 1:
+        if self.batch == 1 or not self.policy.needs_scores:  # position-based: one choice for every stream
             return self.policy.select(self.view(incoming))
         keeps = [self.policy.select(self.view(incoming, b)) for b in range(self.batch)]
         if len({len(k) for k in keeps}) != 1:

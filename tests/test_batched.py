@@ -165,3 +165,37 @@ def test_cuda_graphs_need_cuda():
     lm = LoadedModel.wrap(tiny_model("llama", layers=1))
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
         StreamSession(lm, make_policy("window", {}), decode="graph")
+
+
+def test_static_decode_after_a_rollback_masks_the_dropped_tokens():
+    """A rollback (dialogue branches) shortens the cache: the static step's mask must close the
+    slots it had opened, or the next query would attend to the rolled-back tokens."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    ids = streams(1, 30)
+    outs = []
+    for decode in ("eager", "static"):
+        session = StreamSession(lm, make_policy("streamingllm", {}), decode=decode)
+        run_stream(session, ids[:, :8], 1)
+        session.reserve(5)  # evicts 1 so that the branch fits the budget of 12
+        state = session.checkpoint()
+        run_stream(session, ids[:, 20:25], 1)  # a branch, then dropped
+        session.rollback(state)
+        outs.append(run_stream(session, ids[:, 8:14], 1)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=0)
+
+
+def test_mixed_shared_and_per_stream_evictions_stay_exact():
+    """After a per-stream eviction the streams' slots differ: a later position-based (shared)
+    eviction must not apply stream 0's moves to the others."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=1))
+    ids = streams(2, 30)
+    session = StreamSession(lm, make_policy("streamingllm", {}), batch_size=2)
+    session.feed(ids[:, :12])
+    cache = session.cache
+    cache.evict(np.stack([np.arange(0, 12, 2), np.arange(1, 12, 2)]))  # different tokens per stream
+    cache.evict(np.arange(2, 6))  # the same ranks for both
+    logits = session.feed(ids[:, 12:13])
+    for b in range(2):
+        kept = torch.as_tensor(cache.positions_of(b)[:-1])
+        fresh = lm.model(input_ids=torch.cat([ids[b : b + 1, kept], ids[b : b + 1, 12:13]], dim=1)).logits[0, -1]
+        torch.testing.assert_close(logits[b, -1], fresh, atol=1e-4, rtol=0)

@@ -46,9 +46,8 @@ def test_kv_bytes_are_exact():
     assert session.cache.allocated_bytes() == 8 * per_token * 3 // 2  # + pre-RoPE keys
 
 
-def test_a_finished_session_frees_its_buffers_without_the_garbage_collector():
-    session = session_for("streamingllm")
-    feed(session, 12)
+def assert_freed_without_the_garbage_collector(make_session):
+    session = make_session()  # the only reference: made here, so `del` below can drop it
     buffers = weakref.ref(session.cache.k)
     gc.disable()
     try:
@@ -56,6 +55,15 @@ def test_a_finished_session_frees_its_buffers_without_the_garbage_collector():
         assert buffers() is None
     finally:
         gc.enable()
+
+
+def test_a_finished_session_frees_its_buffers_without_the_garbage_collector():
+    def make():
+        session = session_for("streamingllm")
+        feed(session, 12)
+        return session
+
+    assert_freed_without_the_garbage_collector(make)
 
 
 def test_splice_inserts_old_tokens_between_sinks_and_recent_exactly():
@@ -88,19 +96,11 @@ def test_splice_inserts_old_tokens_between_sinks_and_recent_exactly():
 def test_a_static_decode_session_is_freed_without_the_garbage_collector():
     """The CUDA-graph decoder must not form a cycle with its session: a graph's memory pool would
     stay allocated until the collector ran, inflating the next run's memory numbers."""
-    from streambench.config import PolicySpec, build_policy
-    from streambench.models import LoadedModel
-    from streambench.session import StreamSession
-    from tiny_models import tiny_model
+    def make():
+        session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=1)), build_policy(PolicySpec("window"), 8),
+                                decode="static")
+        feed(session, 12)
+        assert session._static.replays == 0  # eager static path (no capture on CPU) did the steps
+        return session
 
-    session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=1)), build_policy(PolicySpec("window"), 8),
-                            decode="static")
-    feed(session, 12)
-    assert session._static.replays == 0  # eager static path (no capture on CPU) did the steps
-    buffers = weakref.ref(session.cache.k)
-    gc.disable()
-    try:
-        del session
-        assert buffers() is None
-    finally:
-        gc.enable()
+    assert_freed_without_the_garbage_collector(make)
