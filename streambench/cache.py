@@ -310,7 +310,7 @@ class StreamCache(Cache):
             # Each kept token's rank dropped by the number of evicted tokens before it. The biggest
             # group of equal shifts keeps its rotation; the stream's offset absorbs that shift.
             shift = kb - np.arange(n_new)
-            common = int(np.bincount(shift).argmax())
+            common = int(np.bincount(shift).argmax()) if n_new else 0  # budget 1: nothing kept
             offsets = self._offsets if shared else self._offsets[b : b + 1]
             offsets += common
             if offsets[0] > self.capacity:  # renormalise: every key back to offset 0

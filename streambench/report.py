@@ -44,7 +44,7 @@ def group(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     for r in results:
         groups[(r["config"]["task"]["name"], r["config"]["model"])].append(r)
     for rows in groups.values():
-        rows.sort(key=lambda r: (str(_budget(r)), r.get("label", "")))
+        rows.sort(key=lambda r: (str(_budget(r)), _name(r)))
     return dict(groups)
 
 
@@ -58,18 +58,41 @@ def table(rows: list[dict], fmt: str) -> str:
         values = [v for v in (_value(r, key) for r in rows) if isinstance(v, (int, float)) and np.isfinite(v)]
         if higher is not None and values and len(rows) > 1:
             best[header] = max(values) if higher else min(values)
+    cell = _md_cell if fmt == "md" else _html_cell
     body = []
     for r in rows:
-        line = [r.get("label"), _budget(r)]
+        line = [cell(_name(r)), cell(_budget(r))]
         for header, key, _ in columns:
             v = _value(r, key)
-            text = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+            text = cell(f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
             if header in best and v == best[header]:
                 text = f"**{text}**" if fmt == "md" else f"<b>{text}</b>"
             line.append(text)
         body.append(line)
-    headers = ["policy", "budget"] + [h for h, _, _ in columns]
+    headers = [cell(h) for h in ["policy", "budget"] + [h for h, _, _ in columns]]
+    # Every cell is escaped above, so the only markup in the HTML table is the <b> added here.
     return tabulate(body, headers=headers, tablefmt="github" if fmt == "md" else "unsafehtml", disable_numparse=True)
+
+
+# ---- hostile strings: labels, model names, task arguments come from users and result files --------
+def _name(result: dict) -> str:
+    return str(result.get("label") or result["config"]["policy"]["name"])
+
+
+def _html_cell(value) -> str:
+    return html.escape(" ".join(str(value).split()), quote=True)
+
+
+def _md_cell(value) -> str:
+    """Markdown renderers pass inline HTML through: escape it, and the table's pipes."""
+    return html.escape(" ".join(str(value).split()), quote=False).replace("|", "\\|").replace("`", "\\`")
+
+
+def _legend(text) -> str:
+    """Matplotlib parses $...$ as math text (a parse error for arbitrary labels) and drops legend
+    entries whose label starts with an underscore."""
+    text = " ".join(str(text).split()).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 # ---- plots ----------------------------------------------------------------------------------------
@@ -97,7 +120,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
             values = np.asarray(curve["value"], dtype=float)
             window = max(1, min(64, len(values) // 16))
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(np.asarray(curve["index"][: len(smooth)]) + window, np.exp(smooth), label=r.get("label"))
+            ax.plot(np.asarray(curve["index"][: len(smooth)]) + window, np.exp(smooth), label=_legend(_name(r)))
         ax.set_yscale("log")
         ax.set_xlabel("position in the stream (tokens)")
         ax.set_ylabel(f"perplexity (running mean of NLL over {window})")
@@ -109,7 +132,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         for r in ppl:
             curve = r["curves"].get("kv_tokens")
             if curve:
-                ax.plot(curve["index"], curve["value"], label=f"{r.get('label')} b{_budget(r)}")
+                ax.plot(curve["index"], curve["value"], label=_legend(f"{_name(r)} b{_budget(r)}"))
         ax.set_xlabel("step")
         ax.set_ylabel("tokens in the KV cache")
         ax.set_title("KV-cache size over the stream")
@@ -120,7 +143,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, rows in _by_label(budgets).items():
             rows.sort(key=_budget)
-            ax.plot([_budget(r) for r in rows], [r["metrics"]["tokens_per_s"] for r in rows], marker="o", label=label)
+            ax.plot([_budget(r) for r in rows], [r["metrics"]["tokens_per_s"] for r in rows], marker="o", label=_legend(label))
         ax.set_xlabel("cache budget (keys)")
         ax.set_ylabel("tokens/s")
         ax.set_title("Throughput against the cache budget")
@@ -132,7 +155,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
             for label, rows in _by_label(scored).items():
                 rows.sort(key=_budget)
                 key = "key_accuracy" if "key_accuracy" in rows[0]["metrics"] else "accuracy"
-                ax.plot([_budget(r) for r in rows], [r["metrics"][key] for r in rows], marker="o", label=f"{label} {key}")
+                ax.plot([_budget(r) for r in rows], [r["metrics"][key] for r in rows], marker="o", label=_legend(f"{label} {key}"))
             ax.set_xlabel("cache budget (keys)")
             ax.set_ylabel("accuracy")
             ax.set_title("Accuracy against the cache budget")
@@ -144,7 +167,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         for r in rps:
             for key, curve in r["curves"].items():
                 if key.startswith("rolling_win_rate_"):
-                    ax.plot(curve["index"], curve["value"], label=f"{r.get('label')} b{_budget(r)} vs {key[17:]}")
+                    ax.plot(curve["index"], curve["value"], label=_legend(f"{_name(r)} b{_budget(r)} vs {key[17:]}"))
         ax.axhline(1 / 3, color="grey", linestyle=":", label="random play")
         ax.set_xlabel("round")
         ax.set_ylabel("win rate (rolling, 50 rounds)")
@@ -157,7 +180,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
 def _by_label(results: list[dict]) -> dict[str, list[dict]]:
     out = defaultdict(list)
     for r in results:
-        out[r.get("label") or r["config"]["policy"]["name"]].append(r)
+        out[_name(r)].append(r)
     return dict(out)
 
 
@@ -165,12 +188,18 @@ def _by_label(results: list[dict]) -> dict[str, list[dict]]:
 def write_report(results: list[dict], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = plots(results, out)
+    try:
+        figures = plots(results, out)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # curves of a hand-edited or foreign result
+        import warnings
+
+        warnings.warn(f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})")
+        figures = []
     groups = group(results)
     md = ["# streambench report", "", f"{len(results)} runs. Best value per column in bold.", ""]
     page = [f"<h1>streambench report</h1><p>{len(results)} runs. Best value per column in bold.</p>"]
     for (task, model), rows in groups.items():
-        md += [f"## {task} on {model}", "", table(rows, "md"), ""]
+        md += [f"## {_md_cell(task)} on {_md_cell(model)}", "", table(rows, "md"), ""]
         page.append(f"<h2>{html.escape(task)} on {html.escape(model)}</h2>{table(rows, 'html')}")
     if figures:
         md += ["## Plots", ""] + [f"![{caption}]({name})\n\n{caption}\n" for name, caption in figures]
@@ -185,7 +214,7 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
         env = r.get("environment", {})
         where = f"{env.get('device_name', '?')}, torch {env.get('packages', {}).get('torch', '?')}, git {str(env.get('git_commit'))[:10]}"
         config = json.dumps(r["config"], sort_keys=True)
-        md += [f"- `{r['run_id']}` ({where}): `{config}`"]
+        md += [f"- {_md_cell(r['run_id'])} ({_md_cell(where)}): {_md_cell(config)}"]
         page.append(f"<details><summary><code>{html.escape(r['run_id'])}</code> ({html.escape(where)})</summary>"
                     f"<pre>{html.escape(json.dumps(r['config'], indent=1, sort_keys=True))}</pre></details>")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -193,6 +222,9 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}")
     (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>streambench report</title><style>{style}</style>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        # Defence in depth behind the escaping: the page may show inline styles and embedded PNGs, nothing else.
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>streambench report</title><style>{style}</style>"
         f"</head><body>{''.join(page)}</body></html>\n", encoding="utf-8")
     return [out / "report.md", out / "report.html", *(out / name for name, _ in figures)]

@@ -94,21 +94,35 @@ def _git_commit() -> str | None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A result or baseline, written atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file.
+    The file gets the mode an ordinary open() would (mkstemp's 0600 would hide results from the
+    team that reads the store beside them). A full or read-only disk is an OutputError."""
+    from streambench.errors import OutputError
+    from streambench.safety import describe_os_error, file_mode
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, allow_nan=True, default=str)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
+            os.fchmod(fh.fileno(), file_mode())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: remove the partial temp file
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:  # KeyboardInterrupt included: remove the partial temp file
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {describe_os_error(exc)}") from None
         raise
 
 
@@ -118,12 +132,48 @@ def read_result(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ResultsError(f"results file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"corrupt results file {path}: {exc}") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a folder, not a results file") from None
+    except OSError as exc:
+        raise ResultsError(f"cannot read results file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ResultsError(f"corrupt results file {path}: {str(exc)[:200]}") from None
+    return validate_result(data, str(path))
+
+
+def validate_result(data: Any, where: str) -> dict[str, Any]:
+    """Check the parts of a result that the store, reports and gates index into, so that a hand-
+    edited, truncated or foreign file is one line naming what is wrong, never a KeyError later.
+    A result whose config_hash is not the hash of its config is refused: the hash is the run's
+    identity (resume, gate), and a mismatch means the file was edited or made by something else."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise ResultsError(f"{path} is not a streambench result (schema {found!r}, expected {SCHEMA!r})")
+        raise ResultsError(f"{where} is not a streambench result (schema {found!r}, expected {SCHEMA!r})")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
-        raise ResultsError(f"{path} lacks {', '.join(missing)}")
+        raise ResultsError(f"{where} lacks {', '.join(missing)}")
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ResultsError(f"{where}: {what}")
+
+    config = data["config"]
+    need(isinstance(config, dict), "config is not a mapping")
+    need(isinstance(config.get("model"), str), "config.model is not a string")
+    for part in ("task", "policy"):
+        need(isinstance(config.get(part), dict) and isinstance(config[part].get("name"), str),
+             f"config.{part} lacks a name")
+    need(isinstance(config["policy"].get("args", {}), dict), "config.policy.args is not a mapping")
+    need(isinstance(data["run_id"], str) and data["run_id"], "run_id is not a string")
+    need(data.get("label") is None or isinstance(data["label"], str), "label is not a string")
+    need(isinstance(data["metrics"], dict), "metrics is not a mapping")
+    need(isinstance(data["higher_is_better"], dict), "higher_is_better is not a mapping")
+    need(all(isinstance(k, str) for k in data["metrics"]), "metric names are not strings")
+    need(all(isinstance(v, bool) for v in data["higher_is_better"].values()), "higher_is_better values are not true/false")
+    timing = data.get("timing", {})
+    need(isinstance(timing, dict), "timing is not a mapping")
+    budget = config["policy"].get("args", {}).get("budget")
+    need(budget is None or (isinstance(budget, int) and not isinstance(budget, bool)), "the budget is not an integer")
+    need(data["config_hash"] == config_hash(config),
+         f"config_hash {str(data['config_hash'])[:12]} is not the hash of its config (edited or foreign file)")
     return data

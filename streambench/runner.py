@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from streambench.config import PolicySpec, RunConfig, build_policy, build_task
+from streambench.config import PolicySpec, RunConfig, build_policy, build_task, check_seed
 from streambench.errors import ConfigError
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
+from streambench.safety import check_label, inside, slug
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 ProgressFactory = Callable[[str, int], "Progress"]
 
@@ -46,11 +49,13 @@ def plan(config: RunConfig, check_device: bool = True):
     `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
     import torch
 
-    from streambench.models import resolve_device, resolve_dtype
+    from streambench.models import check_device_name, resolve_device, resolve_dtype
 
+    check_run_config(config)
     task = build_task(config.task, config.task_args)
     budget = config.budget if config.budget is not None else task.default_budget
-    device = resolve_device(config.device) if check_device else torch.device(config.device)
+    device = resolve_device(config.device) if check_device else torch.device(
+        config.device if config.device != "auto" else "cpu")
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
     if config.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
@@ -61,10 +66,23 @@ def plan(config: RunConfig, check_device: bool = True):
     if batch > 1 and not task.batchable:
         raise ConfigError(f"task {task.name} runs one stream at a time; --batch-size applies to perplexity")
     planned = []
+    from streambench.memory import check_fits
+    from streambench.models import peek_shape
+
+    shape = peek_shape(config.model)
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     for spec in config.policies:
+        check_label(spec.label, f"label of {spec.name}")
         policy = build_policy(spec, budget)
         if batch > 1 and policy.retrieves:
             raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
+        bank_device = policy.args().get("bank_device")
+        if bank_device is not None:
+            check_device_name(bank_device, "bank_device")
+            if check_device:
+                resolve_device(bank_device)
+        if shape is not None and check_device:  # refuse what cannot fit before the model loads
+            check_fits(spec.display, policy, shape, itemsize, batch, task.stream_tokens(), device)
         run_config = {
             "model": config.model,
             "device": str(device),
@@ -80,32 +98,66 @@ def plan(config: RunConfig, check_device: bool = True):
         decode = "graph" if graphs and not policy.recompute and not policy.retrieves else "eager"
         if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
             run_config["decode"] = decode
+        if spec.label is not None and spec.label != policy.name:
+            # A label names a run: two labels on the same settings are two runs (two rows, two
+            # baseline entries), and relabelling reruns. Unlabelled runs keep the hashes they had.
+            run_config["label"] = spec.label
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
-        planned.append(PlannedRun(spec, policy, run_config, digest, f"{task.name}-{spec.display}-b{shown}-{digest[:10]}", decode))
+        run_id = f"{slug(task.name, 24)}-{slug(spec.display)}-b{shown}-{digest[:10]}"
+        planned.append(PlannedRun(spec, policy, run_config, digest, run_id, decode))
     return task, planned
 
 
+def check_run_config(config: RunConfig) -> None:
+    """Types and ranges of the run-level settings (flags, sweep specs), before anything loads."""
+    if not isinstance(config.model, str) or not config.model.strip():
+        raise ConfigError(f"model must be a name, folder or file, got {config.model!r}")
+    for key in ("device", "dtype", "task", "out"):
+        if not isinstance(getattr(config, key), str):
+            raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
+    check_seed(config.seed)
+    b = config.budget
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ConfigError(f"budget must be a positive integer, got {b!r}")
+    if config.device_map is not None and config.device_map not in DEVICE_MAPS:
+        raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {config.device_map!r}")
+    if config.cuda_graphs not in (None, True, False):
+        raise ConfigError(f"cuda_graphs must be true or false, got {config.cuda_graphs!r}")
+    if not config.policies:
+        raise ConfigError("no policy given")
+
+
 def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: frozenset[str] = frozenset(),
-        on_error: Callable | None = None) -> Iterator[dict]:
+        on_error: Callable | None = None, claim: Callable[[PlannedRun], bool] | None = None) -> Iterator[dict]:
     """Yield one result dict per policy, each already written to `config.out`. Runs whose config
     hash is in `skip` are left out (the model is not even loaded if nothing is left); with
-    `on_error`, a failing run is reported to it (planned run, exception) and the others go on."""
+    `on_error`, a failing run is reported to it (planned run, exception) and the others go on;
+    with `claim`, a run is computed only if claim(run) says it is ours (concurrent sweeps)."""
     task, planned = plan(config)
     todo = [p for p in planned if p.digest not in skip]
     if not todo:
         return
     from streambench import models
+    from streambench.errors import OutputError
+    from streambench.memory import Shape, check_fits
+    from streambench.safety import check_writable
 
+    out_dir = check_writable(config.out)  # a read-only or full disk fails now, not after the run
     if lm is None:
         lm = models.load(config.model, config.device, config.dtype, device_map=config.device_map)
-    env = environment(next(lm.model.parameters()).device)
-    out_dir = Path(config.out)
+    param = next(lm.model.parameters())
+    env = environment(param.device)
+    shape = Shape(lm.info.num_layers, lm.info.kv_heads, lm.info.head_dim)
     for item in todo:
+        if claim is not None and not claim(item):
+            continue
         try:
+            check_fits(item.spec.display, item.policy, shape, param.element_size(), config.batch_size,
+                       task.stream_tokens(), param.device)
             yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
-        except (KeyboardInterrupt, GeneratorExit):
-            raise
+        except (KeyboardInterrupt, GeneratorExit, OutputError):
+            raise  # an output that cannot be written stops the sweep: every later run would fail too
         except Exception as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
             if on_error is None:
                 raise
@@ -124,7 +176,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
-    session = StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode)
+    session = StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens())
     meter = Meter(session.device)
     bar = progress(item.spec.display, 0)
     try:
@@ -154,7 +206,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
             "model_load_s": lm.info.load_seconds,
         },
     }
-    path = out_dir / f"{item.run_id}.json"
+    path = inside(out_dir, f"{item.run_id}.json")
     write_json_atomic(path, result)
     result["path"] = str(path)
     return result

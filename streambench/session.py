@@ -20,14 +20,20 @@ from streambench.rope import RotaryTable
 
 class StreamSession:
     def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
-                 decode: str = "eager"):
+                 decode: str = "eager", max_tokens: int | None = None):
         self.lm, self.model, self.policy = lm, lm.model, policy
         info = lm.info
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # Preallocate what the stream can use: a budget above the tokens streamed needs no buffer of
+        # that size (the cache still grows by doubling if a stream turns out longer).
+        if policy.evicts:
+            self._capacity = policy.budget if max_tokens is None else min(policy.budget, max_tokens + 1)
+        else:
+            self._capacity = max_tokens + 1 if max_tokens is not None else 1024
         self._rope = None
         if policy.evicts and not policy.recompute:
-            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * (policy.budget or 512))
+            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity)
         self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
         self.batch, self.cache = 0, None
         self._set_batch(batch_size)
@@ -69,7 +75,7 @@ class StreamSession:
         self.batch = batch_size
         self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not policy.recompute:
-            capacity = self.cache.capacity if self.cache is not None else policy.budget or 1024
+            capacity = self.cache.capacity if self.cache is not None else self._capacity
             self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
                                      capacity=capacity, rope=self._rope, batch_size=batch_size,
                                      layer_devices=self._layer_devices)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from streambench.config import PRESET_META, PolicySpec, RunConfig, load_preset, resolve_policy
-from streambench.errors import ConfigError, StreambenchError
+from streambench.errors import ConfigError, OutputError, StreambenchError
+from streambench.safety import check_label
 
 SPEC_KEYS = {"models", "model", "budgets", "budget", "policies", "tasks", "task", "device", "dtype", "seed",
              "store", "out", "version", "description", "include", "resources", "retries", "batch_size", "device_map"}
@@ -58,10 +59,19 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     if unknown:
         raise ConfigError(f"sweep spec {Path(path).name}: unknown key(s) {', '.join(unknown)}")
     models = _as_list(data.get("models", data.get("model", "smollm2-135m")), "models")
+    for m in models:
+        if not isinstance(m, str) or not m.strip():
+            raise ConfigError(f"sweep spec: models are names, folders or files (strings), got {m!r}")
     budgets = _as_list(data.get("budgets", data.get("budget")), "budgets")
     for b in budgets:
-        if b is not None and (not isinstance(b, int) or b < 1):
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ConfigError(f"sweep spec: budgets must be positive integers, got {b!r}")
+    for key in ("device", "dtype", "store", "out"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"sweep spec: {key} must be a string, got {data[key]!r}")
+    for key in ("seed", "batch_size"):
+        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int)):
+            raise ConfigError(f"sweep spec: {key} must be an integer, got {data[key]!r}")
     policies = [_policy(p) for p in _as_list(data.get("policies"), "policies")]
     tasks = [_task(t) for t in _as_list(data.get("tasks", data.get("task", "perplexity")), "tasks")]
     if not policies:
@@ -69,9 +79,9 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     retries = data.get("retries", 2)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigError(f"sweep spec: retries must be an integer >= 0, got {retries!r}")
-    spec = SweepSpec(models, tasks, budgets, policies, str(data.get("device", "auto")), str(data.get("dtype", "auto")),
-                     int(data.get("seed", 0)), str(data.get("store", "results/streambench.sqlite")),
-                     str(data.get("out", "results")), _resources(data.get("resources")), retries,
+    spec = SweepSpec(models, tasks, budgets, policies, data.get("device", "auto"), data.get("dtype", "auto"),
+                     data.get("seed", 0), data.get("store", "results/streambench.sqlite"),
+                     data.get("out", "results"), _resources(data.get("resources")), retries,
                      data.get("batch_size", 1), data.get("device_map"))
     for config in spec.runs():  # validate every policy, task and size now, before any model loads
         from streambench.runner import plan
@@ -124,9 +134,11 @@ def _policy(item: Any) -> PolicySpec:
     if isinstance(item, str):
         return resolve_policy(item, {})
     if isinstance(item, dict) and "policy" in item:
-        spec = resolve_policy(str(item["policy"]), {})
+        if not isinstance(item["policy"], str):
+            raise ConfigError(f"sweep spec: 'policy' is a policy or preset name, got {item['policy']!r}")
+        spec = resolve_policy(item["policy"], {})
         spec.args.update({k: v for k, v in item.items() if k not in PRESET_META and k != "label"})
-        spec.label = item.get("label", spec.label)
+        spec.label = check_label(item.get("label", spec.label), f"sweep spec: label of {item['policy']}")
         return spec
     raise ConfigError(f"sweep spec: a policy is a name or a mapping with 'policy:', got {item!r}")
 
@@ -135,7 +147,9 @@ def _task(item: Any) -> tuple[str, dict]:
     if isinstance(item, str):
         return item, {}
     if isinstance(item, dict) and "task" in item:
-        return str(item["task"]), {k: v for k, v in item.items() if k not in PRESET_META}
+        if not isinstance(item["task"], str):
+            raise ConfigError(f"sweep spec: 'task' is a task or preset name, got {item['task']!r}")
+        return item["task"], {k: v for k, v in item.items() if k not in PRESET_META}
     raise ConfigError(f"sweep spec: a task is a name or a mapping with 'task:', got {item!r}")
 
 
@@ -165,10 +179,12 @@ def pending(spec: SweepSpec, store, force: bool, counts: dict[str, int], report,
 def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
               report: Callable[[str, dict], None] = lambda event, info: None) -> dict[str, int]:
     """Run what the store does not hold yet, in this process; returns counts of finished, failed
-    and skipped runs. (`streambench.ray_sweep` runs the same matrix on a Ray cluster.)"""
+    and skipped runs. (`streambench.ray_sweep` runs the same matrix on a Ray cluster.) Each run is
+    claimed in the store before it is computed, so a second sweep on the same store skips it; an
+    output that cannot be written stops the sweep with store and JSON folder agreeing."""
     from streambench import models, runner
 
-    counts = {"finished": 0, "failed": 0, "skipped": 0}
+    counts = {"finished": 0, "failed": 0, "skipped": 0, "elsewhere": 0}
     for model, configs, planned, todo in pending(spec, store, force, counts, report):
         if not todo:
             continue
@@ -176,7 +192,8 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
             lm = models.load(model, spec.device, spec.dtype, device_map=spec.device_map)
         except StreambenchError as exc:
             for _, item in todo:
-                store.add_failure(item.config, item.digest, item.run_id, item.spec.display, str(exc))
+                _stored(store, spec, counts, lambda i=item: store.add_failure(
+                    i.config, i.digest, i.run_id, i.spec.display, str(exc)))
                 counts["failed"] += 1
                 report("failed", {"run_id": item.run_id, "error": str(exc)})
             continue
@@ -184,17 +201,49 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
         def failed(item, exc, _counts=counts):
             message = str(exc) if isinstance(exc, StreambenchError) else "".join(
                 traceback.format_exception_only(type(exc), exc)).strip()
-            store.add_failure(item.config, item.digest, item.run_id, item.spec.display, message)
+            _stored(store, spec, _counts, lambda: store.add_failure(item.config, item.digest, item.run_id,
+                                                                    item.spec.display, message))
             _counts["failed"] += 1
             report("failed", {"run_id": item.run_id, "error": message})
+
+        def claim(item, _counts=counts):
+            if store.claim(item.digest, force=force):
+                return True
+            _counts["elsewhere"] += 1
+            report("elsewhere", {"run_id": item.run_id})
+            return False
 
         wanted = {item.digest for _, item in todo}
         for config in configs:
             skip = frozenset(item.digest for c, item in planned if c is config and item.digest not in wanted)
-            for result in runner.run(config, progress or runner._silent, lm=lm, skip=skip, on_error=failed):
-                store.add(result)
-                wanted.discard(result["config_hash"])
-                counts["finished"] += 1
-                report("finished", result)
+            try:
+                for result in runner.run(config, progress or runner._silent, lm=lm, skip=skip, on_error=failed,
+                                         claim=claim):
+                    _stored(store, spec, counts, lambda r=result: store.add(r), result)
+                    wanted.discard(result["config_hash"])
+                    counts["finished"] += 1
+                    report("finished", result)
+            except OutputError as exc:
+                raise OutputError(f"{exc}; stopped: {_safe(store, spec, counts)}") from None
             wanted -= {item.digest for c, item in planned if c is config}
     return counts
+
+
+def _safe(store, spec, counts) -> str:
+    return (f"{counts['finished']} run(s) finished by this sweep are in {store.path} and {spec.out}; "
+            "free space or fix the permissions, then run the same command again to resume")
+
+
+def _stored(store, spec, counts, write, result: dict | None = None) -> None:
+    """A store write that fails (disk full, read-only) stops the sweep. The run's JSON, already
+    written, is removed, so the folder holds exactly what the store holds and a rerun redoes it."""
+    import sqlite3
+
+    try:
+        write()
+    except (sqlite3.Error, OSError) as exc:
+        dropped = ""
+        if result is not None and result.get("path"):
+            Path(result["path"]).unlink(missing_ok=True)
+            dropped = f"; run {result['run_id']} was not kept"
+        raise OutputError(f"cannot write to the store {store.path}: {exc}{dropped}; {_safe(store, spec, counts)}") from None

@@ -40,6 +40,11 @@ class Task:
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         raise NotImplementedError
 
+    def stream_tokens(self) -> int | None:
+        """Most tokens one stream of this task feeds, when known before it runs (None: unknown).
+        The size guard and the cache's preallocation use it: a budget above it needs no buffer."""
+        return None
+
     def args(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streambench.dialogue_data import dailydialog_from_hub, load_dailydialog
+from streambench.dialogue_data import provenance, dailydialog_from_hub, load_dailydialog
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.conversation import accuracy, play_items
@@ -41,5 +41,6 @@ class DailyDialogTask(Task):
         return TaskResult(
             metrics={"accuracy": accuracy(records), "items": len(records), "dialogues": dialogues},
             records=records,
-            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)"},
+            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)",
+                  **({"data_file": provenance(self.data, "dailydialog.jsonl")} if self.data else {})},
         )

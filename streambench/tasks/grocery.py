@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streambench.dialogue_data import generate_grocery, load_grocery
+from streambench.dialogue_data import provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.conversation import accuracy, play_items
@@ -47,5 +47,6 @@ class GroceryTask(Task):
         return TaskResult(
             metrics={"key_accuracy": accuracy(records, "recall"), "accuracy": accuracy(records, "filler"), "episodes": episodes},
             records=records,
-            info={"data": self.data or f"generated (seed {self.seed})"},
+            info={"data": self.data or f"generated (seed {self.seed})",
+                  **({"data_file": provenance(self.data, "keys.jsonl")} if self.data else {})},
         )

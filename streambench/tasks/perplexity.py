@@ -48,6 +48,9 @@ class PerplexityTask(Task):
         for source in self.sources:
             check_source(source)  # a missing file fails now, not after the model has loaded
 
+    def stream_tokens(self) -> int:
+        return self.tokens
+
     @property
     def sources(self) -> list[str]:
         return [s.strip() for s in str(self.text).split(",") if s.strip()]
@@ -91,6 +94,11 @@ class PerplexityTask(Task):
         }
         info = {"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred * n_streams,
                 "token_exact": step == 1}
+        from streambench.data import REPLACED
+
+        replaced = {s: REPLACED[s] for s in sources if s in REPLACED}
+        if replaced:
+            info["undecodable_replaced"] = replaced  # bytes that were not UTF-8, read as U+FFFD
         if n_streams > 1:
             info["streams"] = n_streams
             info["batch_size"] = batch

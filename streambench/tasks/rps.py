@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.dialogue_data import MOVES, load_rps_moves, player_moves
+from streambench.dialogue_data import MOVES, provenance, load_rps_moves, player_moves
 from streambench.metrics import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -70,6 +70,9 @@ class RockPaperScissorsTask(Task):
         progress.total(sum(len(m) for m in games.values()), "round")
         conversation = Conversation(session, tokenizer)
         records, metrics, curves, info = [], {}, {}, {"model_moves": {}}
+        files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
+        if files:
+            info["player_files"] = files
         meter.start()
         for player, user_moves in games.items():
             conversation.reset()
