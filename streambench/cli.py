@@ -89,7 +89,38 @@ def _user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
+class OneLineGroup(click.Group):
+    """Click in standalone mode prints usage errors as three lines and turns Ctrl-C into `Aborted!`
+    with exit 1. Here every error is one `Error:` line (exit 2 for usage), and Ctrl-C anywhere,
+    even while the command line is parsed, exits 130 (SIGTERM 143)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        from streambench.errors import Interrupted
+
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+            code = 0
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+            click.echo(f"Error: {one_line(exc.format_message())}{where}", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt) as exc:
+            click.echo("Interrupted.", err=True)
+            term = isinstance(exc, Interrupted) or isinstance(exc.__context__, Interrupted)
+            code = 143 if term else 130
+        except BrokenPipeError:
+            code = 1
+        sys.exit(code)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
 @click.version_option(__version__, "--version", prog_name="streambench")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set STREAMBENCH_DEBUG=1).")
 @click.pass_context
@@ -379,10 +410,12 @@ def import_command(folder, store_path, skip_bad):
     All or nothing: every file is validated first (schema, config, config hash), and with any bad
     file nothing is imported, unless --skip-bad.
     """
-    from streambench.store import Store
+    from streambench.store import Store, read_folder
 
+    good, bad = read_folder(folder, skip_bad)  # every file validated before the store is opened
     with Store(store_path) as store:
-        count, bad = store.import_dir(folder, skip_bad=skip_bad)
+        store.add_all(good)
+    count = len(good)
     for file, reason in bad:
         click.echo(f"skipped {one_line(reason)}", err=True)
     click.echo(f"imported {count} result(s) into {store_path}" + (f"; skipped {len(bad)} bad file(s)" if bad else ""))
@@ -702,29 +735,14 @@ def _sigterm(_signum, _frame):
 
 
 def main() -> None:
-    """Entry point. Ctrl-C anywhere, even before a command starts (click would print `Aborted!` and
-    exit 1), exits 130; SIGTERM is handled like Ctrl-C and exits 143."""
+    """Entry point: SIGTERM is handled like Ctrl-C (finished results kept), exit 143."""
     import signal
-
-    from streambench.errors import Interrupted
 
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except (ValueError, OSError):  # not the main thread
         pass
-    try:
-        code = cli.main(prog_name="streambench", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.Abort, KeyboardInterrupt) as exc:
-        click.echo("\nInterrupted.", err=True)
-        code = 143 if isinstance(exc, Interrupted) or isinstance(exc.__context__, Interrupted) else 130
-    except BrokenPipeError:
-        code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    cli.main(prog_name="streambench")
 
 
 if __name__ == "__main__":

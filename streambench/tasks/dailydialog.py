@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streambench.dialogue_data import provenance, dailydialog_from_hub, load_dailydialog
+from streambench.dialogue_data import check_local, provenance, dailydialog_from_hub, load_dailydialog
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.conversation import accuracy, play_items
@@ -29,6 +29,7 @@ class DailyDialogTask(Task):
 
     def configure(self) -> None:
         self._check_limit()
+        check_local(self.data)
 
     def items(self):
         items = load_dailydialog(self.data) if self.data else dailydialog_from_hub(seed=self.seed)

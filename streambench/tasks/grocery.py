@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streambench.dialogue_data import provenance, generate_grocery, load_grocery
+from streambench.dialogue_data import check_local, provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.conversation import accuracy, play_items
@@ -30,6 +30,7 @@ class GroceryTask(Task):
 
     def configure(self) -> None:
         self._check_limit()
+        check_local(self.data)
 
     def items(self):
         if not self.data:

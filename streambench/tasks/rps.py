@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.dialogue_data import MOVES, provenance, load_rps_moves, player_moves
+from streambench.dialogue_data import MOVES, check_local, provenance, load_rps_moves, player_moves
 from streambench.metrics import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -53,6 +53,8 @@ class RockPaperScissorsTask(Task):
         for player in self.player_list():  # fail before the model loads
             if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
                 player_moves(player, 1)
+            else:
+                check_local(player)
 
     def player_list(self) -> list[str]:
         return [p.strip() for p in str(self.players).split(",") if p.strip()]
