@@ -200,7 +200,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
         streambench run --model meta-llama/Llama-3.1-70B --device-map auto --policy streamingllm --budget 2048
         streambench run --task rps --limit 300 --policy streamingllm,sirllm
-        streambench run --task grocery --limit 5 --budget 256
+        streambench run --task grocery --limit 5 --budget 256 --policy streamingllm,sirllm,longmem
         streambench run --task dailydialog --limit 200
     """
     from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
@@ -340,10 +340,10 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
 
     \b
     Examples:
-        streambench sweep sweep.yaml
-        streambench sweep sweep.yaml --store results/team.sqlite --force
-        streambench sweep sweep.yaml --engine ray
-        streambench sweep sweep.yaml --engine ray --address auto
+        streambench sweep examples/sweep.yaml
+        streambench sweep examples/sweep.yaml --store results/team.sqlite --force
+        streambench sweep examples/sweep.yaml --engine ray
+        streambench sweep examples/sweep.yaml --engine ray --address auto
     """
     from streambench.safety import check_writable
     from streambench.store import Store
@@ -500,7 +500,7 @@ def report_command(paths, store_path, filters, out):
 
     \b
     Examples:
-        streambench report --store results/sweep.sqlite --out report/
+        streambench report --store results/streambench.sqlite --out report/
         streambench report results/ --filter task=perplexity
     """
     from streambench.config import parse_assignments
@@ -536,8 +536,8 @@ def gate_command(paths, baseline_path, store_path, update):
 
     \b
     Examples:
-        streambench gate --baseline ci/baseline.json --store results/gate.sqlite
-        streambench gate --baseline ci/baseline.json results/ --update
+        streambench gate --baseline baseline.json --store results/streambench.sqlite --update
+        streambench gate --baseline baseline.json --store results/streambench.sqlite
     """
     import json
 

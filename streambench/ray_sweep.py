@@ -67,7 +67,8 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
     skipped runs. Connects to `address` (auto, ray://host:10001) or, when Ray is not initialised
     in this process and no address is given, starts a local Ray instance."""
     from streambench.results import write_json_atomic
-    from streambench.sweep import pending
+    from streambench.safety import check_writable, inside
+    from streambench.sweep import _stored, pending
 
     ray = import_ray()
     resources = dict(spec.resources or {})
@@ -76,7 +77,7 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
     if spec.device == "auto":  # resolved for the workers, not for this (perhaps GPU-less) driver
         device = "cuda" if resources.get("num_gpus") else "cpu"
         configs = [dataclasses.replace(c, device=device) for c in configs]
-    counts = {"finished": 0, "failed": 0, "skipped": 0}
+    counts = {"finished": 0, "failed": 0, "skipped": 0, "elsewhere": 0}
     todo = [t for _, _, _, model_todo in pending(spec, store, force, counts, report, configs, check_device=False)
             for t in model_todo]
     if not todo:
@@ -97,6 +98,10 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
 
     try:
         for config, item in todo:
+            if not store.claim(item.digest, force=force):  # another sweep on this store is computing it
+                counts["elsewhere"] += 1
+                report("elsewhere", {"run_id": item.run_id})
+                continue
             submit(dataclasses.replace(config, policies=[item.spec]), item, 1)
         while waiting:
             (ref,), _ = ray.wait(list(waiting), num_returns=1)
@@ -119,10 +124,10 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
                     counts["failed"] += 1
                     report("failed", {"run_id": item.run_id, "error": message})
                 continue
-            path = Path(config.out) / f"{item.run_id}.json"
+            path = inside(check_writable(config.out), f"{item.run_id}.json")
             write_json_atomic(path, result)
-            store.add(result)
             result["path"] = str(path)
+            _stored(store, spec, counts, lambda r=result: store.add(r), result)
             counts["finished"] += 1
             report("finished", result)
     finally:

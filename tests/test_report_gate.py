@@ -124,3 +124,52 @@ def test_gate_ratio_and_bad_input(fixture_store, tmp_path):
     baseline.write_text(json.dumps(data))
     result = gate("--baseline", baseline, "--store", fixture_store)
     assert result.exit_code == 2 and "config differs from the baseline's" in result.output
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(tolerances={"ppl": "0.1"}), "tolerances.ppl must be a mapping"),
+    (lambda d: d.update(tolerances={"ppl": {"rel": "0.1"}}), "tolerances.ppl.rel must be a number >= 0"),
+    (lambda d: d.update(tolerances={"ppl": {"rel": -1}}), "tolerances.ppl.rel must be a number >= 0"),
+    (lambda d: d.update(default_tolerance=0.01), "default_tolerance must be a mapping"),
+    (lambda d: d.update(metrics="ppl"), "'metrics' must be a list"),
+    (lambda d: d.update(metrics=[1]), "'metrics' must list metric names"),
+    (lambda d: d.update(ratios=[{"name": "r", "numerator": "a", "denominator": "b", "min": 1}]), "needs 'metric'"),
+    (lambda d: d.update(ratios=["fast"]), "ratios[0] must be a mapping"),
+    (lambda d: d.update(ratios=[{"name": "r", "metric": "m", "numerator": "a", "denominator": "b"}]), "needs 'min' and/or 'max'"),
+    (lambda d: d.update(ratios=[{"name": "r", "metric": "m", "numerator": "a", "denominator": "b", "min": "1"}]), "'min' must be a number"),
+    (lambda d: d["runs"][next(iter(d["runs"]))]["metrics"].update(ppl="12"), "must be a finite number"),
+    (lambda d: d.update(colour="red"), "unknown key(s) colour"),
+    (lambda d: d.update(runs=[]), "'runs' must be a mapping"),
+])
+def test_a_malformed_baseline_is_bad_input_not_a_regression(fixture_store, tmp_path, change, message):
+    baseline = tmp_path / "baseline.json"
+    gate("--baseline", baseline, "--store", fixture_store, "--update")
+    data = json.loads(baseline.read_text())
+    change(data)
+    baseline.write_text(json.dumps(data))
+    result = gate("--baseline", baseline, "--store", fixture_store)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "malformed baseline" in lines[0] and message in lines[0], result.output
+
+
+def test_a_ratio_with_a_zero_denominator_is_bad_input(fixture_store, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    gate("--baseline", baseline, "--store", fixture_store, "--update")
+    data = json.loads(baseline.read_text())
+    keys = sorted(k for k in data["runs"] if k.startswith("perplexity/"))
+    data["ratios"] = [{"name": "zero", "metric": "predictions_zero", "numerator": keys[0], "denominator": keys[1], "min": 1}]
+    baseline.write_text(json.dumps(data))
+    result = gate("--baseline", baseline, "--store", fixture_store)
+    assert result.exit_code == 2 and "has no finite predictions_zero" in result.output, result.output
+    data["ratios"][0]["metric"] = "kv_tokens_peak"
+    data["ratios"][0]["denominator"] = next(k for k in keys if "/dense/" not in k)
+    baseline.write_text(json.dumps(data))
+    from streambench import gate as gate_module
+
+    results = [{"config": {"task": {"name": "t"}, "model": "m", "policy": {"name": "p", "args": {}}}, "label": "x",
+                "config_hash": "h", "metrics": {"kv_tokens_peak": 0.0}, "higher_is_better": {}}]
+    with pytest.raises(Exception, match="is 0"):
+        gate_module.compare({"runs": {}, "metrics": [], "tolerances": {}, "ratios": [
+            {"name": "z", "metric": "kv_tokens_peak", "numerator": "t/m/x/binf", "denominator": "t/m/x/binf", "min": 1}]},
+            results)

@@ -1,0 +1,132 @@
+"""Every example in `--help` and in the README runs as written: offline ones to completion (with
+their sizes cut to a few tokens, rounds or steps), network and GPU ones to their one-line error
+(exit 2) on this offline, GPU-less machine. They run in a scratch folder holding copies of the
+presets and examples, in order, so `report` and `gate` find what the `sweep` examples made."""
+import re
+import time
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from streambench.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Examples that need the network, a GPU or a Ray cluster: here they must end in one `Error:` line.
+OFFLINE_ERROR = ("--device cuda", "--dataset", "Qwen/", "meta-llama/", "https://", "arc_easy")
+# A Ray cluster to join: one line when there is work to send and no cluster; nothing to do is fine.
+MAY_FAIL = ("--address",)
+# Sizes cut so that the offline examples finish in seconds (the example's own values otherwise).
+CUTS = {"--tokens": "40", "--limit": "1", "--steps": "2", "--soak": "128", "--budgets": "16"}
+ADDED = {  # (flag, value or None), added when the example does not set the flag itself
+    "run": [("-q", None)],
+    "lm-eval": [("-q", None), ("--limit", "2")],
+    "bench": [("--steps", "2"), ("--burn", "0"), ("--budgets", "16"), ("--batch-sizes", "2")],
+    "sweep": [("-q", None)],
+}
+SOAK = [("--soak-chunk", "64"), ("--soak-budget", "32")]
+DIALOGUE = ("rps", "grocery", "dailydialog")
+
+
+def help_examples() -> list[str]:
+    out = []
+    for name in ("run", "sweep", "report", "gate", "import", "export", "lm-eval", "bench", "list"):
+        text = CliRunner().invoke(cli, [name, "-h"]).output
+        if "Examples:" in text:
+            block = text.split("Examples:", 1)[1]
+            out += [line.strip() for line in block.splitlines() if line.strip().startswith("streambench ")]
+    return out
+
+
+def readme_examples() -> list[str]:
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("streambench "):
+                out += [part.strip() for part in line.split(";")]
+    return out
+
+
+def adapt(example: str) -> tuple[list[str], str | None]:
+    """argv for the CLI with sizes cut, and the file a `>` redirect names."""
+    redirect = None
+    if " > " in example:
+        example, redirect = (s.strip() for s in example.split(" > ", 1))
+    argv = shlex.split(example)[1:]
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in CUTS and argv[i + 1] != "''" and argv[i + 1] != "":
+            argv[i + 1] = CUTS[arg]
+    extra = list(ADDED.get(command, []))
+    if command == "bench" and "--soak" in argv:
+        extra += SOAK
+    if command == "run":
+        task = argv[argv.index("--task") + 1] if "--task" in argv else "perplexity"
+        extra.append(("--limit", "1") if task in DIALOGUE else ("--tokens", "40") if task == "perplexity" else ("-q", None))
+    for flag, value in extra:
+        if flag not in argv:
+            argv += [flag] + ([value] if value is not None else [])
+    return argv, redirect
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    for name in ("policies", "tasks", "examples", "ci"):
+        shutil.copytree(ROOT / name, folder / name)
+    return folder
+
+
+def test_help_and_readme_name_no_missing_file():
+    for example in help_examples() + readme_examples():
+        for token in shlex.split(example.split(" > ")[0]):
+            if token.startswith(("policies/", "tasks/", "examples/", "ci/")):
+                assert (ROOT / token).exists(), f"{example}: {token} does not exist"
+            assert "../shared" not in token, example
+
+
+@pytest.mark.slow
+def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
+    from streambench import models
+
+    monkeypatch.chdir(scratch)
+    real = models.load  # the embedded model is loaded once for the session, the rest as the example says
+
+    def load(name, device="auto", *args, **kwargs):
+        if name in models.EMBEDDED_ALIASES:
+            models.resolve_device(device)  # --device cuda still says CUDA is missing
+            return embedded
+        return real(name, device, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load", load)
+    examples = list(dict.fromkeys(help_examples() + readme_examples()))
+    sweeps = [e for e in examples if e.startswith("streambench sweep")]
+    ordered = [e for e in examples if e.startswith("streambench run")] + sweeps + [e for e in examples if e not in sweeps and not e.startswith("streambench run")]
+    failures = []
+    for example in ordered:
+        argv, redirect = adapt(example)
+        if "--engine" in argv and "ray" in argv and "--address" not in argv:
+            continue  # a local Ray cluster: tests/test_ray.py runs this very path
+        started = time.perf_counter()
+        result = CliRunner().invoke(cli, argv)
+        print(f"{time.perf_counter() - started:6.1f} s  {' '.join(argv)}")
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        one_error = result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:")
+        if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
+            continue
+        network = any(marker in example for marker in OFFLINE_ERROR) or (
+            "--task dailydialog" in example and "--data" not in example)  # builds its items from the hub
+        if network:
+            if result.exit_code != 2 or len([l for l in lines if l.startswith("Error:")]) != 1 or "Traceback" in result.output:
+                failures.append(f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}")
+        elif result.exit_code != 0:
+            failures.append(f"{example} -> {' '.join(argv)}: exit {result.exit_code}: {result.output[-600:]}")
+        elif redirect:
+            (scratch / redirect).write_text(result.output)
+    assert not failures, "\n".join(failures)
+    assert (scratch / "results" / "streambench.sqlite").exists() and (scratch / "report" / "report.html").exists()
+    assert (scratch / "runs.csv").read_text().startswith("run_id,")
