@@ -133,3 +133,19 @@ def test_embedded_model_equals_reference(embedded, name, args):
             got = session.feed(ids[:, t : t + 1])
             want = reference.feed(ids[:, t : t + 1])
             torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_a_budget_of_one_keeps_nothing_and_equals_a_fresh_forward_of_the_token():
+    """--budget 1: each query sees only itself (the cache is evicted to zero tokens every step);
+    its logits equal a fresh forward of that single token at position 0, and recompute-window's."""
+    model = tiny_model("llama", layers=1)
+    lm = LoadedModel.wrap(model)
+    ids = stream_ids(12)
+    window = StreamSession(lm, make_policy("window", {}, budget=1))
+    recompute = StreamSession(lm, make_policy("recompute-window", {}, budget=1))
+    for t in range(ids.shape[1]):
+        token = ids[:, t : t + 1]
+        fresh = model(input_ids=token).logits
+        torch.testing.assert_close(window.feed(token), fresh, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(recompute.feed(token), fresh, atol=2e-5, rtol=1e-5)
+    assert window.kv_tokens == 1 and window.cache.evictions == ids.shape[1] - 1
