@@ -8,6 +8,7 @@ Quick start (embedded SmolLM2-135M and Hamlet, no network):
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def _user_errors(fn):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as exc:
+            _ignore_more_signals()
             click.echo("Interrupted.", err=True)
             sys.exit(143 if isinstance(exc, Interrupted) else 130)
         except StreambenchError as exc:
@@ -112,6 +114,7 @@ class OneLineGroup(click.Group):
             exc.show()
             code = exc.exit_code
         except (click.Abort, KeyboardInterrupt) as exc:
+            _ignore_more_signals()  # a second Ctrl-C must not turn this clean exit into a traceback
             click.echo("Interrupted.", err=True)
             term = isinstance(exc, Interrupted) or isinstance(exc.__context__, Interrupted)
             code = 143 if term else 130
@@ -242,6 +245,7 @@ def _execute(config, quiet: bool) -> None:
     except KeyboardInterrupt as exc:
         from streambench.errors import Interrupted
 
+        _ignore_more_signals()
         click.echo(f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.", err=True)
         sys.exit(143 if isinstance(exc, Interrupted) else 130)
     except StreambenchError as exc:
@@ -388,6 +392,7 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
         else:
             counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
     except KeyboardInterrupt as exc:
+        _ignore_more_signals()
         click.echo(f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
                    "run the same command again to resume.", err=True)
         sys.exit(143 if isinstance(exc, Interrupted) else 130)
@@ -728,6 +733,21 @@ def _unique(registry):
             yield name, cls
 
 
+_IN_MAIN = False  # set by main(): signal handlers are this process's to change (not a test's, not a host's)
+
+
+def _ignore_more_signals() -> None:
+    import signal
+
+    if not _IN_MAIN:
+        return
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except (ValueError, OSError):  # not the main thread
+        pass
+
+
 def _sigterm(_signum, _frame):
     from streambench.errors import Interrupted
 
@@ -738,11 +758,23 @@ def main() -> None:
     """Entry point: SIGTERM is handled like Ctrl-C (finished results kept), exit 143."""
     import signal
 
+    global _IN_MAIN
+    _IN_MAIN = True
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except (ValueError, OSError):  # not the main thread
         pass
-    cli.main(prog_name="streambench")
+    try:
+        cli.main(prog_name="streambench")
+    except SystemExit as exc:
+        if exc.code in (130, 143):
+            # Interrupted: everything finished is fsynced and the store closed. Exit now: CPython
+            # kills itself with SIGINT at shutdown (exit status -2, not 130) when the interrupt once
+            # passed through C code that ran Python (an import), even though it was handled.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise
 
 
 if __name__ == "__main__":

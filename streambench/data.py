@@ -88,6 +88,7 @@ def decode_text(raw: bytes, source: str) -> str:
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gives
     nul = text.count("\x00")
     if text and (bad + nul) > BINARY_SHARE * len(text):
         raise DataError(f"{source} looks binary, not text: {bad + nul:,} of {len(text):,} characters are "
