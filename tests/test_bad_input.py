@@ -312,3 +312,13 @@ def test_environment_does_not_leak_into_file_modes(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # like the store beside it, not mkstemp's 0600
+
+
+def test_a_gguf_header_declaring_a_huge_string_is_one_line(tmp_path):
+    import struct
+
+    bad = tmp_path / "huge.gguf"  # magic, version 3, 0 tensors, 1 key whose name claims 2^40 bytes
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**40) + b"general.name")
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(bad), "--policy", "window", "--out", str(tmp_path / "o")])
+    assert_one_line_exit_2(result, "cannot load model")
+    assert not any((tmp_path / "o").iterdir()) if (tmp_path / "o").exists() else True
