@@ -85,12 +85,12 @@ def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, st
     policy = build_policy(PolicySpec(name), budget)
     if policy.recompute or policy.retrieves:
         decode = "eager"  # no static-shape path for these
-    session = StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode)
-    if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
-        session._window = ids[:, :length]
-    else:
-        session.feed(ids[:, :length])
-    return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
+    with StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode) as session:
+        if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
+            session._window = ids[:, :length]
+        else:
+            session.feed(ids[:, :length])
+        return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
 
 
 def random_ids(lm, shape: tuple[int, int], seed: int, device) -> torch.Tensor:

@@ -76,6 +76,12 @@ class StreambenchLM(TemplateLM):
             self._stream_session = session
         return session
 
+    def close(self) -> None:
+        """End the endless stream (streaming mode): its session's hooks leave the model."""
+        if self._stream_session is not None:
+            self._stream_session.close()
+            self._stream_session = None
+
     def _feed(self, session, tokens: list[int]) -> torch.Tensor:
         self.tokens += len(tokens)
         logits = session.feed(self._ids(tokens))[0]
@@ -94,9 +100,17 @@ class StreambenchLM(TemplateLM):
         out = []
         for _, context_enc, continuation_enc in requests:
             session = self._session()
-            last = self._feed(session, context_enc)[-1]
-            out.append(self._score(session, last, continuation_enc))
+            try:
+                last = self._feed(session, context_enc)[-1]
+                out.append(self._score(session, last, continuation_enc))
+            finally:
+                self._done(session)
         return out
+
+    def _done(self, session) -> None:
+        """A per-request session is closed (its hooks removed); the endless stream stays open."""
+        if session is not self._stream_session:
+            session.close()
 
     def _score(self, session, last: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
         """Log-probability of `continuation` after the state whose last logits are `last`."""
@@ -138,9 +152,12 @@ class StreambenchLM(TemplateLM):
             ids = [self.prefix_token_id] + tokens
             session = self._session()
             total = 0.0
-            for t in range(len(tokens)):
-                logits = self._feed(session, ids[t : t + 1])[-1].float()
-                total += torch.log_softmax(logits, dim=-1)[ids[t + 1]].item()
+            try:
+                for t in range(len(tokens)):
+                    logits = self._feed(session, ids[t : t + 1])[-1].float()
+                    total += torch.log_softmax(logits, dim=-1)[ids[t + 1]].item()
+            finally:
+                self._done(session)
             out.append(total)
         return out
 
@@ -153,18 +170,21 @@ class StreambenchLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             limit = int(kwargs.get("max_gen_toks", 256))
             session = self._session()
-            last = self._feed(session, self.tok_encode(context))[-1]
-            generated: list[int] = []
-            text = ""
-            for _ in range(limit):
-                token = int(last.argmax())
-                if token == self.eot_token_id:
-                    break
-                generated.append(token)
-                text = self.tokenizer.decode(generated)
-                if any(stop in text for stop in until):
-                    break
-                last = self._feed(session, [token])[-1]
+            try:
+                last = self._feed(session, self.tok_encode(context))[-1]
+                generated: list[int] = []
+                text = ""
+                for _ in range(limit):
+                    token = int(last.argmax())
+                    if token == self.eot_token_id:
+                        break
+                    generated.append(token)
+                    text = self.tokenizer.decode(generated)
+                    if any(stop in text for stop in until):
+                        break
+                    last = self._feed(session, [token])[-1]
+            finally:
+                self._done(session)
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

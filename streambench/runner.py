@@ -176,14 +176,15 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
-    session = StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens())
-    meter = Meter(session.device)
-    bar = progress(item.spec.display, 0)
-    try:
-        outcome = task.run(session, lm.tokenizer, meter, bar)
-    finally:
-        bar.close()
-    engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
+    with StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode,
+                       max_tokens=task.stream_tokens()) as session:
+        meter = Meter(session.device)
+        bar = progress(item.spec.display, 0)
+        try:
+            outcome = task.run(session, lm.tokenizer, meter, bar)
+        finally:
+            bar.close()
+        engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
     metrics = {**outcome.metrics, **engine_metrics, **item.policy.stats()}
     directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
     result = {

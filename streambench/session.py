@@ -58,6 +58,22 @@ class StreamSession:
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.reset()
 
+    # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
+    def close(self) -> None:
+        """Remove what this session added to the model (longmem's query hooks) and drop its graph.
+        The model is shared by every run of a sweep and every lm-eval request: without this, each
+        retrieval session would leave one hook per layer behind, run on every later forward."""
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        self._static = None
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def set_batch(self, batch_size: int) -> None:
         """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
         if batch_size != self.batch:

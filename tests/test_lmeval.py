@@ -107,3 +107,42 @@ def test_shipped_offline_task_end_to_end_under_two_policies(tiny_model_dir, tmp_
         assert r["higher_is_better"]["streambench_mc/acc"] is True
         assert r["higher_is_better"]["streambench_ppl/word_perplexity"] is False
         assert r["config"]["task"]["args"]["stream"] is stream and r["info"]["n_samples"]
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_sessions_remove_their_hooks_after_requests_and_runs(tmp_path, tiny_model_dir, small_text):
+    """longmem's query taps leave the shared model when a session closes: after 100 lm-eval
+    requests (one session each), in streaming mode, and after a sweep of runs."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from streambench import models
+    from streambench.cli import cli
+    from streambench.lmeval import StreambenchLM
+
+    lm = models.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    before = hook_count(lm.model)
+    args = {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16}
+    model = StreambenchLM(lm=lm, policy="longmem", budget=12, **args)
+    requests = [SimpleNamespace(args=("ab" * (3 + i % 5), "cd")) for i in range(100)]
+    model.loglikelihood(requests)
+    model.loglikelihood_rolling([SimpleNamespace(args=("hello world " * 3,))])
+    assert hook_count(lm.model) == before
+    streaming = StreambenchLM(lm=lm, policy="longmem", budget=64, stream=True, start_size=2, block_size=2, top_k=2)
+    streaming.loglikelihood(requests[:10])
+    assert hook_count(lm.model) == before + lm.info.num_layers  # the one endless stream holds its taps
+    streaming.close()
+    assert hook_count(lm.model) == before
+
+    from streambench import runner
+    from streambench.config import RunConfig, resolve_policy
+
+    config = RunConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", budget=96, out=str(tmp_path),
+                       policies=[resolve_policy("longmem", {}), resolve_policy("longmem-paper", {})],
+                       task_args={"text": str(small_text), "tokens": 160})
+    assert len(list(runner.run(config, lm=lm))) == 2
+    assert hook_count(lm.model) == before

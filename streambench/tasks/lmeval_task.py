@@ -73,6 +73,8 @@ class LMEvalTask(Task):
                                           task_manager=manager, bootstrap_iters=0, log_samples=False)
         except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
             raise DataError(f"lm-eval could not run {self.tasks}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        finally:
+            lm.close()  # its sessions' hooks leave the shared model
         meter.step(max(lm.tokens, 1), lm.kv_tokens_peak, lm.kv_bytes_peak)
         progress(1)
         metrics, directions = {}, {}
