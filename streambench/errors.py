@@ -44,3 +44,7 @@ class Interrupted(KeyboardInterrupt):
 
 class DataWarning(UserWarning):
     """Input that is used but not as given (e.g. undecodable bytes replaced); the CLI prints one line."""
+
+
+class PolicyContractError(StreambenchError):
+    """A policy's `select` returned something the engine cannot keep (unsorted, out of range, too many)."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from streambench.cache import StreamCache
-from streambench.errors import ConfigError
+from streambench.errors import ConfigError, PolicyContractError
 from streambench.models import LoadedModel
 from streambench.policies.base import CachePolicy, CacheView
 from streambench.rope import RotaryTable
@@ -201,11 +201,30 @@ class StreamSession:
     def _select(self, incoming: int) -> np.ndarray:
         """Ranks to keep: (n,) for a single stream, (B, n) for batched ones (each its own choice)."""
         if self.batch == 1 or not self.policy.needs_scores:  # position-based: one choice for every stream
-            return self.policy.select(self.view(incoming))
-        keeps = [self.policy.select(self.view(incoming, b)) for b in range(self.batch)]
+            return self._checked(self.policy.select(self.view(incoming)), incoming)
+        keeps = [self._checked(self.policy.select(self.view(incoming, b)), incoming) for b in range(self.batch)]
         if len({len(k) for k in keeps}) != 1:
-            raise RuntimeError(f"{self.policy.name} kept different numbers of tokens in batched streams")
+            raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
+
+    def _checked(self, keep, incoming: int) -> np.ndarray:
+        """The contract of `select` (policies/base.py), checked once per eviction: integer ranks,
+        sorted, unique, in [0, length), at most `budget - incoming`. A policy written outside this
+        package that breaks it is one error naming it, not a corrupted cache."""
+        keep = np.asarray(keep)
+        length, target = self.cache.length, self.policy.budget - incoming
+        problem = None
+        if keep.ndim != 1 or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
+            problem = f"must return a 1-D array of integer ranks, got shape {keep.shape} of {keep.dtype}"
+        elif keep.size and (keep[0] < 0 or keep[-1] >= length):
+            problem = f"returned ranks outside [0, {length})"
+        elif keep.size > 1 and not (np.diff(keep) > 0).all():
+            problem = "must return sorted, unique ranks (time order)"
+        elif keep.size > target:
+            problem = f"kept {keep.size} tokens, more than the {target} that leave room for {incoming} incoming"
+        if problem:
+            raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
+        return keep.astype(np.int64, copy=False)
 
     def view(self, incoming: int, stream: int = 0) -> CacheView:
         c = self.cache

@@ -3,6 +3,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 import torch
 from tiny_models import tiny_model
 
@@ -104,3 +105,35 @@ def test_a_static_decode_session_is_freed_without_the_garbage_collector():
         return session
 
     assert_freed_without_the_garbage_collector(make)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda view: np.arange(view.length)[::-1].copy(), "sorted, unique ranks"),
+    (lambda view: np.array([0, 0, 1]), "sorted, unique ranks"),
+    (lambda view: np.arange(view.length - 2, view.length + 1), "outside"),
+    (lambda view: np.arange(view.length), "more than the"),
+    (lambda view: np.zeros((2, 2), dtype=np.int64), "1-D array of integer ranks"),
+    (lambda view: np.array([0.5, 1.5]), "1-D array of integer ranks"),
+])
+def test_a_policy_that_breaks_the_select_contract_is_one_error_naming_it(bad, message):
+    from dataclasses import dataclass
+
+    from tiny_models import tiny_model
+
+    from streambench.errors import PolicyContractError
+    from streambench.models import LoadedModel
+    from streambench.policies.window import WindowPolicy
+    from streambench.session import StreamSession
+
+    @dataclass
+    class Broken(WindowPolicy):
+        name = "broken"
+
+        def select(self, view):
+            return bad(view)
+
+    session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=1)), Broken(budget=6))
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PolicyContractError, match=f"policy broken: select\\(\\) .*{message}"):
+        for t in range(12):
+            session.feed(ids[:, t : t + 1])

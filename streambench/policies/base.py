@@ -57,7 +57,9 @@ class CachePolicy:
         """Derive sizes from the budget (or the budget from sizes) and validate. Raise ConfigError."""
 
     def select(self, view: CacheView) -> np.ndarray:
-        """Ranks (time order, sorted, unique) of the tokens to keep; at most `view.target` of them."""
+        """Ranks of the tokens to keep. The contract, which the engine checks at every eviction (a
+        violation is one error naming the policy): a 1-D integer array, sorted and unique (time
+        order), every rank in [0, view.length), at most `view.target` of them."""
         raise NotImplementedError
 
     def new_round(self, scores: np.ndarray) -> np.ndarray:
