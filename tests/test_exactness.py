@@ -19,6 +19,7 @@ POLICY_CASES = [
     ("sirllm", {"score": "upstream", "decay": 0.8}),
     ("recompute-window", {}),
     ("longmem", {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16}),
+    ("random", {"start_size": 2, "seed": 3}),
 ]
 IDS = [f"{name}-{'-'.join(map(str, args.values()))}" if args else name for name, args in POLICY_CASES]
 BUDGET = 12

@@ -6,6 +6,6 @@ POLICIES: Registry = Registry("policy", CachePolicy)
 register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.
-from streambench.policies import dense, longmem, recompute_window, sirllm, streamingllm, window  # noqa: E402,F401
+from streambench.policies import dense, longmem, random_keep, recompute_window, sirllm, streamingllm, window  # noqa: E402,F401
 
 __all__ = ["CachePolicy", "CacheView", "POLICIES", "register_policy"]

@@ -1,0 +1,46 @@
+"""random: a seeded uniform keep-set, the control every content-aware comparison needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streambench.policies import register_policy
+from streambench.policies.base import CachePolicy, CacheView
+
+
+@register_policy("random")
+@dataclass
+class RandomPolicy(CachePolicy):
+    """Random eviction: at each eviction the tokens that stay are drawn uniformly, without
+    replacement, from the cache (after the `start_size` protected sinks, default 0). kvpress's
+    RandomPress scores tokens at random at prefill; streaming, the same rule applied at every step
+    makes a token's survival geometric in its age. A policy that beats this control has learnt
+    something from content; one that does not, has not. Seeded (`seed`), and re-seeded for every
+    stream, so a run is reproducible and batched streams share one draw."""
+
+    summary = "seeded uniform random keep-set (+ optional start_size sinks): the control"
+    start_size: int = 0
+    seed: int = 0
+    _rng: np.random.Generator = field(default=None, init=False, repr=False, compare=False)
+
+    def configure(self) -> None:
+        self._check_int("start_size", 0)
+        self._check_int("seed", 0)
+        self._require(self.budget is not None, "needs a budget")
+        self._require(self.budget > self.start_size, f"budget {self.budget} must be above start_size {self.start_size}")
+        self.reset()
+
+    @property
+    def max_incoming(self) -> int:
+        return self.budget - self.start_size
+
+    def reset(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def select(self, view: CacheView) -> np.ndarray:
+        start = min(self.start_size, view.length, max(view.target, 0))
+        room = max(view.target - start, 0)
+        rest = np.arange(start, view.length)
+        chosen = self._rng.choice(rest, size=min(room, len(rest)), replace=False) if room else rest[:0]
+        return np.concatenate([np.arange(start), np.sort(chosen)]).astype(np.int64)
