@@ -143,7 +143,7 @@ def _one_line_warnings() -> None:
         return
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, DataWarning) or filename.endswith("report.py"):
+        if issubclass(category, DataWarning):
             click.echo(f"warning: {one_line(message)}", err=True)
         else:
             original(message, category, filename, lineno, file, line)

@@ -193,7 +193,9 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
     except (KeyError, TypeError, ValueError, IndexError) as exc:  # curves of a hand-edited or foreign result
         import warnings
 
-        warnings.warn(f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})")
+        from streambench.errors import DataWarning
+
+        warnings.warn(f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})", DataWarning)
         figures = []
     groups = group(results)
     md = ["# streambench report", "", f"{len(results)} runs. Best value per column in bold.", ""]
