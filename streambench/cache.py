@@ -18,6 +18,16 @@ keys. For StreamingLLM that is the 4 sink tokens per step. When the offset grows
 capacity, all keys are re-rotated once at offset 0 (amortised O(1)), so positions stay as small
 as a fresh forward's and never lose float precision.
 
+Keep-sets may differ per layer and KV head (H2O, KNorm, SnapKV keep different tokens in every
+head): the first such eviction switches the bookkeeping to one row per (layer, stream, head)
+"lane", each with its own slot map, positions and scores, all lanes keeping equally many tokens so
+the buffers stay rectangular. A token's position in a head is its rank among that head's kept
+tokens; the query sits at the count kept, as before, so one offset per stream still serves every
+head (the largest group of equal rank shifts over all of a stream's lanes keeps its rotation).
+
+Per-slot statistics a policy asked the engine for (accumulated attention, key norms) live in
+buffers shaped like the keys without the last dimension and move with them.
+
 Host-side bookkeeping (numpy, per rank in time order): physical slot, original stream position
 and per-token score. The engine is exact: the next-token logits equal a fresh forward over the
 kept tokens at positions 0..n-1 (tests/test_exactness.py).
@@ -89,9 +99,10 @@ class _Shard:
     def __init__(self, device: torch.device, start: int, stop: int):
         self.device, self.start, self.stop = device, start, stop
         self.k = self.v = self.k_pre = None
+        self.stats: dict[str, torch.Tensor] = {}  # (L_s, B, H, capacity) float32, per slot
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.k, self.v, self.k_pre) if t is not None)
+        return tuple(t for t in (self.k, self.v, self.k_pre, *self.stats.values()) if t is not None)
 
     def index(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
@@ -126,6 +137,7 @@ class StreamCache(Cache):
             self.shards[-1].stop = i + 1
         self._where = [(s, i - s.start) for s in self.shards for i in range(s.start, s.stop)]
         self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
+        self.stat_names: tuple[str, ...] = ()
         self._grow(max(int(capacity), 1))
         self.reset()
 
@@ -134,6 +146,8 @@ class StreamCache(Cache):
         self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
         self.evictions = 0  # bumped by every eviction (a rollback must not cross one)
         self._uniform = True  # every stream's slots and offsets alike (no per-stream eviction yet)
+        self.per_head = False  # one bookkeeping row per stream; True: one per (layer, stream, head)
+        self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
         self._offsets = np.zeros(self.batch, dtype=np.int64)  # per stream (batched streams evict apart)
         capacity = max(self.capacity, 1)
@@ -141,6 +155,9 @@ class StreamCache(Cache):
         self._slot = np.zeros((self.batch, capacity), dtype=np.int64)  # physical slot
         self._pos = np.zeros((self.batch, capacity), dtype=np.int64)  # original stream position
         self._score = np.zeros((self.batch, capacity), dtype=np.float64)  # score (e.g. surprisal)
+        for shard in self.shards:
+            for buf in shard.stats.values():
+                buf.zero_()
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
         return self.num_layers
@@ -150,27 +167,35 @@ class StreamCache(Cache):
         """Kept tokens per stream (batched streams always keep equally many)."""
         return self._n
 
-    # One stream's arrays (views, time order). `positions`/`scores`/`slots` are stream 0's, for the
-    # common single-stream case; batched code asks for a stream by index.
+    # One stream's arrays (views, time order): (n,), or (L, H, n) once keep-sets differ per head.
+    # `positions`/`scores`/`slots` are stream 0's, for the common single-stream case.
+    def _of(self, array: np.ndarray, b: int) -> np.ndarray:
+        if self.per_head:
+            return array.reshape(self.num_layers, self.batch, self.kv_heads, -1)[:, b, :, : self._n]
+        return array[b, : self._n]
+
     def positions_of(self, b: int) -> np.ndarray:
-        return self._pos[b, : self._n]
+        return self._of(self._pos, b)
 
     def scores_of(self, b: int) -> np.ndarray:
-        return self._score[b, : self._n]
+        return self._of(self._score, b)
 
     @property
     def slots(self) -> np.ndarray:
-        return self._slot[0, : self._n]
+        return self._of(self._slot, 0)
 
     @property
     def positions(self) -> np.ndarray:
-        return self._pos[0, : self._n]
+        return self._of(self._pos, 0)
 
     @property
     def scores(self) -> np.ndarray:
-        return self._score[0, : self._n]
+        return self._of(self._score, 0)
 
     def rescale_scores(self, fn) -> None:
+        if self.per_head:
+            self._score[:, : self._n] = fn(self._score[:, : self._n])
+            return
         for b in range(self.batch):
             self._score[b, : self._n] = fn(self._score[b, : self._n])
 
@@ -217,6 +242,10 @@ class StreamCache(Cache):
                 if old is not None:
                     new[..., : self.capacity, :] = old
                 setattr(shard, name, new)
+            for name, old in shard.stats.items():
+                new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
+                new[..., : self.capacity] = old
+                shard.stats[name] = new
         self.capacity = capacity
 
     # ---- called by the model, once per layer per forward -----------------------------------
@@ -259,7 +288,10 @@ class StreamCache(Cache):
             self._grow_meta(end)
         self._slot[:, start:end] = np.arange(start, end)
         self._pos[:, start:end] = positions
-        self._score[:, start:end] = 0.0 if scores is None else scores
+        if scores is None:
+            self._score[:, start:end] = 0.0
+        else:
+            self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
         self._n = end
         if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
@@ -269,20 +301,28 @@ class StreamCache(Cache):
                 idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
             for shard in self.shards:
                 shard.k_pre[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
+        for shard in self.shards:
+            if "key_norm" in shard.stats:  # rotation keeps norms: the pre-RoPE key's is the cached key's
+                source = shard.k_pre if shard.k_pre is not None else shard.k
+                shard.stats["key_norm"][..., start:end] = source[..., start:end, :].float().norm(dim=-1)
 
     def _grow_meta(self, size: int) -> None:
         size = max(size, 2 * self._slot.shape[1])
         for name in ("_slot", "_pos", "_score"):
             old = getattr(self, name)
-            new = np.zeros((self.batch, size), dtype=old.dtype)
+            new = np.zeros((old.shape[0], size), dtype=old.dtype)
             new[:, : self._n] = old[:, : self._n]
             setattr(self, name, new)
 
     def evict(self, keep: np.ndarray) -> None:
         """Keep the tokens at ranks `keep` (sorted, time order) and re-index them to 0..n_new-1.
         `keep` is (n_new,) for every stream alike (a position-based policy: the streams' slots and
-        offsets stay identical, so the work is done once for all) or (B, n_new), one row each."""
+        offsets stay identical, so the work is done once for all), (B, n_new), one row each, or
+        (B, L, H, n_new), one keep-set per stream, layer and KV head (ranks within that head)."""
         keep = np.asarray(keep)
+        if keep.ndim == 4 or self.per_head:
+            self._evict_per_head(keep)
+            return
         shared = keep.ndim == 1 and self._uniform
         if keep.ndim == 1 and not shared:
             keep = np.broadcast_to(keep, (self.batch, len(keep)))
@@ -331,6 +371,138 @@ class StreamCache(Cache):
         if stale:
             self._rerotate(stale)
 
+    # ---- keep-sets per layer and KV head ------------------------------------------------------
+    def _enter_per_head(self) -> None:
+        """From one bookkeeping row per stream to one per (layer, stream, head): every lane starts
+        as a copy of its stream's row. Rows are ordered as the buffers flatten, (L, B, H)."""
+        L, B, H = self.num_layers, self.batch, self.kv_heads
+        for name in ("_slot", "_pos", "_score"):
+            old = getattr(self, name)
+            setattr(self, name, np.ascontiguousarray(np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1]))).reshape(L * B * H, -1))
+        self._row_stream = np.tile(np.repeat(np.arange(B), H), L)
+        self.per_head = True
+        self._uniform = False
+
+    def _evict_per_head(self, keep: np.ndarray) -> None:
+        """Every lane keeps its own ranks; all vectorised over lanes (no Python loop per head)."""
+        L, B, H = self.num_layers, self.batch, self.kv_heads
+        if self.rope is None:
+            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        if not self.per_head:
+            self._enter_per_head()
+        if keep.ndim == 4:
+            rows = keep.transpose(1, 0, 2, 3).reshape(L * B * H, -1)
+        elif keep.ndim == 2:
+            rows = keep[self._row_stream]
+        else:
+            rows = np.broadcast_to(keep, (L * B * H, len(keep)))
+        n_old, n_new = self._n, rows.shape[1]
+        if n_new == n_old:
+            return
+        self.evictions += 1
+        R = rows.shape[0]
+        kept_slots = np.take_along_axis(self._slot[:, :n_old], rows, 1)
+        kept_mask = np.zeros((R, n_old), dtype=bool)
+        np.put_along_axis(kept_mask, rows, True, 1)
+        freed = self._slot[:, :n_old][~kept_mask].reshape(R, n_old - n_new)
+        # Per lane, kept tokens beyond the new valid region are as many as the holes inside it;
+        # nonzero() walks row by row, so movers and holes pair up lane by lane.
+        hole_r, hole_c = np.nonzero(freed < n_new)
+        move_r, move_c = np.nonzero(kept_slots >= n_new)
+        src, dst = kept_slots[move_r, move_c], freed[hole_r, hole_c]
+        kept_slots[move_r, move_c] = dst
+        shift = rows - np.arange(n_new)
+        common = np.zeros(B, dtype=np.int64)
+        if n_new:
+            for b in range(B):  # one offset per stream: the commonest shift over all its lanes
+                common[b] = np.bincount(shift[self._row_stream == b].ravel()).argmax()
+        self._offsets += common
+        renorm = self._offsets > self.capacity
+        self._offsets[renorm] = 0
+        stale = shift != common[self._row_stream][:, None]
+        stale[renorm[self._row_stream]] = True
+        self._pos[:, :n_new] = np.take_along_axis(self._pos[:, :n_old], rows, 1)
+        self._score[:, :n_new] = np.take_along_axis(self._score[:, :n_old], rows, 1)
+        self._slot[:, :n_new] = kept_slots
+        self._n = n_new
+        self._len = [n_new] * self.num_layers
+        if len(src):
+            self._move_lanes(move_r, src, dst)
+        stale_r, stale_c = np.nonzero(stale)
+        if len(stale_r):
+            self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+            slots = self._slot[stale_r, stale_c]
+            positions = stale_c + self._offsets[self._row_stream[stale_r]]
+            for shard, local, flat in self._lane_index(stale_r, slots):
+                pre = shard.k_pre.view(-1, self.head_dim).index_select(0, flat)
+                shard.k.view(-1, self.head_dim).index_copy_(0, flat, self.rope.rotate(pre, shard.index(positions[local])))
+
+    def _lane_index(self, rows: np.ndarray, slots: np.ndarray):
+        """Per shard: (shard, which entries fall in it, flat index into its (L_s*B*H*capacity) slots)."""
+        per_layer = self.batch * self.kv_heads
+        for shard in self.shards:
+            local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
+            if len(self.shards) == 1:
+                local = slice(None)
+            flat = (rows[local] - shard.start * per_layer) * self.capacity + slots[local]
+            yield shard, local, shard.index(flat)
+
+    def _move_lanes(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        per_layer = self.batch * self.kv_heads
+        for shard in self.shards:
+            local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
+            base = (rows[local] - shard.start * per_layer) * self.capacity
+            s, d = shard.index(base + src[local]), shard.index(base + dst[local])
+            for buf in shard.buffers():
+                flat = buf.view(-1, buf.shape[-1]) if buf.dim() == 5 else buf.view(-1)
+                flat.index_copy_(0, d, flat.index_select(0, s))
+
+    # ---- per-slot statistics a policy asked for -----------------------------------------------
+    def enable_stats(self, names) -> None:
+        """Keep (L, B, H, capacity) float32 buffers `names` next to the keys; they move with them."""
+        for shard in self.shards:
+            for name in names:
+                if name not in shard.stats:
+                    shard.stats[name] = torch.zeros((shard.stop - shard.start, self.batch, self.kv_heads, self.capacity),
+                                                    dtype=torch.float32, device=shard.device)
+        self.stat_names = tuple(sorted(set(self.stat_names) | set(names)))
+
+    def stat(self, layer: int, name: str) -> torch.Tensor:
+        """Layer `layer`'s (B, H, capacity) buffer, indexed by physical slot."""
+        shard, i = self._where[layer]
+        return shard.stats[name][i]
+
+    def _ranked(self, tensors, b: int) -> torch.Tensor:
+        """Stream b's per-slot tensors (L_s, B, H, capacity, ...) per shard, in rank order: (L, H, n, ...)."""
+        n, parts = self._n, []
+        for shard, t in zip(self.shards, tensors):
+            if self.per_head:
+                idx = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[shard.start : shard.stop, b, :, :n]
+                idx = shard.index(np.ascontiguousarray(idx))
+                if t.dim() == 5:
+                    idx = idx[..., None].expand(-1, -1, -1, t.shape[-1])
+                parts.append(torch.gather(t[:, b], 2, idx).to(self.device))
+            else:
+                parts.append(t[:, b].index_select(2, shard.index(self._slot[b, :n])).to(self.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def ranked_stat(self, name: str, b: int = 0) -> torch.Tensor:
+        """Statistic `name` of stream b's kept tokens, (L, H, n) in each head's rank order."""
+        return self._ranked([s.stats[name] for s in self.shards], b)
+
+    def ranked_keys(self, b: int = 0) -> torch.Tensor:
+        """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order."""
+        return self._ranked([s.k for s in self.shards], b)
+
+    def save_stats(self):
+        """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
+        return [{k: t[..., : self._n].clone() for k, t in s.stats.items()} for s in self.shards]
+
+    def restore_stats(self, saved) -> None:
+        for shard, part in zip(self.shards, saved):
+            for name, t in part.items():
+                shard.stats[name][..., : t.shape[-1]] = t
+
     def _for_all_rows(self, entries: list) -> bool:
         """One entry that applies to every stream alike: index the slot dimension of all rows."""
         return len(entries) == 1 and (entries[0][0] is None or self.batch == 1)
@@ -355,6 +527,8 @@ class StreamCache(Cache):
     def _single(self, what: str) -> None:
         if self.batch != 1:
             raise NotImplementedError(f"{what} works on single streams (batch size 1)")
+        if self.per_head:
+            raise NotImplementedError(f"{what} works on one keep-set for all heads")
 
     def take(self, ranks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""

@@ -239,9 +239,8 @@ def check_seed(seed) -> int:
 
 def _sizes_given(cls, args: dict[str, Any]) -> bool:
     """True when the args fix the budget themselves (window size, or every size of a split)."""
-    sized = {"size"} if "size" in {f.name for f in dataclasses.fields(cls)} else set()
-    splits = {f.name for f in dataclasses.fields(cls) if f.name.endswith("_size") and f.name != "start_size"}
-    return bool(sized & args.keys()) or (bool(splits) and splits <= args.keys())
+    sizes = set(getattr(cls, "sizes", ()))  # declared by the policy (CachePolicy.sizes)
+    return bool(sizes) and sizes <= args.keys()
 
 
 def build_task(name: str, args: dict[str, Any]):

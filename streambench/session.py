@@ -4,9 +4,12 @@ Tasks talk only to this: `feed(ids)` returns the logits of every fed token, `new
 user turn (SirLLM's decay), `reset()` starts a new stream. Before each forward the session asks the
 policy which tokens stay (only when the incoming tokens would overflow the budget) and the cache
 moves and re-indexes them; after it, the session records the new tokens and, when the policy
-asked for them, their scores, computed from logits the forward produced anyway.
+asked for them, their scores (from logits the forward produced anyway, by the policy's
+`score_tokens`). Attention observations are recorded inside that same forward (observe.py).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -16,6 +19,8 @@ from streambench.errors import ConfigError, PolicyContractError
 from streambench.models import LoadedModel
 from streambench.policies.base import CachePolicy, CacheView
 from streambench.rope import RotaryTable
+
+log = logging.getLogger("streambench")
 
 
 class StreamSession:
@@ -44,12 +49,26 @@ class StreamSession:
         self._static = None
         if self.cache is not None and len(self.cache.shards) > 1:
             decode = "eager"  # a model spread over GPUs: no single-device graph
+        from streambench.observe import CAPTURED, STATS, AttentionObserver
+
+        captured = policy.observes & CAPTURED if not policy.recompute else frozenset()
+        if policy.observes - {"logits"} and decode != "eager" and (captured or policy.retrieves):
+            log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, decode)
+            decode = "eager"
         if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
             if decode == "graph" and self.device.type != "cuda":
                 raise ConfigError("CUDA graphs need a CUDA device")
             from streambench.graphs import StaticDecoder
 
             self._static = StaticDecoder(self, capture=decode == "graph")
+        wants = set(policy.observes)
+        if "window_attention" in wants:
+            wants.add("queries")
+        self.observer = None
+        if self.cache is not None:
+            self.cache.enable_stats(sorted(wants & STATS))
+            if wants & CAPTURED:
+                self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=policy.observation_window)
         self.tap = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.taps import QueryTap
@@ -78,6 +97,8 @@ class StreamSession:
         """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
         if batch_size != self.batch:
             self._set_batch(batch_size)
+            if self.observer is not None:
+                self.observer.cache = self.cache
             if self._static is not None:
                 self._static.capacity = -1  # new buffers: new static inputs and graph
         self.reset()
@@ -92,16 +113,19 @@ class StreamSession:
         self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not policy.recompute:
             capacity = self.cache.capacity if self.cache is not None else self._capacity
+            stats = self.cache.stat_names if self.cache is not None else ()
             self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
                                      capacity=capacity, rope=self._rope, batch_size=batch_size,
                                      layer_devices=self._layer_devices)
+            self.cache.enable_stats(stats)
 
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
         self.policy.reset()
-        self._prev_logprobs = None  # log-probs after the last fed token (for the next one's surprisal)
+        if getattr(self, "observer", None) is not None:
+            self.observer.reset()
         self._window = torch.empty(self.batch, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:
             self.cache.reset()
@@ -124,11 +148,15 @@ class StreamSession:
         if self._static is not None and count == 1:
             logits = self._static(ids)
             cache.mark_written(1)
+        elif self.observer is not None:
+            positions = self.observer.positions = cache.next_positions(count)
+            with self.observer:
+                logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         else:
             logits = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
-        scores = self._scores(ids, logits) if self.policy.needs_scores else None
+        scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
         cache.commit(np.arange(self.fed, self.fed + count), scores)
         self.fed += count
         return logits
@@ -180,17 +208,23 @@ class StreamSession:
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
         cache = self.cache
-        kept = None if cache is None else (cache.length, cache.evictions)
-        return (self.fed, self._prev_logprobs, self._window, kept)
+        kept = None if cache is None else (cache.length, cache.evictions, cache.save_stats() if cache.stat_names else None)
+        observed = self.observer.state() if self.observer is not None else None
+        return (self.fed, self.policy.state(), observed, self._window, kept)
 
     def rollback(self, state) -> None:
-        self.fed, self._prev_logprobs, self._window, kept = state
+        self.fed, policy_state, observed, self._window, kept = state
+        self.policy.restore(policy_state)
+        if observed is not None:
+            self.observer.restore(observed)
         if kept is not None:
-            n, evictions = kept
+            n, evictions, stats = kept
             cache = self.cache
             if cache.evictions != evictions or cache.length < n:
                 raise RuntimeError("cannot roll back across an eviction: reserve() room for the branch first")
             cache.truncate(n)
+            if stats is not None:
+                cache.restore_stats(stats)
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
@@ -199,56 +233,54 @@ class StreamSession:
             self._recall_at = self.fed  # retrieval policies recall at each user turn
 
     def _select(self, incoming: int) -> np.ndarray:
-        """Ranks to keep: (n,) for a single stream, (B, n) for batched ones (each its own choice)."""
-        if self.batch == 1 or not self.policy.needs_scores:  # position-based: one choice for every stream
-            return self._checked(self.policy.select(self.view(incoming)), incoming)
+        """Ranks to keep: (n,) for every stream alike, (B, n) per stream, or (B, L, H, n) per
+        stream, layer and KV head. Content-aware policies choose for each stream of a batch."""
+        if self.batch == 1 or not self.policy.observes:  # position-based: one choice for every stream
+            keep = self._checked(self.policy.select(self.view(incoming)), incoming)
+            return np.broadcast_to(keep[None], (self.batch, *keep.shape)) if keep.ndim == 3 else keep
         keeps = [self._checked(self.policy.select(self.view(incoming, b)), incoming) for b in range(self.batch)]
-        if len({len(k) for k in keeps}) != 1:
+        if len({k.shape for k in keeps}) != 1:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
     def _checked(self, keep, incoming: int) -> np.ndarray:
-        """The contract of `select` (policies/base.py), checked once per eviction: integer ranks,
-        sorted, unique, in [0, length), at most `budget - incoming`. A policy written outside this
-        package that breaks it is one error naming it, not a corrupted cache."""
+        """The contract of `select` (policies/base.py), checked once per eviction: integer ranks
+        of shape (k,), (L, k) or (L, H_kv, k), each set sorted, unique, in [0, length), k at most
+        `budget - incoming`. Returns (k,) or (L, H_kv, k). A policy written outside this package
+        that breaks it is one error naming it, not a corrupted cache."""
+        if isinstance(keep, torch.Tensor):
+            keep = keep.cpu().numpy()
         keep = np.asarray(keep)
         length, target = self.cache.length, self.policy.budget - incoming
+        layers, heads = self.cache.num_layers, self.cache.kv_heads
         problem = None
-        if keep.ndim != 1 or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
-            problem = f"must return a 1-D array of integer ranks, got shape {keep.shape} of {keep.dtype}"
-        elif keep.size and (keep[0] < 0 or keep[-1] >= length):
+        if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
+            problem = f"must return integer ranks of shape (k,), (layers, k) or (layers, kv_heads, k), got shape {keep.shape} of {keep.dtype}"
+        elif keep.ndim > 1 and keep.shape[:-1] != (layers, heads)[: keep.ndim - 1]:
+            problem = f"returned shape {keep.shape}; this model has {layers} layers and {heads} KV heads"
+        elif keep.size and (keep.min() < 0 or keep.max() >= length):
             problem = f"returned ranks outside [0, {length})"
-        elif keep.size > 1 and not (np.diff(keep) > 0).all():
+        elif keep.shape[-1] > 1 and not (np.diff(keep, axis=-1) > 0).all():
             problem = "must return sorted, unique ranks (time order)"
-        elif keep.size > target:
-            problem = f"kept {keep.size} tokens, more than the {target} that leave room for {incoming} incoming"
+        elif keep.shape[-1] > target:
+            problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
         if problem:
             raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
+        if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
+            keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
         return keep.astype(np.int64, copy=False)
 
     def view(self, incoming: int, stream: int = 0) -> CacheView:
         c = self.cache
         positions, scores = c.positions_of(stream), c.scores_of(stream)
         positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
-        return CacheView(c.length, incoming, self.policy.budget, positions, scores)
-
-    def _scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-        """Per-token scores (B, c) from the logits the forward produced anyway."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, c, vocab)
-        if self.policy.needs_scores == "upstream":
-            # Zoeyyao27/SirLLM _cal_selfinfo: the log-prob each position gives its *own* token,
-            # shifted right by one, the chunk's maximum in front.
-            own = -logprobs.gather(2, ids[..., None])[..., 0]
-            scores = torch.cat([own.max(dim=1, keepdim=True).values, own[:, :-1]], dim=1)
-        else:  # the paper's e_i = -log p(x_i | x_<i)
-            nxt = -logprobs[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
-            if self._prev_logprobs is not None:
-                first = -self._prev_logprobs.gather(1, ids[:, :1])
-            else:
-                first = nxt.new_zeros(ids.shape[0], 1)
-            scores = torch.cat([first, nxt], dim=1)
-            self._prev_logprobs = logprobs[:, -1]
-        return scores.double().cpu().numpy()
+        observed = {}
+        for name in self.policy.observes:
+            if name in c.stat_names:
+                observed[name] = c.ranked_stat(name, stream)
+            elif name == "window_attention":
+                observed[name] = self.observer.window_attention(stream)
+        return CacheView(c.length, incoming, self.policy.budget, positions, scores, observed, c.num_layers, c.kv_heads)
 
     # ---- accounting --------------------------------------------------------------------------
     @property

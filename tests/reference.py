@@ -111,11 +111,11 @@ class ReferenceStream:
         self.scores[self.positions] = self.policy.new_round(self.scores[self.positions])
 
     def _surprisal(self, ids, logits):
-        if self.policy.needs_scores is None:
+        if "logits" not in self.policy.observes:
             return np.zeros(ids.shape[1])
         logprobs = torch.log_softmax(logits[0].double(), dim=-1)
         tok = ids[0].tolist()
-        if self.policy.needs_scores == "upstream":
+        if self.policy.score == "upstream":
             own = [-logprobs[i, t].item() for i, t in enumerate(tok)]
             return np.array([max(own)] + own[:-1])
         first = -self.prev_logprobs[tok[0]].item() if self.prev_logprobs is not None else 0.0

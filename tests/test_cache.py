@@ -112,8 +112,10 @@ def test_a_static_decode_session_is_freed_without_the_garbage_collector():
     (lambda view: np.array([0, 0, 1]), "sorted, unique ranks"),
     (lambda view: np.arange(view.length - 2, view.length + 1), "outside"),
     (lambda view: np.arange(view.length), "more than the"),
-    (lambda view: np.zeros((2, 2), dtype=np.int64), "1-D array of integer ranks"),
-    (lambda view: np.array([0.5, 1.5]), "1-D array of integer ranks"),
+    (lambda view: np.zeros((2, 2), dtype=np.int64), "this model has 1 layers and 2 KV heads"),
+    (lambda view: np.zeros((1, 2, 2, 2), dtype=np.int64), "integer ranks of shape"),
+    (lambda view: np.array([0.5, 1.5]), "integer ranks of shape"),
+    (lambda view: np.array([[[0, 1], [1, 1]]]), "sorted, unique ranks"),
 ])
 def test_a_policy_that_breaks_the_select_contract_is_one_error_naming_it(bad, message):
     from dataclasses import dataclass

@@ -11,9 +11,10 @@ corresponds to budget 257 here; its table's "cache size 256" is budget 256 = 4 s
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -27,8 +28,13 @@ class CacheView:
     length: int  # tokens in the cache now
     incoming: int  # tokens about to be fed; the result must leave room for them
     budget: int  # keys each query may see, including itself
-    positions: np.ndarray  # original position of each kept token in the stream
-    scores: np.ndarray  # per-token score the policy asked for (e.g. decayed surprisal)
+    positions: np.ndarray  # original position of each kept token: (n,), or (L, H, n) per head
+    scores: np.ndarray  # per-token score the policy recorded (e.g. decayed surprisal), same shape
+    observed: Mapping[str, Any] = field(default_factory=dict)  # what the policy declared it observes:
+    #   attention_sum, attention_last, key_norm: (L, H_kv, n) float32 tensors in each head's rank order
+    #   window_attention: (L, H_kv, groups, w, n) or None before any query; see streambench/observe.py
+    num_layers: int = 1
+    kv_heads: int = 1
 
     @property
     def target(self) -> int:
@@ -43,9 +49,14 @@ class CachePolicy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `streambench list`
     # What the engine must provide. Declared, so the engine never asks isinstance(policy, X).
-    needs_scores: ClassVar[str | None] = None  # score kind the engine computes per token, if any
     recompute: ClassVar[bool] = False  # no cache at all: re-encode the window every step
-    retrieves: ClassVar[bool] = False  # has on_evict / recall hooks and a `refresh` interval (longmem)
+    retrieves: ClassVar[bool] = False  # a RetrievalPolicy: on_evict / recall hooks (longmem)
+    # Observations the engine provides (streambench/observe.py), only to policies that declare them:
+    # "attention_sum", "attention_last", "key_norm", "window_attention", "logits" (score_tokens).
+    observes: ClassVar[frozenset] = frozenset()
+    observation_window: ClassVar[int] = 0  # queries kept for "window_attention" (a property where set by a field)
+    # The fields that, all given, fix the budget themselves (`-p recent_size=252` needs no --budget).
+    sizes: ClassVar[tuple[str, ...]] = ()
 
     budget: int | None = None
 
@@ -58,9 +69,23 @@ class CachePolicy:
 
     def select(self, view: CacheView) -> np.ndarray:
         """Ranks of the tokens to keep. The contract, which the engine checks at every eviction (a
-        violation is one error naming the policy): a 1-D integer array, sorted and unique (time
-        order), every rank in [0, view.length), at most `view.target` of them."""
+        violation is one error naming the policy): an integer array of shape (k,) (one keep-set for
+        every layer and head), (L, k) (one per layer) or (L, H_kv, k) (one per layer and KV head),
+        each set sorted and unique (time order, ranks *within* its head once sets differ), every
+        rank in [0, view.length), the same k <= `view.target` everywhere."""
         raise NotImplementedError
+
+    def score_tokens(self, ids, logits) -> np.ndarray:
+        """Policies observing "logits": a score (B, c) for each fed token, stored with it and read
+        back as `view.scores` (SirLLM's surprisal). Called after every forward."""
+        raise NotImplementedError
+
+    def state(self) -> Any:
+        """Per-stream state a branch must not change (saved by checkpoint, restored by rollback)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
 
     def new_round(self, scores: np.ndarray) -> np.ndarray:
         """Called once per user turn by dialogue tasks; may rescale stored scores (SirLLM's decay)."""
@@ -72,12 +97,6 @@ class CachePolicy:
     def stats(self) -> dict[str, float]:
         """Metrics of the policy's own state at the end of a run (e.g. its memory bank's size)."""
         return {}
-
-    # Retrieval policies (retrieves = True) also define:
-    #   on_evict(positions, k_pre, values)  tokens leaving the cache, (L, B, H, T, D) tensors
-    #   recall(view, query) -> (keep, at, positions, k_pre, values) | None
-    # The session calls recall every `refresh` tokens and at each user turn, with the last
-    # token's pre-RoPE query (layers, kv_heads, head_dim), and splices the result into the cache.
 
     # ---- shared helpers ------------------------------------------------------------------------
     @property
@@ -97,12 +116,48 @@ class CachePolicy:
         if not condition:
             raise ConfigError(f"{self.name}: {message}")
 
-    def _check_int(self, field: str, minimum: int) -> int:
-        value = getattr(self, field)
+    def _check_int(self, name: str, minimum: int) -> int:
+        value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f"{self.name}: {field} must be an integer, got {value!r}")
-        self._require(value >= minimum, f"{field} must be >= {minimum}, got {value}")
+            raise ConfigError(f"{self.name}: {name} must be an integer, got {value!r}")
+        self._require(value >= minimum, f"{name} must be >= {minimum}, got {value}")
         return int(value)
+
+    def _split_budget(self, fixed: dict[str, int], rest: str, minimum: int = 1) -> None:
+        """The budget split every sized policy repeats: `fixed` parts (name -> tokens they take)
+        plus `rest`, which, when not given, takes what the budget leaves. Sets `self.budget` to the
+        sum, and refuses a split that disagrees with a given budget."""
+        for name in fixed:
+            if hasattr(self, name):
+                self._check_int(name, 0)
+        taken = sum(fixed.values())
+        parts = " + ".join(fixed) if fixed else ""
+        if getattr(self, rest) is None:
+            self._require(self.budget is not None, f"needs a budget or {rest}")
+            self._require(self.budget - taken >= minimum, f"budget {self.budget} must be at least {parts + ' + ' if parts else ''}{minimum} = {taken + minimum}")
+            setattr(self, rest, self.budget - taken)
+        self._check_int(rest, minimum)
+        total = taken + getattr(self, rest)
+        self._require(self.budget in (None, total), f"{parts + ' + ' if parts else ''}{rest} = {total} disagrees with budget {self.budget}")
+        self.budget = total
+
+
+class RetrievalPolicy(CachePolicy, abc.ABC):
+    """A policy with a memory outside the cache (longmem). The session hands it every token that
+    leaves the cache (`on_evict`) and, every `refresh` tokens and at each user turn, asks it what
+    to bring back (`recall`), splicing the answer into the cache. One memory per session: batch 1.
+    Subclasses are dataclasses with a `refresh` field (tokens between recalls)."""
+
+    retrieves: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def on_evict(self, positions: np.ndarray, k_pre, values) -> None:
+        """Tokens leaving the cache: stream positions (T,), pre-RoPE keys and values (L, B, H, T, D)."""
+
+    @abc.abstractmethod
+    def recall(self, view: CacheView, query):
+        """Given the last token's pre-RoPE query (L, H_kv, D), return (keep, at, positions, k_pre,
+        values): ranks that stay and m tokens to insert at rank `at`; or None to change nothing."""
 
 
 def recent_ranks(length: int, count: int) -> np.ndarray:

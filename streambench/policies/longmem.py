@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView
+from streambench.policies.base import CacheView, RetrievalPolicy
 
 
 class Recall(NamedTuple):
@@ -23,7 +23,7 @@ class Recall(NamedTuple):
 
 @register_policy("longmem")
 @dataclass
-class LongMemPolicy(CachePolicy):
+class LongMemPolicy(RetrievalPolicy):
     """LongMem (Wang et al., arXiv:2306.07174) caches past keys and values in a memory bank and lets
     current tokens attend to retrieved chunks beside their local context; its fusion needs a trained
     SideNet, which no checkpoint provides for modern models. The training-free way to the same
@@ -42,7 +42,7 @@ class LongMemPolicy(CachePolicy):
 
     summary = ("LongMem-style memory bank (training-free, InfLLM-style retrieval; not the trained SideNet): "
                "sinks + top-k retrieved evicted blocks + recent window")
-    retrieves = True
+    sizes = ("block_size", "recent_size")
     start_size: int = 4
     block_size: int | None = None
     top_k: int | None = None

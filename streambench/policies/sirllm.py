@@ -1,7 +1,7 @@
 """sirllm: keep the start tokens, the tokens of highest (decayed) token entropy, then recent ones."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,26 +34,50 @@ class SirLLMPolicy(CachePolicy):
     recent_size: int = 0
     decay: float = 1.0
     score: str = "surprisal"
+    observes = frozenset({"logits"})
+    _prev_logprobs: object = field(default=None, init=False, repr=False, compare=False)  # (B, vocab)
+
+    sizes = ("entropy_size", "recent_size")
 
     def configure(self) -> None:
         self._check_int("start_size", 0)
         self._check_int("recent_size", 0)
-        if self.entropy_size is None:
-            self._require(self.budget is not None, "needs a budget or entropy_size")
-            self.entropy_size = self.budget - self.start_size - self.recent_size
-            self._require(self.entropy_size >= 1, f"budget {self.budget} must be above start_size + recent_size = {self.start_size + self.recent_size}")
-        self._check_int("entropy_size", 0)
-        total = self.start_size + self.entropy_size + self.recent_size
-        self._require(total >= 1 and total > self.start_size, "needs room beyond the start tokens")
-        self._require(self.budget in (None, total), f"start_size + entropy_size + recent_size = {total} disagrees with budget {self.budget}")
-        self.budget = total
+        given = self.entropy_size is not None
+        self._split_budget({"start_size": self.start_size, "recent_size": self.recent_size}, "entropy_size",
+                           minimum=0 if given else 1)
+        self._require(self.budget > self.start_size, "needs room beyond the start tokens")
         self._require(isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0, f"decay must be in (0, 1], got {self.decay!r}")
         self.decay = float(self.decay)
         self._require(self.score in SCORES, f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
-    @property
-    def needs_scores(self) -> str:
-        return self.score
+    def reset(self) -> None:
+        self._prev_logprobs = None
+
+    def state(self):
+        return self._prev_logprobs
+
+    def restore(self, state) -> None:
+        self._prev_logprobs = state
+
+    def score_tokens(self, ids, logits) -> np.ndarray:
+        """Per-token scores (B, c) from the logits the forward produced anyway."""
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, c, vocab)
+        if self.score == "upstream":
+            # Zoeyyao27/SirLLM _cal_selfinfo: the log-prob each position gives its *own* token,
+            # shifted right by one, the chunk's maximum in front.
+            own = -logprobs.gather(2, ids[..., None])[..., 0]
+            scores = torch.cat([own.max(dim=1, keepdim=True).values, own[:, :-1]], dim=1)
+        else:  # the paper's e_i = -log p(x_i | x_<i); the first token's from the previous forward
+            nxt = -logprobs[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+            if self._prev_logprobs is not None and self._prev_logprobs.shape[0] == ids.shape[0]:
+                first = -self._prev_logprobs.gather(1, ids[:, :1])
+            else:
+                first = nxt.new_zeros(ids.shape[0], 1)
+            scores = torch.cat([first, nxt], dim=1)
+            self._prev_logprobs = logprobs[:, -1]
+        return scores.double().cpu().numpy()
 
     @property
     def max_incoming(self) -> int:

@@ -21,16 +21,11 @@ class StreamingLLMPolicy(CachePolicy):
     start_size: int = 4
     recent_size: int | None = None
 
+    sizes = ("recent_size",)
+
     def configure(self) -> None:
         self._check_int("start_size", 0)
-        if self.recent_size is None:
-            self._require(self.budget is not None, "needs a budget or recent_size")
-            self._require(self.budget > self.start_size, f"budget {self.budget} must be above start_size {self.start_size}")
-            self.recent_size = self.budget - self.start_size
-        self._check_int("recent_size", 1)
-        total = self.start_size + self.recent_size
-        self._require(self.budget in (None, total), f"start_size + recent_size = {total} disagrees with budget {self.budget}")
-        self.budget = total
+        self._split_budget({"start_size": self.start_size}, "recent_size")
 
     @property
     def max_incoming(self) -> int:

@@ -16,15 +16,11 @@ class WindowPolicy(CachePolicy):
     once the first tokens leave the cache the model loses its attention sinks and quality collapses."""
 
     summary = "sliding window of the last `size` tokens"
+    sizes = ("size",)
     size: int | None = None
 
     def configure(self) -> None:
-        if self.size is None:
-            self._require(self.budget is not None, "needs a budget or size")
-            self.size = self.budget
-        self._check_int("size", 1)
-        self._require(self.budget in (None, self.size), f"size {self.size} disagrees with budget {self.budget}")
-        self.budget = self.size
+        self._split_budget({}, "size")
 
     def select(self, view: CacheView) -> np.ndarray:
         return recent_ranks(view.length, view.target)

@@ -1,0 +1,169 @@
+"""What content-aware policies read, recorded during the forward that runs anyway.
+
+SDPA does not return attention probabilities, and asking transformers for them (`eager`,
+`output_attentions`) materialises every layer's full matrix. Instead, while a session whose policy
+observes attention feeds, the model's attention runs through `observing_attention`, registered with
+transformers' `AttentionInterface`: it computes the softmax probabilities once from the query and
+cached keys the layer passes in (eager attention's arithmetic: scaled scores, the model's mask,
+softcapping, a float32 softmax), uses them for the layer's output, and reduces them into the
+cache's per-slot statistics before they are dropped:
+
+- `attention_sum`  every query's attention to each cached token since the token entered the cache
+                   (H2O's accumulated score), averaged over the query heads of each KV group;
+- `attention_last` the attention of the most recent query (TOVA's score), likewise per KV head;
+- `queries`        the pre-RoPE queries of the last `window` tokens per layer, from which
+                   `window_attention` recomputes, at eviction, what that window attends to in the
+                   cache as it is then (SnapKV's observation window).
+
+`key_norm` needs no capture: the cache records each key's L2 norm when the token enters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from streambench.errors import ConfigError
+
+NAME = "streambench_observing"
+CAPTURED = frozenset({"attention_sum", "attention_last", "queries"})  # need the attention hook
+STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot buffers in the cache
+KINDS = STATS | {"window_attention", "logits"}
+_ACTIVE: list["AttentionObserver"] = []  # the observer of the forward running now (innermost last)
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, observing_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> torch.Tensor:
+    """Softmax attention (B, H_kv, groups, c, N) as eager attention computes it, float32."""
+    b, heads, c, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[-2]
+    q = query.reshape(b, kv_heads, heads // kv_heads, c, d)
+    scores = torch.matmul(q.float(), key.float()[:, :, None].transpose(-1, -2))
+    scores = scores * (scaling if scaling is not None else 1 / math.sqrt(d))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        if c > 1:  # causal, the chunk's queries at the end of the keys
+            allowed = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[:, :, None, :, :n], float("-inf"))
+    else:
+        scores = scores + mask[:, :, None, :, :n].float()
+    return torch.softmax(scores, dim=-1)
+
+
+def observing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """An attention function for `AttentionInterface`: eager attention that also records."""
+    if kwargs.get("s_aux") is not None:
+        raise ConfigError("this model's attention has learned sinks (s_aux): attention observations do not support it")
+    probs = attention_probs(module, query, key, attention_mask, scaling, softcap)
+    b, heads, c, d = query.shape
+    out = torch.matmul(probs.to(value.dtype), value[:, :, None]).reshape(b, heads, c, -1)
+    if _ACTIVE:
+        _ACTIVE[-1].record(module.layer_idx, query, probs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class AttentionObserver:
+    """Routes one model's attention through `observing_attention` while a session feeds."""
+
+    def __init__(self, model, cache, wants: frozenset, window: int = 0):
+        _register()
+        self.cache, self.wants, self.window = cache, wants, window
+        self._configs = list({id(c): c for c in self._attention_configs(model)}.values())
+        self.scaling = [getattr(layer.self_attn, "scaling", None) for layer in model.model.layers]
+        self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
+        self.queries: list[torch.Tensor | None] = [None] * cache.num_layers  # (B, H, <=w, D) pre-RoPE
+
+    @staticmethod
+    def _attention_configs(model):
+        return [layer.self_attn.config for layer in model.model.layers]
+
+    def __enter__(self):
+        self._saved = [c._attn_implementation for c in self._configs]
+        for c in self._configs:
+            c._attn_implementation = NAME
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        for c, impl in zip(self._configs, self._saved):
+            c._attn_implementation = impl
+
+    def reset(self) -> None:
+        self.queries = [None] * self.cache.num_layers
+
+    def state(self):
+        return list(self.queries)
+
+    def restore(self, state) -> None:
+        self.queries = list(state)
+
+    @torch.no_grad()
+    def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
+        c, n = probs.shape[-2], probs.shape[-1]
+        old = n - c  # cached before this forward; the chunk's own tokens follow
+        if "attention_sum" in self.wants:
+            got = probs.sum(dim=3).mean(dim=2)  # (B, H_kv, N): over the chunk's queries, then the group
+            buf = self.cache.stat(layer, "attention_sum")
+            buf[..., :old] += got[..., :old].to(buf.device)
+            buf[..., old:n] = got[..., old:].to(buf.device)
+        if "attention_last" in self.wants:
+            self.cache.stat(layer, "attention_last")[..., :n] = probs[..., -1, :].mean(dim=2).to(self.cache.device)
+        if "queries" in self.wants:
+            rope = self.cache.rope
+            positions = self.positions.to(query.device)
+            pre = rope.unrotate(query, positions if positions.shape[0] > 1 else positions[0])
+            prev = self.queries[layer]
+            both = pre if prev is None else torch.cat([prev, pre], dim=2)
+            self.queries[layer] = both[:, :, -self.window :].clone()
+
+    @torch.no_grad()
+    def window_attention(self, b: int = 0) -> torch.Tensor | None:
+        """(L, H_kv, groups, w, n): the softmax attention that the last w queries, rotated at the
+        last w positions of the cache as it is now, give its tokens (in each head's rank order),
+        causal within the window. None before any query was seen."""
+        if any(q is None for q in self.queries):
+            return None
+        cache = self.cache
+        n = cache.length
+        w = min(self.queries[0].shape[2], n)
+        keys = cache.ranked_keys(b).float()  # (L, H, n, D)
+        positions = torch.arange(n - w, n, device=cache.device) + int(cache._offsets[b])
+        out = []
+        for layer, q in enumerate(self.queries):
+            q = cache.rope.rotate(q[b, :, -w:].to(cache.device), positions).float()  # (Hq, w, D)
+            heads, d = q.shape[0], q.shape[-1]
+            kv = keys[layer]
+            q = q.reshape(kv.shape[0], heads // kv.shape[0], w, d)
+            scores = torch.matmul(q, kv[:, None].transpose(-1, -2))
+            scores = scores * (self.scaling[layer] if self.scaling[layer] is not None else 1 / math.sqrt(d))
+            allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)
+            out.append(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1))
+        return torch.stack(out)
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average pooling along the last (time) axis, same length (kvpress SnapKVPress: avg_pool1d,
+    padding kernel // 2, stride 1; zero padding counted, as avg_pool1d does)."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    pooled = F.avg_pool1d(flat, kernel_size=kernel, padding=kernel // 2, stride=1)
+    return pooled[..., : shape[-1]].reshape(shape)
