@@ -124,7 +124,8 @@ class AttentionObserver:
             buf[..., :old] += got[..., :old].to(buf.device)
             buf[..., old:n] = got[..., old:].to(buf.device)
         if "attention_last" in self.wants:
-            self.cache.stat(layer, "attention_last")[..., :n] = probs[..., -1, :].mean(dim=2).to(self.cache.device)
+            buf = self.cache.stat(layer, "attention_last")
+            buf[..., :n] = probs[..., -1, :].mean(dim=2).to(buf.device)
         if "queries" in self.wants:
             rope = self.cache.rope
             positions = self.positions.to(query.device)

@@ -5,6 +5,9 @@ by forward hooks on the projections, and every step rebuilds a plain `DynamicCac
 tokens' states, rotated with the model's own `apply_rotary_pos_emb` at positions 0..n-1 (the
 re-indexing of mit-han-lab/streaming-llm), then runs the new tokens on top of it.
 
+Keep-sets may differ per layer and KV head: `positions` is then (L, H, n), and each head of the
+rebuilt cache holds exactly its own tokens, rotated at their ranks 0..n-1 in that head.
+
 Why not "a fresh forward over the kept tokens"? In layers >= 1 a kept token's keys and values were
 computed while it attended to tokens evicted since, so for a multi-layer model no eviction policy
 can equal a fresh forward; for a 1-layer model it can, and tests check that too.
@@ -79,19 +82,30 @@ class ReferenceStream:
         """Feed `ids` after evicting as the policy says, or, given `keep_positions` (time order),
         after keeping exactly those tokens (to replay another engine's choices, e.g. retrieval)."""
         count = ids.shape[1]
-        n = len(self.positions)
+        n = self.positions.shape[-1]
+        layers = len(self.keys)
         if keep_positions is not None:
             self.positions = np.asarray(keep_positions, dtype=np.int64)
         elif self.policy.evicts and n + count > self.policy.budget:
-            view = CacheView(n, count, self.policy.budget, self.positions, self.scores[self.positions])
-            self.positions = self.positions[self.policy.select(view)]
-        n = len(self.positions)
+            view = CacheView(n, count, self.policy.budget, self.positions, self.scores[self.positions],
+                             num_layers=layers, kv_heads=self.kv_heads)
+            keep = np.asarray(self.policy.select(view))
+            if keep.ndim == 2:
+                keep = np.broadcast_to(keep[:, None], (layers, self.kv_heads, keep.shape[-1]))
+            if keep.ndim == 3 and self.positions.ndim == 1:
+                self.positions = np.broadcast_to(self.positions, (layers, self.kv_heads, n))
+            self.positions = np.take_along_axis(self.positions, keep, -1) if keep.ndim == 3 else self.positions[..., keep]
+        n = self.positions.shape[-1]
         cache = DynamicCache(config=self.model.config)
         if n:
             pos = torch.arange(n, device=ids.device)[None]
-            idx = torch.as_tensor(self.positions, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
-                k, v = k[:, :, idx], v[:, :, idx]
+                if self.positions.ndim == 3:  # head h attends over its own tokens only
+                    idx = torch.as_tensor(self.positions[i], device=ids.device)[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[-1])
+                    k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+                else:
+                    idx = torch.as_tensor(self.positions, device=ids.device)
+                    k, v = k[:, :, idx], v[:, :, idx]
                 cos, sin = self.model.model.rotary_emb(v, position_ids=pos)
                 _, k_rot = self.apply_rope(k, k, cos, sin)
                 cache.update(k_rot, v, i)
@@ -102,16 +116,18 @@ class ReferenceStream:
             k_new, v_new = self._new[("k", i)], self._new[("v", i)]
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
             self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
-        self.positions = np.concatenate([self.positions, np.arange(self.fed, self.fed + count)])
+        new = np.broadcast_to(np.arange(self.fed, self.fed + count), (*self.positions.shape[:-1], count))
+        self.positions = np.concatenate([self.positions, new], axis=-1)
         self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])  # every token fed
         self.fed += count
         return logits
 
     def new_round(self):
-        self.scores[self.positions] = self.policy.new_round(self.scores[self.positions])
+        kept = np.unique(self.positions)  # a score per token: per-head sets share their tokens' scores
+        self.scores[kept] = self.policy.new_round(self.scores[kept])
 
     def _surprisal(self, ids, logits):
-        if "logits" not in self.policy.observes:
+        if self.policy is None or "logits" not in self.policy.observes:
             return np.zeros(ids.shape[1])
         logprobs = torch.log_softmax(logits[0].double(), dim=-1)
         tok = ids[0].tolist()

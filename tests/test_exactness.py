@@ -20,6 +20,13 @@ POLICY_CASES = [
     ("recompute-window", {}),
     ("longmem", {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16}),
     ("random", {"start_size": 2, "seed": 3}),
+    ("random", {"scope": "layer", "start_size": 1, "seed": 4}),
+    ("random", {"scope": "head", "seed": 5}),
+    ("h2o", {}),
+    ("h2o", {"heavy_size": 8}),
+    ("tova", {}),
+    ("knorm", {"start_size": 1, "recent_size": 2}),
+    ("snapkv", {"window": 4, "kernel": 3, "interval": 3}),
 ]
 IDS = [f"{name}-{'-'.join(map(str, args.values()))}" if args else name for name, args in POLICY_CASES]
 BUDGET = 12
@@ -39,6 +46,25 @@ def kept_positions(session, fed):
     return session.cache.positions
 
 
+def replays(policy) -> bool:
+    """The reference cannot recompute what a retrieval bank or an attention observation chose: it
+    replays the engine's kept sets (and still rebuilds every state from its own captures)."""
+    return policy.retrieves or bool(policy.observes - {"logits"})
+
+
+def fresh_logits(model, ids, kept):
+    """Last-token logits of a fresh computation over the kept tokens at positions 0..n-1. Kept sets
+    per head (L=1, H, n): every token's key and value computed afresh from its embedding (a 1-layer
+    model's states depend on nothing else), each head attending over its own tokens."""
+    kept = np.asarray(kept)
+    if kept.ndim == 1:
+        return model(input_ids=ids[:, torch.as_tensor(kept)]).logits[0, -1]
+    assert (kept[..., -1] == ids.shape[1] - 1).all()
+    with ReferenceStream(model, None) as fresh:
+        fresh.feed(ids[:, :-1], keep_positions=np.empty(0, dtype=np.int64))  # capture only
+        return fresh.feed(ids[:, -1:], keep_positions=kept[..., :-1])[0, -1]
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("name,args", POLICY_CASES, ids=IDS)
 def test_one_layer_cache_equals_fresh_forward_over_kept_tokens(arch, name, args):
@@ -50,8 +76,7 @@ def test_one_layer_cache_equals_fresh_forward_over_kept_tokens(arch, name, args)
     for t in range(ids.shape[1]):
         logits = session.feed(ids[:, t : t + 1])[0, -1]
         if t % 7 == 6 or t == ids.shape[1] - 1:
-            kept = torch.as_tensor(kept_positions(session, t + 1))
-            fresh = model(input_ids=ids[:, kept]).logits[0, -1]
+            fresh = fresh_logits(model, ids[:, : t + 1], kept_positions(session, t + 1))
             torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=0)
         if t % 20 == 19:
             session.new_round()
@@ -72,7 +97,7 @@ def test_deep_cache_equals_reference_rebuilt_from_kept_states(arch, name, args):
     for t in range(ids.shape[1]):
         got = session.feed(ids[:, t : t + 1])
         # retrieval brings evicted tokens back: the reference replays the engine's kept set
-        replay = session.cache.positions[:-1] if policy.retrieves else None
+        replay = session.cache.positions[..., :-1] if replays(policy) else None
         want = reference.feed(ids[:, t : t + 1], keep_positions=replay)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         if session.cache is not None:
@@ -92,12 +117,12 @@ def test_chunked_feeding_equals_reference(name, args):
     reference = ReferenceStream(model, make_policy(name, args))
     ids = stream_ids(90, seed=3)
     for start, size in zip(range(0, 90, 5), [1, 3, 5, 2, 7, 4] * 10):
-        chunk = ids[:, start : start + size]
-        if chunk.shape[1] == 0:
-            break
-        got = session.feed(chunk)
-        replay = session.cache.positions[: -chunk.shape[1]] if session.policy.retrieves else None
-        torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
+        limit = session.policy.max_incoming or size  # longer chunks are split by the session: split here too
+        for at in range(start, min(start + size, ids.shape[1]), limit):
+            chunk = ids[:, at : min(at + limit, start + size)]
+            got = session.feed(chunk)
+            replay = session.cache.positions[..., : -chunk.shape[1]] if replays(session.policy) else None
+            torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
         session.new_round()
         reference.new_round()
 

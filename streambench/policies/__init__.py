@@ -6,6 +6,8 @@ POLICIES: Registry = Registry("policy", CachePolicy)
 register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.
-from streambench.policies import dense, longmem, random_keep, recompute_window, sirllm, streamingllm, window  # noqa: E402,F401
+from streambench.policies import (  # noqa: E402,F401
+    dense, h2o, knorm, longmem, random_keep, recompute_window, sirllm, snapkv, streamingllm, tova, window,
+)
 
 __all__ = ["CachePolicy", "CacheView", "POLICIES", "register_policy"]

@@ -1,0 +1,61 @@
+"""h2o: heavy hitters (most attention received so far) plus a recent window, per layer and KV head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streambench.policies import register_policy
+from streambench.policies.base import CachePolicy, CacheView
+
+
+def top_ranks(scores: torch.Tensor, count: int, protect: slice | None = None) -> np.ndarray:
+    """The `count` highest-scored ranks of every head, sorted (time order): (L, H, count).
+    Ranks in `protect` are always kept and counted in `count`; ties keep the older token."""
+    scores = scores.float().clone()
+    if protect is not None:
+        scores[..., protect] = float("inf")
+    top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    return top.sort(dim=-1).values.cpu().numpy()
+
+
+@register_policy("h2o")
+@dataclass
+class H2OPolicy(CachePolicy):
+    """H2O (Zhang et al., arXiv:2306.14048): a few "heavy hitter" tokens receive most of the
+    attention; keeping them beside a recent window keeps quality at a fraction of the cache.
+    Per layer and KV head, a token's score is the attention it has received since it entered the
+    cache, summed over every later query and itself (FMInference/H2O `H2OKVCache_LayerWise`:
+    attention summed over the query axis), averaged over the query heads of its KV group (GQA).
+
+    At each eviction a head keeps its `recent_size` most recent tokens (the incoming ones among
+    them) and the `heavy_size` highest-scored others. Defaults: half and half of the budget, as the
+    paper's 20% = 10% heavy + 10% recent. Streaming choice (the paper evicts during generation the
+    same way): scores keep accumulating while a token stays, never reset or decayed."""
+
+    summary = "heavy hitters (accumulated attention) + recent window, per layer and KV head"
+    observes = frozenset({"attention_sum"})
+    sizes = ("heavy_size", "recent_size")
+    heavy_size: int | None = None
+    recent_size: int | None = None
+
+    def configure(self) -> None:
+        if self.recent_size is None and self.heavy_size is None:
+            self._require(self.budget is not None and self.budget >= 2, f"needs a budget >= 2 or heavy_size and recent_size, got {self.budget}")
+            self.heavy_size = self.budget // 2
+        if self.heavy_size is None:
+            self._check_int("recent_size", 1)
+            self._split_budget({"recent_size": self.recent_size}, "heavy_size", minimum=0)
+        else:
+            self._check_int("heavy_size", 0)
+            self._split_budget({"heavy_size": self.heavy_size}, "recent_size")
+
+    @property
+    def max_incoming(self) -> int:
+        return self.recent_size
+
+    def select(self, view: CacheView) -> np.ndarray:
+        scores = view.observed["attention_sum"]
+        recent = min(max(self.recent_size - view.incoming, 0), view.target)
+        return top_ranks(scores, view.target, slice(view.length - recent, None) if recent else None)

@@ -1,0 +1,61 @@
+"""snapkv: keep what an observation window of recent queries attends to, per layer and KV head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.observe import pool
+from streambench.policies import register_policy
+from streambench.policies.base import CachePolicy, CacheView, recent_ranks
+from streambench.policies.h2o import top_ranks
+
+
+@register_policy("snapkv")
+@dataclass
+class SnapKVPolicy(CachePolicy):
+    """SnapKV (Li et al., arXiv:2404.14469): the attention of the last `window` queries over the
+    prefix predicts what generation will attend to. kvpress's SnapKVPress computes it once at
+    prefill: window attention averaged over the window's queries, average-pooled along the sequence
+    (`kernel`), averaged over each KV group's query heads; the window itself always stays.
+
+    Streaming form (our choice; the paper compresses once): eviction happens when the cache is full
+    and at most every `interval` tokens, evicting `interval` at once, so the cost of scoring is paid
+    once per `interval` tokens. The window's queries (their pre-RoPE copies, recorded as they were
+    fed) are rotated at the last `window` positions of the cache and attend to it as it is then,
+    causally inside the window. Defaults: window 64 and kernel 5 as SnapKVPress, interval 16,
+    capped so that window + interval fit in the budget."""
+
+    summary = "attention of the last `window` queries, pooled (SnapKV), per layer and KV head"
+    observes = frozenset({"window_attention"})
+    window: int = 64
+    kernel: int = 5
+    interval: int = 16
+
+    def configure(self) -> None:
+        self._check_int("window", 1)
+        self._check_int("kernel", 1)
+        self._check_int("interval", 1)
+        self._require(self.budget is not None, "needs a budget")
+        self._require(self.budget >= 2, f"budget must be >= 2, got {self.budget}")
+        self._window = min(self.window, self.budget - 1)
+        self._interval = max(1, min(self.interval, self.budget - self._window))
+
+    @property
+    def observation_window(self) -> int:
+        return self._window
+
+    @property
+    def max_incoming(self) -> int:
+        return self.budget - self._window
+
+    def select(self, view: CacheView) -> np.ndarray:
+        target = max(min(view.target, self.budget - self._interval), 0)
+        attn = view.observed["window_attention"]
+        if attn is None or target == 0:
+            return recent_ranks(view.length, target)
+        w = min(attn.shape[-2], target)
+        prefix = view.length - w  # kvpress scores the tokens before the window; the window stays
+        scores = attn.new_full(attn.shape[:2] + (view.length,), float("inf"))
+        scores[..., :prefix] = pool(attn[..., :prefix].mean(dim=-2), self.kernel).mean(dim=2)  # queries, pooled, group
+        return top_ranks(scores, target)
