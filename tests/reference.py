@@ -138,3 +138,20 @@ class ReferenceStream:
         rest = [-logprobs[i - 1, tok[i]].item() for i in range(1, len(tok))]
         self.prev_logprobs = logprobs[-1]
         return np.array([first] + rest)
+
+
+@torch.no_grad()
+def fresh_logits(model, ids, kept):
+    """Last-token logits of a fresh computation over the kept tokens at positions 0..n-1. Kept sets
+    per head (L=1, H, n): every token's key and value computed afresh from its embedding (a 1-layer
+    model's states depend on nothing else), each head attending over its own tokens."""
+    kept = np.asarray(kept)
+    if kept.ndim == 1:
+        return model(input_ids=ids[:, torch.as_tensor(kept)]).logits[0, -1]
+    assert (kept[..., -1] == ids.shape[1] - 1).all()
+    union = np.unique(kept[..., :-1])  # every token some head keeps, captured in one forward
+    with ReferenceStream(model, None) as fresh:
+        fresh.feed(ids[:, torch.as_tensor(union)], keep_positions=np.empty(0, dtype=np.int64))
+        return fresh.feed(ids[:, -1:], keep_positions=np.searchsorted(union, kept[..., :-1]))[0, -1]
+
+

@@ -3,7 +3,7 @@ gives the logits an exact computation gives, for every policy and every supporte
 import numpy as np
 import pytest
 import torch
-from reference import ReferenceStream
+from reference import ReferenceStream, fresh_logits
 from tiny_models import ARCHITECTURES, tiny_model
 
 from streambench.config import PolicySpec, build_policy
@@ -50,19 +50,6 @@ def replays(policy) -> bool:
     """The reference cannot recompute what a retrieval bank or an attention observation chose: it
     replays the engine's kept sets (and still rebuilds every state from its own captures)."""
     return policy.retrieves or bool(policy.observes - {"logits"})
-
-
-def fresh_logits(model, ids, kept):
-    """Last-token logits of a fresh computation over the kept tokens at positions 0..n-1. Kept sets
-    per head (L=1, H, n): every token's key and value computed afresh from its embedding (a 1-layer
-    model's states depend on nothing else), each head attending over its own tokens."""
-    kept = np.asarray(kept)
-    if kept.ndim == 1:
-        return model(input_ids=ids[:, torch.as_tensor(kept)]).logits[0, -1]
-    assert (kept[..., -1] == ids.shape[1] - 1).all()
-    with ReferenceStream(model, None) as fresh:
-        fresh.feed(ids[:, :-1], keep_positions=np.empty(0, dtype=np.int64))  # capture only
-        return fresh.feed(ids[:, -1:], keep_positions=kept[..., :-1])[0, -1]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -125,6 +112,24 @@ def test_chunked_feeding_equals_reference(name, args):
             torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
         session.new_round()
         reference.new_round()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("name,args", [("random", {"scope": "head", "seed": 7}), ("h2o", {}), ("knorm", {}),
+                                       ("snapkv", {"window": 3, "interval": 2})])
+def test_per_head_keep_sets_equal_a_fresh_per_head_computation_to_1e6(arch, name, args):
+    """Keep-sets that differ per KV head: each head attends over exactly its own kept tokens at
+    positions 0..n-1 (their ranks in that head), to 1e-6 in fp32, after every step."""
+    model = tiny_model(arch, layers=1)
+    session = StreamSession(LoadedModel.wrap(model), make_policy(name, args))
+    ids = stream_ids(40, seed=8)
+    for t in range(ids.shape[1]):
+        logits = session.feed(ids[:, t : t + 1])[0, -1]
+        if t >= BUDGET:
+            kept = session.cache.positions
+            assert kept.shape[:2] == (1, model.config.num_key_value_heads) and kept.shape[2] <= BUDGET
+            torch.testing.assert_close(logits, fresh_logits(model, ids[:, : t + 1], kept), atol=1e-6, rtol=0)
+    assert session.cache.per_head
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

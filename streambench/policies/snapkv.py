@@ -23,21 +23,26 @@ class SnapKVPolicy(CachePolicy):
     and at most every `interval` tokens, evicting `interval` at once, so the cost of scoring is paid
     once per `interval` tokens. The window's queries (their pre-RoPE copies, recorded as they were
     fed) are rotated at the last `window` positions of the cache and attend to it as it is then,
-    causally inside the window. Defaults: window 64 and kernel 5 as SnapKVPress, interval 16,
-    capped so that window + interval fit in the budget."""
+    causally inside the window. Defaults: kernel 5 as SnapKVPress; window 64 as SnapKVPress and
+    interval 16, each capped for small budgets (a quarter and a sixteenth of the budget: at budget
+    64, a window of 64 would keep only the window, i.e. be the `window` policy)."""
 
     summary = "attention of the last `window` queries, pooled (SnapKV), per layer and KV head"
     observes = frozenset({"window_attention"})
-    window: int = 64
+    window: int | None = None
     kernel: int = 5
-    interval: int = 16
+    interval: int | None = None
 
     def configure(self) -> None:
+        self._require(self.budget is not None, "needs a budget")
+        self._require(self.budget >= 2, f"budget must be >= 2, got {self.budget}")
+        if self.window is None:
+            self.window = min(64, max(1, self.budget // 4))
+        if self.interval is None:
+            self.interval = min(16, max(1, self.budget // 16))
         self._check_int("window", 1)
         self._check_int("kernel", 1)
         self._check_int("interval", 1)
-        self._require(self.budget is not None, "needs a budget")
-        self._require(self.budget >= 2, f"budget must be >= 2, got {self.budget}")
         self._window = min(self.window, self.budget - 1)
         self._interval = max(1, min(self.interval, self.budget - self._window))
 
