@@ -705,13 +705,19 @@ def list_command(what):
 
     if what in ("all", "policies"):
         click.echo("Policies:")
+        broken = POLICIES.load_plugins()
         for name, cls in _unique(POLICIES):
             fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.init and f.name != "budget")
-            click.echo(f"  {name:<18} {cls.summary}" + (f"  [{fields}]" if fields else ""))
+            click.echo(f"  {name:<18} {cls.summary}" + (f"  [{fields}]" if fields else "") + _from(POLICIES, name))
+        for name, problem in broken.items():
+            click.echo(f"  {name:<18} BROKEN: {problem}")
     if what in ("all", "tasks"):
         click.echo("Tasks:")
+        broken = TASKS.load_plugins()
         for name, cls in _unique(TASKS):
-            click.echo(f"  {name:<18} {cls.summary} (v{cls.version})")
+            click.echo(f"  {name:<18} {cls.summary} (v{cls.version})" + _from(TASKS, name))
+        for name, problem in broken.items():
+            click.echo(f"  {name:<18} BROKEN: {problem}")
     if what in ("all", "presets"):
         for kind in ("policies", "tasks"):
             presets = list_presets(kind)
@@ -723,6 +729,16 @@ def list_command(what):
                 except StreambenchError as exc:
                     desc = f"INVALID: {exc}"
                 click.echo(f"  {name:<18} {desc}")
+
+
+def _from(registry, name: str) -> str:
+    """Where a plugin entry came from (nothing for streambench's own)."""
+    origin = registry.origin(name)
+    if origin["kind"] == "builtin":
+        return ""
+    if origin["kind"] == "entry-point":
+        return f"  (plugin: {origin.get('distribution', '?')} {origin.get('version', '')}, {origin['value']})"
+    return f"  (plugin: {origin.get('path') or origin.get('module')})"
 
 
 def _unique(registry):

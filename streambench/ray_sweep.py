@@ -22,6 +22,9 @@ INSTALL_HINT = "Ray is not installed: pip install 'streambench[ray]' (or pip ins
 _LOADED: dict = {}  # per worker process: (model, device, dtype) -> LoadedModel
 
 
+GROUPS = {"policy": "streambench.policies", "task": "streambench.tasks"}
+
+
 def import_ray():
     try:
         import ray
@@ -82,6 +85,12 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
             for t in model_todo]
     if not todo:
         return counts
+    for _config, item in todo:
+        for part in ("policy", "task"):
+            if item.config[part].get("origin", {}).get("kind") == "file":
+                raise ConfigError(
+                    f"{part} {item.config[part]['name']} is a file plugin, which Ray workers cannot import: install it "
+                    f"as a package with a {GROUPS[part]} entry point, or use --engine local")
     started_here = not ray.is_initialized()
     if started_here:
         try:

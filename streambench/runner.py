@@ -11,7 +11,10 @@ from typing import Callable, Iterator
 from streambench.config import PolicySpec, RunConfig, build_policy, build_task, check_seed
 from streambench.errors import ConfigError
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
+from streambench.policies import POLICIES
+from streambench.registry import BUILTIN
 from streambench.safety import check_label, inside, slug
+from streambench.tasks import TASKS
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -91,6 +94,11 @@ def plan(config: RunConfig, check_device: bool = True):
             "task": {"name": task.name, "version": task.version, "args": task.args()},
             "policy": {"name": policy.name, "args": policy.args()},
         }
+        for part, registry, name in (("task", TASKS, task.name), ("policy", POLICIES, policy.name)):
+            origin = registry.origin(name)
+            if origin is not BUILTIN:  # a plugin: what ran (its sha256, or distribution and version);
+                # the path goes to the result's provenance, so a clone elsewhere keeps the hash
+                run_config[part]["origin"] = {k: v for k, v in origin.items() if k != "path"}
         if batch > 1:  # speed depends on it, quality does not; batch 1 keeps the hashes it always had
             run_config["batch_size"] = batch
         if config.device_map is not None:
@@ -200,6 +208,8 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
         "records": outcome.records,
         "info": outcome.info,
         "environment": env,
+        "provenance": {part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)
+                       for part in ("task", "policy")},
         "timing": {
             "started": started,
             "finished": now_iso(),

@@ -45,3 +45,27 @@ def small_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "prose.txt"
     path.write_text(("It was the best of times, it was the worst of times, it was the age of wisdom. " * 60))
     return path
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin"
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory):
+    """The example plugin package (examples/plugin) "installed" without network or pip: its
+    source folder plus a dist-info whose entry points are read from its own pyproject.toml, both
+    on a path that importlib.metadata scans. Returns the PYTHONPATH string (for subprocesses)."""
+    import tomllib
+
+    project = tomllib.loads((EXAMPLE_PLUGIN / "pyproject.toml").read_text())["project"]
+    site = tmp_path_factory.mktemp("site")
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    lines = []
+    for group, entries in project["entry-points"].items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {value}" for name, value in entries.items()]
+    info.joinpath("entry_points.txt").write_text("\n".join(lines) + "\n")
+    info.joinpath("top_level.txt").write_text("streambench_strided\n")
+    return os.pathsep.join([str(site), str(EXAMPLE_PLUGIN / "src")])

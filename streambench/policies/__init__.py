@@ -2,7 +2,7 @@
 from streambench.policies.base import CachePolicy, CacheView
 from streambench.registry import Registry
 
-POLICIES: Registry = Registry("policy", CachePolicy)
+POLICIES: Registry = Registry("policy", CachePolicy, group="streambench.policies")
 register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.

@@ -2,7 +2,7 @@
 from streambench.registry import Registry
 from streambench.tasks.base import Task, TaskResult
 
-TASKS: Registry = Registry("task", Task)
+TASKS: Registry = Registry("task", Task, group="streambench.tasks")
 register_task = TASKS.register
 
 from streambench.tasks import dailydialog, grocery, lmeval_task, perplexity, rps  # noqa: E402,F401
