@@ -50,7 +50,7 @@ SHAPES = {
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
-POLICIES = ["dense", "window", "streamingllm", "sirllm"]
+POLICIES = ["dense", "window", "streamingllm", "sirllm", "h2o", "tova", "knorm", "snapkv", "random"]
 
 
 def exactness(device) -> dict:

@@ -615,7 +615,7 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
 
 @cli.command(name="bench")
 @click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
-@click.option("--policy", "policies", default="dense,window,streamingllm,sirllm,longmem", show_default=True)
+@click.option("--policy", "policies", default="dense,window,streamingllm,sirllm,longmem,h2o,tova,knorm,snapkv,random", show_default=True)
 @click.option("--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison.")
 @click.option("--budgets", default="256,512,1024,2048,4096", show_default=True, help="Budgets for streamingllm vs recompute-window.")
 @click.option("--batch-sizes", default="1,4,8", show_default=True, help="Batched streams to measure ('' to skip).")

@@ -20,8 +20,10 @@ IDS = [f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in BATCHED]
 
 
 def streams(count, n, vocab=96):
+    """Distinct tokens within each stream: a repeated token's layer-0 key ties exactly with its
+    twin's (knorm's score), and batched arithmetic may break such a tie the other way."""
     g = torch.Generator().manual_seed(7)
-    return torch.randint(3, vocab, (count, n), generator=g)
+    return torch.stack([torch.randperm(vocab - 3, generator=g)[:n] + 3 for _ in range(count)])
 
 
 def run_stream(session, ids, chunk):
@@ -138,7 +140,8 @@ def test_device_map_auto_loads_and_streams(tiny_model_dir, tmp_path):
     assert r["config"]["device_map"] == "auto" and r["model"]["devices"]
 
 
-STATIC = [(n, a) for n, a in POLICY_CASES if n not in ("longmem", "recompute-window")]
+# Policies that observe attention decode eagerly (tests/policies/test_content_aware.py); knorm stays.
+STATIC = [(n, a) for n, a in POLICY_CASES if n not in ("longmem", "recompute-window", "h2o", "tova", "snapkv")]
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -134,7 +134,9 @@ class CachePolicy:
         parts = " + ".join(fixed) if fixed else ""
         if getattr(self, rest) is None:
             self._require(self.budget is not None, f"needs a budget or {rest}")
-            self._require(self.budget - taken >= minimum, f"budget {self.budget} must be at least {parts + ' + ' if parts else ''}{minimum} = {taken + minimum}")
+            if fixed and self.budget - taken < minimum:
+                (name, value), = fixed.items() if len(fixed) == 1 else ((f"{parts} =", taken),)
+                self._require(False, f"budget {self.budget} must be {'above' if minimum == 1 else 'at least'} {name} {value}")
             setattr(self, rest, self.budget - taken)
         self._check_int(rest, minimum)
         total = taken + getattr(self, rest)

@@ -4,15 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from streambench.policies import register_policy
 from streambench.policies.base import CachePolicy, CacheView
 
 
-def top_ranks(scores: torch.Tensor, count: int, protect: slice | None = None) -> np.ndarray:
+def top_ranks(scores, count: int, protect: slice | None = None) -> np.ndarray:
     """The `count` highest-scored ranks of every head, sorted (time order): (L, H, count).
     Ranks in `protect` are always kept and counted in `count`; ties keep the older token."""
+    import torch  # policies import no torch until they run
+
     scores = scores.float().clone()
     if protect is not None:
         scores[..., protect] = float("inf")
