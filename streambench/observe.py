@@ -47,11 +47,13 @@ def _register() -> None:
 
 
 def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> torch.Tensor:
-    """Softmax attention (B, H_kv, groups, c, N) as eager attention computes it, float32."""
+    """Softmax attention (B, H_kv, groups, c, N) as eager attention computes it, float32. One
+    batched matmul per layer: each KV head's group of query heads is one (groups * c, D) block."""
     b, heads, c, d = query.shape
     kv_heads, n = key.shape[1], key.shape[-2]
-    q = query.reshape(b, kv_heads, heads // kv_heads, c, d)
-    scores = torch.matmul(q.float(), key.float()[:, :, None].transpose(-1, -2))
+    q = query.float().reshape(b * kv_heads, (heads // kv_heads) * c, d)
+    scores = torch.bmm(q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2))
+    scores = scores.view(b, kv_heads, heads // kv_heads, c, n)
     scores = scores * (scaling if scaling is not None else 1 / math.sqrt(d))
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -72,7 +74,9 @@ def observing_attention(module, query, key, value, attention_mask, scaling=None,
         raise ConfigError("this model's attention has learned sinks (s_aux): attention observations do not support it")
     probs = attention_probs(module, query, key, attention_mask, scaling, softcap)
     b, heads, c, d = query.shape
-    out = torch.matmul(probs.to(value.dtype), value[:, :, None]).reshape(b, heads, c, -1)
+    kv_heads, n = value.shape[1], value.shape[-2]
+    weights = probs.to(value.dtype).reshape(b * kv_heads, (heads // kv_heads) * c, n)
+    out = torch.bmm(weights, value.reshape(b * kv_heads, n, -1)).view(b, heads, c, -1)
     if _ACTIVE:
         _ACTIVE[-1].record(module.layer_idx, query, probs)
     return out.transpose(1, 2).contiguous(), None

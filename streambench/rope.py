@@ -38,6 +38,10 @@ class RotaryTable:
         self.cos, self.sin = cos[0].float(), sin[0].float()  # (P, rotary_dim)
         norm = self.cos.square() + self.sin.square()  # attention_scaling**2 (1 for plain RoPE)
         self.inv_norm = None if torch.allclose(norm, torch.ones_like(norm)) else 1.0 / norm
+        half = self.cos.shape[-1] // 2
+        # rotate-half RoPE repeats its frequencies (emb = cat(freqs, freqs)): then a rotation needs
+        # only the first half of the tables, and no rotate_half copy (the flat path below)
+        self.halved = bool(torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(self.sin[:, :half], self.sin[:, half:]))
         self.size = size
         self._copies = {}  # per-device copies of the old tables are stale now
 
@@ -58,6 +62,8 @@ class RotaryTable:
         # k: (..., T, D) in any dtype; positions: (T,) long on k's device, or (B, T) for a
         # (L, B, H, T, D) stack of batched streams. Math in float32.
         table_cos, table_sin, inv_norm = self._on(k.device)
+        if self.halved and positions.dim() == 1 and k.dim() == 2 and inv_norm is None:
+            return self._apply_rows(k, positions, table_cos, table_sin, inverse)
         cos, sin = table_cos[positions], table_sin[positions]  # (T, rd) or (B, T, rd)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
@@ -73,6 +79,21 @@ class RotaryTable:
         out = out.to(k.dtype)
         if rd < k.shape[-1]:
             out = torch.cat((out, k[..., rd:]), dim=-1)
+        return out
+
+    def _apply_rows(self, k, positions, table_cos, table_sin, inverse: bool) -> torch.Tensor:
+        """Rows (M, D) at positions (M,): the re-rotation of per-head evictions, thousands of rows
+        a step. Same arithmetic as `_apply` (float32, x*cos +- rotate_half(x)*sin), in halves."""
+        half = table_cos.shape[-1] // 2
+        cos, sin = table_cos[positions, :half], table_sin[positions, :half]
+        if inverse:
+            sin = -sin
+        x1, x2 = k[:, :half].float(), k[:, half : 2 * half].float()
+        out = torch.empty_like(k)
+        out[:, :half] = x1 * cos - x2 * sin
+        out[:, half : 2 * half] = x2 * cos + x1 * sin
+        if 2 * half < k.shape[-1]:
+            out[:, 2 * half :] = k[:, 2 * half :]
         return out
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

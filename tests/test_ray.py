@@ -17,9 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(embedded):  # `embedded`: the model's safetensors cache exists before workers race for it
+def cluster(embedded, plugin_site):  # `embedded`: the model's safetensors cache exists before workers race for it
+    # the example plugin package is "installed" on the workers (its entry points on their path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       "PYTHONPATH": plugin_site}})
     yield
     ray.shutdown()
 
@@ -90,6 +92,30 @@ def test_a_killed_ray_sweep_resumes_without_redoing_finished_runs(cluster, tmp_p
         assert counts == {"finished": 3, "failed": 0, "skipped": 1, "elsewhere": 0}
         assert len(store.finished()) == 4
         assert {r["config_hash"]: r["finished"] for r in store.rows()}[seen[0]] == stamp  # not redone
+
+
+def test_entry_point_plugins_run_on_ray_workers(cluster, tmp_path, tiny_model_dir, plugin_site, monkeypatch):
+    """A policy and a task installed as a distribution (entry points) resolve on the driver and on
+    the workers; the results record the distribution."""
+    import os
+
+    from streambench.policies import POLICIES
+    from streambench.tasks import TASKS
+
+    for part in plugin_site.split(os.pathsep):
+        monkeypatch.syspath_prepend(part)
+    for registry in (POLICIES, TASKS):
+        monkeypatch.setattr(registry, "_entry_points", None)  # scan again, with the plugin on the path
+    spec = load_spec(write_spec(tmp_path, models=[str(tiny_model_dir)], policies=["strided", "streamingllm"],
+                                tasks=[{"task": "lorem-ppl", "tokens": 32}]))
+    from streambench.ray_sweep import run_sweep_ray
+
+    with Store(tmp_path / "store.sqlite") as store:
+        assert run_sweep_ray(spec, store)["finished"] == 2
+        results = {r["config"]["policy"]["name"]: r for r in store.results()}
+    assert results["strided"]["config"]["policy"]["origin"]["distribution"] == "streambench-strided"
+    assert results["strided"]["config"]["task"]["origin"]["value"] == "streambench_strided:LoremPerplexity"
+    assert all(r["environment"].get("ray_node") for r in results.values())
 
 
 def test_ray_engine_without_ray_says_how_to_install(tmp_path, monkeypatch):
