@@ -131,7 +131,12 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
         rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t,
                       "over_generate": generate / t}
     if device.type == "cuda":  # the same steps replayed as CUDA graphs (streambench run --cuda-graphs)
+        from streambench.observe import CAPTURED
+
         for name, row in rows.items():
+            policy = build_policy(PolicySpec(name), budget)
+            if policy.observes & CAPTURED or policy.recompute or policy.retrieves:
+                continue  # decodes eagerly (the session logs why): no graph row rather than an eager one
             t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
             row.update({"graph_ms_per_token": 1e3 * t, "graph_of_bound": bound / t, "graph_over_plain": plain / t,
                         "graph_over_eager": row["ms_per_token"] / (1e3 * t)})

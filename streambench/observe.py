@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from streambench.errors import ConfigError
 
 NAME = "streambench_observing"
-CAPTURED = frozenset({"attention_sum", "attention_last", "queries"})  # need the attention hook
+CAPTURED = frozenset({"attention_sum", "attention_last", "queries", "window_attention"})  # need the attention hook
 STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot buffers in the cache
 KINDS = STATS | {"window_attention", "logits"}
 _ACTIVE: list["AttentionObserver"] = []  # the observer of the forward running now (innermost last)

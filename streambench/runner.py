@@ -103,7 +103,10 @@ def plan(config: RunConfig, check_device: bool = True):
             run_config["batch_size"] = batch
         if config.device_map is not None:
             run_config["device_map"] = config.device_map
-        decode = "graph" if graphs and not policy.recompute and not policy.retrieves else "eager"
+        from streambench.observe import CAPTURED  # attention observers decode eagerly (session.py)
+
+        graphable = not policy.recompute and not policy.retrieves and not policy.observes & CAPTURED
+        decode = "graph" if graphs and graphable else "eager"
         if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
             run_config["decode"] = decode
         if spec.label is not None and spec.label != policy.name:

@@ -164,11 +164,12 @@ def test_batched_streams_choose_apart_and_equal_single_streams(name):
         np.testing.assert_array_equal(np.sort(batched.cache.positions_of(b), axis=-1), np.sort(single.cache.positions_of(0), axis=-1))
 
 
-def test_graph_decoding_falls_back_to_eager_for_observing_policies(caplog):
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])
+def test_graph_decoding_falls_back_to_eager_for_observing_policies(caplog, name):
     model = tiny_model("llama", layers=1)
     with caplog.at_level("INFO", logger="streambench"):
-        session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec("h2o", {}), 8), decode="static")
-    assert session._static is None
-    assert "decoding eagerly" in caplog.text
+        session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, {}), 8), decode="static")
+    assert session._static is None and session.observer is not None
+    assert f"{name} observes attention in Python: decoding eagerly" in caplog.text
     static = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec("knorm", {}), 8), decode="static")
     assert static._static is not None  # key norms are recorded at commit: the static path stays
