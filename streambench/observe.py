@@ -51,10 +51,10 @@ def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> tor
     batched matmul per layer: each KV head's group of query heads is one (groups * c, D) block."""
     b, heads, c, d = query.shape
     kv_heads, n = key.shape[1], key.shape[-2]
+    scale = scaling if scaling is not None else 1 / math.sqrt(d)
     q = query.float().reshape(b * kv_heads, (heads // kv_heads) * c, d)
-    scores = torch.bmm(q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2))
+    scores = torch.baddbmm(q.new_empty(()), q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2), beta=0, alpha=scale)
     scores = scores.view(b, kv_heads, heads // kv_heads, c, n)
-    scores = scores * (scaling if scaling is not None else 1 / math.sqrt(d))
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
@@ -92,6 +92,7 @@ class AttentionObserver:
         self.scaling = [getattr(layer.self_attn, "scaling", None) for layer in model.model.layers]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
         self.queries: list[torch.Tensor | None] = [None] * cache.num_layers  # (B, H, <=w, D) pre-RoPE
+        self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
 
     @staticmethod
     def _attention_configs(model):
@@ -120,16 +121,13 @@ class AttentionObserver:
 
     @torch.no_grad()
     def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
-        c, n = probs.shape[-2], probs.shape[-1]
-        old = n - c  # cached before this forward; the chunk's own tokens follow
-        if "attention_sum" in self.wants:
-            got = probs.sum(dim=3).mean(dim=2)  # (B, H_kv, N): over the chunk's queries, then the group
-            buf = self.cache.stat(layer, "attention_sum")
-            buf[..., :old] += got[..., :old].to(buf.device)
-            buf[..., old:n] = got[..., old:].to(buf.device)
+        """Called by each layer: reduce its probabilities to per-KV-head rows now (small), and
+        write them into the cache's buffers once per forward (`flush`), not once per layer."""
+        c = probs.shape[-2]
+        if "attention_sum" in self.wants:  # over the chunk's queries, then the group: (B, H_kv, N)
+            self._pending["attention_sum"][layer] = (probs[:, :, :, 0] if c == 1 else probs.sum(dim=3)).mean(dim=2)
         if "attention_last" in self.wants:
-            buf = self.cache.stat(layer, "attention_last")
-            buf[..., :n] = probs[..., -1, :].mean(dim=2).to(buf.device)
+            self._pending["attention_last"][layer] = probs[..., -1, :].mean(dim=2)
         if "queries" in self.wants:
             rope = self.cache.rope
             positions = self.positions.to(query.device)
@@ -137,6 +135,24 @@ class AttentionObserver:
             prev = self.queries[layer]
             both = pre if prev is None else torch.cat([prev, pre], dim=2)
             self.queries[layer] = both[:, :, -self.window :].clone()
+
+    @torch.no_grad()
+    def flush(self, count: int) -> None:
+        """After the forward that fed `count` tokens: add the accumulated attention to the kept
+        tokens' sums, start the new tokens' at their own, overwrite the last query's."""
+        for name, rows in self._pending.items():
+            if rows[0] is None:
+                continue
+            for shard in self.cache.shards:
+                got = torch.stack(rows[shard.start : shard.stop]).to(shard.device)  # (L_s, B, H_kv, N)
+                buf, n = shard.stats[name], got.shape[-1]
+                if name == "attention_sum":
+                    old = n - count
+                    buf[..., :old] += got[..., :old]
+                    buf[..., old:n] = got[..., old:]
+                else:
+                    buf[..., :n] = got
+            rows[:] = [None] * len(rows)
 
     @torch.no_grad()
     def window_attention(self, b: int = 0) -> torch.Tensor | None:

@@ -152,6 +152,7 @@ class StreamSession:
             positions = self.observer.positions = cache.next_positions(count)
             with self.observer:
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+            self.observer.flush(count)
         else:
             logits = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
