@@ -11,9 +11,11 @@ cache's per-slot statistics before they are dropped:
 - `attention_sum`  every query's attention to each cached token since the token entered the cache
                    (H2O's accumulated score), averaged over the query heads of each KV group;
 - `attention_last` the attention of the most recent query (TOVA's score), likewise per KV head;
-- `queries`        the pre-RoPE queries of the last `window` tokens per layer, from which
-                   `window_attention` recomputes, at eviction, what that window attends to in the
-                   cache as it is then (SnapKV's observation window).
+- `queries`        the queries of the last `window` tokens per layer (a ring written in place,
+                   with their RoPE positions), from which `window_attention` recomputes, at
+                   eviction, what that window attends to in the cache as it is then (SnapKV's
+                   observation window). Un-rotating them waits for that eviction: once per
+                   eviction for all layers, not once per layer per token.
 
 `key_norm` needs no capture: the cache records each key's L2 norm when the token enters.
 """
@@ -91,8 +93,8 @@ class AttentionObserver:
         self._configs = list({id(c): c for c in self._attention_configs(model)}.values())
         self.scaling = [getattr(layer.self_attn, "scaling", None) for layer in model.model.layers]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
-        self.queries: list[torch.Tensor | None] = [None] * cache.num_layers  # (B, H, <=w, D) pre-RoPE
         self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
+        self.reset()
 
     @staticmethod
     def _attention_configs(model):
@@ -111,13 +113,33 @@ class AttentionObserver:
             c._attn_implementation = impl
 
     def reset(self) -> None:
-        self.queries = [None] * self.cache.num_layers
+        layers = self.cache.num_layers
+        self._ring: list[torch.Tensor | None] = [None] * layers  # per layer (B, H, w, D), as rotated
+        self._ring_positions = None  # (B or 1, w): the RoPE position each ring query was rotated at
+        self._seen = 0  # queries fed since the stream started (the ring's write position, mod w)
+        self._shared = [False] * (layers + 1)  # copy on write: a checkpoint holds these buffers
 
     def state(self):
-        return list(self.queries)
+        """A checkpoint keeps references; the first write after it copies (dialogue branches)."""
+        self._shared = [True] * len(self._shared)
+        return self._seen, list(self._ring), self._ring_positions
 
     def restore(self, state) -> None:
-        self.queries = list(state)
+        self._seen, ring, self._ring_positions = state
+        self._ring = list(ring)
+        self._shared = [True] * len(self._shared)
+
+    def _ring_slots(self, count: int, device) -> tuple[int, torch.Tensor]:
+        """The last min(count, w) of `count` new queries: how many, and their ring slots."""
+        take = min(count, self.window)
+        start = self._seen + count - take
+        return take, (torch.arange(start, start + take) % self.window).to(device)
+
+    def _writable(self, index: int, buf: torch.Tensor) -> torch.Tensor:
+        if self._shared[index]:
+            self._shared[index] = False
+            return buf.clone()
+        return buf
 
     @torch.no_grad()
     def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
@@ -129,12 +151,12 @@ class AttentionObserver:
         if "attention_last" in self.wants:
             self._pending["attention_last"][layer] = probs[..., -1, :].mean(dim=2)
         if "queries" in self.wants:
-            rope = self.cache.rope
-            positions = self.positions.to(query.device)
-            pre = rope.unrotate(query, positions if positions.shape[0] > 1 else positions[0])
-            prev = self.queries[layer]
-            both = pre if prev is None else torch.cat([prev, pre], dim=2)
-            self.queries[layer] = both[:, :, -self.window :].clone()
+            ring = self._ring[layer]
+            if ring is None:
+                ring = query.new_zeros(query.shape[0], query.shape[1], self.window, query.shape[3])
+            ring = self._ring[layer] = self._writable(layer, ring)
+            take, slots = self._ring_slots(c, query.device)
+            ring.index_copy_(2, slots, query[:, :, c - take :])
 
     @torch.no_grad()
     def flush(self, count: int) -> None:
@@ -153,30 +175,39 @@ class AttentionObserver:
                 else:
                     buf[..., :n] = got
             rows[:] = [None] * len(rows)
+        if "queries" in self.wants:
+            positions = self.positions.to(self.cache.device)
+            ring = self._ring_positions
+            if ring is None:
+                ring = positions.new_zeros(positions.shape[0], self.window)
+            ring = self._ring_positions = self._writable(-1, ring)
+            take, slots = self._ring_slots(count, ring.device)
+            ring.index_copy_(1, slots, positions[:, count - take :])
+            self._seen += count
 
     @torch.no_grad()
     def window_attention(self, b: int = 0) -> torch.Tensor | None:
         """(L, H_kv, groups, w, n): the softmax attention that the last w queries, rotated at the
         last w positions of the cache as it is now, give its tokens (in each head's rank order),
         causal within the window. None before any query was seen."""
-        if any(q is None for q in self.queries):
+        if self._seen == 0 or any(q is None for q in self._ring):
             return None
         cache = self.cache
         n = cache.length
-        w = min(self.queries[0].shape[2], n)
+        w = min(self._seen, self.window, n)
+        slots = (torch.arange(self._seen - w, self._seen) % self.window).to(cache.device)  # the last w, oldest first
+        queries = torch.stack([q[b].to(cache.device) for q in self._ring]).index_select(2, slots)  # (L, Hq, w, D)
+        fed_at = self._ring_positions[b if self._ring_positions.shape[0] > 1 else 0].index_select(0, slots)
+        now_at = torch.arange(n - w, n, device=cache.device) + int(cache._offsets[b])
+        q = cache.rope.rotate(cache.rope.unrotate(queries, fed_at), now_at).float()
         keys = cache.ranked_keys(b).float()  # (L, H, n, D)
-        positions = torch.arange(n - w, n, device=cache.device) + int(cache._offsets[b])
-        out = []
-        for layer, q in enumerate(self.queries):
-            q = cache.rope.rotate(q[b, :, -w:].to(cache.device), positions).float()  # (Hq, w, D)
-            heads, d = q.shape[0], q.shape[-1]
-            kv = keys[layer]
-            q = q.reshape(kv.shape[0], heads // kv.shape[0], w, d)
-            scores = torch.matmul(q, kv[:, None].transpose(-1, -2))
-            scores = scores * (self.scaling[layer] if self.scaling[layer] is not None else 1 / math.sqrt(d))
-            allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)
-            out.append(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1))
-        return torch.stack(out)
+        layers, heads, _, d = q.shape
+        kv = keys.shape[1]
+        scale = torch.tensor([s if s is not None else 1 / math.sqrt(d) for s in self.scaling], device=cache.device)
+        scores = torch.matmul(q.reshape(layers, kv, (heads // kv) * w, d), keys.transpose(-1, -2))
+        scores = (scores * scale[:, None, None, None]).view(layers, kv, heads // kv, w, n)
+        allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
 def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:

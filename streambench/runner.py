@@ -53,6 +53,7 @@ def plan(config: RunConfig, check_device: bool = True):
     import torch
 
     from streambench.models import check_device_name, resolve_device, resolve_dtype
+    from streambench.observe import CAPTURED  # attention observers decode eagerly (session.py)
 
     check_run_config(config)
     task = build_task(config.task, config.task_args)
@@ -103,8 +104,6 @@ def plan(config: RunConfig, check_device: bool = True):
             run_config["batch_size"] = batch
         if config.device_map is not None:
             run_config["device_map"] = config.device_map
-        from streambench.observe import CAPTURED  # attention observers decode eagerly (session.py)
-
         graphable = not policy.recompute and not policy.retrieves and not policy.observes & CAPTURED
         decode = "graph" if graphs and graphable else "eager"
         if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart

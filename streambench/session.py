@@ -51,8 +51,7 @@ class StreamSession:
             decode = "eager"  # a model spread over GPUs: no single-device graph
         from streambench.observe import CAPTURED, STATS, AttentionObserver
 
-        captured = policy.observes & CAPTURED if not policy.recompute else frozenset()
-        if policy.observes - {"logits"} and decode != "eager" and (captured or policy.retrieves):
+        if policy.observes & CAPTURED and decode != "eager":
             log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, decode)
             decode = "eager"
         if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
@@ -124,7 +123,7 @@ class StreamSession:
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
         self.policy.reset()
-        if getattr(self, "observer", None) is not None:
+        if self.observer is not None:
             self.observer.reset()
         self._window = torch.empty(self.batch, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:

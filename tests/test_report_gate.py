@@ -102,11 +102,16 @@ def test_gate_passes_on_its_own_baseline_and_fails_on_a_regression(fixture_store
     assert f"{key}" in failed.output and "REGRESSION" in failed.output and "1 failed" in failed.output
 
 
-def test_gate_ratio_and_bad_input(fixture_store, tmp_path):
+def fresh_baseline(store, tmp_path):
+    """A baseline written by `gate --update` from the store: (its path, its data, perplexity keys)."""
     baseline = tmp_path / "baseline.json"
-    gate("--baseline", baseline, "--store", fixture_store, "--update")
+    gate("--baseline", baseline, "--store", store, "--update")
     data = json.loads(baseline.read_text())
-    keys = sorted(k for k in data["runs"] if k.startswith("perplexity/"))
+    return baseline, data, sorted(k for k in data["runs"] if k.startswith("perplexity/"))
+
+
+def test_gate_ratio_and_bad_input(fixture_store, tmp_path):
+    baseline, data, keys = fresh_baseline(fixture_store, tmp_path)
     data["ratios"] = [{"name": "impossible", "metric": "tokens_per_s", "numerator": keys[0], "denominator": keys[1], "min": 1e9}]
     baseline.write_text(json.dumps(data))
     assert gate("--baseline", baseline, "--store", fixture_store).exit_code == 1
@@ -142,9 +147,7 @@ def test_gate_ratio_and_bad_input(fixture_store, tmp_path):
     (lambda d: d.update(runs=[]), "'runs' must be a mapping"),
 ])
 def test_a_malformed_baseline_is_bad_input_not_a_regression(fixture_store, tmp_path, change, message):
-    baseline = tmp_path / "baseline.json"
-    gate("--baseline", baseline, "--store", fixture_store, "--update")
-    data = json.loads(baseline.read_text())
+    baseline, data, _ = fresh_baseline(fixture_store, tmp_path)
     change(data)
     baseline.write_text(json.dumps(data))
     result = gate("--baseline", baseline, "--store", fixture_store)
@@ -154,10 +157,7 @@ def test_a_malformed_baseline_is_bad_input_not_a_regression(fixture_store, tmp_p
 
 
 def test_a_ratio_with_a_zero_denominator_is_bad_input(fixture_store, tmp_path):
-    baseline = tmp_path / "baseline.json"
-    gate("--baseline", baseline, "--store", fixture_store, "--update")
-    data = json.loads(baseline.read_text())
-    keys = sorted(k for k in data["runs"] if k.startswith("perplexity/"))
+    baseline, data, keys = fresh_baseline(fixture_store, tmp_path)
     data["ratios"] = [{"name": "zero", "metric": "predictions_zero", "numerator": keys[0], "denominator": keys[1], "min": 1}]
     baseline.write_text(json.dumps(data))
     result = gate("--baseline", baseline, "--store", fixture_store)

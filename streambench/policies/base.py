@@ -124,19 +124,16 @@ class CachePolicy:
         return int(value)
 
     def _split_budget(self, fixed: dict[str, int], rest: str, minimum: int = 1) -> None:
-        """The budget split every sized policy repeats: `fixed` parts (name -> tokens they take)
-        plus `rest`, which, when not given, takes what the budget leaves. Sets `self.budget` to the
-        sum, and refuses a split that disagrees with a given budget."""
-        for name in fixed:
-            if hasattr(self, name):
-                self._check_int(name, 0)
+        """The budget split every sized policy repeats: `fixed` parts (name -> tokens they take,
+        already checked integers) plus `rest`, which, when not given, takes what the budget leaves.
+        Sets `self.budget` to the sum, and refuses a split that disagrees with a given budget."""
         taken = sum(fixed.values())
-        parts = " + ".join(fixed) if fixed else ""
+        parts = " + ".join(fixed)
         if getattr(self, rest) is None:
             self._require(self.budget is not None, f"needs a budget or {rest}")
             if fixed and self.budget - taken < minimum:
-                (name, value), = fixed.items() if len(fixed) == 1 else ((f"{parts} =", taken),)
-                self._require(False, f"budget {self.budget} must be {'above' if minimum == 1 else 'at least'} {name} {value}")
+                what = f"{parts} = {taken}" if len(fixed) > 1 else f"{parts} {taken}"
+                self._require(False, f"budget {self.budget} must be {'above' if minimum == 1 else 'at least'} {what}")
             setattr(self, rest, self.budget - taken)
         self._check_int(rest, minimum)
         total = taken + getattr(self, rest)

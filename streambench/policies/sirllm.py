@@ -71,7 +71,7 @@ class SirLLMPolicy(CachePolicy):
             scores = torch.cat([own.max(dim=1, keepdim=True).values, own[:, :-1]], dim=1)
         else:  # the paper's e_i = -log p(x_i | x_<i); the first token's from the previous forward
             nxt = -logprobs[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
-            if self._prev_logprobs is not None and self._prev_logprobs.shape[0] == ids.shape[0]:
+            if self._prev_logprobs is not None:
                 first = -self._prev_logprobs.gather(1, ids[:, :1])
             else:
                 first = nxt.new_zeros(ids.shape[0], 1)

@@ -60,6 +60,41 @@ def test_recorded_attention_equals_eager_attention_weights(arch):
     torch.testing.assert_close(norms, keys.float().norm(dim=-1), atol=1e-5, rtol=1e-5)
 
 
+@dataclass
+class WindowWatching(WindowPolicy):
+    name = "window-watching"
+    observes = frozenset({"window_attention"})
+    observation_window = 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_window_attention_equals_eager_attention_of_the_last_queries(arch):
+    """SnapKV's observation: the last w queries (kept in a ring as they were rotated, un-rotated at
+    eviction) attend to the cache; with nothing evicted yet, that is eager attention's last w rows.
+    Chunks wrap the ring; a rollback restores it (dialogue branches)."""
+    model = tiny_model(arch, layers=2)
+    session = StreamSession(LoadedModel.wrap(model), WindowWatching(budget=64))
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(5))
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    fed = 0
+    for size in (3, 1, 5, 1, 2, 6):
+        session.feed(ids[:, fed : fed + size])
+        fed += size
+        got = session.observer.window_attention(0)
+        w = min(4, fed)
+        for layer, attn in enumerate(eager_attentions(arch, ids[:, :fed])):
+            want = attn[0, :, fed - w :, :].reshape(kv, heads // kv, w, fed)
+            torch.testing.assert_close(got[layer], want, atol=1e-5, rtol=0)
+    state = session.checkpoint()
+    before = session.observer.window_attention(0).clone()
+    session.feed(ids[:, fed : fed + 2])
+    session.rollback(state)
+    torch.testing.assert_close(session.observer.window_attention(0), before, atol=0, rtol=0)
+    session.feed(ids[:, fed : fed + 2])  # the same branch again, from the restored ring
+    session.rollback(state)
+    torch.testing.assert_close(session.observer.window_attention(0), before, atol=0, rtol=0)
+
+
 def test_rollback_restores_the_observed_statistics():
     """Dialogue tasks score alternatives on branches: a branch's queries add attention to the kept
     tokens, and rolling back must take it away again (and the last query's attention)."""
