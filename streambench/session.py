@@ -73,6 +73,7 @@ class StreamSession:
             from streambench.taps import QueryTap
 
             self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
+        self._rows_tokens = 16384 if self.device.type == "cuda" else 4096  # recompute-window rows per forward
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.reset()
 
@@ -130,9 +131,34 @@ class StreamSession:
             self.cache.reset()
 
     # ---- stream ------------------------------------------------------------------------------
+    @property
+    def exact_chunks(self) -> str | None:
+        """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks)."""
+        from streambench.exact import unsupported
+
+        if self.policy.recompute:
+            return None
+        if self.policy.band is None:
+            return f"{self.policy.name}'s keep-set depends on what the tokens say"
+        if self.cache is not None and len(self.cache.shards) > 1 and self.policy.band.sinks:
+            return "the model is spread over several devices"
+        reason = unsupported(self.model)
+        return f"this model cannot: {reason}" if reason else None
+
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed token ids of shape (B, c), one row per stream; return logits (B, c, vocab)."""
+    def feed(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Feed token ids of shape (B, c), one row per stream; return logits (B, c, vocab).
+
+        exact=False: the chunk comes in at once, after one eviction that makes room for all of it
+        (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
+        after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
+        in one forward where the policy allows it (streambench/exact.py), else one token at a time."""
+        if exact and ids.shape[1] > 1:
+            if self.policy.recompute:
+                return self._feed_recompute(ids, batched=True)
+            if self.exact_chunks is None:
+                return self._feed_exact(ids)
+            return torch.cat([self.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)
         limit = self.policy.max_incoming
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
@@ -161,6 +187,43 @@ class StreamSession:
         self.fed += count
         return logits
 
+    def _feed_exact(self, ids: torch.Tensor) -> torch.Tensor:
+        """One forward for the chunk, each query masked to what it sees token by token."""
+        from streambench.errors import PolicyContractError
+        from streambench.exact import ChunkMask
+
+        policy, cache, count = self.policy, self.cache, ids.shape[1]
+        self.processed += count
+        band = policy.band
+        if policy.evicts and cache.length + 1 > policy.budget:
+            self._evict(self._select(1))  # the keep-set before the chunk's first token
+        n, start = cache.length, self.fed
+        slots = np.empty(n + count, dtype=np.int64)
+        held = cache.positions
+        if n:
+            expected = np.concatenate([np.arange(r.start, r.stop) for r in band.kept_before(start)])
+            if len(expected) != n or not np.array_equal(np.sort(held), expected):
+                raise PolicyContractError(f"policy {policy.name} declares {band} but kept other tokens before position {start}")
+            slots[cache.slots] = held
+        slots[n:] = np.arange(start, start + count)
+        positions = cache.next_positions(count)
+        if policy.evicts and not cache._uniform:
+            raise RuntimeError("exact chunks need streams that evict alike")
+        if self._rope is not None:
+            self._rope.ensure(n + count + cache.offset + 1)
+        device = self.device
+        mask = ChunkMask(self.model, band, torch.from_numpy(slots).to(device),
+                         torch.arange(start, start + count, device=device), positions[0], self._rope, cache.offset)
+        with mask:
+            logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+        if logits.device != device:
+            logits = logits.to(device)
+        cache.commit(np.arange(start, start + count))
+        self.fed += count
+        if policy.evicts and cache.length > policy.budget:
+            self._evict(self._select(0))  # the keep-set after the chunk's last token
+        return logits
+
     def _hand_over(self, keep: np.ndarray) -> None:
         """Retrieval policies get the tokens about to leave the cache (for their bank)."""
         if self.policy.retrieves:
@@ -180,8 +243,17 @@ class StreamSession:
             self._hand_over(keep)
             self.cache.splice(keep, at, positions, k_pre, values)
 
-    def _feed_recompute(self, ids: torch.Tensor) -> torch.Tensor:
+    def _feed_recompute(self, ids: torch.Tensor, batched: bool = False) -> torch.Tensor:
         size, outs = self.policy.budget, []
+        if batched:  # every window a row of one forward (exact.recompute_rows)
+            from streambench.exact import recompute_rows
+
+            held = self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0]
+            context = torch.cat([held, ids], dim=1)
+            logits = recompute_rows(self.model, context, held.shape[1], size, self._rows_tokens)
+            self._window = context[:, -size:]
+            self.fed += ids.shape[1]
+            return logits
         for i in range(ids.shape[1]):
             self._window = torch.cat([self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1)
             outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)

@@ -104,6 +104,15 @@ class CachePolicy:
         return self.budget is not None
 
     @property
+    def band(self):
+        """A position-only policy declares here what each query sees when fed token by token
+        (`streambench.exact.Band`: sinks plus a recent window), which lets the engine feed whole
+        chunks token-exactly. None (the default): the keep-set depends on content, or is not of
+        that shape, and exact feeding goes token by token. A declared band is checked against the
+        keep-set before every exact chunk."""
+        return None
+
+    @property
     def max_incoming(self) -> int | None:
         """Largest chunk fed in one forward; longer inputs are split (None: no limit)."""
         return self.budget

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streambench.exact import Band
 from streambench.policies import register_policy
 from streambench.policies.base import CachePolicy, CacheView
 
@@ -19,6 +20,10 @@ class DensePolicy(CachePolicy):
 
     def configure(self) -> None:
         self.budget = None  # a budget means nothing here; recorded as unbounded
+
+    @property
+    def band(self) -> Band:
+        return Band()
 
     def select(self, view: CacheView) -> np.ndarray:
         return np.arange(view.length)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streambench.exact import Band
 from streambench.policies import register_policy
 from streambench.policies.base import CachePolicy, CacheView, recent_ranks
 
@@ -30,6 +31,10 @@ class StreamingLLMPolicy(CachePolicy):
     @property
     def max_incoming(self) -> int:
         return self.recent_size
+
+    @property
+    def band(self) -> Band:
+        return Band(self.start_size, self.recent_size, self.budget)
 
     def select(self, view: CacheView) -> np.ndarray:
         start = min(self.start_size, view.length)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streambench.exact import Band
 from streambench.policies import register_policy
 from streambench.policies.base import CachePolicy, CacheView, recent_ranks
 
@@ -21,6 +22,10 @@ class WindowPolicy(CachePolicy):
 
     def configure(self) -> None:
         self._split_budget({}, "size")
+
+    @property
+    def band(self) -> Band:
+        return Band(0, self.size, self.budget)
 
     def select(self, view: CacheView) -> np.ndarray:
         return recent_ranks(view.length, view.target)

@@ -1,0 +1,184 @@
+"""Token-exact chunked feeding for policies whose keep-set depends only on positions.
+
+The StreamingLLM protocol (mit-han-lab/streaming-llm `examples/eval_long_ppl.py`) feeds one
+token per forward. For dense, window and StreamingLLM, what token t attends to under that protocol
+is known before any forward: the first `sinks` tokens and the `width` most recent ones (itself
+included), the recent ones at their original distances (re-indexing keeps a contiguous block's
+distances) and the sinks at the distance the re-indexed cache gives them, min(t, budget - 1) - i.
+So a chunk of c tokens runs as one forward in which each query is restricted, by its own mask
+row, to exactly those keys; every kept token's keys and values were themselves computed under the
+same restriction, so every layer, and every token's NLL, equals token-by-token feeding.
+
+The sinks are the only keys a query sees at a distance other than its original one. Inside the
+forward, `exact_attention` (registered with transformers' `AttentionInterface`) gives each query a
+second rotation, at the position from which the sinks sit at their re-indexed distance, and
+scores the sink columns with it: one scaled-dot-product call over [q, q_sink] . [k | 0, 0 | k_sink]
+(the sink keys in the second half of a doubled head dimension), so no per-query copies of keys.
+Memory per layer is O(chunk x (budget + chunk)) for the mask, never O(stream).
+
+The session (`StreamSession.feed(ids, exact=True)`) evicts before the chunk to the keep-set the
+protocol holds before its first token, runs the chunk, and evicts after it to the keep-set the
+protocol holds after its last: the cache then equals token-by-token feeding's, so any feed after
+it (a decode probe, an lm-eval continuation) goes on from the same state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NAME = "streambench_exact"
+_ACTIVE: list["ChunkMask"] = []
+_registered = False
+
+
+@dataclass(frozen=True)
+class Band:
+    """What the query at stream position t sees when the policy is fed token by token: tokens
+    [0, sinks) at the distance min(t, budget - 1) - i, and tokens [max(sinks, t - width + 1), t] at
+    their original distance. width None: everything (dense)."""
+
+    sinks: int = 0
+    width: int | None = None
+    budget: int | None = None
+
+    def kept_before(self, t: int) -> list[range]:
+        """Stream positions the cache holds just before token t is fed (for a contract check)."""
+        sinks = min(self.sinks, t)
+        low = 0 if self.width is None else max(sinks, t - self.width + 1)
+        return [range(sinks), range(max(low, sinks), t)]
+
+
+def unsupported(model) -> str | None:
+    """Why this model cannot be fed in exact chunks (None: it can). A sliding-window attention
+    mask or learned attention sinks would restrict the keys further than the band: those models
+    are fed token by token."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return f"its attention has a sliding window ({window})"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention softcaps logits"
+    return None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, exact_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the model's own mask is built, then ignored
+    _registered = True
+
+
+class ChunkMask:
+    """The restriction of one chunk, shared by every layer of its forward.
+
+    slot_positions (N,): the stream position of the key in each physical cache slot (the chunk's
+    own keys included); queries (c,): the chunk's stream positions; rotated_at (c,): the RoPE
+    positions the model rotated the chunk's queries at; rope: the session's RotaryTable."""
+
+    def __init__(self, model, band: Band, slot_positions: torch.Tensor, queries: torch.Tensor,
+                 rotated_at: torch.Tensor, rope=None, offset: int = 0):
+        _register()
+        self.model = model
+        t = queries[:, None]
+        keys = slot_positions[None, :]
+        low = torch.clamp(t - band.width + 1, min=band.sinks) if band.width is not None else torch.full_like(t, band.sinks)
+        recent = (keys >= low) & (keys <= t)
+        self.sinks = None
+        if band.sinks:
+            is_sink = slot_positions < band.sinks
+            self.mask = recent | (is_sink[None, :] & (keys <= t))
+            if bool(is_sink.any()):
+                self.sinks = is_sink[:, None]  # (N, 1): these keys move to the second half
+                # the sinks of the re-indexed cache sit at ranks 0..S-1 (RoPE position rank + offset);
+                # the query that sees them at distance min(t, budget - 1) - i sits at this position:
+                self.sink_query_at = torch.clamp(queries, max=band.budget - 1) + offset
+                self.rotated_at, self.rope = rotated_at, rope
+        else:
+            self.mask = recent
+        self._on: dict = {}
+
+    def on(self, device) -> torch.Tensor:
+        """The mask (and sink flags) on a layer's device (a model spread over GPUs)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self.mask.to(device), None if self.sinks is None else self.sinks.to(device))
+        return self._on[key]
+
+    def __enter__(self):
+        configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in self.model.model.layers}.values())
+        configs.append(self.model.config)
+        self._configs = list({id(c): c for c in configs}.values())
+        self._saved = [c._attn_implementation for c in self._configs]
+        for c in self._configs:
+            c._attn_implementation = NAME
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        for c, impl in zip(self._configs, self._saved):
+            c._attn_implementation = impl
+
+
+def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """An attention function for `AttentionInterface`: SDPA under the chunk's own mask."""
+    chunk = _ACTIVE[-1]
+    mask, sinks = chunk.on(query.device)
+    b, heads, c, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[-2]
+    groups = heads // kv_heads
+    if sinks is not None:
+        # the sink columns are scored by the query rotated at `sink_query_at`; the others by the
+        # query as the model rotated it. Doubling the head dimension does both in one call.
+        rope = chunk.rope
+        again = rope.rotate(rope.unrotate(query, chunk.rotated_at.to(query.device)), chunk.sink_query_at.to(query.device))
+        query = torch.cat((query, again), dim=-1)
+        zero = key.new_zeros(())
+        key = torch.cat((torch.where(sinks, zero, key), torch.where(sinks, key, zero)), dim=-1)
+    # each KV head's group of query heads as one block of groups * c rows (no repeated keys)
+    q = query.reshape(b, kv_heads, groups * c, query.shape[-1])
+    rows = mask if groups == 1 else mask.repeat(groups, 1)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=rows, scale=scaling if scaling is not None else d ** -0.5)
+    return out.view(b, heads, c, -1).transpose(1, 2).contiguous(), None
+
+
+def recompute_rows(model, context: torch.Tensor, first: int, size: int, tokens_per_forward: int = 4096) -> torch.Tensor:
+    """Recompute-window's logits, batched: for each position p >= first of `context` (B, T), the
+    last-token logits of a fresh forward over the window context[p - size + 1 : p + 1] (or the
+    whole prefix when shorter, which is one causal forward). Windows are rows of one forward,
+    `tokens_per_forward // size` at a time. Returns (B, T - first, vocab)."""
+    batch, total = context.shape
+    outs = []
+    early_end = min(total, size)  # windows that start at 0 are prefixes: one causal forward
+    if first < early_end:
+        logits = model(input_ids=context[:, :early_end], use_cache=False).logits
+        outs.append(logits[:, first:early_end])
+    start = max(first, early_end)
+    if start < total:
+        windows = context.unfold(1, size, 1)[:, start - size + 1 :]  # (B, total - start, size)
+        count = windows.shape[1]
+        step = max(1, tokens_per_forward // (size * batch))
+        for i in range(0, count, step):
+            rows = windows[:, i : i + step].reshape(-1, size)
+            logits = model(input_ids=rows, use_cache=False, logits_to_keep=1).logits
+            outs.append(logits.view(batch, -1, logits.shape[-1]))
+    return torch.cat(outs, dim=1)
+
+
+def auto_chunk(budget: int | None, device, heads: int = 1) -> int:
+    """Tokens per exact forward when the run names none: the budget (each query then sees at most
+    2 x budget keys, twice the protocol's attention work, for one forward per budget tokens),
+    within [64, 1024] on CPU; on GPU as large as keeps the masked scores of one layer near 256 MiB."""
+    base = 512 if budget is None else budget
+    chunk = max(64, min(base, 1024))
+    if getattr(device, "type", "cpu") == "cuda":
+        keys = (budget or 4096) + 2048
+        chunk = max(chunk, min(4096, (256 << 20) // (4 * heads * keys)))
+    return int(chunk)
