@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference import ReferenceStream  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from streambench.bench import format_bench, random_ids, run_bench  # noqa: E402
+from streambench.bench import exact_vs_token, format_bench, random_ids, run_bench  # noqa: E402
 from streambench.config import PolicySpec, build_policy  # noqa: E402
 from streambench.metrics import _Nvml  # noqa: E402
 from streambench.models import LoadedModel  # noqa: E402
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--budgets", default="256,512,1024,2048,4096")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--exact-budgets", default="256,1024", help="exact chunked vs token by token ('' to skip)")
+    parser.add_argument("--exact-tokens", type=int, default=8192)
     parser.add_argument("--deadline", type=float, default=460, help="seconds; later models are skipped")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on a CPU")
@@ -166,8 +168,10 @@ def main() -> None:
     save()
     budgets = [int(b) for b in args.budgets.split(",")]
     budget, steps, burn, batches = args.budget, args.steps, 4, (1, 4, 8)
+    exact_budgets, exact_tokens = [int(b) for b in args.exact_budgets.split(",") if b.strip()], args.exact_tokens
     if args.quick:
         budgets, budget, steps, burn, batches = [16, 32], 16, 3, 1, (1, 2)
+        exact_budgets, exact_tokens = [16, 32], 128
     from tabulate import tabulate
 
     for name in args.models.split(","):
@@ -182,6 +186,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         bench = run_bench(lm, POLICIES, budget, budgets, steps, burn, batches)
+        if exact_budgets:
+            bench["exact"] = exact_vs_token(lm, exact_budgets, exact_tokens, steps)
         entry = {"bench": bench, "dtype": str(next(lm.model.parameters()).dtype),
                  "parameters": sum(p.numel() for p in lm.model.parameters())}
         say(f"\n== {lm.info.name} ({entry['parameters'] / 1e9:.2f}B parameters) ==")

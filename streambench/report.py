@@ -17,7 +17,7 @@ import numpy as np
 
 from streambench.metrics import peak_memory_mib
 
-ENGINE_COLUMNS = (("tokens/s", "tokens_per_s", True), ("p95 ms", "latency_p95_ms", False),
+ENGINE_COLUMNS = (("eval tok/s", "tokens_per_s", True), ("decode tok/s", "decode_tokens_per_s", True), ("p95 ms", "latency_p95_ms", False),
                   ("peak mem MiB", None, False), ("KV MiB", "kv_mib_peak", False))
 
 

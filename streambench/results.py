@@ -7,7 +7,7 @@ Schema `streambench.result/1`:
     config          {model, device, dtype, seed, task: {name, version, args}, policy: {name, args}}
     config_hash     sha256 of the canonical JSON of `config` (what a resumed sweep compares)
     model           ModelInfo: name, source, model_type, layers, heads, kv_heads, head_dim, ...
-    metrics         {name: number}: task metrics plus tokens_per_s, latency_p50_ms/p95, memory
+    metrics         {name: number}: task metrics plus tokens_per_s (throughput), decode_tokens_per_s, latency, memory
     higher_is_better {metric name: bool} for every metric a gate may compare
     curves          {name: {index: [...], value: [...]}}: per-position NLL, KV tokens over the stream
     records         per-item records (dialogue tasks); [] for perplexity
@@ -35,7 +35,8 @@ REQUIRED = ("schema", "run_id", "config", "config_hash", "metrics", "higher_is_b
 
 # Directions of the engine-level metrics every run reports (tasks declare their own).
 ENGINE_DIRECTIONS = {
-    "tokens_per_s": True,
+    "tokens_per_s": True,  # evaluation throughput (a chunked stream: far above decode speed)
+    "decode_tokens_per_s": True,  # per-token decode speed (perplexity: the run itself, or a probe)
     "latency_p50_ms": False,
     "latency_p95_ms": False,
     "rss_peak_mib": False,

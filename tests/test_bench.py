@@ -10,6 +10,7 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
                                       "--policy", "dense,streamingllm,longmem", "--budget", "16", "--budgets", "16,32",
+                                      "--exact-budgets", "16,32", "--exact-tokens", "128",
                                       "--steps", "3", "--burn", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "bare weight-streaming bound" in result.output and "speedup" in result.output
@@ -18,17 +19,23 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     assert data["policies"]["dense"]["over_dense_time"] == 1.0
     assert set(data["streamingllm_vs_recompute"]) == {"16", "32"}
     assert all(v["speedup"] > 0 for v in data["streamingllm_vs_recompute"].values())
+    assert "exact chunked feeding vs token by token" in result.output
+    rows = {(r["policy"], r["budget"]) for r in data["exact"]}
+    assert rows == {("dense", None), *((p, b) for p in ("window", "streamingllm", "recompute-window") for b in (16, 32))}
+    assert all(r["speedup"] > 0 for r in data["exact"])
 
 
 def test_bench_rejects_bad_input():
     result = CliRunner().invoke(cli, ["bench", "--policy", "nope"])
     assert result.exit_code == 2 and "unknown policy 'nope'" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--exact-budgets", "1024", "--exact-tokens", "100"])
+    assert result.exit_code == 2 and "--exact-tokens must be at least" in result.output
 
 
 def test_bench_batched_and_soak(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
-                                      "--policy", "dense", "--budget", "16", "--budgets", "", "--batch-sizes", "1,2",
+                                      "--policy", "dense", "--budget", "16", "--budgets", "", "--batch-sizes", "1,2", "--exact-budgets", "",
                                       "--soak", "300", "--soak-budget", "24", "--soak-chunk", "7",
                                       "--steps", "2", "--burn", "0", "--json", str(out)])
     assert result.exit_code == 0, result.output

@@ -110,7 +110,7 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
                     "--policy", "dense,window,recompute-window,streamingllm,sirllm,longmem,streamingllm-4-252")
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
-    for column in ("policy", "budget", "tokens", "PPL", "PPL last half", "tokens/s", "peak mem MiB", "KV MiB"):
+    for column in ("policy", "budget", "tokens", "PPL", "PPL last half", "eval tok/s", "decode tok/s", "peak mem MiB", "KV MiB"):
         assert column in header
     assert "bank MiB" in header
     files = sorted(tmp_path.glob("*.json"))

@@ -106,7 +106,7 @@ class CachePolicy:
     @property
     def band(self):
         """A position-only policy declares here what each query sees when fed token by token
-        (`streambench.exact.Band`: sinks plus a recent window), which lets the engine feed whole
+        (a `Band`: sinks plus a recent window), which lets the engine feed whole
         chunks token-exactly. None (the default): the keep-set depends on content, or is not of
         that shape, and exact feeding goes token by token. A declared band is checked against the
         keep-set before every exact chunk."""
@@ -148,6 +148,23 @@ class CachePolicy:
         total = taken + getattr(self, rest)
         self._require(self.budget in (None, total), f"{parts + ' + ' if parts else ''}{rest} = {total} disagrees with budget {self.budget}")
         self.budget = total
+
+
+@dataclass(frozen=True)
+class Band:
+    """What the query at stream position t sees when the policy is fed token by token: tokens
+    [0, sinks) at the distance min(t, budget - 1) - i, and tokens [max(sinks, t - width + 1), t] at
+    their original distance. width None: everything (dense)."""
+
+    sinks: int = 0
+    width: int | None = None
+    budget: int | None = None
+
+    def kept_before(self, t: int) -> list[range]:
+        """Stream positions the cache holds just before token t is fed (for a contract check)."""
+        sinks = min(self.sinks, t)
+        low = 0 if self.width is None else max(sinks, t - self.width + 1)
+        return [range(sinks), range(max(low, sinks), t)]
 
 
 class RetrievalPolicy(CachePolicy, abc.ABC):

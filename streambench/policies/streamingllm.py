@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.exact import Band
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView, recent_ranks
+from streambench.policies.base import Band, CachePolicy, CacheView, recent_ranks
 
 
 @register_policy("streamingllm")

@@ -1,9 +1,17 @@
-"""Streaming perplexity: feed a long text token by token, score each next token under the cache.
+"""Streaming perplexity: stream a long text, score each next token under the cache.
 
-As mit-han-lab/streaming-llm `examples/eval_long_ppl.py`: the token at position t is fed, the
-logits it produces score token t+1, the policy evicts between steps. `chunk_size` > 1 feeds that
-many tokens per forward and evicts between chunks: much faster, not token-exact (tokens early in a
-chunk see fewer than `budget` keys).
+The protocol is mit-han-lab/streaming-llm `examples/eval_long_ppl.py`: the token at position t
+is fed, the logits it produces score token t+1, the policy evicts between steps. `feed` says how:
+
+- `exact` (default): the protocol's numbers, token-exact. Position-only policies (dense, window,
+  streamingllm, recompute-window) are fed `chunk_size` tokens per forward with per-query masks
+  (streambench/exact.py), ~10-25x faster on CPU; content-aware ones go token by token.
+- `token`: one token per forward for every policy (the protocol literally).
+- `approximate`: `chunk_size` tokens per forward, evicting between chunks (tokens early in a chunk
+  see fewer than `budget` keys). Fast for every policy, not token-exact.
+
+With chunks, tokens/s is evaluation throughput; the policy's per-token decode speed is measured
+by a short token-by-token probe after the stream (`decode_tokens_per_s`).
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 
 FULL_CURVE_LIMIT = 8192  # longer streams store the NLL curve as bin means
+FEEDS = ("exact", "token", "approximate")
 
 
 @register_task("perplexity", "ppl")
@@ -28,7 +37,7 @@ class PerplexityTask(Task):
     run B at a time in one batch; the numbers are the same as one by one, only faster."""
 
     version = 1
-    summary = "streaming perplexity of a long text, token by token (or in chunks)"
+    summary = "streaming perplexity of a long text (token-exact, in chunks where the policy allows)"
     higher_is_better = {"ppl": False, "ppl_last_half": False, "nll_mean": False}
     columns = (("tokens", "tokens"), ("PPL", "ppl"), ("PPL last half", "ppl_last_half"))
     default_budget = 64  # with 768 tokens: the papers' effect in a few CPU minutes
@@ -36,14 +45,20 @@ class PerplexityTask(Task):
 
     text: str = DEFAULT_TEXT
     tokens: int = 2048
-    chunk_size: int = 1
+    feed: str = "exact"
+    chunk_size: int | None = None  # tokens per forward; None: chosen from the budget (exact.auto_chunk)
+    decode_probe: int = 16  # tokens fed one at a time after a chunked stream, for decode speed
     split: str = "test"
     field: str = "text"
     index: int = 0
 
     def configure(self) -> None:
         self._require(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}")
-        self._require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        self._require(self.feed in FEEDS, f"feed must be one of {', '.join(FEEDS)}, got {self.feed!r}")
+        self._require(self.chunk_size is None or (isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
+                                                  and self.chunk_size >= 1), f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        self._require(isinstance(self.decode_probe, int) and not isinstance(self.decode_probe, bool) and self.decode_probe >= 0,
+                      f"decode_probe must be an integer >= 0, got {self.decode_probe!r}")
         self._require(isinstance(self.text, str) and self.sources, f"text must name at least one text, got {self.text!r}")
         for source in self.sources:
             check_source(source)  # a missing file fails now, not after the model has loaded
@@ -63,6 +78,22 @@ class PerplexityTask(Task):
             raise DataError(f"text {source} has {len(ids)} tokens, fewer than the {self.tokens} requested")
         return ids[: self.tokens]
 
+    def feeding(self, session) -> dict:
+        """How this run feeds the stream: mode, tokens per forward, token-exact or not (and why
+        a requested exact chunking goes token by token)."""
+        from streambench.exact import auto_chunk
+
+        policy = session.policy
+        chunk = self.chunk_size or auto_chunk(policy.budget, session.device, session.lm.info.num_heads)
+        if self.feed == "token" or chunk == 1:
+            return {"mode": "token", "chunk": 1, "token_exact": True}
+        if self.feed == "approximate":
+            return {"mode": "approximate-chunks", "chunk": chunk, "token_exact": False}
+        why = session.exact_chunks
+        if why is not None:
+            return {"mode": "token", "chunk": 1, "token_exact": True, "why_token": why}
+        return {"mode": "exact-chunks", "chunk": chunk, "token_exact": True}
+
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         import torch
         import torch.nn.functional as F
@@ -71,7 +102,9 @@ class PerplexityTask(Task):
         ids = torch.tensor([self.token_ids(tokenizer, s) for s in sources], device=session.device)
         n_streams, n_pred = ids.shape[0], ids.shape[1] - 1
         nll = torch.empty(n_streams, n_pred, dtype=torch.float32, device=session.device)
-        step, batch = self.chunk_size, min(session.batch, n_streams)
+        feeding = self.feeding(session)
+        step, batch = feeding["chunk"], min(session.batch, n_streams)
+        exact = feeding["mode"] == "exact-chunks" or session.policy.recompute and feeding["mode"] != "approximate-chunks"
         progress.total(n_streams * n_pred, "tok")
         meter.start()
         for first in range(0, n_streams, batch):
@@ -80,11 +113,12 @@ class PerplexityTask(Task):
             session.set_batch(width)  # each group of streams starts afresh
             for start in range(0, n_pred, step):
                 end = min(start + step, n_pred)
-                logits = session.feed(rows[:, start:end])
+                logits = session.feed(rows[:, start:end], exact=exact)
                 nll[first : first + width, start:end] = F.cross_entropy(
                     logits.float().transpose(1, 2), rows[:, start + 1 : end + 1], reduction="none")
                 meter.step(width * (end - start), session.kv_tokens, session.kv_bytes)
                 progress(width * (end - start))
+        decode = meter.rate() if feeding["mode"] == "token" else self._probe(session, rows, meter)
         values = nll.double().cpu()
         half = values[:, n_pred // 2 :]
         metrics = {
@@ -92,8 +126,10 @@ class PerplexityTask(Task):
             "ppl_last_half": math.exp(half.mean().item()),
             "nll_mean": values.mean().item(),
         }
+        if decode is not None:
+            metrics["decode_tokens_per_s"] = decode
         info = {"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred * n_streams,
-                "token_exact": step == 1}
+                "token_exact": feeding["token_exact"], "feeding": feeding}
         from streambench.data import REPLACED
 
         replaced = {s: REPLACED[s] for s in sources if s in REPLACED}
@@ -104,6 +140,20 @@ class PerplexityTask(Task):
             info["batch_size"] = batch
             info["per_text"] = [{"text": s, "ppl": math.exp(values[i].mean().item())} for i, s in enumerate(sources)]
         return TaskResult(metrics=metrics, curves={"nll": nll_curve(values.mean(0).tolist())}, info=info)
+
+
+    def _probe(self, session, rows, meter) -> float | None:
+        """Per-token decode speed after a chunked stream: `decode_probe` tokens fed one at a time
+        from the state the stream ended in (a full cache), not scored, not metered."""
+        count = min(self.decode_probe, 4 if session.policy.recompute else self.decode_probe, rows.shape[1] - 1)
+        if count == 0:
+            return None
+        probe = rows[:, -count - 1 :]
+        session.feed(probe[:, :1])  # warm-up: the first one-token forward after chunks
+        start = meter.clock()
+        for i in range(1, count + 1):
+            session.feed(probe[:, i : i + 1])
+        return rows.shape[0] * count / (meter.clock() - start)
 
 
 def nll_curve(values: list[float]) -> dict:
