@@ -651,7 +651,8 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
     Examples:
         streambench bench
         streambench bench --budgets 256,512 --batch-sizes '' --steps 16
-        streambench bench --policy '' --budgets '' --batch-sizes '' --soak 1000000
+        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets 256,1024
+        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak 1000000
         streambench bench --device cuda --json bench.json
     """
     import json
@@ -682,7 +683,7 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
     _quiet_libraries()
     lm = models.load(model, device, dtype)
     out = {}
-    if names or sizes or batches:  # `--policy '' --budgets '' --batch-sizes '' --soak N`: the soak alone
+    if names or sizes or batches or exact_sizes:  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak N`: the soak alone
         out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
         if exact_sizes:
             from streambench.bench import exact_vs_token

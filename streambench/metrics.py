@@ -53,6 +53,7 @@ class Meter:
             self.torch.cuda.reset_peak_memory_stats(self.device)
         self.latencies: list[float] = []  # seconds per token, one entry per step
         self.kv_tokens: list[int] = []
+        self.fed: list[int] = []  # tokens fed when each kv_tokens entry was taken (chunks: many per step)
         self.kv_bytes_peak = 0
         self.rss_peak = self.rss_start = self.process.memory_info().rss
         self.nvml_peak = self.nvml.used()
@@ -70,6 +71,7 @@ class Meter:
         self._last = now
         self.tokens += tokens
         self.kv_tokens.append(kv_tokens)
+        self.fed.append(self.tokens)
         if kv_bytes > self.kv_bytes_peak:
             self.kv_bytes_peak = kv_bytes
         if len(self.latencies) % self.sample_every == 0:
@@ -117,7 +119,9 @@ class Meter:
             metrics["cuda_peak_mib"] = self.torch.cuda.max_memory_allocated(self.device) / MIB
         if self.nvml_peak is not None:
             metrics["nvml_used_peak_mib"] = self.nvml_peak / MIB
-        curves = {"kv_tokens": subsample(self.kv_tokens, self.curve_points)}
+        kv = subsample(self.kv_tokens, self.curve_points)
+        kv["index"] = [self.fed[i] for i in kv["index"]]  # x: tokens fed, not steps (a chunk is one step)
+        curves = {"kv_tokens": kv}
         return metrics, curves
 
 

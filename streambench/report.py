@@ -115,15 +115,19 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
     for budget in sorted({str(_budget(r)) for r in ppl if _budget(r) != "all"}):
         rows = [r for r in ppl if str(_budget(r)) in (budget, "all")]
         fig, ax = plt.subplots(figsize=(7, 4))
-        for r in rows:
+        longest = max(r["curves"]["nll"]["index"][-1] + r["curves"]["nll"].get("binned", 1) for r in rows)
+        span = max(1, min(512, longest // 64))  # tokens per running mean, the same for every curve
+        # longest first: a short stream (recompute-window over 2K beside 64K) is drawn on top
+        for r in sorted(rows, key=lambda r: -r["curves"]["nll"]["index"][-1]):
             curve = r["curves"]["nll"]
             values = np.asarray(curve["value"], dtype=float)
-            window = max(1, min(64, len(values) // 16))
+            window = max(1, min(len(values), round(span / curve.get("binned", 1))))
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(np.asarray(curve["index"][: len(smooth)]) + window, np.exp(smooth), label=_legend(_name(r)))
+            ends = np.asarray(curve["index"][window - 1 :]) + curve.get("binned", 1)  # each mean's last token
+            ax.plot(ends, np.exp(smooth), label=_legend(_name(r)), linewidth=1)
         ax.set_yscale("log")
         ax.set_xlabel("position in the stream (tokens)")
-        ax.set_ylabel(f"perplexity (running mean of NLL over {window})")
+        ax.set_ylabel(f"perplexity (running mean of NLL over {span} tokens)")
         ax.set_title(f"Streaming perplexity, budget {budget}")
         ax.legend(fontsize=8)
         save(fig, f"ppl_over_stream_b{budget}.png", f"Per-position perplexity over the stream at budget {budget} (log scale)")
@@ -132,8 +136,8 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         for r in ppl:
             curve = r["curves"].get("kv_tokens")
             if curve:
-                ax.plot(curve["index"], curve["value"], label=_legend(f"{_name(r)} b{_budget(r)}"))
-        ax.set_xlabel("step")
+                ax.plot(curve["index"], curve["value"], label=_legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)"))
+        ax.set_xlabel("tokens fed")
         ax.set_ylabel("tokens in the KV cache")
         ax.set_title("KV-cache size over the stream")
         ax.legend(fontsize=7)

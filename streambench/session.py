@@ -140,6 +140,8 @@ class StreamSession:
             return None
         if self.policy.band is None:
             return f"{self.policy.name}'s keep-set depends on what the tokens say"
+        if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
+            return f"{self.policy.name} observes or retrieves while it feeds"
         if self.cache is not None and len(self.cache.shards) > 1 and self.policy.band.sinks:
             return "the model is spread over several devices"
         reason = unsupported(self.model)

@@ -53,6 +53,9 @@ def test_rolling_loglikelihood_equals_streaming_perplexity(bridge, tiny_model_di
     nll = sum(torch.nn.functional.cross_entropy(session.feed(ids[:, t : t + 1])[0, -1:].float(), ids[0, t + 1 : t + 2]).item()
               for t in range(ids.shape[1] - 1))
     assert got == pytest.approx(-nll, abs=1e-3)
+    for chunk in (1, 5, 200):  # exact chunks of any size (the default: 64)
+        again = bridge(policy="streamingllm", budget=8, start_size=2, chunk_size=chunk)
+        assert again.loglikelihood_rolling([req("loglikelihood_rolling", text)])[0] == pytest.approx(-nll, abs=1e-3)
     dense = bridge(policy="dense").loglikelihood_rolling([req("loglikelihood_rolling", text)])[0]
     assert dense != pytest.approx(got, abs=1e-2)  # the budget changed something
     assert math.isfinite(got)

@@ -104,7 +104,7 @@ class PerplexityTask(Task):
         nll = torch.empty(n_streams, n_pred, dtype=torch.float32, device=session.device)
         feeding = self.feeding(session)
         step, batch = feeding["chunk"], min(session.batch, n_streams)
-        exact = feeding["mode"] == "exact-chunks" or session.policy.recompute and feeding["mode"] != "approximate-chunks"
+        exact = feeding["mode"] == "exact-chunks"
         progress.total(n_streams * n_pred, "tok")
         meter.start()
         for first in range(0, n_streams, batch):
@@ -140,7 +140,6 @@ class PerplexityTask(Task):
             info["batch_size"] = batch
             info["per_text"] = [{"text": s, "ppl": math.exp(values[i].mean().item())} for i, s in enumerate(sources)]
         return TaskResult(metrics=metrics, curves={"nll": nll_curve(values.mean(0).tolist())}, info=info)
-
 
     def _probe(self, session, rows, meter) -> float | None:
         """Per-token decode speed after a chunked stream: `decode_probe` tokens fed one at a time
