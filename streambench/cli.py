@@ -294,7 +294,7 @@ def format_table(results: list[dict]) -> str:
             *([m.get("decode_tokens_per_s")] if decode else []),
             peak_memory_mib(m),
             m.get("kv_mib_peak"),
-            *([m.get("bank_mib", "")] if bank else []),
+            *([m.get("bank_mib")] if bank else []),
         ])
     return tabulate(rows, headers=headers, floatfmt=".2f")
 
