@@ -17,14 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Examples that need the network, a GPU or a Ray cluster: here they must end in one `Error:` line.
 OFFLINE_ERROR = ("--device cuda", "--dataset", "Qwen/", "meta-llama/", "https://", "arc_easy")
+# Examples on a file the user supplies (a PG19 book): here they must end in one `Error:` line too.
+USER_DATA = ("pg19/",)
 # A Ray cluster to join: one line when there is work to send and no cluster; nothing to do is fine.
 MAY_FAIL = ("--address",)
 # Sizes cut so that the offline examples finish in seconds (the example's own values otherwise).
-CUTS = {"--tokens": "40", "--limit": "1", "--steps": "2", "--soak": "128", "--budgets": "16"}
+CUTS = {"--tokens": "40", "--limit": "1", "--steps": "2", "--soak": "128", "--budgets": "16", "--exact-budgets": "16",
+        "--exact-tokens": "128"}
 ADDED = {  # (flag, value or None), added when the example does not set the flag itself
     "run": [("-q", None)],
     "lm-eval": [("-q", None), ("--limit", "2")],
-    "bench": [("--steps", "2"), ("--burn", "0"), ("--budgets", "16"), ("--batch-sizes", "2")],
+    "bench": [("--steps", "2"), ("--burn", "0"), ("--budgets", "16"), ("--batch-sizes", "2"), ("--exact-budgets", "16"),
+              ("--exact-tokens", "128")],
     "sweep": [("-q", None)],
 }
 SOAK = [("--soak-chunk", "64"), ("--soak-budget", "32")]
@@ -118,7 +122,7 @@ def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
         one_error = result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:")
         if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
             continue
-        network = any(marker in example for marker in OFFLINE_ERROR) or (
+        network = any(marker in example for marker in OFFLINE_ERROR + USER_DATA) or (
             "--task dailydialog" in example and "--data" not in example)  # builds its items from the hub
         if network:
             if result.exit_code != 2 or len([l for l in lines if l.startswith("Error:")]) != 1 or "Traceback" in result.output:
