@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from streambench.policies.base import Band  # noqa: F401  (re-exported: the declaration this module serves)
+from streambench.routing import AttentionRoute
 
 NAME = "streambench_exact"
 _ACTIVE: list["ChunkMask"] = []
@@ -34,9 +35,9 @@ _registered = False
 
 
 def unsupported(model) -> str | None:
-    """Why this model cannot be fed in exact chunks (None: it can). A sliding-window attention
-    mask or learned attention sinks would restrict the keys further than the band: those models
-    are fed token by token."""
+    """Why this model cannot be fed in exact chunks (None: it can). A sliding-window mask would
+    restrict the keys further than the band, and softcapping changes the scores SDPA computes:
+    such models are fed token by token."""
     config = model.config
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
@@ -58,7 +59,7 @@ def _register() -> None:
     _registered = True
 
 
-class ChunkMask:
+class ChunkMask(AttentionRoute):
     """The restriction of one chunk, shared by every layer of its forward.
 
     slot_positions (N,): the stream position of the key in each physical cache slot (the chunk's
@@ -68,7 +69,7 @@ class ChunkMask:
     def __init__(self, model, band: Band, slot_positions: torch.Tensor, queries: torch.Tensor,
                  rotated_at: torch.Tensor, rope=None, offset: int = 0):
         _register()
-        self.model = model
+        super().__init__(model, NAME, _ACTIVE)
         t = queries[:, None]
         keys = slot_positions[None, :]
         low = torch.clamp(t - band.width + 1, min=band.sinks) if band.width is not None else torch.full_like(t, band.sinks)
@@ -93,21 +94,6 @@ class ChunkMask:
         if key not in self._on:
             self._on[key] = (self.mask.to(device), None if self.sinks is None else self.sinks.to(device))
         return self._on[key]
-
-    def __enter__(self):
-        configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in self.model.model.layers}.values())
-        configs.append(self.model.config)
-        self._configs = list({id(c): c for c in configs}.values())
-        self._saved = [c._attn_implementation for c in self._configs]
-        for c in self._configs:
-            c._attn_implementation = NAME
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        _ACTIVE.remove(self)
-        for c, impl in zip(self._configs, self._saved):
-            c._attn_implementation = impl
 
 
 def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from streambench.errors import ConfigError
+from streambench.routing import AttentionRoute
 
 NAME = "streambench_observing"
 CAPTURED = frozenset({"attention_sum", "attention_last", "queries", "window_attention"})  # need the attention hook
@@ -84,33 +85,17 @@ def observing_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).contiguous(), None
 
 
-class AttentionObserver:
+class AttentionObserver(AttentionRoute):
     """Routes one model's attention through `observing_attention` while a session feeds."""
 
     def __init__(self, model, cache, wants: frozenset, window: int = 0):
         _register()
         self.cache, self.wants, self.window = cache, wants, window
-        self._configs = list({id(c): c for c in self._attention_configs(model)}.values())
+        super().__init__(model, NAME, _ACTIVE)
         self.scaling = [getattr(layer.self_attn, "scaling", None) for layer in model.model.layers]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
         self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
         self.reset()
-
-    @staticmethod
-    def _attention_configs(model):
-        return [layer.self_attn.config for layer in model.model.layers]
-
-    def __enter__(self):
-        self._saved = [c._attn_implementation for c in self._configs]
-        for c in self._configs:
-            c._attn_implementation = NAME
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        _ACTIVE.remove(self)
-        for c, impl in zip(self._configs, self._saved):
-            c._attn_implementation = impl
 
     def reset(self) -> None:
         layers = self.cache.num_layers
