@@ -104,6 +104,9 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     made = []
+    names = sorted({_name(r) for r in results})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {n: cycle[i % len(cycle)] for i, n in enumerate(names)}  # one color per policy in every plot
 
     def save(fig, name, caption):
         fig.tight_layout()
@@ -124,7 +127,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
             window = max(1, min(len(values), round(span / curve.get("binned", 1))))
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             ends = np.asarray(curve["index"][window - 1 :]) + curve.get("binned", 1)  # each mean's last token
-            ax.plot(ends, np.exp(smooth), label=_legend(_name(r)), linewidth=1)
+            ax.plot(ends, np.exp(smooth), label=_legend(_name(r)), linewidth=1, color=color[_name(r)])
         ax.set_yscale("log")
         ax.set_xlabel("position in the stream (tokens)")
         ax.set_ylabel(f"perplexity (running mean of NLL over {span} tokens)")
@@ -136,7 +139,8 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         for r in ppl:
             curve = r["curves"].get("kv_tokens")
             if curve:
-                ax.plot(curve["index"], curve["value"], label=_legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)"))
+                ax.plot(curve["index"], curve["value"], color=color[_name(r)] if len({str(_budget(x)) for x in ppl}) <= 2 else None,
+                        label=_legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)"))
         ax.set_xlabel("tokens fed")
         ax.set_ylabel("tokens in the KV cache")
         ax.set_title("KV-cache size over the stream")
