@@ -88,26 +88,33 @@ class ChunkMask(AttentionRoute):
             self.mask = recent
         self._on: dict = {}
 
-    def on(self, device) -> torch.Tensor:
-        """The mask (and sink flags) on a layer's device (a model spread over GPUs)."""
-        key = str(device)
+    def on(self, device, groups: int) -> tuple:
+        """What every layer on `device` reads, built once per chunk (a model spread over GPUs has a
+        copy per device): the mask with one row block per query head of a KV group, the sink flags
+        and the two query positions."""
+        key = (str(device), groups)
         if key not in self._on:
-            self._on[key] = (self.mask.to(device), None if self.sinks is None else self.sinks.to(device))
+            mask = self.mask.to(device)
+            rows = mask if groups == 1 else mask.repeat(groups, 1)
+            if self.sinks is None:
+                self._on[key] = (rows, None, None, None)
+            else:
+                self._on[key] = (rows, self.sinks.to(device), self.rotated_at.to(device), self.sink_query_at.to(device))
         return self._on[key]
 
 
 def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """An attention function for `AttentionInterface`: SDPA under the chunk's own mask."""
     chunk = _ACTIVE[-1]
-    mask, sinks = chunk.on(query.device)
     b, heads, c, d = query.shape
-    kv_heads, n = key.shape[1], key.shape[-2]
+    kv_heads = key.shape[1]
     groups = heads // kv_heads
+    rows, sinks, rotated_at, sink_query_at = chunk.on(query.device, groups)
     if sinks is not None:
         # the sink columns are scored by the query rotated at `sink_query_at`; the others by the
         # query as the model rotated it. Doubling the head dimension does both in one call.
         rope = chunk.rope
-        again = rope.rotate(rope.unrotate(query, chunk.rotated_at.to(query.device)), chunk.sink_query_at.to(query.device))
+        again = rope.rotate(rope.unrotate(query, rotated_at), sink_query_at)
         query = torch.cat((query, again), dim=-1)
         zero = key.new_zeros(())
         key = torch.cat((torch.where(sinks, zero, key), torch.where(sinks, key, zero)), dim=-1)
@@ -116,7 +123,6 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
         value = torch.cat((value, torch.zeros_like(value)), dim=-1)
     # each KV head's group of query heads as one block of groups * c rows (no repeated keys)
     q = query.reshape(b, kv_heads, groups * c, query.shape[-1])
-    rows = mask if groups == 1 else mask.repeat(groups, 1)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=rows, scale=scaling if scaling is not None else d ** -0.5)
     out = out.view(b, heads, c, -1)
     if sinks is not None:

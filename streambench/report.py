@@ -136,10 +136,11 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str]]:
         save(fig, f"ppl_over_stream_b{budget}.png", f"Per-position perplexity over the stream at budget {budget} (log scale)")
     if ppl:
         fig, ax = plt.subplots(figsize=(7, 4))
+        once = len({_name(r) for r in ppl}) == len(ppl)  # one curve per policy: its color; else one per curve
         for r in ppl:
             curve = r["curves"].get("kv_tokens")
             if curve:
-                ax.plot(curve["index"], curve["value"], color=color[_name(r)] if len({str(_budget(x)) for x in ppl}) <= 2 else None,
+                ax.plot(curve["index"], curve["value"], color=color[_name(r)] if once else None,
                         label=_legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)"))
         ax.set_xlabel("tokens fed")
         ax.set_ylabel("tokens in the KV cache")

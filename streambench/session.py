@@ -155,7 +155,8 @@ class StreamSession:
         (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
         after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
         in one forward where the policy allows it (streambench/exact.py), else one token at a time."""
-        if exact and ids.shape[1] > 1:
+        if exact and ids.shape[1] > 1 and (self.policy.evicts or self.policy.recompute):  # (nothing evicted:
+            # the ordinary causal forward is already token-exact, dense's chunked prefill)
             if self.policy.recompute:
                 return self._feed_recompute(ids, batched=True)
             if self.exact_chunks is None:
