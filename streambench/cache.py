@@ -34,6 +34,7 @@ kept tokens at positions 0..n-1 (tests/test_exactness.py).
 """
 from __future__ import annotations
 
+import copy
 import weakref
 
 import numpy as np
@@ -158,6 +159,13 @@ class StreamCache(Cache):
         for shard in self.shards:
             for buf in shard.stats.values():
                 buf.zero_()
+
+    def clone(self) -> "StreamCache":
+        """An independent copy (buffers and bookkeeping copied, the rotary table shared), for
+        `StreamSession.fork`: a branch that may evict without touching the stream's own cache."""
+        twin = copy.deepcopy(self, {id(self.rope): self.rope} if self.rope is not None else {})
+        twin.layers = [_StreamLayer(twin, i) for i in range(self.num_layers)]  # (their weakrefs point here)
+        return twin
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
         return self.num_layers

@@ -161,9 +161,10 @@ def _one_line_warnings() -> None:
               help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).")
 @click.option("--preset", "presets", multiple=True, type=click.Path(dir_okay=False),
               help="Policy preset YAML file to run (repeatable; adds to --policy).")
-@click.option("--budget", "-b", type=int, default=None,
-              help="Keys each query attends to, including itself (dense ignores it).  "
-                   "[default: the task's: 64 for perplexity, 512 for the dialogue tasks]")
+@click.option("--budget", "-b", default=None,
+              help="Keys each query attends to, including itself (dense ignores it), or a share of the "
+                   "task's context: 25% (perplexity: of --tokens; needle: of the longest haystack).  "
+                   "[default: the task's: 64 for perplexity, 128 for needle, 512 for the dialogue tasks]")
 @click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
 @click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
 @click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 768]")
@@ -210,7 +211,8 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --task grocery --limit 5 --budget 256 --policy streamingllm,sirllm,longmem
         streambench run --task dailydialog --limit 200
     """
-    from streambench.config import RunConfig, apply_overrides, parse_assignments, resolve_policy
+    from streambench.config import RunConfig, apply_overrides, parse_assignments, parse_budget, resolve_policy
+    from streambench.errors import ConfigError
 
     names = [n.strip() for n in policies.split(",") if n.strip()] + list(presets)
     if not names:
@@ -227,9 +229,12 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
             targs[key] = value
     if dataset is not None:
         targs["text"] = "hf:" + dataset
-    if budget is not None and budget < 1:
-        raise UserError(f"--budget must be >= 1, got {budget}")
-    config = RunConfig(model=model, device=device, dtype=dtype, seed=seed, budget=budget, policies=specs,
+    try:
+        parsed = parse_budget(budget, "--budget")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    config = RunConfig(model=model, device=device, dtype=dtype, seed=seed,
+                       budget=budget.strip() if isinstance(parsed, float) else parsed, policies=specs,
                        task=task, task_args=targs, out=out, batch_size=batch_size, device_map=device_map,
                        cuda_graphs=cuda_graphs)
     _execute(config, quiet)

@@ -48,7 +48,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    budget: int | None = None  # None: the task's default_budget
+    budget: int | str | None = None  # None: the task's default_budget; "25%": a share of the task's context
     policies: list[PolicySpec] = field(default_factory=list)
     task: str = "perplexity"
     task_args: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +158,43 @@ def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
         if not hit:
             names = ", ".join(sorted({s.display for s in specs}))
             raise ConfigError(f"no selected policy ({names}) takes the argument '{key}'")
+
+
+def parse_budget(value, where: str = "budget"):
+    """A budget as given: a positive integer (keys), "25%" (a share of the task's context,
+    resolved by `resolve_budget`), or None. Returns an int, a float share in (0, 1], or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                share = float(text[:-1]) / 100
+            except ValueError:
+                share = float("nan")
+            if not 0 < share <= 1:
+                raise ConfigError(f"{where} {value!r}: a ratio budget is a percentage in (0, 100], e.g. 25%")
+            return share
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer or a percentage (25%), got {value!r}")
+    return value
+
+
+def resolve_budget(value, task) -> tuple[int | None, dict]:
+    """(keys, what to record): a share becomes round(share x the task's context tokens), at least 1
+    (kvpress's compression ratio is 1 - share). Tasks that cannot know their context before they
+    run (the dialogue tasks) refuse a share."""
+    parsed = parse_budget(value)
+    if not isinstance(parsed, float):
+        return parsed, {}
+    context = task.context_tokens()
+    if context is None:
+        raise ConfigError(f"budget {value}: task {task.name} does not know its context length before it runs; "
+                          "give the budget in keys")
+    keys = max(1, round(parsed * context))
+    return keys, {"ratio": parsed, "context_tokens": context, "compression_ratio": round(1 - keys / context, 6), "keys": keys}
 
 
 def build_policy(spec: PolicySpec, budget: int | None):

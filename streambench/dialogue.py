@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _U1, _A1, _U2 = "\x00user-one\x00", "\x00assistant-one\x00", "\x00user-two\x00"
@@ -65,17 +66,48 @@ class Choice:
 
 
 class Conversation:
-    """Feeds user turns and chosen replies of one conversation into a StreamSession."""
+    """Feeds user turns and chosen replies of one conversation into a StreamSession, and tracks
+    what the cache keeps of the facts its turns tag (streambench/retention.py)."""
 
     def __init__(self, session, tokenizer, fmt: ChatFormat | None = None):
+        from streambench.retention import CacheMap, Retention
+
         self.session, self.tokenizer = session, tokenizer
         self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
         self.turns = 0
         self._reply_cache: dict[str, torch.Tensor] = {}
+        self.retention, self.cache_map = Retention(), CacheMap()
+        self._stops = None
 
     def reset(self) -> None:
         self.session.reset()
+        self.retention.reset()
+        self.cache_map.end_stream()
         self.turns = 0
+
+    def _context(self, question: str, facts) -> torch.Tensor:
+        """The user turn's ids; the tokens of each (name, substring of the question) fact are tagged."""
+        from streambench.retention import tokens_of
+
+        text = self.fmt.user_turn(question, first=self.turns == 0)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if facts:
+            head = len(text) - len(question) - len(self.fmt.user_suffix)
+            for name, part in facts:
+                at = question.find(part)
+                if at < 0 or not part:
+                    raise ValueError(f"fact {part!r} is not in the question {question!r}")
+                index = np.asarray(tokens_of(self.tokenizer, text, (head + at, head + at + len(part)), ids), dtype=np.int64)
+                positions = self.session.fed + index
+                self.retention.tag(name, positions, self.turns)
+                self.cache_map.tag(positions)
+        return torch.tensor([ids], device=self.session.device)
+
+    def _observe(self) -> None:
+        """After a user turn is fed: what the cache holds of the tagged facts, and of the stream."""
+        held = self.session.held_positions()
+        self.retention.sample(held, self.session.fed, self.turns)
+        self.cache_map.record(held, self.session.fed)
 
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -88,18 +120,20 @@ class Conversation:
         return ids
 
     @torch.no_grad()
-    def ask(self, question: str, replies: list[str], by_greedy: bool = True) -> tuple[int, list[Choice]]:
+    def ask(self, question: str, replies: list[str], by_greedy: bool = True, facts=()) -> tuple[int, list[Choice]]:
         """One user turn and the model's choice among `replies`; the chosen reply enters the cache.
+        `facts`: (name, substring of the question) pairs whose tokens are tagged for retention.
 
         `by_greedy=False` (RPS) picks by first-token log-probability alone, which the context's
         forward already gives: no reply is fed as a branch, so a round costs two forwards, not 2 + N."""
         session = self.session
         if self.turns:
             session.new_round()  # SirLLM decays stored scores once per user turn
-        context = self.encode(self.fmt.user_turn(question, first=self.turns == 0))
+        context = self._context(question, facts)
         options = [self._reply_ids(r) for r in replies]
         session.reserve(context.shape[1] + max(o.shape[1] for o in options))
         last = session.feed(context)[0, -1]
+        self._observe()
         if not by_greedy:
             logprobs = torch.log_softmax(last.float(), -1)
             scored = [Choice(i, logprobs[option[0, 0]].item(), None) for i, option in enumerate(options)]
@@ -121,6 +155,43 @@ class Conversation:
         session.feed(options[chosen])
         self.turns += 1
         return chosen, scored
+
+    @torch.no_grad()
+    def free_answer(self, question: str, target: str, max_new_tokens: int = 16) -> tuple[list[float], str]:
+        """Ask `question` on the side (session.fork: the conversation goes on as if it had not
+        been asked) and return the per-token NLL of `target` as the model's reply, and the reply
+        it writes by greedy decoding (at most `max_new_tokens`, ending at its turn's end)."""
+        import torch.nn.functional as F
+
+        session = self.session
+        with session.fork():
+            if self.turns:
+                session.new_round()
+            context = self.encode(self.fmt.user_turn(question, first=self.turns == 0))
+            answer = self.encode(self.fmt.reply_prefix + target)
+            session.reserve(context.shape[1] + max(answer.shape[1], max_new_tokens))
+            last = session.feed(context)[0, -1]
+            state = session.checkpoint()
+            logits = session.feed(answer)[0]
+            predicted = torch.cat([last[None], logits[:-1]]).float()
+            nll = F.cross_entropy(predicted, answer[0], reduction="none").tolist()
+            session.rollback(state)
+            written = []
+            for _ in range(max_new_tokens):
+                token = int(last.argmax())
+                if token in self._stop_ids():
+                    break
+                written.append(token)
+                last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
+        return nll, self.tokenizer.decode(written, skip_special_tokens=True)
+
+    def _stop_ids(self) -> set[int]:
+        if self._stops is None:
+            stops = {self.tokenizer.eos_token_id}
+            if self.fmt.assistant_suffix:
+                stops.add(self.encode(self.fmt.assistant_suffix)[0, 0].item())
+            self._stops = {s for s in stops if s is not None}
+        return self._stops
 
     def _same_text(self, predicted: torch.Tensor, target: torch.Tensor) -> bool:
         """SirLLM compares decoded strings with spaces removed."""

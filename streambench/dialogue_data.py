@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,12 +157,17 @@ def load_grocery(source: str) -> list[MCItem]:
         stem, choices, answer = _choices(path, number, record)
         rid = str(record.get("id", number))
         kind = "key" if rid.startswith("key") else "recall" if rid.startswith("answer") else "filler"
+        meta = {}
         if kind == "key":
             question, replies, gold = stem, ["OK"], 0
+            meta = grocery_key_meta(stem)
         else:
             question = f"{stem} Choices: {_listing(choices)}"
             replies, gold = [c["label"] for c in choices], [c["label"] for c in choices].index(answer)
-        items.append(MCItem(id=rid, group=rid.split("_")[-1], question=question, replies=replies, answer=gold, kind=kind))
+            if kind == "recall":
+                meta = {"free": stem.strip(), "answer_text": str(choices[gold]["text"]).strip()}
+        items.append(MCItem(id=rid, group=rid.split("_")[-1], question=question, replies=replies, answer=gold, kind=kind,
+                            meta=meta))
     return items
 
 
@@ -230,6 +236,12 @@ _CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt
              ("Spain", "Madrid"), ("Chile", "Santiago"), ("Greece", "Athens"), ("India", "New Delhi"))
 
 
+def grocery_key_meta(stem: str) -> dict:
+    """The requested item of a key statement ("... GROCERY: [chocolate]."), tagged as the fact."""
+    found = re.search(r"\[([^\]]+)\]", stem)
+    return {"facts": [("key", found.group(1))]} if found else {}
+
+
 def generate_grocery(episodes: int, seed: int = 0, fillers: int = 20) -> list[MCItem]:
     """Episodes shaped like SirLLM's: the request, `fillers` questions of our own (arithmetic and
     capitals, five choices each), then the recall question with four groceries."""
@@ -239,7 +251,8 @@ def generate_grocery(episodes: int, seed: int = 0, fillers: int = 20) -> list[MC
         group = str(e)
         picks = rng.choice(len(GROCERIES), size=4, replace=False)
         wanted = GROCERIES[picks[0]]
-        items.append(MCItem(f"key_{e}", group, f"I want you to buy the GROCERY: [{wanted}].", ["OK"], 0, "key"))
+        key = f"I want you to buy the GROCERY: [{wanted}]."
+        items.append(MCItem(f"key_{e}", group, key, ["OK"], 0, "key", grocery_key_meta(key)))
         for q in range(fillers):
             stem, texts, gold = _filler(rng)
             choices = [{"label": LABELS[i], "text": t} for i, t in enumerate(texts)]
@@ -248,9 +261,10 @@ def generate_grocery(episodes: int, seed: int = 0, fillers: int = 20) -> list[MC
         order = rng.permutation(4)
         texts = [GROCERIES[picks[i]] for i in order]
         choices = [{"label": LABELS[i], "text": t} for i, t in enumerate(texts)]
-        items.append(MCItem(f"answer_{e}", group,
-                            f"Which one is the GROCERY that I want you to buy earlier? Choices: {_listing(choices)}",
-                            list(LABELS[:4]), int(np.flatnonzero(order == 0)[0]), "recall"))
+        stem = "Which one is the GROCERY that I want you to buy earlier?"
+        items.append(MCItem(f"answer_{e}", group, f"{stem} Choices: {_listing(choices)}",
+                            list(LABELS[:4]), int(np.flatnonzero(order == 0)[0]), "recall",
+                            {"free": stem, "answer_text": wanted}))
     return items
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from streambench.config import PolicySpec, RunConfig, build_policy, build_task, check_seed
+from streambench.config import PolicySpec, RunConfig, build_policy, build_task, check_seed, parse_budget, resolve_budget
 from streambench.errors import ConfigError
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
 from streambench.policies import POLICIES
@@ -44,6 +44,7 @@ class PlannedRun:
     digest: str
     run_id: str
     decode: str = "eager"  # "graph": one-token steps replayed as CUDA graphs
+    budget_ratio: dict | None = None  # a budget given as a share of the context, and what it resolved to
 
 
 def plan(config: RunConfig, check_device: bool = True):
@@ -57,7 +58,9 @@ def plan(config: RunConfig, check_device: bool = True):
 
     check_run_config(config)
     task = build_task(config.task, config.task_args)
-    budget = config.budget if config.budget is not None else task.default_budget
+    budget, ratio = resolve_budget(config.budget, task)
+    if budget is None:
+        budget = task.default_budget
     device = resolve_device(config.device) if check_device else torch.device(
         config.device if config.device != "auto" else "cpu")
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
@@ -115,7 +118,8 @@ def plan(config: RunConfig, check_device: bool = True):
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
         run_id = f"{slug(task.name, 24)}-{slug(spec.display)}-b{shown}-{digest[:10]}"
-        planned.append(PlannedRun(spec, policy, run_config, digest, run_id, decode))
+        planned.append(PlannedRun(spec, policy, run_config, digest, run_id, decode,
+                                  ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None))
     return task, planned
 
 
@@ -127,9 +131,7 @@ def check_run_config(config: RunConfig) -> None:
         if not isinstance(getattr(config, key), str):
             raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
     check_seed(config.seed)
-    b = config.budget
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-        raise ConfigError(f"budget must be a positive integer, got {b!r}")
+    parse_budget(config.budget)
     if config.device_map is not None and config.device_map not in DEVICE_MAPS:
         raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {config.device_map!r}")
     if config.cuda_graphs not in (None, True, False):
@@ -209,6 +211,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
         "curves": {**outcome.curves, **engine_curves},
         "records": outcome.records,
         "info": outcome.info,
+        **({"budget_ratio": item.budget_ratio} if item.budget_ratio else {}),
         "environment": env,
         "provenance": {part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)
                        for part in ("task", "policy")},

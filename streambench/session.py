@@ -9,7 +9,9 @@ asked for them, their scores (from logits the forward produced anyway, by the po
 """
 from __future__ import annotations
 
+import copy
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -300,6 +302,38 @@ class StreamSession:
             cache.truncate(n)
             if stats is not None:
                 cache.restore_stats(stats)
+
+    @contextmanager
+    def fork(self):
+        """A branch that may evict: everything fed inside the `with` block is forgotten afterwards,
+        evictions included (a copy of the cache and the policy runs it). For questions the task
+        asks on the side (grocery's free recall), where a rollback cannot reach across the
+        eviction the branch needs. Costs one copy of the cache."""
+        saved = (self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static)
+        observed = self.observer.state() if self.observer is not None else None
+        tapped = list(self.tap._last) if self.tap is not None else None
+        if self.cache is not None:
+            self.cache = self.cache.clone()
+        self.policy = copy.deepcopy(self.policy)
+        self._static = None  # a captured graph writes into the stream's own buffers
+        if self.observer is not None:
+            self.observer.cache = self.cache
+        try:
+            yield self
+        finally:
+            self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static = saved
+            if self.observer is not None:
+                self.observer.cache = self.cache
+                self.observer.restore(observed)
+            if self.tap is not None:
+                self.tap._last = tapped
+
+    def held_positions(self, stream: int = 0) -> np.ndarray:
+        """Stream positions whose keys the next query reads: (n,), or (L, H_kv, n) once keep-sets
+        differ per head (recompute-window: its window)."""
+        if self.cache is None:
+            return np.arange(self.fed - self.kv_tokens, self.fed)
+        return self.cache.positions_of(stream)
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""

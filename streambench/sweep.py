@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from streambench.config import PRESET_META, PolicySpec, RunConfig, load_preset, resolve_policy
+from streambench.config import PRESET_META, PolicySpec, RunConfig, load_preset, parse_budget, resolve_policy
 from streambench.errors import ConfigError, OutputError, StreambenchError
 from streambench.safety import check_label
 
@@ -30,7 +30,7 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray c
 class SweepSpec:
     models: list[str]
     tasks: list[tuple[str, dict]]
-    budgets: list[int | None]
+    budgets: list[int | str | None]  # "25%": a share of each task's context
     policies: list[PolicySpec]
     device: str = "auto"
     dtype: str = "auto"
@@ -64,8 +64,7 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
             raise ConfigError(f"sweep spec: models are names, folders or files (strings), got {m!r}")
     budgets = _as_list(data.get("budgets", data.get("budget")), "budgets")
     for b in budgets:
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise ConfigError(f"sweep spec: budgets must be positive integers, got {b!r}")
+        parse_budget(b, "sweep spec: budget")
     for key in ("device", "dtype", "store", "out"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"sweep spec: {key} must be a string, got {data[key]!r}")

@@ -45,6 +45,11 @@ class Task:
         The size guard and the cache's preallocation use it: a budget above it needs no buffer."""
         return None
 
+    def context_tokens(self) -> int | None:
+        """The context a ratio budget (`--budget 25%`) is a share of: the stream for perplexity,
+        the longest haystack for needle; None where it is unknown before the run."""
+        return None
+
     def args(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

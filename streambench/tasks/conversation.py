@@ -5,10 +5,14 @@ from __future__ import annotations
 from streambench.dialogue_data import MCItem
 
 
-def play_items(items: list[MCItem], session, tokenizer, meter, progress) -> list[dict]:
+def play_items(items: list[MCItem], session, tokenizer, meter, progress, before=None, after=None,
+               conversation=None) -> list[dict]:
+    """`before(conversation, item)` and `after(conversation, item)` may add fields to an item's
+    record (grocery's free recall on the side, the key's retention when it is asked for). An
+    item's `meta["facts"]`, (name, substring of the question) pairs, are tagged for retention."""
     from streambench.dialogue import Conversation  # torch: loaded when a run starts, not on listing
 
-    conversation = Conversation(session, tokenizer)
+    conversation = conversation or Conversation(session, tokenizer)
     records, group = [], None
     progress.total(len(items), "item")
     meter.start()
@@ -16,9 +20,12 @@ def play_items(items: list[MCItem], session, tokenizer, meter, progress) -> list
         if item.group != group:
             conversation.reset()
             group = item.group
-        before = session.processed
-        chosen, scored = conversation.ask(item.question, item.replies)
-        meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
+        processed = session.processed
+        extra = before(conversation, item) if before else {}
+        chosen, scored = conversation.ask(item.question, item.replies, facts=item.meta.get("facts", ()))
+        if after:
+            extra.update(after(conversation, item))
+        meter.step(session.processed - processed, session.kv_tokens, session.kv_bytes)
         progress(1)
         records.append({
             "id": item.id,
@@ -31,6 +38,7 @@ def play_items(items: list[MCItem], session, tokenizer, meter, progress) -> list
             "greedy": [c.greedy for c in scored],
             "first_token_logprob": [round(c.logprob, 4) for c in scored],
             "kv_tokens": session.kv_tokens,
+            **extra,
         })
     return records
 

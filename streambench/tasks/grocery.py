@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from streambench.dialogue_data import check_local, provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -14,22 +16,35 @@ from streambench.tasks.conversation import accuracy, play_items
 class GroceryTask(Task):
     """An episode: "I want you to buy the GROCERY: [x]." (the model answers "OK"), twenty
     multiple-choice questions, then "Which one is the GROCERY that I want you to buy earlier?".
-    `key_accuracy` over the recall questions measures memory; `accuracy` over the filler questions
-    measures whether the model still answers what is in front of it. The cache is reset per
-    episode; `limit` counts episodes. `data`: SirLLM's keys.jsonl (548 episodes, CommonsenseQA
-    fillers); without it, seeded episodes of our own (arithmetic and capitals fillers)."""
+    `key_accuracy` over the recall questions measures memory as SirLLM scores it; `accuracy` over
+    the filler questions measures whether the model still answers what is in front of it. The
+    cache is reset per episode; `limit` counts episodes. `data`: SirLLM's keys.jsonl (548
+    episodes, CommonsenseQA fillers); without it, seeded episodes of our own (arithmetic and
+    capitals fillers).
+
+    Additions (SirLLM's metrics are unchanged): the item's tokens in the key statement are tagged,
+    and at the recall question `key_retention` is the share of them the cache still holds (per
+    layer and head for policies whose keep-sets differ there). Before the multiple-choice recall,
+    the question is also asked without options on the side (`StreamSession.fork`: the episode goes
+    on as if it had not been): `key_nll` is the mean per-token NLL of the item as the reply,
+    `key_recall` whether the greedy reply (`recall_tokens` at most) names it."""
 
     version = 1
-    summary = "recall a requested grocery after 20 filler questions (key_accuracy, accuracy)"
-    higher_is_better = {"key_accuracy": True, "accuracy": True}
-    columns = (("episodes", "episodes"), ("key accuracy", "key_accuracy"), ("accuracy", "accuracy"))
+    summary = "recall a requested grocery after 20 filler questions (key_accuracy, key_nll, key_retention)"
+    higher_is_better = {"key_accuracy": True, "accuracy": True, "key_nll": False, "key_recall": True, "key_retention": True}
+    columns = (("episodes", "episodes"), ("key accuracy", "key_accuracy"), ("accuracy", "accuracy"),
+               ("key NLL", "key_nll"), ("key recall", "key_recall"), ("key retention", "key_retention"))
+    quality = "key_nll"
 
     data: str | None = None
     limit: int | None = 20
     seed: int = 0
+    recall_tokens: int = 16
 
     def configure(self) -> None:
         self._check_limit()
+        self._require(isinstance(self.recall_tokens, int) and not isinstance(self.recall_tokens, bool)
+                      and self.recall_tokens >= 1, f"recall_tokens must be an integer >= 1, got {self.recall_tokens!r}")
         check_local(self.data)
 
     def items(self):
@@ -43,11 +58,38 @@ class GroceryTask(Task):
         return items
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
-        records = play_items(self.items(), session, tokenizer, meter, progress)
-        episodes = len({r["group"] for r in records})
+        from streambench.dialogue import Conversation
+
+        conversation = Conversation(session, tokenizer)
+        records = play_items(self.items(), session, tokenizer, meter, progress, self._free_recall, _key_kept,
+                             conversation)
+        recalls = [r for r in records if r["kind"] == "recall"]
+        metrics = {"key_accuracy": accuracy(records, "recall"), "accuracy": accuracy(records, "filler"),
+                   "episodes": len({r["group"] for r in records})}
+        for key in ("key_nll", "key_recall", "key_retention"):
+            values = [r[key] for r in recalls if key in r]
+            metrics[key] = float(np.mean(values)) if values else float("nan")
+        curves = conversation.retention.curves()
+        cache_map = conversation.cache_map.curve()
+        if cache_map:
+            curves["cache_map"] = cache_map
         return TaskResult(
-            metrics={"key_accuracy": accuracy(records, "recall"), "accuracy": accuracy(records, "filler"), "episodes": episodes},
-            records=records,
-            info={"data": self.data or f"generated (seed {self.seed})",
+            metrics=metrics, records=records, curves=curves,
+            info={"data": self.data or f"generated (seed {self.seed})", "facts": "the requested item in each key statement",
                   **({"data_file": provenance(self.data, "keys.jsonl")} if self.data else {})},
         )
+
+    def _free_recall(self, conversation, item) -> dict:
+        if item.kind != "recall" or "free" not in item.meta:
+            return {}
+        target = item.meta["answer_text"]
+        nll, written = conversation.free_answer(item.meta["free"], target, self.recall_tokens)
+        return {"key_nll": round(float(np.mean(nll)), 4), "free_answer": written,
+                "key_recall": target.lower() in written.lower()}
+
+
+def _key_kept(conversation, item) -> dict:
+    """The share of the item's tokens cached when the recall question was fed."""
+    if item.kind != "recall" or "key" not in conversation.retention.facts:
+        return {}
+    return {"key_retention": round(conversation.retention.share("key"), 4)}

@@ -66,6 +66,9 @@ class PerplexityTask(Task):
     def stream_tokens(self) -> int:
         return self.tokens
 
+    def context_tokens(self) -> int:
+        return self.tokens
+
     @property
     def sources(self) -> list[str]:
         return [s.strip() for s in str(self.text).split(",") if s.strip()]

@@ -35,13 +35,23 @@ def outcome(model: int, user: int) -> str:
 class RockPaperScissorsTask(Task):
     """`players`: comma-separated rock, paper, scissors (50/30/20 players), switch (rock-dominant,
     then scissors-dominant: tests decay), mix:R,P,S, or paths/URLs of SirLLM's player files.
-    `limit`: rounds per player (SirLLM plays 2,000)."""
+    `limit`: rounds per player (SirLLM plays 2,000).
+
+    Additions beside SirLLM's win rates: the user's move word in each "I chose [...]" turn is
+    tagged; `move_retention` is the mean, over rounds, of the share of the revealed moves (all of
+    them so far, each move weighted alike) the cache holds when the model chooses; `beat_logprob`
+    the mean log-probability (first token, full vocabulary) of the move that beats the player's
+    most frequent move so far (ties: the first of rock, paper, scissors), from round 2 on: what a
+    model that remembers the history should prefer, however rarely it is the argmax."""
 
     version = 1
     summary = "Rock-Paper-Scissors against biased players (win/tie/loss, rolling win rate)"
-    higher_is_better = {"win_rate": True, "loss_rate": False, "best_fixed_gap": False}
+    higher_is_better = {"win_rate": True, "loss_rate": False, "best_fixed_gap": False, "beat_logprob": True,
+                        "move_retention": True}
     columns = (("rounds", "rounds"), ("win", "win_rate"), ("tie", "tie_rate"), ("loss", "loss_rate"),
-               ("best fixed", "best_fixed_win"), ("model moves R/P/S", "model_moves"))
+               ("best fixed", "best_fixed_win"), ("model moves R/P/S", "model_moves"),
+               ("beat logprob", "beat_logprob"), ("move retention", "move_retention"))
+    quality = "win_rate"
 
     players: str = "rock,paper,scissors"
     limit: int | None = 2000
@@ -71,7 +81,8 @@ class RockPaperScissorsTask(Task):
         games = {p: self.moves(p, i) for i, p in enumerate(self.player_list())}
         progress.total(sum(len(m) for m in games.values()), "round")
         conversation = Conversation(session, tokenizer)
-        records, metrics, curves, info = [], {}, {}, {"model_moves": {}}
+        records, metrics, curves, info = [], {}, {}, {"model_moves": {}, "facts": "the user's move in each 'I chose [...]' turn"}
+        beat, kept = [], []
         files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
         if files:
             info["player_files"] = files
@@ -79,10 +90,16 @@ class RockPaperScissorsTask(Task):
         for player, user_moves in games.items():
             conversation.reset()
             results = []
+            counts = np.zeros(3, dtype=int)
             for r, user in enumerate(user_moves):
                 question = FIRST if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
+                facts = () if r == 0 else ((f"move {r - 1}", MOVES[user_moves[r - 1]]),)
                 before = session.processed
-                model, scored = conversation.ask(question, REPLIES, by_greedy=False)
+                model, scored = conversation.ask(question, REPLIES, by_greedy=False, facts=facts)
+                if r:
+                    counts[user_moves[r - 1]] += 1
+                    beat.append(scored[(int(counts.argmax()) + 1) % 3].logprob)
+                    kept.append(float(conversation.retention.shares().mean()))
                 meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
                 progress(1)
                 results.append(outcome(model, user))
@@ -104,6 +121,12 @@ class RockPaperScissorsTask(Task):
         metrics["best_fixed_gap"] = metrics["best_fixed_win"] - metrics["win_rate"]
         moves = [rec["model"] for rec in records]
         metrics["model_moves"] = "/".join(f"{100 * moves.count(m) / len(moves):.0f}" for m in MOVES)
+        metrics["beat_logprob"] = float(np.mean(beat)) if beat else float("nan")
+        metrics["move_retention"] = float(np.mean(kept)) if kept else float("nan")
+        curves.update(conversation.retention.curves())
+        cache_map = conversation.cache_map.curve()
+        if cache_map:
+            curves["cache_map"] = cache_map
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 
     @classmethod
