@@ -291,9 +291,13 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         m = r["metrics"]
         budget = r["config"]["policy"]["args"].get("budget")
+        ratio = r.get("budget_ratio")
+        shown = budget if budget is not None else "all"
+        if isinstance(ratio, dict) and "ratio" in ratio:
+            shown = f"{shown} ({100 * ratio['ratio']:g}%)"
         rows.append([
             r.get("label", r["config"]["policy"]["name"]),
-            budget if budget is not None else "all",
+            shown,
             *(m.get(key) for _, key in columns),
             m.get("tokens_per_s"),
             *([m.get("decode_tokens_per_s")] if decode else []),
@@ -301,25 +305,38 @@ def format_table(results: list[dict]) -> str:
             m.get("kv_mib_peak"),
             *([m.get("bank_mib")] if bank else []),
         ])
+    # floats rounded here, not only by floatfmt: tabulate prints a column it takes for text as is
+    rows = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in rows]
     return tabulate(rows, headers=headers, floatfmt=".2f")
 
 
 def _tqdm_factory(desc: str, total: int):
+    """A bar drawn once the task has said its size and unit (items, rounds, tokens): one bar per
+    run, not an empty token bar above the real one."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total or None, desc=f"{desc:>18}", unit="tok", leave=True, mininterval=0.5, file=sys.stderr,
-               dynamic_ncols=True)
-
     class _Bar:
+        bar = None
+
+        def _open(self, n, unit: str) -> None:
+            self.bar = tqdm(total=n or None, desc=f"{desc:>18}", unit=unit, leave=True, mininterval=0.5,
+                            file=sys.stderr, dynamic_ncols=True)
+
         def total(self, n: int, unit: str = "tok") -> None:
-            bar.unit = unit
-            bar.reset(total=n)
+            if self.bar is None:
+                self._open(n, unit)
+            else:
+                self.bar.unit = unit
+                self.bar.reset(total=n)
 
         def __call__(self, n: int) -> None:
-            bar.update(n)
+            if self.bar is None:
+                self._open(total, "tok")
+            self.bar.update(n)
 
         def close(self) -> None:
-            bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     return _Bar()
 

@@ -77,6 +77,7 @@ class StreamSession:
             self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
         self._rows_tokens = 16384 if self.device.type == "cuda" else 4096  # recompute-window rows per forward
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
+        self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
         self.reset()
 
     # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
@@ -318,9 +319,11 @@ class StreamSession:
         self._static = None  # a captured graph writes into the stream's own buffers
         if self.observer is not None:
             self.observer.cache = self.cache
+        self.fork_depth += 1
         try:
             yield self
         finally:
+            self.fork_depth -= 1
             self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static = saved
             if self.observer is not None:
                 self.observer.cache = self.cache

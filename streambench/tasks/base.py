@@ -30,6 +30,7 @@ class Task:
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (table header, metric) the CLI prints
     default_budget: ClassVar[int] = 512  # used when the run names no --budget
     batchable: ClassVar[bool] = False  # runs several streams in one batch (--batch-size)
+    quality: ClassVar[str | None] = None  # the metric the report's Pareto plot puts against KV memory
 
     def __post_init__(self) -> None:
         self.configure()

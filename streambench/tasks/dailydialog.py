@@ -22,6 +22,7 @@ class DailyDialogTask(Task):
     summary = "DailyDialog next-response choice within each dialogue (accuracy)"
     higher_is_better = {"accuracy": True}
     columns = (("items", "items"), ("dialogues", "dialogues"), ("accuracy", "accuracy"))
+    quality = "accuracy"
 
     data: str | None = None
     limit: int | None = 2000

@@ -40,6 +40,7 @@ class PerplexityTask(Task):
     summary = "streaming perplexity of a long text (token-exact, in chunks where the policy allows)"
     higher_is_better = {"ppl": False, "ppl_last_half": False, "nll_mean": False}
     columns = (("tokens", "tokens"), ("PPL", "ppl"), ("PPL last half", "ppl_last_half"))
+    quality = "ppl"
     default_budget = 64  # with 768 tokens: the papers' effect in a few CPU minutes
     batchable = True
 
