@@ -55,8 +55,8 @@ def group(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def comparable(results: list[dict]) -> list[dict]:
     """Groups of runs whose numbers compare: same task, task arguments (text, tokens, ...) and
-    model. Each: {"task", "model", "rows", "title", "prefix"} (prefix: for its plot files, "" when
-    the task has one group)."""
+    model. Each: {"task", "model", "rows", "title", "prefix"} (prefix: of its plot files, the task's
+    name, numbered when the task has several groups)."""
     from streambench.safety import slug
 
     keyed = defaultdict(list)
@@ -73,11 +73,8 @@ def comparable(results: list[dict]) -> list[dict]:
         varying = sorted({k for g in siblings for k in g["args"] if len({json.dumps(h["args"].get(k), default=str) for h in siblings}) > 1})
         for n, g in enumerate(siblings):
             differs = ", ".join(f"{k}={g['args'].get(k)}" for k in varying)
-            models = {h["model"] for h in siblings}
             g["title"] = f"{task} on {g['model']}" + (f" ({differs})" if differs else "")
-            g["prefix"] = "" if len(siblings) == 1 else f"{slug(task, 24)}{n + 1}_"
-            if len(models) > 1 and not differs:
-                g["prefix"] = f"{slug(task, 24)}{n + 1}_"
+            g["prefix"] = f"{slug(task, 24)}_" if len(siblings) == 1 else f"{slug(task, 24)}{n + 1}_"
     return groups
 
 

@@ -46,7 +46,7 @@ TINY = "@tiny"  # replaced by the tiny model folder
 TEXT = "@text"  # replaced by a short prose file
 
 RUN_CASES = [
-    (["--budget", "abc"], "is not a valid integer"),
+    (["--budget", "abc"], "must be a positive integer or a percentage (25%)"),
     (["--policy", "streamingllm", "-p", "budget=abc"], "budget must be an integer or null, got 'abc'"),
     (["--policy", "sirllm", "-p", "budget=abc"], "budget must be"),
     (["--policy", "longmem", "-p", "budget=abc"], "budget must be"),
@@ -118,8 +118,8 @@ SPEC_CASES = [
     ({"policies": [42]}, "a policy is a name or a mapping"),
     ({"tasks": [{"task": 5}]}, "'task' is a task or preset name"),
     ({"tasks": [{"task": "perplexity", "tokens": "many"}]}, "tokens must be an integer"),
-    ({"budgets": [True]}, "budgets must be positive integers"),
-    ({"budgets": [0]}, "budgets must be positive integers"),
+    ({"budgets": [True]}, "budget must be a positive integer or a percentage"),
+    ({"budgets": [0]}, "budget must be a positive integer or a percentage"),
     ({"device": 5}, "device must be a string"),
     ({"device": "mps"}, "unsupported device"),
     ({"batch_size": "4"}, "batch_size must be an integer"),

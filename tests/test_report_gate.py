@@ -48,8 +48,9 @@ def test_report_contains_every_run_tables_and_plots(fixture_store, tmp_path):
         assert heading in md
     assert "**" in md and "<b>" in page  # best values marked
     plots = {p.name for p in out.glob("*.png")}
-    assert {"ppl_over_stream_b8.png", "ppl_over_stream_b16.png", "kv_over_stream.png",
-            "tokens_per_s_vs_budget.png", "rps_rolling_win_rate.png"} <= plots
+    assert {"perplexity_ppl_over_stream_b8.png", "perplexity_ppl_over_stream_b16.png", "perplexity_kv_over_stream.png",
+            "perplexity_tokens_per_s_vs_budget.png", "perplexity_pareto_ppl_vs_kv.png", "rps_rps_rolling_win_rate.png",
+            "rps_cache_map_b400.png", "grocery_cache_map_b400.png", "grocery_retention_b400.png"} <= plots
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
     assert "http://" not in page and "https://" not in page

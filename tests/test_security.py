@@ -40,7 +40,7 @@ def test_report_escapes_every_hostile_string(hostile_store, tmp_path):
     assert "onerror=alert(2)>" not in page and "<img src=x" not in page
     md = (out / "report.md").read_text()
     assert "<script>" not in md and "\\|" in md  # inline HTML escaped, pipes cannot break the table
-    assert {p.name for p in out.glob("*.png")} >= {"ppl_over_stream_b8.png"}  # math-text labels plotted
+    assert {p.name for p in out.glob("*.png")} >= {"perplexity_ppl_over_stream_b8.png"}  # math-text labels plotted
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),

@@ -97,7 +97,7 @@ def test_a_corrupt_store_is_an_error_and_left_untouched(tmp_path, tiny_model_dir
 
 @pytest.mark.parametrize("content,message", [
     ({"policies": ["dense"], "colour": "blue"}, "unknown key(s) colour"),
-    ({"policies": ["dense"], "budgets": [0]}, "budgets must be positive integers"),
+    ({"policies": ["dense"], "budgets": [0]}, "budget must be a positive integer or a percentage"),
     ({"policies": ["nope"]}, "unknown policy 'nope'"),
     ({"policies": ["streamingllm"], "budgets": [4]}, "budget 4 must be above start_size 4"),
 ])
