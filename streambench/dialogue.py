@@ -24,6 +24,29 @@ class ChatFormat:
     user_suffix: str  # ends the user turn and opens the assistant's
     assistant_suffix: str  # closes the assistant's turn; part of every scored reply
     reply_prefix: str = ""  # SirLLM's plain format moves the space after "ASSISTANT:" onto the reply
+    move_trailing: bool = False  # a question's trailing whitespace moves onto the reply (SirLLM's _encode_pair)
+
+    @classmethod
+    def named(cls, tokenizer, name: str = "template") -> "ChatFormat":
+        """`template`: the tokenizer's chat template, default system prompt included (one prompt
+        for every policy). `plain`: SirLLM's "USER: ...\n\nASSISTANT:" for any model (what the
+        released code feeds every model not named Yi-Chat). `sirllm`: the released code's strings
+        as it feeds chat models (its Yi-Chat branch): ChatML without a system prompt where the
+        template is ChatML, and the question's trailing space moved onto the answer
+        (Zoeyyao27/SirLLM sir_llm/eval_utils.py `_encode_pair`, `_construct_chat_template`);
+        plain for other models."""
+        if name == "plain":
+            return cls.plain()
+        if name in ("sirllm", "sirllm-released"):
+            if "<|im_start|>" in str(getattr(tokenizer, "chat_template", "") or ""):
+                return cls("", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n",
+                           move_trailing=True)
+            return cls.plain()
+        return cls.for_tokenizer(tokenizer)
+
+    @classmethod
+    def plain(cls) -> "ChatFormat":
+        return cls(preamble="", user_prefix="USER: ", user_suffix="\n\nASSISTANT:", assistant_suffix="", reply_prefix=" ")
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> "ChatFormat":
@@ -33,7 +56,7 @@ class ChatFormat:
                 return cls._from_template(tokenizer)
             except (ValueError, IndexError):
                 pass
-        return cls(preamble="", user_prefix="USER: ", user_suffix="\n\nASSISTANT:", assistant_suffix="", reply_prefix=" ")
+        return cls.plain()
 
     @classmethod
     def _from_template(cls, tokenizer) -> "ChatFormat":
@@ -52,10 +75,13 @@ class ChatFormat:
         return cls(head[: len(head) - len(user_prefix)], user_prefix, user_suffix, assistant_suffix)
 
     def user_turn(self, text: str, first: bool) -> str:
+        if self.move_trailing:
+            text = text.rstrip()
         return (self.preamble if first else "") + self.user_prefix + text + self.user_suffix
 
-    def reply(self, text: str) -> str:
-        return self.reply_prefix + text + self.assistant_suffix
+    def reply(self, text: str, question: str = "") -> str:
+        moved = question[len(question.rstrip()):] if self.move_trailing else ""
+        return self.reply_prefix + moved + text + self.assistant_suffix
 
 
 @dataclass
@@ -69,11 +95,15 @@ class Conversation:
     """Feeds user turns and chosen replies of one conversation into a StreamSession, and tracks
     what the cache keeps of the facts its turns tag (streambench/retention.py)."""
 
-    def __init__(self, session, tokenizer, fmt: ChatFormat | None = None):
+    def __init__(self, session, tokenizer, fmt: ChatFormat | None = None, joined: bool = False):
         from streambench.retention import CacheMap, Retention
 
         self.session, self.tokenizer = session, tokenizer
         self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
+        # joined: each turn enters the cache as one forward of question + chosen reply, as the
+        # released SirLLM code feeds it (its per-forward token-entropy scores depend on that);
+        # costs one more forward of the question per turn
+        self.joined = joined
         self.turns = 0
         self._reply_cache: dict[str, torch.Tensor] = {}
         self.retention, self.cache_map = Retention(), CacheMap()
@@ -92,7 +122,8 @@ class Conversation:
         text = self.fmt.user_turn(question, first=self.turns == 0)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if facts:
-            head = len(text) - len(question) - len(self.fmt.user_suffix)
+            shown = question.rstrip() if self.fmt.move_trailing else question
+            head = len(text) - len(shown) - len(self.fmt.user_suffix)
             for name, part in facts:
                 at = question.find(part)
                 if at < 0 or not part:
@@ -113,10 +144,11 @@ class Conversation:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids], device=self.session.device)
 
-    def _reply_ids(self, text: str) -> torch.Tensor:
-        ids = self._reply_cache.get(text)
+    def _reply_ids(self, text: str, question: str = "") -> torch.Tensor:
+        key = (text, question[len(question.rstrip()):] if self.fmt.move_trailing else "")
+        ids = self._reply_cache.get(key)
         if ids is None:
-            ids = self._reply_cache[text] = self.encode(self.fmt.reply(text))
+            ids = self._reply_cache[key] = self.encode(self.fmt.reply(text, question))
         return ids
 
     @torch.no_grad()
@@ -130,16 +162,16 @@ class Conversation:
         if self.turns:
             session.new_round()  # SirLLM decays stored scores once per user turn
         context = self._context(question, facts)
-        options = [self._reply_ids(r) for r in replies]
+        options = [self._reply_ids(r, question) for r in replies]
         session.reserve(context.shape[1] + max(o.shape[1] for o in options))
+        before = session.checkpoint() if self.joined else None
         last = session.feed(context)[0, -1]
         self._observe()
         if not by_greedy:
             logprobs = torch.log_softmax(last.float(), -1)
             scored = [Choice(i, logprobs[option[0, 0]].item(), None) for i, option in enumerate(options)]
             chosen = max(scored, key=lambda c: c.logprob).index
-            session.feed(options[chosen])
-            self.turns += 1
+            self._commit(before, context, options[chosen])
             return chosen, scored
         state = session.checkpoint()
         scored = []
@@ -152,9 +184,17 @@ class Conversation:
         chosen = next((c.index for c in scored if c.greedy), None)
         if chosen is None:
             chosen = max(scored, key=lambda c: c.logprob).index
-        session.feed(options[chosen])
-        self.turns += 1
+        self._commit(before, context, options[chosen])
         return chosen, scored
+
+    def _commit(self, before, context: torch.Tensor, reply: torch.Tensor) -> None:
+        """The chosen reply enters the cache (joined: the turn again, question and reply in one forward)."""
+        if before is not None:
+            self.session.rollback(before)
+            self.session.feed(torch.cat([context, reply], dim=1))
+        else:
+            self.session.feed(reply)
+        self.turns += 1
 
     @torch.no_grad()
     def free_answer(self, question: str, target: str, max_new_tokens: int = 16) -> tuple[list[float], str]:

@@ -376,11 +376,22 @@ def _pareto(plt, rows, title, pre, g, save, color) -> None:
     fx, fy = zip(*frontier)
     ax.step(fx, fy, where="post", color="grey", linewidth=3, alpha=0.35, label="frontier", zorder=0)
     ax.scatter(fx, fy, s=80, facecolors="none", edgecolors="grey", zorder=3)
+    for x, y, r in points:
+        if _name(r) == REFERENCE:  # dense: the quality every budget is measured against
+            ax.axhline(y, color="black", linestyle=":", linewidth=0.8)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xscale("log")
+    ticks = sorted({round(x, 3) for x, _, _ in points})
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])  # the KV sizes measured, not decades
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV cache, peak MiB (log)")
     ax.set_ylabel(f"{key} ({'higher' if higher else 'lower'} is better)")
     if key == "ppl":
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_title(f"Quality against KV memory across budgets (labels: budget)\n{_legend(title)}", fontsize=10)
     _outside(ax)
     save(fig, f"{pre}pareto_{key}_vs_kv.png", f"{title}: {key} against peak KV MiB across budgets, the Pareto frontier in grey", g)

@@ -155,3 +155,79 @@ def test_turn_larger_than_the_budget_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="does not fit in budget 16"):
         conv.ask("a question far longer than sixteen tokens", ["A", "B"])
+
+
+def released_chatml(user: str, assistant: str) -> str:
+    """Zoeyyao27/SirLLM `_encode_pair` + `_construct_chat_template` (its Yi-Chat branch): the
+    context's trailing spaces move onto the continuation; ChatML, no system prompt."""
+    spaces = len(user) - len(user.rstrip())
+    if spaces:
+        assistant, user = user[-spaces:] + assistant, user[:-spaces]
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>\n"
+
+
+def committed(session):
+    """Record the stream as the cache holds it: what was fed, minus what was rolled back."""
+    stream, feed = [], session.feed
+
+    def recording(ids, exact=False):
+        del stream[session.fed:]
+        stream.extend(ids[0].tolist())
+        return feed(ids, exact)
+
+    session.feed = recording
+    return stream
+
+
+def test_sirllm_format_renders_the_released_strings():
+    """format=sirllm: the stream is the released code's (ChatML, no system prompt, round 0's
+    trailing space moved onto " A"), each turn entering the cache as one forward of question +
+    reply as the released code feeds it."""
+    from streambench.tasks.rps import FIRST_RELEASED, NEXT
+
+    model = tiny_model("llama", layers=2, vocab=258)
+    stub = Bigram(model)
+    stub.prefer(NL, "A")
+    lm = LoadedModel.wrap(model, byte_tokenizer())
+    task = build_task("rps", {"players": "rock", "limit": 3, "format": "sirllm"})
+    session = StreamSession(lm, build_policy(PolicySpec("dense"), None))
+    stream = committed(session)
+    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    moves = [r["user"] for r in result.records]
+    turns = [released_chatml(FIRST_RELEASED, "A")] + [released_chatml(NEXT.format(move=moves[r - 1]), "A") for r in (1, 2)]
+    assert lm.tokenizer.decode(stream) == "".join(turns)  # no system prompt, " A" after round 0's space
+    assert "You are a test model" not in lm.tokenizer.decode(stream)
+    fed = lm.tokenizer.decode(stub.fed)  # every forward: question alone (to choose), then question + reply
+    last = turns[-1]
+    assert fed.endswith(last[: last.index("assistant\n") + len("assistant\n")] + last)
+    plain = build_task("rps", {"players": "rock", "limit": 1, "format": "plain"})
+    session = StreamSession(lm, build_policy(PolicySpec("dense"), None))
+    stream = committed(session)
+    plain.run(session, lm.tokenizer, Meter(session.device), Progress())
+    assert lm.tokenizer.decode(stream) == "USER: " + FIRST_RELEASED + "\n\nASSISTANT: A"  # the released non-Yi path
+
+
+def test_sirllm_released_wraps_grocery_plainly_under_sirllm_only():
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2, vocab=258), byte_tokenizer())
+    task = build_task("grocery", {"limit": 1, "format": "sirllm-released", "recall_tokens": 1})
+    infos = {}
+    for name in ("sirllm", "streamingllm"):
+        session = StreamSession(lm, build_policy(PolicySpec(name), 2000))
+        infos[name] = task.run(session, lm.tokenizer, Meter(session.device), Progress()).info["format"]
+    assert infos == {"sirllm": "plain", "streamingllm": "sirllm-released"}
+    with pytest.raises(Exception, match="format must be one of"):
+        build_task("rps", {"format": "chatml"})
+
+
+@pytest.mark.slow
+def test_sirllm_format_reproduces_the_released_code_on_its_player_file(embedded, shared_data):
+    """SirLLM's rock player, budget 256, sirllm score=upstream decay=0.9, format=sirllm on the
+    embedded model: round 1's log-probability of "A" is the released code's -1.6424 (the template
+    format gives -1.9076: the system prompt), and the model switches from rock to paper at round
+    9, as the released code does (round 11 under the template format)."""
+    player = shared_data / "sirllm" / "data" / "rock_paper_scissors" / "rock_paper_scissors_dominant_rock.jsonl"
+    task = build_task("rps", {"players": str(player), "limit": 12, "format": "sirllm"})
+    session = StreamSession(embedded, build_policy(PolicySpec("sirllm", {"score": "upstream", "decay": 0.9}), 256))
+    records = task.run(session, embedded.tokenizer, Meter(session.device), Progress()).records
+    assert records[1]["logprobs"][0] == pytest.approx(-1.6424, abs=1e-4)
+    assert [r["model"] for r in records] == ["rock"] * 9 + ["paper"] * 3

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from streambench.dialogue_data import MCItem
 
+FORMATS = ("template", "plain", "sirllm", "sirllm-released")
+# `format`: how turns are rendered. `template` (default): the model's chat template, its
+# default system prompt included, one prompt for every policy. `sirllm`: the released SirLLM
+# code's strings (ChatML without a system prompt for ChatML models, as it renders Yi-Chat; the
+# question's trailing space moved onto the answer; "USER: ...\n\nASSISTANT:" otherwise).
+# `sirllm-released`: that, and grocery under sirllm in the plain USER/ASSISTANT wrapping, as the
+# released code's token-entropy path renders it for every model. `plain`: USER/ASSISTANT for
+# every model (what the released code feeds any model not named Yi-Chat).
+
+
+def conversation_for(session, tokenizer, fmt: str = "template"):
+    from streambench.dialogue import ChatFormat, Conversation
+
+    return Conversation(session, tokenizer, ChatFormat.named(tokenizer, fmt), joined=fmt != "template")
+
 
 def play_items(items: list[MCItem], session, tokenizer, meter, progress, before=None, after=None,
                conversation=None) -> list[dict]:

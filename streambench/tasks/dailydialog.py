@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from streambench.dialogue_data import check_local, provenance, dailydialog_from_hub, load_dailydialog
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.conversation import accuracy, play_items
+from streambench.tasks.conversation import FORMATS, accuracy, conversation_for, play_items
 
 
 @register_task("dailydialog")
@@ -16,7 +16,11 @@ class DailyDialogTask(Task):
     utterance and three from other dialogues); the conversation grows turn by turn and the cache is
     reset at each new dialogue. SirLLM evaluates the first 2,000 records of its file (519
     dialogues). `data`: SirLLM's dailydialog.jsonl (path or URL); without it the test split is
-    built from the hub with the same construction (needs network)."""
+    built from the hub with the same construction (needs network).
+
+    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
+    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
+    streambench/tasks/conversation.py."""
 
     version = 1
     summary = "DailyDialog next-response choice within each dialogue (accuracy)"
@@ -27,9 +31,11 @@ class DailyDialogTask(Task):
     data: str | None = None
     limit: int | None = 2000
     seed: int = 0
+    format: str = "template"
 
     def configure(self) -> None:
         self._check_limit()
+        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         check_local(self.data)
 
     def items(self):
@@ -38,11 +44,13 @@ class DailyDialogTask(Task):
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         items = self.items()
-        records = play_items(items, session, tokenizer, meter, progress)
+        records = play_items(items, session, tokenizer, meter, progress,
+                             conversation=conversation_for(session, tokenizer, self.format))
         dialogues = len({r["group"] for r in records})
         return TaskResult(
             metrics={"accuracy": accuracy(records), "items": len(records), "dialogues": dialogues},
             records=records,
-            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)",
+            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)", "format": self.format,
+                  "facts": "untagged: which earlier turns a DailyDialog answer depends on is not marked in the data",
                   **({"data_file": provenance(self.data, "dailydialog.jsonl")} if self.data else {})},
         )

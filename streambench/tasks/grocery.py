@@ -8,7 +8,7 @@ import numpy as np
 from streambench.dialogue_data import check_local, provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.conversation import accuracy, play_items
+from streambench.tasks.conversation import FORMATS, accuracy, conversation_for, play_items
 
 
 @register_task("grocery")
@@ -27,7 +27,11 @@ class GroceryTask(Task):
     layer and head for policies whose keep-sets differ there). Before the multiple-choice recall,
     the question is also asked without options on the side (`StreamSession.fork`: the episode goes
     on as if it had not been): `key_nll` is the mean per-token NLL of the item as the reply,
-    `key_recall` whether the greedy reply (`recall_tokens` at most) names it."""
+    `key_recall` whether the greedy reply (`recall_tokens` at most) names it.
+
+    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
+    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
+    streambench/tasks/conversation.py."""
 
     version = 1
     summary = "recall a requested grocery after 20 filler questions (key_accuracy, key_nll, key_retention)"
@@ -40,9 +44,11 @@ class GroceryTask(Task):
     limit: int | None = 20
     seed: int = 0
     recall_tokens: int = 16
+    format: str = "template"
 
     def configure(self) -> None:
         self._check_limit()
+        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         self._require(isinstance(self.recall_tokens, int) and not isinstance(self.recall_tokens, bool)
                       and self.recall_tokens >= 1, f"recall_tokens must be an integer >= 1, got {self.recall_tokens!r}")
         check_local(self.data)
@@ -58,9 +64,10 @@ class GroceryTask(Task):
         return items
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
-        from streambench.dialogue import Conversation
-
-        conversation = Conversation(session, tokenizer)
+        fmt = self.format
+        if fmt == "sirllm-released" and session.policy.name == "sirllm":
+            fmt = "plain"  # the released streaming_inference_token_entropy_for_keys wraps every model so
+        conversation = conversation_for(session, tokenizer, fmt)
         records = play_items(self.items(), session, tokenizer, meter, progress, self._free_recall, _key_kept,
                              conversation)
         recalls = [r for r in records if r["kind"] == "recall"]
@@ -76,6 +83,7 @@ class GroceryTask(Task):
         return TaskResult(
             metrics=metrics, records=records, curves=curves,
             info={"data": self.data or f"generated (seed {self.seed})", "facts": "the requested item in each key statement",
+                  "format": fmt,
                   **({"data_file": provenance(self.data, "keys.jsonl")} if self.data else {})},
         )
 

@@ -166,8 +166,10 @@ class NeedleTask(Task):
             session.reset()
             if cell == mapped:
                 cache_map.tag(np.arange(*span))
-            for first in range(0, len(ids), chunk):
-                piece = stream[:, first : first + chunk]
+            # the mapped stream in finer chunks where that changes nothing but the map's resolution
+            step = max(1, min(chunk, length // 64)) if cell == mapped and exact else chunk
+            for first in range(0, len(ids), step):
+                piece = stream[:, first : first + step]
                 logits = session.feed(piece, exact=exact)
                 meter.step(piece.shape[1], session.kv_tokens, session.kv_bytes)
                 progress(piece.shape[1])

@@ -16,8 +16,10 @@ from streambench.dialogue_data import MOVES, check_local, provenance, load_rps_m
 from streambench.metrics import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
+from streambench.tasks.conversation import FORMATS, conversation_for
 
 FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
+FIRST_RELEASED = FIRST + " "  # the released code's round 0 ends with a space (moved onto the answer)
 NEXT = ("I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next "
         "round. Choices: (A) rock (B) paper (C) scissors. You choose:")
 REPLIES = ["A", "B", "C"]
@@ -42,7 +44,11 @@ class RockPaperScissorsTask(Task):
     them so far, each move weighted alike) the cache holds when the model chooses; `beat_logprob`
     the mean log-probability (first token, full vocabulary) of the move that beats the player's
     most frequent move so far (ties: the first of rock, paper, scissors), from round 2 on: what a
-    model that remembers the history should prefer, however rarely it is the argmax."""
+    model that remembers the history should prefer, however rarely it is the argmax.
+
+    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
+    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
+    streambench/tasks/conversation.py."""
 
     version = 1
     summary = "Rock-Paper-Scissors against biased players (win/tie/loss, rolling win rate)"
@@ -56,9 +62,11 @@ class RockPaperScissorsTask(Task):
     players: str = "rock,paper,scissors"
     limit: int | None = 2000
     seed: int = 0
+    format: str = "template"
 
     def configure(self) -> None:
         self._check_limit()
+        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         self._require(bool(self.player_list()), "needs at least one player")
         for player in self.player_list():  # fail before the model loads
             if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
@@ -76,12 +84,12 @@ class RockPaperScissorsTask(Task):
         return player_moves(player, self.limit or 2000, seed=self.seed + 1000 * index)
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
-        from streambench.dialogue import Conversation  # torch: loaded when a run starts
-
         games = {p: self.moves(p, i) for i, p in enumerate(self.player_list())}
         progress.total(sum(len(m) for m in games.values()), "round")
-        conversation = Conversation(session, tokenizer)
-        records, metrics, curves, info = [], {}, {}, {"model_moves": {}, "facts": "the user's move in each 'I chose [...]' turn"}
+        conversation = conversation_for(session, tokenizer, self.format)
+        first = FIRST if self.format == "template" else FIRST_RELEASED
+        records, metrics, curves, info = [], {}, {}, {"model_moves": {}, "facts": "the user's move in each 'I chose [...]' turn",
+                                                       "format": self.format}
         beat, kept = [], []
         files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
         if files:
@@ -92,19 +100,22 @@ class RockPaperScissorsTask(Task):
             results = []
             counts = np.zeros(3, dtype=int)
             for r, user in enumerate(user_moves):
-                question = FIRST if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
+                question = first if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
                 facts = () if r == 0 else ((f"move {r - 1}", MOVES[user_moves[r - 1]]),)
                 before = session.processed
                 model, scored = conversation.ask(question, REPLIES, by_greedy=False, facts=facts)
+                meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
+                share = None
                 if r:
                     counts[user_moves[r - 1]] += 1
                     beat.append(scored[(int(counts.argmax()) + 1) % 3].logprob)
-                    kept.append(float(conversation.retention.shares().mean()))
-                meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
+                    share = float(conversation.retention.shares().mean())
+                    kept.append(share)
                 progress(1)
                 results.append(outcome(model, user))
                 records.append({"player": player, "round": r, "user": MOVES[user], "model": MOVES[model],
-                                "outcome": results[-1], "logprobs": [round(c.logprob, 4) for c in scored]})
+                                "outcome": results[-1], "logprobs": [round(c.logprob, 4) for c in scored],
+                                **({"move_retention": round(share, 4)} if share is not None else {})})
             tag = player.rsplit("/", 1)[-1].removesuffix(".jsonl")
             played = [rec["model"] for rec in records if rec["player"] == player]
             metrics.update(_rates(results, tag))
