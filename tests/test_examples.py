@@ -33,6 +33,7 @@ ADDED = {  # (flag, value or None), added when the example does not set the flag
 }
 SOAK = [("--soak-chunk", "64"), ("--soak-budget", "32")]
 DIALOGUE = ("rps", "grocery", "dailydialog")
+NEEDLE = ("needle", "passkey", "needle-long")  # cut to one 64-token cell
 
 
 def help_examples() -> list[str]:
@@ -71,6 +72,8 @@ def adapt(example: str) -> tuple[list[str], str | None]:
     if command == "run":
         task = argv[argv.index("--task") + 1] if "--task" in argv else "perplexity"
         extra.append(("--limit", "1") if task in DIALOGUE else ("--tokens", "40") if task == "perplexity" else ("-q", None))
+        if task in NEEDLE:
+            argv += ["-t", "lengths=64", "-t", "depths=50"]
     for flag, value in extra:
         if flag not in argv:
             argv += [flag] + ([value] if value is not None else [])
