@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -23,6 +24,11 @@ def fixture_store(tmp_path_factory, tiny_model_dir, small_text):
         result = runner.invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", task, *extra,
                                      "--policy", "streamingllm", "--budget", "400", "--out", str(root / "json")])
         assert result.exit_code == 0, result.output
+    for budget in ("25%", "50%"):  # a needle grid at two ratio budgets: heatmaps, cache maps, a Pareto plot
+        result = runner.invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", "needle", "--text", str(small_text),
+                                     "-t", "lengths=128,160", "-t", "depths=0,100", "-t", "answer_tokens=2",
+                                     "--policy", "dense,streamingllm,sirllm", "--budget", budget, "--out", str(root / "json")])
+        assert result.exit_code == 0, result.output
     store = root / "store.sqlite"
     with Store(store) as s:
         s.import_dir(root / "json")
@@ -41,16 +47,30 @@ def test_report_contains_every_run_tables_and_plots(fixture_store, tmp_path):
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     ids = run_ids(fixture_store)
-    assert len(ids) == 7  # dense once (budget-free) + 2 policies x 2 budgets + rps + grocery
+    assert len(ids) == 12  # perplexity: dense once (budget-free) + 2 policies x 2 budgets; rps; grocery; needle: 1 + 2 x 2
     for run_id in ids:
         assert run_id in md and run_id in page
-    for heading in ("## perplexity on", "## rps on", "## grocery on"):
+    for heading in ("## perplexity on", "## rps on", "## grocery on", "## needle on"):
         assert heading in md
+    assert "40 (25%)" in md and "80 (50%)" in md  # ratio budgets resolved against the longest haystack (160)
     assert "**" in md and "<b>" in page  # best values marked
     plots = {p.name for p in out.glob("*.png")}
     assert {"perplexity_ppl_over_stream_b8.png", "perplexity_ppl_over_stream_b16.png", "perplexity_kv_over_stream.png",
             "perplexity_tokens_per_s_vs_budget.png", "perplexity_pareto_ppl_vs_kv.png", "rps_rps_rolling_win_rate.png",
-            "rps_cache_map_b400.png", "grocery_cache_map_b400.png", "grocery_retention_b400.png"} <= plots
+            "rps_cache_map_b400.png", "grocery_cache_map_b400.png", "grocery_retention_b400.png",
+            "needle_needle_heatmap_b40.png", "needle_needle_heatmap_b80.png", "needle_cache_map_b40.png",
+            "needle_pareto_exact_match_vs_kv.png"} <= plots
+    from streambench.report import comparable
+
+    with Store(fixture_store) as s:
+        results = list(s.results())
+    for grp in comparable(results):  # every run of a plotted kind has the data its plot draws
+        for r in grp["rows"]:
+            curves = r["curves"]
+            if grp["task"] == "needle":
+                assert np.asarray(curves["needle_grid"]["match"]).shape == (2, 2) and curves["cache_map"]["columns"]
+            if grp["task"] in ("grocery", "rps"):
+                assert curves["retention_by_turns"]["value"] and curves["cache_map"]["columns"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
     assert "http://" not in page and "https://" not in page
