@@ -85,8 +85,8 @@ def table(rows: list[dict], fmt: str) -> str:
 
     columns = _task_columns(rows) + list(ENGINE_COLUMNS)
     best = {}
-    for header, key, higher in columns:
-        values = [v for v in (_value(r, key) for r in rows) if isinstance(v, (int, float)) and np.isfinite(v)]
+    for header, key, higher in columns:  # compared as shown: two cells that read alike are a tie
+        values = [_shown(v) for v in (_value(r, key) for r in rows) if isinstance(v, (int, float)) and np.isfinite(v)]
         if higher is not None and values and len(rows) > 1:
             top = max(values) if higher else min(values)
             if values.count(top) == 1:
@@ -100,13 +100,17 @@ def table(rows: list[dict], fmt: str) -> str:
         for header, key, _ in columns:
             v = _value(r, key)
             text = cell(f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
-            if header in best and v == best[header]:
+            if header in best and isinstance(v, (int, float)) and _shown(v) == best[header]:
                 text = f"**{text}**" if fmt == "md" else f"<b>{text}</b>"
             line.append(text)
         body.append(line)
     headers = [cell(h) for h in ["policy", "budget"] + [h for h, _, _ in columns]]
     # Every cell is escaped above, so the only markup in the HTML table is the <b> added here.
     return tabulate(body, headers=headers, tablefmt="github" if fmt == "md" else "unsafehtml", disable_numparse=True)
+
+
+def _shown(v) -> float:
+    return float(f"{v:.4g}") if isinstance(v, float) else v
 
 
 # ---- hostile strings: labels, model names, task arguments come from users and result files --------
@@ -207,7 +211,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str, int]]:
                     style["label"] = _legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)")
                     if len({_budget(x) for x in ppl if _name(x) == _name(r)}) > 1:
                         style["alpha"] = 0.5 + 0.5 * (_budget(r) == max(_budget(x) for x in ppl if _name(x) == _name(r)))
-                    ax.plot(curve["index"], curve["value"], **style)
+                    ax.plot([0, *curve["index"]], [0, *curve["value"]], **style)  # from an empty cache
             ax.set_xlabel("tokens fed")
             ax.set_ylabel("tokens in the KV cache")
             ax.set_title(f"KV-cache size over the stream\n{_legend(title)}", fontsize=10)
