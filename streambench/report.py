@@ -165,8 +165,8 @@ def _budgets_of(rows: list[dict]) -> list[str]:
     return sorted({str(_budget(r)) for r in rows if _budget(r) != "all"}, key=lambda b: (len(b), b))
 
 
-def plots(results: list[dict], out: Path) -> list[tuple[str, str, int]]:
-    """Write the PNG plots; returns (file name, caption, index of its comparable group)."""
+def plots(results: list[dict], out: Path, groups: list[dict] | None = None) -> list[tuple[str, str, int]]:
+    """Write the PNG plots; returns (file name, caption, index of its group in `groups`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +180,7 @@ def plots(results: list[dict], out: Path) -> list[tuple[str, str, int]]:
         plt.close(fig)
         made.append((name, caption, g))
 
-    for g, grp in enumerate(comparable(results)):
+    for g, grp in enumerate(groups if groups is not None else comparable(results)):
         rows, pre, title = grp["rows"], grp["prefix"], grp["title"]
         ppl = [r for r in rows if "nll" in r.get("curves", {})]
         for budget in _budgets_of(ppl):
@@ -416,8 +416,9 @@ def _by_label(results: list[dict]) -> dict[str, list[dict]]:
 def write_report(results: list[dict], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    groups = comparable(results)
     try:
-        figures = plots(results, out)
+        figures = plots(results, out, groups)
     except (KeyError, TypeError, ValueError, IndexError) as exc:  # curves of a hand-edited or foreign result
         import warnings
 
@@ -425,7 +426,6 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
 
         warnings.warn(f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})", DataWarning)
         figures = []
-    groups = comparable(results)
     lead = f"{len(results)} runs in {len(groups)} comparable groups (same task, arguments and model). Best value per column in bold, within a group, never on a tie."
     md = ["# streambench report", "", lead, ""]
     page = [f"<h1>streambench report</h1><p>{html.escape(lead)}</p>"]

@@ -179,9 +179,8 @@ def test_needle_cells_are_seeded_and_the_needle_sits_at_its_depth():
     from streambench.data import load_text
 
     hay = tok(load_text("filler:passkey")[:5000], add_special_tokens=False)["input_ids"]
-    newline = np.zeros(len(hay), bool)
     for length, depth, _trial, value, offset in task.cells():
-        ids, (a, b), answer = task.build(tok, hay, newline, length, depth, value, offset)
+        ids, (a, b), answer = task.build(tok, hay, length, depth, value, offset)
         assert len(ids) == length
         assert tok.decode(ids[a:b]).strip() == f"The special magic number is {value}."
         room = length - (b - a) - len(tok("\nWhat is the special magic number? The special magic number is",

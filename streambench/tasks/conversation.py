@@ -14,6 +14,19 @@ FORMATS = ("template", "plain", "sirllm", "sirllm-released")
 # every model (what the released code feeds any model not named Yi-Chat).
 
 
+def check_format(task) -> None:
+    task._require(task.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {task.format!r}")
+
+
+def memory_curves(conversation) -> dict:
+    """What a run's conversations kept: retention against age, and the cache map of the first."""
+    curves = conversation.retention.curves()
+    cache_map = conversation.cache_map.curve()
+    if cache_map:
+        curves["cache_map"] = cache_map
+    return curves
+
+
 def conversation_for(session, tokenizer, fmt: str = "template"):
     from streambench.dialogue import ChatFormat, Conversation
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from streambench.dialogue_data import check_local, provenance, dailydialog_from_hub, load_dailydialog
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.conversation import FORMATS, accuracy, conversation_for, play_items
+from streambench.tasks.conversation import accuracy, check_format, conversation_for, play_items
 
 
 @register_task("dailydialog")
@@ -35,7 +35,7 @@ class DailyDialogTask(Task):
 
     def configure(self) -> None:
         self._check_limit()
-        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check_format(self)
         check_local(self.data)
 
     def items(self):

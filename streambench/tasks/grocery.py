@@ -8,7 +8,7 @@ import numpy as np
 from streambench.dialogue_data import check_local, provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.conversation import FORMATS, accuracy, conversation_for, play_items
+from streambench.tasks.conversation import accuracy, check_format, conversation_for, memory_curves, play_items
 
 
 @register_task("grocery")
@@ -48,7 +48,7 @@ class GroceryTask(Task):
 
     def configure(self) -> None:
         self._check_limit()
-        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check_format(self)
         self._require(isinstance(self.recall_tokens, int) and not isinstance(self.recall_tokens, bool)
                       and self.recall_tokens >= 1, f"recall_tokens must be an integer >= 1, got {self.recall_tokens!r}")
         check_local(self.data)
@@ -76,10 +76,7 @@ class GroceryTask(Task):
         for key in ("key_nll", "key_recall", "key_retention"):
             values = [r[key] for r in recalls if key in r]
             metrics[key] = float(np.mean(values)) if values else float("nan")
-        curves = conversation.retention.curves()
-        cache_map = conversation.cache_map.curve()
-        if cache_map:
-            curves["cache_map"] = cache_map
+        curves = memory_curves(conversation)
         return TaskResult(
             metrics=metrics, records=records, curves=curves,
             info={"data": self.data or f"generated (seed {self.seed})", "facts": "the requested item in each key statement",

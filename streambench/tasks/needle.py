@@ -19,6 +19,7 @@ from streambench.data import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
+from streambench.tasks.perplexity import check_feeding, feeding
 
 KINDS = {  # value kind: (needle template, question, the answer's lead-in)
     "number": ("The special magic number is {value}.", "What is the special magic number?",
@@ -31,7 +32,6 @@ KINDS = {  # value kind: (needle template, question, the answer's lead-in)
 NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jamal", "Katya",
          "Lorenzo", "Mariam", "Nikolai", "Olga", "Pedro", "Quentin", "Rosa", "Sven", "Tamara", "Umberto", "Vera",
          "Walter", "Ximena", "Yusuf", "Zofia")
-FEEDS = ("exact", "token", "approximate")
 
 
 def _numbers(value, what: str) -> list[int]:
@@ -83,9 +83,7 @@ class NeedleTask(Task):
             self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                           f"{name} must be an integer >= 1, got {value!r}")
         self._require(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        self._require(self.feed in FEEDS, f"feed must be one of {', '.join(FEEDS)}, got {self.feed!r}")
-        self._require(self.chunk_size is None or (isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
-                                                  and self.chunk_size >= 1), f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_feeding(self)
         self._require(isinstance(self.text, str) and bool(self.text.strip()), f"text must name a text, got {self.text!r}")
         check_source(self.text)
 
@@ -117,7 +115,7 @@ class NeedleTask(Task):
                     out.append((length, depth, trial, self.value(rng), int(rng.integers(0, 1 << 30))))
         return out
 
-    def build(self, tokenizer, hay: list[int], newline: np.ndarray, length: int, depth: int, value: str, offset: int):
+    def build(self, tokenizer, hay: list[int], length: int, depth: int, value: str, offset: int):
         """(ids, needle span, answer ids): the stream of one cell, `length` tokens."""
         needle, question, lead = KINDS[self.kind]
         needle_ids = tokenizer("\n" + needle.format(value=value) + "\n", add_special_tokens=False)["input_ids"]
@@ -130,10 +128,11 @@ class NeedleTask(Task):
             raise DataError(f"needle: the text has {len(hay)} tokens, fewer than the {room} a {length}-token haystack needs")
         start = offset % (len(hay) - room + 1)
         at = round(room * depth / 100)
-        if 0 < at < room:  # back to the start of a line, if one is near
-            lines = np.flatnonzero(newline[start : start + at][-64:])
-            if len(lines):
-                at = at - min(64, at) + int(lines[-1]) + 1
+        if 0 < at < room:  # back to the start of a line, if one is within 64 tokens
+            before = hay[start + max(0, at - 64) : start + at]
+            lines = [i for i, t in enumerate(before) if "\n" in tokenizer.decode([t])]
+            if lines:
+                at = at - len(before) + lines[-1] + 1
         body = hay[start : start + room]
         ids = body[:at] + needle_ids + body[at:] + tail_ids
         return ids, (at, at + len(needle_ids)), answer
@@ -143,16 +142,12 @@ class NeedleTask(Task):
         import torch
         import torch.nn.functional as F
 
-        from streambench.exact import auto_chunk
         from streambench.retention import CacheMap, kept_share
 
         text = load_text(self.text)
         hay = tokenizer(text, add_special_tokens=False)["input_ids"]
-        newline = np.array(["\n" in tokenizer.decode([t]) for t in hay[: 1 << 20]], dtype=bool) if hay else np.zeros(0, bool)
-        chunk = self.chunk_size or auto_chunk(session.policy.budget, session.device, session.lm.info.num_heads)
-        if self.feed == "token":
-            chunk = 1
-        exact = self.feed == "exact"
+        fed = feeding(session, self.feed, self.chunk_size)
+        chunk, exact = fed["chunk"], fed["mode"] == "exact-chunks"
         cells = self.cells()
         mapped = max(cells, key=lambda c: (c[0], -abs(c[1] - 50), -c[2]))  # the longest stream, depth nearest 50%
         cache_map = CacheMap()
@@ -161,7 +156,7 @@ class NeedleTask(Task):
         meter.start()
         for cell in cells:
             length, depth, trial, value, offset = cell
-            ids, span, answer = self.build(tokenizer, hay, newline, length, depth, value, offset)
+            ids, span, answer = self.build(tokenizer, hay, length, depth, value, offset)
             stream = torch.tensor([ids], device=session.device)
             session.reset()
             if cell == mapped:
@@ -181,7 +176,7 @@ class NeedleTask(Task):
             kept = float(kept_share(session.held_positions(), np.arange(*span)).mean())
             target = torch.tensor([answer], device=session.device)
             with session.fork():  # the value as the answer, teacher-forced
-                forced = session.feed(target, exact=exact)[0]
+                forced = session.feed(target, exact=fed["token_exact"])[0]
                 predicted = torch.cat([last[None], forced[:-1]]).float()
                 nll = F.cross_entropy(predicted, target[0]).item()
             written = []
@@ -203,9 +198,7 @@ class NeedleTask(Task):
         if cache_map.curve():
             curves["cache_map"] = cache_map.curve()
         info = {"text": self.text, "kind": self.kind, "facts": "the needle sentence's tokens",
-                "feeding": {"mode": "token" if chunk == 1 or (exact and session.exact_chunks) else
-                            ("exact-chunks" if exact else "approximate-chunks"), "chunk": chunk,
-                            "token_exact": exact or chunk == 1},
+                "feeding": fed,
                 "cache_map_cell": {"length": mapped[0], "depth": mapped[1], "trial": mapped[2]}}
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 

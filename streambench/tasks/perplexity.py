@@ -55,9 +55,7 @@ class PerplexityTask(Task):
 
     def configure(self) -> None:
         self._require(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}")
-        self._require(self.feed in FEEDS, f"feed must be one of {', '.join(FEEDS)}, got {self.feed!r}")
-        self._require(self.chunk_size is None or (isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
-                                                  and self.chunk_size >= 1), f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_feeding(self)
         self._require(isinstance(self.decode_probe, int) and not isinstance(self.decode_probe, bool) and self.decode_probe >= 0,
                       f"decode_probe must be an integer >= 0, got {self.decode_probe!r}")
         self._require(isinstance(self.text, str) and self.sources, f"text must name at least one text, got {self.text!r}")
@@ -83,20 +81,7 @@ class PerplexityTask(Task):
         return ids[: self.tokens]
 
     def feeding(self, session) -> dict:
-        """How this run feeds the stream: mode, tokens per forward, token-exact or not (and why
-        a requested exact chunking goes token by token)."""
-        from streambench.exact import auto_chunk
-
-        policy = session.policy
-        chunk = self.chunk_size or auto_chunk(policy.budget, session.device, session.lm.info.num_heads)
-        if self.feed == "token" or chunk == 1:
-            return {"mode": "token", "chunk": 1, "token_exact": True}
-        if self.feed == "approximate":
-            return {"mode": "approximate-chunks", "chunk": chunk, "token_exact": False}
-        why = session.exact_chunks
-        if why is not None:
-            return {"mode": "token", "chunk": 1, "token_exact": True, "why_token": why}
-        return {"mode": "exact-chunks", "chunk": chunk, "token_exact": True}
+        return feeding(session, self.feed, self.chunk_size)
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         import torch
@@ -157,6 +142,29 @@ class PerplexityTask(Task):
         for i in range(1, count + 1):
             session.feed(probe[:, i : i + 1])
         return rows.shape[0] * count / (meter.clock() - start)
+
+
+def check_feeding(task) -> None:
+    """`feed` and `chunk_size` of a task that streams (perplexity, needle)."""
+    task._require(task.feed in FEEDS, f"feed must be one of {', '.join(FEEDS)}, got {task.feed!r}")
+    task._require(task.chunk_size is None or (isinstance(task.chunk_size, int) and not isinstance(task.chunk_size, bool)
+                                              and task.chunk_size >= 1), f"chunk_size must be an integer >= 1, got {task.chunk_size!r}")
+
+
+def feeding(session, feed: str, chunk_size: int | None) -> dict:
+    """How a run feeds its stream: mode, tokens per forward, token-exact or not (and why a
+    requested exact chunking goes token by token)."""
+    from streambench.exact import auto_chunk
+
+    chunk = chunk_size or auto_chunk(session.policy.budget, session.device, session.lm.info.num_heads)
+    if feed == "token" or chunk == 1:
+        return {"mode": "token", "chunk": 1, "token_exact": True}
+    if feed == "approximate":
+        return {"mode": "approximate-chunks", "chunk": chunk, "token_exact": False}
+    why = session.exact_chunks
+    if why is not None:
+        return {"mode": "token", "chunk": 1, "token_exact": True, "why_token": why}
+    return {"mode": "exact-chunks", "chunk": chunk, "token_exact": True}
 
 
 def nll_curve(values: list[float]) -> dict:

@@ -16,7 +16,7 @@ from streambench.dialogue_data import MOVES, check_local, provenance, load_rps_m
 from streambench.metrics import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.conversation import FORMATS, conversation_for
+from streambench.tasks.conversation import check_format, conversation_for, memory_curves
 
 FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
 FIRST_RELEASED = FIRST + " "  # the released code's round 0 ends with a space (moved onto the answer)
@@ -66,7 +66,7 @@ class RockPaperScissorsTask(Task):
 
     def configure(self) -> None:
         self._check_limit()
-        self._require(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check_format(self)
         self._require(bool(self.player_list()), "needs at least one player")
         for player in self.player_list():  # fail before the model loads
             if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
@@ -134,10 +134,7 @@ class RockPaperScissorsTask(Task):
         metrics["model_moves"] = "/".join(f"{100 * moves.count(m) / len(moves):.0f}" for m in MOVES)
         metrics["beat_logprob"] = float(np.mean(beat)) if beat else float("nan")
         metrics["move_retention"] = float(np.mean(kept)) if kept else float("nan")
-        curves.update(conversation.retention.curves())
-        cache_map = conversation.cache_map.curve()
-        if cache_map:
-            curves["cache_map"] = cache_map
+        curves.update(memory_curves(conversation))
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 
     @classmethod
