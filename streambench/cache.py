@@ -386,7 +386,8 @@ class StreamCache(Cache):
         L, B, H = self.num_layers, self.batch, self.kv_heads
         for name in ("_slot", "_pos", "_score"):
             old = getattr(self, name)
-            setattr(self, name, np.ascontiguousarray(np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1]))).reshape(L * B * H, -1))
+            # (a copy: with one lane the broadcast is already contiguous, and would stay a read-only view)
+            setattr(self, name, np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1])).reshape(L * B * H, -1).copy())
         self._row_stream = np.tile(np.repeat(np.arange(B), H), L)
         self.per_head = True
         self._uniform = False

@@ -729,15 +729,16 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets"]), default="all")
+@click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets", "models"]), default="all")
 @_user_errors
 def list_command(what):
-    """List policies, tasks and presets.
+    """List policies, tasks, presets and the model families streambench supports.
 
     \b
     Examples:
         streambench list
         streambench list policies
+        streambench list models
     """
     import dataclasses
 
@@ -771,6 +772,23 @@ def list_command(what):
                 except StreambenchError as exc:
                     desc = f"INVALID: {exc}"
                 click.echo(f"  {name:<18} {desc}")
+    if what in ("all", "models"):
+        _list_models()
+
+
+def _list_models() -> None:
+    from tabulate import tabulate
+
+    from streambench.architecture import FAMILIES, REFUSED
+
+    click.echo("Model families (each tested by tests/test_exactness.py on the tiny config shown):")
+    rows = []
+    for family in FAMILIES.values():
+        tiny = ", ".join(f"{k}={v}" for k, v in family.tiny.items() if v is not None)
+        rows.append([family.model_type, ", ".join(family.needs) or "-", family.example, tiny or "-"])
+    click.echo(tabulate(rows, headers=["model type", "needs", "for example", "tiny config (+ hidden 64, 4 heads, 2 KV heads)"]))
+    click.echo("\nRefused, with the reason:")
+    click.echo(tabulate([list(r) for r in REFUSED], headers=["kind", "model types", "why"]))
 
 
 def _from(registry, name: str) -> str:

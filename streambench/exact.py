@@ -38,6 +38,10 @@ def unsupported(model) -> str | None:
     """Why this model cannot be fed in exact chunks (None: it can). A sliding-window mask would
     restrict the keys further than the band, and softcapping changes the scores SDPA computes:
     such models are fed token by token."""
+    from streambench.architecture import layout_of
+
+    if not layout_of(model).routable:
+        return "its attention is computed outside transformers' AttentionInterface"
     config = model.config
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):

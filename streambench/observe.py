@@ -92,7 +92,9 @@ class AttentionObserver(AttentionRoute):
         _register()
         self.cache, self.wants, self.window = cache, wants, window
         super().__init__(model, NAME, _ACTIVE)
-        self.scaling = [getattr(layer.self_attn, "scaling", None) for layer in model.model.layers]
+        from streambench.architecture import layout_of
+
+        self.scaling = [getattr(attn, "scaling", None) for attn in layout_of(model).attentions]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
         self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
         self.reset()

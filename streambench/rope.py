@@ -16,12 +16,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The interleaved layout's rotate_half (Cohere, GLM, GPT-J): channels (2i, 2i+1) are a pair."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+# How a family applies its tables: "half" (rotate_half, Llama), "interleaved" (pairs, tables as the
+# rotary module gives them: Cohere), "interleaved-from-half" (pairs, tables given in half layout and
+# repeat-interleaved by the attention: GLM). architecture.Layout pins one against the model's own
+# apply_rotary_pos_emb.
+STYLES = ("half", "interleaved", "interleaved-from-half")
+
+
+def as_applied(cos: torch.Tensor, sin: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if style == "interleaved-from-half":
+        half = cos.shape[-1] // 2
+        return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
+    return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "half") -> torch.Tensor:
+    """x rotated on its first rotary_dim channels (the tables' width), the rest passed through."""
+    cos, sin = as_applied(cos, sin, style)
+    rd = cos.shape[-1]
+    part = x[..., :rd]
+    turn = rotate_half(part) if style == "half" else rotate_pairs(part)
+    out = part * cos + turn * sin
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+
 class RotaryTable:
     """cos/sin for positions [0, size), float32, grown on demand by doubling."""
 
-    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, size: int = 1024):
+    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, size: int = 1024, style: str = "half",
+                 layer_type: str | None = None):
         self.rotary_emb = rotary_emb
         self.device = device
+        self.style = style
+        self._extra = {"layer_type": layer_type} if layer_type is not None else {}  # Gemma 3: a table per layer kind
         self.cos = self.sin = self.inv_norm = None
         self._copies: dict = {}
         self.size = 0
@@ -34,14 +66,15 @@ class RotaryTable:
         size = max(size, 2 * self.size)
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         positions = torch.arange(size, device=self.device)[None]
-        cos, sin = self.rotary_emb(probe, position_ids=positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # (P, rotary_dim)
+        cos, sin = self.rotary_emb(probe, position_ids=positions, **self._extra)
+        cos, sin = as_applied(cos[0].float(), sin[0].float(), self.style)
+        self.cos, self.sin = cos, sin  # (P, rotary_dim), in the layout the attention applies them
         norm = self.cos.square() + self.sin.square()  # attention_scaling**2 (1 for plain RoPE)
         self.inv_norm = None if torch.allclose(norm, torch.ones_like(norm)) else 1.0 / norm
         half = self.cos.shape[-1] // 2
         # rotate-half RoPE repeats its frequencies (emb = cat(freqs, freqs)): then a rotation needs
         # only the first half of the tables, and no rotate_half copy (the flat path below)
-        self.halved = bool(torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(self.sin[:, :half], self.sin[:, half:]))
+        self.halved = self.style == "half" and bool(torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(self.sin[:, :half], self.sin[:, half:]))
         self.size = size
         self._copies = {}  # per-device copies of the old tables are stale now
 
@@ -69,13 +102,14 @@ class RotaryTable:
             cos, sin = cos[:, None], sin[:, None]
         rd = cos.shape[-1]
         x = k[..., :rd].float()
+        turn = rotate_half(x) if self.style == "half" else rotate_pairs(x)
         if inverse:
-            out = x * cos - rotate_half(x) * sin
+            out = x * cos - turn * sin
             if inv_norm is not None:
                 scale = inv_norm[positions]
                 out = out * (scale[:, None] if positions.dim() == 2 else scale)
         else:
-            out = x * cos + rotate_half(x) * sin
+            out = x * cos + turn * sin
         out = out.to(k.dtype)
         if rd < k.shape[-1]:
             out = torch.cat((out, k[..., rd:]), dim=-1)

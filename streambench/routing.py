@@ -9,7 +9,14 @@ from __future__ import annotations
 
 class AttentionRoute:
     def __init__(self, model, name: str, active: list):
-        configs = [layer.self_attn.config for layer in model.model.layers] + [model.config]
+        from streambench.architecture import layout_of
+        from streambench.errors import ConfigError
+
+        layout = layout_of(model)
+        if not layout.routable:
+            raise ConfigError(f"model type '{layout.model_type}' computes attention in its own code, not through transformers' "
+                              "AttentionInterface: attention observations and exact chunks cannot run on it")
+        configs = [getattr(a, "config", model.config) for a in layout.attentions] + [model.config]
         self._configs = list({id(c): c for c in configs}.values())
         self._name, self._active = name, active
 

@@ -40,7 +40,9 @@ class StreamSession:
             self._capacity = max_tokens + 1 if max_tokens is not None else 1024
         self._rope = None
         if policy.evicts and not policy.recompute:
-            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity)
+            layout = lm.layout
+            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity, style=layout.rope_style,
+                                     layer_type="full_attention" if layout.takes_layer_type() else None)
         self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
         self.batch, self.cache = 0, None
         self._set_batch(batch_size)

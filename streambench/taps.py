@@ -1,34 +1,48 @@
 """QueryTap: the pre-RoPE query of the last fed token, per layer, for retrieval policies.
 
-Forward hooks on each attention's query projection (`q_proj`; `q_norm` where the model normalises
-queries, as Qwen3; the query part of a fused `qkv_proj`, as Phi-3). Only the last position is kept,
-and query heads are averaged per KV head (GQA groups), giving (layers, kv_heads, head_dim).
+Forward hooks on each attention's query projection (`q_proj`; `q_norm`/`q_layernorm` where the
+model normalises queries, as Qwen3, StableLM; the query part of a fused `qkv_proj`, as Phi-3; the
+query part of a fused `query_key_value`, unpacked as GPT-NeoX and Falcon's layouts do). Only the last position
+is kept, and query heads are averaged per KV head (GQA groups), giving (layers, kv_heads, head_dim).
 """
 from __future__ import annotations
 
 import torch
 
+from streambench.architecture import layout_of
+from streambench.errors import ConfigError
+
 
 class QueryTap:
     def __init__(self, model, num_heads: int, kv_heads: int, head_dim: int):
         self.heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
-        layers = model.model.layers
-        self._last: list[torch.Tensor | None] = [None] * len(layers)
+        layout = layout_of(model)
+        self._last: list[torch.Tensor | None] = [None] * len(layout.attentions)
         self._handles = []
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            if hasattr(attn, "q_norm"):
-                module = attn.q_norm
-            elif hasattr(attn, "q_proj"):
-                module = attn.q_proj
+        for i, attn in enumerate(layout.attentions):
+            layout_kind = "flat"
+            for name in ("q_norm", "q_layernorm", "q_proj", "qkv_proj", "query_key_value"):
+                module = getattr(attn, name, None)
+                if isinstance(module, torch.nn.Module):
+                    break
             else:
-                module = attn.qkv_proj
-            self._handles.append(module.register_forward_hook(self._hook(i)))
+                raise ConfigError(f"model type '{layout.model_type}': no query projection to tap for retrieval")
+            if name == "query_key_value":  # how FalconAttention._split_heads and GPT-NeoX unpack it
+                config = layout.config
+                if getattr(config, "new_decoder_architecture", False):
+                    layout_kind = "grouped"  # (kv heads, group + 2, head_dim): a group's queries, then k, v
+                elif not getattr(config, "multi_query", False):
+                    layout_kind = "per_head"  # (heads, 3, head_dim): each head's q, k, v side by side
+            self._handles.append(module.register_forward_hook(self._hook(i, layout_kind)))
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, kind: str):
         def hook(_module, _inputs, out):
-            last = out[0, -1].reshape(-1)[: self.heads * self.head_dim]  # fused qkv: the q part
-            self._last[layer] = last.detach()
+            last = out[0, -1].reshape(-1)
+            if kind == "per_head":
+                last = last.view(self.heads, 3, self.head_dim)[:, 0]
+            elif kind == "grouped":
+                last = last.view(self.kv_heads, -1, self.head_dim)[:, :-2]
+            self._last[layer] = last.reshape(-1)[: self.heads * self.head_dim].detach()  # fused qkv: the q part
 
         return hook
 

@@ -1,8 +1,10 @@
 """An independent re-implementation of a policy's stream, to check the engine against.
 
-It shares no code with streambench's cache or RoPE module: pre-RoPE keys and values are captured
-by forward hooks on the projections, and every step rebuilds a plain `DynamicCache` from the kept
-tokens' states, rotated with the model's own `apply_rotary_pos_emb` at positions 0..n-1 (the
+It shares no code with streambench's cache or RoPE module: the keys and values every layer writes
+are captured as the model hands them to its cache (so any family's projection layout works), the
+keys un-rotated from the positions they were fed at with the model's own `apply_rotary_pos_emb`
+and `rotary_emb` (on the first rotary_dim channels, the tables' width), and every step rebuilds a
+plain `DynamicCache` from the kept tokens' states, rotated again at positions 0..n-1 (the
 re-indexing of mit-han-lab/streaming-llm), then runs the new tokens on top of it.
 
 Keep-sets may differ per layer and KV head: `positions` is then (L, H, n), and each head of the
@@ -15,6 +17,7 @@ can equal a fresh forward; for a 1-layer model it can, and tests check that too.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import numpy as np
 import torch
@@ -23,36 +26,38 @@ from transformers import DynamicCache
 from streambench.policies.base import CacheView
 
 
+class _Recording(DynamicCache):
+    """A DynamicCache that also hands each layer's new keys and values to `sink`."""
+
+    def __init__(self, sink, **kwargs):
+        super().__init__(**kwargs)
+        self._sink = sink
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._sink[layer_idx] = (key_states.detach().clone(), value_states.detach().clone())
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 class ReferenceStream:
     def __init__(self, model, policy):
         self.model, self.policy = model, policy
         cfg = model.config
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads = cfg.num_attention_heads
+        self.rotary_emb = model.base_model.rotary_emb
         self.apply_rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
-        layers = model.model.layers
-        self.keys = [None] * len(layers)  # per layer (B, H, every token fed, D), pre-RoPE
-        self.values = [None] * len(layers)
+        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+        self.takes_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        layers = cfg.num_hidden_layers
+        self.keys = [None] * layers  # per layer (B, H, every token fed, D), pre-RoPE
+        self.values = [None] * layers
         self.positions = np.empty(0, dtype=np.int64)  # the kept tokens, time order
         self.scores = np.empty(0)
         self.prev_logprobs = None
         self.fed = 0
         self._new = {}
-        self._handles = []
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):  # phi3: fused projection
-                self._handles.append(attn.qkv_proj.register_forward_hook(self._hook_fused(i)))
-            else:
-                key_module = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
-                self._handles.append(key_module.register_forward_hook(self._hook("k", i)))
-                self._handles.append(attn.v_proj.register_forward_hook(self._hook("v", i)))
 
     def close(self):
-        """Remove the hooks (the embedded model is shared between tests)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        pass
 
     def __enter__(self):
         return self
@@ -60,22 +65,14 @@ class ReferenceStream:
     def __exit__(self, *exc):
         self.close()
 
-    def _split(self, out):  # (B, c, H*D) or (B, c, H, D) -> (B, H, c, D)
-        b, c = out.shape[:2]
-        return out.reshape(b, c, self.kv_heads, self.head_dim).transpose(1, 2)
-
-    def _hook(self, kind, i):
-        def hook(_module, _inputs, out):
-            self._new[(kind, i)] = self._split(out).detach().clone()
-        return hook
-
-    def _hook_fused(self, i):
-        def hook(_module, _inputs, out):
-            q = self.heads * self.head_dim
-            kv = self.kv_heads * self.head_dim
-            self._new[("k", i)] = self._split(out[..., q : q + kv]).detach().clone()
-            self._new[("v", i)] = self._split(out[..., q + kv :]).detach().clone()
-        return hook
+    def _rotate(self, k, positions, layer):
+        """k (B, H, T, D) rotated at `positions` (T,) by the model's own functions (negative
+        positions undo a rotation)."""
+        extra = {"layer_type": self.layer_types[layer]} if self.takes_type else {}
+        cos, sin = self.rotary_emb(k.float(), position_ids=positions[None], **extra)
+        rd = cos.shape[-1]
+        _, rotated = self.apply_rope(k[..., :rd], k[..., :rd], cos.to(k.dtype), sin.to(k.dtype))
+        return torch.cat([rotated.to(k.dtype), k[..., rd:]], dim=-1)
 
     @torch.no_grad()
     def feed(self, ids, keep_positions=None):
@@ -84,21 +81,23 @@ class ReferenceStream:
         count = ids.shape[1]
         n = self.positions.shape[-1]
         layers = len(self.keys)
+        kv_heads = self.keys[0].shape[1] if self.keys[0] is not None else 1
         if keep_positions is not None:
             self.positions = np.asarray(keep_positions, dtype=np.int64)
         elif self.policy.evicts and n + count > self.policy.budget:
             view = CacheView(n, count, self.policy.budget, self.positions, self.scores[self.positions],
-                             num_layers=layers, kv_heads=self.kv_heads)
+                             num_layers=layers, kv_heads=kv_heads)
             keep = np.asarray(self.policy.select(view))
             if keep.ndim == 2:
-                keep = np.broadcast_to(keep[:, None], (layers, self.kv_heads, keep.shape[-1]))
+                keep = np.broadcast_to(keep[:, None], (layers, kv_heads, keep.shape[-1]))
             if keep.ndim == 3 and self.positions.ndim == 1:
-                self.positions = np.broadcast_to(self.positions, (layers, self.kv_heads, n))
+                self.positions = np.broadcast_to(self.positions, (layers, kv_heads, n))
             self.positions = np.take_along_axis(self.positions, keep, -1) if keep.ndim == 3 else self.positions[..., keep]
         n = self.positions.shape[-1]
-        cache = DynamicCache(config=self.model.config)
+        self._new.clear()
+        cache = _Recording(self._new, config=self.model.config)
         if n:
-            pos = torch.arange(n, device=ids.device)[None]
+            pos = torch.arange(n, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
                 if self.positions.ndim == 3:  # head h attends over its own tokens only
                     idx = torch.as_tensor(self.positions[i], device=ids.device)[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[-1])
@@ -106,14 +105,12 @@ class ReferenceStream:
                 else:
                     idx = torch.as_tensor(self.positions, device=ids.device)
                     k, v = k[:, :, idx], v[:, :, idx]
-                cos, sin = self.model.model.rotary_emb(v, position_ids=pos)
-                _, k_rot = self.apply_rope(k, k, cos, sin)
-                cache.update(k_rot, v, i)
-        self._new.clear()
-        positions = torch.arange(n, n + count, device=ids.device)[None]
-        logits = self.model(input_ids=ids, position_ids=positions, cache=cache).logits
+                DynamicCache.update(cache, self._rotate(k, pos, i), v, i)
+        positions = torch.arange(n, n + count, device=ids.device)
+        logits = self.model(input_ids=ids, position_ids=positions[None], cache=cache).logits
         for i in range(len(self.keys)):
-            k_new, v_new = self._new[("k", i)], self._new[("v", i)]
+            k_new, v_new = self._new[i]
+            k_new = self._rotate(k_new, -positions, i)  # back to pre-RoPE
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
             self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
         new = np.broadcast_to(np.arange(self.fed, self.fed + count), (*self.positions.shape[:-1], count))

@@ -33,6 +33,16 @@ def test_list_names_every_policy_task_and_preset():
     assert "INVALID" not in out
 
 
+def test_list_models_names_every_tested_family_and_each_refusal():
+    from streambench.architecture import FAMILIES, REFUSED
+
+    out = invoke("list", "models").output
+    for model_type in FAMILIES:
+        assert f"\n{model_type} " in out
+    for kind, _, _ in REFUSED:
+        assert kind in out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--policy", "foo"], "unknown policy 'foo'"),
     (["--policy", "streamingll"], "did you mean 'streamingllm'?"),

@@ -6,8 +6,11 @@ import torch
 from reference import ReferenceStream, fresh_logits
 from tiny_models import ARCHITECTURES, tiny_model
 
+from streambench.architecture import kv_heads_of
 from streambench.config import PolicySpec, build_policy
+from streambench.errors import ConfigError
 from streambench.models import LoadedModel
+from streambench.observe import CAPTURED
 from streambench.session import StreamSession
 
 # Every registered policy, with arguments that make it evict often on short streams.
@@ -46,6 +49,19 @@ def kept_positions(session, fed):
     return session.cache.positions
 
 
+def open_session(model, name, args, budget=BUDGET):
+    """The session, or None where the model must refuse the policy: attention observations need
+    attention routed through transformers' AttentionInterface (Falcon computes its own), and the
+    refusal is one line naming why."""
+    policy = make_policy(name, args, budget)
+    lm = LoadedModel.wrap(model)
+    if not lm.layout.routable and policy.observes & CAPTURED:
+        with pytest.raises(ConfigError, match="AttentionInterface"):
+            StreamSession(lm, policy)
+        return None
+    return StreamSession(lm, policy)
+
+
 def replays(policy) -> bool:
     """The reference cannot recompute what a retrieval bank or an attention observation chose: it
     replays the engine's kept sets (and still rebuilds every state from its own captures)."""
@@ -58,7 +74,9 @@ def test_one_layer_cache_equals_fresh_forward_over_kept_tokens(arch, name, args)
     """With one layer, kept keys/values depend only on their token and position: after any number
     of evictions the next-token logits equal a fresh forward over exactly the kept tokens at 0..n-1."""
     model = tiny_model(arch, layers=1)
-    session = StreamSession(LoadedModel.wrap(model), make_policy(name, args))
+    session = open_session(model, name, args)
+    if session is None:
+        return
     ids = stream_ids(80)
     for t in range(ids.shape[1]):
         logits = session.feed(ids[:, t : t + 1])[0, -1]
@@ -78,7 +96,9 @@ def test_deep_cache_equals_reference_rebuilt_from_kept_states(arch, name, args):
     policy = make_policy(name, args)
     if policy.recompute:
         pytest.skip("recompute-window keeps no states; its definition is tested below")
-    session = StreamSession(LoadedModel.wrap(model), policy)
+    session = open_session(model, name, args)
+    if session is None:
+        return
     reference = ReferenceStream(model, make_policy(name, args))
     ids = stream_ids(60, seed=2)
     for t in range(ids.shape[1]):
@@ -121,13 +141,15 @@ def test_per_head_keep_sets_equal_a_fresh_per_head_computation_to_1e6(arch, name
     """Keep-sets that differ per KV head: each head attends over exactly its own kept tokens at
     positions 0..n-1 (their ranks in that head), to 1e-6 in fp32, after every step."""
     model = tiny_model(arch, layers=1)
-    session = StreamSession(LoadedModel.wrap(model), make_policy(name, args))
+    session = open_session(model, name, args)
+    if session is None:
+        return
     ids = stream_ids(40, seed=8)
     for t in range(ids.shape[1]):
         logits = session.feed(ids[:, t : t + 1])[0, -1]
         if t >= BUDGET:
             kept = session.cache.positions
-            assert kept.shape[:2] == (1, model.config.num_key_value_heads) and kept.shape[2] <= BUDGET
+            assert kept.shape[:2] == (1, kv_heads_of(model.config)) and kept.shape[2] <= BUDGET
             torch.testing.assert_close(logits, fresh_logits(model, ids[:, : t + 1], kept), atol=1e-6, rtol=0)
     assert session.cache.per_head
 

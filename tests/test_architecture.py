@@ -1,0 +1,96 @@
+"""Model families: what `Layout` finds in each tested family, the query tap's pre-RoPE query, and
+one line naming the reason for each kind of model the engine cannot re-index."""
+import importlib
+
+import pytest
+import torch
+import transformers
+from tiny_models import ARCHITECTURES, tiny_model
+
+from streambench.architecture import FAMILIES, Layout, kv_heads_of
+from streambench.errors import UnsupportedModelError
+from streambench.models import LoadedModel
+from streambench.taps import QueryTap
+
+
+def test_at_least_fourteen_model_types_are_tested():
+    assert len(ARCHITECTURES) >= 14
+    assert {"gpt_neox", "falcon", "phi", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "cohere", "mixtral",
+            "qwen2_moe", "qwen3_moe", "gemma"} <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layout_finds_layers_attention_and_the_rotation_each_family_declares(arch):
+    model = tiny_model(arch, layers=2)
+    layout = LoadedModel.wrap(model).layout
+    needs = FAMILIES[arch].needs
+    assert len(layout.layers) == 2 and all(a is not None for a in layout.attentions)
+    assert layout.rope_style.startswith("interleaved") == ("interleaved rotary" in needs)
+    assert (layout.rotary_dim < layout.head_dim) == ("partial rotary" in needs)
+    assert layout.routable == ("own attention code" not in needs)
+    assert layout.kv_heads == kv_heads_of(model.config)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_query_tap_gives_the_query_the_attention_rotates(arch):
+    """Retrieval (longmem) scores memory blocks with the last token's pre-RoPE query: the tap's
+    equals what the model hands its own apply_rotary_pos_emb (first rotary_dim channels), averaged
+    over each KV head's group of query heads."""
+    model = tiny_model(arch, layers=2)
+    lm = LoadedModel.wrap(model)
+    info = lm.info
+    module = importlib.import_module(type(model).__module__)
+    seen, original = [], module.apply_rotary_pos_emb
+
+    def recording(q, k, cos, sin, *args, **kwargs):
+        seen.append(q.detach().clone())
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    tap = QueryTap(model, info.num_heads, info.kv_heads, info.head_dim)
+    module.apply_rotary_pos_emb = recording
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 9, 17, 33]]))
+    finally:
+        module.apply_rotary_pos_emb = original
+        tap.close()
+    got = tap.query()  # (layers, kv_heads, head_dim)
+    for layer, q in enumerate(seen):
+        width = q.shape[-1]
+        want = q[0, :, -1].reshape(info.kv_heads, -1, width).float().mean(dim=1)
+        torch.testing.assert_close(got[layer, :, :width], want, atol=1e-5, rtol=1e-5)
+
+
+def _meta_model(model_type, **kwargs):
+    """A model built on the meta device: structure only, no weights (refusals come before any
+    computation)."""
+    sizes = dict(vocab_size=96, pad_token_id=0, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.AutoConfig.for_model(model_type, **{**sizes, **kwargs})
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+REFUSALS = [
+    ("mpt", {"d_model": 64, "n_heads": 4, "n_layers": 2}, "ALiBi"),
+    ("bloom", {"n_layer": 2, "n_head": 4}, "ALiBi"),
+    ("falcon", {"alibi": True}, "ALiBi"),
+    ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4}, "learned absolute positions"),
+    ("opt", {"ffn_dim": 96, "word_embed_proj_dim": 64}, "learned absolute positions"),
+    ("qwen3_next", {"num_key_value_heads": 2, "layer_types": ["linear_attention", "full_attention"]}, "linear-attention or recurrent"),
+    ("jamba", {"num_key_value_heads": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+               "expert_layer_offset": 1}, "linear-attention or recurrent"),
+    ("deepseek_v3", {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
+                     "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                     "moe_intermediate_size": 32, "first_k_dense_replace": 2}, "multi-head latent attention"),
+    ("smollm3", {"num_key_value_heads": 2, "no_rope_layers": [1, 0]}, "without RoPE"),
+    ("helium", {"num_key_value_heads": 2}, "not among the tested families"),
+]
+
+
+@pytest.mark.parametrize("model_type,kwargs,reason", REFUSALS, ids=[r[0] + ("-alibi" if r[0] == "falcon" else "") for r in REFUSALS])
+def test_each_kind_of_model_that_cannot_be_reindexed_is_refused_with_its_reason(model_type, kwargs, reason):
+    model = _meta_model(model_type, **kwargs)
+    with pytest.raises(UnsupportedModelError, match=reason) as caught:
+        Layout(model).check()
+    assert "\n" not in str(caught.value) and model_type in str(caught.value)
