@@ -36,6 +36,7 @@ class Family:
     needs: tuple[str, ...] = ()
     tiny: dict[str, Any] = field(default_factory=dict)
     attn: str = "sdpa"  # the attention implementation its tiny model is built with
+    pattern: tuple[str, ...] = ()  # hybrid families: layer i of the tiny model is pattern[i % len]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -72,6 +73,13 @@ for _family in (
             "use_sliding_window": False}),
     Family("qwen3_moe", "Qwen/Qwen3-30B-A3B", ("MoE", "qk-norm"),
            {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16, "use_sliding_window": False}),
+    # Hybrid: sliding-window layers keep the model's own window, the policy governs the full ones.
+    Family("gemma2", "google/gemma-2-2b-it", ("hybrid sliding", "softcapping", "eager attention"),
+           {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}, attn="eager", pattern=(FULL, SLIDING)),
+    Family("gemma3_text", "google/gemma-3-270m (pip install 'streambench[gemma3]')", ("hybrid sliding", "local and global RoPE", "qk-norm"),
+           {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}, pattern=(FULL, SLIDING)),
+    Family("olmo3", "allenai/Olmo-3-7B-Instruct", ("hybrid sliding", "qk-norm over all heads"),
+           {"sliding_window": 5}, pattern=(FULL, SLIDING)),
 ):
     register_family(_family)
 
@@ -82,7 +90,7 @@ REFUSED = (
     ("learned absolute positions", "gpt2, opt, gpt_bigcode", "every layer's keys depend on absolute positions"),
     ("linear attention / recurrent", "qwen3_next, jamba, mamba, falcon_h1, bamba", "a running state summarises every token: nothing to evict"),
     ("multi-head latent attention", "deepseek_v2, deepseek_v3", "keys rebuilt from a latent with a decoupled RoPE part"),
-    ("layers without RoPE", "smollm3 (no_rope_layers)", "per-layer NoPE keys are not re-indexed yet"),
+    ("layers without RoPE", "smollm3 (no_rope_layers), cohere2, exaone4 (NoPE global layers)", "per-layer NoPE keys are not re-indexed yet"),
     ("chunked attention", "llama4", "attention kinds other than full and sliding"),
     ("dynamic RoPE scaling", "any, rope_type: dynamic", "the rotation depends on the sequence length"),
 )
@@ -91,6 +99,9 @@ REFUSED = (
 def family_of(model_type: str) -> Family | None:
     return FAMILIES.get(model_type)
 
+
+# Hybrids whose full-attention layers skip RoPE (the attention code decides, not the config).
+_GLOBAL_NOPE = ("cohere2", "exaone4")
 
 # ---- what a model is made of ------------------------------------------------------------------
 _LAYER_LISTS = ("layers", "h", "blocks", "decoder_layers")
@@ -185,6 +196,10 @@ class Layout:
             raise UnsupportedModelError(
                 f"model type '{model_type}' uses ALiBi: its position bias is computed over cache slot order, and "
                 "streambench's cache keeps tokens in any slot order (eviction fills holes from the tail)")
+        if model_type in _GLOBAL_NOPE and SLIDING in kinds:
+            raise UnsupportedModelError(
+                f"model type '{model_type}' has full-attention layers without RoPE (NoPE; only its sliding layers rotate): "
+                "their cached keys carry no rotation to re-index, which streambench does not yet handle per layer")
         if no_rope and any(not flag for flag in no_rope):
             raise UnsupportedModelError(
                 f"model type '{model_type}' has layers without RoPE (no_rope_layers): their cached keys carry no "

@@ -28,6 +28,16 @@ head (the largest group of equal rank shifts over all of a stream's lanes keeps 
 Per-slot statistics a policy asked the engine for (accumulated attention, key norms) live in
 buffers shaped like the keys without the last dimension and move with them.
 
+Hybrid models (Gemma 2/3, any `layer_types` mix) have sliding-window layers too: those keep
+exactly what the model's own sliding cache keeps, the last `window - 1` stream tokens (`_Sliding`),
+whatever the policy does; the policy governs the full-attention layers, whose count is
+`num_layers` here (policies, statistics and keep-sets see only them). A sliding layer must see
+its keys at their stream distances from the query, as in the model; the query is rotated at the
+full layers' re-indexed position `n + offset`, so a sliding key of stream position s is kept
+rotated at `s + shift` with `shift = n + offset - fed`, and re-rotated from its pre-RoPE copy in
+the rare step where an eviction changes that shift (a renormalisation, a retrieval splice, a
+keep-set whose commonest rank shift is not the recent tokens').
+
 Host-side bookkeeping (numpy, per rank in time order): physical slot, original stream position
 and per-token score. The engine is exact: the next-token logits equal a fresh forward over the
 kept tokens at positions 0..n-1 (tests/test_exactness.py).
@@ -93,6 +103,152 @@ class _StreamLayer(CacheLayerMixin):
         self._owner.reset()
 
 
+class _SlidingLayer(_StreamLayer):
+    """A sliding-window layer: the last `window - 1` stream tokens, in time order (the model's
+    sliding mask is index based), with the model's own mask coordinates."""
+
+    is_sliding = True
+
+    @property
+    def keys(self) -> torch.Tensor:
+        slide = self._owner.sliding
+        return slide.k[self._idx][:, :, slide.visible_start : slide.end]
+
+    @property
+    def values(self) -> torch.Tensor:
+        slide = self._owner.sliding
+        return slide.v[self._idx][:, :, slide.visible_start : slide.end]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._owner.sliding.write(self._idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.sliding.visible + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._owner.sliding.visible
+
+    def get_max_length(self) -> int:
+        return self._owner.sliding.window
+
+
+class _Sliding:
+    """The sliding layers' keys and values: (B, H, capacity, D) per layer on its device, tokens in
+    physical slots [start, end) in time order; the visible ones are the last window - 1. New tokens
+    go at `end`; when room runs out the visible ones move to the front (once per ~window tokens).
+    Tokens before the visible ones stay until then, so a rollback (dialogue branches) can return."""
+
+    def __init__(self, owner: "StreamCache", devices: list, window: int, rope: RotaryTable | None):
+        self.owner, self.devices, self.window, self.rope = owner, devices, int(window), rope
+        self.capacity = 0
+        self.peak = 0  # most tokens visible at once, over every stream this cache ran
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.k_pre: list[torch.Tensor] = []
+        self._grow(2 * max(self.window - 1, 1) + 16)
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = self.end = 0
+        self.first = 0  # stream position of slot `start`
+        self.shift = np.zeros(self.owner.batch, dtype=np.int64)  # per stream: keys rotated at s + shift
+
+    @property
+    def visible_start(self) -> int:
+        return max(self.start, self.end - (self.window - 1))
+
+    @property
+    def visible(self) -> int:
+        return self.end - self.visible_start
+
+    def _grow(self, capacity: int) -> None:
+        owner = self.owner
+        for i, device in enumerate(self.devices):
+            shape = (owner.batch, owner.kv_heads, capacity, owner.head_dim)
+            for name in ("k", "v", "k_pre"):
+                if name == "k_pre" and self.rope is None:
+                    continue
+                bufs = getattr(self, name)
+                new = torch.zeros(shape, dtype=owner.dtype, device=device)
+                if i < len(bufs):
+                    new[:, :, : self.capacity] = bufs[i]
+                    bufs[i] = new
+                else:
+                    bufs.append(new)
+        self.capacity = capacity
+
+    def make_room(self, count: int) -> None:
+        """Room for `count` more tokens without moving any (before a branch that rolls back)."""
+        if self.end + count > self.capacity:
+            self._compact(count)
+
+    def _compact(self, count: int) -> None:
+        """The visible tokens to the front (growing first if they and `count` would not fit)."""
+        keep_from = self.visible_start
+        kept = self.end - keep_from
+        if kept + count > self.capacity // 2:
+            self._grow(2 * (kept + count))
+        for bufs in (self.k, self.v, self.k_pre):
+            for buf in bufs:
+                buf[:, :, :kept] = buf[:, :, keep_from : self.end].clone()
+        self.first += keep_from - self.start
+        self.start, self.end = 0, kept
+        self.owner.evictions += 1  # the tokens before the window are gone: no rollback across this
+
+    def prepare(self, count: int, query_start: np.ndarray, fed: int) -> None:
+        """Before a forward of `count` tokens whose queries sit at `query_start` (B,): room at the
+        end, and every visible key rotated at its stream distance from those queries."""
+        if self.end + count > self.capacity:
+            self._compact(count)
+        shift = query_start - fed
+        changed = np.flatnonzero(shift != self.shift)
+        if len(changed):
+            if self.rope is None:
+                raise RuntimeError("sliding layers re-rotated in a cache built without re-indexing support")
+            lo, hi = self.visible_start, self.end
+            if hi > lo:
+                positions = self.first + np.arange(lo - self.start, hi - self.start)
+                self.rope.ensure(int(np.abs(positions[None] + shift[:, None]).max()) + count + 2)
+                for k, k_pre in zip(self.k, self.k_pre):
+                    for b in changed:
+                        at = torch.from_numpy(positions + shift[b]).to(k.device)
+                        k[b, :, lo:hi] = self.rope.rotate(k_pre[b, :, lo:hi], at, signed=True)
+            self.shift = shift.copy()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.end + k.shape[-2]
+        self.k[layer][:, :, self.end : end].copy_(k)
+        self.v[layer][:, :, self.end : end].copy_(v)
+        lo = self.visible_start
+        return self.k[layer][:, :, lo:end], self.v[layer][:, :, lo:end]
+
+    def commit(self, count: int) -> None:
+        """The forward wrote `count` tokens at the end: keep their pre-RoPE keys, move the end."""
+        if self.rope is not None:
+            lo, hi = self.end, self.end + count
+            positions = self.first + np.arange(lo - self.start, hi - self.start)
+            at_all = positions[None] + self.shift[:, None]  # (B, count): where the model rotated them
+            self.rope.ensure(int(np.abs(at_all).max()) + 2)
+            for k, k_pre in zip(self.k, self.k_pre):
+                if self.owner.batch == 1:
+                    k_pre[:, :, lo:hi] = self.rope.unrotate(k[:, :, lo:hi], torch.from_numpy(at_all[0]).to(k.device), signed=True)
+                else:
+                    at = torch.from_numpy(at_all).to(k.device)
+                    k_pre[:, :, lo:hi] = self.rope.unrotate(k[None, :, :, lo:hi], at, signed=True)[0]
+        self.end += count
+        self.peak = max(self.peak, self.visible)
+
+    def truncate(self, dropped: int) -> None:
+        self.end -= dropped
+
+    def token_bytes(self) -> int:
+        """K and V bytes per visible token over the sliding layers and the batch."""
+        return 2 * len(self.devices) * self.owner.batch * self.owner.kv_heads * self.owner.head_dim * self.owner.dtype.itemsize
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bufs in (self.k, self.v, self.k_pre) for t in bufs)
+
+
 class _Shard:
     """The buffers of consecutive layers that live on one device, (L_s, B, H, capacity, D) each.
     One shard on a single device; a model spread over GPUs (--device-map) has one per device."""
@@ -124,19 +280,39 @@ class StreamCache(Cache):
         rope: RotaryTable | None,
         batch_size: int = 1,
         layer_devices: list | None = None,
+        layer_kinds: list[str] | None = None,
+        sliding_window: int | None = None,
+        sliding_rope: RotaryTable | None = None,
     ):
-        super().__init__(layers=[_StreamLayer(self, i) for i in range(num_layers)])
-        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        kinds = list(layer_kinds or ["full_attention"] * num_layers)
+        self.layer_kinds = kinds
+        full = [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
+        slides = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if not full:
+            raise ValueError("every layer slides: no layer for a cache policy to govern")
+        # model layer -> index among its kind (full layers: into the shards' buffers)
+        self.full_index = np.full(len(kinds), -1, dtype=np.int64)
+        self.full_index[full] = np.arange(len(full))
+        where = {i: n for n, i in enumerate(full)} | {i: n for n, i in enumerate(slides)}
+        super().__init__(layers=[(_SlidingLayer if kinds[i] == "sliding_attention" else _StreamLayer)(self, where[i])
+                                 for i in range(len(kinds))])
+        self.model_layers = len(kinds)
+        self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
         self.capacity = 0
-        devices = [torch.device(d) for d in (layer_devices or [self.device] * num_layers)]
+        all_devices = [torch.device(d) for d in (layer_devices or [self.device] * len(kinds))]
+        devices = [all_devices[i] for i in full]
+        self.sliding = None
+        if slides:
+            self.sliding = _Sliding(self, [all_devices[i] for i in slides], sliding_window,
+                                    (sliding_rope or rope) if rope is not None else None)
         self.shards: list[_Shard] = []
         for i, d in enumerate(devices):
             if not self.shards or self.shards[-1].device != d:
                 self.shards.append(_Shard(d, i, i))
             self.shards[-1].stop = i + 1
-        self._where = [(s, i - s.start) for s in self.shards for i in range(s.start, s.stop)]
+        self._where = [(shard, i - shard.start) for shard in self.shards for i in range(shard.start, shard.stop)]
         self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
         self.stat_names: tuple[str, ...] = ()
         self._grow(max(int(capacity), 1))
@@ -150,6 +326,9 @@ class StreamCache(Cache):
         self.per_head = False  # one bookkeeping row per stream; True: one per (layer, stream, head)
         self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
+        self._fed = 0  # stream position of the next token (sliding layers' distances)
+        if self.sliding is not None:
+            self.sliding.reset()
         self._offsets = np.zeros(self.batch, dtype=np.int64)  # per stream (batched streams evict apart)
         capacity = max(self.capacity, 1)
         # Per stream (rows), per kept token in time order (columns):
@@ -163,8 +342,11 @@ class StreamCache(Cache):
     def clone(self) -> "StreamCache":
         """An independent copy (buffers and bookkeeping copied, the rotary table shared), for
         `StreamSession.fork`: a branch that may evict without touching the stream's own cache."""
-        twin = copy.deepcopy(self, {id(self.rope): self.rope} if self.rope is not None else {})
-        twin.layers = [_StreamLayer(twin, i) for i in range(self.num_layers)]  # (their weakrefs point here)
+        shared = [t for t in (self.rope, self.sliding.rope if self.sliding is not None else None) if t is not None]
+        twin = copy.deepcopy(self, {id(t): t for t in shared})
+        twin.layers = [type(layer)(twin, layer._idx) for layer in self.layers]  # (their weakrefs point here)
+        if twin.sliding is not None:
+            twin.sliding.owner = twin
         return twin
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
@@ -213,6 +395,8 @@ class StreamCache(Cache):
 
     def next_positions(self, count: int) -> torch.Tensor:
         """RoPE positions (B, count) for the next tokens: they sit right after the kept ones."""
+        if self.sliding is not None:
+            self.sliding.prepare(count, self._n + self._offsets, self._fed)
         if self.batch == 1:
             start = self._n + int(self._offsets[0])
             return torch.arange(start, start + count, device=self.device)[None]
@@ -301,6 +485,9 @@ class StreamCache(Cache):
         else:
             self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
         self._n = end
+        self._fed = int(positions[-1]) + 1 if count else self._fed
+        if self.sliding is not None:
+            self.sliding.commit(count)
         if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
             if self.batch == 1:
@@ -591,6 +778,10 @@ class StreamCache(Cache):
     def truncate(self, n: int) -> None:
         """Forget the tokens appended after the first `n` (valid only if nothing was evicted since:
         appended tokens occupy the slots and bookkeeping entries after them)."""
+        dropped = self._n - n
+        self._fed -= dropped
+        if self.sliding is not None:
+            self.sliding.truncate(dropped)
         self._n = n
         self._len = [n] * self.num_layers
 
@@ -618,10 +809,13 @@ class StreamCache(Cache):
         return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.shards[0].k.element_size()
 
     def kv_bytes(self) -> int:
-        """Exact bytes of the keys and values attention sees now."""
-        return self.length * self.token_bytes()
+        """Exact bytes of the keys and values attention sees now (full and sliding layers)."""
+        return self.length * self.token_bytes() + self.sliding_bytes()
+
+    def sliding_bytes(self) -> int:
+        return self.sliding.visible * self.sliding.token_bytes() if self.sliding is not None else 0
 
     def allocated_bytes(self) -> int:
         """Bytes held by the buffers (capacity, and the pre-RoPE key copy when re-indexing)."""
         n = sum(t.numel() * t.element_size() for s in self.shards for t in s.buffers())
-        return n
+        return n + (self.sliding.allocated_bytes() if self.sliding is not None else 0)

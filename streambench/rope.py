@@ -91,13 +91,20 @@ class RotaryTable:
     def rotary_dim(self) -> int:
         return self.cos.shape[-1]
 
-    def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+    def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool, signed: bool = False) -> torch.Tensor:
         # k: (..., T, D) in any dtype; positions: (T,) long on k's device, or (B, T) for a
-        # (L, B, H, T, D) stack of batched streams. Math in float32.
+        # (L, B, H, T, D) stack of batched streams. Math in float32. signed: positions may be
+        # negative (a sliding layer's keys behind a query at a small re-indexed position):
+        # cos(-x) = cos(x), sin(-x) = -sin(x).
         table_cos, table_sin, inv_norm = self._on(k.device)
-        if self.halved and positions.dim() == 1 and k.dim() == 2 and inv_norm is None:
+        norm_index = positions
+        if signed:
+            norm_index = positions.abs()
+            cos, sin = table_cos[norm_index], table_sin[norm_index] * torch.sign(positions).to(table_sin.dtype)[..., None]
+        elif self.halved and positions.dim() == 1 and k.dim() == 2 and inv_norm is None:
             return self._apply_rows(k, positions, table_cos, table_sin, inverse)
-        cos, sin = table_cos[positions], table_sin[positions]  # (T, rd) or (B, T, rd)
+        else:
+            cos, sin = table_cos[positions], table_sin[positions]  # (T, rd) or (B, T, rd)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
         rd = cos.shape[-1]
@@ -106,7 +113,7 @@ class RotaryTable:
         if inverse:
             out = x * cos - turn * sin
             if inv_norm is not None:
-                scale = inv_norm[positions]
+                scale = inv_norm[norm_index]
                 out = out * (scale[:, None] if positions.dim() == 2 else scale)
         else:
             out = x * cos + turn * sin
@@ -130,8 +137,8 @@ class RotaryTable:
             out[:, 2 * half :] = k[:, 2 * half :]
         return out
 
-    def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._apply(k_pre, positions, inverse=False)
+    def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        return self._apply(k_pre, positions, inverse=False, signed=signed)
 
-    def unrotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._apply(k, positions, inverse=True)
+    def unrotate(self, k: torch.Tensor, positions: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        return self._apply(k, positions, inverse=True, signed=signed)

@@ -197,6 +197,13 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
         finally:
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
+        layers = session.layer_accounting()
+    if layers is not None:  # hybrid: the governed layers' KV and the sliding windows', apart
+        from streambench.metrics import MIB
+
+        full = layers["full_attention"]
+        engine_metrics["kv_full_mib_peak"] = engine_metrics["kv_tokens_peak"] * full["bytes_per_token"] / MIB
+        engine_metrics["kv_sliding_mib_peak"] = layers["sliding_attention"]["peak_bytes"] / MIB
     metrics = {**outcome.metrics, **engine_metrics, **item.policy.stats()}
     directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
     result = {
@@ -211,6 +218,7 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
         "curves": {**outcome.curves, **engine_curves},
         "records": outcome.records,
         "info": outcome.info,
+        **({"kv_layers": layers} if layers is not None else {}),
         **({"budget_ratio": item.budget_ratio} if item.budget_ratio else {}),
         "environment": env,
         "provenance": {part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)

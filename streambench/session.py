@@ -38,11 +38,22 @@ class StreamSession:
             self._capacity = policy.budget if max_tokens is None else min(policy.budget, max_tokens + 1)
         else:
             self._capacity = max_tokens + 1 if max_tokens is not None else 1024
-        self._rope = None
+        layout = lm.layout
+        self._kinds = layout.layer_kinds
+        self._full_layers = sum(kind != "sliding_attention" for kind in self._kinds)
+        if not self._full_layers and not policy.recompute:
+            raise ConfigError(
+                f"every layer of model type '{layout.model_type}' attends over a sliding window of {layout.sliding_window} tokens: "
+                "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
+                "to stream it with full attention)")
+        self._rope = self._sliding_rope = None
         if policy.evicts and not policy.recompute:
-            layout = lm.layout
+            typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
             self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity, style=layout.rope_style,
-                                     layer_type="full_attention" if layout.takes_layer_type() else None)
+                                     layer_type="full_attention" if typed else None)
+            if typed and layout.sliding_window is not None:
+                self._sliding_rope = RotaryTable(lm.rotary_emb, self.device, size=2 * layout.sliding_window,
+                                                 style=layout.rope_style, layer_type="sliding_attention")
         self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
         self.batch, self.cache = 0, None
         self._set_batch(batch_size)
@@ -51,8 +62,8 @@ class StreamSession:
         if decode not in ("eager", "static", "graph"):
             raise ConfigError(f"decode must be eager, static or graph, got {decode!r}")
         self._static = None
-        if self.cache is not None and len(self.cache.shards) > 1:
-            decode = "eager"  # a model spread over GPUs: no single-device graph
+        if self.cache is not None and (len(self.cache.shards) > 1 or self.cache.sliding is not None):
+            decode = "eager"  # a model spread over GPUs, or with sliding layers: no static-shape graph
         from streambench.observe import CAPTURED, STATS, AttentionObserver
 
         if policy.observes & CAPTURED and decode != "eager":
@@ -115,13 +126,16 @@ class StreamSession:
             raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
         info, policy = self.lm.info, self.policy
         self.batch = batch_size
-        self._token_bytes = 2 * batch_size * info.num_layers * info.kv_heads * info.head_dim * self.dtype.itemsize
+        # per token the policy governs: the full-attention layers (sliding ones are counted apart)
+        layers = info.num_layers if policy.recompute else self._full_layers
+        self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not policy.recompute:
             capacity = self.cache.capacity if self.cache is not None else self._capacity
             stats = self.cache.stat_names if self.cache is not None else ()
             self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
                                      capacity=capacity, rope=self._rope, batch_size=batch_size,
-                                     layer_devices=self._layer_devices)
+                                     layer_devices=self._layer_devices, layer_kinds=self._kinds,
+                                     sliding_window=self.lm.layout.sliding_window, sliding_rope=self._sliding_rope)
             self.cache.enable_stats(stats)
 
     def reset(self) -> None:
@@ -284,6 +298,8 @@ class StreamSession:
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
             if self.cache.length + count > self.policy.budget:
                 self._evict(self._select(count))
+        if self.cache is not None and self.cache.sliding is not None:
+            self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
 
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
@@ -406,7 +422,31 @@ class StreamSession:
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv_tokens * self._token_bytes
+        """Bytes of keys and values the next query reads: the governed (full-attention) layers'
+        kept tokens plus, on hybrid models, the sliding layers' windows."""
+        sliding = self.cache.sliding_bytes() if self.cache is not None else 0
+        return self.kv_tokens * self._token_bytes + sliding
+
+    def layer_accounting(self) -> dict | None:
+        """Hybrid models: what each layer kind holds and why it is exact (None without sliding
+        layers): the policy's budget governs the full-attention layers; sliding ones keep the
+        model's own window."""
+        if self.cache is None or self.cache.sliding is None:
+            return None
+        slide = self.cache.sliding
+        return {
+            "full_attention": {"layers": self.cache.num_layers, "budget": self.policy.budget, "policy": self.policy.name,
+                               "bytes_per_token": self._token_bytes,
+                               "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)"},
+            "sliding_attention": {"layers": len(slide.devices), "window": slide.window, "tokens_held": slide.window - 1,
+                                  "bytes_per_token": slide.token_bytes(), "peak_bytes": slide.peak * slide.token_bytes(),
+                                  "exact": "the model's own sliding cache: last window - 1 tokens at their stream distances"},
+        }
+
+    @property
+    def sliding_tokens(self) -> int:
+        """Tokens each sliding-window layer holds (0 without such layers)."""
+        return self.cache.sliding.visible if self.cache is not None and self.cache.sliding is not None else 0
 
     @property
     def allocated_kv_bytes(self) -> int:

@@ -17,11 +17,12 @@ class QueryTap:
     def __init__(self, model, num_heads: int, kv_heads: int, head_dim: int):
         self.heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
         layout = layout_of(model)
-        self._last: list[torch.Tensor | None] = [None] * len(layout.attentions)
+        governed = [a for a, kind in zip(layout.attentions, layout.layer_kinds) if kind != "sliding_attention"]
+        self._last: list[torch.Tensor | None] = [None] * len(governed)
         self._handles = []
-        for i, attn in enumerate(layout.attentions):
+        for i, attn in enumerate(governed):  # the full-attention layers, whose tokens the bank holds
             layout_kind = "flat"
-            for name in ("q_norm", "q_layernorm", "q_proj", "qkv_proj", "query_key_value"):
+            for name in ("q_proj", "qkv_proj", "query_key_value"):
                 module = getattr(attn, name, None)
                 if isinstance(module, torch.nn.Module):
                     break
@@ -33,18 +34,35 @@ class QueryTap:
                     layout_kind = "grouped"  # (kv heads, group + 2, head_dim): a group's queries, then k, v
                 elif not getattr(config, "multi_query", False):
                     layout_kind = "per_head"  # (heads, 3, head_dim): each head's q, k, v side by side
-            self._handles.append(module.register_forward_hook(self._hook(i, layout_kind)))
+            norm = next((getattr(attn, n) for n in ("q_norm", "q_layernorm") if isinstance(getattr(attn, n, None), torch.nn.Module)), None)
+            self._handles.append(module.register_forward_hook(self._hook(i, layout_kind, norm)))
 
-    def _hook(self, layer: int, kind: str):
+    def _hook(self, layer: int, kind: str, norm):
         def hook(_module, _inputs, out):
             last = out[0, -1].reshape(-1)
             if kind == "per_head":
                 last = last.view(self.heads, 3, self.head_dim)[:, 0]
             elif kind == "grouped":
                 last = last.view(self.kv_heads, -1, self.head_dim)[:, :-2]
-            self._last[layer] = last.reshape(-1)[: self.heads * self.head_dim].detach()  # fused qkv: the q part
+            last = last.reshape(-1)[: self.heads * self.head_dim]  # fused qkv: the q part
+            if norm is not None:  # the model normalises queries before RoPE: do it for this one token
+                last = self._normed(norm, last)
+            self._last[layer] = last.detach()
 
         return hook
+
+    def _normed(self, norm, q: torch.Tensor) -> torch.Tensor:
+        """Apply a query norm to one token's (heads * head_dim,) query in the shape it expects:
+        over all heads (OLMo 2), per (head, dim) table (Cohere), or per head on (B, H, T, D)
+        (Qwen3, Gemma 3, StableLM's per-head norms)."""
+        weight = getattr(norm, "weight", None)
+        if weight is not None and weight.dim() == 2:
+            shape = (1, 1, self.heads, self.head_dim)
+        elif weight is not None and weight.numel() == self.heads * self.head_dim:
+            shape = (1, 1, self.heads * self.head_dim)
+        else:
+            shape = (1, self.heads, 1, self.head_dim)
+        return norm(q.view(shape)).reshape(-1)
 
     def query(self) -> torch.Tensor | None:
         """(layers, kv_heads, head_dim) float32, or None before the first forward."""

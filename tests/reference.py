@@ -47,6 +47,12 @@ class ReferenceStream:
         self.apply_rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
         self.takes_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        # Hybrid models: the policy keeps tokens in the full-attention layers; a sliding layer sees
+        # the last window - 1 stream tokens at their stream distances from the query, through the
+        # model's own sliding cache layer (DynamicSlidingWindowLayer) and mask.
+        self.window = getattr(cfg, "sliding_window", None)
+        self.full = [i for i, kind in enumerate(self.layer_types) if kind != "sliding_attention"]
+        self.rank = {i: r for r, i in enumerate(self.full)}
         layers = cfg.num_hidden_layers
         self.keys = [None] * layers  # per layer (B, H, every token fed, D), pre-RoPE
         self.values = [None] * layers
@@ -80,7 +86,7 @@ class ReferenceStream:
         after keeping exactly those tokens (to replay another engine's choices, e.g. retrieval)."""
         count = ids.shape[1]
         n = self.positions.shape[-1]
-        layers = len(self.keys)
+        layers = len(self.full)
         kv_heads = self.keys[0].shape[1] if self.keys[0] is not None else 1
         if keep_positions is not None:
             self.positions = np.asarray(keep_positions, dtype=np.int64)
@@ -99,8 +105,14 @@ class ReferenceStream:
         if n:
             pos = torch.arange(n, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
+                if i not in self.rank:  # sliding: the stream's last window - 1 tokens
+                    lo = max(0, self.fed - (self.window - 1))
+                    at = torch.arange(lo, self.fed, device=ids.device) + (n - self.fed)  # query at n
+                    assert cache.layers[i].is_sliding
+                    DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
+                    continue
                 if self.positions.ndim == 3:  # head h attends over its own tokens only
-                    idx = torch.as_tensor(self.positions[i], device=ids.device)[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[-1])
+                    idx = torch.as_tensor(self.positions[self.rank[i]], device=ids.device)[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[-1])
                     k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
                 else:
                     idx = torch.as_tensor(self.positions, device=ids.device)

@@ -54,7 +54,9 @@ def test_query_tap_gives_the_query_the_attention_rotates(arch):
     finally:
         module.apply_rotary_pos_emb = original
         tap.close()
-    got = tap.query()  # (layers, kv_heads, head_dim)
+    got = tap.query()  # (full-attention layers, kv_heads, head_dim): the bank holds their tokens
+    seen = [q for q, kind in zip(seen, lm.layout.layer_kinds) if kind != "sliding_attention"]
+    assert len(seen) == got.shape[0]
     for layer, q in enumerate(seen):
         width = q.shape[-1]
         want = q[0, :, -1].reshape(info.kv_heads, -1, width).float().mean(dim=1)
@@ -84,6 +86,7 @@ REFUSALS = [
                      "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
                      "moe_intermediate_size": 32, "first_k_dense_replace": 2}, "multi-head latent attention"),
     ("smollm3", {"num_key_value_heads": 2, "no_rope_layers": [1, 0]}, "without RoPE"),
+    ("cohere2", {"num_key_value_heads": 2, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, "without RoPE"),
     ("helium", {"num_key_value_heads": 2}, "not among the tested families"),
 ]
 

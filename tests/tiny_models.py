@@ -16,7 +16,10 @@ _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attentio
 def tiny_config(arch: str = "llama", layers: int = 2, vocab: int = 96, **overrides):
     """The family's tiny config: common sizes, then the family's own settings (None drops a key)."""
     family = FAMILIES[arch]
-    kwargs = {**_COMMON, "vocab_size": vocab, "num_hidden_layers": layers, **family.tiny, **overrides}
+    kwargs = {**_COMMON, "vocab_size": vocab, "num_hidden_layers": layers, **family.tiny}
+    if family.pattern:
+        kwargs["layer_types"] = [family.pattern[i % len(family.pattern)] for i in range(layers)]
+    kwargs.update(overrides)
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("sliding_window",)}
     config = transformers.AutoConfig.for_model(arch, **kwargs)
     config._attn_implementation = family.attn
