@@ -141,7 +141,6 @@ class _Sliding:
     def __init__(self, owner: "StreamCache", devices: list, window: int, rope: RotaryTable | None):
         self.owner, self.devices, self.window, self.rope = owner, devices, int(window), rope
         self.capacity = 0
-        self.peak = 0  # most tokens visible at once, over every stream this cache ran
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.k_pre: list[torch.Tensor] = []
@@ -236,7 +235,6 @@ class _Sliding:
                     at = torch.from_numpy(at_all).to(k.device)
                     k_pre[:, :, lo:hi] = self.rope.unrotate(k[None, :, :, lo:hi], at, signed=True)[0]
         self.end += count
-        self.peak = max(self.peak, self.visible)
 
     def truncate(self, dropped: int) -> None:
         self.end -= dropped

@@ -155,8 +155,8 @@ class StreamSession:
         """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks)."""
         from streambench.exact import unsupported
 
-        if self.policy.recompute:
-            return None
+        if self.policy.recompute or not self.policy.evicts:  # (nothing evicted: the model's own causal
+            return None  # forward, sliding masks included, is token-exact)
         if self.policy.band is None:
             return f"{self.policy.name}'s keep-set depends on what the tokens say"
         if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
@@ -439,7 +439,7 @@ class StreamSession:
                                "bytes_per_token": self._token_bytes,
                                "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)"},
             "sliding_attention": {"layers": len(slide.devices), "window": slide.window, "tokens_held": slide.window - 1,
-                                  "bytes_per_token": slide.token_bytes(), "peak_bytes": slide.peak * slide.token_bytes(),
+                                  "bytes_per_token": slide.token_bytes(),
                                   "exact": "the model's own sliding cache: last window - 1 tokens at their stream distances"},
         }
 

@@ -94,7 +94,7 @@ def test_unsupported_model_names_its_type(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     tok.save_pretrained(folder)
     result = invoke("run", "-q", "--model", str(folder), "--policy", "window", "--out", str(tmp_path / "out"))
-    assert_user_error(result, "model type 'gpt2' is not supported")
+    assert_user_error(result, "model type 'gpt2' has no rotary position embedding (learned absolute positions)")
 
 
 def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
