@@ -109,11 +109,12 @@ _ATTENTIONS = ("self_attn", "attention", "self_attention", "attn")
 
 
 def kv_heads_of(config) -> int:
-    """KV heads from any family's config (GQA, Falcon's multi-query/new-architecture naming)."""
+    """KV heads as the model caches them, from any family's config (GQA; Falcon: multi-query caches
+    one, the 40B/180B architecture broadcasts its num_kv_heads to every query head before caching)."""
     heads = config.num_attention_heads
     if getattr(config, "model_type", "") == "falcon":
         if getattr(config, "new_decoder_architecture", False):
-            return getattr(config, "num_kv_heads", None) or heads
+            return heads
         return 1 if getattr(config, "multi_query", False) else heads
     return getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
 

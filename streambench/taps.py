@@ -31,7 +31,8 @@ class QueryTap:
             if name == "query_key_value":  # how FalconAttention._split_heads and GPT-NeoX unpack it
                 config = layout.config
                 if getattr(config, "new_decoder_architecture", False):
-                    layout_kind = "grouped"  # (kv heads, group + 2, head_dim): a group's queries, then k, v
+                    layout_kind = "grouped"  # (kv groups, group + 2, head_dim): a group's queries, then k, v
+                    self.groups = config.num_kv_heads
                 elif not getattr(config, "multi_query", False):
                     layout_kind = "per_head"  # (heads, 3, head_dim): each head's q, k, v side by side
             norm = next((getattr(attn, n) for n in ("q_norm", "q_layernorm") if isinstance(getattr(attn, n, None), torch.nn.Module)), None)
@@ -43,7 +44,7 @@ class QueryTap:
             if kind == "per_head":
                 last = last.view(self.heads, 3, self.head_dim)[:, 0]
             elif kind == "grouped":
-                last = last.view(self.kv_heads, -1, self.head_dim)[:, :-2]
+                last = last.view(self.groups, -1, self.head_dim)[:, :-2]
             last = last.reshape(-1)[: self.heads * self.head_dim]  # fused qkv: the q part
             if norm is not None:  # the model normalises queries before RoPE: do it for this one token
                 last = self._normed(norm, last)

@@ -36,7 +36,10 @@ def test_query_tap_gives_the_query_the_attention_rotates(arch):
     """Retrieval (longmem) scores memory blocks with the last token's pre-RoPE query: the tap's
     equals what the model hands its own apply_rotary_pos_emb (first rotary_dim channels), averaged
     over each KV head's group of query heads."""
-    model = tiny_model(arch, layers=2)
+    check_tap(tiny_model(arch, layers=2))
+
+
+def check_tap(model):
     lm = LoadedModel.wrap(model)
     info = lm.info
     module = importlib.import_module(type(model).__module__)
@@ -97,3 +100,25 @@ def test_each_kind_of_model_that_cannot_be_reindexed_is_refused_with_its_reason(
     with pytest.raises(UnsupportedModelError, match=reason) as caught:
         Layout(model).check()
     assert "\n" not in str(caught.value) and model_type in str(caught.value)
+
+
+@pytest.mark.parametrize("variant", [{"new_decoder_architecture": True, "num_kv_heads": 2},
+                                     {"multi_query": False, "new_decoder_architecture": False}],
+                         ids=["falcon-40b-layout", "falcon-rw-layout"])
+def test_falcons_other_qkv_layouts_equal_the_reference(variant):
+    """Falcon packs q, k, v three ways (multi-query 7B, grouped 40B/180B, per head): the family's
+    tiny config is the 7B one; the other two run a re-indexing policy and the query tap here."""
+    from reference import ReferenceStream
+
+    from streambench.config import PolicySpec, build_policy
+    from streambench.session import StreamSession
+
+    model = tiny_model("falcon", layers=2, **variant)
+    lm = LoadedModel.wrap(model)
+    assert lm.info.kv_heads == kv_heads_of(model.config) == 4  # 40B layout: its 2 KV heads broadcast before caching
+    make = lambda: build_policy(PolicySpec("streamingllm", {"start_size": 2}), 10)  # noqa: E731
+    session, reference = StreamSession(lm, make()), ReferenceStream(model, make())
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(3))
+    for t in range(30):
+        torch.testing.assert_close(session.feed(ids[:, t : t + 1]), reference.feed(ids[:, t : t + 1]), atol=1e-4, rtol=0)
+    check_tap(model)

@@ -103,9 +103,8 @@ def test_content_aware_and_sliding_window_models_go_token_by_token():
     lm = LoadedModel.wrap(tiny_model("llama", layers=2))
     with StreamSession(lm, policy("h2o", {})) as session:
         assert "depends on what the tokens say" in session.exact_chunks
-    mistral = tiny_model("mistral", layers=2)
-    mistral.config.sliding_window = 6
-    lm = LoadedModel.wrap(mistral)
+    hybrid = tiny_model("gemma3_text", layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=6)
+    lm = LoadedModel.wrap(hybrid)
     ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(2))
     with StreamSession(lm, policy("streamingllm", {"start_size": 2})) as session:
         assert "sliding window" in session.exact_chunks

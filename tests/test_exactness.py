@@ -77,7 +77,7 @@ def test_one_layer_cache_equals_fresh_forward_over_kept_tokens(arch, name, args)
     session = open_session(model, name, args)
     if session is None:
         return
-    ids = stream_ids(80)
+    ids = stream_ids(64)
     for t in range(ids.shape[1]):
         logits = session.feed(ids[:, t : t + 1])[0, -1]
         if t % 7 == 6 or t == ids.shape[1] - 1:
@@ -100,7 +100,7 @@ def test_deep_cache_equals_reference_rebuilt_from_kept_states(arch, name, args):
     if session is None:
         return
     reference = ReferenceStream(model, make_policy(name, args))
-    ids = stream_ids(60, seed=2)
+    ids = stream_ids(48, seed=2)
     for t in range(ids.shape[1]):
         got = session.feed(ids[:, t : t + 1])
         # retrieval brings evicted tokens back: the reference replays the engine's kept set
