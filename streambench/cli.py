@@ -739,6 +739,44 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
         write_json_atomic(Path(json_path), json.loads(json.dumps(out, default=str)))
 
 
+@cli.command(name="chat")
+@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True,
+              help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.")
+@click.option("--policy", default="streamingllm", show_default=True, help="A policy name or preset.")
+@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable).")
+@click.option("--budget", "-b", type=int, default=512, show_default=True, help="Keys each query attends to (tokens).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["template", "plain"]), default="template", show_default=True,
+              help="template: the model's chat template; plain: USER/ASSISTANT (models without one).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+@_user_errors
+def chat_command(model, policy, policy_args, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype):
+    """Talk to a model in one endless stream under a cache policy; the reply is printed as it is
+    written, then a status line (cache tokens, KV MiB, evictions, tokens/s).
+
+    \b
+    Commands: /reset (a new stream), /stats (the stream so far), /quit (or Ctrl-D).
+    Ctrl-C stops the reply being written, not the program.
+
+    \b
+    Examples:
+        streambench chat --policy streamingllm --budget 512
+        streambench chat --policy sirllm --budget 256 --temperature 0.7 --seed 1
+        echo "Hello" | streambench chat --policy window
+    """
+    from streambench.chat import ChatLoop
+    from streambench.config import apply_overrides, parse_assignments, resolve_policy
+
+    overrides = parse_assignments(policy_args, "-p")
+    spec = resolve_policy(policy.strip(), overrides)
+    apply_overrides([spec], overrides)
+    ChatLoop(model, spec, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype).run()
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets", "models"]), default="all")
 @_user_errors

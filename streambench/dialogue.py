@@ -225,6 +225,30 @@ class Conversation:
                 last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
         return nll, self.tokenizer.decode(written, skip_special_tokens=True)
 
+    @torch.no_grad()
+    def reply(self, question: str, max_new_tokens: int, sampling=None, on_token=None, interrupted=None, score: bool = False):
+        """The user says `question`; the model writes its reply (streambench/generation.py), which
+        stays in the stream, closed by the format's turn end. Room for the turn and the longest
+        reply is made once, before it (streaming-llm's `evict_for_space`), so the policy evicts
+        once per turn. Returns the Generation (tokens without the stop token)."""
+        from streambench.generation import generate
+
+        session = self.session
+        if self.turns:
+            session.new_round()
+        context = self._context(question, ())
+        suffix = self.encode(self.fmt.assistant_suffix) if self.fmt.assistant_suffix else None
+        closing = suffix.shape[1] if suffix is not None else 0
+        session.reserve(context.shape[1] + max_new_tokens + closing)
+        written = generate(session, prompt=context, max_new_tokens=max_new_tokens, stop_ids=self._stop_ids(),
+                           sampling=sampling, on_token=on_token, interrupted=interrupted, score=score)
+        if written.tokens and written.stop in ("limit", "string"):  # its last token was chosen, not fed
+            session.feed(torch.tensor([written.tokens[-1:]], device=session.device))
+        if suffix is not None:
+            session.feed(suffix)
+        self.turns += 1
+        return written
+
     def _stop_ids(self) -> set[int]:
         if self._stops is None:
             stops = {self.tokenizer.eos_token_id}

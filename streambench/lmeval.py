@@ -13,7 +13,8 @@ streambench cache policy.
   (the StreamingLLM protocol), the first token predicted from the prefix token as lm-eval does:
   position-only policies take `chunk_size` tokens per forward (streambench/exact.py), the others
   go token by token.
-- `generate_until`: greedy generation with the policy active, stopping at any `until` string, at
+- `generate_until`: greedy generation with the policy active (streambench/generation.py, the
+  decode path chat and mtbench use), stopping at any `until` string, at
   the end-of-text token or after `max_gen_toks`.
 - `stream=True`: every request continues ONE endless stream (StreamingLLM's "streaming ARC"): a
   multiple-choice item's context is fed once, each choice is scored from that state
@@ -30,6 +31,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 
 from streambench.config import PolicySpec, build_policy, parse_assignments
+from streambench.generation import generate
 
 
 class StreambenchLM(TemplateLM):
@@ -184,17 +186,11 @@ class StreambenchLM(TemplateLM):
             session = self._session()
             try:
                 last = self._feed(session, self.tok_encode(context))[-1]
-                generated: list[int] = []
-                text = ""
-                for _ in range(limit):
-                    token = int(last.argmax())
-                    if token == self.eot_token_id:
-                        break
-                    generated.append(token)
-                    text = self.tokenizer.decode(generated)
-                    if any(stop in text for stop in until):
-                        break
-                    last = self._feed(session, [token])[-1]
+                written = generate(session, last=last, max_new_tokens=limit, stop_ids={self.eot_token_id},
+                                   stop_strings=until, decode=self.tokenizer.decode)
+                if session.kv_tokens > self.kv_tokens_peak:  # the cache only grows while generating
+                    self.kv_tokens_peak, self.kv_bytes_peak = session.kv_tokens, session.kv_bytes
+                text = self.tokenizer.decode(written.tokens)
             finally:
                 self._done(session)
             for stop in until:

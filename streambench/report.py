@@ -415,6 +415,20 @@ def _by_label(results: list[dict]) -> dict[str, list[dict]]:
 
 
 # ---- documents ------------------------------------------------------------------------------------
+def _extra_tables(rows: list[dict]):
+    """The task's own report tables (mtbench: answers side by side); none for an unknown task."""
+    from streambench.tasks import TASKS
+
+    try:
+        cls = TASKS.get(rows[0]["config"]["task"]["name"])
+    except Exception:  # a result of a task not installed here
+        return []
+    try:
+        return cls.report_tables(rows)
+    except (KeyError, TypeError, ValueError, AttributeError):  # hand-edited records
+        return []
+
+
 def write_report(results: list[dict], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,6 +449,12 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
         rows = grp["rows"]
         md += [f"## {_md_cell(grp['title'])}", "", table(rows, "md"), ""]
         page.append(f"<h2>{html.escape(grp['title'])}</h2>{table(rows, 'html')}")
+        for title, headers, body in _extra_tables(rows):
+            md += [f"### {_md_cell(title)}", "", "| " + " | ".join(_md_cell(h) for h in headers) + " |",
+                   "|" + " --- |" * len(headers), *("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in body), ""]
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in line) + "</tr>" for line in body)
+            page.append(f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{cells}</table>")
         for name, caption, _ in [f for f in figures if f[2] == g]:
             md += [f"![{_md_cell(caption)}]({name})", "", _md_cell(caption), ""]
             data = base64.b64encode((out / name).read_bytes()).decode()
@@ -452,7 +472,8 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}")
+             "td:first-child,th:first-child{text-align:left}td.text{text-align:left;vertical-align:top;font-size:90%}"
+             "img{max-width:100%}figure{margin:1em 0}")
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
         # Defence in depth behind the escaping: the page may show inline styles and embedded PNGs, nothing else.

@@ -38,7 +38,7 @@ NEEDLE = ("needle", "passkey", "needle-long")  # cut to one 64-token cell
 
 def help_examples() -> list[str]:
     out = []
-    for name in ("run", "sweep", "report", "gate", "import", "export", "lm-eval", "bench", "list"):
+    for name in ("run", "sweep", "report", "gate", "import", "export", "lm-eval", "bench", "list", "chat"):
         text = CliRunner().invoke(cli, [name, "-h"]).output
         if "Examples:" in text:
             block = text.split("Examples:", 1)[1]
@@ -126,7 +126,8 @@ def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
         if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
             continue
         network = any(marker in example for marker in OFFLINE_ERROR + USER_DATA) or (
-            "--task dailydialog" in example and "--data" not in example)  # builds its items from the hub
+            "--task dailydialog" in example and "--data" not in example) or (  # builds its items from the hub
+            "--task mtbench" in example and "--data" not in example)  # reads upstream's mt_bench.jsonl
         if network:
             if result.exit_code != 2 or len([l for l in lines if l.startswith("Error:")]) != 1 or "Traceback" in result.output:
                 failures.append(f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}")

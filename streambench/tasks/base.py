@@ -60,6 +60,12 @@ class Task:
         return cls.columns
 
     @classmethod
+    def report_tables(cls, rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+        """Extra (title, headers, rows) tables for a comparable group in the report (mtbench's
+        answers side by side); cells are plain text, escaped by the report."""
+        return []
+
+    @classmethod
     def notes(cls, results: list[dict]) -> str:
         """Text printed under the results table (reference points, breakdowns); "" for none."""
         return ""
