@@ -454,7 +454,7 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
                    "|" + " --- |" * len(headers), *("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in body), ""]
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
             cells = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in line) + "</tr>" for line in body)
-            page.append(f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{cells}</table>")
+            page.append(f"<h3>{html.escape(title)}</h3><table class='text'><tr>{head}</tr>{cells}</table>")
         for name, caption, _ in [f for f in figures if f[2] == g]:
             md += [f"![{_md_cell(caption)}]({name})", "", _md_cell(caption), ""]
             data = base64.b64encode((out / name).read_bytes()).decode()
@@ -473,6 +473,7 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}td.text{text-align:left;vertical-align:top;font-size:90%}"
+             "table.text{table-layout:fixed;width:100%}table.text th:first-child{width:9em}table.text th{text-align:left}"
              "img{max-width:100%}figure{margin:1em 0}")
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"

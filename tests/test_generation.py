@@ -107,7 +107,7 @@ def test_mtbench_end_to_end_on_the_embedded_model(shared_data, tmp_path):
                     "--policy", "dense,streamingllm,window")
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
-    for column in ("turns", "answer tok", "EOS stop", "repetition", "dense NLL", "TTFT ms", "gen tok/s", "KV MiB"):
+    for column in ("turns", "answer tok", "EOS stop", "repetition", "dense NLL", "TTFT ms", "decode tok/s", "KV MiB"):
         assert column in header
     results = {r["label"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
     assert set(results) == {"dense", "streamingllm", "window"}
