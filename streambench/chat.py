@@ -14,6 +14,7 @@ import sys
 
 import click
 
+DEFAULT_BUDGET = 512
 HELP = "/reset starts a new stream, /stats shows the stream so far, /quit leaves; Ctrl-C stops a reply."
 
 
@@ -23,6 +24,8 @@ class ChatLoop:
         from streambench.errors import ConfigError
         from streambench.generation import Sampling
 
+        self.explicit_budget = budget is not None
+        budget = DEFAULT_BUDGET if budget is None else budget
         if not isinstance(budget, int) or budget < 2:
             raise ConfigError(f"--budget must be an integer >= 2, got {budget!r}")
         if max_new_tokens < 1:
@@ -36,15 +39,16 @@ class ChatLoop:
         from streambench import models
         from streambench.config import build_policy
         from streambench.dialogue import ChatFormat, Conversation
+        from streambench.errors import ConfigError
         from streambench.session import StreamSession
 
-        policy = build_policy(self.spec, self.budget)
+        policy = build_policy(self.spec, self.budget, explicit=self.explicit_budget)
         lm = models.load(self.model, self.device, self.dtype)
         decode = "graph" if next(lm.model.parameters()).device.type == "cuda" else "eager"
         self.session = StreamSession(lm, policy, decode=decode)
         self.tokenizer = lm.tokenizer
         self.conversation = Conversation(self.session, lm.tokenizer, ChatFormat.named(lm.tokenizer, self.fmt))
-        self.replies, self.written = 0, 0
+        self.replies, self.written, self.refused, self.replaced = 0, 0, 0, 0
         budget = "all" if not policy.evicts else self.budget
         click.echo(f"streambench chat: {lm.info.name} under {self.spec.display} (budget {budget}). {HELP}")
         while True:
@@ -68,16 +72,24 @@ class ChatLoop:
                 continue
             self._turn(text)
         self.session.close()
+        if self.refused and not self.replies:  # nothing answered: not a success
+            raise ConfigError(f"every turn ({self.refused}) was refused: {self.last_refusal}")
 
     def _read(self) -> str | None:
         while True:
             click.echo("you> ", nl=False)
             try:
-                line = sys.stdin.readline()
+                line = _read_line()
             except KeyboardInterrupt:
                 click.echo("\n(Ctrl-D or /quit leaves)")
                 continue
-            return line if line else None
+            if line is None:
+                return None
+            line, replaced = _valid_line(line)
+            if replaced:
+                self.replaced += replaced
+                click.echo(f"warning: {replaced} undecodable byte sequence(s) in this line read as U+FFFD", err=True)
+            return line
 
     def _turn(self, text: str) -> None:
         from streambench.errors import ConfigError
@@ -102,6 +114,8 @@ class ChatLoop:
                                               interrupted=lambda: self._stop)
         except ConfigError as exc:  # a turn longer than the budget allows
             click.echo(f"\n(error: {exc})")
+            self.refused += 1
+            self.last_refusal = str(exc)
             return
         finally:
             if in_main:
@@ -127,6 +141,28 @@ class ChatLoop:
         extra = ", ".join(f"{k} {v}" for k, v in s.policy.stats().items())
         return (f"(stream: {s.fed} tokens fed in {self.conversation.turns} turns, {self.written} written in {self.replies} replies; "
                 f"{self._cache_line()}" + (f"; {extra}" if extra else "") + ")")
+
+
+def _read_line() -> str | bytes | None:
+    """One line of standard input, as bytes where it has them (so undecodable bytes are not
+    surrogate escapes the tokenizer refuses); None at the end of input."""
+    stream = getattr(sys.stdin, "buffer", None)
+    line = stream.readline() if stream is not None else sys.stdin.readline()
+    return line if line else None
+
+
+def _valid_line(line: str | bytes) -> tuple[str, int]:
+    """(text, replaced): undecodable bytes and lone surrogates become U+FFFD."""
+    from streambench.data import valid_text
+
+    if isinstance(line, bytes):
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        try:
+            return line.decode(encoding), 0
+        except (UnicodeDecodeError, LookupError):
+            text = line.decode("utf-8", errors="replace")
+            return text, text.count("\ufffd") - line.decode("utf-8", errors="ignore").count("\ufffd")
+    return valid_text(line)
 
 
 def _main_thread() -> bool:

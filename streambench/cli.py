@@ -72,6 +72,13 @@ def _user_errors(fn):
             if _debug():
                 raise
             raise UserError(one_line(exc)) from None
+        except SystemExit as exc:  # a plugin cannot end streambench: its exit is a plugin error
+            from streambench.registry import plugin_fault
+
+            fault = plugin_fault(exc)
+            if fault is None or _debug():
+                raise
+            raise UserError(one_line(fault)) from None
         except OSError as exc:
             if _debug():
                 raise
@@ -83,6 +90,11 @@ def _user_errors(fn):
         except Exception as exc:
             if _debug():
                 raise
+            from streambench.registry import plugin_fault
+
+            fault = plugin_fault(exc)  # a plugin's defect: one line naming it, exit 2
+            if fault is not None:
+                raise UserError(one_line(fault)) from None
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, on CUDA
                 raise UserError(f"out of memory: {one_line(exc, 200)}") from None
             raise InternalError(f"unexpected {type(exc).__name__}: {one_line(exc, 300)} "
@@ -744,7 +756,7 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
               help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.")
 @click.option("--policy", default="streamingllm", show_default=True, help="A policy name or preset.")
 @click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable).")
-@click.option("--budget", "-b", type=int, default=512, show_default=True, help="Keys each query attends to (tokens).")
+@click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to (tokens).  [default: 512]")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)

@@ -169,13 +169,13 @@ def parse_budget(value, where: str = "budget"):
         text = value.strip()
         if text.endswith("%"):
             try:
-                share = float(text[:-1]) / 100
+                share = float(text[:-1]) / 100 if text.isascii() else float("nan")
             except ValueError:
                 share = float("nan")
             if not 0 < share <= 1:
                 raise ConfigError(f"{where} {value!r}: a ratio budget is a percentage in (0, 100], e.g. 25%")
             return share
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # (str.isdigit also takes '²' and other scripts' digits)
             value = int(text)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where} must be a positive integer or a percentage (25%), got {value!r}")
@@ -197,8 +197,10 @@ def resolve_budget(value, task) -> tuple[int | None, dict]:
     return keys, {"ratio": parsed, "context_tokens": context, "compression_ratio": round(1 - keys / context, 6), "keys": keys}
 
 
-def build_policy(spec: PolicySpec, budget: int | None):
-    """Instantiate and validate a policy; the run's budget applies unless the args fix the sizes."""
+def build_policy(spec: PolicySpec, budget: int | None, explicit: bool = False):
+    """Instantiate and validate a policy. The run's budget applies unless the args fix the sizes
+    (`-p recent_size=252` alone fixes it); a budget the user gave (`explicit`) always applies, so
+    sizes that add up to another budget are refused, never silently preferred."""
     from streambench.policies import POLICIES
 
     cls = POLICIES.get(spec.name)
@@ -207,12 +209,17 @@ def build_policy(spec: PolicySpec, budget: int | None):
     if unknown:
         raise ConfigError(f"{spec.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
     args = dict(spec.args)
-    if "budget" not in args and not _sizes_given(cls, args):
+    if "budget" not in args and (explicit or not _sizes_given(cls, args)):
         args["budget"] = budget
     check_field_types(cls, args, spec.name)
     if isinstance(args.get("budget"), int) and args["budget"] < 1:
         raise ConfigError(f"{spec.name}: budget must be >= 1, got {args['budget']}")
-    return cls(**args)
+    policy = cls(**args)
+    asked = args.get("budget")
+    if asked is not None and policy.budget is not None and policy.budget != asked:  # (dense: no budget at all)
+        raise ConfigError(f"{spec.display}: its arguments make a budget of {policy.budget}, not the {asked} asked for "
+                          f"({', '.join(f'{k}={v}' for k, v in spec.args.items()) or 'no arguments'})")
+    return policy
 
 
 def _allowed_types(annotation) -> tuple[type, ...] | None:

@@ -113,6 +113,17 @@ def decode_text(raw: bytes, source: str) -> str:
 REPLACED: dict[str, int] = {}  # source -> undecodable sequences replaced (recorded in results)
 
 
+def valid_text(text: str) -> tuple[str, int]:
+    """`text` as a tokenizer can take it, and how many characters were replaced: lone surrogates
+    (undecodable bytes read with surrogateescape, `"\\udce9"` escapes in JSON) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # (pairs are rejoined)
+        return fixed, fixed.count("\ufffd") - text.count("\ufffd")
+
+
 def _load_hub(name: str, split: str, field: str, index: int) -> str:
     try:
         import datasets

@@ -92,6 +92,10 @@ def provenance(source: str | None, default_name: str | None = None) -> dict:
     return out
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     records = []
     try:
@@ -102,9 +106,13 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_not_json)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # NaN, Infinity
+            raise DataError(f"{path}:{number}: invalid JSON ({exc})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object")
         records.append((number, record))

@@ -9,6 +9,7 @@ stop token (EOS, the turn's end) is not fed: the caller closes the turn with its
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,10 +30,14 @@ class Sampling:
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
-            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        from streambench.config import check_seed
+
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not math.isfinite(self.temperature) or self.temperature < 0):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -43,7 +48,10 @@ class Sampling:
             return int(logits.argmax())
         if self._generator is None:
             self._generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        # In float64, after subtracting the largest logit: any temperature > 0, however tiny
+        # (1e-45), gives finite log-probabilities (the top token's is 0) instead of inf / inf.
+        scaled = logits.detach().cpu().double()
+        probs = torch.softmax((scaled - scaled.max()) / self.temperature, dim=-1)
         if self.top_p < 1:
             ordered, order = probs.sort(descending=True)
             outside = ordered.cumsum(-1) - ordered > self.top_p  # tokens past the nucleus

@@ -18,6 +18,8 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
@@ -26,6 +28,7 @@ from streambench.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T", bound=type)
 BUILTIN = {"kind": "builtin"}
+_REGISTRIES: list["Registry"] = []  # every registry, for plugin_fault
 
 
 class PluginError(ConfigError):
@@ -64,10 +67,55 @@ def _import_file(path: Path):
     sys.modules[module_name] = module  # dataclasses look their module up while the class is built
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin cannot end streambench, not even at import
         del sys.modules[module_name]
-        raise PluginError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from None
+        raise PluginError(f"plugin {path} failed to import: {_described(exc)}") from None
     return module, digest
+
+
+def _described(exc: BaseException) -> str:
+    """`ValueError: text`; the type alone when the text is empty (`raise NotImplementedError`)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) (a plugin cannot end streambench)"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _source(cls: type) -> str | None:
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    path = getattr(module, "__file__", None)
+    return os.path.abspath(path) if path else None
+
+
+def plugin_fault(exc: BaseException) -> PluginError | None:
+    """An exception (or SystemExit) raised by a plugin's own code, as one line naming the plugin,
+    the method streambench called and what it raised; None when no plugin code is on the
+    traceback (a streambench bug stays one). The outermost frame in a plugin's file is the method
+    the engine called; its `self` says which plugin when one file holds several."""
+    owners: dict[type, tuple[str, str]] = {}
+    files: dict[str, tuple[str, str]] = {}
+    for registry in _REGISTRIES:
+        for name, cls in registry._entries.items():
+            if registry._origins.get(name, BUILTIN) is BUILTIN:
+                continue
+            owners.setdefault(cls, (registry.kind, name))
+            source = _source(cls)
+            if source is not None:
+                files.setdefault(source, (registry.kind, name))
+    tb = exc.__traceback__
+    while files and tb is not None:
+        frame = tb.tb_frame
+        found = files.get(os.path.abspath(frame.f_code.co_filename))
+        if found is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None:
+                found = next((owners[c] for c in type(owner).__mro__ if c in owners), found)
+            kind, name = found
+            method = frame.f_code.co_name
+            where = "at import" if method == "<module>" else f"in {method}()"
+            return PluginError(f"{kind} plugin '{name}' failed {where}: {_described(exc)}")
+        tb = tb.tb_next
+    return None
 
 
 class Registry(Generic[T]):
@@ -78,6 +126,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._origins: dict[str, dict] = {}
         self._entry_points = None  # {name: EntryPoint}, read once, lazily
+        _REGISTRIES.append(self)
 
     def register(self, *names: str, origin: dict | None = None) -> Callable[[T], T]:
         def decorate(cls: T) -> T:
@@ -105,6 +154,14 @@ class Registry(Generic[T]):
     def _adopt(self, name: str, obj, origin: dict, where: str) -> T:
         if not (isinstance(obj, type) and self.base is not None and issubclass(obj, self.base)):
             raise PluginError(f"{where} is not a {self.kind}: it must be a class subclassing {self.base.__name__}")
+        if obj is self.base:
+            raise PluginError(f"{where} is streambench's base class itself: a {self.kind} plugin subclasses {obj.__name__}")
+        if inspect.isabstract(obj):
+            missing = ", ".join(sorted(obj.__abstractmethods__))
+            raise PluginError(f"{where} is abstract: it does not implement {missing}")
+        known = next((n for n, c in self._entries.items() if c is obj), None)
+        if known is not None:  # renaming it would rename the entry (and every result) it already is
+            raise PluginError(f"{where} is the {self.kind} already known as '{known}': name it '{known}'")
         obj.name = name  # the name it was found by is the name results record and reruns resolve
         self._entries[name] = obj
         self._origins[name] = origin
@@ -123,8 +180,8 @@ class Registry(Generic[T]):
         else:
             try:
                 module = importlib.import_module(target)
-            except Exception as exc:
-                raise PluginError(f"{self.kind} plugin module {target!r} failed to import: {type(exc).__name__}: {exc}") from None
+            except (Exception, SystemExit) as exc:
+                raise PluginError(f"{self.kind} plugin module {target!r} failed to import: {_described(exc)}") from None
             origin = {"kind": "module", "module": target, "class": attr, **_distribution_of(target)}
             source = getattr(module, "__file__", None)
             if source and Path(source).is_file():
@@ -137,8 +194,8 @@ class Registry(Generic[T]):
         ep = self._plugin_entry_points()[name]
         try:
             obj = ep.load()
-        except Exception as exc:
-            raise PluginError(f"{self.kind} plugin '{name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise PluginError(f"{self.kind} plugin '{name}' ({ep.value}) failed to load: {_described(exc)}") from None
         origin = {"kind": "entry-point", "group": self.group, "value": ep.value}
         if ep.dist is not None:
             origin.update(distribution=ep.dist.name, version=ep.dist.version)

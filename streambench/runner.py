@@ -12,7 +12,7 @@ from streambench.config import PolicySpec, RunConfig, build_policy, build_task, 
 from streambench.errors import ConfigError
 from streambench.results import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
 from streambench.policies import POLICIES
-from streambench.registry import BUILTIN
+from streambench.registry import BUILTIN, plugin_fault
 from streambench.safety import check_label, inside, slug
 from streambench.tasks import TASKS
 
@@ -80,7 +80,7 @@ def plan(config: RunConfig, check_device: bool = True):
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     for spec in config.policies:
         check_label(spec.label, f"label of {spec.name}")
-        policy = build_policy(spec, budget)
+        policy = build_policy(spec, budget, explicit=config.budget is not None)
         if batch > 1 and policy.retrieves:
             raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
         bank_device = policy.args().get("bank_device")
@@ -170,10 +170,15 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
             yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
         except (KeyboardInterrupt, GeneratorExit, OutputError):
             raise  # an output that cannot be written stops the sweep: every later run would fail too
-        except Exception as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
-            if on_error is None:
+        except (Exception, SystemExit) as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
+            fault = plugin_fault(exc)  # a plugin's defect (its SystemExit too) is a plugin error naming it
+            if fault is None and isinstance(exc, SystemExit):
                 raise
-            on_error(item, exc)
+            if on_error is None:
+                if fault is None:
+                    raise
+                raise fault from exc
+            on_error(item, fault or exc)
 
 
 def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory,

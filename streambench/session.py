@@ -29,13 +29,20 @@ class StreamSession:
     def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
                  decode: str = "eager", max_tokens: int | None = None):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        # The budget the run was configured with is the one enforced (and recorded), whatever the
+        # policy object does to its own fields later; so are its chunk limit and declared band.
+        self.budget = policy.budget
+        self.evicts = self.budget is not None
+        self.max_incoming = self._checked_max_incoming()
+        self.band = policy.band
+        self._band_proven = False
         info = lm.info
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # Preallocate what the stream can use: a budget above the tokens streamed needs no buffer of
         # that size (the cache still grows by doubling if a stream turns out longer).
-        if policy.evicts:
-            self._capacity = policy.budget if max_tokens is None else min(policy.budget, max_tokens + 1)
+        if self.evicts:
+            self._capacity = self.budget if max_tokens is None else min(self.budget, max_tokens + 1)
         else:
             self._capacity = max_tokens + 1 if max_tokens is not None else 1024
         layout = lm.layout
@@ -47,7 +54,7 @@ class StreamSession:
                 "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
                 "to stream it with full attention)")
         self._rope = self._sliding_rope = None
-        if policy.evicts and not policy.recompute:
+        if self.evicts and not policy.recompute:
             typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
             self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity, style=layout.rope_style,
                                      layer_type="full_attention" if typed else None)
@@ -91,7 +98,20 @@ class StreamSession:
         self._rows_tokens = 16384 if self.device.type == "cuda" else 4096  # recompute-window rows per forward
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
+        self._max_tokens = max_tokens
         self.reset()
+
+    def _checked_max_incoming(self) -> int | None:
+        """The policy's chunk limit, checked once: an integer from 1 to the budget (None on an
+        evicting policy: the budget, the most that can come in at once)."""
+        limit = self.policy.max_incoming
+        if limit is None:
+            return self.budget
+        top = self.budget
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1 or (top is not None and limit > top):
+            span = f"from 1 to the budget ({top})" if top is not None else ">= 1"
+            raise PolicyContractError(f"policy {self.policy.name}: max_incoming must be None or an integer {span}, got {limit!r}")
+        return int(limit)
 
     # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
     def close(self) -> None:
@@ -155,13 +175,13 @@ class StreamSession:
         """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks)."""
         from streambench.exact import unsupported
 
-        if self.policy.recompute or not self.policy.evicts:  # (nothing evicted: the model's own causal
+        if self.policy.recompute or not self.evicts:  # (nothing evicted: the model's own causal
             return None  # forward, sliding masks included, is token-exact)
-        if self.policy.band is None:
+        if self.band is None:
             return f"{self.policy.name}'s keep-set depends on what the tokens say"
         if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
             return f"{self.policy.name} observes or retrieves while it feeds"
-        if self.cache is not None and len(self.cache.shards) > 1 and self.policy.band.sinks:
+        if self.cache is not None and len(self.cache.shards) > 1 and self.band.sinks:
             return "the model is spread over several devices"
         reason = unsupported(self.model)
         return f"this model cannot: {reason}" if reason else None
@@ -174,14 +194,14 @@ class StreamSession:
         (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
         after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
         in one forward where the policy allows it (streambench/exact.py), else one token at a time."""
-        if exact and ids.shape[1] > 1 and (self.policy.evicts or self.policy.recompute):  # (nothing evicted:
+        if exact and ids.shape[1] > 1 and (self.evicts or self.policy.recompute):  # (nothing evicted:
             # the ordinary causal forward is already token-exact, dense's chunked prefill)
             if self.policy.recompute:
                 return self._feed_recompute(ids, batched=True)
             if self.exact_chunks is None:
                 return self._feed_exact(ids)
             return torch.cat([self.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)
-        limit = self.policy.max_incoming
+        limit = self.max_incoming
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
         self.processed += ids.shape[1]
@@ -190,7 +210,7 @@ class StreamSession:
         cache, count = self.cache, ids.shape[1]
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
-        if self.policy.evicts and cache.length + count > self.policy.budget:
+        if self.evicts and cache.length + count > self.budget:
             self._evict(self._select(count))
         if self._static is not None and count == 1:
             logits = self._static(ids)
@@ -211,25 +231,24 @@ class StreamSession:
 
     def _feed_exact(self, ids: torch.Tensor) -> torch.Tensor:
         """One forward for the chunk, each query masked to what it sees token by token."""
-        from streambench.errors import PolicyContractError
         from streambench.exact import ChunkMask
 
-        policy, cache, count = self.policy, self.cache, ids.shape[1]
+        cache, count = self.cache, ids.shape[1]
         self.processed += count
-        band = policy.band
-        if policy.evicts and cache.length + 1 > policy.budget:
+        band = self.band
+        if not self._band_proven:
+            self._prove_band()
+        if self.evicts and cache.length + 1 > self.budget:
             self._evict(self._select(1))  # the keep-set before the chunk's first token
         n, start = cache.length, self.fed
         slots = np.empty(n + count, dtype=np.int64)
         held = cache.positions
         if n:
-            expected = np.concatenate([np.arange(r.start, r.stop) for r in band.kept_before(start)])
-            if len(expected) != n or not np.array_equal(np.sort(held), expected):
-                raise PolicyContractError(f"policy {policy.name} declares {band} but kept other tokens before position {start}")
+            self._check_band(band, start, 1, held)
             slots[cache.slots] = held
         slots[n:] = np.arange(start, start + count)
         positions = cache.next_positions(count)
-        if policy.evicts and not cache._uniform:
+        if self.evicts and not cache._uniform:
             raise RuntimeError("exact chunks need streams that evict alike")
         if self._rope is not None:
             self._rope.ensure(n + count + cache.offset + 1)
@@ -242,9 +261,49 @@ class StreamSession:
             logits = logits.to(device)
         cache.commit(np.arange(start, start + count))
         self.fed += count
-        if policy.evicts and cache.length > policy.budget:
+        if self.evicts and cache.length > self.budget:
             self._evict(self._select(0))  # the keep-set after the chunk's last token
+            self._check_band(band, self.fed, 0)
         return logits
+
+    def _check_band(self, band, fed: int, incoming: int, held: np.ndarray | None = None) -> None:
+        """The cache holds what the declared band says it holds once `fed` tokens are in and room
+        is made for `incoming` more (checked at every exact chunk's two ends)."""
+        held = self.cache.positions if held is None else held
+        expected = band.kept(fed, incoming)
+        if len(expected) != len(held) or not np.array_equal(np.sort(held), expected):
+            raise PolicyContractError(f"policy {self.policy.name} declares {band} but kept other tokens "
+                                      f"{'before' if incoming else 'after'} position {fed}")
+
+    def _prove_band(self) -> None:
+        """A declared band is a claim about `select`, which exact chunks rely on without calling it
+        inside the chunk: prove it once per session, on a copy of the policy, by feeding a probe of
+        positions token by token (one `select` per token past the budget) up to twice the budget
+        (or the whole stream when it is shorter). Chunk ends are checked against the real keep-set
+        besides (`_check_band`)."""
+        band, budget = self.band, self.budget
+        if band.budget != budget:
+            raise PolicyContractError(f"policy {self.policy.name} declares {band} for a run of budget {budget}")
+        probe = copy.deepcopy(self.policy)
+        end = 2 * budget + 2 if self._max_tokens is None else min(2 * budget + 2, self._max_tokens + 1)
+        held = np.empty(0, dtype=np.int64)
+        layers, heads = self.cache.num_layers, self.cache.kv_heads
+        for t in range(end):
+            if len(held) + 1 > budget:
+                view = CacheView(len(held), 1, budget, held, np.zeros(len(held), dtype=np.float32), {}, layers, heads)
+                keep = self._checked(probe.select(view), 1, len(held))
+                if keep.ndim == 3:
+                    if not (keep == keep[:1, :1]).all():
+                        raise PolicyContractError(f"policy {self.policy.name} declares {band} but keeps other tokens "
+                                                  "in different heads")
+                    keep = keep[0, 0]
+                held = held[keep]
+                expected = band.kept(t, 1)
+                if not np.array_equal(held, expected):
+                    raise PolicyContractError(f"policy {self.policy.name} declares {band} but its select() keeps other "
+                                              f"tokens before position {t} (a probe fed token by token)")
+            held = np.append(held, t)
+        self._band_proven = True
 
     def _hand_over(self, keep: np.ndarray) -> None:
         """Retrieval policies get the tokens about to leave the cache (for their bank)."""
@@ -266,7 +325,7 @@ class StreamSession:
             self.cache.splice(keep, at, positions, k_pre, values)
 
     def _feed_recompute(self, ids: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        size, outs = self.policy.budget, []
+        size, outs = self.budget, []
         if batched:  # every window a row of one forward (exact.recompute_rows)
             from streambench.exact import recompute_rows
 
@@ -286,17 +345,17 @@ class StreamSession:
     def reserve(self, count: int) -> None:
         """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
         turn, for the whole turn); feeds up to that many tokens can then be rolled back."""
-        if self.cache is not None and self.policy.evicts:
-            if count > self.policy.max_incoming:
+        if self.cache is not None and self.evicts:
+            if count > self.max_incoming:
                 raise ConfigError(
-                    f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.policy.budget} "
-                    f"(at most {self.policy.max_incoming} tokens can come in at once); raise the budget"
+                    f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.budget} "
+                    f"(at most {self.max_incoming} tokens can come in at once); raise the budget"
                 )
             if self.policy.retrieves:
                 if self.fed >= self._recall_at:
                     self._recall(count)
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
-            if self.cache.length + count > self.policy.budget:
+            if self.cache.length + count > self.budget:
                 self._evict(self._select(count))
         if self.cache is not None and self.cache.sliding is not None:
             self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
@@ -373,15 +432,20 @@ class StreamSession:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
-    def _checked(self, keep, incoming: int) -> np.ndarray:
+    def _checked(self, keep, incoming: int, length: int | None = None) -> np.ndarray:
         """The contract of `select` (policies/base.py), checked once per eviction: integer ranks
         of shape (k,), (L, k) or (L, H_kv, k), each set sorted, unique, in [0, length), k at most
         `budget - incoming`. Returns (k,) or (L, H_kv, k). A policy written outside this package
         that breaks it is one error naming it, not a corrupted cache."""
         if isinstance(keep, torch.Tensor):
             keep = keep.cpu().numpy()
-        keep = np.asarray(keep)
-        length, target = self.cache.length, self.policy.budget - incoming
+        try:
+            keep = np.asarray(keep)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise PolicyContractError(f"policy {self.policy.name}: select() must return integer ranks of shape (k,), "
+                                      f"(layers, k) or (layers, kv_heads, k): {exc}") from None
+        length = self.cache.length if length is None else length
+        target = self.budget - incoming
         layers, heads = self.cache.num_layers, self.cache.kv_heads
         problem = None
         if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
@@ -395,6 +459,8 @@ class StreamSession:
         elif keep.shape[-1] > target:
             problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
         if problem:
+            if self.policy.budget != self.budget:
+                problem += f" (it set its budget to {self.policy.budget}; the run's budget {self.budget} is the one enforced)"
             raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
         if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
             keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
@@ -410,14 +476,14 @@ class StreamSession:
                 observed[name] = c.ranked_stat(name, stream)
             elif name == "window_attention":
                 observed[name] = self.observer.window_attention(stream)
-        return CacheView(c.length, incoming, self.policy.budget, positions, scores, observed, c.num_layers, c.kv_heads)
+        return CacheView(c.length, incoming, self.budget, positions, scores, observed, c.num_layers, c.kv_heads)
 
     # ---- accounting --------------------------------------------------------------------------
     @property
     def kv_tokens(self) -> int:
         """Tokens whose keys and values attention reads for the next query (excluding it)."""
         if self.cache is None:
-            return min(self._window.shape[1], self.policy.budget)
+            return min(self._window.shape[1], self.budget)
         return self.cache.length
 
     @property
@@ -435,7 +501,7 @@ class StreamSession:
             return None
         slide = self.cache.sliding
         return {
-            "full_attention": {"layers": self.cache.num_layers, "budget": self.policy.budget, "policy": self.policy.name,
+            "full_attention": {"layers": self.cache.num_layers, "budget": self.budget, "policy": self.policy.name,
                                "bytes_per_token": self._token_bytes,
                                "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)"},
             "sliding_attention": {"layers": len(slide.devices), "window": slide.window, "tokens_held": slide.window - 1,
@@ -451,5 +517,5 @@ class StreamSession:
     @property
     def allocated_kv_bytes(self) -> int:
         if self.cache is None:  # recompute-window builds a transient cache of the window each step
-            return self.policy.budget * self._token_bytes
+            return self.budget * self._token_bytes
         return self.cache.allocated_bytes()

@@ -73,12 +73,16 @@ class CachePolicy:
         every layer and head), (L, k) (one per layer) or (L, H_kv, k) (one per layer and KV head),
         each set sorted and unique (time order, ranks *within* its head once sets differ), every
         rank in [0, view.length), the same k <= `view.target` everywhere."""
-        raise NotImplementedError
+        from streambench.errors import PolicyContractError
+
+        raise PolicyContractError(f"policy {self.name} does not implement select(view), which every evicting policy needs")
 
     def score_tokens(self, ids, logits) -> np.ndarray:
         """Policies observing "logits": a score (B, c) for each fed token, stored with it and read
         back as `view.scores` (SirLLM's surprisal). Called after every forward."""
-        raise NotImplementedError
+        from streambench.errors import PolicyContractError
+
+        raise PolicyContractError(f"policy {self.name} observes logits but does not implement score_tokens(ids, logits)")
 
     def state(self) -> Any:
         """Per-stream state a branch must not change (saved by checkpoint, restored by rollback)."""
@@ -160,11 +164,13 @@ class Band:
     width: int | None = None
     budget: int | None = None
 
-    def kept_before(self, t: int) -> list[range]:
-        """Stream positions the cache holds just before token t is fed (for a contract check)."""
+    def kept(self, t: int, incoming: int = 1) -> np.ndarray:
+        """Stream positions the cache holds once tokens [0, t) are in and room is made for
+        `incoming` more: with incoming=1, what the query at t sees besides itself (the engine
+        checks a declared band against the policy's own keep-set with this)."""
         sinks = min(self.sinks, t)
-        low = 0 if self.width is None else max(sinks, t - self.width + 1)
-        return [range(sinks), range(max(low, sinks), t)]
+        low = 0 if self.width is None else max(sinks, t - self.width + incoming)
+        return np.concatenate([np.arange(sinks), np.arange(max(low, sinks), t)]).astype(np.int64)
 
 
 class RetrievalPolicy(CachePolicy, abc.ABC):

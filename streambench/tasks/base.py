@@ -39,7 +39,7 @@ class Task:
         """Validate arguments; raise ConfigError."""
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
-        raise NotImplementedError
+        raise ConfigError(f"task {self.name} does not implement run(session, tokenizer, meter, progress)")
 
     def stream_tokens(self) -> int | None:
         """Most tokens one stream of this task feeds, when known before it runs (None: unknown).

@@ -36,14 +36,22 @@ def load_questions(source: str, limit: int | None = None) -> list[dict]:
     """Records {question_id, category, turns: [str, ...]} from a JSONL file (path or URL)."""
     from streambench.dialogue_data import fetch, read_jsonl
 
+    from streambench.data import valid_text
+
     path = fetch(source)
     questions = []
     for line, record in read_jsonl(path):
         turns = record.get("turns") if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise DataError(f"{path}:{line}: an MT-Bench record needs 'turns', a list of non-empty strings")
-        questions.append({"question_id": record.get("question_id", len(questions)), "category": str(record.get("category", "")),
-                          "turns": turns})
+        qid = record.get("question_id", len(questions))
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise DataError(f"{path}:{line}: question_id must be an integer or a string, got {qid!r}"[:300])
+        if isinstance(qid, str):
+            qid = valid_text(qid)[0]
+        cleaned = [valid_text(t) for t in turns]  # lone surrogates ("\udce9") cannot be tokenized
+        questions.append({"question_id": qid, "category": valid_text(str(record.get("category", "")))[0],
+                          "turns": [t for t, _ in cleaned], "replaced": sum(n for _, n in cleaned)})
         if limit and len(questions) == limit:
             break
     if not questions:
@@ -118,6 +126,13 @@ class MTBenchTask(Task):
         from streambench.session import StreamSession
 
         questions = load_questions(self.data, self.limit)
+        replaced = sum(q["replaced"] for q in questions)
+        if replaced:
+            import warnings
+
+            from streambench.errors import DataWarning
+
+            warnings.warn(f"{self.data}: {replaced:,} lone surrogate escape(s) in the prompts read as U+FFFD", DataWarning)
         fmt = ChatFormat.named(tokenizer, self.format)
         conversation = Conversation(session, tokenizer, fmt)
         sampling = Sampling(self.temperature, self.top_p, self.seed)
@@ -158,6 +173,7 @@ class MTBenchTask(Task):
             dense.close()
         return TaskResult(self._metrics(records), records=records,
                           info={"questions": len(questions), "data": provenance(self.data), "format": self.format,
+                                **({"undecodable_replaced": replaced} if replaced else {}),
                                 "sampling": {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}})
 
     @staticmethod

@@ -29,6 +29,7 @@ KINDS = {  # value kind: (needle template, question, the answer's lead-in)
     "passkey": ("The pass key is {value}. Remember it. {value} is the pass key.", "What is the pass key?",
                 "The pass key is"),
 }
+MAX_CELLS = 100_000  # the grid is built before the run; 100,000 cells of >= 64 tokens is days of streaming already
 NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jamal", "Katya",
          "Lorenzo", "Mariam", "Nikolai", "Olga", "Pedro", "Quentin", "Rosa", "Sven", "Tamara", "Umberto", "Vera",
          "Walter", "Ximena", "Yusuf", "Zofia")
@@ -83,6 +84,9 @@ class NeedleTask(Task):
             self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                           f"{name} must be an integer >= 1, got {value!r}")
         self._require(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        cells = len(lengths) * len(depths) * self.trials
+        self._require(cells <= MAX_CELLS, f"{len(lengths)} lengths x {len(depths)} depths x {self.trials:,} trials = "
+                                          f"{cells:,} cells, more than the {MAX_CELLS:,} one run may hold: lower trials")
         check_feeding(self)
         self._require(isinstance(self.text, str) and bool(self.text.strip()), f"text must name a text, got {self.text!r}")
         check_source(self.text)
