@@ -96,6 +96,72 @@ REFUSED = (
 )
 
 
+# Model types whose keys carry learned absolute positions (no rotary module): refused from the
+# config alone, before any weight loads; Layout.check finds any other such model by structure.
+_LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "biogpt", "xglm")
+
+
+def config_kinds(config) -> set[str]:
+    """The attention kinds a config declares (layer_types, or one kind from sliding_window)."""
+    kinds = list(getattr(config, "layer_types", None) or [])
+    if not kinds:
+        window = getattr(config, "sliding_window", None)
+        kinds = [SLIDING if window is not None and getattr(config, "use_sliding_window", True) else FULL]
+    return set(kinds)
+
+
+def check_config(config, kinds: set[str] | None = None, model_type: str | None = None) -> None:
+    """Refuse, with the reason, what a model's config alone shows the engine cannot re-index: run
+    before the weights load (models.load) and again by Layout.check."""
+    model_type = model_type or getattr(config, "model_type", "?")
+    kinds = config_kinds(config) if kinds is None else kinds
+    no_rope = getattr(config, "no_rope_layers", None)
+    mla = getattr(config, "kv_lora_rank", None) is not None
+    if kinds & {"linear_attention", "mamba", "hybrid", "conv", "recurrent"} or getattr(config, "layers_block_type", None):
+        raise UnsupportedModelError(
+            f"model type '{model_type}' has linear-attention or recurrent layers ({', '.join(sorted(kinds - {FULL, SLIDING}) or ['mamba'])}): "
+            "their state summarises every token seen, so there is nothing to evict or re-index")
+    if mla:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' uses multi-head latent attention: keys are rebuilt from a compressed latent "
+            "with a separate RoPE part, which streambench's per-head rotary re-indexing does not cover")
+    if kinds - {FULL, SLIDING}:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' has attention kinds streambench does not re-index ({', '.join(sorted(kinds - {FULL, SLIDING}))})")
+    if getattr(config, "alibi", False) or model_type in ("mpt", "bloom") or getattr(getattr(config, "attn_config", None), "alibi", False):
+        raise UnsupportedModelError(
+            f"model type '{model_type}' uses ALiBi: its position bias is computed over cache slot order, and "
+            "streambench's cache keeps tokens in any slot order (eviction fills holes from the tail)")
+    if model_type in _GLOBAL_NOPE and SLIDING in kinds:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' has full-attention layers without RoPE (NoPE; only its sliding layers rotate): "
+            "their cached keys carry no rotation to re-index, which streambench does not yet handle per layer")
+    if no_rope and any(not flag for flag in no_rope):
+        raise UnsupportedModelError(
+            f"model type '{model_type}' has layers without RoPE (no_rope_layers): their cached keys carry no "
+            "rotation to re-index, which streambench does not yet handle per layer")
+    if model_type in _LEARNED_POSITIONS:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' has no rotary position embedding (learned absolute positions): cached keys "
+            "depend on absolute positions in every layer, so they cannot be re-indexed")
+
+
+def check_tested(config, model_type: str | None = None) -> None:
+    """Refuse a family outside the exactness matrix, and dynamic RoPE (Layout.check asks this
+    last, so that a model without RoPE is refused for that reason first)."""
+    model_type = model_type or getattr(config, "model_type", "?")
+    if family_of(model_type) is None:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not among the tested families ({', '.join(sorted(FAMILIES))}): "
+            "add a tiny config with streambench.architecture.register_family and run tests/test_exactness.py on it")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    tables = rope.values() if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    for r in tables:
+        rope_type = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else "default"
+        if rope_type == "dynamic":
+            raise UnsupportedModelError(f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length")
+
+
 def family_of(model_type: str) -> Family | None:
     return FAMILIES.get(model_type)
 
@@ -179,32 +245,7 @@ class Layout:
     def check(self) -> "Layout":
         """Refuse, with the reason, a model the engine cannot re-index; then pin the rotary style."""
         config, model_type = self.config, self.model_type
-        kinds = self.kinds_present
-        no_rope = getattr(config, "no_rope_layers", None)
-        mla = getattr(config, "kv_lora_rank", None) is not None
-        if kinds & {"linear_attention", "mamba", "hybrid", "conv", "recurrent"} or getattr(config, "layers_block_type", None):
-            raise UnsupportedModelError(
-                f"model type '{model_type}' has linear-attention or recurrent layers ({', '.join(sorted(kinds - {FULL, SLIDING}) or ['mamba'])}): "
-                "their state summarises every token seen, so there is nothing to evict or re-index")
-        if mla:
-            raise UnsupportedModelError(
-                f"model type '{model_type}' uses multi-head latent attention: keys are rebuilt from a compressed latent "
-                "with a separate RoPE part, which streambench's per-head rotary re-indexing does not cover")
-        if kinds - {FULL, SLIDING}:
-            raise UnsupportedModelError(
-                f"model type '{model_type}' has attention kinds streambench does not re-index ({', '.join(sorted(kinds - {FULL, SLIDING}))})")
-        if getattr(config, "alibi", False) or model_type in ("mpt", "bloom") or getattr(getattr(config, "attn_config", None), "alibi", False):
-            raise UnsupportedModelError(
-                f"model type '{model_type}' uses ALiBi: its position bias is computed over cache slot order, and "
-                "streambench's cache keeps tokens in any slot order (eviction fills holes from the tail)")
-        if model_type in _GLOBAL_NOPE and SLIDING in kinds:
-            raise UnsupportedModelError(
-                f"model type '{model_type}' has full-attention layers without RoPE (NoPE; only its sliding layers rotate): "
-                "their cached keys carry no rotation to re-index, which streambench does not yet handle per layer")
-        if no_rope and any(not flag for flag in no_rope):
-            raise UnsupportedModelError(
-                f"model type '{model_type}' has layers without RoPE (no_rope_layers): their cached keys carry no "
-                "rotation to re-index, which streambench does not yet handle per layer")
+        check_config(config, self.kinds_present, model_type)
         if self.rotary_emb is None:
             learned = any(name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")
                           for name, _ in self.base.named_modules())
@@ -214,16 +255,7 @@ class Layout:
                    if learned else ": streambench re-indexes keys by re-rotating them"))
         if self.layers is None or any(a is None for a in self.attentions):
             raise UnsupportedModelError(f"model type '{model_type}': cannot find its decoder layers and their attention modules")
-        if family_of(model_type) is None:
-            raise UnsupportedModelError(
-                f"model type '{model_type}' is not among the tested families ({', '.join(sorted(FAMILIES))}): "
-                "add a tiny config with streambench.architecture.register_family and run tests/test_exactness.py on it")
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        tables = rope.values() if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
-        for r in tables:
-            rope_type = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else "default"
-            if rope_type == "dynamic":
-                raise UnsupportedModelError(f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length")
+        check_tested(config, model_type)
         self._pin_rotation()
         return self
 

@@ -7,7 +7,9 @@ copy loads in about a second with identical logits.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -204,8 +206,11 @@ def embedded_folder(gguf: Path | None = None, package: str = EMBEDDED_PACKAGE) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar (no setting turns it off): on the first run
+    # it would land in the middle of whatever the command prints (a table, a test's output)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # dequantised weights: save them as plain safetensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -243,6 +248,8 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
         source, path, kwargs = f"gguf:{file}", str(file.parent), {"gguf_file": file.name}
     else:
         source, path = ("local:" + name) if Path(name).is_dir() else ("hub:" + name), name
+    if "gguf_file" not in kwargs and name not in EMBEDDED_ALIASES and name not in GEMMA3_ALIASES:
+        _refuse_from_config(path)  # the reason a model is refused, before any weight loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if device_map is not None:
@@ -256,7 +263,7 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
     except Exception as exc:  # OSError, ValueError, struct.error from a corrupt GGUF header, SafetensorError, ...
         if isinstance(exc, MemoryError):
             raise ModelLoadError(f"cannot load model '{name}': out of memory") from None
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = _message(exc)
         hint = " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)" if source.startswith("hub:") else ""
         raise ModelLoadError(f"cannot load model '{name}'{hint}: {first}") from None
     if device_map is None:
@@ -267,6 +274,35 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
     if device_map is not None:
         lm.info.devices = list(dict.fromkeys(str(d) for d in lm.layer_devices()))
     return lm
+
+
+def _message(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, all of it up to `limit` characters (transformers' load
+    errors often end their first line with a colon and list the causes below it)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refuse_from_config(path: str) -> None:
+    """Refusals the config alone decides (ALiBi, learned positions, untested families, ...),
+    before the tokenizer and the weights: a folder holding only a config.json gets the reason,
+    not a missing-weights error. A config that does not load is left to the loader to report."""
+    from transformers import AutoConfig
+
+    from streambench.architecture import check_config, check_tested
+
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"cannot load model '{path}': no config.json in that folder (a model folder holds "
+                             "config.json, the weights and the tokenizer files)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # a hub id offline: the loader says why, with the hint
+        if not local:
+            return
+        raise ModelLoadError(f"cannot load model '{path}': {_message(exc)}") from None
+    check_config(config)
+    check_tested(config)
 
 
 def check_supported(model) -> None:

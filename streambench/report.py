@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -120,13 +121,22 @@ def _name(result: dict) -> str:
     return str(result.get("label") or result["config"]["policy"]["name"])
 
 
+# Control characters (NUL, ESC, C1) and lone surrogates from prompts, answers or labels: shown as
+# escapes, never written raw into report.md / report.html (a lone surrogate cannot even be encoded).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _visible(value) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", str(value))
+
+
 def _html_cell(value) -> str:
-    return html.escape(" ".join(str(value).split()), quote=True)
+    return html.escape(" ".join(_visible(value).split()), quote=True)
 
 
 def _md_cell(value) -> str:
     """Markdown renderers pass inline HTML through: escape it, and the table's pipes."""
-    return html.escape(" ".join(str(value).split()), quote=False).replace("|", "\\|").replace("`", "\\`")
+    return html.escape(" ".join(_visible(value).split()), quote=False).replace("|", "\\|").replace("`", "\\`")
 
 
 def _legend(text) -> str:
@@ -448,13 +458,13 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
     for g, grp in enumerate(groups):
         rows = grp["rows"]
         md += [f"## {_md_cell(grp['title'])}", "", table(rows, "md"), ""]
-        page.append(f"<h2>{html.escape(grp['title'])}</h2>{table(rows, 'html')}")
+        page.append(f"<h2>{_html_cell(grp['title'])}</h2>{table(rows, 'html')}")
         for title, headers, body in _extra_tables(rows):
             md += [f"### {_md_cell(title)}", "", "| " + " | ".join(_md_cell(h) for h in headers) + " |",
                    "|" + " --- |" * len(headers), *("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in body), ""]
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-            cells = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in line) + "</tr>" for line in body)
-            page.append(f"<h3>{html.escape(title)}</h3><table class='text'><tr>{head}</tr>{cells}</table>")
+            head = "".join(f"<th>{_html_cell(h)}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td class='text'>{_html_cell(c)}</td>" for c in line) + "</tr>" for line in body)
+            page.append(f"<h3>{_html_cell(title)}</h3><table class='text'><tr>{head}</tr>{cells}</table>")
         for name, caption, _ in [f for f in figures if f[2] == g]:
             md += [f"![{_md_cell(caption)}]({name})", "", _md_cell(caption), ""]
             data = base64.b64encode((out / name).read_bytes()).decode()
@@ -467,7 +477,7 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
         where = f"{env.get('device_name', '?')}, torch {env.get('packages', {}).get('torch', '?')}, git {str(env.get('git_commit'))[:10]}"
         config = json.dumps(r["config"], sort_keys=True)
         md += [f"- {_md_cell(r['run_id'])} ({_md_cell(where)}): {_md_cell(config)}"]
-        page.append(f"<details><summary><code>{html.escape(r['run_id'])}</code> ({html.escape(where)})</summary>"
+        page.append(f"<details><summary><code>{_html_cell(r['run_id'])}</code> ({_html_cell(where)})</summary>"
                     f"<pre>{html.escape(json.dumps(r['config'], indent=1, sort_keys=True))}</pre></details>")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

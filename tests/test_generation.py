@@ -63,8 +63,18 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy():
     two = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1.0, seed=7)).tokens
     nucleus = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1e-6, seed=7)).tokens
     assert one == two and one != greedy and nucleus == greedy
-    with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
+    # temperatures far below float32's range are sampled in float64 after subtracting the top
+    # logit: no inf/inf, and the draw is the argmax (issue 24)
+    for tiny in (1e-45, 5e-324):
+        cold = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(tiny, 1.0, seed=7)).tokens
+        assert cold == greedy
+    with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
         Sampling(-1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="temperature must be a finite number"):
+            Sampling(bad)
+    with pytest.raises(ConfigError, match="seed must be an integer from 0 to 4294967295"):
+        Sampling(0.5, 1.0, seed=10**23)
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\]"):
         Sampling(0.5, 0.0)
 
@@ -91,7 +101,7 @@ def test_a_malformed_mt_bench_record_names_its_line(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["-t", "max_new_tokens=0"], "max_new_tokens must be an integer >= 1"),
-    (["-t", "temperature=-1"], "temperature must be a number >= 0"),
+    (["-t", "temperature=-1"], "temperature must be a finite number >= 0"),
     (["-t", "format=sirllm"], "format must be template or plain"),
     (["--data", "/nonexistent/mt.jsonl"], "data not found"),
 ])
@@ -153,5 +163,5 @@ def test_chat_turn_longer_than_the_budget_is_one_line_and_the_chat_goes_on(tiny_
 
 
 def test_chat_bad_options_exit_2(tmp_path):
-    assert_user_error(invoke("chat", "--temperature", "-2"), "temperature must be a number >= 0")
+    assert_user_error(invoke("chat", "--temperature", "-2"), "temperature must be a finite number >= 0")
     assert_user_error(invoke("chat", "--budget", "1"), "--budget must be an integer >= 2")

@@ -42,8 +42,12 @@ class SnapKVPolicy(CachePolicy):
         self._check_int("window", 1)
         self._check_int("kernel", 1)
         self._check_int("interval", 1)
-        self._window = min(self.window, self.budget - 1)
-        self._interval = max(1, min(self.interval, self.budget - self._window))
+        # What is asked for is what runs (and is recorded): sizes that do not fit are refused
+        self._require(self.window <= self.budget - 1, f"window must be at most budget - 1 = {self.budget - 1} "
+                                                     f"(at least one scored token besides the window), got {self.window}")
+        self._require(self.interval <= self.budget - self.window, f"interval must be at most budget - window = "
+                                                                 f"{self.budget - self.window}, got {self.interval}")
+        self._window, self._interval = self.window, self.interval
 
     @property
     def observation_window(self) -> int:
