@@ -84,6 +84,7 @@ class ChatLoop:
                 click.echo("\n(Ctrl-D or /quit leaves)")
                 continue
             if line is None:
+                click.echo("")  # end of input: what follows starts on its own line
                 return None
             line, replaced = _valid_line(line)
             if replaced:

@@ -326,3 +326,360 @@ def test_a_gguf_header_declaring_a_huge_string_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["run", "-q", "--model", str(bad), "--policy", "window", "--out", str(tmp_path / "o")])
     assert_one_line_exit_2(result, "cannot load model")
     assert not any((tmp_path / "o").iterdir()) if (tmp_path / "o").exists() else True
+
+
+# ---- plugins that lie or break, sampling values, text that is not text (issue 24) ---------------
+PLUGIN = '''
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.policies.base import Band, CachePolicy
+
+
+@dataclass
+class Valid(CachePolicy):
+    def configure(self):
+        self._require(self.budget is not None and self.budget >= 2, "needs a budget >= 2")
+
+    def select(self, view):
+        return np.arange(max(view.length - view.target, 0), view.length)
+
+
+@dataclass
+class HonestBand(Valid):
+    @property
+    def band(self):
+        return Band(sinks=0, width=self.budget, budget=self.budget)
+
+
+@dataclass
+class Raises(Valid):
+    def select(self, view):
+        raise ValueError("boom in select")
+
+
+@dataclass
+class GrowsBudget(Valid):
+    def select(self, view):
+        self.budget = self.budget + 8
+        return np.arange(view.length)
+
+
+@dataclass
+class LyingBand(Valid):
+    @property
+    def band(self):
+        return Band(sinks=0, width=self.budget, budget=self.budget)
+
+    def select(self, view):  # keeps the oldest tokens, not the recent window it declares
+        return np.arange(0, min(view.target, view.length))
+
+
+@dataclass
+class LiesLate(HonestBand):
+    def select(self, view):  # honest while the probe could see (positions < 40), then keeps the oldest
+        if view.length == 0 or view.positions[-1] < 40:
+            return super().select(view)
+        return np.arange(0, view.target)
+
+
+@dataclass
+class RaisesInConfigure(Valid):
+    def configure(self):
+        raise RuntimeError("bad configure")
+
+
+@dataclass
+class Unimplemented(Valid):
+    def select(self, view):
+        raise NotImplementedError
+
+
+@dataclass
+class Ragged(Valid):
+    def select(self, view):
+        return [[0, 1], [2]]
+
+
+@dataclass
+class NoRoom(Valid):
+    @property
+    def max_incoming(self):
+        return 0
+
+
+@dataclass
+class ExitsInSelect(Valid):
+    def select(self, view):
+        raise SystemExit(0)
+
+
+@dataclass
+class NoSelect(CachePolicy):
+    pass
+
+
+class Abstract(CachePolicy, abc.ABC):
+    @abc.abstractmethod
+    def helper(self): ...
+'''
+
+TASK_PLUGIN = '''
+from dataclasses import dataclass
+
+from streambench.tasks.base import Task
+
+
+@dataclass
+class RaisesInRun(Task):
+    def run(self, session, tokenizer, meter, progress):
+        raise RuntimeError("task broke")
+
+
+@dataclass
+class NoRun(Task):
+    pass
+'''
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plugins")
+    (folder / "p.py").write_text(PLUGIN)
+    (folder / "t.py").write_text(TASK_PLUGIN)
+    (folder / "exits.py").write_text("raise SystemExit(3)\n")
+    return folder
+
+
+def run_tiny(tiny_model_dir, small_text, *args, out="out"):
+    return CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--text", str(small_text),
+                                    "--device", "cpu", "--out", out, *map(str, args)])
+
+
+def results_in(folder) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
+def test_the_configured_budget_is_the_enforced_one_whatever_the_plugin_does(plugins, workdir, tiny_model_dir, small_text):
+    result = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:GrowsBudget", "--feed", "token",
+                      "--tokens", 16, "--budget", 8)
+    assert_one_line_exit_2(result, "select() kept 8 tokens, more than the 7")
+    assert "it set its budget to 16; the run's budget 8 is the one enforced" in result.output
+    assert not results_in(workdir / "out")
+    ok = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:Valid", "--feed", "token", "--tokens", 16, "--budget", 8)
+    assert ok.exit_code == 0, ok.output
+    (r,) = results_in(workdir / "out")
+    assert r["config"]["policy"]["args"]["budget"] == 8 and r["metrics"]["kv_tokens_peak"] <= 8
+
+
+@pytest.mark.parametrize("cls,chunk", [("LyingBand", None), ("LyingBand", 4), ("LiesLate", 8)])
+def test_a_declared_band_is_verified_never_trusted(cls, chunk, plugins, workdir, tiny_model_dir, small_text):
+    """A band that the policy's own keep-set contradicts is refused: when the whole stream is one
+    exact chunk (the probe, before the first forward), and when it lies only past the probe (the
+    keep-set at a chunk's end)."""
+    args = ["--policy", f"{plugins}/p.py:{cls}", "--feed", "exact", "--tokens", 64 if cls == "LiesLate" else 16, "--budget", 8]
+    result = run_tiny(tiny_model_dir, small_text, *args, *(["--chunk-size", chunk] if chunk else []))
+    assert_one_line_exit_2(result, f"p.py:{cls} declares Band(sinks=0, width=8, budget=8) but")
+    assert not results_in(workdir / "out")
+
+
+def test_an_honest_band_plugin_feeds_exact_chunks_equal_to_token_by_token(plugins, workdir, tiny_model_dir, small_text):
+    exact = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:HonestBand,window", "--feed", "exact",
+                     "--tokens", 48, "--budget", 8, out="exact")
+    token = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:HonestBand", "--feed", "token",
+                     "--tokens", 48, "--budget", 8, out="token")
+    assert exact.exit_code == 0 and token.exit_code == 0, exact.output + token.output
+    ppl = {r["label"]: r["metrics"]["ppl"] for r in results_in(workdir / "exact")}
+    (by_token,) = results_in(workdir / "token")
+    assert ppl[f"{plugins}/p.py:HonestBand"] == pytest.approx(by_token["metrics"]["ppl"], rel=1e-5)
+    assert ppl[f"{plugins}/p.py:HonestBand"] == pytest.approx(ppl["window"], rel=1e-5)  # it is the window
+
+
+def test_a_reference_cannot_rename_a_registered_policy(plugins, workdir, tiny_model_dir, small_text):
+    from streambench.policies import POLICIES
+
+    result = run_tiny(tiny_model_dir, small_text, "--policy", "streambench.policies.window:WindowPolicy,window", "--tokens", 16)
+    assert_one_line_exit_2(result, "streambench.policies.window:WindowPolicy is the policy already known as 'window'")
+    assert POLICIES.get("window").name == "window"
+    again = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:Valid,{plugins}/./p.py:Valid", "--tokens", 16)
+    assert_one_line_exit_2(again, f"is the policy already known as '{plugins}/p.py:Valid'")
+    ok = run_tiny(tiny_model_dir, small_text, "--policy", "window", "--tokens", 16)
+    assert ok.exit_code == 0 and results_in(workdir / "out")[0]["config"]["policy"]["name"] == "window"
+
+
+def test_an_explicit_budget_is_never_replaced_by_policy_sizes(workdir, tiny_model_dir, small_text):
+    sizes = ["--policy", "h2o", "-p", "heavy_size=8", "-p", "recent_size=8"]
+    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 8, "--tokens", 16),
+                           "heavy_size + recent_size = 16 disagrees with budget 8")
+    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, *sizes, "--budget", "50%", "--tokens", 16),
+                           "disagrees with budget 8")
+    assert run_tiny(tiny_model_dir, small_text, *sizes, "--tokens", 16).exit_code == 0  # sizes alone fix it
+    assert results_in(workdir / "out")[0]["config"]["policy"]["args"]["budget"] == 16
+    assert run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 16, "--tokens", 16, out="o2").exit_code == 0
+
+
+PLUGIN_FAULTS = [  # (class, what the one line says): plugin, method, the exception's text
+    ("Raises", "policy plugin '{p}/p.py:Raises' failed in select(): ValueError: boom in select"),
+    ("RaisesInConfigure", "policy plugin '{p}/p.py:RaisesInConfigure' failed in configure(): RuntimeError: bad configure"),
+    ("Unimplemented", "policy plugin '{p}/p.py:Unimplemented' failed in select(): NotImplementedError"),
+    ("ExitsInSelect", "policy plugin '{p}/p.py:ExitsInSelect' failed in select(): SystemExit(0) (a plugin cannot end streambench)"),
+    ("Ragged", "policy {p}/p.py:Ragged: select() must return integer ranks"),
+    ("NoRoom", "policy {p}/p.py:NoRoom: max_incoming must be None or an integer from 1 to the budget (8), got 0"),
+    ("NoSelect", "policy {p}/p.py:NoSelect does not implement select(view)"),
+    ("Abstract", "{p}/p.py:Abstract is abstract: it does not implement helper"),
+]
+
+
+@pytest.mark.parametrize("cls,message", PLUGIN_FAULTS, ids=[c for c, _ in PLUGIN_FAULTS])
+def test_a_plugin_defect_is_one_line_naming_the_plugin(cls, message, plugins, workdir, tiny_model_dir, small_text):
+    result = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:{cls}", "--feed", "token", "--tokens", 16, "--budget", 8)
+    assert_one_line_exit_2(result, message.format(p=plugins))
+    assert not results_in(workdir / "out")
+
+
+@pytest.mark.parametrize("reference,message", [
+    ("streambench.policies.base:CachePolicy", "streambench.policies.base:CachePolicy is streambench's base class itself"),
+    ("{p}/exits.py:Anything", "plugin {p}/exits.py failed to import: SystemExit(3) (a plugin cannot end streambench)"),
+])
+def test_a_plugin_that_is_no_policy_or_exits_at_import_is_one_line(reference, message, plugins, workdir, tiny_model_dir, small_text):
+    result = run_tiny(tiny_model_dir, small_text, "--policy", reference.format(p=plugins), "--tokens", 16, "--budget", 8)
+    assert_one_line_exit_2(result, message.format(p=plugins))
+
+
+@pytest.mark.parametrize("cls,message", [
+    ("RaisesInRun", "task plugin '{p}/t.py:RaisesInRun' failed in run(): RuntimeError: task broke"),
+    ("NoRun", "task {p}/t.py:NoRun does not implement run("),
+])
+def test_a_task_plugin_defect_is_one_line_naming_the_plugin(cls, message, plugins, workdir, tiny_model_dir):
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device", "cpu", "--out", "out",
+                                      "--policy", "window", "--budget", "8", "--task", f"{plugins}/t.py:{cls}"])
+    assert_one_line_exit_2(result, message.format(p=plugins))
+
+
+def test_a_sweep_records_a_plugin_defect_and_goes_on(plugins, workdir, tiny_model_dir, small_text):
+    """In a sweep a plugin's SystemExit is a failed run like any other: recorded with the plugin's
+    name, the other runs finish, exit 1."""
+    spec = {"models": [str(tiny_model_dir)], "budgets": [8], "device": "cpu",
+            "policies": [f"{plugins}/p.py:ExitsInSelect", "window"],
+            "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16, "feed": "token"}],
+            "store": "store.sqlite", "out": "json"}
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(cli, ["sweep", "-q", "spec.yaml"])
+    assert result.exit_code == 1, result.output
+    import sqlite3
+
+    with sqlite3.connect(workdir / "store.sqlite") as db:
+        rows = dict(db.execute("select label, coalesce(error, '') from runs").fetchall())
+    assert rows["window"] == ""
+    assert "failed in select(): SystemExit(0) (a plugin cannot end streambench)" in rows[f"{plugins}/p.py:ExitsInSelect"]
+
+
+CHAT_CASES = [
+    (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0"),
+    (["--seed", "99999999999999999999999"], "seed must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "seed must be an integer from 0 to 4294967295"),
+]
+
+
+@pytest.mark.parametrize("args,needle", CHAT_CASES, ids=[" ".join(a) for a, _ in CHAT_CASES])
+def test_chat_sampling_values_are_refused_before_the_model_loads(args, needle, workdir):
+    result = CliRunner().invoke(cli, ["chat", "--model", "/no/such/model", *args], input="hi\n")
+    assert_one_line_exit_2(result, needle)  # (a load would have said "cannot load model")
+
+
+def test_chat_reads_undecodable_input_as_replacement_characters(workdir, tiny_model_dir):
+    result = CliRunner().invoke(cli, ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3",
+                                      "--temperature", "1e-45"], input=b"caf\xe9 au lait\n")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 undecodable byte sequence(s) in this line read as U+FFFD" in result.output
+    assert "[turn 1 | 3 tokens" in result.output
+
+
+def test_chat_exits_2_when_every_turn_was_refused(workdir, tiny_model_dir):
+    result = CliRunner().invoke(cli, ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--budget", "16"],
+                                input="x" * 300 + "\n")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1].startswith("Error: every turn (1) was refused: streamingllm: a turn of")
+
+
+MTBENCH_LINES = [  # (second line of the file, the one-line error)
+    ("[" * 200_000 + "]" * 200_000, "mt.jsonl:2: invalid JSON (nested too deeply)"),
+    ('{"question_id": NaN, "turns": ["hi"]}', "mt.jsonl:2: invalid JSON (NaN is not a JSON value)"),
+    ('{"question_id": [1, 2], "turns": ["hi"]}', "mt.jsonl:2: question_id must be an integer or a string, got [1, 2]"),
+    ('{"question_id": true, "turns": ["hi"]}', "mt.jsonl:2: question_id must be an integer or a string, got True"),
+]
+
+
+@pytest.mark.parametrize("line,needle", MTBENCH_LINES, ids=["deep", "nan-id", "list-id", "bool-id"])
+def test_malformed_mtbench_lines_name_file_and_line_before_the_model_loads(line, needle, workdir):
+    (workdir / "mt.jsonl").write_text('{"question_id": 1, "turns": ["fine"]}\n' + line + "\n")
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", "/no/such/model", "--task", "mtbench", "--data", "mt.jsonl",
+                                      "--policy", "window", "--out", "out"])
+    assert_one_line_exit_2(result, needle)
+
+
+def test_lone_surrogates_in_mtbench_prompts_are_replaced_and_recorded(workdir, tiny_model_dir):
+    (workdir / "mt.jsonl").write_text('{"question_id": "a\\udce9", "turns": ["caf\\udce9 au lait", "ok \\ud83d\\ude00"]}\n')
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device", "cpu", "--task", "mtbench",
+                                      "--data", "mt.jsonl", "-t", "max_new_tokens=2", "--policy", "window",
+                                      "--budget", "200", "--out", "out"])
+    assert result.exit_code == 0, result.output
+    assert "warning: mt.jsonl: 1 lone surrogate escape(s) in the prompts read as U+FFFD" in result.output
+    (r,) = results_in(workdir / "out")
+    assert r["info"]["undecodable_replaced"] == 1
+    assert [x["prompt"] for x in r["records"]] == ["caf\ufffd au lait", "ok \U0001f600"]  # a real pair is kept
+    assert r["records"][0]["question_id"] == "a\ufffd"
+
+
+@pytest.mark.parametrize("budget", ["²", "٣", "٣%", "１２"])
+def test_budgets_are_ascii_digits(budget, workdir):
+    assert_one_line_exit_2(CliRunner().invoke(cli, ["run", "--budget", budget, "--model", "/no/such/model"]),
+                           "budget")
+
+
+def test_a_needle_grid_is_bounded_and_names_trials(workdir):
+    result = CliRunner().invoke(cli, ["run", "--model", "/no/such/model", "--task", "needle", "-t", "trials=50000000",
+                                      "--policy", "window"])
+    assert_one_line_exit_2(result, "3 lengths x 5 depths x 50,000,000 trials = 750,000,000 cells, more than the 100,000 "
+                                   "one run may hold: lower trials")
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"model_type": "gpt2"}, "model type 'gpt2' has no rotary position embedding (learned absolute positions)"),
+    ({"model_type": "mpt"}, "model type 'mpt' uses ALiBi"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "uses dynamic RoPE scaling"),
+    ({"model_type": "mamba"}, "model type 'mamba' has linear-attention or recurrent layers"),
+    ({"model_type": "persimmon"}, "model type 'persimmon' is not among the tested families"),
+    (None, "no config.json in that folder"),
+])
+def test_a_refused_model_is_refused_from_its_config_before_any_weight(config, needle, workdir):
+    folder = workdir / "model"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(folder), "--policy", "window", "--out", "out"])
+    assert_one_line_exit_2(result, needle)
+
+
+def test_snapkv_refuses_a_window_that_does_not_fit_instead_of_shrinking_it():
+    from streambench.config import PolicySpec, build_policy
+
+    with pytest.raises(StreambenchError, match="window must be at most budget - 1 = 31"):
+        build_policy(PolicySpec("snapkv", {"window": 64}), 32)
+    with pytest.raises(StreambenchError, match="interval must be at most budget - window = 8"):
+        build_policy(PolicySpec("snapkv", {"window": 24, "interval": 9}), 32)
+    kept = build_policy(PolicySpec("snapkv", {"window": 31}), 32)
+    assert kept.args()["window"] == 31 and kept.observation_window == 31  # what runs is what is recorded
+
+
+def test_control_characters_reach_reports_escaped(tmp_path):
+    from streambench.report import _html_cell, _md_cell
+
+    hostile = "a\x00b\x1b[31mc\x85d\udce9<e>|"
+    for cell in (_html_cell(hostile), _md_cell(hostile)):
+        assert not any(ord(ch) < 32 or 0x7f <= ord(ch) <= 0x9f or 0xd800 <= ord(ch) <= 0xdfff for ch in cell)
+        assert "\\x00" in cell and "\\x1b" in cell and "\\udce9" in cell and "<e>" not in cell
+        cell.encode("utf-8")

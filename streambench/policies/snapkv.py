@@ -37,9 +37,9 @@ class SnapKVPolicy(CachePolicy):
         self._require(self.budget >= 2, f"budget must be >= 2, got {self.budget}")
         if self.window is None:
             self.window = min(64, max(1, self.budget // 4))
-        if self.interval is None:
-            self.interval = min(16, max(1, self.budget // 16))
         self._check_int("window", 1)
+        if self.interval is None:  # (the third bound only binds for a window given near the budget)
+            self.interval = max(1, min(16, self.budget // 16, self.budget - self.window))
         self._check_int("kernel", 1)
         self._check_int("interval", 1)
         # What is asked for is what runs (and is recorded): sizes that do not fit are refused
