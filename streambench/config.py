@@ -36,6 +36,7 @@ class PolicySpec:
     name: str  # registered policy name
     args: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # preset name, when it came from one
+    preset: tuple[str, ...] = ()  # the args the preset file fixed (not -p or a sweep entry's own)
 
     @property
     def display(self) -> str:
@@ -138,7 +139,7 @@ def resolve_policy(name: str, overrides: dict[str, Any]) -> PolicySpec:
         POLICIES.get(data["policy"])
         args = {k: v for k, v in data.items() if k not in PRESET_META}
         label, name = preset.stem, data["policy"]
-    return PolicySpec(name, args, label)
+    return PolicySpec(name, args, label, tuple(args))
 
 
 def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
@@ -154,6 +155,7 @@ def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
             fields = {f.name for f in dataclasses.fields(POLICIES.get(spec.name)) if f.init}
             if field_name in fields:
                 spec.args[field_name] = value
+                spec.preset = tuple(k for k in spec.preset if k != field_name)
                 hit = True
         if not hit:
             names = ", ".join(sorted({s.display for s in specs}))
@@ -199,8 +201,10 @@ def resolve_budget(value, task) -> tuple[int | None, dict]:
 
 def build_policy(spec: PolicySpec, budget: int | None, explicit: bool = False):
     """Instantiate and validate a policy. The run's budget applies unless the args fix the sizes
-    (`-p recent_size=252` alone fixes it); a budget the user gave (`explicit`) always applies, so
-    sizes that add up to another budget are refused, never silently preferred."""
+    (`-p recent_size=252` alone fixes it). A budget the user gave (`explicit`) applies even then,
+    so sizes given with it (`-p`, a sweep entry) that add up to another budget are refused, never
+    silently preferred; only a preset that fixes every size itself (streamingllm-4-252: its name
+    is its budget) keeps its own."""
     from streambench.policies import POLICIES
 
     cls = POLICIES.get(spec.name)
@@ -209,7 +213,8 @@ def build_policy(spec: PolicySpec, budget: int | None, explicit: bool = False):
     if unknown:
         raise ConfigError(f"{spec.name}: unknown argument(s) {', '.join(unknown)} (takes {', '.join(sorted(fields))})")
     args = dict(spec.args)
-    if "budget" not in args and (explicit or not _sizes_given(cls, args)):
+    preset_fixes = _sizes_given(cls, {k: args[k] for k in spec.preset if k in args})
+    if "budget" not in args and (not _sizes_given(cls, args) or (explicit and not preset_fixes)):
         args["budget"] = budget
     check_field_types(cls, args, spec.name)
     if isinstance(args.get("budget"), int) and args["budget"] < 1:

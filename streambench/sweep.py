@@ -46,7 +46,7 @@ class SweepSpec:
         """One RunConfig per (model, task, budget), each with every policy."""
         return [
             RunConfig(model=m, device=self.device, dtype=self.dtype, seed=self.seed, budget=b,
-                      policies=[PolicySpec(p.name, dict(p.args), p.label) for p in self.policies],
+                      policies=[PolicySpec(p.name, dict(p.args), p.label, p.preset) for p in self.policies],
                       task=t, task_args=dict(args), out=self.out, batch_size=self.batch_size,
                       device_map=self.device_map)
             for m in self.models for t, args in self.tasks for b in self.budgets
@@ -136,7 +136,9 @@ def _policy(item: Any) -> PolicySpec:
         if not isinstance(item["policy"], str):
             raise ConfigError(f"sweep spec: 'policy' is a policy or preset name, got {item['policy']!r}")
         spec = resolve_policy(item["policy"], {})
-        spec.args.update({k: v for k, v in item.items() if k not in PRESET_META and k != "label"})
+        own = {k: v for k, v in item.items() if k not in PRESET_META and k != "label"}
+        spec.args.update(own)
+        spec.preset = tuple(k for k in spec.preset if k not in own)
         spec.label = check_label(item.get("label", spec.label), f"sweep spec: label of {item['policy']}")
         return spec
     raise ConfigError(f"sweep spec: a policy is a name or a mapping with 'policy:', got {item!r}")

@@ -518,6 +518,14 @@ def test_an_explicit_budget_is_never_replaced_by_policy_sizes(workdir, tiny_mode
     assert run_tiny(tiny_model_dir, small_text, *sizes, "--tokens", 16).exit_code == 0  # sizes alone fix it
     assert results_in(workdir / "out")[0]["config"]["policy"]["args"]["budget"] == 16
     assert run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 16, "--tokens", 16, out="o2").exit_code == 0
+    # a preset that fixes every size is named for its budget (streamingllm-4-252): it keeps it beside
+    # an explicit budget for the others; a size given on top of it is the user's again
+    mixed = run_tiny(tiny_model_dir, small_text, "--policy", "streamingllm-4-252,window", "--budget", 24, "--tokens", 16, out="o3")
+    assert mixed.exit_code == 0, mixed.output
+    assert {r["label"]: r["config"]["policy"]["args"]["budget"] for r in results_in(workdir / "o3")} == {
+        "streamingllm-4-252": 256, "window": 24}
+    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, "--policy", "streamingllm-4-252", "-p", "recent_size=200",
+                                    "--budget", 24, "--tokens", 16), "start_size + recent_size = 204 disagrees with budget 24")
 
 
 PLUGIN_FAULTS = [  # (class, what the one line says): plugin, method, the exception's text
