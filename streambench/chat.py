@@ -48,7 +48,7 @@ class ChatLoop:
         self.session = StreamSession(lm, policy, decode=decode)
         self.tokenizer = lm.tokenizer
         self.conversation = Conversation(self.session, lm.tokenizer, ChatFormat.named(lm.tokenizer, self.fmt))
-        self.replies, self.written, self.refused, self.replaced = 0, 0, 0, 0
+        self.replies, self.written, self.refused = 0, 0, 0
         budget = "all" if not policy.evicts else self.budget
         click.echo(f"streambench chat: {lm.info.name} under {self.spec.display} (budget {budget}). {HELP}")
         while True:
@@ -88,7 +88,6 @@ class ChatLoop:
                 return None
             line, replaced = _valid_line(line)
             if replaced:
-                self.replaced += replaced
                 click.echo(f"warning: {replaced} undecodable byte sequence(s) in this line read as U+FFFD", err=True)
             return line
 

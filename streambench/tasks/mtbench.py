@@ -34,9 +34,8 @@ PROMPT_CHARS = 60  # ... and of the prompt it answers
 
 def load_questions(source: str, limit: int | None = None) -> list[dict]:
     """Records {question_id, category, turns: [str, ...]} from a JSONL file (path or URL)."""
-    from streambench.dialogue_data import fetch, read_jsonl
-
     from streambench.data import valid_text
+    from streambench.dialogue_data import fetch, read_jsonl
 
     path = fetch(source)
     questions = []
