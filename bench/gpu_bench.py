@@ -31,11 +31,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference import ReferenceStream  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from streambench.bench import exact_vs_token, format_bench, random_ids, run_bench  # noqa: E402
-from streambench.config import PolicySpec, build_policy  # noqa: E402
-from streambench.metrics import _Nvml  # noqa: E402
-from streambench.models import LoadedModel  # noqa: E402
-from streambench.session import StreamSession  # noqa: E402
+from streambench.runs.speed import exact_vs_token, format_bench, random_ids, run_bench  # noqa: E402
+from streambench.policies.build import PolicySpec, build_policy  # noqa: E402
+from streambench.engine.meter import _Nvml  # noqa: E402
+from streambench.models.loading import LoadedModel  # noqa: E402
+from streambench.engine.session import StreamSession  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -87,7 +87,7 @@ def exactness(device) -> dict:
 def build(name: str, device, tokenizer_dir: str | None) -> LoadedModel:
     if name == "smollm2":
         try:
-            from streambench import models
+            from streambench.models import loading as models
 
             return models.load(models.EMBEDDED, device=str(device), dtype="bfloat16")
         except Exception as exc:  # the embedded package is not installed here: its shape, random weights

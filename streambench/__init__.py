@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def run(config):
     """Run `config` (a `RunConfig`); yields one result dict per policy, each written to disk."""
-    from streambench.runner import run as _run
+    from streambench.runs.runner import run as _run
 
     return _run(config)
 

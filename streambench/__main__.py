@@ -1,3 +1,3 @@
-from streambench.cli import main
+from streambench.cli.app import main
 
 main()

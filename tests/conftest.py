@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (SmolLM2-135M-Instruct, fp32, CPU), loaded once per test session."""
-    from streambench import models
+    from streambench.models import loading as models
 
     return models.load(models.EMBEDDED, device="cpu", dtype="float32")
 

@@ -7,10 +7,10 @@ import torch
 import transformers
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.architecture import FAMILIES, Layout, kv_heads_of
+from streambench.models.architecture import FAMILIES, Layout, kv_heads_of
 from streambench.errors import UnsupportedModelError
-from streambench.models import LoadedModel
-from streambench.taps import QueryTap
+from streambench.models.loading import LoadedModel
+from streambench.engine.query_tap import QueryTap
 
 
 def test_at_least_fourteen_model_types_are_tested():
@@ -110,8 +110,8 @@ def test_falcons_other_qkv_layouts_equal_the_reference(variant):
     tiny config is the 7B one; the other two run a re-indexing policy and the query tap here."""
     from reference import ReferenceStream
 
-    from streambench.config import PolicySpec, build_policy
-    from streambench.session import StreamSession
+    from streambench.policies.build import PolicySpec, build_policy
+    from streambench.engine.session import StreamSession
 
     model = tiny_model("falcon", layers=2, **variant)
     lm = LoadedModel.wrap(model)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 from streambench.errors import StreambenchError
 
 
@@ -183,13 +183,13 @@ def test_other_commands_refuse_bad_input_in_one_line(args, needle, workdir):
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(workdir, monkeypatch):
-    from streambench import config
+    from streambench.runs import config
 
     def boom(*_args, **_kwargs):
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(config, "build_task", boom)
-    monkeypatch.setattr("streambench.runner.build_task", boom)
+    monkeypatch.setattr("streambench.runs.runner.build_task", boom)
     result = CliRunner().invoke(cli, ["run", "-q", "--out", "out"])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -224,7 +224,7 @@ def _sane(policy):
 @given(name=st.sampled_from(POLICY_NAMES), args=st.dictionaries(st.sampled_from(FIELDS), values, max_size=4),
        budget=st.one_of(st.none(), st.integers(-3, 2**20)))
 def test_policy_args_are_validated_or_refused(name, args, budget):
-    from streambench.config import PolicySpec, apply_overrides, build_policy
+    from streambench.policies.build import PolicySpec, apply_overrides, build_policy
 
     def build():
         spec = PolicySpec(name)
@@ -239,7 +239,7 @@ def test_policy_args_are_validated_or_refused(name, args, budget):
 @SETTINGS
 @given(data=st.dictionaries(st.sampled_from(["policy", "include", "version", "description", *FIELDS]), values, max_size=5))
 def test_presets_are_validated_or_refused(data, tmp_path):
-    from streambench.config import build_policy, resolve_policy
+    from streambench.policies.build import build_policy, resolve_policy
 
     preset = tmp_path / "random.yaml"
     preset.write_text(yaml.safe_dump(data))
@@ -257,7 +257,7 @@ SPEC_KEYS = ["models", "budgets", "policies", "tasks", "device", "dtype", "seed"
 @SETTINGS
 @given(data=st.dictionaries(st.sampled_from(SPEC_KEYS), values, max_size=4))
 def test_sweep_specs_are_validated_or_refused(data, tmp_path):
-    from streambench.sweep import load_spec
+    from streambench.runs.sweep import load_spec
 
     data.setdefault("policies", ["window"])
     data.setdefault("models", ["smollm2-135m"])
@@ -270,7 +270,7 @@ def test_sweep_specs_are_validated_or_refused(data, tmp_path):
 @SETTINGS
 @given(items=st.lists(st.text(max_size=20), max_size=4))
 def test_assignments_parse_or_refuse(items):
-    from streambench.config import parse_assignments
+    from streambench.values import parse_assignments
 
     _accepts_or_refuses(lambda: parse_assignments(items, "-p"))
 
@@ -296,7 +296,7 @@ def test_hostile_labels_make_safe_file_names_inside_out(workdir, tiny_model_dir,
 
 def test_safe_path_helpers():
     from streambench.errors import OutputError
-    from streambench.safety import inside, slug
+    from streambench.sanitize import inside, slug
 
     assert slug("/../../../escaped") == "escaped" and slug("..") == "run" and slug("") == "run"
     assert slug("a/b\\c:d") == "a-b-c-d" and len(slug("x" * 500)) <= 60
@@ -308,7 +308,7 @@ def test_safe_path_helpers():
 
 
 def test_environment_does_not_leak_into_file_modes(tmp_path):
-    from streambench.results import write_json_atomic
+    from streambench.results.schema import write_json_atomic
 
     old = os.umask(0o022)
     try:
@@ -673,7 +673,7 @@ def test_a_refused_model_is_refused_from_its_config_before_any_weight(config, ne
 
 
 def test_snapkv_refuses_a_window_that_does_not_fit_instead_of_shrinking_it():
-    from streambench.config import PolicySpec, build_policy
+    from streambench.policies.build import PolicySpec, build_policy
 
     with pytest.raises(StreambenchError, match="window must be at most budget - 1 = 31"):
         build_policy(PolicySpec("snapkv", {"window": 64}), 32)
@@ -684,7 +684,7 @@ def test_snapkv_refuses_a_window_that_does_not_fit_instead_of_shrinking_it():
 
 
 def test_control_characters_reach_reports_escaped(tmp_path):
-    from streambench.report import _html_cell, _md_cell
+    from streambench.results.report import _html_cell, _md_cell
 
     hostile = "a\x00b\x1b[31mc\x85d\udce9<e>|"
     for cell in (_html_cell(hostile), _md_cell(hostile)):

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from test_exactness import POLICY_CASES, make_policy
 from tiny_models import tiny_model
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 
 BATCHED = [(n, a) for n, a in POLICY_CASES if n != "longmem"]
 IDS = [f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in BATCHED]

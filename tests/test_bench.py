@@ -3,7 +3,7 @@ import json
 
 from click.testing import CliRunner
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 
 
 def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):

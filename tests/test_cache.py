@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from streambench.config import PolicySpec, build_policy
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 
 
 def session_for(name, budget=8, layers=2):
@@ -123,9 +123,9 @@ def test_a_policy_that_breaks_the_select_contract_is_one_error_naming_it(bad, me
     from tiny_models import tiny_model
 
     from streambench.errors import PolicyContractError
-    from streambench.models import LoadedModel
+    from streambench.models.loading import LoadedModel
     from streambench.policies.window import WindowPolicy
-    from streambench.session import StreamSession
+    from streambench.engine.session import StreamSession
 
     @dataclass
     class Broken(WindowPolicy):

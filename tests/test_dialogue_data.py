@@ -1,7 +1,7 @@
 """Loaders for SirLLM's files, the hub construction, and the seeded generators."""
 import pytest
 
-from streambench.dialogue_data import (
+from streambench.tasks.dialogue.items import (
     build_dailydialog, generate_grocery, load_dailydialog, load_grocery, load_rps_moves, player_moves,
 )
 from streambench.errors import DataError

@@ -10,9 +10,9 @@ import torch
 from reference import fresh_logits
 from tiny_models import tiny_model
 
-from streambench.config import PolicySpec, build_policy
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 
 STEPS = 20_000
 

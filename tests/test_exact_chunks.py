@@ -1,4 +1,4 @@
-"""Exact chunked feeding (streambench/exact.py): whole chunks per forward, every token's NLL and
+"""Exact chunked feeding (streambench/engine/exact_chunks.py): whole chunks per forward, every token's NLL and
 the cache after each chunk equal to feeding the tokens one at a time, the StreamingLLM protocol."""
 import json
 import subprocess
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import PolicyContractError
-from streambench.exact import Band
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.engine.exact_chunks import Band
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 
 BUDGET = 16
 CASES = [
@@ -124,8 +124,8 @@ def test_perplexity_task_records_how_it_fed(tmp_path):
 
     text = tmp_path / "t.txt"
     text.write_text("streaming " * 40)
-    from streambench.metrics import Meter
-    from streambench.runner import Progress
+    from streambench.engine.meter import Meter
+    from streambench.runs.runner import Progress
 
     def run(pol, **kw):
         task = PerplexityTask(text=str(text), tokens=300, **kw)
@@ -149,7 +149,7 @@ def test_embedded_model_hamlet_1024_tokens_budget_256(embedded):
     """The check on the real model: PPL of exact chunks equal to token-by-token's to 1e-5 relative
     for dense, window and streamingllm over 1,024 Hamlet tokens at budget 256 (4x the budget; the
     issue's 2,048-token run agreed as well, but token-by-token feeding of it took 6.5 CI minutes)."""
-    from streambench.data import DEFAULT_TEXT, load_text
+    from streambench.tasks.texts import DEFAULT_TEXT, load_text
 
     ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:1024]])
     for name in ("dense", "window", "streamingllm"):
@@ -174,9 +174,9 @@ def test_a_65k_token_stream_at_budget_1024_keeps_memory_bounded():
 import json, resource, sys, torch
 sys.path.insert(0, "tests")
 from tiny_models import tiny_model
-from streambench.config import PolicySpec, build_policy
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 torch.set_num_threads(2)
 lm = LoadedModel.wrap(tiny_model("llama", layers=2))
 def run(n):

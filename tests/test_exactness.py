@@ -6,12 +6,12 @@ import torch
 from reference import ReferenceStream, fresh_logits
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.architecture import kv_heads_of
-from streambench.config import PolicySpec, build_policy
+from streambench.models.architecture import kv_heads_of
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
-from streambench.observe import CAPTURED
-from streambench.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.engine.observe import CAPTURED
+from streambench.engine.session import StreamSession
 
 # Every registered policy, with arguments that make it evict often on short streams.
 POLICY_CASES = [
@@ -177,7 +177,7 @@ def test_recompute_window_is_a_fresh_forward_over_the_window():
 @pytest.mark.parametrize("name,args", [("streamingllm", {}), ("sirllm", {"recent_size": 8})])
 def test_embedded_model_equals_reference(embedded, name, args):
     """The real 30-layer model, budget 32, 100 tokens of Hamlet."""
-    from streambench.data import load_text
+    from streambench.tasks.texts import load_text
 
     ids = torch.tensor([embedded.tokenizer(load_text()[:2000])["input_ids"][:100]])
     session = StreamSession(embedded, make_policy(name, args, budget=32))

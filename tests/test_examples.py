@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_help_and_readme_name_no_missing_file():
 
 @pytest.mark.slow
 def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
-    from streambench import models
+    from streambench.models import loading as models
 
     monkeypatch.chdir(scratch)
     real = models.load  # the embedded model is loaded once for the session, the rest as the example says

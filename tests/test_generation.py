@@ -1,4 +1,4 @@
-"""Generation through the session (streambench/generation.py): the decode path of `chat`, the
+"""Generation through the session (streambench/engine/generation.py): the decode path of `chat`, the
 mtbench task and lm-eval's generate_until."""
 import json
 
@@ -6,16 +6,16 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.generation import Sampling, generate
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.engine.generation import Sampling, generate
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 from streambench.tasks.mtbench import load_questions, repetition
 from click.testing import CliRunner
 from test_cli import assert_user_error, invoke
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 
 MT_BENCH = "streaming-llm/data/mt_bench.jsonl"
 

@@ -11,10 +11,10 @@ import torch
 from reference import ReferenceStream
 from tiny_models import tiny_model
 
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
-from streambench.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.engine.session import StreamSession
 
 HYBRIDS = ("gemma3_text", "gemma2", "olmo3")
 MIX = ["sliding_attention", "full_attention", "sliding_attention"]  # a sliding layer first, as Gemma 3

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from streambench.cli import cli
-from streambench.store import Store
+from streambench.cli.app import cli
+from streambench.results.store import Store
 
 
 def start(args, **kw):
@@ -107,7 +107,7 @@ def fill(point: Path) -> None:
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    from streambench import models
+    from streambench.models import loading as models
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the output was checked")
@@ -135,7 +135,7 @@ def test_unwritable_outputs_fail_before_the_model_loads(small_disk, options, nee
 
 
 def test_a_full_result_disk_mid_run_keeps_what_finished(tmp_path, tiny_model_dir, small_text, monkeypatch):
-    from streambench import results
+    from streambench.results import schema as results
 
     real, calls = results.os.replace, []
 
@@ -185,7 +185,7 @@ def test_a_store_that_fills_mid_sweep_stays_consistent_with_its_json(tmp_path, t
 
 
 def test_the_size_guard_refuses_before_allocating(tmp_path, tiny_model_dir, monkeypatch, no_model_load):
-    from streambench import memory
+    from streambench.models import size_guard as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)  # a 1 GiB machine
     result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", "grocery",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from streambench.lmeval import StreambenchLM, register
-from streambench.models import LoadedModel
+from streambench.tasks.lm_eval.model import StreambenchLM, register
+from streambench.models.loading import LoadedModel
 
 
 def req(kind, *args):
@@ -40,9 +40,9 @@ def test_dense_loglikelihoods_equal_lm_evals_hf_model(hf_model, bridge):
 def test_rolling_loglikelihood_equals_streaming_perplexity(bridge, tiny_model_dir, small_text):
     """Budget 8 over 120 tokens: many evictions; the bridge's rolling loglikelihood is exactly the
     session's token-by-token NLL over [prefix] + text."""
-    from streambench import models
-    from streambench.config import PolicySpec, build_policy
-    from streambench.session import StreamSession
+    from streambench.models import loading as models
+    from streambench.policies.build import PolicySpec, build_policy
+    from streambench.engine.session import StreamSession
 
     text = small_text.read_text()[:120]
     bridged = bridge(policy="streamingllm", budget=8, start_size=2)
@@ -94,7 +94,7 @@ def test_shipped_offline_task_end_to_end_under_two_policies(tiny_model_dir, tmp_
 
     from click.testing import CliRunner
 
-    from streambench.cli import cli
+    from streambench.cli.app import cli
 
     args = ["lm-eval", "-q", "--model", str(tiny_model_dir), "--policy", "window,streamingllm", "--budget", "200",
             "--limit", "5", "--device", "cpu", "--out", str(tmp_path)] + (["--stream"] if stream else [])
@@ -123,9 +123,9 @@ def test_sessions_remove_their_hooks_after_requests_and_runs(tmp_path, tiny_mode
 
     from click.testing import CliRunner
 
-    from streambench import models
-    from streambench.cli import cli
-    from streambench.lmeval import StreambenchLM
+    from streambench.models import loading as models
+    from streambench.cli.app import cli
+    from streambench.tasks.lm_eval.model import StreambenchLM
 
     lm = models.load(str(tiny_model_dir), device="cpu", dtype="float32")
     before = hook_count(lm.model)
@@ -141,8 +141,9 @@ def test_sessions_remove_their_hooks_after_requests_and_runs(tmp_path, tiny_mode
     streaming.close()
     assert hook_count(lm.model) == before
 
-    from streambench import runner
-    from streambench.config import RunConfig, resolve_policy
+    from streambench.runs import runner
+    from streambench.policies.build import resolve_policy
+    from streambench.runs.config import RunConfig
 
     config = RunConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", budget=96, out=str(tmp_path),
                        policies=[resolve_policy("longmem", {}), resolve_policy("longmem-paper", {})],

@@ -16,12 +16,12 @@ import yaml
 from reference import ReferenceStream
 from tiny_models import tiny_model
 
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
+from streambench.models.loading import LoadedModel
 from streambench.policies import POLICIES
 from streambench.registry import PluginError, Registry
-from streambench.session import StreamSession
+from streambench.engine.session import StreamSession
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_PLUGIN = ROOT / "examples" / "my_policy.py"

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from streambench.cli import cli
-from streambench.store import Store
-from streambench.sweep import load_spec, run_sweep
+from streambench.cli.app import cli
+from streambench.results.store import Store
+from streambench.runs.sweep import load_spec, run_sweep
 
 ray = pytest.importorskip("ray")
 
@@ -73,7 +73,7 @@ def test_ray_sweep_stores_every_run_records_a_planted_failure_and_matches_local(
 
 
 def test_a_killed_ray_sweep_resumes_without_redoing_finished_runs(cluster, tmp_path):
-    from streambench.ray_sweep import run_sweep_ray
+    from streambench.runs.ray_sweep import run_sweep_ray
 
     spec = load_spec(write_spec(tmp_path))
     seen = []
@@ -108,7 +108,7 @@ def test_entry_point_plugins_run_on_ray_workers(cluster, tmp_path, tiny_model_di
         monkeypatch.setattr(registry, "_entry_points", None)  # scan again, with the plugin on the path
     spec = load_spec(write_spec(tmp_path, models=[str(tiny_model_dir)], policies=["strided", "streamingllm"],
                                 tasks=[{"task": "lorem-ppl", "tokens": 32}]))
-    from streambench.ray_sweep import run_sweep_ray
+    from streambench.runs.ray_sweep import run_sweep_ray
 
     with Store(tmp_path / "store.sqlite") as store:
         assert run_sweep_ray(spec, store)["finished"] == 2
@@ -136,7 +136,7 @@ def test_what_ray_raises_is_one_line_and_retried_unless_a_bad_argument():
     from ray.exceptions import NodeDiedError, RayTaskError, WorkerCrashedError
 
     from streambench.errors import ConfigError, DataError
-    from streambench.ray_sweep import describe
+    from streambench.runs.ray_sweep import describe
 
     assert describe(WorkerCrashedError())[1] is True  # the worker process died: try again elsewhere
     message, retry = describe(NodeDiedError("node 1a2b died"))

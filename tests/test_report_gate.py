@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streambench.cli import cli
-from streambench.store import Store
+from streambench.cli.app import cli
+from streambench.results.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_report_contains_every_run_tables_and_plots(fixture_store, tmp_path):
             "rps_cache_map_b400.png", "grocery_cache_map_b400.png", "grocery_retention_b400.png",
             "needle_needle_heatmap_b40.png", "needle_needle_heatmap_b80.png", "needle_cache_map_b40.png",
             "needle_pareto_exact_match_vs_kv.png"} <= plots
-    from streambench.report import comparable
+    from streambench.results.report import comparable
 
     with Store(fixture_store) as s:
         results = list(s.results())
@@ -186,7 +186,7 @@ def test_a_ratio_with_a_zero_denominator_is_bad_input(fixture_store, tmp_path):
     data["ratios"][0]["metric"] = "kv_tokens_peak"
     data["ratios"][0]["denominator"] = next(k for k in keys if "/dense/" not in k)
     baseline.write_text(json.dumps(data))
-    from streambench import gate as gate_module
+    from streambench.results import gate as gate_module
 
     results = [{"config": {"task": {"name": "t"}, "model": "m", "policy": {"name": "p", "args": {}}}, "label": "x",
                 "config_hash": "h", "metrics": {"kv_tokens_peak": 0.0}, "higher_is_better": {}}]

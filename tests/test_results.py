@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from streambench import results
+from streambench.results import schema as results
 from streambench.errors import ResultsError
 
 

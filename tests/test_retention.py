@@ -5,14 +5,18 @@ import torch
 import torch.nn.functional as F
 from tiny_models import byte_tokenizer, tiny_model
 
-from streambench.config import PolicySpec, RunConfig, build_policy, build_task, resolve_budget
-from streambench.dialogue import Conversation
+from streambench.policies.build import PolicySpec, build_policy
+
+from streambench.runs.config import RunConfig, resolve_budget
+
+from streambench.tasks.build import build_task
+from streambench.tasks.dialogue.chat_format import Conversation
 from streambench.errors import ConfigError
-from streambench.metrics import Meter
-from streambench.models import LoadedModel
-from streambench.retention import CacheMap, Retention, kept_share, tokens_of
-from streambench.runner import Progress, plan
-from streambench.session import StreamSession
+from streambench.engine.meter import Meter
+from streambench.models.loading import LoadedModel
+from streambench.tasks.retention import CacheMap, Retention, kept_share, tokens_of
+from streambench.runs.runner import Progress, plan
+from streambench.engine.session import StreamSession
 from streambench.tasks.needle import _matches
 
 
@@ -52,7 +56,7 @@ def test_retention_equals_a_count_from_the_cache_positions():
     task = build_task("grocery", {"limit": 2, "seed": 1, "recall_tokens": 2})
     conversation_probe = {}
     session = session_of(lm, "streamingllm", 300)
-    from streambench.tasks import grocery
+    from streambench.tasks.dialogue import grocery
 
     kept = grocery._key_kept
 
@@ -176,7 +180,7 @@ def test_needle_cells_are_seeded_and_the_needle_sits_at_its_depth():
     assert task.cells() == build_task("needle", {"text": "filler:passkey", "lengths": "300,600", "depths": "0,50,100",
                                                  "trials": 2}).cells()
     assert task.cells() != build_task("needle", {"text": "filler:passkey", "lengths": "300,600", "seed": 1}).cells()
-    from streambench.data import load_text
+    from streambench.tasks.texts import load_text
 
     hay = tok(load_text("filler:passkey")[:5000], add_special_tokens=False)["input_ids"]
     for length, depth, _trial, value, offset in task.cells():

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from streambench.cli import cli
-from streambench.store import Store
+from streambench.cli.app import cli
+from streambench.results.store import Store
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "\"'><svg onload=alert(3)>", "$\\frac{a}{b}$ | `x`"]
 
@@ -153,8 +153,9 @@ def test_two_labels_on_one_config_are_two_runs_everywhere(tmp_path, tiny_model_d
 
 def test_unlabelled_runs_keep_their_config_hashes():
     """The label enters the hash only when it differs from the policy name (ci/baseline.json)."""
-    from streambench.config import RunConfig, resolve_policy
-    from streambench.runner import plan
+    from streambench.policies.build import resolve_policy
+    from streambench.runs.config import RunConfig
+    from streambench.runs.runner import plan
 
     config = RunConfig(policies=[resolve_policy("streamingllm", {})], task_args={"tokens": 256}, budget=64,
                        device="cpu", dtype="float32")
@@ -169,7 +170,7 @@ def test_unlabelled_runs_keep_their_config_hashes():
 def test_downloads_are_cached_by_url_and_recorded(tmp_path, monkeypatch):
     import io
 
-    from streambench import dialogue_data
+    from streambench.tasks.dialogue import items as dialogue_data
 
     monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
     served = {"http://host/a/keys.jsonl": b"first\n", "http://host/b/keys.jsonl": b"second\n"}

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from streambench.cli import cli
+from streambench.cli.app import cli
 from streambench.errors import ResultsError
-from streambench.store import Store
+from streambench.results.store import Store
 
 
 def write_spec(path, model, text, **extra):

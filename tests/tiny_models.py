@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-from streambench.architecture import FAMILIES
+from streambench.models.architecture import FAMILIES
 
-# Every tested family (streambench/architecture.py), the exactness matrix's rows.
+# Every tested family (streambench/models/architecture.py), the exactness matrix's rows.
 ARCHITECTURES = tuple(FAMILIES)
 
 _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

@@ -32,7 +32,7 @@ class CacheView:
     scores: np.ndarray  # per-token score the policy recorded (e.g. decayed surprisal), same shape
     observed: Mapping[str, Any] = field(default_factory=dict)  # what the policy declared it observes:
     #   attention_sum, attention_last, key_norm: (L, H_kv, n) float32 tensors in each head's rank order
-    #   window_attention: (L, H_kv, groups, w, n) or None before any query; see streambench/observe.py
+    #   window_attention: (L, H_kv, groups, w, n) or None before any query; see streambench/engine/observe.py
     num_layers: int = 1
     kv_heads: int = 1
 
@@ -51,7 +51,7 @@ class CachePolicy:
     # What the engine must provide. Declared, so the engine never asks isinstance(policy, X).
     recompute: ClassVar[bool] = False  # no cache at all: re-encode the window every step
     retrieves: ClassVar[bool] = False  # a RetrievalPolicy: on_evict / recall hooks (longmem)
-    # Observations the engine provides (streambench/observe.py), only to policies that declare them:
+    # Observations the engine provides (streambench/engine/observe.py), only to policies that declare them:
     # "attention_sum", "attention_last", "key_norm", "window_attention", "logits" (score_tokens).
     observes: ClassVar[frozenset] = frozenset()
     observation_window: ClassVar[int] = 0  # queries kept for "window_attention" (a property where set by a field)
@@ -191,5 +191,43 @@ class RetrievalPolicy(CachePolicy, abc.ABC):
         values): ranks that stay and m tokens to insert at rank `at`; or None to change nothing."""
 
 
+# ---- helpers policies share -----------------------------------------------------------------------
 def recent_ranks(length: int, count: int) -> np.ndarray:
+    """The last `count` ranks of a cache of `length` tokens (a recent window)."""
     return np.arange(max(length - count, 0), length)
+
+
+def top_ranks(scores, count: int, protect: slice | None = None) -> np.ndarray:
+    """The `count` highest-scored ranks of every head, sorted (time order): (..., count). Ranks
+    in `protect` are always kept (and counted in `count`). Streaming evicts one token per step
+    most of the time: that is an argmin (ties: the newest goes), otherwise a bottom-k."""
+    import torch  # policies import no torch until they run
+
+    scores = scores.float()
+    if protect is not None:
+        scores = scores.clone()
+        scores[..., protect] = float("inf")
+    n = scores.shape[-1]
+    drop = n - count
+    ranks = torch.arange(n, device=scores.device)
+    if drop <= 0:
+        return ranks.expand(scores.shape).cpu().numpy()
+    if drop == 1:
+        gone = (n - 1) - scores.flip(-1).argmin(dim=-1, keepdim=True)
+    else:
+        gone = torch.topk(scores, drop, dim=-1, largest=False, sorted=False).indices
+    kept = torch.ones(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, gone, False)
+    return ranks.expand(scores.shape)[kept].view(*scores.shape[:-1], count).cpu().numpy()
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average pooling along the last (time) axis, same length (kvpress SnapKVPress: avg_pool1d,
+    padding kernel // 2, stride 1; zero padding counted, as avg_pool1d does)."""
+    if kernel <= 1:
+        return scores
+    import torch.nn.functional as F  # policies import no torch until they run
+
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    pooled = F.avg_pool1d(flat, kernel_size=kernel, padding=kernel // 2, stride=1)
+    return pooled[..., : shape[-1]].reshape(shape)

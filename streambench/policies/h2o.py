@@ -6,30 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView
-
-
-def top_ranks(scores, count: int, protect: slice | None = None) -> np.ndarray:
-    """The `count` highest-scored ranks of every head, sorted (time order): (..., count). Ranks
-    in `protect` are always kept (and counted in `count`). Streaming evicts one token per step
-    most of the time: that is an argmin (ties: the newest goes), otherwise a bottom-k."""
-    import torch  # policies import no torch until they run
-
-    scores = scores.float()
-    if protect is not None:
-        scores = scores.clone()
-        scores[..., protect] = float("inf")
-    n = scores.shape[-1]
-    drop = n - count
-    ranks = torch.arange(n, device=scores.device)
-    if drop <= 0:
-        return ranks.expand(scores.shape).cpu().numpy()
-    if drop == 1:
-        gone = (n - 1) - scores.flip(-1).argmin(dim=-1, keepdim=True)
-    else:
-        gone = torch.topk(scores, drop, dim=-1, largest=False, sorted=False).indices
-    kept = torch.ones(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, gone, False)
-    return ranks.expand(scores.shape)[kept].view(*scores.shape[:-1], count).cpu().numpy()
+from streambench.policies.base import CachePolicy, CacheView, top_ranks
 
 
 @register_policy("h2o")

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView
-from streambench.policies.h2o import top_ranks
+from streambench.policies.base import CachePolicy, CacheView, top_ranks
 
 
 @register_policy("knorm")

@@ -107,7 +107,7 @@ class LongMemPolicy(RetrievalPolicy):
             return
         self._frontier = int(positions[fresh].max())
         if self._bank is None:
-            from streambench.bank import MemoryBank
+            from streambench.policies.memory_bank import MemoryBank
 
             layers, _, heads, _, dim = k_pre.shape
             self._bank = MemoryBank(layers, heads, dim, self.block_size, self.bank_tokens, k_pre.dtype,

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView, recent_ranks
-from streambench.policies.h2o import top_ranks
+from streambench.policies.base import CachePolicy, CacheView, pool, recent_ranks, top_ranks
 
 
 @register_policy("snapkv")
@@ -62,7 +61,6 @@ class SnapKVPolicy(CachePolicy):
         attn = view.observed["window_attention"]
         if attn is None or target == 0:
             return recent_ranks(view.length, target)
-        from streambench.observe import pool
 
         w = min(attn.shape[-2], target)
         prefix = view.length - w  # kvpress scores the tokens before the window; the window stays

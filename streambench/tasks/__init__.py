@@ -5,6 +5,8 @@ from streambench.tasks.base import Task, TaskResult
 TASKS: Registry = Registry("task", Task, group="streambench.tasks")
 register_task = TASKS.register
 
-from streambench.tasks import dailydialog, grocery, lmeval_task, mtbench, needle, perplexity, rps  # noqa: E402,F401
+from streambench.tasks import mtbench, needle, perplexity  # noqa: E402,F401
+from streambench.tasks.dialogue import dailydialog, grocery, rps  # noqa: E402,F401
+from streambench.tasks.lm_eval import task as lm_eval_task  # noqa: E402,F401
 
 __all__ = ["TASKS", "Task", "TaskResult", "register_task"]

@@ -3,7 +3,7 @@
 mit-han-lab/streaming-llm `examples/run_streaming_llama.py` flattens the `turns` of every question
 of `data/mt_bench.jsonl` into one list of prompts and answers each with greedy decoding on one
 KV cache, evicting before each prompt for the prompt and its answer (`evict_for_space`). Here the
-same stream goes through the chat template (streambench/dialogue.py `Conversation.reply`), under
+same stream goes through the chat template (streambench/tasks/dialogue/chat_format.py `Conversation.reply`), under
 any policy, with answers up to `max_new_tokens` (greedy, or seeded sampling).
 
 What it measures needs no judge model:
@@ -34,8 +34,8 @@ PROMPT_CHARS = 60  # ... and of the prompt it answers
 
 def load_questions(source: str, limit: int | None = None) -> list[dict]:
     """Records {question_id, category, turns: [str, ...]} from a JSONL file (path or URL)."""
-    from streambench.data import valid_text
-    from streambench.dialogue_data import fetch, read_jsonl
+    from streambench.tasks.texts import valid_text
+    from streambench.tasks.dialogue.items import fetch, read_jsonl
 
     path = fetch(source)
     questions = []
@@ -93,8 +93,8 @@ class MTBenchTask(Task):
     format: str = "template"
 
     def configure(self) -> None:
-        from streambench.dialogue_data import check_local
-        from streambench.generation import Sampling
+        from streambench.tasks.dialogue.items import check_local
+        from streambench.engine.generation import Sampling
 
         self._check_limit()
         self._require(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
@@ -118,11 +118,11 @@ class MTBenchTask(Task):
         import torch
         import torch.nn.functional as F
 
-        from streambench.config import PolicySpec, build_policy
-        from streambench.dialogue import ChatFormat, Conversation
-        from streambench.dialogue_data import provenance
-        from streambench.generation import Sampling
-        from streambench.session import StreamSession
+        from streambench.policies.build import PolicySpec, build_policy
+        from streambench.tasks.dialogue.chat_format import ChatFormat, Conversation
+        from streambench.tasks.dialogue.items import provenance
+        from streambench.engine.generation import Sampling
+        from streambench.engine.session import StreamSession
 
         questions = load_questions(self.data, self.limit)
         replaced = sum(q["replaced"] for q in questions)

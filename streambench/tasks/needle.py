@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.data import DEFAULT_TEXT, check_source, load_text
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -146,7 +146,7 @@ class NeedleTask(Task):
         import torch
         import torch.nn.functional as F
 
-        from streambench.retention import CacheMap, kept_share
+        from streambench.tasks.retention import CacheMap, kept_share
 
         text = load_text(self.text)
         hay = tokenizer(text, add_special_tokens=False)["input_ids"]

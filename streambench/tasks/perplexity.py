@@ -5,7 +5,7 @@ is fed, the logits it produces score token t+1, the policy evicts between steps.
 
 - `exact` (default): the protocol's numbers, token-exact. Position-only policies (dense, window,
   streamingllm, recompute-window) are fed `chunk_size` tokens per forward with per-query masks
-  (streambench/exact.py), ~10-25x faster on CPU; content-aware ones go token by token.
+  (streambench/engine/exact_chunks.py), ~10-25x faster on CPU; content-aware ones go token by token.
 - `token`: one token per forward for every policy (the protocol literally).
 - `approximate`: `chunk_size` tokens per forward, evicting between chunks (tokens early in a chunk
   see fewer than `budget` keys). Fast for every policy, not token-exact.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from streambench.data import DEFAULT_TEXT, check_source, load_text
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -119,7 +119,7 @@ class PerplexityTask(Task):
             metrics["decode_tokens_per_s"] = decode
         info = {"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred * n_streams,
                 "token_exact": feeding["token_exact"], "feeding": feeding}
-        from streambench.data import REPLACED
+        from streambench.tasks.texts import REPLACED
 
         replaced = {s: REPLACED[s] for s in sources if s in REPLACED}
         if replaced:
@@ -154,7 +154,7 @@ def check_feeding(task) -> None:
 def feeding(session, feed: str, chunk_size: int | None) -> dict:
     """How a run feeds its stream: mode, tokens per forward, token-exact or not (and why a
     requested exact chunking goes token by token)."""
-    from streambench.exact import auto_chunk
+    from streambench.engine.exact_chunks import auto_chunk
 
     chunk = chunk_size or auto_chunk(session.policy.budget, session.device, session.lm.info.num_heads)
     if feed == "token" or chunk == 1:

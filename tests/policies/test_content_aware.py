@@ -11,13 +11,13 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.architecture import kv_heads_of
-from streambench.config import PolicySpec, build_policy
+from streambench.models.architecture import kv_heads_of
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
+from streambench.models.loading import LoadedModel
 from streambench.policies.base import CacheView
 from streambench.policies.window import WindowPolicy
-from streambench.session import StreamSession
+from streambench.engine.session import StreamSession
 
 
 @dataclass

@@ -4,12 +4,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from streambench.bank import MemoryBank
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.memory_bank import MemoryBank
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
-from streambench.models import LoadedModel
+from streambench.models.loading import LoadedModel
 from streambench.policies import POLICIES
-from streambench.session import StreamSession
+from streambench.engine.session import StreamSession
 
 LongMem = POLICIES.get("longmem")
 
@@ -92,9 +92,10 @@ def test_passkey_is_retrieved_and_helps_on_the_embedded_model(embedded):
     for at the end), budget 128: streamingllm has none of the needle in its cache, longmem
     (4-token blocks, 8 retrieved, refresh every token) retrieves part of it back and the key's
     NLL drops by more than 1 nat."""
-    from streambench.config import PolicySpec, build_policy, build_task
-    from streambench.metrics import Meter
-    from streambench.runner import Progress
+    from streambench.policies.build import PolicySpec, build_policy
+    from streambench.tasks.build import build_task
+    from streambench.engine.meter import Meter
+    from streambench.runs.runner import Progress
 
     def run_task(lm, task, name, budget, **args):
         session = StreamSession(lm, build_policy(PolicySpec(name, args), budget))

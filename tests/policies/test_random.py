@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from streambench.config import PolicySpec, build_policy
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
 from streambench.policies.base import CacheView
 

@@ -1,0 +1,202 @@
+"""What content-aware policies read, recorded during the forward that runs anyway.
+
+SDPA does not return attention probabilities, and asking transformers for them (`eager`,
+`output_attentions`) materialises every layer's full matrix. Instead, while a session whose policy
+observes attention feeds, the model's attention runs through `observing_attention`, registered with
+transformers' `AttentionInterface`: it computes the softmax probabilities once from the query and
+cached keys the layer passes in (eager attention's arithmetic: scaled scores, the model's mask,
+softcapping, a float32 softmax), uses them for the layer's output, and reduces them into the
+cache's per-slot statistics before they are dropped:
+
+- `attention_sum`  every query's attention to each cached token since the token entered the cache
+                   (H2O's accumulated score), averaged over the query heads of each KV group;
+- `attention_last` the attention of the most recent query (TOVA's score), likewise per KV head;
+- `queries`        the queries of the last `window` tokens per layer (a ring written in place,
+                   with their RoPE positions), from which `window_attention` recomputes, at
+                   eviction, what that window attends to in the cache as it is then (SnapKV's
+                   observation window). Un-rotating them waits for that eviction: once per
+                   eviction for all layers, not once per layer per token.
+
+`key_norm` needs no capture: the cache records each key's L2 norm when the token enters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from streambench.errors import ConfigError
+from streambench.engine.routing import AttentionRoute
+
+NAME = "streambench_observing"
+CAPTURED = frozenset({"attention_sum", "attention_last", "queries", "window_attention"})  # need the attention hook
+STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot buffers in the cache
+KINDS = STATS | {"window_attention", "logits"}
+_ACTIVE: list["AttentionObserver"] = []  # the observer of the forward running now (innermost last)
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, observing_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> torch.Tensor:
+    """Softmax attention (B, H_kv, groups, c, N) as eager attention computes it, float32. One
+    batched matmul per layer: each KV head's group of query heads is one (groups * c, D) block."""
+    b, heads, c, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[-2]
+    scale = scaling if scaling is not None else 1 / math.sqrt(d)
+    q = query.float().reshape(b * kv_heads, (heads // kv_heads) * c, d)
+    scores = torch.baddbmm(q.new_empty(()), q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2), beta=0, alpha=scale)
+    scores = scores.view(b, kv_heads, heads // kv_heads, c, n)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        if c > 1:  # causal, the chunk's queries at the end of the keys
+            allowed = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[:, :, None, :, :n], float("-inf"))
+    else:
+        scores = scores + mask[:, :, None, :, :n].float()
+    return torch.softmax(scores, dim=-1)
+
+
+def observing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """An attention function for `AttentionInterface`: eager attention that also records."""
+    if kwargs.get("s_aux") is not None:
+        raise ConfigError("this model's attention has learned sinks (s_aux): attention observations do not support it")
+    probs = attention_probs(module, query, key, attention_mask, scaling, softcap)
+    b, heads, c, d = query.shape
+    kv_heads, n = value.shape[1], value.shape[-2]
+    weights = probs.to(value.dtype).reshape(b * kv_heads, (heads // kv_heads) * c, n)
+    out = torch.bmm(weights, value.reshape(b * kv_heads, n, -1)).view(b, heads, c, -1)
+    if _ACTIVE:
+        _ACTIVE[-1].record(module.layer_idx, query, probs)  # (a sliding layer's are not the cache's: skipped)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class AttentionObserver(AttentionRoute):
+    """Routes one model's attention through `observing_attention` while a session feeds."""
+
+    def __init__(self, model, cache, wants: frozenset, window: int = 0):
+        _register()
+        self.cache, self.wants, self.window = cache, wants, window
+        super().__init__(model, NAME, _ACTIVE)
+        from streambench.models.architecture import layout_of
+
+        layout = layout_of(model)
+        self.scaling = [getattr(attn, "scaling", None) for attn, kind in zip(layout.attentions, layout.layer_kinds)
+                        if kind != "sliding_attention"]
+        self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
+        self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
+        self.reset()
+
+    def reset(self) -> None:
+        layers = self.cache.num_layers
+        self._ring: list[torch.Tensor | None] = [None] * layers  # per layer (B, H, w, D), as rotated
+        self._ring_positions = None  # (B or 1, w): the RoPE position each ring query was rotated at
+        self._seen = 0  # queries fed since the stream started (the ring's write position, mod w)
+        self._shared = [False] * (layers + 1)  # copy on write: a checkpoint holds these buffers
+
+    def state(self):
+        """A checkpoint keeps references; the first write after it copies (dialogue branches)."""
+        self._shared = [True] * len(self._shared)
+        return self._seen, list(self._ring), self._ring_positions
+
+    def restore(self, state) -> None:
+        self._seen, ring, self._ring_positions = state
+        self._ring = list(ring)
+        self._shared = [True] * len(self._shared)
+
+    def _ring_slots(self, count: int, device) -> tuple[int, torch.Tensor]:
+        """The last min(count, w) of `count` new queries: how many, and their ring slots."""
+        take = min(count, self.window)
+        start = self._seen + count - take
+        return take, (torch.arange(start, start + take) % self.window).to(device)
+
+    def _writable(self, index: int, buf: torch.Tensor) -> torch.Tensor:
+        if self._shared[index]:
+            self._shared[index] = False
+            return buf.clone()
+        return buf
+
+    @torch.no_grad()
+    def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
+        """Called by each layer: reduce its probabilities to per-KV-head rows now (small), and
+        write them into the cache's buffers once per forward (`flush`), not once per layer."""
+        layer = int(self.cache.full_index[layer])  # model layer -> full-attention layer
+        if layer < 0:
+            return
+        c = probs.shape[-2]
+        if "attention_sum" in self.wants:  # over the chunk's queries, then the group: (B, H_kv, N)
+            self._pending["attention_sum"][layer] = (probs[:, :, :, 0] if c == 1 else probs.sum(dim=3)).mean(dim=2)
+        if "attention_last" in self.wants:
+            self._pending["attention_last"][layer] = probs[..., -1, :].mean(dim=2)
+        if "queries" in self.wants:
+            ring = self._ring[layer]
+            if ring is None:
+                ring = query.new_zeros(query.shape[0], query.shape[1], self.window, query.shape[3])
+            ring = self._ring[layer] = self._writable(layer, ring)
+            take, slots = self._ring_slots(c, query.device)
+            ring.index_copy_(2, slots, query[:, :, c - take :])
+
+    @torch.no_grad()
+    def flush(self, count: int) -> None:
+        """After the forward that fed `count` tokens: add the accumulated attention to the kept
+        tokens' sums, start the new tokens' at their own, overwrite the last query's."""
+        for name, rows in self._pending.items():
+            if rows[0] is None:
+                continue
+            for shard in self.cache.shards:
+                got = torch.stack(rows[shard.start : shard.stop]).to(shard.device)  # (L_s, B, H_kv, N)
+                buf, n = shard.stats[name], got.shape[-1]
+                if name == "attention_sum":
+                    old = n - count
+                    buf[..., :old] += got[..., :old]
+                    buf[..., old:n] = got[..., old:]
+                else:
+                    buf[..., :n] = got
+            rows[:] = [None] * len(rows)
+        if "queries" in self.wants:
+            positions = self.positions.to(self.cache.device)
+            ring = self._ring_positions
+            if ring is None:
+                ring = positions.new_zeros(positions.shape[0], self.window)
+            ring = self._ring_positions = self._writable(-1, ring)
+            take, slots = self._ring_slots(count, ring.device)
+            ring.index_copy_(1, slots, positions[:, count - take :])
+            self._seen += count
+
+    @torch.no_grad()
+    def window_attention(self, b: int = 0) -> torch.Tensor | None:
+        """(L, H_kv, groups, w, n): the softmax attention that the last w queries, rotated at the
+        last w positions of the cache as it is now, give its tokens (in each head's rank order),
+        causal within the window. None before any query was seen."""
+        if self._seen == 0 or any(q is None for q in self._ring):
+            return None
+        cache = self.cache
+        n = cache.length
+        w = min(self._seen, self.window, n)
+        slots = (torch.arange(self._seen - w, self._seen) % self.window).to(cache.device)  # the last w, oldest first
+        queries = torch.stack([q[b].to(cache.device) for q in self._ring]).index_select(2, slots)  # (L, Hq, w, D)
+        fed_at = self._ring_positions[b if self._ring_positions.shape[0] > 1 else 0].index_select(0, slots)
+        now_at = torch.arange(n - w, n, device=cache.device) + int(cache._offsets[b])
+        q = cache.rope.rotate(cache.rope.unrotate(queries, fed_at), now_at).float()
+        keys = cache.ranked_keys(b).float()  # (L, H, n, D)
+        layers, heads, _, d = q.shape
+        kv = keys.shape[1]
+        scale = torch.tensor([s if s is not None else 1 / math.sqrt(d) for s in self.scaling], device=cache.device)
+        scores = torch.matmul(q.reshape(layers, kv, (heads // kv) * w, d), keys.transpose(-1, -2))
+        scores = (scores * scale[:, None, None, None]).view(layers, kv, heads // kv, w, n)
+        allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)

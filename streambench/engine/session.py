@@ -1,0 +1,521 @@
+"""StreamSession: one stream through one model under one cache policy.
+
+Tasks talk only to this: `feed(ids)` returns the logits of every fed token, `new_round()` marks a
+user turn (SirLLM's decay), `reset()` starts a new stream. Before each forward the session asks the
+policy which tokens stay (only when the incoming tokens would overflow the budget) and the cache
+moves and re-indexes them; after it, the session records the new tokens and, when the policy
+asked for them, their scores (from logits the forward produced anyway, by the policy's
+`score_tokens`). Attention observations are recorded inside that same forward (observe.py).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from streambench.engine.cache import StreamCache
+from streambench.errors import ConfigError, PolicyContractError
+from streambench.models.loading import LoadedModel
+from streambench.policies.base import CachePolicy, CacheView
+from streambench.models.rope import RotaryTable
+
+log = logging.getLogger("streambench")
+
+
+class StreamSession:
+    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
+                 decode: str = "eager", max_tokens: int | None = None):
+        self.lm, self.model, self.policy = lm, lm.model, policy
+        # The budget the run was configured with is the one enforced (and recorded), whatever the
+        # policy object does to its own fields later; so are its chunk limit and declared band.
+        self.budget = policy.budget
+        self.evicts = self.budget is not None
+        self.max_incoming = self._checked_max_incoming()
+        self.band = policy.band
+        self._band_proven = False
+        info = lm.info
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        # Preallocate what the stream can use: a budget above the tokens streamed needs no buffer of
+        # that size (the cache still grows by doubling if a stream turns out longer).
+        if self.evicts:
+            self._capacity = self.budget if max_tokens is None else min(self.budget, max_tokens + 1)
+        else:
+            self._capacity = max_tokens + 1 if max_tokens is not None else 1024
+        layout = lm.layout
+        self._kinds = layout.layer_kinds
+        self._full_layers = sum(kind != "sliding_attention" for kind in self._kinds)
+        if not self._full_layers and not policy.recompute:
+            raise ConfigError(
+                f"every layer of model type '{layout.model_type}' attends over a sliding window of {layout.sliding_window} tokens: "
+                "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
+                "to stream it with full attention)")
+        self._rope = self._sliding_rope = None
+        if self.evicts and not policy.recompute:
+            typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
+            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity, style=layout.rope_style,
+                                     layer_type="full_attention" if typed else None)
+            if typed and layout.sliding_window is not None:
+                self._sliding_rope = RotaryTable(lm.rotary_emb, self.device, size=2 * layout.sliding_window,
+                                                 style=layout.rope_style, layer_type="sliding_attention")
+        self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
+        self.batch, self.cache = 0, None
+        self._set_batch(batch_size)
+        # decode="graph": one-token steps replayed as a CUDA graph; "static": the same static-shape
+        # forward run eagerly (what the tests check on CPU); "eager": plain transformers forwards.
+        if decode not in ("eager", "static", "graph"):
+            raise ConfigError(f"decode must be eager, static or graph, got {decode!r}")
+        self._static = None
+        if self.cache is not None and (len(self.cache.shards) > 1 or self.cache.sliding is not None):
+            decode = "eager"  # a model spread over GPUs, or with sliding layers: no static-shape graph
+        from streambench.engine.observe import CAPTURED, STATS, AttentionObserver
+
+        if policy.observes & CAPTURED and decode != "eager":
+            log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, decode)
+            decode = "eager"
+        if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
+            if decode == "graph" and self.device.type != "cuda":
+                raise ConfigError("CUDA graphs need a CUDA device")
+            from streambench.engine.cuda_graphs import StaticDecoder
+
+            self._static = StaticDecoder(self, capture=decode == "graph")
+        wants = set(policy.observes)
+        if "window_attention" in wants:
+            wants.add("queries")
+        self.observer = None
+        if self.cache is not None:
+            self.cache.enable_stats(sorted(wants & STATS))
+            if wants & CAPTURED:
+                self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=policy.observation_window)
+        self.tap = None
+        if policy.retrieves:  # retrieval scores bank blocks against the last token's query
+            from streambench.engine.query_tap import QueryTap
+
+            self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
+        self._rows_tokens = 16384 if self.device.type == "cuda" else 4096  # recompute-window rows per forward
+        self.processed = 0  # every token run through the model, branches included (for tokens/s)
+        self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
+        self._max_tokens = max_tokens
+        self.reset()
+
+    def _checked_max_incoming(self) -> int | None:
+        """The policy's chunk limit, checked once: an integer from 1 to the budget (None on an
+        evicting policy: the budget, the most that can come in at once)."""
+        limit = self.policy.max_incoming
+        if limit is None:
+            return self.budget
+        top = self.budget
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1 or (top is not None and limit > top):
+            span = f"from 1 to the budget ({top})" if top is not None else ">= 1"
+            raise PolicyContractError(f"policy {self.policy.name}: max_incoming must be None or an integer {span}, got {limit!r}")
+        return int(limit)
+
+    # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
+    def close(self) -> None:
+        """Remove what this session added to the model (longmem's query hooks) and drop its graph.
+        The model is shared by every run of a sweep and every lm-eval request: without this, each
+        retrieval session would leave one hook per layer behind, run on every later forward."""
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        self._static = None
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_batch(self, batch_size: int) -> None:
+        """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
+        if batch_size != self.batch:
+            self._set_batch(batch_size)
+            if self.observer is not None:
+                self.observer.cache = self.cache
+            if self._static is not None:
+                self._static.capacity = -1  # new buffers: new static inputs and graph
+        self.reset()
+
+    def _set_batch(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size > 1 and self.policy.retrieves:
+            raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
+        info, policy = self.lm.info, self.policy
+        self.batch = batch_size
+        # per token the policy governs: the full-attention layers (sliding ones are counted apart)
+        layers = info.num_layers if policy.recompute else self._full_layers
+        self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
+        if not policy.recompute:
+            capacity = self.cache.capacity if self.cache is not None else self._capacity
+            stats = self.cache.stat_names if self.cache is not None else ()
+            self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
+                                     capacity=capacity, rope=self._rope, batch_size=batch_size,
+                                     layer_devices=self._layer_devices, layer_kinds=self._kinds,
+                                     sliding_window=self.lm.layout.sliding_window, sliding_rope=self._sliding_rope)
+            self.cache.enable_stats(stats)
+
+    def reset(self) -> None:
+        self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
+        self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
+        self._hold_until = 0  # ... but not inside a turn whose room reserve() made
+        self.policy.reset()
+        if self.observer is not None:
+            self.observer.reset()
+        self._window = torch.empty(self.batch, 0, dtype=torch.long, device=self.device)  # recompute-window only
+        if self.cache is not None:
+            self.cache.reset()
+
+    # ---- stream ------------------------------------------------------------------------------
+    @property
+    def exact_chunks(self) -> str | None:
+        """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks)."""
+        from streambench.engine.exact_chunks import unsupported
+
+        if self.policy.recompute or not self.evicts:  # (nothing evicted: the model's own causal
+            return None  # forward, sliding masks included, is token-exact)
+        if self.band is None:
+            return f"{self.policy.name}'s keep-set depends on what the tokens say"
+        if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
+            return f"{self.policy.name} observes or retrieves while it feeds"
+        if self.cache is not None and len(self.cache.shards) > 1 and self.band.sinks:
+            return "the model is spread over several devices"
+        reason = unsupported(self.model)
+        return f"this model cannot: {reason}" if reason else None
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Feed token ids of shape (B, c), one row per stream; return logits (B, c, vocab).
+
+        exact=False: the chunk comes in at once, after one eviction that makes room for all of it
+        (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
+        after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
+        in one forward where the policy allows it (streambench/engine/exact_chunks.py), else one token at a time."""
+        if exact and ids.shape[1] > 1 and (self.evicts or self.policy.recompute):  # (nothing evicted:
+            # the ordinary causal forward is already token-exact, dense's chunked prefill)
+            if self.policy.recompute:
+                return self._feed_recompute(ids, batched=True)
+            if self.exact_chunks is None:
+                return self._feed_exact(ids)
+            return torch.cat([self.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)
+        limit = self.max_incoming
+        if limit is not None and ids.shape[1] > limit:
+            return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
+        self.processed += ids.shape[1]
+        if self.policy.recompute:
+            return self._feed_recompute(ids)
+        cache, count = self.cache, ids.shape[1]
+        if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
+            self._recall(count)
+        if self.evicts and cache.length + count > self.budget:
+            self._evict(self._select(count))
+        if self._static is not None and count == 1:
+            logits = self._static(ids)
+            cache.mark_written(1)
+        elif self.observer is not None:
+            positions = self.observer.positions = cache.next_positions(count)
+            with self.observer:
+                logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+            self.observer.flush(count)
+        else:
+            logits = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True).logits
+        if logits.device != self.device:  # a model spread over GPUs ends on the last one
+            logits = logits.to(self.device)
+        scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
+        cache.commit(np.arange(self.fed, self.fed + count), scores)
+        self.fed += count
+        return logits
+
+    def _feed_exact(self, ids: torch.Tensor) -> torch.Tensor:
+        """One forward for the chunk, each query masked to what it sees token by token."""
+        from streambench.engine.exact_chunks import ChunkMask
+
+        cache, count = self.cache, ids.shape[1]
+        self.processed += count
+        band = self.band
+        if not self._band_proven:
+            self._prove_band()
+        if self.evicts and cache.length + 1 > self.budget:
+            self._evict(self._select(1))  # the keep-set before the chunk's first token
+        n, start = cache.length, self.fed
+        slots = np.empty(n + count, dtype=np.int64)
+        held = cache.positions
+        if n:
+            self._check_band(band, start, 1, held)
+            slots[cache.slots] = held
+        slots[n:] = np.arange(start, start + count)
+        positions = cache.next_positions(count)
+        if self.evicts and not cache._uniform:
+            raise RuntimeError("exact chunks need streams that evict alike")
+        if self._rope is not None:
+            self._rope.ensure(n + count + cache.offset + 1)
+        device = self.device
+        mask = ChunkMask(self.model, band, torch.from_numpy(slots).to(device),
+                         torch.arange(start, start + count, device=device), positions[0], self._rope, cache.offset)
+        with mask:
+            logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+        if logits.device != device:
+            logits = logits.to(device)
+        cache.commit(np.arange(start, start + count))
+        self.fed += count
+        if self.evicts and cache.length > self.budget:
+            self._evict(self._select(0))  # the keep-set after the chunk's last token
+            self._check_band(band, self.fed, 0)
+        return logits
+
+    def _check_band(self, band, fed: int, incoming: int, held: np.ndarray | None = None) -> None:
+        """The cache holds what the declared band says it holds once `fed` tokens are in and room
+        is made for `incoming` more (checked at every exact chunk's two ends)."""
+        held = self.cache.positions if held is None else held
+        expected = band.kept(fed, incoming)
+        if len(expected) != len(held) or not np.array_equal(np.sort(held), expected):
+            raise PolicyContractError(f"policy {self.policy.name} declares {band} but kept other tokens "
+                                      f"{'before' if incoming else 'after'} position {fed}")
+
+    def _prove_band(self) -> None:
+        """A declared band is a claim about `select`, which exact chunks rely on without calling it
+        inside the chunk: prove it once per session, on a copy of the policy, by feeding a probe of
+        positions token by token (one `select` per token past the budget) up to twice the budget
+        (or the whole stream when it is shorter). Chunk ends are checked against the real keep-set
+        besides (`_check_band`)."""
+        band, budget = self.band, self.budget
+        if band.budget != budget:
+            raise PolicyContractError(f"policy {self.policy.name} declares {band} for a run of budget {budget}")
+        probe = copy.deepcopy(self.policy)
+        end = 2 * budget + 2 if self._max_tokens is None else min(2 * budget + 2, self._max_tokens + 1)
+        held = np.empty(0, dtype=np.int64)
+        layers, heads = self.cache.num_layers, self.cache.kv_heads
+        for t in range(end):
+            if len(held) + 1 > budget:
+                view = CacheView(len(held), 1, budget, held, np.zeros(len(held), dtype=np.float32), {}, layers, heads)
+                keep = self._checked(probe.select(view), 1, len(held))
+                if keep.ndim == 3:
+                    if not (keep == keep[:1, :1]).all():
+                        raise PolicyContractError(f"policy {self.policy.name} declares {band} but keeps other tokens "
+                                                  "in different heads")
+                    keep = keep[0, 0]
+                held = held[keep]
+                expected = band.kept(t, 1)
+                if not np.array_equal(held, expected):
+                    raise PolicyContractError(f"policy {self.policy.name} declares {band} but its select() keeps other "
+                                              f"tokens before position {t} (a probe fed token by token)")
+            held = np.append(held, t)
+        self._band_proven = True
+
+    def _hand_over(self, keep: np.ndarray) -> None:
+        """Retrieval policies get the tokens about to leave the cache (for their bank)."""
+        if self.policy.retrieves:
+            gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
+            if len(gone):
+                self.policy.on_evict(*self.cache.take(gone))
+
+    def _evict(self, keep: np.ndarray) -> None:
+        self._hand_over(keep)
+        self.cache.evict(keep)
+
+    def _recall(self, incoming: int) -> None:
+        self._recall_at = self.fed + self.policy.refresh
+        plan = self.policy.recall(self.view(incoming), self.tap.query())
+        if plan is not None:
+            keep, at, positions, k_pre, values = plan
+            self._hand_over(keep)
+            self.cache.splice(keep, at, positions, k_pre, values)
+
+    def _feed_recompute(self, ids: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        size, outs = self.budget, []
+        if batched:  # every window a row of one forward (exact.recompute_rows)
+            from streambench.engine.exact_chunks import recompute_rows
+
+            held = self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0]
+            context = torch.cat([held, ids], dim=1)
+            logits = recompute_rows(self.model, context, held.shape[1], size, self._rows_tokens)
+            self._window = context[:, -size:]
+            self.fed += ids.shape[1]
+            return logits
+        for i in range(ids.shape[1]):
+            self._window = torch.cat([self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1)
+            outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
+        self.fed += ids.shape[1]
+        return torch.cat(outs, dim=1)
+
+    # ---- branches: score alternatives from one state, keep none of them -----------------------
+    def reserve(self, count: int) -> None:
+        """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
+        turn, for the whole turn); feeds up to that many tokens can then be rolled back."""
+        if self.cache is not None and self.evicts:
+            if count > self.max_incoming:
+                raise ConfigError(
+                    f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.budget} "
+                    f"(at most {self.max_incoming} tokens can come in at once); raise the budget"
+                )
+            if self.policy.retrieves:
+                if self.fed >= self._recall_at:
+                    self._recall(count)
+                self._hold_until = self.fed + count  # no recall inside this turn's branches
+            if self.cache.length + count > self.budget:
+                self._evict(self._select(count))
+        if self.cache is not None and self.cache.sliding is not None:
+            self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
+
+    def checkpoint(self):
+        """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
+        cache = self.cache
+        kept = None if cache is None else (cache.length, cache.evictions, cache.save_stats() if cache.stat_names else None)
+        observed = self.observer.state() if self.observer is not None else None
+        return (self.fed, self.policy.state(), observed, self._window, kept)
+
+    def rollback(self, state) -> None:
+        self.fed, policy_state, observed, self._window, kept = state
+        self.policy.restore(policy_state)
+        if observed is not None:
+            self.observer.restore(observed)
+        if kept is not None:
+            n, evictions, stats = kept
+            cache = self.cache
+            if cache.evictions != evictions or cache.length < n:
+                raise RuntimeError("cannot roll back across an eviction: reserve() room for the branch first")
+            cache.truncate(n)
+            if stats is not None:
+                cache.restore_stats(stats)
+
+    @contextmanager
+    def fork(self):
+        """A branch that may evict: everything fed inside the `with` block is forgotten afterwards,
+        evictions included (a copy of the cache and the policy runs it). For questions the task
+        asks on the side (grocery's free recall), where a rollback cannot reach across the
+        eviction the branch needs. Costs one copy of the cache."""
+        saved = (self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static)
+        observed = self.observer.state() if self.observer is not None else None
+        tapped = list(self.tap._last) if self.tap is not None else None
+        if self.cache is not None:
+            self.cache = self.cache.clone()
+        self.policy = copy.deepcopy(self.policy)
+        self._static = None  # a captured graph writes into the stream's own buffers
+        if self.observer is not None:
+            self.observer.cache = self.cache
+        self.fork_depth += 1
+        try:
+            yield self
+        finally:
+            self.fork_depth -= 1
+            self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static = saved
+            if self.observer is not None:
+                self.observer.cache = self.cache
+                self.observer.restore(observed)
+            if self.tap is not None:
+                self.tap._last = tapped
+
+    def held_positions(self, stream: int = 0) -> np.ndarray:
+        """Stream positions whose keys the next query reads: (n,), or (L, H_kv, n) once keep-sets
+        differ per head (recompute-window: its window)."""
+        if self.cache is None:
+            return np.arange(self.fed - self.kv_tokens, self.fed)
+        return self.cache.positions_of(stream)
+
+    def new_round(self) -> None:
+        """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
+        if self.cache is not None:
+            self.cache.rescale_scores(self.policy.new_round)
+            self._recall_at = self.fed  # retrieval policies recall at each user turn
+
+    def _select(self, incoming: int) -> np.ndarray:
+        """Ranks to keep: (n,) for every stream alike, (B, n) per stream, or (B, L, H, n) per
+        stream, layer and KV head. Content-aware policies choose for each stream of a batch."""
+        if self.batch == 1 or not self.policy.observes:  # position-based: one choice for every stream
+            keep = self._checked(self.policy.select(self.view(incoming)), incoming)
+            return np.broadcast_to(keep[None], (self.batch, *keep.shape)) if keep.ndim == 3 else keep
+        keeps = [self._checked(self.policy.select(self.view(incoming, b)), incoming) for b in range(self.batch)]
+        if len({k.shape for k in keeps}) != 1:
+            raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
+        return np.stack(keeps)
+
+    def _checked(self, keep, incoming: int, length: int | None = None) -> np.ndarray:
+        """The contract of `select` (policies/base.py), checked once per eviction: integer ranks
+        of shape (k,), (L, k) or (L, H_kv, k), each set sorted, unique, in [0, length), k at most
+        `budget - incoming`. Returns (k,) or (L, H_kv, k). A policy written outside this package
+        that breaks it is one error naming it, not a corrupted cache."""
+        if isinstance(keep, torch.Tensor):
+            keep = keep.cpu().numpy()
+        try:
+            keep = np.asarray(keep)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise PolicyContractError(f"policy {self.policy.name}: select() must return integer ranks of shape (k,), "
+                                      f"(layers, k) or (layers, kv_heads, k): {exc}") from None
+        length = self.cache.length if length is None else length
+        target = self.budget - incoming
+        layers, heads = self.cache.num_layers, self.cache.kv_heads
+        problem = None
+        if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
+            problem = f"must return integer ranks of shape (k,), (layers, k) or (layers, kv_heads, k), got shape {keep.shape} of {keep.dtype}"
+        elif keep.ndim > 1 and keep.shape[:-1] != (layers, heads)[: keep.ndim - 1]:
+            problem = f"returned shape {keep.shape}; this model has {layers} layers and {heads} KV heads"
+        elif keep.size and (keep.min() < 0 or keep.max() >= length):
+            problem = f"returned ranks outside [0, {length})"
+        elif keep.shape[-1] > 1 and not (np.diff(keep, axis=-1) > 0).all():
+            problem = "must return sorted, unique ranks (time order)"
+        elif keep.shape[-1] > target:
+            problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
+        if problem:
+            if self.policy.budget != self.budget:
+                problem += f" (it set its budget to {self.policy.budget}; the run's budget {self.budget} is the one enforced)"
+            raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
+        if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
+            keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
+        return keep.astype(np.int64, copy=False)
+
+    def view(self, incoming: int, stream: int = 0) -> CacheView:
+        c = self.cache
+        positions, scores = c.positions_of(stream), c.scores_of(stream)
+        positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
+        observed = {}
+        for name in self.policy.observes:
+            if name in c.stat_names:
+                observed[name] = c.ranked_stat(name, stream)
+            elif name == "window_attention":
+                observed[name] = self.observer.window_attention(stream)
+        return CacheView(c.length, incoming, self.budget, positions, scores, observed, c.num_layers, c.kv_heads)
+
+    # ---- accounting --------------------------------------------------------------------------
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose keys and values attention reads for the next query (excluding it)."""
+        if self.cache is None:
+            return min(self._window.shape[1], self.budget)
+        return self.cache.length
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values the next query reads: the governed (full-attention) layers'
+        kept tokens plus, on hybrid models, the sliding layers' windows."""
+        sliding = self.cache.sliding_bytes() if self.cache is not None else 0
+        return self.kv_tokens * self._token_bytes + sliding
+
+    def layer_accounting(self) -> dict | None:
+        """Hybrid models: what each layer kind holds and why it is exact (None without sliding
+        layers): the policy's budget governs the full-attention layers; sliding ones keep the
+        model's own window."""
+        if self.cache is None or self.cache.sliding is None:
+            return None
+        slide = self.cache.sliding
+        return {
+            "full_attention": {"layers": self.cache.num_layers, "budget": self.budget, "policy": self.policy.name,
+                               "bytes_per_token": self._token_bytes,
+                               "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)"},
+            "sliding_attention": {"layers": len(slide.devices), "window": slide.window, "tokens_held": slide.window - 1,
+                                  "bytes_per_token": slide.token_bytes(),
+                                  "exact": "the model's own sliding cache: last window - 1 tokens at their stream distances"},
+        }
+
+    @property
+    def sliding_tokens(self) -> int:
+        """Tokens each sliding-window layer holds (0 without such layers)."""
+        return self.cache.sliding.visible if self.cache is not None and self.cache.sliding is not None else 0
+
+    @property
+    def allocated_kv_bytes(self) -> int:
+        if self.cache is None:  # recompute-window builds a transient cache of the window each step
+            return self.budget * self._token_bytes
+        return self.cache.allocated_bytes()

@@ -1,0 +1,249 @@
+"""`streambench.run(config)`: validate everything, load the model once, run each policy, write one
+JSON result per finished run as soon as it finishes (so an interrupted run loses nothing done)."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from streambench.policies.build import PolicySpec, build_policy
+
+from streambench.runs.config import RunConfig, parse_budget, resolve_budget
+
+from streambench.tasks.build import build_task
+
+from streambench.values import check_seed
+from streambench.errors import ConfigError
+from streambench.results.schema import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
+from streambench.policies import POLICIES
+from streambench.registry import BUILTIN, plugin_fault
+from streambench.sanitize import check_label, inside, slug
+from streambench.tasks import TASKS
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+ProgressFactory = Callable[[str, int], "Progress"]
+
+
+class Progress:
+    """Minimal progress protocol: `total(n)` once the task knows its size, call with the units
+    done (tokens, items or rounds), `close()` at the end."""
+
+    def total(self, n: int, unit: str = "tok") -> None: ...
+
+    def __call__(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _silent(_desc: str, _total: int) -> Progress:
+    return Progress()
+
+
+@dataclass
+class PlannedRun:
+    spec: PolicySpec
+    policy: object
+    config: dict  # what the config hash covers
+    digest: str
+    run_id: str
+    decode: str = "eager"  # "graph": one-token steps replayed as CUDA graphs
+    budget_ratio: dict | None = None  # a budget given as a share of the context, and what it resolved to
+
+
+def plan(config: RunConfig, check_device: bool = True):
+    """Build and validate the task and every policy before anything heavy is loaded; each run's
+    config and hash are known here, so a sweep can skip finished runs without loading a model.
+    `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
+    import torch
+
+    from streambench.models.loading import check_device_name, resolve_device, resolve_dtype
+    from streambench.engine.observe import CAPTURED  # attention observers decode eagerly (session.py)
+
+    check_run_config(config)
+    task = build_task(config.task, config.task_args)
+    budget, ratio = resolve_budget(config.budget, task)
+    if budget is None:
+        budget = task.default_budget
+    device = resolve_device(config.device) if check_device else torch.device(
+        config.device if config.device != "auto" else "cpu")
+    dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
+    graphs = config.cuda_graphs is not False and device.type == "cuda"
+    batch = config.batch_size
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch size must be an integer >= 1, got {batch!r}")
+    if batch > 1 and not task.batchable:
+        raise ConfigError(f"task {task.name} runs one stream at a time; --batch-size applies to perplexity")
+    planned = []
+    from streambench.models.size_guard import check_fits
+    from streambench.models.loading import peek_shape
+
+    shape = peek_shape(config.model)
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    for spec in config.policies:
+        check_label(spec.label, f"label of {spec.name}")
+        policy = build_policy(spec, budget, explicit=config.budget is not None)
+        if batch > 1 and policy.retrieves:
+            raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
+        bank_device = policy.args().get("bank_device")
+        if bank_device is not None:
+            check_device_name(bank_device, "bank_device")
+            if check_device:
+                resolve_device(bank_device)
+        if shape is not None and check_device:  # refuse what cannot fit before the model loads
+            check_fits(spec.display, policy, shape, itemsize, batch, task.stream_tokens(), device)
+        run_config = {
+            "model": config.model,
+            "device": str(device),
+            "dtype": dtype,
+            "seed": config.seed,
+            "task": {"name": task.name, "version": task.version, "args": task.args()},
+            "policy": {"name": policy.name, "args": policy.args()},
+        }
+        for part, registry, name in (("task", TASKS, task.name), ("policy", POLICIES, policy.name)):
+            origin = registry.origin(name)
+            if origin is not BUILTIN:  # a plugin: what ran (its sha256, or distribution and version);
+                # the path goes to the result's provenance, so a clone elsewhere keeps the hash
+                run_config[part]["origin"] = {k: v for k, v in origin.items() if k != "path"}
+        if batch > 1:  # speed depends on it, quality does not; batch 1 keeps the hashes it always had
+            run_config["batch_size"] = batch
+        if config.device_map is not None:
+            run_config["device_map"] = config.device_map
+        graphable = not policy.recompute and not policy.retrieves and not policy.observes & CAPTURED
+        decode = "graph" if graphs and graphable else "eager"
+        if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
+            run_config["decode"] = decode
+        if spec.label is not None and spec.label != policy.name:
+            # A label names a run: two labels on the same settings are two runs (two rows, two
+            # baseline entries), and relabelling reruns. Unlabelled runs keep the hashes they had.
+            run_config["label"] = spec.label
+        digest = config_hash(run_config)
+        shown = policy.budget if policy.budget is not None else "inf"
+        run_id = f"{slug(task.name, 24)}-{slug(spec.display)}-b{shown}-{digest[:10]}"
+        planned.append(PlannedRun(spec, policy, run_config, digest, run_id, decode,
+                                  ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None))
+    return task, planned
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Types and ranges of the run-level settings (flags, sweep specs), before anything loads."""
+    if not isinstance(config.model, str) or not config.model.strip():
+        raise ConfigError(f"model must be a name, folder or file, got {config.model!r}")
+    for key in ("device", "dtype", "task", "out"):
+        if not isinstance(getattr(config, key), str):
+            raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
+    check_seed(config.seed)
+    parse_budget(config.budget)
+    if config.device_map is not None and config.device_map not in DEVICE_MAPS:
+        raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {config.device_map!r}")
+    if config.cuda_graphs not in (None, True, False):
+        raise ConfigError(f"cuda_graphs must be true or false, got {config.cuda_graphs!r}")
+    if not config.policies:
+        raise ConfigError("no policy given")
+
+
+def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: frozenset[str] = frozenset(),
+        on_error: Callable | None = None, claim: Callable[[PlannedRun], bool] | None = None) -> Iterator[dict]:
+    """Yield one result dict per policy, each already written to `config.out`. Runs whose config
+    hash is in `skip` are left out (the model is not even loaded if nothing is left); with
+    `on_error`, a failing run is reported to it (planned run, exception) and the others go on;
+    with `claim`, a run is computed only if claim(run) says it is ours (concurrent sweeps)."""
+    task, planned = plan(config)
+    todo = [p for p in planned if p.digest not in skip]
+    if not todo:
+        return
+    from streambench.models import loading as models
+    from streambench.errors import OutputError
+    from streambench.models.size_guard import Shape, check_fits
+    from streambench.sanitize import check_writable
+
+    out_dir = check_writable(config.out)  # a read-only or full disk fails now, not after the run
+    if lm is None:
+        lm = models.load(config.model, config.device, config.dtype, device_map=config.device_map)
+    param = next(lm.model.parameters())
+    env = environment(param.device)
+    shape = Shape(lm.info.num_layers, lm.info.kv_heads, lm.info.head_dim)
+    for item in todo:
+        if claim is not None and not claim(item):
+            continue
+        try:
+            check_fits(item.spec.display, item.policy, shape, param.element_size(), config.batch_size,
+                       task.stream_tokens(), param.device)
+            yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
+        except (KeyboardInterrupt, GeneratorExit, OutputError):
+            raise  # an output that cannot be written stops the sweep: every later run would fail too
+        except (Exception, SystemExit) as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
+            fault = plugin_fault(exc)  # a plugin's defect (its SystemExit too) is a plugin error naming it
+            if fault is None and isinstance(exc, SystemExit):
+                raise
+            if on_error is None:
+                if fault is None:
+                    raise
+                raise fault from exc
+            on_error(item, fault or exc)
+
+
+def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory,
+             batch_size: int = 1) -> dict:
+    import numpy as np
+    import torch
+
+    from streambench.engine.meter import Meter
+    from streambench.engine.session import StreamSession
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    started, t0 = now_iso(), time.perf_counter()
+    with StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode,
+                       max_tokens=task.stream_tokens()) as session:
+        meter = Meter(session.device)
+        bar = progress(item.spec.display, 0)
+        try:
+            outcome = task.run(session, lm.tokenizer, meter, bar)
+        finally:
+            bar.close()
+        engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
+        layers = session.layer_accounting()
+    if layers is not None:  # hybrid: the governed layers' KV and the sliding windows', apart
+        from streambench.engine.meter import MIB
+
+        full = layers["full_attention"]
+        engine_metrics["kv_full_mib_peak"] = engine_metrics["kv_tokens_peak"] * full["bytes_per_token"] / MIB
+        # both kinds only grow within a stream (up to the budget, up to the window): the total's
+        # peak is theirs together, and the sliding layers' share is the rest
+        engine_metrics["kv_sliding_mib_peak"] = engine_metrics["kv_mib_peak"] - engine_metrics["kv_full_mib_peak"]
+    metrics = {**outcome.metrics, **engine_metrics, **item.policy.stats()}
+    directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
+    result = {
+        "schema": SCHEMA,
+        "run_id": item.run_id,
+        "label": item.spec.display,
+        "config": item.config,
+        "config_hash": item.digest,
+        "model": lm.info.as_dict(),
+        "metrics": metrics,
+        "higher_is_better": directions,
+        "curves": {**outcome.curves, **engine_curves},
+        "records": outcome.records,
+        "info": outcome.info,
+        **({"kv_layers": layers} if layers is not None else {}),
+        **({"budget_ratio": item.budget_ratio} if item.budget_ratio else {}),
+        "environment": env,
+        "provenance": {part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)
+                       for part in ("task", "policy")},
+        "timing": {
+            "started": started,
+            "finished": now_iso(),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "model_load_s": lm.info.load_seconds,
+        },
+    }
+    path = inside(out_dir, f"{item.run_id}.json")
+    write_json_atomic(path, result)
+    result["path"] = str(path)
+    return result

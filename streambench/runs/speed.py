@@ -1,0 +1,300 @@
+"""`streambench bench`: speed as ratios measured in one process (never absolute numbers in tests).
+
+- bound: bare matrix-vector products over every linear weight of the model (what one decode step
+  must read at least), as tokens/s;
+- plain: transformers' own decode with a DynamicCache, prefilled to `length` tokens;
+- each policy's single-stream decode at the same cache length, over the bound and over plain;
+- streamingllm's per-token speedup over recompute-window at several budgets (StreamingLLM reports
+  up to 22.2x at 4K on an A6000; the ratio must grow with the budget);
+- exact chunked feeding over token-by-token feeding (streambench/engine/exact_chunks.py), per position-only
+  policy and budget: the same per-token NLL, this much faster to evaluate.
+
+Each measurement has a burn-in stage and a measured stage, with a synchronize around each on CUDA.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from streambench.policies.build import PolicySpec, build_policy
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, n: int, burn: int, device, repeats: int = 2) -> float:
+    """Seconds per call of `step(i)`: the best of `repeats` rounds of n calls, after `burn` untimed
+    ones (the minimum is the least disturbed by other work on the machine)."""
+    for i in range(burn):
+        step(i)
+    best = float("inf")
+    for r in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(burn + r * n, burn + (r + 1) * n):
+            step(i)
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+@torch.no_grad()
+def weight_bound(model, steps: int, burn: int) -> float:
+    """Seconds for one pass of mat-vec products over all linear weights (the decode floor)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    device = weights[0].device
+    vectors = {w.shape[1]: torch.randn(w.shape[1], dtype=w.dtype, device=device) for w in weights}
+    return _timed(lambda i: [torch.mv(w, vectors[w.shape[1]]) for w in weights], steps, burn, device)
+
+
+@torch.no_grad()
+def plain_decode(lm, ids: torch.Tensor, length: int, steps: int, burn: int) -> float:
+    from transformers import DynamicCache
+
+    model = lm.model
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :length], cache=cache)
+    return _timed(lambda i: model(input_ids=ids[:, length + i : length + i + 1], cache=cache), steps, burn, ids.device)
+
+
+@torch.no_grad()
+def plain_generate(lm, ids: torch.Tensor, length: int, steps: int) -> float:
+    """Seconds per new token of `model.generate` (greedy) from a `length`-token prompt: the
+    difference between generating steps+1 tokens and 1 token, so the prefill cancels out."""
+    model = lm.model
+    prompt = ids[:, :length]
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(new: int) -> float:
+        _sync(ids.device)
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kwargs)
+        _sync(ids.device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    return min((timed(steps + 1) - timed(1)) / steps for _ in range(2))
+
+
+@torch.no_grad()
+def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, steps: int, burn: int,
+                  repeats: int = 2, decode: str = "eager") -> float:
+    from streambench.engine.session import StreamSession
+
+    policy = build_policy(PolicySpec(name), budget)
+    if policy.recompute or policy.retrieves:
+        decode = "eager"  # no static-shape path for these
+    with StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode) as session:
+        if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
+            session._window = ids[:, :length]
+        else:
+            session.feed(ids[:, :length])
+        return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
+
+
+def random_ids(lm, shape: tuple[int, int], seed: int, device) -> torch.Tensor:
+    """Token ids for timing (ordinary ones: no special tokens at the vocabulary's start)."""
+    top = min(lm.model.config.vocab_size, 30000)
+    return torch.randint(min(100, top // 2), top, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def batched(lm, name: str, budget: int, sizes: list[int], steps: int, burn: int, single_plain: float) -> dict:
+    """Aggregate tokens/s of B streams decoded together (policy and plain transformers), against
+    one plain stream: batching shares each weight read among B tokens."""
+    device = next(lm.model.parameters()).device
+    rows = {}
+    for size in sizes:
+        ids = random_ids(lm, (size, budget + 2 * steps + burn + 2), size, device)
+        t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
+        plain = plain_decode(lm, ids, budget - 1, steps, burn)
+        rows[size] = {"tokens_per_s": size / t, "plain_tokens_per_s": size / plain,
+                      "over_single_plain": single_plain / t * size, "over_plain_same_batch": plain / t}
+        if device.type == "cuda":
+            g = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
+            rows[size].update({"graph_tokens_per_s": size / g, "graph_over_single_plain": single_plain / g * size})
+    return rows
+
+
+def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: int, burn: int,
+              batch_sizes: tuple[int, ...] = (1, 4, 8), batch_policy: str = "streamingllm") -> dict:
+    device = next(lm.model.parameters()).device
+    need = max([budget, *budgets]) + 2 * steps + burn + 2
+    ids = random_ids(lm, (1, need), 0, device)
+    plain_decode(lm, ids, budget - 1, steps, burn)  # warm-up: first calls pay for allocations and page faults
+    bound = weight_bound(lm.model, steps, burn)
+    plain = plain_decode(lm, ids, budget - 1, steps, burn)
+    generate = plain_generate(lm, ids, budget - 1, steps)
+    rows = {}
+    for name in policies:
+        t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
+        rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t,
+                      "over_generate": generate / t}
+    if device.type == "cuda":  # the same steps replayed as CUDA graphs (streambench run --cuda-graphs)
+        from streambench.engine.observe import CAPTURED
+
+        for name, row in rows.items():
+            policy = build_policy(PolicySpec(name), budget)
+            if policy.observes & CAPTURED or policy.recompute or policy.retrieves:
+                continue  # decodes eagerly (the session logs why): no graph row rather than an eager one
+            t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
+            row.update({"graph_ms_per_token": 1e3 * t, "graph_of_bound": bound / t, "graph_over_plain": plain / t,
+                        "graph_over_eager": row["ms_per_token"] / (1e3 * t)})
+    dense = rows.get("dense", {}).get("ms_per_token")
+    for row in rows.values():
+        row["over_dense_time"] = row["ms_per_token"] / dense if dense else None
+    speedups = {}
+    for b in budgets:
+        sinks = policy_decode(lm, "streamingllm", b, ids, b - 1, steps, burn)
+        recompute = policy_decode(lm, "recompute-window", b, ids, b - 1, max(2, steps // 8), 1, repeats=1)
+        speedups[b] = {"streamingllm_ms": 1e3 * sinks, "recompute_ms": 1e3 * recompute, "speedup": recompute / sinks}
+    return {"device": str(device), "budget": budget, "steps": steps,
+            "bound": {"ms_per_token": 1e3 * bound, "tokens_per_s": 1 / bound},
+            "plain": {"ms_per_token": 1e3 * plain, "tokens_per_s": 1 / plain, "of_bound": bound / plain},
+            "generate": {"ms_per_token": 1e3 * generate, "tokens_per_s": 1 / generate, "of_bound": bound / generate},
+            "policies": rows, "streamingllm_vs_recompute": speedups,
+            "batched": {"policy": batch_policy, "rows": batched(lm, batch_policy, budget, list(batch_sizes), steps, burn, plain)}
+            if batch_sizes else None}
+
+
+@torch.no_grad()
+def exact_vs_token(lm, budgets: list[int], tokens: int, steps: int, burn: int = 2,
+                   policies: tuple[str, ...] = ("dense", "window", "streamingllm", "recompute-window")) -> list[dict]:
+    """Evaluation tokens/s of a `tokens`-token stream fed in exact chunks, over feeding it token by
+    token. The exact stream is timed whole. Token by token is timed on `steps` tokens at 1/4, 1/2
+    and 3/4 of the stream (state reached by exact chunks, which leave the same cache), and the
+    stream's time estimated from their mean (dense's per-token cost grows with its cache; the
+    others' is flat once full). recompute-window, O(budget) per token either way, is timed on
+    `2 * steps` tokens with a full window: its batched rows against its per-step loop."""
+    from streambench.engine.exact_chunks import auto_chunk
+    from streambench.engine.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    ids = random_ids(lm, (1, tokens + steps + burn + 2), 11, device)
+    rows = []
+    for budget in budgets:
+        for name in policies:
+            if name == "dense" and budget != budgets[0]:
+                continue  # no budget: one row
+            policy = lambda: build_policy(PolicySpec(name), budget)  # noqa: E731
+            chunk = auto_chunk(policy().budget, device, lm.info.num_heads)
+            if policy().recompute:
+                n = 2 * steps
+                with StreamSession(lm, policy()) as session:
+                    session._window = ids[:, : budget - 1]
+                    exact = _timed(lambda i: session.feed(ids[:, budget - 1 : budget - 1 + n], exact=True), 1, 0, device, 1) / n
+                with StreamSession(lm, policy()) as session:
+                    session._window = ids[:, : budget - 1]
+                    token = _timed(lambda i: session.feed(ids[:, budget - 1 + i : budget + i]), steps, burn, device, 1)
+                rows.append({"policy": name, "budget": budget, "tokens": n, "chunk": n,
+                             "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+                continue
+            with StreamSession(lm, policy()) as session:
+                session.feed(ids[:, :chunk], exact=True)  # warm-up
+            with StreamSession(lm, policy()) as session:
+                _sync(device)
+                start = time.perf_counter()
+                for i in range(0, tokens, chunk):
+                    session.feed(ids[:, i : min(i + chunk, tokens)], exact=True)
+                _sync(device)
+                exact = (time.perf_counter() - start) / tokens
+            per_token = []
+            for fraction in (0.25, 0.5, 0.75):
+                at = int(tokens * fraction)
+                with StreamSession(lm, policy()) as session:
+                    for i in range(0, at, chunk):
+                        session.feed(ids[:, i : min(i + chunk, at)], exact=True)
+                    per_token.append(_timed(lambda i: session.feed(ids[:, at + i : at + i + 1]), steps, burn, device, 1))
+            token = sum(per_token) / len(per_token)
+            rows.append({"policy": name, "budget": policy().budget, "tokens": tokens, "chunk": chunk,
+                         "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+    return rows
+
+
+@torch.no_grad()
+def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
+    """Stream `tokens` tokens under streamingllm in chunks; record the KV bytes and process RSS
+    along the way. Memory must be flat: KV bytes constant once full, RSS growth small between the
+    10% mark and the end (a leak of even a few bytes per token shows over a million tokens)."""
+    import psutil
+
+    from streambench.engine.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), budget))
+    chunk = min(chunk, session.policy.max_incoming)
+    process = psutil.Process()
+    marks, kv, allocated = [], set(), set()
+    mark_every = max(tokens // 20, chunk)
+    fed, next_mark, rss_10 = 0, mark_every, None
+    _sync(device)
+    start = time.perf_counter()
+    while fed < tokens:
+        n = min(chunk, tokens - fed)
+        ids = random_ids(lm, (1, n), fed, device)
+        session.feed(ids)
+        fed += n
+        if fed > budget:
+            kv.add(session.kv_bytes)
+            allocated.add(session.allocated_kv_bytes)
+        if fed >= next_mark or fed == tokens:
+            _sync(device)
+            rss = process.memory_info().rss
+            marks.append({"tokens": fed, "rss_mib": rss / 2**20, "kv_bytes": session.kv_bytes,
+                          "seconds": time.perf_counter() - start})
+            if rss_10 is None and fed >= tokens // 10:
+                rss_10 = rss
+            next_mark += mark_every
+            if on_chunk:
+                on_chunk(marks[-1])
+    seconds = time.perf_counter() - start
+    rss_end = process.memory_info().rss
+    return {"tokens": fed, "budget": budget, "chunk": chunk, "seconds": seconds, "tokens_per_s": fed / seconds,
+            "kv_bytes_values": sorted(kv), "allocated_kv_bytes_values": sorted(allocated),
+            "kv_constant": len(kv) == 1 and len(allocated) == 1,
+            "rss_10pct_mib": rss_10 / 2**20, "rss_end_mib": rss_end / 2**20,
+            "rss_growth": rss_end / rss_10 - 1, "marks": marks}
+
+
+def format_bench(out: dict, model: str, dtype: str) -> str:
+    """The bench's tables, as `streambench bench` and bench/gpu_bench.py print them."""
+    from tabulate import tabulate
+
+    budget = out["budget"]
+    lines = [f"{model} on {out['device']} ({dtype}), cache {budget}, {out['steps']} measured steps",
+             f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
+             f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
+             f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound); "
+             f"model.generate: {out['generate']['ms_per_token']:.2f} ms/token", ""]
+    rows = [[n, r["ms_per_token"], r["tokens_per_s"], r["of_bound"], r["over_plain"], r["over_generate"],
+             r["over_dense_time"]] for n, r in out["policies"].items()]
+    if rows:
+        lines.append(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain",
+                                             "speed over generate", "time over dense"], floatfmt=".2f"))
+    graphed = {n: r for n, r in out["policies"].items() if "graph_ms_per_token" in r}
+    if graphed:
+        rows = [[n, r["graph_ms_per_token"], 1e3 / r["graph_ms_per_token"], r["graph_of_bound"], r["graph_over_plain"],
+                 r["graph_over_eager"]] for n, r in graphed.items()]
+        lines += ["", "with CUDA graphs (--cuda-graphs):", tabulate(
+            rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "speed over eager"], floatfmt=".2f")]
+    if out["streamingllm_vs_recompute"]:
+        rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
+        lines += ["", tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f")]
+    if out.get("exact"):
+        rows = [[r["policy"], r["budget"] if r["budget"] is not None else "all", r["tokens"], r["chunk"],
+                 r["token_tokens_per_s"], r["exact_tokens_per_s"], r["speedup"]] for r in out["exact"]]
+        lines += ["", "exact chunked feeding vs token by token (same per-token NLL; evaluation tokens/s):",
+                  tabulate(rows, headers=["policy", "budget", "tokens", "chunk", "token-by-token tok/s", "exact chunked tok/s",
+                                          "speedup"], floatfmt=".2f")]
+    if out["batched"]:
+        rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"],
+                 *([r["graph_tokens_per_s"], r["graph_over_single_plain"]] if "graph_tokens_per_s" in r else [])]
+                for b, r in out["batched"]["rows"].items()]
+        headers = ["batch", "tokens/s (all streams)", "plain tokens/s", "over single plain", "over plain same batch"]
+        if len(rows[0]) > len(headers):
+            headers += ["graph tokens/s", "graph over single plain"]
+        lines += ["", f"batched streams ({out['batched']['policy']}, cache {budget}):",
+                  tabulate(rows, headers=headers, floatfmt=".2f")]
+    return "\n".join(lines)

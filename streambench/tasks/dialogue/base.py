@@ -1,0 +1,76 @@
+"""The loop the dialogue-memory tasks share: items in order, one conversation per group (the
+cache is reset when the group changes, as SirLLM does per dialogue or episode), one record each."""
+from __future__ import annotations
+
+from streambench.tasks.dialogue.items import MCItem
+
+FORMATS = ("template", "plain", "sirllm", "sirllm-released")
+# `format`: how turns are rendered. `template` (default): the model's chat template, its
+# default system prompt included, one prompt for every policy. `sirllm`: the released SirLLM
+# code's strings (ChatML without a system prompt for ChatML models, as it renders Yi-Chat; the
+# question's trailing space moved onto the answer; "USER: ...\n\nASSISTANT:" otherwise).
+# `sirllm-released`: that, and grocery under sirllm in the plain USER/ASSISTANT wrapping, as the
+# released code's token-entropy path renders it for every model. `plain`: USER/ASSISTANT for
+# every model (what the released code feeds any model not named Yi-Chat).
+
+
+def check_format(task) -> None:
+    task._require(task.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {task.format!r}")
+
+
+def memory_curves(conversation) -> dict:
+    """What a run's conversations kept: retention against age, and the cache map of the first."""
+    curves = conversation.retention.curves()
+    cache_map = conversation.cache_map.curve()
+    if cache_map:
+        curves["cache_map"] = cache_map
+    return curves
+
+
+def conversation_for(session, tokenizer, fmt: str = "template"):
+    from streambench.tasks.dialogue.chat_format import ChatFormat, Conversation
+
+    return Conversation(session, tokenizer, ChatFormat.named(tokenizer, fmt), joined=fmt != "template")
+
+
+def play_items(items: list[MCItem], session, tokenizer, meter, progress, before=None, after=None,
+               conversation=None) -> list[dict]:
+    """`before(conversation, item)` and `after(conversation, item)` may add fields to an item's
+    record (grocery's free recall on the side, the key's retention when it is asked for). An
+    item's `meta["facts"]`, (name, substring of the question) pairs, are tagged for retention."""
+    from streambench.tasks.dialogue.chat_format import Conversation  # torch: loaded when a run starts, not on listing
+
+    conversation = conversation or Conversation(session, tokenizer)
+    records, group = [], None
+    progress.total(len(items), "item")
+    meter.start()
+    for item in items:
+        if item.group != group:
+            conversation.reset()
+            group = item.group
+        processed = session.processed
+        extra = before(conversation, item) if before else {}
+        chosen, scored = conversation.ask(item.question, item.replies, facts=item.meta.get("facts", ()))
+        if after:
+            extra.update(after(conversation, item))
+        meter.step(session.processed - processed, session.kv_tokens, session.kv_bytes)
+        progress(1)
+        records.append({
+            "id": item.id,
+            "group": item.group,
+            "kind": item.kind,
+            "turn": conversation.turns,
+            "chosen": chosen,
+            "answer": item.answer,
+            "correct": chosen == item.answer,
+            "greedy": [c.greedy for c in scored],
+            "first_token_logprob": [round(c.logprob, 4) for c in scored],
+            "kv_tokens": session.kv_tokens,
+            **extra,
+        })
+    return records
+
+
+def accuracy(records: list[dict], kind: str | None = None) -> float:
+    chosen = [r["correct"] for r in records if kind is None or r["kind"] == kind]
+    return sum(chosen) / len(chosen) if chosen else float("nan")
