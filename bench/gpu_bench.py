@@ -15,6 +15,7 @@
 Everything lands in OUT_DIR (gpu_bench.json, gpu_bench.txt), rewritten after each model, so a run
 cut short keeps what it measured. Targets 8 minutes on an H100; --deadline skips what is left.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,24 +32,54 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference import ReferenceStream  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from streambench.runs.speed import exact_vs_token, format_bench, random_ids, run_bench  # noqa: E402
-from streambench.policies.build import PolicySpec, build_policy  # noqa: E402
 from streambench.engine.meter import _Nvml  # noqa: E402
-from streambench.models.loading import LoadedModel  # noqa: E402
 from streambench.engine.session import StreamSession  # noqa: E402
+from streambench.models.loading import LoadedModel  # noqa: E402
+from streambench.policies.build import PolicySpec, build_policy  # noqa: E402
+from streambench.runs.speed import exact_vs_token, format_bench, random_ids, run_bench  # noqa: E402
 
 SHAPES = {
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      rope_theta=10000.0, rms_norm_eps=1e-5),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, rms_norm_eps=1e-5,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 POLICIES = ["dense", "window", "streamingllm", "sirllm", "h2o", "tova", "knorm", "snapkv", "random"]
 
@@ -68,7 +99,9 @@ def exactness(device) -> dict:
                     worst = max(worst, (a - b).abs().max().item())
             out[f"deep-fp32-{name}"] = worst
             batched = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, args), 16), batch_size=3)
-            singles = [StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, args), 16)) for _ in range(3)]
+            singles = [
+                StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, args), 16)) for _ in range(3)
+            ]
             worst = 0.0
             for t in range(ids.shape[1]):
                 many = batched.feed(ids[:, t : t + 1])
@@ -125,10 +158,17 @@ def memory(lm, policies, budget: int, tokens: int, device) -> list[dict]:
             session.feed(ids[:, start : start + 64])
             nvml_peak = max(nvml_peak, nvml.used() or 0)
         torch.cuda.synchronize(device)
-        rows.append({"policy": name, "budget": session.policy.budget, "tokens": tokens,
-                     "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-                     "nvml_used_peak_mib": nvml_peak / 2**20, "kv_mib": session.kv_bytes / 2**20,
-                     "kv_allocated_mib": session.allocated_kv_bytes / 2**20})
+        rows.append(
+            {
+                "policy": name,
+                "budget": session.policy.budget,
+                "tokens": tokens,
+                "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "nvml_used_peak_mib": nvml_peak / 2**20,
+                "kv_mib": session.kv_bytes / 2**20,
+                "kv_allocated_mib": session.allocated_kv_bytes / 2**20,
+            }
+        )
         del session
     return rows
 
@@ -188,18 +228,36 @@ def main() -> None:
         bench = run_bench(lm, POLICIES, budget, budgets, steps, burn, batches)
         if exact_budgets:
             bench["exact"] = exact_vs_token(lm, exact_budgets, exact_tokens, steps)
-        entry = {"bench": bench, "dtype": str(next(lm.model.parameters()).dtype),
-                 "parameters": sum(p.numel() for p in lm.model.parameters())}
+        entry = {
+            "bench": bench,
+            "dtype": str(next(lm.model.parameters()).dtype),
+            "parameters": sum(p.numel() for p in lm.model.parameters()),
+        }
         say(f"\n== {lm.info.name} ({entry['parameters'] / 1e9:.2f}B parameters) ==")
         say(format_bench(bench, lm.info.name, entry["dtype"]))
         if device.type == "cuda":
             entry["bench_cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             entry["memory"] = memory(lm, POLICIES, budget, 2 * budget if not args.quick else 64, device)
-            say("\nmemory while streaming " + str(entry["memory"][0]["tokens"]) + " tokens:\n" + tabulate(
-                [[r["policy"], r["budget"] or "all", r["cuda_peak_mib"], r["nvml_used_peak_mib"], r["kv_mib"],
-                  r["kv_allocated_mib"]] for r in entry["memory"]],
-                headers=["policy", "budget", "CUDA peak MiB", "NVML used MiB", "KV MiB", "KV allocated MiB"],
-                floatfmt=".1f"))
+            say(
+                "\nmemory while streaming "
+                + str(entry["memory"][0]["tokens"])
+                + " tokens:\n"
+                + tabulate(
+                    [
+                        [
+                            r["policy"],
+                            r["budget"] or "all",
+                            r["cuda_peak_mib"],
+                            r["nvml_used_peak_mib"],
+                            r["kv_mib"],
+                            r["kv_allocated_mib"],
+                        ]
+                        for r in entry["memory"]
+                    ],
+                    headers=["policy", "budget", "CUDA peak MiB", "NVML used MiB", "KV MiB", "KV allocated MiB"],
+                    floatfmt=".1f",
+                )
+            )
         entry["seconds"] = time.time() - t0
         say(f"({entry['seconds']:.0f}s)")
         report["models"][lm.info.name] = entry

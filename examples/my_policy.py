@@ -3,6 +3,7 @@
 Nothing in streambench is edited: the class subclasses CachePolicy, `select` returns the ranks
 that stay (the contract in streambench/policies/base.py), and results record this file's sha256.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,9 @@ class KeepEveryOther(CachePolicy):
 
     def configure(self) -> None:
         self._check_int("start_size", 0)
-        self._require(self.budget is not None and self.budget > self.start_size + 2, "needs a budget above start_size + 2")
+        self._require(
+            self.budget is not None and self.budget > self.start_size + 2, "needs a budget above start_size + 2"
+        )
 
     @property
     def max_incoming(self) -> int:

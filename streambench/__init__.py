@@ -3,6 +3,7 @@
 The public entry points are `streambench.run(config)` and the `streambench` command.
 Heavy modules (torch, transformers) load only when a run starts.
 """
+
 __version__ = "0.1.0"
 
 

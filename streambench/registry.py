@@ -11,6 +11,7 @@ A plugin must subclass the registry's base class. Every entry knows where it cam
 version), so a result says exactly what ran. Entries are classes, never shared instances: each run
 builds its own object from validated args.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -21,14 +22,15 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from streambench.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T", bound=type)
 BUILTIN = {"kind": "builtin"}
-_REGISTRIES: list["Registry"] = []  # every registry, for plugin_fault
+_REGISTRIES: list[Registry] = []  # every registry, for plugin_fault
 
 
 class PluginError(ConfigError):
@@ -119,13 +121,20 @@ def plugin_fault(exc: BaseException) -> PluginError | None:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, base: type | None = None, group: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        base: type | None = None,
+        group: str | None = None,
+        check: Callable[[type], None] | None = None,
+    ):
         self.kind = kind
         self.base = base
+        self.check = check  # validates a class's declarations when it registers (raises ConfigError)
         self.group = group  # entry-point group plugins register under
         self._entries: dict[str, T] = {}
         self._origins: dict[str, dict] = {}
-        self._entry_points = None  # {name: EntryPoint}, read once, lazily
+        self._entry_points: dict[str, Any] | None = None  # {name: EntryPoint}, read once, lazily
         _REGISTRIES.append(self)
 
     def register(self, *names: str, origin: dict | None = None) -> Callable[[T], T]:
@@ -133,39 +142,52 @@ class Registry(Generic[T]):
             if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
                 what = cls.__name__ if isinstance(cls, type) else repr(cls)
                 raise TypeError(f"{what} must subclass {self.base.__name__} to be a {self.kind}")
+            if self.check is not None and isinstance(cls, type):
+                probe: Any = cls
+                probe.name = probe.__dict__.get("name") or names[0]  # named in the check's message
+                self.check(cls)
             for name in names:
                 if name in self._entries and self._entries[name] is not cls:
                     raise ValueError(f"{self.kind} name '{name}' is already taken by {self._entries[name].__name__}")
                 self._entries[name] = cls
                 self._origins[name] = origin or BUILTIN
             if not cls.__dict__.get("name"):  # a subclass does not inherit its parent's name
-                cls.name = names[0]
+                cls.name = names[0]  # type: ignore[attr-defined]  # every registered base declares `name`
             return cls
 
         return decorate
 
     # ---- plugins -------------------------------------------------------------------------------
-    def _plugin_entry_points(self) -> dict:
+    def _plugin_entry_points(self) -> dict[str, Any]:
         if self._entry_points is None:
             found = importlib.metadata.entry_points(group=self.group) if self.group else []
             self._entry_points = {ep.name: ep for ep in found}
         return self._entry_points
 
-    def _adopt(self, name: str, obj, origin: dict, where: str) -> T:
+    def _adopt(self, name: str, obj: Any, origin: dict, where: str) -> T:
         if not (isinstance(obj, type) and self.base is not None and issubclass(obj, self.base)):
-            raise PluginError(f"{where} is not a {self.kind}: it must be a class subclassing {self.base.__name__}")
-        if obj is self.base:
-            raise PluginError(f"{where} is streambench's base class itself: a {self.kind} plugin subclasses {obj.__name__}")
-        if inspect.isabstract(obj):
-            missing = ", ".join(sorted(obj.__abstractmethods__))
+            base = getattr(self.base, "__name__", "its base class")
+            raise PluginError(f"{where} is not a {self.kind}: it must be a class subclassing {base}")
+        cls: Any = obj  # a subclass of the registry's base, which declares `name`
+        if cls is self.base:
+            raise PluginError(
+                f"{where} is streambench's base class itself: a {self.kind} plugin subclasses {cls.__name__}"
+            )
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
             raise PluginError(f"{where} is abstract: it does not implement {missing}")
-        known = next((n for n, c in self._entries.items() if c is obj), None)
+        known = next((n for n, c in self._entries.items() if c is cls), None)
         if known is not None:  # renaming it would rename the entry (and every result) it already is
             raise PluginError(f"{where} is the {self.kind} already known as '{known}': name it '{known}'")
-        obj.name = name  # the name it was found by is the name results record and reruns resolve
-        self._entries[name] = obj
+        if self.check is not None:
+            try:
+                self.check(cls)
+            except ConfigError as exc:
+                raise PluginError(f"{where}: {exc}") from None
+        cls.name = name  # the name it was found by is the name results record and reruns resolve
+        self._entries[name] = cls
         self._origins[name] = origin
-        return obj
+        return cls
 
     def _load_reference(self, name: str) -> T:
         target, _, attr = name.rpartition(":")

@@ -5,6 +5,7 @@ Labels, model names and task arguments come from users, sweep specs, result file
 They reach file names (run ids), HTML (reports), SQL (always as bound parameters) and one-line
 messages; this module is where a string becomes safe for a file name or is refused.
 """
+
 from __future__ import annotations
 
 import errno

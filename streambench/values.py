@@ -1,6 +1,7 @@
 """Values users give (flags, presets, sweep entries, policy and task fields): `key=value`
 parsing, field types checked from a dataclass's annotations, sane integers and seeds. Refused in
 one line before anything is built."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "prose.txt"
-    path.write_text(("It was the best of times, it was the worst of times, it was the age of wisdom. " * 60))
+    path.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 60)
     return path
 
 
@@ -61,7 +61,9 @@ def plugin_site(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
     info.mkdir()
-    info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    info.joinpath("METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
     lines = []
     for group, entries in project["entry-points"].items():
         lines.append(f"[{group}]")

@@ -14,6 +14,7 @@ Why not "a fresh forward over the kept tokens"? In layers >= 1 a kept token's ke
 computed while it attended to tokens evicted since, so for a multi-layer model no eviction policy
 can equal a fresh forward; for a 1-layer model it can, and tests check that too.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -91,14 +92,23 @@ class ReferenceStream:
         if keep_positions is not None:
             self.positions = np.asarray(keep_positions, dtype=np.int64)
         elif self.policy.evicts and n + count > self.policy.budget:
-            view = CacheView(n, count, self.policy.budget, self.positions, self.scores[self.positions],
-                             num_layers=layers, kv_heads=kv_heads)
+            view = CacheView(
+                n,
+                count,
+                self.policy.budget,
+                self.positions,
+                self.scores[self.positions],
+                num_layers=layers,
+                kv_heads=kv_heads,
+            )
             keep = np.asarray(self.policy.select(view))
             if keep.ndim == 2:
                 keep = np.broadcast_to(keep[:, None], (layers, kv_heads, keep.shape[-1]))
             if keep.ndim == 3 and self.positions.ndim == 1:
                 self.positions = np.broadcast_to(self.positions, (layers, kv_heads, n))
-            self.positions = np.take_along_axis(self.positions, keep, -1) if keep.ndim == 3 else self.positions[..., keep]
+            self.positions = (
+                np.take_along_axis(self.positions, keep, -1) if keep.ndim == 3 else self.positions[..., keep]
+            )
         n = self.positions.shape[-1]
         self._new.clear()
         cache = _Recording(self._new, config=self.model.config)
@@ -112,7 +122,9 @@ class ReferenceStream:
                     DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
                     continue
                 if self.positions.ndim == 3:  # head h attends over its own tokens only
-                    idx = torch.as_tensor(self.positions[self.rank[i]], device=ids.device)[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[-1])
+                    idx = torch.as_tensor(self.positions[self.rank[i]], device=ids.device)[None, :, :, None].expand(
+                        k.shape[0], -1, -1, k.shape[-1]
+                    )
                     k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
                 else:
                     idx = torch.as_tensor(self.positions, device=ids.device)
@@ -162,5 +174,3 @@ def fresh_logits(model, ids, kept):
     with ReferenceStream(model, None) as fresh:
         fresh.feed(ids[:, torch.as_tensor(union)], keep_positions=np.empty(0, dtype=np.int64))
         return fresh.feed(ids[:, -1:], keep_positions=np.searchsorted(union, kept[..., :-1]))[0, -1]
-
-

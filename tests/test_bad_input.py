@@ -2,6 +2,7 @@
 file written anywhere (each case runs in an empty folder and fails before any model loads).
 Property-based cases (hypothesis) throw random values at `-p`, presets and sweep specs: validation
 either accepts them or raises the library's typed error, never anything else."""
+
 import json
 import os
 from pathlib import Path
@@ -57,7 +58,10 @@ RUN_CASES = [
     (["--policy", "sirllm", "-p", "decay=.nan"], "decay must be finite"),
     (["--policy", "sirllm", "-p", "score=null"], "score must be a string"),
     (["--policy", "longmem", "-p", "bank_device=bogus"], "unsupported bank_device 'bogus'"),
-    (["--policy", "longmem", "-p", "bank_device=cuda:0"], ""),  # CUDA missing here, or present: either way before loading
+    (
+        ["--policy", "longmem", "-p", "bank_device=cuda:0"],
+        "",
+    ),  # CUDA missing here, or present: either way before loading
     (["--seed", "-1"], "seed must be an integer from 0 to 4294967295"),
     (["--seed", "4294967296"], "seed must be an integer from 0 to 4294967295"),
     (["--seed", "x"], "is not a valid integer"),
@@ -88,7 +92,10 @@ RUN_CASES = [
     (["--task", "grocery", "--data", "/nonexistent/keys.jsonl"], "data not found"),
     (["--model", TINY, "--budget", "4000000000", "--task", "grocery", "--policy", "streamingllm"], "needs"),
     (["--model", TINY, "--text", "binary.txt", "--tokens", "8", "--policy", "window"], "looks binary"),
-    (["--model", TINY, "--policy", "window", "--text", TEXT, "--tokens", "8", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+    (
+        ["--model", TINY, "--policy", "window", "--text", TEXT, "--tokens", "8", "--cuda-graphs"],
+        "--cuda-graphs needs a CUDA device",
+    ),
 ]
 
 
@@ -133,9 +140,16 @@ SPEC_CASES = [
 
 @pytest.mark.parametrize("content,needle", SPEC_CASES, ids=[json.dumps(c)[:50] for c, _ in SPEC_CASES])
 def test_sweep_spec_refused_before_anything_runs(content, needle, workdir, tiny_model_dir, small_text):
-    spec = {"models": [str(tiny_model_dir)], "policies": ["window"], "budgets": [8],
-            "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 20}],
-            "store": "store.sqlite", "out": "json", "device": "cpu", **content}
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "policies": ["window"],
+        "budgets": [8],
+        "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 20}],
+        "store": "store.sqlite",
+        "out": "json",
+        "device": "cpu",
+        **content,
+    }
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
     before = files_under(workdir)
     result = CliRunner().invoke(cli, ["sweep", "-q", "spec.yaml"])
@@ -199,12 +213,31 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(workdir, m
 
 
 # ---- property-based: random values through every validation path ------------------------------
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=12), st.sampled_from(["cpu", "cuda", "faiss", "exact", "upstream", "surprisal"]))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["cpu", "cuda", "faiss", "exact", "upstream", "surprisal"]),
+)
 values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=4), scalars, max_size=2))
 POLICY_NAMES = ["dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem"]
-FIELDS = ["budget", "size", "start_size", "recent_size", "entropy_size", "decay", "score", "block_size", "top_k",
-          "bank_tokens", "bank_device", "refresh", "index"]
+FIELDS = [
+    "budget",
+    "size",
+    "start_size",
+    "recent_size",
+    "entropy_size",
+    "decay",
+    "score",
+    "block_size",
+    "top_k",
+    "bank_tokens",
+    "bank_device",
+    "refresh",
+    "index",
+]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -221,8 +254,11 @@ def _sane(policy):
 
 
 @SETTINGS
-@given(name=st.sampled_from(POLICY_NAMES), args=st.dictionaries(st.sampled_from(FIELDS), values, max_size=4),
-       budget=st.one_of(st.none(), st.integers(-3, 2**20)))
+@given(
+    name=st.sampled_from(POLICY_NAMES),
+    args=st.dictionaries(st.sampled_from(FIELDS), values, max_size=4),
+    budget=st.one_of(st.none(), st.integers(-3, 2**20)),
+)
 def test_policy_args_are_validated_or_refused(name, args, budget):
     from streambench.policies.build import PolicySpec, apply_overrides, build_policy
 
@@ -237,7 +273,9 @@ def test_policy_args_are_validated_or_refused(name, args, budget):
 
 
 @SETTINGS
-@given(data=st.dictionaries(st.sampled_from(["policy", "include", "version", "description", *FIELDS]), values, max_size=5))
+@given(
+    data=st.dictionaries(st.sampled_from(["policy", "include", "version", "description", *FIELDS]), values, max_size=5)
+)
 def test_presets_are_validated_or_refused(data, tmp_path):
     from streambench.policies.build import build_policy, resolve_policy
 
@@ -250,8 +288,19 @@ def test_presets_are_validated_or_refused(data, tmp_path):
             _sane(policy)
 
 
-SPEC_KEYS = ["models", "budgets", "policies", "tasks", "device", "dtype", "seed", "batch_size", "device_map",
-             "resources", "retries"]
+SPEC_KEYS = [
+    "models",
+    "budgets",
+    "policies",
+    "tasks",
+    "device",
+    "dtype",
+    "seed",
+    "batch_size",
+    "device_map",
+    "resources",
+    "retries",
+]
 
 
 @SETTINGS
@@ -276,11 +325,25 @@ def test_assignments_parse_or_refuse(items):
 
 
 def test_hostile_labels_make_safe_file_names_inside_out(workdir, tiny_model_dir, small_text):
-    labels = ["/../../../escaped", "a/b/c", "..", "<script>alert(1)</script>", "$x^2$", "_hidden", "ünïcödé ✓", "C:\\evil"]
-    spec = {"models": [str(tiny_model_dir)], "budgets": [8], "device": "cpu",
-            "policies": [{"policy": "window", "label": label} for label in labels],  # (labels alone make runs apart)
-            "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
-            "store": "deep/dir/store.sqlite", "out": "deep/dir/json"}
+    labels = [
+        "/../../../escaped",
+        "a/b/c",
+        "..",
+        "<script>alert(1)</script>",
+        "$x^2$",
+        "_hidden",
+        "ünïcödé ✓",
+        "C:\\evil",
+    ]
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "budgets": [8],
+        "device": "cpu",
+        "policies": [{"policy": "window", "label": label} for label in labels],  # (labels alone make runs apart)
+        "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
+        "store": "deep/dir/store.sqlite",
+        "out": "deep/dir/json",
+    }
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
     before = files_under(workdir)
     result = CliRunner().invoke(cli, ["sweep", "-q", "spec.yaml"])
@@ -323,13 +386,15 @@ def test_a_gguf_header_declaring_a_huge_string_is_one_line(tmp_path):
 
     bad = tmp_path / "huge.gguf"  # magic, version 3, 0 tensors, 1 key whose name claims 2^40 bytes
     bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**40) + b"general.name")
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(bad), "--policy", "window", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli, ["run", "-q", "--model", str(bad), "--policy", "window", "--out", str(tmp_path / "o")]
+    )
     assert_one_line_exit_2(result, "cannot load model")
     assert not any((tmp_path / "o").iterdir()) if (tmp_path / "o").exists() else True
 
 
 # ---- plugins that lie or break, sampling values, text that is not text (issue 24) ---------------
-PLUGIN = '''
+PLUGIN = """
 import abc
 from dataclasses import dataclass
 
@@ -424,9 +489,9 @@ class NoSelect(CachePolicy):
 class Abstract(CachePolicy, abc.ABC):
     @abc.abstractmethod
     def helper(self): ...
-'''
+"""
 
-TASK_PLUGIN = '''
+TASK_PLUGIN = """
 from dataclasses import dataclass
 
 from streambench.tasks.base import Task
@@ -441,7 +506,7 @@ class RaisesInRun(Task):
 @dataclass
 class NoRun(Task):
     pass
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -454,21 +519,58 @@ def plugins(tmp_path_factory):
 
 
 def run_tiny(tiny_model_dir, small_text, *args, out="out"):
-    return CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--text", str(small_text),
-                                    "--device", "cpu", "--out", out, *map(str, args)])
+    return CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--text",
+            str(small_text),
+            "--device",
+            "cpu",
+            "--out",
+            out,
+            *map(str, args),
+        ],
+    )
 
 
 def results_in(folder) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
 
 
-def test_the_configured_budget_is_the_enforced_one_whatever_the_plugin_does(plugins, workdir, tiny_model_dir, small_text):
-    result = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:GrowsBudget", "--feed", "token",
-                      "--tokens", 16, "--budget", 8)
+def test_the_configured_budget_is_the_enforced_one_whatever_the_plugin_does(
+    plugins, workdir, tiny_model_dir, small_text
+):
+    result = run_tiny(
+        tiny_model_dir,
+        small_text,
+        "--policy",
+        f"{plugins}/p.py:GrowsBudget",
+        "--feed",
+        "token",
+        "--tokens",
+        16,
+        "--budget",
+        8,
+    )
     assert_one_line_exit_2(result, "select() kept 8 tokens, more than the 7")
     assert "it set its budget to 16; the run's budget 8 is the one enforced" in result.output
     assert not results_in(workdir / "out")
-    ok = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:Valid", "--feed", "token", "--tokens", 16, "--budget", 8)
+    ok = run_tiny(
+        tiny_model_dir,
+        small_text,
+        "--policy",
+        f"{plugins}/p.py:Valid",
+        "--feed",
+        "token",
+        "--tokens",
+        16,
+        "--budget",
+        8,
+    )
     assert ok.exit_code == 0, ok.output
     (r,) = results_in(workdir / "out")
     assert r["config"]["policy"]["args"]["budget"] == 8 and r["metrics"]["kv_tokens_peak"] <= 8
@@ -479,17 +581,48 @@ def test_a_declared_band_is_verified_never_trusted(cls, chunk, plugins, workdir,
     """A band that the policy's own keep-set contradicts is refused: when the whole stream is one
     exact chunk (the probe, before the first forward), and when it lies only past the probe (the
     keep-set at a chunk's end)."""
-    args = ["--policy", f"{plugins}/p.py:{cls}", "--feed", "exact", "--tokens", 64 if cls == "LiesLate" else 16, "--budget", 8]
+    args = [
+        "--policy",
+        f"{plugins}/p.py:{cls}",
+        "--feed",
+        "exact",
+        "--tokens",
+        64 if cls == "LiesLate" else 16,
+        "--budget",
+        8,
+    ]
     result = run_tiny(tiny_model_dir, small_text, *args, *(["--chunk-size", chunk] if chunk else []))
     assert_one_line_exit_2(result, f"p.py:{cls} declares Band(sinks=0, width=8, budget=8) but")
     assert not results_in(workdir / "out")
 
 
 def test_an_honest_band_plugin_feeds_exact_chunks_equal_to_token_by_token(plugins, workdir, tiny_model_dir, small_text):
-    exact = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:HonestBand,window", "--feed", "exact",
-                     "--tokens", 48, "--budget", 8, out="exact")
-    token = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:HonestBand", "--feed", "token",
-                     "--tokens", 48, "--budget", 8, out="token")
+    exact = run_tiny(
+        tiny_model_dir,
+        small_text,
+        "--policy",
+        f"{plugins}/p.py:HonestBand,window",
+        "--feed",
+        "exact",
+        "--tokens",
+        48,
+        "--budget",
+        8,
+        out="exact",
+    )
+    token = run_tiny(
+        tiny_model_dir,
+        small_text,
+        "--policy",
+        f"{plugins}/p.py:HonestBand",
+        "--feed",
+        "token",
+        "--tokens",
+        48,
+        "--budget",
+        8,
+        out="token",
+    )
     assert exact.exit_code == 0 and token.exit_code == 0, exact.output + token.output
     ppl = {r["label"]: r["metrics"]["ppl"] for r in results_in(workdir / "exact")}
     (by_token,) = results_in(workdir / "token")
@@ -500,10 +633,14 @@ def test_an_honest_band_plugin_feeds_exact_chunks_equal_to_token_by_token(plugin
 def test_a_reference_cannot_rename_a_registered_policy(plugins, workdir, tiny_model_dir, small_text):
     from streambench.policies import POLICIES
 
-    result = run_tiny(tiny_model_dir, small_text, "--policy", "streambench.policies.window:WindowPolicy,window", "--tokens", 16)
+    result = run_tiny(
+        tiny_model_dir, small_text, "--policy", "streambench.policies.window:WindowPolicy,window", "--tokens", 16
+    )
     assert_one_line_exit_2(result, "streambench.policies.window:WindowPolicy is the policy already known as 'window'")
     assert POLICIES.get("window").name == "window"
-    again = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:Valid,{plugins}/./p.py:Valid", "--tokens", 16)
+    again = run_tiny(
+        tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:Valid,{plugins}/./p.py:Valid", "--tokens", 16
+    )
     assert_one_line_exit_2(again, f"is the policy already known as '{plugins}/p.py:Valid'")
     ok = run_tiny(tiny_model_dir, small_text, "--policy", "window", "--tokens", 16)
     assert ok.exit_code == 0 and results_in(workdir / "out")[0]["config"]["policy"]["name"] == "window"
@@ -511,28 +648,54 @@ def test_a_reference_cannot_rename_a_registered_policy(plugins, workdir, tiny_mo
 
 def test_an_explicit_budget_is_never_replaced_by_policy_sizes(workdir, tiny_model_dir, small_text):
     sizes = ["--policy", "h2o", "-p", "heavy_size=8", "-p", "recent_size=8"]
-    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 8, "--tokens", 16),
-                           "heavy_size + recent_size = 16 disagrees with budget 8")
-    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, *sizes, "--budget", "50%", "--tokens", 16),
-                           "disagrees with budget 8")
+    assert_one_line_exit_2(
+        run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 8, "--tokens", 16),
+        "heavy_size + recent_size = 16 disagrees with budget 8",
+    )
+    assert_one_line_exit_2(
+        run_tiny(tiny_model_dir, small_text, *sizes, "--budget", "50%", "--tokens", 16), "disagrees with budget 8"
+    )
     assert run_tiny(tiny_model_dir, small_text, *sizes, "--tokens", 16).exit_code == 0  # sizes alone fix it
     assert results_in(workdir / "out")[0]["config"]["policy"]["args"]["budget"] == 16
     assert run_tiny(tiny_model_dir, small_text, *sizes, "--budget", 16, "--tokens", 16, out="o2").exit_code == 0
     # a preset that fixes every size is named for its budget (streamingllm-4-252): it keeps it beside
     # an explicit budget for the others; a size given on top of it is the user's again
-    mixed = run_tiny(tiny_model_dir, small_text, "--policy", "streamingllm-4-252,window", "--budget", 24, "--tokens", 16, out="o3")
+    mixed = run_tiny(
+        tiny_model_dir, small_text, "--policy", "streamingllm-4-252,window", "--budget", 24, "--tokens", 16, out="o3"
+    )
     assert mixed.exit_code == 0, mixed.output
     assert {r["label"]: r["config"]["policy"]["args"]["budget"] for r in results_in(workdir / "o3")} == {
-        "streamingllm-4-252": 256, "window": 24}
-    assert_one_line_exit_2(run_tiny(tiny_model_dir, small_text, "--policy", "streamingllm-4-252", "-p", "recent_size=200",
-                                    "--budget", 24, "--tokens", 16), "start_size + recent_size = 204 disagrees with budget 24")
+        "streamingllm-4-252": 256,
+        "window": 24,
+    }
+    assert_one_line_exit_2(
+        run_tiny(
+            tiny_model_dir,
+            small_text,
+            "--policy",
+            "streamingllm-4-252",
+            "-p",
+            "recent_size=200",
+            "--budget",
+            24,
+            "--tokens",
+            16,
+        ),
+        "start_size + recent_size = 204 disagrees with budget 24",
+    )
 
 
 PLUGIN_FAULTS = [  # (class, what the one line says): plugin, method, the exception's text
     ("Raises", "policy plugin '{p}/p.py:Raises' failed in select(): ValueError: boom in select"),
-    ("RaisesInConfigure", "policy plugin '{p}/p.py:RaisesInConfigure' failed in configure(): RuntimeError: bad configure"),
+    (
+        "RaisesInConfigure",
+        "policy plugin '{p}/p.py:RaisesInConfigure' failed in configure(): RuntimeError: bad configure",
+    ),
     ("Unimplemented", "policy plugin '{p}/p.py:Unimplemented' failed in select(): NotImplementedError"),
-    ("ExitsInSelect", "policy plugin '{p}/p.py:ExitsInSelect' failed in select(): SystemExit(0) (a plugin cannot end streambench)"),
+    (
+        "ExitsInSelect",
+        "policy plugin '{p}/p.py:ExitsInSelect' failed in select(): SystemExit(0) (a plugin cannot end streambench)",
+    ),
     ("Ragged", "policy {p}/p.py:Ragged: select() must return integer ranks"),
     ("NoRoom", "policy {p}/p.py:NoRoom: max_incoming must be None or an integer from 1 to the budget (8), got 0"),
     ("NoSelect", "policy {p}/p.py:NoSelect does not implement select(view)"),
@@ -542,37 +705,86 @@ PLUGIN_FAULTS = [  # (class, what the one line says): plugin, method, the except
 
 @pytest.mark.parametrize("cls,message", PLUGIN_FAULTS, ids=[c for c, _ in PLUGIN_FAULTS])
 def test_a_plugin_defect_is_one_line_naming_the_plugin(cls, message, plugins, workdir, tiny_model_dir, small_text):
-    result = run_tiny(tiny_model_dir, small_text, "--policy", f"{plugins}/p.py:{cls}", "--feed", "token", "--tokens", 16, "--budget", 8)
+    result = run_tiny(
+        tiny_model_dir,
+        small_text,
+        "--policy",
+        f"{plugins}/p.py:{cls}",
+        "--feed",
+        "token",
+        "--tokens",
+        16,
+        "--budget",
+        8,
+    )
     assert_one_line_exit_2(result, message.format(p=plugins))
     assert not results_in(workdir / "out")
 
 
-@pytest.mark.parametrize("reference,message", [
-    ("streambench.policies.base:CachePolicy", "streambench.policies.base:CachePolicy is streambench's base class itself"),
-    ("{p}/exits.py:Anything", "plugin {p}/exits.py failed to import: SystemExit(3) (a plugin cannot end streambench)"),
-])
-def test_a_plugin_that_is_no_policy_or_exits_at_import_is_one_line(reference, message, plugins, workdir, tiny_model_dir, small_text):
-    result = run_tiny(tiny_model_dir, small_text, "--policy", reference.format(p=plugins), "--tokens", 16, "--budget", 8)
+@pytest.mark.parametrize(
+    "reference,message",
+    [
+        (
+            "streambench.policies.base:CachePolicy",
+            "streambench.policies.base:CachePolicy is streambench's base class itself",
+        ),
+        (
+            "{p}/exits.py:Anything",
+            "plugin {p}/exits.py failed to import: SystemExit(3) (a plugin cannot end streambench)",
+        ),
+    ],
+)
+def test_a_plugin_that_is_no_policy_or_exits_at_import_is_one_line(
+    reference, message, plugins, workdir, tiny_model_dir, small_text
+):
+    result = run_tiny(
+        tiny_model_dir, small_text, "--policy", reference.format(p=plugins), "--tokens", 16, "--budget", 8
+    )
     assert_one_line_exit_2(result, message.format(p=plugins))
 
 
-@pytest.mark.parametrize("cls,message", [
-    ("RaisesInRun", "task plugin '{p}/t.py:RaisesInRun' failed in run(): RuntimeError: task broke"),
-    ("NoRun", "task {p}/t.py:NoRun does not implement run("),
-])
+@pytest.mark.parametrize(
+    "cls,message",
+    [
+        ("RaisesInRun", "task plugin '{p}/t.py:RaisesInRun' failed in run(): RuntimeError: task broke"),
+        ("NoRun", "task {p}/t.py:NoRun does not implement run("),
+    ],
+)
 def test_a_task_plugin_defect_is_one_line_naming_the_plugin(cls, message, plugins, workdir, tiny_model_dir):
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device", "cpu", "--out", "out",
-                                      "--policy", "window", "--budget", "8", "--task", f"{plugins}/t.py:{cls}"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--out",
+            "out",
+            "--policy",
+            "window",
+            "--budget",
+            "8",
+            "--task",
+            f"{plugins}/t.py:{cls}",
+        ],
+    )
     assert_one_line_exit_2(result, message.format(p=plugins))
 
 
 def test_a_sweep_records_a_plugin_defect_and_goes_on(plugins, workdir, tiny_model_dir, small_text):
     """In a sweep a plugin's SystemExit is a failed run like any other: recorded with the plugin's
     name, the other runs finish, exit 1."""
-    spec = {"models": [str(tiny_model_dir)], "budgets": [8], "device": "cpu",
-            "policies": [f"{plugins}/p.py:ExitsInSelect", "window"],
-            "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16, "feed": "token"}],
-            "store": "store.sqlite", "out": "json"}
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "budgets": [8],
+        "device": "cpu",
+        "policies": [f"{plugins}/p.py:ExitsInSelect", "window"],
+        "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16, "feed": "token"}],
+        "store": "store.sqlite",
+        "out": "json",
+    }
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(cli, ["sweep", "-q", "spec.yaml"])
     assert result.exit_code == 1, result.output
@@ -581,7 +793,9 @@ def test_a_sweep_records_a_plugin_defect_and_goes_on(plugins, workdir, tiny_mode
     with sqlite3.connect(workdir / "store.sqlite") as db:
         rows = dict(db.execute("select label, coalesce(error, '') from runs").fetchall())
     assert rows["window"] == ""
-    assert "failed in select(): SystemExit(0) (a plugin cannot end streambench)" in rows[f"{plugins}/p.py:ExitsInSelect"]
+    assert (
+        "failed in select(): SystemExit(0) (a plugin cannot end streambench)" in rows[f"{plugins}/p.py:ExitsInSelect"]
+    )
 
 
 CHAT_CASES = [
@@ -599,16 +813,20 @@ def test_chat_sampling_values_are_refused_before_the_model_loads(args, needle, w
 
 
 def test_chat_reads_undecodable_input_as_replacement_characters(workdir, tiny_model_dir):
-    result = CliRunner().invoke(cli, ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3",
-                                      "--temperature", "1e-45"], input=b"caf\xe9 au lait\n")
+    result = CliRunner().invoke(
+        cli,
+        ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--temperature", "1e-45"],
+        input=b"caf\xe9 au lait\n",
+    )
     assert result.exit_code == 0, result.output
     assert "warning: 1 undecodable byte sequence(s) in this line read as U+FFFD" in result.output
     assert "[turn 1 | 3 tokens" in result.output
 
 
 def test_chat_exits_2_when_every_turn_was_refused(workdir, tiny_model_dir):
-    result = CliRunner().invoke(cli, ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--budget", "16"],
-                                input="x" * 300 + "\n")
+    result = CliRunner().invoke(
+        cli, ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--budget", "16"], input="x" * 300 + "\n"
+    )
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[-1].startswith("Error: every turn (1) was refused: streamingllm: a turn of")
 
@@ -624,16 +842,53 @@ MTBENCH_LINES = [  # (second line of the file, the one-line error)
 @pytest.mark.parametrize("line,needle", MTBENCH_LINES, ids=["deep", "nan-id", "list-id", "bool-id"])
 def test_malformed_mtbench_lines_name_file_and_line_before_the_model_loads(line, needle, workdir):
     (workdir / "mt.jsonl").write_text('{"question_id": 1, "turns": ["fine"]}\n' + line + "\n")
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", "/no/such/model", "--task", "mtbench", "--data", "mt.jsonl",
-                                      "--policy", "window", "--out", "out"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            "/no/such/model",
+            "--task",
+            "mtbench",
+            "--data",
+            "mt.jsonl",
+            "--policy",
+            "window",
+            "--out",
+            "out",
+        ],
+    )
     assert_one_line_exit_2(result, needle)
 
 
 def test_lone_surrogates_in_mtbench_prompts_are_replaced_and_recorded(workdir, tiny_model_dir):
-    (workdir / "mt.jsonl").write_text('{"question_id": "a\\udce9", "turns": ["caf\\udce9 au lait", "ok \\ud83d\\ude00"]}\n')
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device", "cpu", "--task", "mtbench",
-                                      "--data", "mt.jsonl", "-t", "max_new_tokens=2", "--policy", "window",
-                                      "--budget", "200", "--out", "out"])
+    (workdir / "mt.jsonl").write_text(
+        '{"question_id": "a\\udce9", "turns": ["caf\\udce9 au lait", "ok \\ud83d\\ude00"]}\n'
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--task",
+            "mtbench",
+            "--data",
+            "mt.jsonl",
+            "-t",
+            "max_new_tokens=2",
+            "--policy",
+            "window",
+            "--budget",
+            "200",
+            "--out",
+            "out",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "warning: mt.jsonl: 1 lone surrogate escape(s) in the prompts read as U+FFFD" in result.output
     (r,) = results_in(workdir / "out")
@@ -644,25 +899,31 @@ def test_lone_surrogates_in_mtbench_prompts_are_replaced_and_recorded(workdir, t
 
 @pytest.mark.parametrize("budget", ["²", "٣", "٣%", "１２"])
 def test_budgets_are_ascii_digits(budget, workdir):
-    assert_one_line_exit_2(CliRunner().invoke(cli, ["run", "--budget", budget, "--model", "/no/such/model"]),
-                           "budget")
+    assert_one_line_exit_2(CliRunner().invoke(cli, ["run", "--budget", budget, "--model", "/no/such/model"]), "budget")
 
 
 def test_a_needle_grid_is_bounded_and_names_trials(workdir):
-    result = CliRunner().invoke(cli, ["run", "--model", "/no/such/model", "--task", "needle", "-t", "trials=50000000",
-                                      "--policy", "window"])
-    assert_one_line_exit_2(result, "3 lengths x 5 depths x 50,000,000 trials = 750,000,000 cells, more than the 100,000 "
-                                   "one run may hold: lower trials")
+    result = CliRunner().invoke(
+        cli, ["run", "--model", "/no/such/model", "--task", "needle", "-t", "trials=50000000", "--policy", "window"]
+    )
+    assert_one_line_exit_2(
+        result,
+        "3 lengths x 5 depths x 50,000,000 trials = 750,000,000 cells, more than the 100,000 "
+        "one run may hold: lower trials",
+    )
 
 
-@pytest.mark.parametrize("config,needle", [
-    ({"model_type": "gpt2"}, "model type 'gpt2' has no rotary position embedding (learned absolute positions)"),
-    ({"model_type": "mpt"}, "model type 'mpt' uses ALiBi"),
-    ({"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "uses dynamic RoPE scaling"),
-    ({"model_type": "mamba"}, "model type 'mamba' has linear-attention or recurrent layers"),
-    ({"model_type": "persimmon"}, "model type 'persimmon' is not among the tested families"),
-    (None, "no config.json in that folder"),
-])
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ({"model_type": "gpt2"}, "model type 'gpt2' has no rotary position embedding (learned absolute positions)"),
+        ({"model_type": "mpt"}, "model type 'mpt' uses ALiBi"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "uses dynamic RoPE scaling"),
+        ({"model_type": "mamba"}, "model type 'mamba' has linear-attention or recurrent layers"),
+        ({"model_type": "persimmon"}, "model type 'persimmon' is not among the tested families"),
+        (None, "no config.json in that folder"),
+    ],
+)
 def test_a_refused_model_is_refused_from_its_config_before_any_weight(config, needle, workdir):
     folder = workdir / "model"
     folder.mkdir()
@@ -688,6 +949,6 @@ def test_control_characters_reach_reports_escaped(tmp_path):
 
     hostile = "a\x00b\x1b[31mc\x85d\udce9<e>|"
     for cell in (_html_cell(hostile), _md_cell(hostile)):
-        assert not any(ord(ch) < 32 or 0x7f <= ord(ch) <= 0x9f or 0xd800 <= ord(ch) <= 0xdfff for ch in cell)
+        assert not any(ord(ch) < 32 or 0x7F <= ord(ch) <= 0x9F or 0xD800 <= ord(ch) <= 0xDFFF for ch in cell)
         assert "\\x00" in cell and "\\x1b" in cell and "\\udce9" in cell and "<e>" not in cell
         cell.encode("utf-8")

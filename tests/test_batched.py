@@ -1,6 +1,7 @@
 """Batched streams: B independent streams in one batch give what each gives alone (logits, kept
 tokens), for every policy that batches, token by token and in chunks; several texts through the
 perplexity task give the same numbers at any batch size."""
+
 import json
 
 import numpy as np
@@ -11,9 +12,9 @@ from test_exactness import POLICY_CASES, make_policy
 from tiny_models import tiny_model
 
 from streambench.cli.app import cli
+from streambench.engine.session import StreamSession
 from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
-from streambench.engine.session import StreamSession
 
 BATCHED = [(n, a) for n, a in POLICY_CASES if n != "longmem"]
 IDS = [f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in BATCHED]
@@ -79,9 +80,27 @@ def test_several_texts_same_numbers_at_any_batch_size(tiny_model_dir, tmp_path):
     results = {}
     for batch in (1, 2, 3):
         out = tmp_path / f"out{batch}"
-        result = CliRunner().invoke(cli, [
-            "run", "-q", "--model", str(tiny_model_dir), "--text", ",".join(texts), "--tokens", "60",
-            "--budget", "16", "--policy", "streamingllm,sirllm", "--batch-size", str(batch), "--out", str(out)])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "run",
+                "-q",
+                "--model",
+                str(tiny_model_dir),
+                "--text",
+                ",".join(texts),
+                "--tokens",
+                "60",
+                "--budget",
+                "16",
+                "--policy",
+                "streamingllm,sirllm",
+                "--batch-size",
+                str(batch),
+                "--out",
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, result.output
         for f in out.glob("*.json"):
             r = json.loads(f.read_text())
@@ -98,12 +117,15 @@ def test_several_texts_same_numbers_at_any_batch_size(tiny_model_dir, tmp_path):
     assert "batch_size" not in results[(1, "sirllm")]["config"]  # batch 1 keeps its old config hash
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--task", "rps", "--batch-size", "2"], "runs one stream at a time"),
-    (["--policy", "longmem", "--batch-size", "2"], "run it with --batch-size 1"),
-    (["--batch-size", "0"], "batch size must be an integer >= 1"),
-    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "rps", "--batch-size", "2"], "runs one stream at a time"),
+        (["--policy", "longmem", "--batch-size", "2"], "run it with --batch-size 1"),
+        (["--batch-size", "0"], "batch size must be an integer >= 1"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    ],
+)
 def test_batch_size_bad_input(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["run", "-q", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
@@ -113,7 +135,9 @@ def test_batch_size_bad_input(args, message, tmp_path):
 SHARDED = [(n, a) for n, a in POLICY_CASES if n not in ("dense", "recompute-window")]
 
 
-@pytest.mark.parametrize("name,args", SHARDED, ids=[f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in SHARDED])
+@pytest.mark.parametrize(
+    "name,args", SHARDED, ids=[f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in SHARDED]
+)
 def test_cache_split_over_devices_equals_one_buffer(name, args):
     """A model spread over GPUs (--device-map) caches each layer's keys on its own device: a cache in
     two shards ("cpu" and "cpu:0" are distinct devices to it) gives the single buffer's logits."""
@@ -133,8 +157,25 @@ def test_cache_split_over_devices_equals_one_buffer(name, args):
 
 
 def test_device_map_auto_loads_and_streams(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--device-map", "auto",
-                                      "--tokens", "40", "--budget", "16", "--policy", "streamingllm", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--device-map",
+            "auto",
+            "--tokens",
+            "40",
+            "--budget",
+            "16",
+            "--policy",
+            "streamingllm",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     r = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert r["config"]["device_map"] == "auto" and r["model"]["devices"]
@@ -145,7 +186,9 @@ STATIC = [(n, a) for n, a in POLICY_CASES if n not in ("longmem", "recompute-win
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("name,args", STATIC, ids=[f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in STATIC])
+@pytest.mark.parametrize(
+    "name,args", STATIC, ids=[f"{n}-{'-'.join(map(str, a.values()))}" if a else n for n, a in STATIC]
+)
 def test_static_shape_decode_equals_eager(name, args, batch):
     """The CUDA-graph path's forward (whole-capacity attention with a mask, the new token written
     at a device-held slot), run eagerly here, gives the ordinary path's logits and kept tokens;

@@ -1,4 +1,5 @@
 """`streambench bench` runs and reports ratios (no timing assertions: speed is not unit-tested)."""
+
 import json
 
 from click.testing import CliRunner
@@ -8,10 +9,34 @@ from streambench.cli.app import cli
 
 def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
-                                      "--policy", "dense,streamingllm,longmem", "--budget", "16", "--budgets", "16,32",
-                                      "--exact-budgets", "16,32", "--exact-tokens", "128",
-                                      "--steps", "3", "--burn", "1", "--json", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--policy",
+            "dense,streamingllm,longmem",
+            "--budget",
+            "16",
+            "--budgets",
+            "16,32",
+            "--exact-budgets",
+            "16,32",
+            "--exact-tokens",
+            "128",
+            "--steps",
+            "3",
+            "--burn",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "bare weight-streaming bound" in result.output and "speedup" in result.output
     data = json.loads(out.read_text())
@@ -21,7 +46,10 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     assert all(v["speedup"] > 0 for v in data["streamingllm_vs_recompute"].values())
     assert "exact chunked feeding vs token by token" in result.output
     rows = {(r["policy"], r["budget"]) for r in data["exact"]}
-    assert rows == {("dense", None), *((p, b) for p in ("window", "streamingllm", "recompute-window") for b in (16, 32))}
+    assert rows == {
+        ("dense", None),
+        *((p, b) for p in ("window", "streamingllm", "recompute-window") for b in (16, 32)),
+    }
     assert all(r["speedup"] > 0 for r in data["exact"])
 
 
@@ -34,10 +62,40 @@ def test_bench_rejects_bad_input():
 
 def test_bench_batched_and_soak(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
-                                      "--policy", "dense", "--budget", "16", "--budgets", "", "--batch-sizes", "1,2", "--exact-budgets", "",
-                                      "--soak", "300", "--soak-budget", "24", "--soak-chunk", "7",
-                                      "--steps", "2", "--burn", "0", "--json", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--policy",
+            "dense",
+            "--budget",
+            "16",
+            "--budgets",
+            "",
+            "--batch-sizes",
+            "1,2",
+            "--exact-budgets",
+            "",
+            "--soak",
+            "300",
+            "--soak-budget",
+            "24",
+            "--soak-chunk",
+            "7",
+            "--steps",
+            "2",
+            "--burn",
+            "0",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert set(data["batched"]["rows"]) == {"1", "2"}

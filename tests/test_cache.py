@@ -1,4 +1,5 @@
 """StreamCache bookkeeping: growth, byte accounting, swap-remove slots, and freeing."""
+
 import gc
 import weakref
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from streambench.policies.build import PolicySpec, build_policy
-from streambench.models.loading import LoadedModel
 from streambench.engine.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.policies.build import PolicySpec, build_policy
 
 
 def session_for(name, budget=8, layers=2):
@@ -97,9 +98,11 @@ def test_splice_inserts_old_tokens_between_sinks_and_recent_exactly():
 def test_a_static_decode_session_is_freed_without_the_garbage_collector():
     """The CUDA-graph decoder must not form a cycle with its session: a graph's memory pool would
     stay allocated until the collector ran, inflating the next run's memory numbers."""
+
     def make():
-        session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=1)), build_policy(PolicySpec("window"), 8),
-                                decode="static")
+        session = StreamSession(
+            LoadedModel.wrap(tiny_model("llama", layers=1)), build_policy(PolicySpec("window"), 8), decode="static"
+        )
         feed(session, 12)
         assert session._static.replays == 0  # eager static path (no capture on CPU) did the steps
         return session
@@ -107,25 +110,28 @@ def test_a_static_decode_session_is_freed_without_the_garbage_collector():
     assert_freed_without_the_garbage_collector(make)
 
 
-@pytest.mark.parametrize("bad,message", [
-    (lambda view: np.arange(view.length)[::-1].copy(), "sorted, unique ranks"),
-    (lambda view: np.array([0, 0, 1]), "sorted, unique ranks"),
-    (lambda view: np.arange(view.length - 2, view.length + 1), "outside"),
-    (lambda view: np.arange(view.length), "more than the"),
-    (lambda view: np.zeros((2, 2), dtype=np.int64), "this model has 1 layers and 2 KV heads"),
-    (lambda view: np.zeros((1, 2, 2, 2), dtype=np.int64), "integer ranks of shape"),
-    (lambda view: np.array([0.5, 1.5]), "integer ranks of shape"),
-    (lambda view: np.array([[[0, 1], [1, 1]]]), "sorted, unique ranks"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (lambda view: np.arange(view.length)[::-1].copy(), "sorted, unique ranks"),
+        (lambda view: np.array([0, 0, 1]), "sorted, unique ranks"),
+        (lambda view: np.arange(view.length - 2, view.length + 1), "outside"),
+        (lambda view: np.arange(view.length), "more than the"),
+        (lambda view: np.zeros((2, 2), dtype=np.int64), "this model has 1 layers and 2 KV heads"),
+        (lambda view: np.zeros((1, 2, 2, 2), dtype=np.int64), "integer ranks of shape"),
+        (lambda view: np.array([0.5, 1.5]), "integer ranks of shape"),
+        (lambda view: np.array([[[0, 1], [1, 1]]]), "sorted, unique ranks"),
+    ],
+)
 def test_a_policy_that_breaks_the_select_contract_is_one_error_naming_it(bad, message):
     from dataclasses import dataclass
 
     from tiny_models import tiny_model
 
+    from streambench.engine.session import StreamSession
     from streambench.errors import PolicyContractError
     from streambench.models.loading import LoadedModel
     from streambench.policies.window import WindowPolicy
-    from streambench.engine.session import StreamSession
 
     @dataclass
     class Broken(WindowPolicy):

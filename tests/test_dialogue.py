@@ -1,19 +1,19 @@
 """Dialogue scoring as SirLLM specifies it, on a real tiny model whose next-token logits are forced
 by a bigram table (hooks on its embedding and LM head), so every choice is known in advance."""
+
 import numpy as np
 import pytest
 import torch
 from tiny_models import byte_tokenizer, tiny_model
 
+from streambench.engine.meter import Meter
+from streambench.engine.session import StreamSession
+from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy
-
+from streambench.runs.runner import Progress
 from streambench.tasks.build import build_task
 from streambench.tasks.dialogue.chat_format import Conversation
 from streambench.tasks.dialogue.items import MOVES, generate_grocery, player_moves
-from streambench.engine.meter import Meter
-from streambench.models.loading import LoadedModel
-from streambench.runs.runner import Progress
-from streambench.engine.session import StreamSession
 
 END, NL = 257, 10  # <|im_end|>, "\n"
 
@@ -90,7 +90,7 @@ def test_the_chosen_reply_not_the_gold_one_enters_the_cache():
     reply = tok(conv.fmt.reply("B"), add_special_tokens=False)["input_ids"]
     # the branches were rolled back: the stream is the context then the chosen reply, fed last
     assert conv.session.cache.length == len(context) + len(reply)
-    assert stub.fed[-len(reply):] == reply
+    assert stub.fed[-len(reply) :] == reply
     assert conv.session.fed == len(context) + len(reply)
 
 
@@ -173,7 +173,7 @@ def committed(session):
     stream, feed = [], session.feed
 
     def recording(ids, exact=False):
-        del stream[session.fed:]
+        del stream[session.fed :]
         stream.extend(ids[0].tolist())
         return feed(ids, exact)
 
@@ -196,7 +196,9 @@ def test_sirllm_format_renders_the_released_strings():
     stream = committed(session)
     result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
     moves = [r["user"] for r in result.records]
-    turns = [released_chatml(FIRST_RELEASED, "A")] + [released_chatml(NEXT.format(move=moves[r - 1]), "A") for r in (1, 2)]
+    turns = [released_chatml(FIRST_RELEASED, "A")] + [
+        released_chatml(NEXT.format(move=moves[r - 1]), "A") for r in (1, 2)
+    ]
     assert lm.tokenizer.decode(stream) == "".join(turns)  # no system prompt, " A" after round 0's space
     assert "You are a test model" not in lm.tokenizer.decode(stream)
     fed = lm.tokenizer.decode(stub.fed)  # every forward: question alone (to choose), then question + reply

@@ -1,10 +1,16 @@
 """Loaders for SirLLM's files, the hub construction, and the seeded generators."""
+
 import pytest
 
-from streambench.tasks.dialogue.items import (
-    build_dailydialog, generate_grocery, load_dailydialog, load_grocery, load_rps_moves, player_moves,
-)
 from streambench.errors import DataError
+from streambench.tasks.dialogue.items import (
+    build_dailydialog,
+    generate_grocery,
+    load_dailydialog,
+    load_grocery,
+    load_rps_moves,
+    player_moves,
+)
 
 
 def test_shared_files_parse_completely(shared_data):
@@ -25,13 +31,18 @@ def test_shared_files_parse_completely(shared_data):
     assert [rock.count(m) for m in range(3)] == [1000, 621, 379]  # SOURCE.md
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"id": "0_1", "question": {"stem": "hi"}', "bad.jsonl:2: invalid JSON"),
-    ('{"id": "0_1", "question": {"stem": "hi"}}', "bad.jsonl:2: record lacks question.stem"),
-    ('{"id": "0_1", "question": {"stem": "hi", "choices": [{"label": "A", "text": "x"}]}, "answerKey": "B"}',
-     "bad.jsonl:2: answerKey 'B' is not one of the labels"),
-    ("[1, 2]", "bad.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"id": "0_1", "question": {"stem": "hi"}', "bad.jsonl:2: invalid JSON"),
+        ('{"id": "0_1", "question": {"stem": "hi"}}', "bad.jsonl:2: record lacks question.stem"),
+        (
+            '{"id": "0_1", "question": {"stem": "hi", "choices": [{"label": "A", "text": "x"}]}, "answerKey": "B"}',
+            "bad.jsonl:2: answerKey 'B' is not one of the labels",
+        ),
+        ("[1, 2]", "bad.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_malformed_records_name_file_and_line(tmp_path, line, message):
     good = '{"id": "0_1", "question": {"stem": "hi", "choices": [{"label": "A", "text": "x"}]}, "answerKey": "A"}'
     bad = tmp_path / "bad.jsonl"

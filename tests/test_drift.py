@@ -5,14 +5,15 @@ StreamingLLM re-rotates its sinks every step and the shared offset renormalises 
 few hundred steps). The engine always rotates afresh from the pre-RoPE key, so the error after
 20,000 steps is the error after 50.
 """
+
 import pytest
 import torch
 from reference import fresh_logits
 from tiny_models import tiny_model
 
-from streambench.policies.build import PolicySpec, build_policy
-from streambench.models.loading import LoadedModel
 from streambench.engine.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.policies.build import PolicySpec, build_policy
 
 STEPS = 20_000
 

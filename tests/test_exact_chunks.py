@@ -1,5 +1,6 @@
 """Exact chunked feeding (streambench/engine/exact_chunks.py): whole chunks per forward, every token's NLL and
 the cache after each chunk equal to feeding the tokens one at a time, the StreamingLLM protocol."""
+
 import json
 import subprocess
 import sys
@@ -10,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.policies.build import PolicySpec, build_policy
-from streambench.errors import PolicyContractError
 from streambench.engine.exact_chunks import Band
-from streambench.models.loading import LoadedModel
 from streambench.engine.session import StreamSession
+from streambench.errors import PolicyContractError
+from streambench.models.loading import LoadedModel
+from streambench.policies.build import PolicySpec, build_policy
 
 BUDGET = 16
 CASES = [
@@ -37,7 +38,9 @@ def stream(lm, pol, ids, chunk, exact):
     """Per-token NLL (B, n-1) and the kept positions after the stream."""
     with StreamSession(lm, pol, batch_size=ids.shape[0]) as session:
         n = ids.shape[1] - 1
-        logits = torch.cat([session.feed(ids[:, i : min(i + chunk, n)], exact=exact) for i in range(0, n, chunk)], dim=1)
+        logits = torch.cat(
+            [session.feed(ids[:, i : min(i + chunk, n)], exact=exact) for i in range(0, n, chunk)], dim=1
+        )
         kept = None if session.cache is None else session.cache.positions.copy()
         return F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none"), kept
 
@@ -93,7 +96,7 @@ def test_a_declared_band_is_checked_against_the_keep_set():
     lm = LoadedModel.wrap(tiny_model("llama", layers=1))
     with StreamSession(lm, Liar(budget=8)) as session:
         with pytest.raises(PolicyContractError, match="liar declares"):
-            for i in range(0, 40, 5):
+            for _i in range(0, 40, 5):
                 session.feed(torch.randint(3, 96, (1, 5)), exact=True)
 
 

@@ -1,17 +1,18 @@
 """The heart of the project: a policy's cache after eviction, keys re-indexed to their new slots,
 gives the logits an exact computation gives, for every policy and every supported architecture."""
+
 import numpy as np
 import pytest
 import torch
 from reference import ReferenceStream, fresh_logits
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.models.architecture import kv_heads_of
-from streambench.policies.build import PolicySpec, build_policy
-from streambench.errors import ConfigError
-from streambench.models.loading import LoadedModel
 from streambench.engine.observe import CAPTURED
 from streambench.engine.session import StreamSession
+from streambench.errors import ConfigError
+from streambench.models.architecture import kv_heads_of
+from streambench.models.loading import LoadedModel
+from streambench.policies.build import PolicySpec, build_policy
 
 # Every registered policy, with arguments that make it evict often on short streams.
 POLICY_CASES = [
@@ -114,8 +115,11 @@ def test_deep_cache_equals_reference_rebuilt_from_kept_states(arch, name, args):
             reference.new_round()
 
 
-@pytest.mark.parametrize("name,args", [c for c in POLICY_CASES if c[0] != "recompute-window"],
-                         ids=[i for i, c in zip(IDS, POLICY_CASES) if c[0] != "recompute-window"])
+@pytest.mark.parametrize(
+    "name,args",
+    [c for c in POLICY_CASES if c[0] != "recompute-window"],
+    ids=[i for i, c in zip(IDS, POLICY_CASES) if c[0] != "recompute-window"],
+)
 def test_chunked_feeding_equals_reference(name, args):
     """Multi-token chunks (dialogue turns, --chunk-size): eviction before each chunk, causal mask
     inside it; still equal to the rebuilt reference."""
@@ -135,8 +139,10 @@ def test_chunked_feeding_equals_reference(name, args):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("name,args", [("random", {"scope": "head", "seed": 7}), ("h2o", {}), ("knorm", {}),
-                                       ("snapkv", {"window": 3, "interval": 2})])
+@pytest.mark.parametrize(
+    "name,args",
+    [("random", {"scope": "head", "seed": 7}), ("h2o", {}), ("knorm", {}), ("snapkv", {"window": 3, "interval": 2})],
+)
 def test_per_head_keep_sets_equal_a_fresh_per_head_computation_to_1e6(arch, name, args):
     """Keep-sets that differ per KV head: each head attends over exactly its own kept tokens at
     positions 0..n-1 (their ranks in that head), to 1e-6 in fp32, after every step."""

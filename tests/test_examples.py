@@ -1,11 +1,12 @@
-"""Every example in `--help` and in the README runs as written: offline ones to completion (with
+"""Every example in `--help`, the README and docs/ runs as written: offline ones to completion (with
 their sizes cut to a few tokens, rounds or steps), network and GPU ones to their one-line error
-(exit 2) on this offline, GPU-less machine. They run in a scratch folder holding copies of the
-presets and examples, in order, so `report` and `gate` find what the `sweep` examples made."""
+(exit 2) on this offline, GPU-less machine. They run in a scratch folder holding copies of
+examples/ and ci/ (presets ship in the package), in order, so `report` and `gate` find what the `sweep` examples made."""
+
 import re
-import time
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,26 @@ USER_DATA = ("pg19/",)
 # A Ray cluster to join: one line when there is work to send and no cluster; nothing to do is fine.
 MAY_FAIL = ("--address",)
 # Sizes cut so that the offline examples finish in seconds (the example's own values otherwise).
-CUTS = {"--tokens": "40", "--limit": "1", "--steps": "2", "--soak": "128", "--budgets": "16", "--exact-budgets": "16",
-        "--exact-tokens": "128"}
+CUTS = {
+    "--tokens": "40",
+    "--limit": "1",
+    "--steps": "2",
+    "--soak": "128",
+    "--budgets": "16",
+    "--exact-budgets": "16",
+    "--exact-tokens": "128",
+}
 ADDED = {  # (flag, value or None), added when the example does not set the flag itself
     "run": [("-q", None)],
     "lm-eval": [("-q", None), ("--limit", "2")],
-    "bench": [("--steps", "2"), ("--burn", "0"), ("--budgets", "16"), ("--batch-sizes", "2"), ("--exact-budgets", "16"),
-              ("--exact-tokens", "128")],
+    "bench": [
+        ("--steps", "2"),
+        ("--burn", "0"),
+        ("--budgets", "16"),
+        ("--batch-sizes", "2"),
+        ("--exact-budgets", "16"),
+        ("--exact-tokens", "128"),
+    ],
     "sweep": [("-q", None)],
 }
 SOAK = [("--soak-chunk", "64"), ("--soak-budget", "32")]
@@ -48,7 +62,8 @@ def help_examples() -> list[str]:
 
 def readme_examples() -> list[str]:
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
             line = line.split(" #", 1)[0].strip()
             if line.startswith("streambench "):
@@ -71,7 +86,9 @@ def adapt(example: str) -> tuple[list[str], str | None]:
         extra += SOAK
     if command == "run":
         task = argv[argv.index("--task") + 1] if "--task" in argv else "perplexity"
-        extra.append(("--limit", "1") if task in DIALOGUE else ("--tokens", "40") if task == "perplexity" else ("-q", None))
+        extra.append(
+            ("--limit", "1") if task in DIALOGUE else ("--tokens", "40") if task == "perplexity" else ("-q", None)
+        )
         if task in NEEDLE:
             argv += ["-t", "lengths=64", "-t", "depths=50"]
     for flag, value in extra:
@@ -83,7 +100,7 @@ def adapt(example: str) -> tuple[list[str], str | None]:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     folder = tmp_path_factory.mktemp("examples")
-    for name in ("policies", "tasks", "examples", "ci"):
+    for name in ("examples", "ci"):
         shutil.copytree(ROOT / name, folder / name)
     return folder
 
@@ -112,7 +129,11 @@ def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
     monkeypatch.setattr(models, "load", load)
     examples = list(dict.fromkeys(help_examples() + readme_examples()))
     sweeps = [e for e in examples if e.startswith("streambench sweep")]
-    ordered = [e for e in examples if e.startswith("streambench run")] + sweeps + [e for e in examples if e not in sweeps and not e.startswith("streambench run")]
+    ordered = (
+        [e for e in examples if e.startswith("streambench run")]
+        + sweeps
+        + [e for e in examples if e not in sweeps and not e.startswith("streambench run")]
+    )
     failures = []
     for example in ordered:
         argv, redirect = adapt(example)
@@ -125,12 +146,22 @@ def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
         one_error = result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:")
         if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
             continue
-        network = any(marker in example for marker in OFFLINE_ERROR + USER_DATA) or (
-            "--task dailydialog" in example and "--data" not in example) or (  # builds its items from the hub
-            "--task mtbench" in example and "--data" not in example)  # reads upstream's mt_bench.jsonl
+        network = (
+            any(marker in example for marker in OFFLINE_ERROR + USER_DATA)
+            or ("--task dailydialog" in example and "--data" not in example)
+            or (  # builds its items from the hub
+                "--task mtbench" in example and "--data" not in example
+            )
+        )  # reads upstream's mt_bench.jsonl
         if network:
-            if result.exit_code != 2 or len([l for l in lines if l.startswith("Error:")]) != 1 or "Traceback" in result.output:
-                failures.append(f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}")
+            if (
+                result.exit_code != 2
+                or len([line for line in lines if line.startswith("Error:")]) != 1
+                or "Traceback" in result.output
+            ):
+                failures.append(
+                    f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}"
+                )
         elif result.exit_code != 0:
             failures.append(f"{example} -> {' '.join(argv)}: exit {result.exit_code}: {result.output[-600:]}")
         elif redirect:

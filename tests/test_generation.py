@@ -1,21 +1,21 @@
 """Generation through the session (streambench/engine/generation.py): the decode path of `chat`, the
 mtbench task and lm-eval's generate_until."""
+
 import json
 
 import pytest
 import torch
-from tiny_models import tiny_model
-
-from streambench.policies.build import PolicySpec, build_policy
-from streambench.errors import ConfigError
-from streambench.engine.generation import Sampling, generate
-from streambench.models.loading import LoadedModel
-from streambench.engine.session import StreamSession
-from streambench.tasks.mtbench import load_questions, repetition
 from click.testing import CliRunner
 from test_cli import assert_user_error, invoke
+from tiny_models import tiny_model
 
 from streambench.cli.app import cli
+from streambench.engine.generation import Sampling, generate
+from streambench.engine.session import StreamSession
+from streambench.errors import ConfigError
+from streambench.models.loading import LoadedModel
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.tasks.mtbench import load_questions, repetition
 
 MT_BENCH = "streaming-llm/data/mt_bench.jsonl"
 
@@ -35,7 +35,7 @@ def test_greedy_generation_under_dense_equals_model_generate(arch):
     written = generate(session_for(model), prompt=ids, max_new_tokens=24)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert written.tokens == want[0, ids.shape[1]:].tolist() and written.stop == "limit"
+    assert written.tokens == want[0, ids.shape[1] :].tolist() and written.stop == "limit"
 
 
 def test_an_evicting_policy_never_holds_more_than_its_budget_while_generating():
@@ -61,12 +61,16 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy():
     greedy = generate(session_for(model), prompt=prompt(), max_new_tokens=16).tokens
     one = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1.0, seed=7)).tokens
     two = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1.0, seed=7)).tokens
-    nucleus = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1e-6, seed=7)).tokens
+    nucleus = generate(
+        session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(1.0, 1e-6, seed=7)
+    ).tokens
     assert one == two and one != greedy and nucleus == greedy
     # temperatures far below float32's range are sampled in float64 after subtracting the top
     # logit: no inf/inf, and the draw is the argmax (issue 24)
     for tiny in (1e-45, 5e-324):
-        cold = generate(session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(tiny, 1.0, seed=7)).tokens
+        cold = generate(
+            session_for(model), prompt=prompt(), max_new_tokens=16, sampling=Sampling(tiny, 1.0, seed=7)
+        ).tokens
         assert cold == greedy
     with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
         Sampling(-1.0)
@@ -88,23 +92,39 @@ def test_repetition_counts_repeated_four_grams():
 def test_the_mt_bench_loader_reads_every_record_of_the_shared_file(shared_data):
     questions = load_questions(str(shared_data / MT_BENCH))
     assert len(questions) == 79 and sum(len(q["turns"]) for q in questions) == 158
-    assert {q["category"] for q in questions} == {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+    assert {q["category"] for q in questions} == {
+        "writing",
+        "roleplay",
+        "reasoning",
+        "math",
+        "coding",
+        "extraction",
+        "stem",
+        "humanities",
+    }
     assert len(load_questions(str(shared_data / MT_BENCH), limit=20)) == 20
 
 
 def test_a_malformed_mt_bench_record_names_its_line(tmp_path):
     bad = tmp_path / "q.jsonl"
-    bad.write_text(json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n" + json.dumps({"question_id": 2, "turns": []}) + "\n")
-    result = invoke("run", "-q", "--task", "mtbench", "--data", str(bad), "--policy", "window", "--out", str(tmp_path / "o"))
+    bad.write_text(
+        json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n" + json.dumps({"question_id": 2, "turns": []}) + "\n"
+    )
+    result = invoke(
+        "run", "-q", "--task", "mtbench", "--data", str(bad), "--policy", "window", "--out", str(tmp_path / "o")
+    )
     assert_user_error(result, "q.jsonl:2: an MT-Bench record needs 'turns'")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["-t", "max_new_tokens=0"], "max_new_tokens must be an integer >= 1"),
-    (["-t", "temperature=-1"], "temperature must be a finite number >= 0"),
-    (["-t", "format=sirllm"], "format must be template or plain"),
-    (["--data", "/nonexistent/mt.jsonl"], "data not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-t", "max_new_tokens=0"], "max_new_tokens must be an integer >= 1"),
+        (["-t", "temperature=-1"], "temperature must be a finite number >= 0"),
+        (["-t", "format=sirllm"], "format must be template or plain"),
+        (["--data", "/nonexistent/mt.jsonl"], "data not found"),
+    ],
+)
 def test_mtbench_bad_arguments_fail_before_the_model_loads(args, message, tmp_path):
     assert_user_error(invoke("run", "-q", "--task", "mtbench", *args, "--out", str(tmp_path)), message)
 
@@ -112,9 +132,26 @@ def test_mtbench_bad_arguments_fail_before_the_model_loads(args, message, tmp_pa
 @pytest.mark.slow
 def test_mtbench_end_to_end_on_the_embedded_model(shared_data, tmp_path):
     out = tmp_path / "out"
-    result = invoke("run", "-q", "--task", "mtbench", "--data", str(shared_data / MT_BENCH), "--limit", "2",
-                    "-t", "max_new_tokens=12", "-t", "dense_nll=true", "--budget", "96", "--out", str(out),
-                    "--policy", "dense,streamingllm,window")
+    result = invoke(
+        "run",
+        "-q",
+        "--task",
+        "mtbench",
+        "--data",
+        str(shared_data / MT_BENCH),
+        "--limit",
+        "2",
+        "-t",
+        "max_new_tokens=12",
+        "-t",
+        "dense_nll=true",
+        "--budget",
+        "96",
+        "--out",
+        str(out),
+        "--policy",
+        "dense,streamingllm,window",
+    )
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
     for column in ("turns", "answer tok", "EOS stop", "repetition", "dense NLL", "TTFT ms", "decode tok/s", "KV MiB"):
@@ -145,8 +182,19 @@ def chat(*args, input: str):
 def test_chat_end_to_end_with_scripted_input(tiny_model_dir):
     folder = tiny_model_dir
     script = "Hello there\n/stats\n/bogus\n/reset\nAnd again\n/quit\n"
-    result = chat("--model", str(folder), "--policy", "streamingllm", "--budget", "120", "--max-new-tokens", "6",
-                  "--device", "cpu", input=script)
+    result = chat(
+        "--model",
+        str(folder),
+        "--policy",
+        "streamingllm",
+        "--budget",
+        "120",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        input=script,
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert out.count("model> ") == 2 and "[turn 1 | 6 tokens" in out and "stopped at --max-new-tokens" in out
@@ -156,8 +204,19 @@ def test_chat_end_to_end_with_scripted_input(tiny_model_dir):
 
 
 def test_chat_turn_longer_than_the_budget_is_one_line_and_the_chat_goes_on(tiny_model_dir):
-    result = chat("--model", str(tiny_model_dir), "--policy", "window", "--budget", "80", "--max-new-tokens", "4",
-                  "--device", "cpu", input="x" * 200 + "\nok\n")
+    result = chat(
+        "--model",
+        str(tiny_model_dir),
+        "--policy",
+        "window",
+        "--budget",
+        "80",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        input="x" * 200 + "\nok\n",
+    )
     assert result.exit_code == 0, result.output
     assert "(error: window: a turn of" in result.output and "[turn 1 | 4 tokens" in result.output
 

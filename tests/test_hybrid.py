@@ -5,16 +5,17 @@ Under dense, the engine equals the model's own forward (its sliding masks includ
 policy it equals the reference, whose sliding layers are the model's own DynamicSlidingWindowLayer
 holding the last window - 1 stream tokens at their stream distances from the query; windows below
 and above the budget. KV bytes are counted per layer kind."""
+
 import numpy as np
 import pytest
 import torch
 from reference import ReferenceStream
 from tiny_models import tiny_model
 
-from streambench.policies.build import PolicySpec, build_policy
+from streambench.engine.session import StreamSession
 from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
-from streambench.engine.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
 
 HYBRIDS = ("gemma3_text", "gemma2", "olmo3")
 MIX = ["sliding_attention", "full_attention", "sliding_attention"]  # a sliding layer first, as Gemma 3
@@ -47,9 +48,16 @@ def test_dense_equals_the_models_own_forward_with_its_sliding_masks(arch, window
     assert session.sliding_tokens == min(window - 1, fed)
 
 
-CASES = [("streamingllm", {"start_size": 4}), ("h2o", {}), ("tova", {}), ("snapkv", {"window": 4, "kernel": 3, "interval": 3}),
-         ("knorm", {"start_size": 1, "recent_size": 2}), ("random", {"scope": "head", "seed": 5}), ("sirllm", {"start_size": 2, "recent_size": 3}),
-         ("longmem", {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16})]
+CASES = [
+    ("streamingllm", {"start_size": 4}),
+    ("h2o", {}),
+    ("tova", {}),
+    ("snapkv", {"window": 4, "kernel": 3, "interval": 3}),
+    ("knorm", {"start_size": 1, "recent_size": 2}),
+    ("random", {"scope": "head", "seed": 5}),
+    ("sirllm", {"start_size": 2, "recent_size": 3}),
+    ("longmem", {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16}),
+]
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
@@ -86,7 +94,9 @@ def test_kv_bytes_count_the_governed_layers_and_the_sliding_windows_apart():
         session.feed(ids[:, t : t + 1])
     per_layer_token = 2 * model.config.num_key_value_heads * model.config.head_dim * 4  # K and V, fp32
     assert session.kv_tokens == BUDGET and session.sliding_tokens == 4
-    assert session.kv_bytes == BUDGET * 1 * per_layer_token + 4 * 2 * per_layer_token  # 1 full layer; 2 sliding of 4 tokens
+    assert (
+        session.kv_bytes == BUDGET * 1 * per_layer_token + 4 * 2 * per_layer_token
+    )  # 1 full layer; 2 sliding of 4 tokens
 
 
 def test_branches_roll_back_and_forks_leave_the_sliding_layers_untouched():
@@ -99,7 +109,7 @@ def test_branches_roll_back_and_forks_leave_the_sliding_layers_untouched():
     ids = ids_of(80, seed=6)
     torch.testing.assert_close(branching.feed(ids[:, :8]), plain.feed(ids[:, :8]), atol=0, rtol=0)
     at = 8
-    for turn in range(6):
+    for _turn in range(6):
         turn_ids, side = ids[:, at : at + 5], ids[:, (at + 17) % 60 : (at + 17) % 60 + 5]
         for session in (branching, plain):
             session.reserve(5)

@@ -1,13 +1,13 @@
 """Ctrl-C, SIGTERM, full and read-only disks: the exit code promised, one line, every finished
 result kept, no partial file. Interrupts wait for what the program reports (a progress bar for the
 second policy), never for a time; where a fixed delay is used, any moment must give the same outcome."""
+
 import errno
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,13 @@ from streambench.results.store import Store
 
 def start(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "streambench", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streambench", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def wait_for(stream, needle: bytes) -> bytes:
@@ -36,14 +41,33 @@ def wait_for(stream, needle: bytes) -> bytes:
 
 
 def no_partial_files(folder: Path) -> bool:
-    return not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in folder.rglob("*")) if folder.exists() else True
+    return (
+        not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in folder.rglob("*"))
+        if folder.exists()
+        else True
+    )
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_mid_run_keeps_the_finished_run(tmp_path, tiny_model_dir, small_text, sig, code):
     out = tmp_path / "out"
-    proc = start(["run", "--model", tiny_model_dir, "--text", small_text, "--tokens", "3000", "--budget", "16",
-                  "--policy", "dense,window", "--out", out])
+    proc = start(
+        [
+            "run",
+            "--model",
+            tiny_model_dir,
+            "--text",
+            small_text,
+            "--tokens",
+            "3000",
+            "--budget",
+            "16",
+            "--policy",
+            "dense,window",
+            "--out",
+            out,
+        ]
+    )
     seen = wait_for(proc.stderr, b"window")  # the second run's progress bar: the first has finished
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -81,8 +105,9 @@ def small_disk(tmp_path):
     def mount(options: str) -> Path:
         point = tmp_path / f"disk{len(mounts)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=256k,{options}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size=256k,{options}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'})")
         mounts.append(point)
@@ -116,19 +141,47 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("options,needle", [("rw", "no space left on device"), ("ro", "read-only file system")])
-def test_unwritable_outputs_fail_before_the_model_loads(small_disk, options, needle, tmp_path, tiny_model_dir,
-                                                        small_text, no_model_load):
+def test_unwritable_outputs_fail_before_the_model_loads(
+    small_disk, options, needle, tmp_path, tiny_model_dir, small_text, no_model_load
+):
     disk = small_disk(options)
     if options == "rw":
         fill(disk)
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--text", str(small_text),
-                                      "--tokens", "32", "--policy", "window", "--budget", "8", "--out", str(disk / "out")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--text",
+            str(small_text),
+            "--tokens",
+            "32",
+            "--policy",
+            "window",
+            "--budget",
+            "8",
+            "--out",
+            str(disk / "out"),
+        ],
+    )
     assert result.exit_code == 2 and needle in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"models": [str(tiny_model_dir)], "policies": ["window"], "budgets": [8],
-                                    "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
-                                    "device": "cpu", "store": str(disk / "s.sqlite"), "out": str(tmp_path / "json")}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "models": [str(tiny_model_dir)],
+                "policies": ["window"],
+                "budgets": [8],
+                "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
+                "device": "cpu",
+                "store": str(disk / "s.sqlite"),
+                "out": str(tmp_path / "json"),
+            }
+        )
+    )
     result = CliRunner().invoke(cli, ["sweep", "-q", str(spec)])
     assert result.exit_code == 2 and needle in result.output, result.output
     assert not (disk / "s.sqlite").exists()
@@ -147,9 +200,25 @@ def test_a_full_result_disk_mid_run_keeps_what_finished(tmp_path, tiny_model_dir
 
     monkeypatch.setattr(results.os, "replace", replace)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--text", str(small_text),
-                                      "--tokens", "32", "--policy", "dense,window,streamingllm", "--budget", "8",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--text",
+            str(small_text),
+            "--tokens",
+            "32",
+            "--policy",
+            "dense,window,streamingllm",
+            "--budget",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert "no space left on device" in line and "1 finished run(s) kept" in line and "\n" not in line
@@ -158,10 +227,19 @@ def test_a_full_result_disk_mid_run_keeps_what_finished(tmp_path, tiny_model_dir
 
 def test_a_store_that_fills_mid_sweep_stays_consistent_with_its_json(tmp_path, tiny_model_dir, small_text, monkeypatch):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"models": [str(tiny_model_dir)], "policies": ["window", "streamingllm"],
-                                    "budgets": [8, 12], "device": "cpu",
-                                    "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
-                                    "store": str(tmp_path / "s.sqlite"), "out": str(tmp_path / "json")}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "models": [str(tiny_model_dir)],
+                "policies": ["window", "streamingllm"],
+                "budgets": [8, 12],
+                "device": "cpu",
+                "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
+                "store": str(tmp_path / "s.sqlite"),
+                "out": str(tmp_path / "json"),
+            }
+        )
+    )
     real, calls = Store.add, []
 
     def add(self, result):
@@ -188,12 +266,44 @@ def test_the_size_guard_refuses_before_allocating(tmp_path, tiny_model_dir, monk
     from streambench.models import size_guard as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)  # a 1 GiB machine
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", "grocery",
-                                      "--policy", "streamingllm", "--budget", "100000000", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "grocery",
+            "--policy",
+            "streamingllm",
+            "--budget",
+            "100000000",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "a KV cache of 100,000,000 tokens needs" in result.output and "only 1.0 GiB is free" in result.output
-    bank = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--task", "grocery", "--policy",
-                                    "longmem", "--budget", "64", "-p", "bank_tokens=100000000", "--out", str(tmp_path / "o")])
+    bank = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "grocery",
+            "--policy",
+            "longmem",
+            "--budget",
+            "64",
+            "-p",
+            "bank_tokens=100000000",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert bank.exit_code == 2 and "a memory bank of 100,000,000 tokens" in bank.output, bank.output
     assert not (tmp_path / "o").exists()
 
@@ -201,9 +311,25 @@ def test_the_size_guard_refuses_before_allocating(tmp_path, tiny_model_dir, monk
 def test_a_budget_above_the_stream_allocates_only_the_stream(tmp_path, tiny_model_dir, small_text):
     import json
 
-    result = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--text", str(small_text),
-                                      "--tokens", "40", "--policy", "streamingllm", "--budget", "1000000000",
-                                      "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--text",
+            str(small_text),
+            "--tokens",
+            "40",
+            "--policy",
+            "streamingllm",
+            "--budget",
+            "1000000000",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(next(tmp_path.glob("*.json")).read_text())["metrics"]
     assert metrics["kv_allocated_mib"] < 1  # 41 slots, not a billion

@@ -1,4 +1,5 @@
 """The lm-eval bridge against lm-eval's own `hf` model and streambench's own perplexity."""
+
 import math
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 from lm_eval.api.instance import Instance
 
 from streambench.tasks.lm_eval.model import StreambenchLM, register
-from streambench.models.loading import LoadedModel
 
 
 def req(kind, *args):
@@ -25,8 +25,12 @@ def bridge(tiny_model_dir):
     return lambda **kw: StreambenchLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", **kw)
 
 
-PAIRS = [("The capital of France is", " Paris"), ("It was the best of times, it was the", " worst of times"),
-         ("Question: 2 + 2 = ", "4"), ("", "An empty context")]
+PAIRS = [
+    ("The capital of France is", " Paris"),
+    ("It was the best of times, it was the", " worst of times"),
+    ("Question: 2 + 2 = ", "4"),
+    ("", "An empty context"),
+]
 
 
 def test_dense_loglikelihoods_equal_lm_evals_hf_model(hf_model, bridge):
@@ -40,9 +44,9 @@ def test_dense_loglikelihoods_equal_lm_evals_hf_model(hf_model, bridge):
 def test_rolling_loglikelihood_equals_streaming_perplexity(bridge, tiny_model_dir, small_text):
     """Budget 8 over 120 tokens: many evictions; the bridge's rolling loglikelihood is exactly the
     session's token-by-token NLL over [prefix] + text."""
+    from streambench.engine.session import StreamSession
     from streambench.models import loading as models
     from streambench.policies.build import PolicySpec, build_policy
-    from streambench.engine.session import StreamSession
 
     text = small_text.read_text()[:120]
     bridged = bridge(policy="streamingllm", budget=8, start_size=2)
@@ -50,8 +54,10 @@ def test_rolling_loglikelihood_equals_streaming_perplexity(bridge, tiny_model_di
     lm = models.load(str(tiny_model_dir), "cpu", "float32")
     ids = torch.tensor([[bridged.prefix_token_id] + lm.tokenizer.encode(text)])
     session = StreamSession(lm, build_policy(PolicySpec("streamingllm", {"start_size": 2}), 8))
-    nll = sum(torch.nn.functional.cross_entropy(session.feed(ids[:, t : t + 1])[0, -1:].float(), ids[0, t + 1 : t + 2]).item()
-              for t in range(ids.shape[1] - 1))
+    nll = sum(
+        torch.nn.functional.cross_entropy(session.feed(ids[:, t : t + 1])[0, -1:].float(), ids[0, t + 1 : t + 2]).item()
+        for t in range(ids.shape[1] - 1)
+    )
     assert got == pytest.approx(-nll, abs=1e-3)
     for chunk in (1, 5, 200):  # exact chunks of any size (the default: 64)
         again = bridge(policy="streamingllm", budget=8, start_size=2, chunk_size=chunk)
@@ -83,7 +89,9 @@ def test_registered_for_lm_eval_by_name(tiny_model_dir):
     register()
     cls = get_model("streambench")
     assert cls is StreambenchLM and get_model("hf") is not None
-    lm = cls.create_from_arg_string(f"pretrained={tiny_model_dir},policy=streamingllm,budget=16,start_size=2,device=cpu,dtype=float32")
+    lm = cls.create_from_arg_string(
+        f"pretrained={tiny_model_dir},policy=streamingllm,budget=16,start_size=2,device=cpu,dtype=float32"
+    )
     assert lm.spec.args == {"start_size": 2} and lm.budget == 16
 
 
@@ -96,8 +104,22 @@ def test_shipped_offline_task_end_to_end_under_two_policies(tiny_model_dir, tmp_
 
     from streambench.cli.app import cli
 
-    args = ["lm-eval", "-q", "--model", str(tiny_model_dir), "--policy", "window,streamingllm", "--budget", "200",
-            "--limit", "5", "--device", "cpu", "--out", str(tmp_path)] + (["--stream"] if stream else [])
+    args = [
+        "lm-eval",
+        "-q",
+        "--model",
+        str(tiny_model_dir),
+        "--policy",
+        "window,streamingllm",
+        "--budget",
+        "200",
+        "--limit",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ] + (["--stream"] if stream else [])
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "streambench_mc/acc" in result.output and "streambench_ppl/word_perplexity" in result.output
@@ -121,10 +143,7 @@ def test_sessions_remove_their_hooks_after_requests_and_runs(tmp_path, tiny_mode
     requests (one session each), in streaming mode, and after a sweep of runs."""
     from types import SimpleNamespace
 
-    from click.testing import CliRunner
-
     from streambench.models import loading as models
-    from streambench.cli.app import cli
     from streambench.tasks.lm_eval.model import StreambenchLM
 
     lm = models.load(str(tiny_model_dir), device="cpu", dtype="float32")
@@ -141,12 +160,18 @@ def test_sessions_remove_their_hooks_after_requests_and_runs(tmp_path, tiny_mode
     streaming.close()
     assert hook_count(lm.model) == before
 
-    from streambench.runs import runner
     from streambench.policies.build import resolve_policy
+    from streambench.runs import runner
     from streambench.runs.config import RunConfig
 
-    config = RunConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", budget=96, out=str(tmp_path),
-                       policies=[resolve_policy("longmem", {}), resolve_policy("longmem-paper", {})],
-                       task_args={"text": str(small_text), "tokens": 160})
+    config = RunConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        budget=96,
+        out=str(tmp_path),
+        policies=[resolve_policy("longmem", {}), resolve_policy("longmem-paper", {})],
+        task_args={"text": str(small_text), "tokens": 160},
+    )
     assert len(list(runner.run(config, lm=lm))) == 2
     assert hook_count(lm.model) == before

@@ -2,6 +2,7 @@
 (`package.module:Class`) and an installed distribution's entry points (the example package under
 examples/plugin), in `run`, `sweep` and `list`; each result records where its code came from;
 a missing or broken plugin is one line and exit 2; a file plugin is refused under Ray."""
+
 import hashlib
 import json
 import os
@@ -16,12 +17,12 @@ import yaml
 from reference import ReferenceStream
 from tiny_models import tiny_model
 
-from streambench.policies.build import PolicySpec, build_policy
+from streambench.engine.session import StreamSession
 from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
 from streambench.policies import POLICIES
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.registry import PluginError, Registry
-from streambench.engine.session import StreamSession
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_PLUGIN = ROOT / "examples" / "my_policy.py"
@@ -29,8 +30,14 @@ FILE_PLUGIN = ROOT / "examples" / "my_policy.py"
 
 def cli(*args, env_path=None, cwd=None):
     env = {**os.environ, "PYTHONPATH": env_path or ""}
-    return subprocess.run([sys.executable, "-m", "streambench", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd or ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "streambench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=600,
+    )
 
 
 def test_a_file_plugin_keeps_tokens_exactly():
@@ -41,7 +48,9 @@ def test_a_file_plugin_keeps_tokens_exactly():
     ids = torch.randint(3, 96, (1, 50), generator=torch.Generator().manual_seed(2))
     with ReferenceStream(model, build_policy(PolicySpec(name, {}), 14)) as reference:
         for t in range(50):
-            torch.testing.assert_close(session.feed(ids[:, t : t + 1]), reference.feed(ids[:, t : t + 1]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                session.feed(ids[:, t : t + 1]), reference.feed(ids[:, t : t + 1]), atol=1e-4, rtol=0
+            )
     kept = session.cache.positions
     assert len(kept) <= 14 and session.cache.evictions > 5
     origin = POLICIES.origin(name)
@@ -53,7 +62,8 @@ def test_a_module_plugin_and_its_origin(tmp_path, monkeypatch):
         "from dataclasses import dataclass\n"
         "from streambench.policies.window import WindowPolicy\n"
         "@dataclass\nclass Short(WindowPolicy):\n    summary = 'a window'\n"
-        "class NotAPolicy:\n    pass\n")
+        "class NotAPolicy:\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     cls = POLICIES.get("my_policies:Short")
     assert cls.name == "my_policies:Short" and cls(budget=8).budget == 8
@@ -72,23 +82,33 @@ def test_entry_points_are_found_lazily_and_recorded(plugin_site, monkeypatch):
     registry = Registry("policy", POLICIES.base, group="streambench.policies")  # a fresh one: no cached scan
     assert "strided" in registry
     origin = registry.origin("strided")
-    assert origin == {"kind": "entry-point", "group": "streambench.policies", "value": "streambench_strided:StridedPolicy",
-                      "distribution": "streambench-strided", "version": "0.1.0"}
+    assert origin == {
+        "kind": "entry-point",
+        "group": "streambench.policies",
+        "value": "streambench_strided:StridedPolicy",
+        "distribution": "streambench-strided",
+        "version": "0.1.0",
+    }
     policy = registry.get("strided")(budget=20)
     assert (policy.start_size, policy.recent_size) == (4, 8)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("./nope.py:Thing", "policy plugin file not found: ./nope.py"),
-    ("{broken}:Thing", "failed to import: ZeroDivisionError: division by zero"),
-    ("{broken}:", "expected path/to/file.py:ClassName"),
-    ("{plain}:Plain", "is not a policy: it must be a class subclassing CachePolicy"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("./nope.py:Thing", "policy plugin file not found: ./nope.py"),
+        ("{broken}:Thing", "failed to import: ZeroDivisionError: division by zero"),
+        ("{broken}:", "expected path/to/file.py:ClassName"),
+        ("{plain}:Plain", "is not a policy: it must be a class subclassing CachePolicy"),
+    ],
+)
 def test_a_missing_or_broken_plugin_is_one_line_and_exit_2(tmp_path, spec, message):
     broken, plain = tmp_path / "broken.py", tmp_path / "plain.py"
     broken.write_text("x = 1 / 0\n")
     plain.write_text("class Plain:\n    pass\n")
-    result = cli("run", "-q", "--out", tmp_path / "out", "--policy", spec.format(broken=broken, plain=plain), "--tokens", 8)
+    result = cli(
+        "run", "-q", "--out", tmp_path / "out", "--policy", spec.format(broken=broken, plain=plain), "--tokens", 8
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
@@ -104,7 +124,10 @@ def test_a_broken_entry_point_is_listed_as_broken_not_fatal(tmp_path, plugin_sit
     result = cli("list", "policies", env_path=os.pathsep.join([str(site), plugin_site]))
     assert result.returncode == 0, result.stderr
     assert "bad                BROKEN: policy plugin 'bad' (no_such_module_xyz:Policy) failed to load" in result.stdout
-    assert "strided" in result.stdout and "(plugin: streambench-strided 0.1.0, streambench_strided:StridedPolicy)" in result.stdout
+    assert (
+        "strided" in result.stdout
+        and "(plugin: streambench-strided 0.1.0, streambench_strided:StridedPolicy)" in result.stdout
+    )
     run = cli("run", "-q", "--policy", "bad", "--tokens", 8, "--out", tmp_path / "o", env_path=str(site))
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
 
@@ -112,8 +135,23 @@ def test_a_broken_entry_point_is_listed_as_broken_not_fatal(tmp_path, plugin_sit
 def test_plugins_run_and_sweep_from_the_cli_and_results_say_what_ran(tmp_path, tiny_model_dir, small_text, plugin_site):
     """A file plugin and an entry-point policy and task, in `run` and in a local `sweep`."""
     out = tmp_path / "run"
-    result = cli("run", "-q", "--model", tiny_model_dir, "--task", "lorem-ppl", "--tokens", 48, "--budget", 16,
-                 "--policy", f"{FILE_PLUGIN}:KeepEveryOther,strided,streamingllm", "--out", out, env_path=plugin_site)
+    result = cli(
+        "run",
+        "-q",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "lorem-ppl",
+        "--tokens",
+        48,
+        "--budget",
+        16,
+        "--policy",
+        f"{FILE_PLUGIN}:KeepEveryOther,strided,streamingllm",
+        "--out",
+        out,
+        env_path=plugin_site,
+    )
     assert result.returncode == 0, result.stderr
     results = {r["config"]["policy"]["name"]: r for r in map(json.loads, map(Path.read_text, out.glob("*.json")))}
     assert set(results) == {f"{FILE_PLUGIN}:KeepEveryOther", "strided", "streamingllm"}
@@ -126,10 +164,21 @@ def test_plugins_run_and_sweep_from_the_cli_and_results_say_what_ran(tmp_path, t
     assert "origin" not in results["streamingllm"]["config"]["policy"]
     assert all(np.isfinite(r["metrics"]["ppl"]) for r in results.values())
 
-    spec = {"models": [str(tiny_model_dir)], "budgets": [16], "device": "cpu",
-            "policies": [f"{FILE_PLUGIN}:KeepEveryOther", "strided"],
-            "tasks": [{"task": "lorem-ppl", "tokens": 40}, {"task": f"{ROOT / 'examples' / 'plugin' / 'src' / 'streambench_strided' / '__init__.py'}:LoremPerplexity", "tokens": 32}],
-            "store": str(tmp_path / "store.sqlite"), "out": str(tmp_path / "json")}
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "budgets": [16],
+        "device": "cpu",
+        "policies": [f"{FILE_PLUGIN}:KeepEveryOther", "strided"],
+        "tasks": [
+            {"task": "lorem-ppl", "tokens": 40},
+            {
+                "task": f"{ROOT / 'examples' / 'plugin' / 'src' / 'streambench_strided' / '__init__.py'}:LoremPerplexity",
+                "tokens": 32,
+            },
+        ],
+        "store": str(tmp_path / "store.sqlite"),
+        "out": str(tmp_path / "json"),
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     swept = cli("sweep", "-q", path, env_path=plugin_site)
@@ -141,15 +190,23 @@ def test_plugins_run_and_sweep_from_the_cli_and_results_say_what_ran(tmp_path, t
 
 def test_a_file_plugin_under_ray_is_refused_in_one_line(tmp_path, tiny_model_dir):
     pytest.importorskip("ray")
-    spec = {"models": [str(tiny_model_dir)], "budgets": [16], "device": "cpu", "policies": [f"{FILE_PLUGIN}:KeepEveryOther"],
-            "tasks": [{"task": "perplexity", "tokens": 16}], "store": str(tmp_path / "s.sqlite"), "out": str(tmp_path / "j")}
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "budgets": [16],
+        "device": "cpu",
+        "policies": [f"{FILE_PLUGIN}:KeepEveryOther"],
+        "tasks": [{"task": "perplexity", "tokens": 16}],
+        "store": str(tmp_path / "s.sqlite"),
+        "out": str(tmp_path / "j"),
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     result = cli("sweep", "-q", "--engine", "ray", path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"Error: policy {FILE_PLUGIN}:KeepEveryOther is a file plugin, which Ray workers cannot import: install it as a "
-        "package with a streambench.policies entry point, or use --engine local"]
+        "package with a streambench.policies entry point, or use --engine local"
+    ]
 
 
 def test_plugin_classes_must_subclass_the_base_even_when_registered_in_code():

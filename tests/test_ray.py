@@ -1,6 +1,7 @@
 """Sweeps on a local Ray cluster (2 CPUs): every run lands in the store, a planted failing run is
 recorded after its retries while the others finish, a killed sweep resumes without redoing
 finished runs, and the quality metrics equal those of the local engine."""
+
 import sys
 
 import pytest
@@ -19,17 +20,27 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster(embedded, plugin_site):  # `embedded`: the model's safetensors cache exists before workers race for it
     # the example plugin package is "installed" on the workers (its entry points on their path)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       "PYTHONPATH": plugin_site}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": plugin_site}},
+    )
     yield
     ray.shutdown()
 
 
 def write_spec(tmp_path, **extra):
-    spec = {"models": ["smollm2-135m"], "budgets": [16], "policies": ["dense", "window", "streamingllm", "sirllm"],
-            "tasks": [{"task": "perplexity", "tokens": 40}], "device": "cpu", "retries": 1,
-            "store": str(tmp_path / "store.sqlite"), "out": str(tmp_path / "json")}
+    spec = {
+        "models": ["smollm2-135m"],
+        "budgets": [16],
+        "policies": ["dense", "window", "streamingllm", "sirllm"],
+        "tasks": [{"task": "perplexity", "tokens": 40}],
+        "device": "cpu",
+        "retries": 1,
+        "store": str(tmp_path / "store.sqlite"),
+        "out": str(tmp_path / "json"),
+    }
     spec.update(extra)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -46,7 +57,9 @@ def test_no_cluster_at_the_address_is_one_line(tmp_path, monkeypatch):  # runs b
 
 def test_ray_sweep_stores_every_run_records_a_planted_failure_and_matches_local(cluster, tmp_path):
     missing = tmp_path / "no-such-model"  # planted: plans fine, fails on the worker, every attempt
-    spec_path = write_spec(tmp_path, models=["smollm2-135m", str(missing)], policies=["window", "streamingllm", "sirllm"])
+    spec_path = write_spec(
+        tmp_path, models=["smollm2-135m", str(missing)], policies=["window", "streamingllm", "sirllm"]
+    )
     result = CliRunner().invoke(cli, ["sweep", "-q", "--engine", "ray", str(spec_path)], catch_exceptions=False)
     assert result.exit_code == 1, result.output  # runs failed (and are recorded)
     assert result.output.strip().endswith(f"3 finished, 3 failed, 0 already in {tmp_path / 'store.sqlite'}")
@@ -106,8 +119,14 @@ def test_entry_point_plugins_run_on_ray_workers(cluster, tmp_path, tiny_model_di
         monkeypatch.syspath_prepend(part)
     for registry in (POLICIES, TASKS):
         monkeypatch.setattr(registry, "_entry_points", None)  # scan again, with the plugin on the path
-    spec = load_spec(write_spec(tmp_path, models=[str(tiny_model_dir)], policies=["strided", "streamingllm"],
-                                tasks=[{"task": "lorem-ppl", "tokens": 32}]))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            models=[str(tiny_model_dir)],
+            policies=["strided", "streamingllm"],
+            tasks=[{"task": "lorem-ppl", "tokens": 32}],
+        )
+    )
     from streambench.runs.ray_sweep import run_sweep_ray
 
     with Store(tmp_path / "store.sqlite") as store:
@@ -141,7 +160,9 @@ def test_what_ray_raises_is_one_line_and_retried_unless_a_bad_argument():
     assert describe(WorkerCrashedError())[1] is True  # the worker process died: try again elsewhere
     message, retry = describe(NodeDiedError("node 1a2b died"))
     assert retry is True and "node 1a2b died" in message and "\n" not in message
-    wrapped = RayTaskError("execute_run", "Traceback ...\nstreambench.errors.DataError: gone", DataError("text x.txt is gone"))
+    wrapped = RayTaskError(
+        "execute_run", "Traceback ...\nstreambench.errors.DataError: gone", DataError("text x.txt is gone")
+    )
     assert describe(wrapped) == ("text x.txt is gone", True)  # maybe present on another node
     bad = RayTaskError("execute_run", "Traceback ...", ConfigError("budget 2 must be above start_size 4"))
     assert describe(bad) == ("budget 2 must be above start_size 4", False)

@@ -33,7 +33,9 @@ def test_register_names_aliases_and_subclasses():
 def test_listing_policies_and_tasks_imports_no_torch():
     import subprocess
 
-    code = ("import sys; from streambench.policies import POLICIES; from streambench.tasks import TASKS; "
-            "POLICIES.names(); TASKS.names(); print('torch' in sys.modules)")
+    code = (
+        "import sys; from streambench.policies import POLICIES; from streambench.tasks import TASKS; "
+        "POLICIES.names(); TASKS.names(); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from streambench.results import schema as results
 from streambench.errors import ResultsError
+from streambench.results import schema as results
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path, monkeypatch):

@@ -1,23 +1,22 @@
 """Fact tokens and retention, the session fork, free recall (key_nll), the needle task and ratio budgets."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import byte_tokenizer, tiny_model
 
+from streambench.engine.meter import Meter
+from streambench.engine.session import StreamSession
+from streambench.errors import ConfigError
+from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy
-
 from streambench.runs.config import RunConfig, resolve_budget
-
+from streambench.runs.runner import Progress, plan
 from streambench.tasks.build import build_task
 from streambench.tasks.dialogue.chat_format import Conversation
-from streambench.errors import ConfigError
-from streambench.engine.meter import Meter
-from streambench.models.loading import LoadedModel
-from streambench.tasks.retention import CacheMap, Retention, kept_share, tokens_of
-from streambench.runs.runner import Progress, plan
-from streambench.engine.session import StreamSession
 from streambench.tasks.needle import _matches
+from streambench.tasks.retention import CacheMap, Retention, kept_share, tokens_of
 
 
 def lm_of(layers=2, seed=0):
@@ -63,7 +62,9 @@ def test_retention_equals_a_count_from_the_cache_positions():
     def spy(conversation, item):
         out = kept(conversation, item)
         if out:
-            positions = conversation.retention.positions[conversation.retention.fact_of == conversation.retention.facts.index("key")]
+            positions = conversation.retention.positions[
+                conversation.retention.fact_of == conversation.retention.facts.index("key")
+            ]
             held = session.held_positions()
             conversation_probe.setdefault("counts", []).append((np.isin(positions, held).mean(), out["key_retention"]))
             text = lm.tokenizer.decode(conversation_probe["ids"][positions].tolist())
@@ -91,7 +92,9 @@ def test_retention_equals_a_count_from_the_cache_positions():
     assert conversation_probe["texts"] == [i.meta["facts"][0][1] for i in items]
     for counted, recorded in conversation_probe["counts"]:
         assert counted == pytest.approx(recorded, abs=1e-4)
-    assert result.metrics["key_retention"] == pytest.approx(np.mean([c for c, _ in conversation_probe["counts"]]), abs=1e-4)
+    assert result.metrics["key_retention"] == pytest.approx(
+        np.mean([c for c, _ in conversation_probe["counts"]]), abs=1e-4
+    )
     assert {"retention_by_turns", "retention_by_tokens", "cache_map"} <= set(result.curves)
 
 
@@ -118,8 +121,11 @@ def test_key_nll_equals_a_plain_forward_on_a_dense_cache():
         chosen, _ = conversation.ask(question, ["A", "B"])
         pieces += [fmt.user_turn(question, first=i == 0), fmt.reply(["A", "B"][chosen])]
     nll, written = conversation.free_answer("Which one is the GROCERY?", "oats", max_new_tokens=3)
-    context = [t for p in pieces + [fmt.user_turn("Which one is the GROCERY?", first=False)]
-               for t in tok(p, add_special_tokens=False)["input_ids"]]
+    context = [
+        t
+        for p in pieces + [fmt.user_turn("Which one is the GROCERY?", first=False)]
+        for t in tok(p, add_special_tokens=False)["input_ids"]
+    ]
     answer = tok(fmt.reply_prefix + "oats", add_special_tokens=False)["input_ids"]
     logits = lm.model(input_ids=torch.tensor([context + answer])).logits[0]
     expected = F.cross_entropy(logits[len(context) - 1 : -1].float(), torch.tensor(answer), reduction="none")
@@ -177,8 +183,12 @@ def test_cache_map_subsamples_and_keeps_the_first_stream():
 def test_needle_cells_are_seeded_and_the_needle_sits_at_its_depth():
     tok = byte_tokenizer()
     task = build_task("needle", {"text": "filler:passkey", "lengths": "300,600", "depths": "0,50,100", "trials": 2})
-    assert task.cells() == build_task("needle", {"text": "filler:passkey", "lengths": "300,600", "depths": "0,50,100",
-                                                 "trials": 2}).cells()
+    assert (
+        task.cells()
+        == build_task(
+            "needle", {"text": "filler:passkey", "lengths": "300,600", "depths": "0,50,100", "trials": 2}
+        ).cells()
+    )
     assert task.cells() != build_task("needle", {"text": "filler:passkey", "lengths": "300,600", "seed": 1}).cells()
     from streambench.tasks.texts import load_text
 
@@ -187,8 +197,15 @@ def test_needle_cells_are_seeded_and_the_needle_sits_at_its_depth():
         ids, (a, b), answer = task.build(tok, hay, length, depth, value, offset)
         assert len(ids) == length
         assert tok.decode(ids[a:b]).strip() == f"The special magic number is {value}."
-        room = length - (b - a) - len(tok("\nWhat is the special magic number? The special magic number is",
-                                          add_special_tokens=False)["input_ids"])
+        room = (
+            length
+            - (b - a)
+            - len(
+                tok("\nWhat is the special magic number? The special magic number is", add_special_tokens=False)[
+                    "input_ids"
+                ]
+            )
+        )
         assert a == round(room * depth / 100)
         assert tok.decode(answer) == " " + value
 
@@ -209,7 +226,9 @@ def test_needle_on_a_tiny_model_records_its_grid_and_map():
         assert result.metrics["cells"] == 4 and result.curves["cache_map"]["facts"]
         if policy == "dense":
             assert grid["needle_retention"] == [[1.0, 1.0], [1.0, 1.0]]
-    assert grid["needle_retention"][0] == [pytest.approx(4 / needle, abs=1e-4)] * 2  # depth 0: the 4 sinks hold its start
+    assert (
+        grid["needle_retention"][0] == [pytest.approx(4 / needle, abs=1e-4)] * 2
+    )  # depth 0: the 4 sinks hold its start
     assert grid["needle_retention"][1] == [1.0, 1.0]  # depth 100: inside the recent window
 
 
@@ -226,7 +245,10 @@ def test_dense_finds_the_passkey_and_streamingllm_loses_it_on_the_embedded_model
 # ---- ratio budgets -------------------------------------------------------------------------------------
 def test_ratio_budgets_resolve_against_the_task_context(tiny_model_dir):
     task = build_task("perplexity", {"tokens": 768})
-    assert resolve_budget("25%", task) == (192, {"ratio": 0.25, "context_tokens": 768, "compression_ratio": 0.75, "keys": 192})
+    assert resolve_budget("25%", task) == (
+        192,
+        {"ratio": 0.25, "context_tokens": 768, "compression_ratio": 0.75, "keys": 192},
+    )
     assert resolve_budget(64, task) == (64, {})
     needle = build_task("needle", {"lengths": "256,1024"})
     assert resolve_budget("12.5%", needle)[0] == 128
@@ -235,8 +257,14 @@ def test_ratio_budgets_resolve_against_the_task_context(tiny_model_dir):
     for bad in ("0%", "150%", "x%", "-3", 0, True):
         with pytest.raises(ConfigError):
             resolve_budget(bad, task)
-    config = RunConfig(model=str(tiny_model_dir), device="cpu", budget="25%", task="perplexity",
-                       task_args={"tokens": 400}, policies=[PolicySpec("streamingllm"), PolicySpec("dense")])
+    config = RunConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        budget="25%",
+        task="perplexity",
+        task_args={"tokens": 400},
+        policies=[PolicySpec("streamingllm"), PolicySpec("dense")],
+    )
     _, planned = plan(config)
     assert planned[0].policy.budget == 100 and planned[0].budget_ratio["ratio"] == 0.25
     assert planned[1].policy.budget is None and planned[1].budget_ratio is None

@@ -1,5 +1,6 @@
 """Security regressions: hostile labels in the HTML report, databases streambench did not make,
 run identity (labels), downloads cached by URL, concurrent sweeps on one store."""
+
 import hashlib
 import json
 import shutil
@@ -13,16 +14,26 @@ from click.testing import CliRunner
 from streambench.cli.app import cli
 from streambench.results.store import Store
 
-HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "\"'><svg onload=alert(3)>", "$\\frac{a}{b}$ | `x`"]
+HOSTILE = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(2)>",
+    "\"'><svg onload=alert(3)>",
+    "$\\frac{a}{b}$ | `x`",
+]
 
 
 @pytest.fixture(scope="module")
 def hostile_store(tmp_path_factory, tiny_model_dir, small_text):
     root = tmp_path_factory.mktemp("hostile")
-    spec = {"models": [str(tiny_model_dir)], "budgets": [8, 12], "device": "cpu",
-            "policies": [{"policy": "window", "label": label} for label in HOSTILE],
-            "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
-            "store": str(root / "store.sqlite"), "out": str(root / "json")}
+    spec = {
+        "models": [str(tiny_model_dir)],
+        "budgets": [8, 12],
+        "device": "cpu",
+        "policies": [{"policy": "window", "label": label} for label in HOSTILE],
+        "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
+        "store": str(root / "store.sqlite"),
+        "out": str(root / "json"),
+    }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(cli, ["sweep", "-q", str(root / "spec.yaml")])
     assert result.exit_code == 0, result.output
@@ -43,19 +54,36 @@ def test_report_escapes_every_hostile_string(hostile_store, tmp_path):
     assert {p.name for p in out.glob("*.png")} >= {"perplexity_ppl_over_stream_b8.png"}  # math-text labels plotted
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="headless Chromium not installed (Debian package 'chromium'); the HTML is not rendered")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="headless Chromium not installed (Debian package 'chromium'); the HTML is not rendered",
+)
 def test_no_script_runs_in_a_browser(hostile_store, tmp_path):
     """The DOM Chromium builds holds the hostile labels as text, and no element they name."""
     out = tmp_path / "report"
     CliRunner().invoke(cli, ["report", "--store", str(hostile_store), "--out", str(out)])
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (out / "report.html").as_uri()],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "<table" in dom and "streambench report" in dom  # the page rendered
-    assert "<script" not in dom and "<svg" not in dom and "<img src=\"x\"" not in dom
+    assert "<script" not in dom and "<svg" not in dom and '<img src="x"' not in dom
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # as text, in the table
     assert "&lt;img src=x onerror=alert(2)&gt;" in dom
 
@@ -82,21 +110,35 @@ def foreign_files(tmp_path):
     return [other, runs, empty]
 
 
-def test_foreign_databases_and_empty_files_stay_byte_for_byte_untouched(foreign_files, tmp_path, hostile_store,
-                                                                        tiny_model_dir, small_text):
+def test_foreign_databases_and_empty_files_stay_byte_for_byte_untouched(
+    foreign_files, tmp_path, hostile_store, tiny_model_dir, small_text
+):
     results = hostile_store.parent / "json"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"models": [str(tiny_model_dir)], "policies": ["window"], "budgets": [8],
-                                    "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
-                                    "device": "cpu", "out": str(tmp_path / "json")}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "models": [str(tiny_model_dir)],
+                "policies": ["window"],
+                "budgets": [8],
+                "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 16}],
+                "device": "cpu",
+                "out": str(tmp_path / "json"),
+            }
+        )
+    )
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"schema": "streambench.baseline/1", "runs": {}}))
     for store in foreign_files:
         before = sha(store)
         neighbours = sorted(p.name for p in tmp_path.iterdir())
-        for args in (["report", "--store", store, "--out", tmp_path / "r"], ["export", "--store", store],
-                     ["gate", "--baseline", baseline, "--store", store], ["import", results, "--store", store],
-                     ["sweep", "-q", spec, "--store", store]):
+        for args in (
+            ["report", "--store", store, "--out", tmp_path / "r"],
+            ["export", "--store", store],
+            ["gate", "--baseline", baseline, "--store", store],
+            ["import", results, "--store", store],
+            ["sweep", "-q", spec, "--store", store],
+        ):
             result = CliRunner().invoke(cli, [str(a) for a in args])
             assert result.exit_code == 2, (args, result.output)
             assert "left untouched" in result.output or "holds no streambench results" in result.output, result.output
@@ -128,12 +170,23 @@ def test_a_corrupt_result_cell_is_one_line(hostile_store, tmp_path):
 
 def test_two_labels_on_one_config_are_two_runs_everywhere(tmp_path, tiny_model_dir, small_text):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "models": [str(tiny_model_dir)], "budgets": [8], "device": "cpu",
-        "policies": [{"policy": "streamingllm", "start_size": 2, "label": "sinks-A"},
-                     {"policy": "streamingllm", "start_size": 2, "label": "sinks-B"}, "streamingllm"],
-        "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
-        "store": str(tmp_path / "s.sqlite"), "out": str(tmp_path / "json")}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "models": [str(tiny_model_dir)],
+                "budgets": [8],
+                "device": "cpu",
+                "policies": [
+                    {"policy": "streamingllm", "start_size": 2, "label": "sinks-A"},
+                    {"policy": "streamingllm", "start_size": 2, "label": "sinks-B"},
+                    "streamingllm",
+                ],
+                "tasks": [{"task": "perplexity", "text": str(small_text), "tokens": 24}],
+                "store": str(tmp_path / "s.sqlite"),
+                "out": str(tmp_path / "json"),
+            }
+        )
+    )
     result = CliRunner().invoke(cli, ["sweep", "-q", str(spec)])
     assert "3 finished" in result.output, result.output
     with Store(tmp_path / "s.sqlite", readonly=True) as store:
@@ -157,8 +210,13 @@ def test_unlabelled_runs_keep_their_config_hashes():
     from streambench.runs.config import RunConfig
     from streambench.runs.runner import plan
 
-    config = RunConfig(policies=[resolve_policy("streamingllm", {})], task_args={"tokens": 256}, budget=64,
-                       device="cpu", dtype="float32")
+    config = RunConfig(
+        policies=[resolve_policy("streamingllm", {})],
+        task_args={"tokens": 256},
+        budget=64,
+        device="cpu",
+        dtype="float32",
+    )
     from pathlib import Path
 
     baseline = json.loads((Path(__file__).resolve().parents[1] / "ci" / "baseline.json").read_text())
@@ -203,8 +261,10 @@ def test_a_second_sweep_does_not_compute_a_claimed_run(tmp_path):
         first = None
         assert second.claim("h1") is True
         with second.db:  # a claim left by a process that died is taken over
-            second.db.execute("INSERT OR REPLACE INTO claims VALUES ('h3', 'x:1:dead', ?, 999999999, '2026-01-01T00:00:00+00:00')",
-                              (__import__("socket").gethostname(),))
+            second.db.execute(
+                "INSERT OR REPLACE INTO claims VALUES ('h3', 'x:1:dead', ?, 999999999, '2026-01-01T00:00:00+00:00')",
+                (__import__("socket").gethostname(),),
+            )
         assert second.claim("h3") is True
     finally:
         if first is not None:

@@ -1,4 +1,5 @@
 """Sweeps and the results store: round trip, resume after a kill, failures recorded, bad input."""
+
 import json
 import os
 import signal
@@ -15,9 +16,15 @@ from streambench.results.store import Store
 
 
 def write_spec(path, model, text, **extra):
-    spec = {"models": [str(model)], "budgets": [8, 16], "policies": ["dense", "window", "streamingllm"],
-            "tasks": [{"task": "perplexity", "text": str(text), "tokens": 60}],
-            "store": str(path.parent / "store.sqlite"), "out": str(path.parent / "json"), "device": "cpu"}
+    spec = {
+        "models": [str(model)],
+        "budgets": [8, 16],
+        "policies": ["dense", "window", "streamingllm"],
+        "tasks": [{"task": "perplexity", "text": str(text), "tokens": 60}],
+        "store": str(path.parent / "store.sqlite"),
+        "out": str(path.parent / "json"),
+        "device": "cpu",
+    }
     spec.update(extra)
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -30,9 +37,15 @@ def sweep(*args):
 def test_sweep_records_every_run_skips_finished_ones_and_records_failures(tmp_path, tiny_model_dir, small_text):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, small_text,
-                      tasks=[{"task": "perplexity", "text": str(small_text), "tokens": 60},
-                             {"task": "perplexity", "text": str(short), "tokens": 60}])
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        small_text,
+        tasks=[
+            {"task": "perplexity", "text": str(small_text), "tokens": 60},
+            {"task": "perplexity", "text": str(short), "tokens": 60},
+        ],
+    )
     result = sweep(spec)
     assert result.exit_code == 1, result.output  # failed runs make the sweep's exit status 1 (recorded all the same)
     # dense ignores the budget, so it runs once per task: 1 + 2 x 2 = 5 runs per task
@@ -54,12 +67,22 @@ def test_sweep_records_every_run_skips_finished_ones_and_records_failures(tmp_pa
 
 
 def test_a_killed_sweep_resumes_without_redoing_or_losing_runs(tmp_path, tiny_model_dir, small_text):
-    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, small_text, budgets=[8, 12, 16, 20, 24, 28],
-                      policies=["window", "streamingllm"],
-                      tasks=[{"task": "perplexity", "text": str(small_text), "tokens": 1200}])
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        small_text,
+        budgets=[8, 12, 16, 20, 24, 28],
+        policies=["window", "streamingllm"],
+        tasks=[{"task": "perplexity", "text": str(small_text), "tokens": 1200}],
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "streambench", "sweep", "-q", str(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streambench", "sweep", "-q", str(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     store_path = tmp_path / "store.sqlite"
     # Wait for what the program reports (its second "finished" line), never for a time: on a slow
     # machine a timed poll saw the sweep end before it was interrupted.
@@ -95,12 +118,15 @@ def test_a_corrupt_store_is_an_error_and_left_untouched(tmp_path, tiny_model_dir
         Store(bad)
 
 
-@pytest.mark.parametrize("content,message", [
-    ({"policies": ["dense"], "colour": "blue"}, "unknown key(s) colour"),
-    ({"policies": ["dense"], "budgets": [0]}, "budget must be a positive integer or a percentage"),
-    ({"policies": ["nope"]}, "unknown policy 'nope'"),
-    ({"policies": ["streamingllm"], "budgets": [4]}, "budget 4 must be above start_size 4"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"policies": ["dense"], "colour": "blue"}, "unknown key(s) colour"),
+        ({"policies": ["dense"], "budgets": [0]}, "budget must be a positive integer or a percentage"),
+        ({"policies": ["nope"]}, "unknown policy 'nope'"),
+        ({"policies": ["streamingllm"], "budgets": [4]}, "budget 4 must be above start_size 4"),
+    ],
+)
 def test_bad_specs_fail_before_anything_runs(tmp_path, content, message):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**content, "store": str(tmp_path / "s.sqlite")}))
@@ -111,14 +137,33 @@ def test_bad_specs_fail_before_anything_runs(tmp_path, content, message):
 
 def test_import_and_export_round_trip(tmp_path, tiny_model_dir, small_text):
     runner = CliRunner()
-    ran = runner.invoke(cli, ["run", "-q", "--model", str(tiny_model_dir), "--policy", "window,streamingllm",
-                              "--budget", "8", "--text", str(small_text), "--tokens", "40", "--out", str(tmp_path / "json")])
+    ran = runner.invoke(
+        cli,
+        [
+            "run",
+            "-q",
+            "--model",
+            str(tiny_model_dir),
+            "--policy",
+            "window,streamingllm",
+            "--budget",
+            "8",
+            "--text",
+            str(small_text),
+            "--tokens",
+            "40",
+            "--out",
+            str(tmp_path / "json"),
+        ],
+    )
     assert ran.exit_code == 0, ran.output
     store = str(tmp_path / "s.sqlite")
     imported = runner.invoke(cli, ["import", str(tmp_path / "json"), "--store", store])
     assert imported.output.strip() == f"imported 2 result(s) into {store}"
     csv_text = runner.invoke(cli, ["export", "--store", store]).output.splitlines()
-    assert csv_text[0].startswith("run_id,status,label,task,policy,model,budget,finished,error,") and "ppl" in csv_text[0]
+    assert (
+        csv_text[0].startswith("run_id,status,label,task,policy,model,budget,finished,error,") and "ppl" in csv_text[0]
+    )
     assert len(csv_text) == 3 and {line.split(",")[2] for line in csv_text[1:]} == {"window", "streamingllm"}
     exported = json.loads(runner.invoke(cli, ["export", "--store", store, "--format", "json"]).output)
     assert len(exported) == 2 and all(e["result"]["schema"] == "streambench.result/1" for e in exported)

@@ -1,4 +1,5 @@
 """Random-weight tiny models of each supported architecture, built from a config (no downloads)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,17 @@ from streambench.models.architecture import FAMILIES
 # Every tested family (streambench/models/architecture.py), the exactness matrix's rows.
 ARCHITECTURES = tuple(FAMILIES)
 
-_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, vocab: int = 96, **overrides):
@@ -62,7 +72,9 @@ def byte_tokenizer(chat_template: str | None = CHATML):
 
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     code = ord(ch)
     if code in printable:
         return code

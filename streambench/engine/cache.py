@@ -42,6 +42,7 @@ Host-side bookkeeping (numpy, per rank in time order): physical slot, original s
 and per-token score. The engine is exact: the next-token logits equal a fresh forward over the
 kept tokens at positions 0..n-1 (tests/test_exactness.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,13 +66,13 @@ class _StreamLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, owner: "StreamCache", idx: int):  # no super().__init__: keys/values are properties
+    def __init__(self, owner: StreamCache, idx: int):  # no super().__init__: keys/values are properties
         self._ref = weakref.ref(owner)
         self._idx = idx
         self.is_initialized = True
 
     @property
-    def _owner(self) -> "StreamCache":
+    def _owner(self) -> StreamCache:
         return self._ref()
 
     @property
@@ -138,7 +139,7 @@ class _Sliding:
     go at `end`; when room runs out the visible ones move to the front (once per ~window tokens).
     Tokens before the visible ones stay until then, so a rollback (dialogue branches) can return."""
 
-    def __init__(self, owner: "StreamCache", devices: list, window: int, rope: RotaryTable | None):
+    def __init__(self, owner: StreamCache, devices: list, window: int, rope: RotaryTable | None):
         self.owner, self.devices, self.window, self.rope = owner, devices, int(window), rope
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -230,7 +231,9 @@ class _Sliding:
             self.rope.ensure(int(np.abs(at_all).max()) + 2)
             for k, k_pre in zip(self.k, self.k_pre):
                 if self.owner.batch == 1:
-                    k_pre[:, :, lo:hi] = self.rope.unrotate(k[:, :, lo:hi], torch.from_numpy(at_all[0]).to(k.device), signed=True)
+                    k_pre[:, :, lo:hi] = self.rope.unrotate(
+                        k[:, :, lo:hi], torch.from_numpy(at_all[0]).to(k.device), signed=True
+                    )
                 else:
                     at = torch.from_numpy(at_all).to(k.device)
                     k_pre[:, :, lo:hi] = self.rope.unrotate(k[None, :, :, lo:hi], at, signed=True)[0]
@@ -241,7 +244,14 @@ class _Sliding:
 
     def token_bytes(self) -> int:
         """K and V bytes per visible token over the sliding layers and the batch."""
-        return 2 * len(self.devices) * self.owner.batch * self.owner.kv_heads * self.owner.head_dim * self.owner.dtype.itemsize
+        return (
+            2
+            * len(self.devices)
+            * self.owner.batch
+            * self.owner.kv_heads
+            * self.owner.head_dim
+            * self.owner.dtype.itemsize
+        )
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for bufs in (self.k, self.v, self.k_pre) for t in bufs)
@@ -292,8 +302,12 @@ class StreamCache(Cache):
         self.full_index = np.full(len(kinds), -1, dtype=np.int64)
         self.full_index[full] = np.arange(len(full))
         where = {i: n for n, i in enumerate(full)} | {i: n for n, i in enumerate(slides)}
-        super().__init__(layers=[(_SlidingLayer if kinds[i] == "sliding_attention" else _StreamLayer)(self, where[i])
-                                 for i in range(len(kinds))])
+        super().__init__(
+            layers=[
+                (_SlidingLayer if kinds[i] == "sliding_attention" else _StreamLayer)(self, where[i])
+                for i in range(len(kinds))
+            ]
+        )
         self.model_layers = len(kinds)
         self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
@@ -303,8 +317,12 @@ class StreamCache(Cache):
         devices = [all_devices[i] for i in full]
         self.sliding = None
         if slides:
-            self.sliding = _Sliding(self, [all_devices[i] for i in slides], sliding_window,
-                                    (sliding_rope or rope) if rope is not None else None)
+            self.sliding = _Sliding(
+                self,
+                [all_devices[i] for i in slides],
+                sliding_window,
+                (sliding_rope or rope) if rope is not None else None,
+            )
         self.shards: list[_Shard] = []
         for i, d in enumerate(devices):
             if not self.shards or self.shards[-1].device != d:
@@ -337,7 +355,7 @@ class StreamCache(Cache):
             for buf in shard.stats.values():
                 buf.zero_()
 
-    def clone(self) -> "StreamCache":
+    def clone(self) -> StreamCache:
         """An independent copy (buffers and bookkeeping copied, the rotary table shared), for
         `StreamSession.fork`: a branch that may evict without touching the stream's own cache."""
         shared = [t for t in (self.rope, self.sliding.rope if self.sliding is not None else None) if t is not None]
@@ -572,7 +590,9 @@ class StreamCache(Cache):
         for name in ("_slot", "_pos", "_score"):
             old = getattr(self, name)
             # (a copy: with one lane the broadcast is already contiguous, and would stay a read-only view)
-            setattr(self, name, np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1])).reshape(L * B * H, -1).copy())
+            setattr(
+                self, name, np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1])).reshape(L * B * H, -1).copy()
+            )
         self._row_stream = np.tile(np.repeat(np.arange(B), H), L)
         self.per_head = True
         self._uniform = False
@@ -629,7 +649,9 @@ class StreamCache(Cache):
             positions = stale_c + self._offsets[self._row_stream[stale_r]]
             for shard, local, flat in self._lane_index(stale_r, slots):
                 pre = shard.k_pre.view(-1, self.head_dim).index_select(0, flat)
-                shard.k.view(-1, self.head_dim).index_copy_(0, flat, self.rope.rotate(pre, shard.index(positions[local])))
+                shard.k.view(-1, self.head_dim).index_copy_(
+                    0, flat, self.rope.rotate(pre, shard.index(positions[local]))
+                )
 
     def _lane_index(self, rows: np.ndarray, slots: np.ndarray):
         """Per shard: (shard, which entries fall in it, flat index into its (L_s*B*H*capacity) slots)."""
@@ -657,8 +679,11 @@ class StreamCache(Cache):
         for shard in self.shards:
             for name in names:
                 if name not in shard.stats:
-                    shard.stats[name] = torch.zeros((shard.stop - shard.start, self.batch, self.kv_heads, self.capacity),
-                                                    dtype=torch.float32, device=shard.device)
+                    shard.stats[name] = torch.zeros(
+                        (shard.stop - shard.start, self.batch, self.kv_heads, self.capacity),
+                        dtype=torch.float32,
+                        device=shard.device,
+                    )
         self.stat_names = tuple(sorted(set(self.stat_names) | set(names)))
 
     def stat(self, layer: int, name: str) -> torch.Tensor:
@@ -671,7 +696,9 @@ class StreamCache(Cache):
         n, parts = self._n, []
         for shard, t in zip(self.shards, tensors):
             if self.per_head:
-                idx = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[shard.start : shard.stop, b, :, :n]
+                idx = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
+                    shard.start : shard.stop, b, :, :n
+                ]
                 idx = shard.index(np.ascontiguousarray(idx))
                 if t.dim() == 5:
                     idx = idx[..., None].expand(-1, -1, -1, t.shape[-1])
@@ -704,7 +731,7 @@ class StreamCache(Cache):
     def _move(self, moves: list) -> None:
         """Copy tokens between slots: `moves` holds (stream or None for all, source slots, destination slots)."""
         if self._for_all_rows(moves):
-            (_, src, dst), = moves
+            ((_, src, dst),) = moves
             for shard in self.shards:
                 s, d = shard.index(src), shard.index(dst)
                 for buf in shard.buffers():
@@ -728,8 +755,13 @@ class StreamCache(Cache):
         """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
         self._single("take")
         slots = self._slot[0, ranks]
-        parts = [(s.k_pre.index_select(3, s.index(slots)).to(self.device), s.v.index_select(3, s.index(slots)).to(self.device))
-                 for s in self.shards]
+        parts = [
+            (
+                s.k_pre.index_select(3, s.index(slots)).to(self.device),
+                s.v.index_select(3, s.index(slots)).to(self.device),
+            )
+            for s in self.shards
+        ]
         if len(parts) == 1:
             return self._pos[0, ranks].copy(), *parts[0]
         return self._pos[0, ranks].copy(), torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -787,7 +819,7 @@ class StreamCache(Cache):
         """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream or None for all, ranks) pairs."""
         self.rope.ensure(self._n + int(self._offsets.max()) + 1)
         if self._for_all_rows(stale):
-            (_, ranks), = stale
+            ((_, ranks),) = stale
             slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
             for shard in self.shards:
                 s = shard.index(slots)

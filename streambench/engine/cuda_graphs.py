@@ -11,6 +11,7 @@ between replays. The graph is captured again only when the capacity grows (dense
 `capture=False` runs the same static-shape forward eagerly: the tests prove on CPU that it gives
 the ordinary path's logits.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,8 +46,9 @@ class StaticDecoder:
         cache = self.session.cache
         cache.static = True
         try:
-            return self.session.model(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask,
-                                      cache=cache, use_cache=True).logits
+            return self.session.model(
+                input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, cache=cache, use_cache=True
+            ).logits
         finally:
             cache.static = False
 
@@ -78,7 +80,9 @@ class StaticDecoder:
             try:
                 self._capture()
             except Exception as exc:  # a model whose forward cannot be captured: eager from now on
-                warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly", stacklevel=2)
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly", stacklevel=2
+                )
                 self.graph, self.session._static = None, None
                 return self._forward()
         self.graph.replay()

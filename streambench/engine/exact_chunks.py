@@ -21,16 +21,17 @@ protocol holds before its first token, runs the chunk, and evicts after it to th
 protocol holds after its last: the cache then equals token-by-token feeding's, so any feed after
 it (a decode probe, an lm-eval continuation) goes on from the same state.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from streambench.policies.base import Band  # noqa: F401  (re-exported: the declaration this module serves)
 from streambench.engine.routing import AttentionRoute
+from streambench.policies.base import Band  # noqa: F401  (re-exported: the declaration this module serves)
 
 NAME = "streambench_exact"
-_ACTIVE: list["ChunkMask"] = []
+_ACTIVE: list[ChunkMask] = []
 _registered = False
 
 
@@ -70,13 +71,25 @@ class ChunkMask(AttentionRoute):
     own keys included); queries (c,): the chunk's stream positions; rotated_at (c,): the RoPE
     positions the model rotated the chunk's queries at; rope: the session's RotaryTable."""
 
-    def __init__(self, model, band: Band, slot_positions: torch.Tensor, queries: torch.Tensor,
-                 rotated_at: torch.Tensor, rope=None, offset: int = 0):
+    def __init__(
+        self,
+        model,
+        band: Band,
+        slot_positions: torch.Tensor,
+        queries: torch.Tensor,
+        rotated_at: torch.Tensor,
+        rope=None,
+        offset: int = 0,
+    ):
         _register()
         super().__init__(model, NAME, _ACTIVE)
         t = queries[:, None]
         keys = slot_positions[None, :]
-        low = torch.clamp(t - band.width + 1, min=band.sinks) if band.width is not None else torch.full_like(t, band.sinks)
+        low = (
+            torch.clamp(t - band.width + 1, min=band.sinks)
+            if band.width is not None
+            else torch.full_like(t, band.sinks)
+        )
         recent = (keys >= low) & (keys <= t)
         self.sinks = None
         if band.sinks:
@@ -127,7 +140,9 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
         value = torch.cat((value, torch.zeros_like(value)), dim=-1)
     # each KV head's group of query heads as one block of groups * c rows (no repeated keys)
     q = query.reshape(b, kv_heads, groups * c, query.shape[-1])
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=rows, scale=scaling if scaling is not None else d ** -0.5)
+    out = F.scaled_dot_product_attention(
+        q, key, value, attn_mask=rows, scale=scaling if scaling is not None else d**-0.5
+    )
     out = out.view(b, heads, c, -1)
     if sinks is not None:
         out = out[..., : value.shape[-1] // 2]

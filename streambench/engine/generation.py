@@ -7,12 +7,13 @@ the prompt and its answer first, as mit-han-lab/streaming-llm's `evict_for_space
 each prompt) and one-token steps take the session's static/CUDA-graph path where it has one. A
 stop token (EOS, the turn's end) is not fed: the caller closes the turn with its own suffix.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -32,8 +33,12 @@ class Sampling:
     def __post_init__(self) -> None:
         from streambench.values import check_seed
 
-        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
-                or not math.isfinite(self.temperature) or self.temperature < 0):
+        if (
+            not isinstance(self.temperature, (int, float))
+            or isinstance(self.temperature, bool)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -77,10 +82,19 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(session, prompt: torch.Tensor | None = None, last: torch.Tensor | None = None, max_new_tokens: int = 128,
-             stop_ids=(), sampling: Sampling | None = None, stop_strings=(), decode: Callable | None = None,
-             on_token: Callable[[int], None] | None = None, interrupted: Callable[[], bool] | None = None,
-             score: bool = False) -> Generation:
+def generate(
+    session,
+    prompt: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    stop_ids=(),
+    sampling: Sampling | None = None,
+    stop_strings=(),
+    decode: Callable | None = None,
+    on_token: Callable[[int], None] | None = None,
+    interrupted: Callable[[], bool] | None = None,
+    score: bool = False,
+) -> Generation:
     """Feed `prompt` (1, T) (or start from `last`, the logits after what was fed already) and
     generate up to `max_new_tokens`. `stop_strings` need `decode` (token ids -> text); `on_token`
     sees each token as it is chosen (chat streams it); `interrupted()` is polled between tokens;

@@ -4,6 +4,7 @@ the exact KV-cache tokens and bytes over the stream.
 The meter's per-step work is a clock read and two list appends; RSS and NVML are sampled every
 `sample_every` steps. On CUDA the clock is read after a synchronize, so latencies are real.
 """
+
 from __future__ import annotations
 
 import time

@@ -19,21 +19,22 @@ cache's per-slot statistics before they are dropped:
 
 `key_norm` needs no capture: the cache records each key's L2 norm when the token enters.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from streambench.errors import ConfigError
 from streambench.engine.routing import AttentionRoute
+from streambench.errors import ConfigError
+from streambench.policies.base import OBSERVATIONS
 
 NAME = "streambench_observing"
 CAPTURED = frozenset({"attention_sum", "attention_last", "queries", "window_attention"})  # need the attention hook
 STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot buffers in the cache
-KINDS = STATS | {"window_attention", "logits"}
-_ACTIVE: list["AttentionObserver"] = []  # the observer of the forward running now (innermost last)
+KINDS = OBSERVATIONS  # what a policy may declare in `observes` (policies/base.py)
+_ACTIVE: list[AttentionObserver] = []  # the observer of the forward running now (innermost last)
 _registered = False
 
 
@@ -56,7 +57,9 @@ def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> tor
     kv_heads, n = key.shape[1], key.shape[-2]
     scale = scaling if scaling is not None else 1 / math.sqrt(d)
     q = query.float().reshape(b * kv_heads, (heads // kv_heads) * c, d)
-    scores = torch.baddbmm(q.new_empty(()), q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2), beta=0, alpha=scale)
+    scores = torch.baddbmm(
+        q.new_empty(()), q, key.float().reshape(b * kv_heads, n, d).transpose(1, 2), beta=0, alpha=scale
+    )
     scores = scores.view(b, kv_heads, heads // kv_heads, c, n)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -95,10 +98,15 @@ class AttentionObserver(AttentionRoute):
         from streambench.models.architecture import layout_of
 
         layout = layout_of(model)
-        self.scaling = [getattr(attn, "scaling", None) for attn, kind in zip(layout.attentions, layout.layer_kinds)
-                        if kind != "sliding_attention"]
+        self.scaling = [
+            getattr(attn, "scaling", None)
+            for attn, kind in zip(layout.attentions, layout.layer_kinds)
+            if kind != "sliding_attention"
+        ]
         self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
-        self._pending = {name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants}
+        self._pending = {
+            name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants
+        }
         self.reset()
 
     def reset(self) -> None:

@@ -5,12 +5,13 @@ model normalises queries, as Qwen3, StableLM; the query part of a fused `qkv_pro
 query part of a fused `query_key_value`, unpacked as GPT-NeoX and Falcon's layouts do). Only the last position
 is kept, and query heads are averaged per KV head (GQA groups), giving (layers, kv_heads, head_dim).
 """
+
 from __future__ import annotations
 
 import torch
 
-from streambench.models.architecture import layout_of
 from streambench.errors import ConfigError
+from streambench.models.architecture import layout_of
 
 
 class QueryTap:
@@ -35,7 +36,14 @@ class QueryTap:
                     self.groups = config.num_kv_heads
                 elif not getattr(config, "multi_query", False):
                     layout_kind = "per_head"  # (heads, 3, head_dim): each head's q, k, v side by side
-            norm = next((getattr(attn, n) for n in ("q_norm", "q_layernorm") if isinstance(getattr(attn, n, None), torch.nn.Module)), None)
+            norm = next(
+                (
+                    getattr(attn, n)
+                    for n in ("q_norm", "q_layernorm")
+                    if isinstance(getattr(attn, n, None), torch.nn.Module)
+                ),
+                None,
+            )
             self._handles.append(module.register_forward_hook(self._hook(i, layout_kind, norm)))
 
     def _hook(self, layer: int, kind: str, norm):
@@ -70,7 +78,11 @@ class QueryTap:
         if any(q is None for q in self._last):
             return None
         first = self._last[0].device  # layers may sit on several GPUs (--device-map)
-        q = torch.stack([q.to(first) for q in self._last]).float().reshape(len(self._last), self.kv_heads, -1, self.head_dim)
+        q = (
+            torch.stack([q.to(first) for q in self._last])
+            .float()
+            .reshape(len(self._last), self.kv_heads, -1, self.head_dim)
+        )
         return q.mean(dim=2)
 
     def close(self) -> None:

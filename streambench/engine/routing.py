@@ -4,18 +4,21 @@ for one `with` block: observe.py's recording attention, exact.py's per-query mas
 The model picks its attention function by `config._attn_implementation`; switching it on every
 config the layers read (and back, even after an error) routes one forward without touching the
 shared model otherwise. `active` is the module's stack of the objects the function reads."""
+
 from __future__ import annotations
 
 
 class AttentionRoute:
     def __init__(self, model, name: str, active: list):
-        from streambench.models.architecture import layout_of
         from streambench.errors import ConfigError
+        from streambench.models.architecture import layout_of
 
         layout = layout_of(model)
         if not layout.routable:
-            raise ConfigError(f"model type '{layout.model_type}' computes attention in its own code, not through transformers' "
-                              "AttentionInterface: attention observations and exact chunks cannot run on it")
+            raise ConfigError(
+                f"model type '{layout.model_type}' computes attention in its own code, not through transformers' "
+                "AttentionInterface: attention observations and exact chunks cannot run on it"
+            )
         configs = [getattr(a, "config", model.config) for a in layout.attentions] + [model.config]
         self._configs = list({id(c): c for c in configs}.values())
         self._name, self._active = name, active

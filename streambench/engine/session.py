@@ -7,6 +7,7 @@ moves and re-indexes them; after it, the session records the new tokens and, whe
 asked for them, their scores (from logits the forward produced anyway, by the policy's
 `score_tokens`). Attention observations are recorded inside that same forward (observe.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,15 +20,22 @@ import torch
 from streambench.engine.cache import StreamCache
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.models.loading import LoadedModel
-from streambench.policies.base import CachePolicy, CacheView
 from streambench.models.rope import RotaryTable
+from streambench.policies.base import CachePolicy, CacheView
 
 log = logging.getLogger("streambench")
 
 
 class StreamSession:
-    def __init__(self, lm: LoadedModel, policy: CachePolicy, batch_size: int = 1, layer_devices: list | None = None,
-                 decode: str = "eager", max_tokens: int | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policy: CachePolicy,
+        batch_size: int = 1,
+        layer_devices: list | None = None,
+        decode: str = "eager",
+        max_tokens: int | None = None,
+    ):
         self.lm, self.model, self.policy = lm, lm.model, policy
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
@@ -52,15 +60,26 @@ class StreamSession:
             raise ConfigError(
                 f"every layer of model type '{layout.model_type}' attends over a sliding window of {layout.sliding_window} tokens: "
                 "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
-                "to stream it with full attention)")
+                "to stream it with full attention)"
+            )
         self._rope = self._sliding_rope = None
         if self.evicts and not policy.recompute:
             typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
-            self._rope = RotaryTable(lm.rotary_emb, self.device, size=2 * self._capacity, style=layout.rope_style,
-                                     layer_type="full_attention" if typed else None)
+            self._rope = RotaryTable(
+                lm.rotary_emb,
+                self.device,
+                size=2 * self._capacity,
+                style=layout.rope_style,
+                layer_type="full_attention" if typed else None,
+            )
             if typed and layout.sliding_window is not None:
-                self._sliding_rope = RotaryTable(lm.rotary_emb, self.device, size=2 * layout.sliding_window,
-                                                 style=layout.rope_style, layer_type="sliding_attention")
+                self._sliding_rope = RotaryTable(
+                    lm.rotary_emb,
+                    self.device,
+                    size=2 * layout.sliding_window,
+                    style=layout.rope_style,
+                    layer_type="sliding_attention",
+                )
         self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
         self.batch, self.cache = 0, None
         self._set_batch(batch_size)
@@ -89,7 +108,9 @@ class StreamSession:
         if self.cache is not None:
             self.cache.enable_stats(sorted(wants & STATS))
             if wants & CAPTURED:
-                self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=policy.observation_window)
+                self.observer = AttentionObserver(
+                    self.model, self.cache, frozenset(wants), window=policy.observation_window
+                )
         self.tap = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.engine.query_tap import QueryTap
@@ -108,9 +129,16 @@ class StreamSession:
         if limit is None:
             return self.budget
         top = self.budget
-        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1 or (top is not None and limit > top):
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, np.integer))
+            or limit < 1
+            or (top is not None and limit > top)
+        ):
             span = f"from 1 to the budget ({top})" if top is not None else ">= 1"
-            raise PolicyContractError(f"policy {self.policy.name}: max_incoming must be None or an integer {span}, got {limit!r}")
+            raise PolicyContractError(
+                f"policy {self.policy.name}: max_incoming must be None or an integer {span}, got {limit!r}"
+            )
         return int(limit)
 
     # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
@@ -123,7 +151,7 @@ class StreamSession:
             self.tap = None
         self._static = None
 
-    def __enter__(self) -> "StreamSession":
+    def __enter__(self) -> StreamSession:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,10 +180,20 @@ class StreamSession:
         if not policy.recompute:
             capacity = self.cache.capacity if self.cache is not None else self._capacity
             stats = self.cache.stat_names if self.cache is not None else ()
-            self.cache = StreamCache(info.num_layers, info.kv_heads, info.head_dim, self.dtype, self.device,
-                                     capacity=capacity, rope=self._rope, batch_size=batch_size,
-                                     layer_devices=self._layer_devices, layer_kinds=self._kinds,
-                                     sliding_window=self.lm.layout.sliding_window, sliding_rope=self._sliding_rope)
+            self.cache = StreamCache(
+                info.num_layers,
+                info.kv_heads,
+                info.head_dim,
+                self.dtype,
+                self.device,
+                capacity=capacity,
+                rope=self._rope,
+                batch_size=batch_size,
+                layer_devices=self._layer_devices,
+                layer_kinds=self._kinds,
+                sliding_window=self.lm.layout.sliding_window,
+                sliding_rope=self._sliding_rope,
+            )
             self.cache.enable_stats(stats)
 
     def reset(self) -> None:
@@ -221,7 +259,9 @@ class StreamSession:
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
             self.observer.flush(count)
         else:
-            logits = self.model(input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True).logits
+            logits = self.model(
+                input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True
+            ).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
         scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
@@ -253,8 +293,15 @@ class StreamSession:
         if self._rope is not None:
             self._rope.ensure(n + count + cache.offset + 1)
         device = self.device
-        mask = ChunkMask(self.model, band, torch.from_numpy(slots).to(device),
-                         torch.arange(start, start + count, device=device), positions[0], self._rope, cache.offset)
+        mask = ChunkMask(
+            self.model,
+            band,
+            torch.from_numpy(slots).to(device),
+            torch.arange(start, start + count, device=device),
+            positions[0],
+            self._rope,
+            cache.offset,
+        )
         with mask:
             logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         if logits.device != device:
@@ -272,8 +319,10 @@ class StreamSession:
         held = self.cache.positions if held is None else held
         expected = band.kept(fed, incoming)
         if len(expected) != len(held) or not np.array_equal(np.sort(held), expected):
-            raise PolicyContractError(f"policy {self.policy.name} declares {band} but kept other tokens "
-                                      f"{'before' if incoming else 'after'} position {fed}")
+            raise PolicyContractError(
+                f"policy {self.policy.name} declares {band} but kept other tokens "
+                f"{'before' if incoming else 'after'} position {fed}"
+            )
 
     def _prove_band(self) -> None:
         """A declared band is a claim about `select`, which exact chunks rely on without calling it
@@ -294,14 +343,17 @@ class StreamSession:
                 keep = self._checked(probe.select(view), 1, len(held))
                 if keep.ndim == 3:
                     if not (keep == keep[:1, :1]).all():
-                        raise PolicyContractError(f"policy {self.policy.name} declares {band} but keeps other tokens "
-                                                  "in different heads")
+                        raise PolicyContractError(
+                            f"policy {self.policy.name} declares {band} but keeps other tokens in different heads"
+                        )
                     keep = keep[0, 0]
                 held = held[keep]
                 expected = band.kept(t, 1)
                 if not np.array_equal(held, expected):
-                    raise PolicyContractError(f"policy {self.policy.name} declares {band} but its select() keeps other "
-                                              f"tokens before position {t} (a probe fed token by token)")
+                    raise PolicyContractError(
+                        f"policy {self.policy.name} declares {band} but its select() keeps other "
+                        f"tokens before position {t} (a probe fed token by token)"
+                    )
             held = np.append(held, t)
         self._band_proven = True
 
@@ -336,7 +388,9 @@ class StreamSession:
             self.fed += ids.shape[1]
             return logits
         for i in range(ids.shape[1]):
-            self._window = torch.cat([self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1)
+            self._window = torch.cat(
+                [self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1
+            )
             outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
         self.fed += ids.shape[1]
         return torch.cat(outs, dim=1)
@@ -363,7 +417,9 @@ class StreamSession:
     def checkpoint(self):
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
         cache = self.cache
-        kept = None if cache is None else (cache.length, cache.evictions, cache.save_stats() if cache.stat_names else None)
+        kept = (
+            None if cache is None else (cache.length, cache.evictions, cache.save_stats() if cache.stat_names else None)
+        )
         observed = self.observer.state() if self.observer is not None else None
         return (self.fed, self.policy.state(), observed, self._window, kept)
 
@@ -442,14 +498,19 @@ class StreamSession:
         try:
             keep = np.asarray(keep)
         except (ValueError, TypeError) as exc:  # ragged nested lists
-            raise PolicyContractError(f"policy {self.policy.name}: select() must return integer ranks of shape (k,), "
-                                      f"(layers, k) or (layers, kv_heads, k): {exc}") from None
+            raise PolicyContractError(
+                f"policy {self.policy.name}: select() must return integer ranks of shape (k,), "
+                f"(layers, k) or (layers, kv_heads, k): {exc}"
+            ) from None
         length = self.cache.length if length is None else length
         target = self.budget - incoming
         layers, heads = self.cache.num_layers, self.cache.kv_heads
         problem = None
         if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
-            problem = f"must return integer ranks of shape (k,), (layers, k) or (layers, kv_heads, k), got shape {keep.shape} of {keep.dtype}"
+            problem = (
+                "must return integer ranks of shape (k,), (layers, k) or (layers, kv_heads, k), "
+                f"got shape {keep.shape} of {keep.dtype}"
+            )
         elif keep.ndim > 1 and keep.shape[:-1] != (layers, heads)[: keep.ndim - 1]:
             problem = f"returned shape {keep.shape}; this model has {layers} layers and {heads} KV heads"
         elif keep.size and (keep.min() < 0 or keep.max() >= length):
@@ -460,7 +521,9 @@ class StreamSession:
             problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
         if problem:
             if self.policy.budget != self.budget:
-                problem += f" (it set its budget to {self.policy.budget}; the run's budget {self.budget} is the one enforced)"
+                problem += (
+                    f" (it set its budget to {self.policy.budget}; the run's budget {self.budget} is the one enforced)"
+                )
             raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
         if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
             keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
@@ -501,12 +564,20 @@ class StreamSession:
             return None
         slide = self.cache.sliding
         return {
-            "full_attention": {"layers": self.cache.num_layers, "budget": self.budget, "policy": self.policy.name,
-                               "bytes_per_token": self._token_bytes,
-                               "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)"},
-            "sliding_attention": {"layers": len(slide.devices), "window": slide.window, "tokens_held": slide.window - 1,
-                                  "bytes_per_token": slide.token_bytes(),
-                                  "exact": "the model's own sliding cache: last window - 1 tokens at their stream distances"},
+            "full_attention": {
+                "layers": self.cache.num_layers,
+                "budget": self.budget,
+                "policy": self.policy.name,
+                "bytes_per_token": self._token_bytes,
+                "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)",
+            },
+            "sliding_attention": {
+                "layers": len(slide.devices),
+                "window": slide.window,
+                "tokens_held": slide.window - 1,
+                "bytes_per_token": slide.token_bytes(),
+                "exact": "the model's own sliding cache: last window - 1 tokens at their stream distances",
+            },
         }
 
     @property

@@ -14,6 +14,7 @@ learned absolute positions (the cache moves tokens between slots), linear-attent
 layers (a running state, nothing to evict), multi-head latent attention (keys rebuilt from a latent
 with a decoupled RoPE part), chunked attention, layers without RoPE.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,43 +55,123 @@ for _family in (
     Family("qwen3", "Qwen/Qwen3-0.6B", ("qk-norm",), {"use_sliding_window": False, "head_dim": 16}),
     Family("gemma", "google/gemma-2b", tiny={"head_dim": 16}),
     Family("phi3", "microsoft/Phi-3-mini-4k-instruct", ("fused qkv", "partial rotary"), {"partial_rotary_factor": 0.5}),
-    Family("gpt_neox", "EleutherAI/pythia-1.4b", ("fused qkv", "partial rotary", "no GQA"),
-           {"partial_rotary_factor": 0.25, "num_key_value_heads": None, "use_parallel_residual": True}),
-    Family("falcon", "tiiuae/falcon-7b", ("fused qkv", "multi-query", "own attention code"),
-           {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
-            "alibi": False, "num_key_value_heads": None}),
-    Family("phi", "microsoft/phi-2", ("partial rotary", "no GQA"), {"partial_rotary_factor": 0.5, "num_key_value_heads": None}),
+    Family(
+        "gpt_neox",
+        "EleutherAI/pythia-1.4b",
+        ("fused qkv", "partial rotary", "no GQA"),
+        {"partial_rotary_factor": 0.25, "num_key_value_heads": None, "use_parallel_residual": True},
+    ),
+    Family(
+        "falcon",
+        "tiiuae/falcon-7b",
+        ("fused qkv", "multi-query", "own attention code"),
+        {
+            "new_decoder_architecture": False,
+            "multi_query": True,
+            "parallel_attn": True,
+            "bias": False,
+            "alibi": False,
+            "num_key_value_heads": None,
+        },
+    ),
+    Family(
+        "phi",
+        "microsoft/phi-2",
+        ("partial rotary", "no GQA"),
+        {"partial_rotary_factor": 0.5, "num_key_value_heads": None},
+    ),
     Family("olmo", "allenai/OLMo-1B-hf", ("no GQA",), {"num_key_value_heads": None}),
     Family("olmo2", "allenai/OLMo-2-0425-1B", ("qk-norm over all heads",)),
     Family("granite", "ibm-granite/granite-3.3-2b-instruct", ("attention multiplier",), {"attention_multiplier": 0.3}),
     Family("stablelm", "stabilityai/stablelm-2-1_6b", ("partial rotary",), {"partial_rotary_factor": 0.25}),
     Family("starcoder2", "bigcode/starcoder2-3b", tiny={"sliding_window": None}),
     Family("cohere", "CohereLabs/c4ai-command-r-v01", ("interleaved rotary", "parallel block")),
-    Family("glm", "THUDM/glm-4-9b-hf", ("interleaved rotary", "partial rotary"), {"head_dim": 16, "partial_rotary_factor": 0.5}),
-    Family("mixtral", "mistralai/Mixtral-8x7B-v0.1", ("MoE",), {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
-    Family("qwen2_moe", "Qwen/Qwen1.5-MoE-A2.7B", ("MoE", "shared expert"),
-           {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
-            "use_sliding_window": False}),
-    Family("qwen3_moe", "Qwen/Qwen3-30B-A3B", ("MoE", "qk-norm"),
-           {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16, "use_sliding_window": False}),
+    Family(
+        "glm",
+        "THUDM/glm-4-9b-hf",
+        ("interleaved rotary", "partial rotary"),
+        {"head_dim": 16, "partial_rotary_factor": 0.5},
+    ),
+    Family(
+        "mixtral",
+        "mistralai/Mixtral-8x7B-v0.1",
+        ("MoE",),
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    ),
+    Family(
+        "qwen2_moe",
+        "Qwen/Qwen1.5-MoE-A2.7B",
+        ("MoE", "shared expert"),
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "use_sliding_window": False,
+        },
+    ),
+    Family(
+        "qwen3_moe",
+        "Qwen/Qwen3-30B-A3B",
+        ("MoE", "qk-norm"),
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "head_dim": 16,
+            "use_sliding_window": False,
+        },
+    ),
     # Hybrid: sliding-window layers keep the model's own window, the policy governs the full ones.
-    Family("gemma2", "google/gemma-2-2b-it", ("hybrid sliding", "softcapping", "eager attention"),
-           {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}, attn="eager", pattern=(FULL, SLIDING)),
-    Family("gemma3_text", "google/gemma-3-270m (pip install 'streambench[gemma3]')", ("hybrid sliding", "local and global RoPE", "qk-norm"),
-           {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}, pattern=(FULL, SLIDING)),
-    Family("olmo3", "allenai/Olmo-3-7B-Instruct", ("hybrid sliding", "qk-norm over all heads"),
-           {"sliding_window": 5}, pattern=(FULL, SLIDING)),
+    Family(
+        "gemma2",
+        "google/gemma-2-2b-it",
+        ("hybrid sliding", "softcapping", "eager attention"),
+        {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16},
+        attn="eager",
+        pattern=(FULL, SLIDING),
+    ),
+    Family(
+        "gemma3_text",
+        "google/gemma-3-270m (pip install 'streambench[gemma3]')",
+        ("hybrid sliding", "local and global RoPE", "qk-norm"),
+        {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16},
+        pattern=(FULL, SLIDING),
+    ),
+    Family(
+        "olmo3",
+        "allenai/Olmo-3-7B-Instruct",
+        ("hybrid sliding", "qk-norm over all heads"),
+        {"sliding_window": 5},
+        pattern=(FULL, SLIDING),
+    ),
 ):
     register_family(_family)
 
 
 # What the engine refuses, and why (the reasons `Layout.check` gives; `streambench list models`).
 REFUSED = (
-    ("ALiBi", "mpt, bloom, falcon with alibi", "position bias over cache slot order; the cache keeps tokens in any slot order"),
+    (
+        "ALiBi",
+        "mpt, bloom, falcon with alibi",
+        "position bias over cache slot order; the cache keeps tokens in any slot order",
+    ),
     ("learned absolute positions", "gpt2, opt, gpt_bigcode", "every layer's keys depend on absolute positions"),
-    ("linear attention / recurrent", "qwen3_next, jamba, mamba, falcon_h1, bamba", "a running state summarises every token: nothing to evict"),
-    ("multi-head latent attention", "deepseek_v2, deepseek_v3", "keys rebuilt from a latent with a decoupled RoPE part"),
-    ("layers without RoPE", "smollm3 (no_rope_layers), cohere2, exaone4 (NoPE global layers)", "per-layer NoPE keys are not re-indexed yet"),
+    (
+        "linear attention / recurrent",
+        "qwen3_next, jamba, mamba, falcon_h1, bamba",
+        "a running state summarises every token: nothing to evict",
+    ),
+    (
+        "multi-head latent attention",
+        "deepseek_v2, deepseek_v3",
+        "keys rebuilt from a latent with a decoupled RoPE part",
+    ),
+    (
+        "layers without RoPE",
+        "smollm3 (no_rope_layers), cohere2, exaone4 (NoPE global layers)",
+        "per-layer NoPE keys are not re-indexed yet",
+    ),
     ("chunked attention", "llama4", "attention kinds other than full and sliding"),
     ("dynamic RoPE scaling", "any, rope_type: dynamic", "the rotation depends on the sequence length"),
 )
@@ -117,33 +198,47 @@ def check_config(config, kinds: set[str] | None = None, model_type: str | None =
     kinds = config_kinds(config) if kinds is None else kinds
     no_rope = getattr(config, "no_rope_layers", None)
     mla = getattr(config, "kv_lora_rank", None) is not None
-    if kinds & {"linear_attention", "mamba", "hybrid", "conv", "recurrent"} or getattr(config, "layers_block_type", None):
+    if kinds & {"linear_attention", "mamba", "hybrid", "conv", "recurrent"} or getattr(
+        config, "layers_block_type", None
+    ):
         raise UnsupportedModelError(
-            f"model type '{model_type}' has linear-attention or recurrent layers ({', '.join(sorted(kinds - {FULL, SLIDING}) or ['mamba'])}): "
-            "their state summarises every token seen, so there is nothing to evict or re-index")
+            f"model type '{model_type}' has linear-attention or recurrent layers "
+            f"({', '.join(sorted(kinds - {FULL, SLIDING}) or ['mamba'])}): "
+            "their state summarises every token seen, so there is nothing to evict or re-index"
+        )
     if mla:
         raise UnsupportedModelError(
             f"model type '{model_type}' uses multi-head latent attention: keys are rebuilt from a compressed latent "
-            "with a separate RoPE part, which streambench's per-head rotary re-indexing does not cover")
+            "with a separate RoPE part, which streambench's per-head rotary re-indexing does not cover"
+        )
     if kinds - {FULL, SLIDING}:
         raise UnsupportedModelError(
-            f"model type '{model_type}' has attention kinds streambench does not re-index ({', '.join(sorted(kinds - {FULL, SLIDING}))})")
-    if getattr(config, "alibi", False) or model_type in ("mpt", "bloom") or getattr(getattr(config, "attn_config", None), "alibi", False):
+            f"model type '{model_type}' has attention kinds streambench does not re-index ({', '.join(sorted(kinds - {FULL, SLIDING}))})"
+        )
+    if (
+        getattr(config, "alibi", False)
+        or model_type in ("mpt", "bloom")
+        or getattr(getattr(config, "attn_config", None), "alibi", False)
+    ):
         raise UnsupportedModelError(
             f"model type '{model_type}' uses ALiBi: its position bias is computed over cache slot order, and "
-            "streambench's cache keeps tokens in any slot order (eviction fills holes from the tail)")
+            "streambench's cache keeps tokens in any slot order (eviction fills holes from the tail)"
+        )
     if model_type in _GLOBAL_NOPE and SLIDING in kinds:
         raise UnsupportedModelError(
             f"model type '{model_type}' has full-attention layers without RoPE (NoPE; only its sliding layers rotate): "
-            "their cached keys carry no rotation to re-index, which streambench does not yet handle per layer")
+            "their cached keys carry no rotation to re-index, which streambench does not yet handle per layer"
+        )
     if no_rope and any(not flag for flag in no_rope):
         raise UnsupportedModelError(
             f"model type '{model_type}' has layers without RoPE (no_rope_layers): their cached keys carry no "
-            "rotation to re-index, which streambench does not yet handle per layer")
+            "rotation to re-index, which streambench does not yet handle per layer"
+        )
     if model_type in _LEARNED_POSITIONS:
         raise UnsupportedModelError(
             f"model type '{model_type}' has no rotary position embedding (learned absolute positions): cached keys "
-            "depend on absolute positions in every layer, so they cannot be re-indexed")
+            "depend on absolute positions in every layer, so they cannot be re-indexed"
+        )
 
 
 def check_tested(config, model_type: str | None = None) -> None:
@@ -153,13 +248,18 @@ def check_tested(config, model_type: str | None = None) -> None:
     if family_of(model_type) is None:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not among the tested families ({', '.join(sorted(FAMILIES))}): "
-            "add a tiny config with streambench.models.architecture.register_family and run tests/test_exactness.py on it")
+            "add a tiny config with streambench.models.architecture.register_family and run tests/test_exactness.py on it"
+        )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    tables = rope.values() if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    tables = (
+        rope.values() if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    )
     for r in tables:
         rope_type = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else "default"
         if rope_type == "dynamic":
-            raise UnsupportedModelError(f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length")
+            raise UnsupportedModelError(
+                f"model type '{model_type}' uses dynamic RoPE scaling, whose rotation depends on the sequence length"
+            )
 
 
 def family_of(model_type: str) -> Family | None:
@@ -242,19 +342,27 @@ class Layout:
         except (TypeError, ValueError):
             return False
 
-    def check(self) -> "Layout":
+    def check(self) -> Layout:
         """Refuse, with the reason, a model the engine cannot re-index; then pin the rotary style."""
         config, model_type = self.config, self.model_type
         check_config(config, self.kinds_present, model_type)
         if self.rotary_emb is None:
-            learned = any(name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")
-                          for name, _ in self.base.named_modules())
+            learned = any(
+                name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")
+                for name, _ in self.base.named_modules()
+            )
             raise UnsupportedModelError(
                 f"model type '{model_type}' has no rotary position embedding"
-                + (" (learned absolute positions): cached keys depend on absolute positions in every layer, so they cannot be re-indexed"
-                   if learned else ": streambench re-indexes keys by re-rotating them"))
+                + (
+                    " (learned absolute positions): cached keys depend on absolute positions in every layer, so they cannot be re-indexed"
+                    if learned
+                    else ": streambench re-indexes keys by re-rotating them"
+                )
+            )
         if self.layers is None or any(a is None for a in self.attentions):
-            raise UnsupportedModelError(f"model type '{model_type}': cannot find its decoder layers and their attention modules")
+            raise UnsupportedModelError(
+                f"model type '{model_type}': cannot find its decoder layers and their attention modules"
+            )
         check_tested(config, model_type)
         self._pin_rotation()
         return self
@@ -267,7 +375,9 @@ class Layout:
         from streambench.models.rope import STYLES, rotate
 
         if self.apply_rope is None:
-            raise UnsupportedModelError(f"model type '{self.model_type}' applies RoPE without an apply_rotary_pos_emb function streambench can check")
+            raise UnsupportedModelError(
+                f"model type '{self.model_type}' applies RoPE without an apply_rotary_pos_emb function streambench can check"
+            )
         kind = FULL if FULL in self.kinds_present else SLIDING
         param = next(self.rotary_emb.buffers(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -283,13 +393,18 @@ class Layout:
             with torch.no_grad():
                 _, want = self.apply_rope(k, k, cos, sin)
         except Exception as exc:  # an apply function of another signature
-            raise UnsupportedModelError(f"model type '{self.model_type}': cannot check its rotary embedding ({type(exc).__name__})") from None
+            raise UnsupportedModelError(
+                f"model type '{self.model_type}': cannot check its rotary embedding ({type(exc).__name__})"
+            ) from None
         for style in STYLES:
             got = rotate(k, cos[:, None], sin[:, None], style)
             if torch.allclose(got, want.float(), atol=1e-5, rtol=1e-5):
                 self.rope_style, self.rotary_dim = style, rd
                 return
-        raise UnsupportedModelError(f"model type '{self.model_type}' rotates keys in a way streambench does not reproduce (neither rotate-half nor interleaved pairs)")
+        raise UnsupportedModelError(
+            f"model type '{self.model_type}' rotates keys in a way streambench does not reproduce "
+            "(neither rotate-half nor interleaved pairs)"
+        )
 
 
 def layout_of(model) -> Layout:

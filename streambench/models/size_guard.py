@@ -7,6 +7,7 @@ head, plus the pre-RoPE key copy a re-indexing cache keeps (StreamCache). A stre
 tokens than it feeds, so the estimate uses min(budget, tokens streamed) where the task knows its
 length; the engine preallocates no more than that either.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,7 +75,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
 
 
-def check_fits(name: str, policy, shape: Shape, itemsize: int, batch: int, stream_tokens: int | None, device) -> Estimate:
+def check_fits(
+    name: str, policy, shape: Shape, itemsize: int, batch: int, stream_tokens: int | None, device
+) -> Estimate:
     """Raise ConfigError, naming the bytes needed, when the cache or bank cannot fit."""
     est = estimate(policy, shape, itemsize, batch, stream_tokens)
     wanted = [(est.cache_bytes, str(device), f"a KV cache of {est.cache_tokens:,} tokens")]
@@ -87,6 +90,8 @@ def check_fits(name: str, policy, shape: Shape, itemsize: int, batch: int, strea
         free = available_bytes(where)
         if free is not None and size > HEADROOM * free:
             what = " and ".join(w for s, d, w in wanted if d == where and s)
-            raise ConfigError(f"{name}: {what} needs {_gib(size)} on {where}, but only {_gib(free)} is free; "
-                              "lower the budget (or bank_tokens)")
+            raise ConfigError(
+                f"{name}: {what} needs {_gib(size)} on {where}, but only {_gib(free)} is free; "
+                "lower the budget (or bank_tokens)"
+            )
     return est

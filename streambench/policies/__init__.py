@@ -1,13 +1,24 @@
 """Cache policies, one per module, registered by name. Importing this package imports no torch."""
-from streambench.policies.base import CachePolicy, CacheView
+
+from streambench.policies.base import Band, BandPolicy, CachePolicy, CacheView, ScoredPolicy, check_declarations
 from streambench.registry import Registry
 
-POLICIES: Registry = Registry("policy", CachePolicy, group="streambench.policies")
+POLICIES: Registry = Registry("policy", CachePolicy, group="streambench.policies", check=check_declarations)
 register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.
 from streambench.policies import (  # noqa: E402,F401
-    dense, h2o, knorm, longmem, random_keep, recompute_window, sirllm, snapkv, streamingllm, tova, window,
+    dense,
+    h2o,
+    knorm,
+    longmem,
+    random_keep,
+    recompute_window,
+    sirllm,
+    snapkv,
+    streamingllm,
+    tova,
+    window,
 )
 
-__all__ = ["CachePolicy", "CacheView", "POLICIES", "register_policy"]
+__all__ = ["Band", "BandPolicy", "CachePolicy", "CacheView", "POLICIES", "ScoredPolicy", "register_policy"]

@@ -9,16 +9,26 @@ Budget convention (used by every policy and by `--budget`): the number of keys e
 attends to, *including its own*. mit-han-lab/streaming-llm's `StartRecentKVCache(4, 252)`
 corresponds to budget 257 here; its table's "cache size 256" is budget 256 = 4 sinks + 252 recent.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from streambench.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+# What the engine can observe for a policy (streambench/engine/observe.py), by the name a policy
+# declares in `observes`: per-slot statistics, the attention of a query window, the logits.
+OBSERVATIONS = frozenset({"attention_sum", "attention_last", "key_norm", "window_attention", "logits"})
 
 
 @dataclass(frozen=True)
@@ -75,14 +85,18 @@ class CachePolicy:
         rank in [0, view.length), the same k <= `view.target` everywhere."""
         from streambench.errors import PolicyContractError
 
-        raise PolicyContractError(f"policy {self.name} does not implement select(view), which every evicting policy needs")
+        raise PolicyContractError(
+            f"policy {self.name} does not implement select(view), which every evicting policy needs"
+        )
 
     def score_tokens(self, ids, logits) -> np.ndarray:
         """Policies observing "logits": a score (B, c) for each fed token, stored with it and read
         back as `view.scores` (SirLLM's surprisal). Called after every forward."""
         from streambench.errors import PolicyContractError
 
-        raise PolicyContractError(f"policy {self.name} observes logits but does not implement score_tokens(ids, logits)")
+        raise PolicyContractError(
+            f"policy {self.name} observes logits but does not implement score_tokens(ids, logits)"
+        )
 
     def state(self) -> Any:
         """Per-stream state a branch must not change (saved by checkpoint, restored by rollback)."""
@@ -118,8 +132,17 @@ class CachePolicy:
 
     @property
     def max_incoming(self) -> int | None:
-        """Largest chunk fed in one forward; longer inputs are split (None: no limit)."""
-        return self.budget
+        """Largest chunk fed in one forward; longer inputs are split (None: no limit). Default:
+        the budget less the `start_size` sinks, when the policy has that field, so a budget-sized
+        chunk never takes the sinks' room (with k = 0 allowed, it would evict every sink)."""
+        if self.budget is None:
+            return None
+        return self.budget - self.protected_start
+
+    @property
+    def protected_start(self) -> int:
+        """The first tokens the policy always keeps: its `start_size` field, 0 without one."""
+        return int(getattr(self, "start_size", 0) or 0)
 
     def args(self) -> dict[str, Any]:
         """The policy's hyperparameters, as recorded in results and presets."""
@@ -133,7 +156,7 @@ class CachePolicy:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ConfigError(f"{self.name}: {name} must be an integer, got {value!r}")
-        self._require(value >= minimum, f"{name} must be >= {minimum}, got {value}")
+        self._require(bool(value >= minimum), f"{name} must be >= {minimum}, got {value}")
         return int(value)
 
     def _split_budget(self, fixed: dict[str, int], rest: str, minimum: int = 1) -> None:
@@ -143,14 +166,19 @@ class CachePolicy:
         taken = sum(fixed.values())
         parts = " + ".join(fixed)
         if getattr(self, rest) is None:
-            self._require(self.budget is not None, f"needs a budget or {rest}")
-            if fixed and self.budget - taken < minimum:
+            budget = self.budget
+            if budget is None:
+                raise ConfigError(f"{self.name}: needs a budget or {rest}")
+            if fixed and budget - taken < minimum:
                 what = f"{parts} = {taken}" if len(fixed) > 1 else f"{parts} {taken}"
                 self._require(False, f"budget {self.budget} must be {'above' if minimum == 1 else 'at least'} {what}")
-            setattr(self, rest, self.budget - taken)
+            setattr(self, rest, budget - taken)
         self._check_int(rest, minimum)
         total = taken + getattr(self, rest)
-        self._require(self.budget in (None, total), f"{parts + ' + ' if parts else ''}{rest} = {total} disagrees with budget {self.budget}")
+        self._require(
+            self.budget in (None, total),
+            f"{parts + ' + ' if parts else ''}{rest} = {total} disagrees with budget {self.budget}",
+        )
         self.budget = total
 
 
@@ -173,6 +201,90 @@ class Band:
         return np.concatenate([np.arange(sinks), np.arange(max(low, sinks), t)]).astype(np.int64)
 
 
+class BandPolicy(CachePolicy):
+    """A position-only policy stated once, as its `band` (sinks plus a recent window): `select`
+    is derived from it, so the keep-set and the band the engine feeds exact chunks by cannot
+    disagree. StreamingLLM is `Band(start_size, recent_size, budget)`; window `Band(0, size,
+    budget)`; dense `Band()`. Subclasses are dataclasses that define `band`."""
+
+    @property
+    def band(self) -> Band:
+        raise NotImplementedError(f"policy {self.name} is a BandPolicy but defines no band")
+
+    def select(self, view: CacheView) -> np.ndarray:
+        band = self.band
+        if band.width is None:
+            return np.arange(view.length)
+        start = min(band.sinks, view.length)
+        recent = recent_ranks(view.length, view.target - start)
+        return np.concatenate([np.arange(start), recent[recent >= start]])
+
+
+class ScoredPolicy(CachePolicy):
+    """A policy that scores every cached token and keeps the highest (kvpress's ScorerPress:
+    `score(...) -> (B, H_kv, n)`; here per layer: `score(view) -> (L, H_kv, n)` or `(L, n)`, a
+    torch tensor or numpy array, higher stays). What every scorer repeats is done here once:
+    the `start_size` sinks and the `recent_size` newest tokens (incoming ones counted), where the
+    policy has those fields, always stay; room for the sinks is left by `max_incoming`; the
+    top-k per head is `top_ranks`. A whole policy is a dataclass with its fields, `observes` and
+    `score`:
+
+        @register_policy("keydiff-ish")
+        @dataclass
+        class LowNorm(ScoredPolicy):
+            observes = frozenset({"key_norm"})
+            start_size: int = 4
+
+            def score(self, view):
+                return -view.observed["key_norm"]
+    """
+
+    def score(self, view: CacheView) -> Any:
+        """(L, H_kv, n) or (L, n) scores of the cached tokens, higher stays; None: nothing to
+        score by yet (the most recent tokens stay)."""
+        raise NotImplementedError(f"policy {self.name} is a ScoredPolicy but does not implement score(view)")
+
+    def configure(self) -> None:
+        """Checks the protected sizes against the budget; a policy with more fields extends it."""
+        for name in ("start_size", "recent_size"):
+            if hasattr(self, name):
+                self._check_int(name, 0)
+        self._require(self.budget is not None, "needs a budget")
+        assert self.budget is not None
+        if hasattr(self, "start_size"):
+            self._require(
+                self.budget > self.protected_start,
+                f"budget {self.budget} must be above start_size {self.protected_start}",
+            )
+        if hasattr(self, "recent_size"):
+            recent = self.recent_size
+            self._require(
+                recent < self.budget,
+                f"recent_size {recent} must be below budget {self.budget} (protected: {self.protected_start + recent})",
+            )
+
+    def kept(self, view: CacheView) -> int:
+        """How many tokens stay (default: all the incoming ones leave room for)."""
+        return view.target
+
+    def select(self, view: CacheView) -> np.ndarray:
+        import torch  # policies import no torch until they run
+
+        count = self.kept(view)
+        scores = self.score(view)
+        if scores is None:
+            return recent_ranks(view.length, count)
+        scores = torch.as_tensor(scores).float()
+        sinks = min(self.protected_start, count)
+        recent = min(max(int(getattr(self, "recent_size", 0) or 0) - view.incoming, 0), count - sinks)
+        if sinks or recent:
+            scores = scores.clone()
+            scores[..., :sinks] = float("inf")
+            if recent:
+                scores[..., view.length - recent :] = float("inf")
+        return top_ranks(scores, count)
+
+
 class RetrievalPolicy(CachePolicy, abc.ABC):
     """A policy with a memory outside the cache (longmem). The session hands it every token that
     leaves the cache (`on_evict`) and, every `refresh` tokens and at each user turn, asks it what
@@ -189,6 +301,26 @@ class RetrievalPolicy(CachePolicy, abc.ABC):
     def recall(self, view: CacheView, query):
         """Given the last token's pre-RoPE query (L, H_kv, D), return (keep, at, positions, k_pre,
         values): ranks that stay and m tokens to insert at rank `at`; or None to change nothing."""
+
+
+def check_declarations(cls: type) -> None:
+    """A policy's declarations, checked when it registers (built-in or plugin), so a typo is one
+    line naming the policy, not a KeyError inside `select` at the first eviction."""
+    name = getattr(cls, "name", "") or cls.__name__
+    observes = getattr(cls, "observes", frozenset())
+    if not isinstance(observes, (set, frozenset)) or not all(isinstance(o, str) for o in observes):
+        raise ConfigError(f"policy {name}: observes must be a set of names, got {observes!r}")
+    unknown = sorted(set(observes) - OBSERVATIONS)
+    if unknown:
+        raise ConfigError(
+            f"policy {name}: observes {', '.join(unknown)}, which the engine does not provide "
+            f"(it provides {', '.join(sorted(OBSERVATIONS))})"
+        )
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
+    sizes = getattr(cls, "sizes", ())
+    if not isinstance(sizes, tuple) or not set(sizes) <= fields:
+        missing = sorted(set(sizes) - fields) if isinstance(sizes, tuple) else sizes
+        raise ConfigError(f"policy {name}: sizes names {missing!r}, which are not fields of the policy")
 
 
 # ---- helpers policies share -----------------------------------------------------------------------

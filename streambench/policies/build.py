@@ -1,6 +1,7 @@
 """From a policy name or preset and its arguments to a built, checked policy: the one place a
 budget meets a policy's own sizes. Used by runs, sweeps, chat, the lm-eval model and tasks that
 build a second policy (mtbench's dense shadow)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,16 @@ def resolve_policy(name: str, overrides: dict[str, Any]) -> PolicySpec:
     args: dict[str, Any] = {}
     label = None
     if name in POLICIES:
-        args = {k: v for k, v in same_name_defaults(name, "policies", "policy", POLICIES.get(name).name).items()
-                if k not in PRESET_META}
+        args = {
+            k: v
+            for k, v in same_name_defaults(name, "policies", "policy", POLICIES.get(name).name).items()
+            if k not in PRESET_META
+        }
     else:
         preset = find_preset(name, "policies")
         if preset is None:
             POLICIES.get(name)  # raises with a did-you-mean hint
+            raise ConfigError(f"unknown policy '{name}'")
         data = load_preset(preset)
         if "policy" not in data:
             raise ConfigError(f"preset {preset.name} names no policy (add 'policy: <name>')")
@@ -66,7 +71,6 @@ def apply_overrides(specs: list[PolicySpec], overrides: dict[str, Any]) -> None:
             raise ConfigError(f"no selected policy ({names}) takes the argument '{key}'")
 
 
-
 def build_policy(spec: PolicySpec, budget: int | None, explicit: bool = False):
     """Instantiate and validate a policy. The run's budget applies unless the args fix the sizes
     (`-p recent_size=252` alone fixes it). A budget the user gave (`explicit`) applies even then,
@@ -88,10 +92,17 @@ def build_policy(spec: PolicySpec, budget: int | None, explicit: bool = False):
     if isinstance(args.get("budget"), int) and args["budget"] < 1:
         raise ConfigError(f"{spec.name}: budget must be >= 1, got {args['budget']}")
     policy = cls(**args)
+    if policy.budget is None and cls.sizes and _sizes_given(cls, args):
+        raise ConfigError(
+            f"{spec.display}: its sizes ({', '.join(cls.sizes)}) are all given, but configure() derives no budget "
+            "from them, so it would run as dense; derive it there (self._split_budget, policies/base.py)"
+        )
     asked = args.get("budget")
     if asked is not None and policy.budget is not None and policy.budget != asked:  # (dense: no budget at all)
-        raise ConfigError(f"{spec.display}: its arguments make a budget of {policy.budget}, not the {asked} asked for "
-                          f"({', '.join(f'{k}={v}' for k, v in spec.args.items()) or 'no arguments'})")
+        raise ConfigError(
+            f"{spec.display}: its arguments make a budget of {policy.budget}, not the {asked} asked for "
+            f"({', '.join(f'{k}={v}' for k, v in spec.args.items()) or 'no arguments'})"
+        )
     return policy
 
 

@@ -1,17 +1,16 @@
 """h2o: heavy hitters (most attention received so far) plus a recent window, per layer and KV head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView, top_ranks
+from streambench.policies.base import CacheView, ScoredPolicy
 
 
 @register_policy("h2o")
 @dataclass
-class H2OPolicy(CachePolicy):
+class H2OPolicy(ScoredPolicy):
     """H2O (Zhang et al., arXiv:2306.14048): a few "heavy hitter" tokens receive most of the
     attention; keeping them beside a recent window keeps quality at a fraction of the cache.
     Per layer and KV head, a token's score is the attention it has received since it entered the
@@ -31,7 +30,10 @@ class H2OPolicy(CachePolicy):
 
     def configure(self) -> None:
         if self.recent_size is None and self.heavy_size is None:
-            self._require(self.budget is not None and self.budget >= 2, f"needs a budget >= 2 or heavy_size and recent_size, got {self.budget}")
+            self._require(
+                self.budget is not None and self.budget >= 2,
+                f"needs a budget >= 2 or heavy_size and recent_size, got {self.budget}",
+            )
             self.heavy_size = self.budget // 2
         if self.heavy_size is None:
             self._check_int("recent_size", 1)
@@ -46,7 +48,5 @@ class H2OPolicy(CachePolicy):
         then heavy hitters' (each head keeps its highest-scored tokens)."""
         return max(self.budget - 1, 1)
 
-    def select(self, view: CacheView) -> np.ndarray:
-        scores = view.observed["attention_sum"]
-        recent = min(max(self.recent_size - view.incoming, 0), view.target)
-        return top_ranks(scores, view.target, slice(view.length - recent, None) if recent else None)
+    def score(self, view: CacheView):
+        return view.observed["attention_sum"]

@@ -2,6 +2,7 @@
 
 This is the training-free, LongMem-style retrieval policy, NOT LongMem's trained SideNet.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,8 +41,10 @@ class LongMemPolicy(RetrievalPolicy):
     refresh every 4 tokens (each refresh is an inner product over every bank block: at 64K bank
     tokens in blocks of 4 that is ~94M multiply-adds for the embedded model)."""
 
-    summary = ("LongMem-style memory bank (training-free, InfLLM-style retrieval; not the trained SideNet): "
-               "sinks + top-k retrieved evicted blocks + recent window")
+    summary = (
+        "LongMem-style memory bank (training-free, InfLLM-style retrieval; not the trained SideNet): "
+        "sinks + top-k retrieved evicted blocks + recent window"
+    )
     sizes = ("block_size", "recent_size")
     start_size: int = 4
     block_size: int | None = None
@@ -70,10 +73,16 @@ class LongMemPolicy(RetrievalPolicy):
         if self.recent_size is None:
             self._require(self.budget is not None, "needs a budget or recent_size")
             self.recent_size = self.budget - self.start_size - retrieved
-            self._require(self.recent_size >= 1, f"budget {self.budget} must exceed start_size + top_k * block_size = {self.start_size + retrieved}")
+            self._require(
+                self.recent_size >= 1,
+                f"budget {self.budget} must exceed start_size + top_k * block_size = {self.start_size + retrieved}",
+            )
         self._check_int("recent_size", 1)
         total = self.start_size + retrieved + self.recent_size
-        self._require(self.budget in (None, total), f"start_size + top_k * block_size + recent_size = {total} disagrees with budget {self.budget}")
+        self._require(
+            self.budget in (None, total),
+            f"start_size + top_k * block_size + recent_size = {total} disagrees with budget {self.budget}",
+        )
         self.budget = total
         self._check_int("bank_tokens", self.block_size)
         self._check_int("refresh", 1)
@@ -110,8 +119,9 @@ class LongMemPolicy(RetrievalPolicy):
             from streambench.policies.memory_bank import MemoryBank
 
             layers, _, heads, _, dim = k_pre.shape
-            self._bank = MemoryBank(layers, heads, dim, self.block_size, self.bank_tokens, k_pre.dtype,
-                                    self.bank_device, self.index)
+            self._bank = MemoryBank(
+                layers, heads, dim, self.block_size, self.bank_tokens, k_pre.dtype, self.bank_device, self.index
+            )
         idx = np.flatnonzero(fresh)
         self._bank.add(positions[idx], k_pre[:, 0, :, idx], values[:, 0, :, idx])
 

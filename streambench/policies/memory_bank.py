@@ -11,6 +11,7 @@ representative keys, summed over layers and heads (one ranking for all layers, s
 holds the same tokens and positions stay shared), and returns the top-k. Exact top-k with torch;
 an optional FAISS inner-product index serves the same call when the bank is large.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,17 @@ import torch
 
 
 class MemoryBank:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, capacity_tokens: int,
-                 dtype: torch.dtype, device: str | torch.device = "cpu", index: str = "exact"):
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        capacity_tokens: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        index: str = "exact",
+    ):
         self.block_size = block_size
         self.max_blocks = max(1, capacity_tokens // block_size)
         self.device = torch.device(device)
@@ -52,7 +62,9 @@ class MemoryBank:
         vv = torch.cat(self._pending_v, dim=2)
         full = (len(pos) // self.block_size) * self.block_size
         for b in range(0, full, self.block_size):
-            self._write_block(pos[b : b + self.block_size], k[:, :, b : b + self.block_size], vv[:, :, b : b + self.block_size])
+            self._write_block(
+                pos[b : b + self.block_size], k[:, :, b : b + self.block_size], vv[:, :, b : b + self.block_size]
+            )
         self._pending_pos = [pos[full:]] if full < len(pos) else []
         self._pending_k = [k[:, :, full:]] if full < len(pos) else []
         self._pending_v = [vv[:, :, full:]] if full < len(pos) else []

@@ -1,4 +1,5 @@
 """random: a seeded uniform keep-set, the control every content-aware comparison needs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,10 +37,6 @@ class RandomPolicy(CachePolicy):
         self._require(self.budget > self.start_size, f"budget {self.budget} must be above start_size {self.start_size}")
         self._require(self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         self.reset()
-
-    @property
-    def max_incoming(self) -> int:
-        return self.budget - self.start_size
 
     def reset(self) -> None:
         self._rng = np.random.default_rng(self.seed)

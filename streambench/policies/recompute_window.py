@@ -1,4 +1,5 @@
 """recompute-window: re-encode the last `size` tokens from scratch for every new token."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

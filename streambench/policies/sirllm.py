@@ -1,4 +1,5 @@
 """sirllm: keep the start tokens, the tokens of highest (decayed) token entropy, then recent ones."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,10 +44,14 @@ class SirLLMPolicy(CachePolicy):
         self._check_int("start_size", 0)
         self._check_int("recent_size", 0)
         given = self.entropy_size is not None
-        self._split_budget({"start_size": self.start_size, "recent_size": self.recent_size}, "entropy_size",
-                           minimum=0 if given else 1)
+        self._split_budget(
+            {"start_size": self.start_size, "recent_size": self.recent_size}, "entropy_size", minimum=0 if given else 1
+        )
         self._require(self.budget > self.start_size, "needs room beyond the start tokens")
-        self._require(isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0, f"decay must be in (0, 1], got {self.decay!r}")
+        self._require(
+            isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0,
+            f"decay must be in (0, 1], got {self.decay!r}",
+        )
         self.decay = float(self.decay)
         self._require(self.score in SCORES, f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
@@ -78,10 +83,6 @@ class SirLLMPolicy(CachePolicy):
             scores = torch.cat([first, nxt], dim=1)
             self._prev_logprobs = logprobs[:, -1]
         return scores.double().cpu().numpy()
-
-    @property
-    def max_incoming(self) -> int:
-        return self.budget - self.start_size
 
     def select(self, view: CacheView) -> np.ndarray:
         target = view.target

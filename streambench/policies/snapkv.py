@@ -1,17 +1,16 @@
 """snapkv: keep what an observation window of recent queries attends to, per layer and KV head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView, pool, recent_ranks, top_ranks
+from streambench.policies.base import CacheView, ScoredPolicy, pool
 
 
 @register_policy("snapkv")
 @dataclass
-class SnapKVPolicy(CachePolicy):
+class SnapKVPolicy(ScoredPolicy):
     """SnapKV (Li et al., arXiv:2404.14469): the attention of the last `window` queries over the
     prefix predicts what generation will attend to. kvpress's SnapKVPress computes it once at
     prefill: window attention averaged over the window's queries, average-pooled along the sequence
@@ -42,10 +41,15 @@ class SnapKVPolicy(CachePolicy):
         self._check_int("kernel", 1)
         self._check_int("interval", 1)
         # What is asked for is what runs (and is recorded): sizes that do not fit are refused
-        self._require(self.window <= self.budget - 1, f"window must be at most budget - 1 = {self.budget - 1} "
-                                                     f"(at least one scored token besides the window), got {self.window}")
-        self._require(self.interval <= self.budget - self.window, f"interval must be at most budget - window = "
-                                                                 f"{self.budget - self.window}, got {self.interval}")
+        self._require(
+            self.window <= self.budget - 1,
+            f"window must be at most budget - 1 = {self.budget - 1} "
+            f"(at least one scored token besides the window), got {self.window}",
+        )
+        self._require(
+            self.interval <= self.budget - self.window,
+            f"interval must be at most budget - window = {self.budget - self.window}, got {self.interval}",
+        )
         self._window, self._interval = self.window, self.interval
 
     @property
@@ -56,14 +60,18 @@ class SnapKVPolicy(CachePolicy):
     def max_incoming(self) -> int:
         return self.budget - self._window
 
-    def select(self, view: CacheView) -> np.ndarray:
-        target = max(min(view.target, self.budget - self._interval), 0)
+    def kept(self, view: CacheView) -> int:
+        """Evict `interval` tokens at once: scoring is paid once per `interval` tokens."""
+        return max(min(view.target, self.budget - self._interval), 0)
+
+    def score(self, view: CacheView):
+        target = self.kept(view)
         attn = view.observed["window_attention"]
         if attn is None or target == 0:
-            return recent_ranks(view.length, target)
+            return None  # the most recent tokens stay
 
         w = min(attn.shape[-2], target)
         prefix = view.length - w  # kvpress scores the tokens before the window; the window stays
         scores = attn.new_full(attn.shape[:2] + (view.length,), float("inf"))
         scores[..., :prefix] = pool(attn[..., :prefix].mean(dim=-2), self.kernel).mean(dim=2)  # queries, pooled, group
-        return top_ranks(scores, target)
+        return scores

@@ -1,17 +1,16 @@
 """streamingllm: attention sinks (the first tokens) plus a recent window."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from streambench.policies import register_policy
-from streambench.policies.base import Band, CachePolicy, CacheView, recent_ranks
+from streambench.policies.base import Band, BandPolicy
 
 
 @register_policy("streamingllm")
 @dataclass
-class StreamingLLMPolicy(CachePolicy):
+class StreamingLLMPolicy(BandPolicy):
     """StreamingLLM (Xiao et al., arXiv:2309.17453). Models dump attention mass on the first tokens
     whatever they say ("attention sinks"); keeping `start_size` of them next to a recent window keeps
     the softmax calibrated, so perplexity stays near dense's at constant memory. Positions are
@@ -34,8 +33,3 @@ class StreamingLLMPolicy(CachePolicy):
     @property
     def band(self) -> Band:
         return Band(self.start_size, self.recent_size, self.budget)
-
-    def select(self, view: CacheView) -> np.ndarray:
-        start = min(self.start_size, view.length)
-        recent = recent_ranks(view.length, view.target - start)
-        return np.concatenate([np.arange(start), recent[recent >= start]])

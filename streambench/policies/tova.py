@@ -1,17 +1,16 @@
 """tova: keep the tokens the most recent query attends to most, one keep-set per layer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from streambench.policies import register_policy
-from streambench.policies.base import CachePolicy, CacheView, top_ranks
+from streambench.policies.base import CacheView, ScoredPolicy
 
 
 @register_policy("tova")
 @dataclass
-class TOVAPolicy(CachePolicy):
+class TOVAPolicy(ScoredPolicy):
     """TOVA (Oren et al., arXiv:2401.06104, "Transformers are Multi-State RNNs"): when the cache is
     full, drop the token the current query attends to least, its weights averaged over all heads of
     the layer, so every layer keeps its own set (schwartz-lab-NLP/TOVA). No protected window: the
@@ -24,16 +23,5 @@ class TOVAPolicy(CachePolicy):
     observes = frozenset({"attention_last"})
     start_size: int = 0
 
-    def configure(self) -> None:
-        self._check_int("start_size", 0)
-        self._require(self.budget is not None, "needs a budget")
-        self._require(self.budget > self.start_size, f"budget {self.budget} must be above start_size {self.start_size}")
-
-    @property
-    def max_incoming(self) -> int:
-        return self.budget - self.start_size
-
-    def select(self, view: CacheView) -> np.ndarray:
-        per_layer = view.observed["attention_last"].mean(dim=1)  # (L, n): every query head of the layer
-        sinks = min(self.start_size, view.target)
-        return top_ranks(per_layer, view.target, slice(0, sinks) if sinks else None)
+    def score(self, view: CacheView):
+        return view.observed["attention_last"].mean(dim=1)  # (L, n): every query head of the layer

@@ -1,17 +1,16 @@
 """window: a sliding window of the most recent tokens, re-indexed to positions 0..size-1."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from streambench.policies import register_policy
-from streambench.policies.base import Band, CachePolicy, CacheView, recent_ranks
+from streambench.policies.base import Band, BandPolicy
 
 
 @register_policy("window")
 @dataclass
-class WindowPolicy(CachePolicy):
+class WindowPolicy(BandPolicy):
     """Window attention (StreamingLLM, arXiv:2309.17453, Fig. 1b): cheap and constant memory, but
     once the first tokens leave the cache the model loses its attention sinks and quality collapses."""
 
@@ -25,6 +24,3 @@ class WindowPolicy(CachePolicy):
     @property
     def band(self) -> Band:
         return Band(0, self.size, self.budget)
-
-    def select(self, view: CacheView) -> np.ndarray:
-        return recent_ranks(view.length, view.target)

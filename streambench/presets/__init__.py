@@ -11,6 +11,7 @@ user's own, which win), then in the ones shipped as package data next to this fi
 without a repository: a wheel carries them), then as a file path. A preset named like a task
 (`tasks/mtbench.yaml`) holds that task's defaults and is read by `--task mtbench`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +63,9 @@ def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path.name} must be a mapping of keys to values")
     if not all(isinstance(k, str) for k in data):
-        raise ConfigError(f"preset {path.name}: keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}")
+        raise ConfigError(
+            f"preset {path.name}: keys must be strings, got {[k for k in data if not isinstance(k, str)][:3]}"
+        )
     for key in ("policy", "task", "include", "description"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"preset {path.name}: '{key}' must be a string, got {data[key]!r}")
@@ -85,6 +88,8 @@ def same_name_defaults(name: str, kind: str, key: str, registered: str) -> dict[
         return {}
     data = load_preset(path)
     if data.get(key, registered) != registered:
-        raise ConfigError(f"preset {path} is named after the {key} '{name}' but says {key}: {data[key]}; "
-                          f"rename the file or make it {key}: {registered}")
+        raise ConfigError(
+            f"preset {path} is named after the {key} '{name}' but says {key}: {data[key]}; "
+            f"rename the file or make it {key}: {registered}"
+        )
     return data

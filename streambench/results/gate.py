@@ -24,6 +24,7 @@ bound that is not a number is bad input (exit 2), never read as a regression (ex
   ratios             [{name, metric, numerator, denominator: strings; min and/or max: numbers}]
   runs               {run key: {metrics: {name: number}, config_hash?: string, higher_is_better?: {name: bool}}}
 """
+
 from __future__ import annotations
 
 import json
@@ -125,7 +126,8 @@ def validate_baseline(data: Any, path: str) -> dict[str, Any]:
             if not _number(value):
                 raise bad(f"run {name!r}: metric {metric} must be a finite number, got {value!r}")
         if not isinstance(run.get("higher_is_better", {}), dict) or not all(
-                isinstance(v, bool) for v in run.get("higher_is_better", {}).values()):
+            isinstance(v, bool) for v in run.get("higher_is_better", {}).values()
+        ):
             raise bad(f"run {name!r}: higher_is_better must map metrics to true/false")
         if "config_hash" in run and not isinstance(run["config_hash"], str):
             raise bad(f"run {name!r}: config_hash must be a string")
@@ -143,8 +145,10 @@ def compare(baseline: dict[str, Any], results: list[dict]) -> tuple[list[Check],
             raise ResultsError(f"no result for baseline run {key}")
         result = current[key]
         if base.get("config_hash") and base["config_hash"] != result["config_hash"]:
-            raise ResultsError(f"run {key}: config differs from the baseline's (hash {result['config_hash'][:10]} "
-                               f"vs {base['config_hash'][:10]}); rerun with the baseline's settings or --update")
+            raise ResultsError(
+                f"run {key}: config differs from the baseline's (hash {result['config_hash'][:10]} "
+                f"vs {base['config_hash'][:10]}); rerun with the baseline's settings or --update"
+            )
         for metric in baseline["metrics"]:
             if metric not in base["metrics"]:
                 continue  # not a metric of this task
@@ -193,9 +197,14 @@ def make_baseline(results: list[dict], previous: dict[str, Any] | None = None) -
             "metrics": {m: r["metrics"][m] for m in metrics if m in r["metrics"]},
             "higher_is_better": {m: r["higher_is_better"][m] for m in metrics if m in r["higher_is_better"]},
         }
-    return {"schema": SCHEMA, "metrics": metrics, "tolerances": previous.get("tolerances", {}),
-            "default_tolerance": previous.get("default_tolerance", DEFAULT_TOLERANCE),
-            "ratios": previous.get("ratios", []), "runs": runs}
+    return {
+        "schema": SCHEMA,
+        "metrics": metrics,
+        "tolerances": previous.get("tolerances", {}),
+        "default_tolerance": previous.get("default_tolerance", DEFAULT_TOLERANCE),
+        "ratios": previous.get("ratios", []),
+        "runs": runs,
+    }
 
 
 def _quality(result: dict) -> set[str]:

@@ -9,6 +9,7 @@ heatmaps, cache maps (which original positions are held at each step), fact rete
 age, tokens/s and accuracy against the budget, quality against KV MiB with the Pareto frontier,
 the rolling RPS win rate.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,8 +23,13 @@ import numpy as np
 
 from streambench.engine.meter import peak_memory_mib
 
-ENGINE_COLUMNS = (("eval tok/s", "tokens_per_s", True), ("decode tok/s", "decode_tokens_per_s", True), ("p95 ms", "latency_p95_ms", False),
-                  ("peak mem MiB", None, False), ("KV MiB", "kv_mib_peak", False))
+ENGINE_COLUMNS = (
+    ("eval tok/s", "tokens_per_s", True),
+    ("decode tok/s", "decode_tokens_per_s", True),
+    ("p95 ms", "latency_p95_ms", False),
+    ("peak mem MiB", None, False),
+    ("KV MiB", "kv_mib_peak", False),
+)
 
 
 def _task_columns(rows: list[dict]):
@@ -63,15 +69,26 @@ def comparable(results: list[dict]) -> list[dict]:
     keyed = defaultdict(list)
     for r in results:
         task = r["config"]["task"]
-        keyed[(task["name"], r["config"]["model"], json.dumps(task.get("args", {}), sort_keys=True, default=str))].append(r)
+        keyed[
+            (task["name"], r["config"]["model"], json.dumps(task.get("args", {}), sort_keys=True, default=str))
+        ].append(r)
     groups, per_task = [], defaultdict(list)
     for (task, model, args), rows in keyed.items():
-        rows.sort(key=lambda r: (isinstance(_budget(r), str), _budget(r) if isinstance(_budget(r), int) else 0, _name(r)))
+        rows.sort(
+            key=lambda r: (isinstance(_budget(r), str), _budget(r) if isinstance(_budget(r), int) else 0, _name(r))
+        )
         per_task[task].append(len(groups))
         groups.append({"task": task, "model": model, "args": json.loads(args), "rows": rows})
     for task, members in per_task.items():
         siblings = [groups[i] for i in members]
-        varying = sorted({k for g in siblings for k in g["args"] if len({json.dumps(h["args"].get(k), default=str) for h in siblings}) > 1})
+        varying = sorted(
+            {
+                k
+                for g in siblings
+                for k in g["args"]
+                if len({json.dumps(h["args"].get(k), default=str) for h in siblings}) > 1
+            }
+        )
         for n, g in enumerate(siblings):
             differs = ", ".join(f"{k}={g['args'].get(k)}" for k in varying)
             g["title"] = f"{task} on {g['model']}" + (f" ({differs})" if differs else "")
@@ -98,7 +115,9 @@ def table(rows: list[dict], fmt: str) -> str:
     body = []
     for r in rows:
         ratio = r.get("budget_ratio")
-        shown = f"{_budget(r)} ({100 * ratio['ratio']:g}%)" if isinstance(ratio, dict) and "ratio" in ratio else _budget(r)
+        shown = (
+            f"{_budget(r)} ({100 * ratio['ratio']:g}%)" if isinstance(ratio, dict) and "ratio" in ratio else _budget(r)
+        )
         line = [cell(_name(r)), cell(shown)]
         for header, key, _ in columns:
             v = _value(r, key)
@@ -127,7 +146,9 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _visible(value) -> str:
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", str(value))
+    return _CONTROL.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", str(value)
+    )
 
 
 def _html_cell(value) -> str:
@@ -152,8 +173,24 @@ REFERENCE = "dense"  # drawn as a black dashed reference, not as one more colour
 
 def _palette(results: list[dict]) -> dict[str, str]:
     """One colour per policy name in every plot of a report; dense is the black reference."""
-    cycle = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-             "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
+    cycle = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+        "#bcbd22",
+        "#7f7f7f",
+        "#aec7e8",
+        "#ffbb78",
+        "#98df8a",
+        "#ff9896",
+        "#c5b0d5",
+        "#c49c94",
+    ]
     names = sorted({_name(r) for r in results} - {REFERENCE})
     color = {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
     color[REFERENCE] = "black"
@@ -213,51 +250,92 @@ def plots(results: list[dict], out: Path, groups: list[dict] | None = None) -> l
             ax.set_ylabel(f"perplexity (running mean of NLL over {span} tokens)")
             ax.set_title(f"Streaming perplexity, budget {budget}\n{_legend(title)}", fontsize=10)
             _outside(ax)
-            save(fig, f"{pre}ppl_over_stream_b{budget}.png", f"{title}: per-position perplexity over the stream at budget {budget} (log scale)", g)
+            save(
+                fig,
+                f"{pre}ppl_over_stream_b{budget}.png",
+                f"{title}: per-position perplexity over the stream at budget {budget} (log scale)",
+                g,
+            )
         if ppl:
             fig, ax = plt.subplots(figsize=(7, 4))
             for r in ppl:
                 curve = r["curves"].get("kv_tokens")
                 if curve:
                     style = _style(r, color)
-                    style["label"] = _legend(f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)")
+                    style["label"] = _legend(
+                        f"{_name(r)} b{_budget(r)}" if _budget(r) != "all" else f"{_name(r)} (no budget)"
+                    )
                     if len({_budget(x) for x in ppl if _name(x) == _name(r)}) > 1:
-                        style["alpha"] = 0.5 + 0.5 * (_budget(r) == max(_budget(x) for x in ppl if _name(x) == _name(r)))
+                        style["alpha"] = 0.5 + 0.5 * (
+                            _budget(r) == max(_budget(x) for x in ppl if _name(x) == _name(r))
+                        )
                     ax.plot([0, *curve["index"]], [0, *curve["value"]], **style)  # from an empty cache
             ax.set_xlabel("tokens fed")
             ax.set_ylabel("tokens in the KV cache")
             ax.set_title(f"KV-cache size over the stream\n{_legend(title)}", fontsize=10)
             _outside(ax)
-            save(fig, f"{pre}kv_over_stream.png", f"{title}: KV-cache tokens held over the stream, per policy and budget", g)
+            save(
+                fig,
+                f"{pre}kv_over_stream.png",
+                f"{title}: KV-cache tokens held over the stream, per policy and budget",
+                g,
+            )
         for budget in _budgets_of(rows) or ["all"]:
             chosen = [r for r in rows if str(_budget(r)) in (budget, "all")]
-            _needle_heatmaps(plt, [r for r in chosen if "needle_grid" in r.get("curves", {})], budget, title, pre, g, save)
+            _needle_heatmaps(
+                plt, [r for r in chosen if "needle_grid" in r.get("curves", {})], budget, title, pre, g, save
+            )
             _cache_maps(plt, [r for r in chosen if "cache_map" in r.get("curves", {})], budget, title, pre, g, save)
             kept = [r for r in chosen if "retention_by_turns" in r.get("curves", {})]
             if kept:
                 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-                for key, ax, unit in (("retention_by_turns", axes[0], "turns"), ("retention_by_tokens", axes[1], "tokens")):
+                for key, ax, unit in (
+                    ("retention_by_turns", axes[0], "turns"),
+                    ("retention_by_tokens", axes[1], "tokens"),
+                ):
                     for r in kept:
                         curve = r["curves"].get(key)
                         if curve:
-                            ax.plot(curve["index"], curve["value"], marker="." if unit == "turns" else None, **_style(r, color))
+                            ax.plot(
+                                curve["index"],
+                                curve["value"],
+                                marker="." if unit == "turns" else None,
+                                **_style(r, color),
+                            )
                     ax.set_xlabel(f"age of the fact token ({unit})")
                     ax.set_ylabel("share still in the cache")
                     ax.set_ylim(-0.03, 1.03)
                 _outside(axes[1])
-                fig.suptitle(f"What the cache keeps of the tagged facts, budget {budget}\n{_legend(title)}", fontsize=10)
-                save(fig, f"{pre}retention_b{budget}.png", f"{title}: share of the fact tokens still cached against their age, budget {budget}", g)
+                fig.suptitle(
+                    f"What the cache keeps of the tagged facts, budget {budget}\n{_legend(title)}", fontsize=10
+                )
+                save(
+                    fig,
+                    f"{pre}retention_b{budget}.png",
+                    f"{title}: share of the fact tokens still cached against their age, budget {budget}",
+                    g,
+                )
         budgets = [r for r in rows if isinstance(_budget(r), int)]
         if len({_budget(r) for r in budgets}) > 1:
             fig, ax = plt.subplots(figsize=(7, 4))
-            for label, chosen in _by_label(budgets).items():
+            for chosen in _by_label(budgets).values():
                 chosen.sort(key=_budget)
-                ax.plot([_budget(r) for r in chosen], [r["metrics"]["tokens_per_s"] for r in chosen], marker="o", **_style(chosen[0], color))
+                ax.plot(
+                    [_budget(r) for r in chosen],
+                    [r["metrics"]["tokens_per_s"] for r in chosen],
+                    marker="o",
+                    **_style(chosen[0], color),
+                )
             ax.set_xlabel("cache budget (keys)")
             ax.set_ylabel("tokens/s")
             ax.set_title(f"Throughput against the cache budget\n{_legend(title)}", fontsize=10)
             _outside(ax)
-            save(fig, f"{pre}tokens_per_s_vs_budget.png", f"{title}: tokens per second against the cache budget, per policy", g)
+            save(
+                fig,
+                f"{pre}tokens_per_s_vs_budget.png",
+                f"{title}: tokens per second against the cache budget, per policy",
+                g,
+            )
             scored = [r for r in budgets if "accuracy" in r["metrics"] or "key_accuracy" in r["metrics"]]
             if scored:
                 fig, ax = plt.subplots(figsize=(7, 4))
@@ -271,7 +349,12 @@ def plots(results: list[dict], out: Path, groups: list[dict] | None = None) -> l
                 ax.set_ylabel("accuracy")
                 ax.set_title(f"Accuracy against the cache budget\n{_legend(title)}", fontsize=10)
                 _outside(ax)
-                save(fig, f"{pre}accuracy_vs_budget.png", f"{title}: dialogue accuracy against the cache budget, per policy", g)
+                save(
+                    fig,
+                    f"{pre}accuracy_vs_budget.png",
+                    f"{title}: dialogue accuracy against the cache budget, per policy",
+                    g,
+                )
         _pareto(plt, rows, title, pre, g, save, color)
         rps = [r for r in rows if any(k.startswith("rolling_win_rate_") for k in r.get("curves", {}))]
         if rps:
@@ -282,7 +365,9 @@ def plots(results: list[dict], out: Path, groups: list[dict] | None = None) -> l
                 for i, key in enumerate(players):
                     curve = r["curves"][key]
                     style = _style(r, color)
-                    style.update(linestyle=styles[i % len(styles)], label=_legend(f"{_name(r)} b{_budget(r)} vs {key[17:]}"))
+                    style.update(
+                        linestyle=styles[i % len(styles)], label=_legend(f"{_name(r)} b{_budget(r)} vs {key[17:]}")
+                    )
                     ax.plot(curve["index"], curve["value"], **style)
             ax.axhline(1 / 3, color="grey", linestyle=":", label="random play")
             ax.set_xlabel("round")
@@ -296,8 +381,9 @@ def plots(results: list[dict], out: Path, groups: list[dict] | None = None) -> l
 def _panels(plt, count: int, width: float = 3.2, height: float = 3.0):
     columns = min(count, 4)
     lines = -(-count // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(width * columns + 1.2, height * lines + 0.9), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        lines, columns, figsize=(width * columns + 1.2, height * lines + 0.9), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[count:]:
         ax.axis("off")
     return fig, list(axes.flat[:count])
@@ -324,9 +410,15 @@ def _needle_heatmaps(plt, rows, budget, title, pre, g, save) -> None:
         ax.set_ylabel("needle depth", fontsize=8)
         ax.set_title(_legend(f"{_run_name(r)}: {r['metrics'].get('exact_match', float('nan')):.2f}"), fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8, label="exact match")
-    fig.suptitle(f"Needle in a haystack, budget {budget}: exact match (colour), answer NLL (text)\n{_legend(title)}", fontsize=10)
-    save(fig, f"{pre}needle_heatmap_b{budget}.png",
-         f"{title}: needle exact match per depth and length (colour; the number is the answer's NLL), budget {budget}", g)
+    fig.suptitle(
+        f"Needle in a haystack, budget {budget}: exact match (colour), answer NLL (text)\n{_legend(title)}", fontsize=10
+    )
+    save(
+        fig,
+        f"{pre}needle_heatmap_b{budget}.png",
+        f"{title}: needle exact match per depth and length (colour; the number is the answer's NLL), budget {budget}",
+        g,
+    )
 
 
 def _cache_maps(plt, rows, budget, title, pre, g, save) -> None:
@@ -355,8 +447,16 @@ def _cache_maps(plt, rows, budget, title, pre, g, save) -> None:
         ax.set_title(_legend(_run_name(r)), fontsize=9)
         ax.tick_params(labelsize=7)
     fig.colorbar(mesh, ax=axes, shrink=0.8, label="share of layers x heads keeping it")
-    fig.suptitle(f"Cache maps, budget {budget} (first stream of each run; red: tagged fact tokens)\n{_legend(title)}", fontsize=10)
-    save(fig, f"{pre}cache_map_b{budget}.png", f"{title}: original positions held in the cache over the stream, budget {budget}", g)
+    fig.suptitle(
+        f"Cache maps, budget {budget} (first stream of each run; red: tagged fact tokens)\n{_legend(title)}",
+        fontsize=10,
+    )
+    save(
+        fig,
+        f"{pre}cache_map_b{budget}.png",
+        f"{title}: original positions held in the cache over the stream, budget {budget}",
+        g,
+    )
 
 
 def _pareto(plt, rows, title, pre, g, save, color) -> None:
@@ -371,28 +471,40 @@ def _pareto(plt, rows, title, pre, g, save, color) -> None:
         return
     key = getattr(cls, "quality", None)
     points = [(r["metrics"].get("kv_mib_peak"), r["metrics"].get(key), r) for r in rows]
-    points = [(x, y, r) for x, y, r in points if isinstance(x, (int, float)) and isinstance(y, (int, float))
-              and np.isfinite(x) and np.isfinite(y) and x > 0]
+    points = [
+        (x, y, r)
+        for x, y, r in points
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and np.isfinite(x) and np.isfinite(y) and x > 0
+    ]
     if key is None or len({_budget(r) for _, _, r in points if isinstance(_budget(r), int)}) < 2:
         return
     higher = {**cls.higher_is_better}.get(key, True)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, chosen in _by_label([r for _, _, r in points]).items():
+    for _label, chosen in _by_label([r for _, _, r in points]).items():
         chosen.sort(key=lambda r: r["metrics"]["kv_mib_peak"])
-        ax.plot([r["metrics"]["kv_mib_peak"] for r in chosen], [r["metrics"][key] for r in chosen], marker="o",
-                **_style(chosen[0], color))
+        ax.plot(
+            [r["metrics"]["kv_mib_peak"] for r in chosen],
+            [r["metrics"][key] for r in chosen],
+            marker="o",
+            **_style(chosen[0], color),
+        )
         for r in chosen:
-            ax.annotate(str(_budget(r)), (r["metrics"]["kv_mib_peak"], r["metrics"][key]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(_budget(r)),
+                (r["metrics"]["kv_mib_peak"], r["metrics"][key]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     frontier, best = [], None
-    for x, y, r in sorted(points, key=lambda p: (p[0], -p[1] if higher else p[1])):
+    for x, y, _r in sorted(points, key=lambda p: (p[0], -p[1] if higher else p[1])):
         if best is None or (y > best if higher else y < best):
             frontier.append((x, y))
             best = y
     fx, fy = zip(*frontier)
     ax.step(fx, fy, where="post", color="grey", linewidth=3, alpha=0.35, label="frontier", zorder=0)
     ax.scatter(fx, fy, s=80, facecolors="none", edgecolors="grey", zorder=3)
-    for x, y, r in points:
+    for _x, y, r in points:
         if _name(r) == REFERENCE:  # dense: the quality every budget is measured against
             ax.axhline(y, color="black", linestyle=":", linewidth=0.8)
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -410,7 +522,12 @@ def _pareto(plt, rows, title, pre, g, save, color) -> None:
         ax.yaxis.set_minor_formatter(plain)
     ax.set_title(f"Quality against KV memory across budgets (labels: budget)\n{_legend(title)}", fontsize=10)
     _outside(ax)
-    save(fig, f"{pre}pareto_{key}_vs_kv.png", f"{title}: {key} against peak KV MiB across budgets, the Pareto frontier in grey", g)
+    save(
+        fig,
+        f"{pre}pareto_{key}_vs_kv.png",
+        f"{title}: {key} against peak KV MiB across budgets, the Pareto frontier in grey",
+        g,
+    )
 
 
 def _run_name(r: dict) -> str:
@@ -450,9 +567,14 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
 
         from streambench.errors import DataWarning
 
-        warnings.warn(f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})", DataWarning)
+        warnings.warn(
+            f"plots skipped: a result's curves or metrics are malformed ({type(exc).__name__}: {exc})", DataWarning
+        )
         figures = []
-    lead = f"{len(results)} runs in {len(groups)} comparable groups (same task, arguments and model). Best value per column in bold, within a group, never on a tie."
+    lead = (
+        f"{len(results)} runs in {len(groups)} comparable groups (same task, arguments and model). "
+        "Best value per column in bold, within a group, never on a tie."
+    )
     md = ["# streambench report", "", lead, ""]
     page = [f"<h1>streambench report</h1><p>{html.escape(lead)}</p>"]
     for g, grp in enumerate(groups):
@@ -460,16 +582,26 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
         md += [f"## {_md_cell(grp['title'])}", "", table(rows, "md"), ""]
         page.append(f"<h2>{_html_cell(grp['title'])}</h2>{table(rows, 'html')}")
         for title, headers, body in _extra_tables(rows):
-            md += [f"### {_md_cell(title)}", "", "| " + " | ".join(_md_cell(h) for h in headers) + " |",
-                   "|" + " --- |" * len(headers), *("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in body), ""]
+            md += [
+                f"### {_md_cell(title)}",
+                "",
+                "| " + " | ".join(_md_cell(h) for h in headers) + " |",
+                "|" + " --- |" * len(headers),
+                *("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in body),
+                "",
+            ]
             head = "".join(f"<th>{_html_cell(h)}</th>" for h in headers)
-            cells = "".join("<tr>" + "".join(f"<td class='text'>{_html_cell(c)}</td>" for c in line) + "</tr>" for line in body)
+            cells = "".join(
+                "<tr>" + "".join(f"<td class='text'>{_html_cell(c)}</td>" for c in line) + "</tr>" for line in body
+            )
             page.append(f"<h3>{_html_cell(title)}</h3><table class='text'><tr>{head}</tr>{cells}</table>")
         for name, caption, _ in [f for f in figures if f[2] == g]:
             md += [f"![{_md_cell(caption)}]({name})", "", _md_cell(caption), ""]
             data = base64.b64encode((out / name).read_bytes()).decode()
-            page.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            page.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     md += ["## Runs", ""]
     page.append("<h2>Runs</h2>")
     for r in results:
@@ -477,18 +609,24 @@ def write_report(results: list[dict], out: str | Path) -> list[Path]:
         where = f"{env.get('device_name', '?')}, torch {env.get('packages', {}).get('torch', '?')}, git {str(env.get('git_commit'))[:10]}"
         config = json.dumps(r["config"], sort_keys=True)
         md += [f"- {_md_cell(r['run_id'])} ({_md_cell(where)}): {_md_cell(config)}"]
-        page.append(f"<details><summary><code>{_html_cell(r['run_id'])}</code> ({_html_cell(where)})</summary>"
-                    f"<pre>{html.escape(json.dumps(r['config'], indent=1, sort_keys=True))}</pre></details>")
+        page.append(
+            f"<details><summary><code>{_html_cell(r['run_id'])}</code> ({_html_cell(where)})</summary>"
+            f"<pre>{html.escape(json.dumps(r['config'], indent=1, sort_keys=True))}</pre></details>"
+        )
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}td.text{text-align:left;vertical-align:top;font-size:90%}"
-             "table.text{table-layout:fixed;width:100%}table.text th:first-child{width:9em}table.text th{text-align:left}"
-             "img{max-width:100%}figure{margin:1em 0}")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}td.text{text-align:left;vertical-align:top;font-size:90%}"
+        "table.text{table-layout:fixed;width:100%}table.text th:first-child{width:9em}table.text th{text-align:left}"
+        "img{max-width:100%}figure{margin:1em 0}"
+    )
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
         # Defence in depth behind the escaping: the page may show inline styles and embedded PNGs, nothing else.
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
         f"<title>streambench report</title><style>{style}</style>"
-        f"</head><body>{''.join(page)}</body></html>\n", encoding="utf-8")
+        f"</head><body>{''.join(page)}</body></html>\n",
+        encoding="utf-8",
+    )
     return [out / "report.md", out / "report.html", *(out / name for name, _, _ in figures)]

@@ -15,6 +15,7 @@ Schema `streambench.result/1`:
     environment     python, platform, package versions, torch threads, device name, git commit
     timing          started/finished (UTC ISO 8601), wall_s, model_load_s
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,7 @@ def environment(device) -> dict[str, Any]:
 
     import torch
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("streambench", "torch", "transformers", "accelerate", "numpy", "datasets", "lm-eval"):
         try:
             versions[pkg] = md.version(pkg)
@@ -79,7 +80,9 @@ def environment(device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
         "argv": sys.argv,
@@ -164,19 +167,26 @@ def validate_result(data: Any, where: str) -> dict[str, Any]:
     need(isinstance(config, dict), "config is not a mapping")
     need(isinstance(config.get("model"), str), "config.model is not a string")
     for part in ("task", "policy"):
-        need(isinstance(config.get(part), dict) and isinstance(config[part].get("name"), str),
-             f"config.{part} lacks a name")
+        need(
+            isinstance(config.get(part), dict) and isinstance(config[part].get("name"), str),
+            f"config.{part} lacks a name",
+        )
     need(isinstance(config["policy"].get("args", {}), dict), "config.policy.args is not a mapping")
-    need(isinstance(data["run_id"], str) and data["run_id"], "run_id is not a string")
+    need(isinstance(data["run_id"], str) and bool(data["run_id"]), "run_id is not a string")
     need(data.get("label") is None or isinstance(data["label"], str), "label is not a string")
     need(isinstance(data["metrics"], dict), "metrics is not a mapping")
     need(isinstance(data["higher_is_better"], dict), "higher_is_better is not a mapping")
     need(all(isinstance(k, str) for k in data["metrics"]), "metric names are not strings")
-    need(all(isinstance(v, bool) for v in data["higher_is_better"].values()), "higher_is_better values are not true/false")
+    need(
+        all(isinstance(v, bool) for v in data["higher_is_better"].values()),
+        "higher_is_better values are not true/false",
+    )
     timing = data.get("timing", {})
     need(isinstance(timing, dict), "timing is not a mapping")
     budget = config["policy"].get("args", {}).get("budget")
     need(budget is None or (isinstance(budget, int) and not isinstance(budget, bool)), "the budget is not an integer")
-    need(data["config_hash"] == config_hash(config),
-         f"config_hash {str(data['config_hash'])[:12]} is not the hash of its config (edited or foreign file)")
+    need(
+        data["config_hash"] == config_hash(config),
+        f"config_hash {str(data['config_hash'])[:12]} is not the hash of its config (edited or foreign file)",
+    )
     return data

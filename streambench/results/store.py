@@ -5,12 +5,14 @@ Ctrl-C, a crash or a reboot skips what is done and loses nothing. Failed runs ar
 their error and retried on the next sweep. The schema evolves through ordered migrations
 (`m001_...`), recorded in a `migrations` table, as simonw/llm does.
 """
+
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from streambench.errors import ResultsError
 from streambench.results.schema import SCHEMA, now_iso, read_result
@@ -109,8 +111,10 @@ class Store:
         """Bytes only: a file that is not SQLite, or an empty one, is never opened by sqlite3."""
         size = self.path.stat().st_size
         if size == 0:
-            raise ResultsError(f"{self.path} is an empty file, not a streambench store; left untouched "
-                               "(delete it, or name another --store)")
+            raise ResultsError(
+                f"{self.path} is an empty file, not a streambench store; left untouched "
+                "(delete it, or name another --store)"
+            )
         if self._header()[:16] != b"SQLite format 3\x00":
             raise ResultsError(f"{self.path} is not a streambench store (not an SQLite database); left untouched")
 
@@ -129,11 +133,18 @@ class Store:
                 raise ResultsError(f"{self.path} holds no streambench results (an empty database); left untouched")
             return  # a new store
         foreign = sorted(t for t in tables - STREAMBENCH_TABLES if not t.startswith("sqlite_"))
-        ours = "migrations" in tables and self.db.execute(
-            "SELECT 1 FROM migrations WHERE name = 'm001_runs'").fetchone() is not None
+        ours = (
+            "migrations" in tables
+            and self.db.execute("SELECT 1 FROM migrations WHERE name = 'm001_runs'").fetchone() is not None
+        )
         if foreign or not ours:
-            what = f"tables {', '.join(foreign[:5])}" if foreign else "a 'runs' table streambench did not make" \
-                if "runs" in tables else f"tables {', '.join(sorted(tables)[:5])}"
+            what = (
+                f"tables {', '.join(foreign[:5])}"
+                if foreign
+                else "a 'runs' table streambench did not make"
+                if "runs" in tables
+                else f"tables {', '.join(sorted(tables)[:5])}"
+            )
             self.db.close()
             raise ResultsError(f"{self.path} is not a streambench store (it has {what}); left untouched")
 
@@ -182,10 +193,16 @@ class Store:
         me, host = self.owner, socket.gethostname()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            if not force and self.db.execute(
-                    "SELECT 1 FROM runs WHERE config_hash = ? AND status = 'finished'", (digest,)).fetchone():
+            if (
+                not force
+                and self.db.execute(
+                    "SELECT 1 FROM runs WHERE config_hash = ? AND status = 'finished'", (digest,)
+                ).fetchone()
+            ):
                 return False
-            row = self.db.execute("SELECT owner, host, pid, claimed FROM claims WHERE config_hash = ?", (digest,)).fetchone()
+            row = self.db.execute(
+                "SELECT owner, host, pid, claimed FROM claims WHERE config_hash = ?", (digest,)
+            ).fetchone()
             if row is not None and row[0] != me:
                 other, other_host, pid, claimed = row
                 if other_host == host:
@@ -203,14 +220,16 @@ class Store:
                         age = STALE_CLAIM_S + 1
                     if age < STALE_CLAIM_S:
                         return False
-            self.db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (digest, me, host, os.getpid(), now_iso()))
+            self.db.execute(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)", (digest, me, host, os.getpid(), now_iso())
+            )
         return True
 
     def release(self, digest: str) -> None:
         with self.db:
             self.db.execute("DELETE FROM claims WHERE config_hash = ? AND owner = ?", (digest, self.owner))
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -232,15 +251,27 @@ class Store:
         self.db.execute("DELETE FROM claims WHERE config_hash = ?", (digest,))
         self.db.execute(
             "INSERT INTO runs VALUES (?, ?, 'finished', ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-            (digest, result["run_id"], result.get("label"), config["task"]["name"], config["policy"]["name"],
-             config["model"], config["policy"]["args"].get("budget"), str(timing.get("started", "")),
-             str(timing.get("finished", "")), json.dumps(payload, default=str)),
+            (
+                digest,
+                result["run_id"],
+                result.get("label"),
+                config["task"]["name"],
+                config["policy"]["name"],
+                config["model"],
+                config["policy"]["args"].get("budget"),
+                str(timing.get("started", "")),
+                str(timing.get("finished", "")),
+                json.dumps(payload, default=str),
+            ),
         )
         directions = result.get("higher_is_better", {})
         self.db.executemany(
             "INSERT INTO metrics VALUES (?, ?, ?, ?)",
-            [(digest, name, float(value), None if name not in directions else int(directions[name]))
-             for name, value in result["metrics"].items() if isinstance(value, (int, float))],
+            [
+                (digest, name, float(value), None if name not in directions else int(directions[name]))
+                for name, value in result["metrics"].items()
+                if isinstance(value, (int, float))
+            ],
         )
 
     def add_failure(self, config: dict[str, Any], digest: str, run_id: str, label: str, error: str) -> None:
@@ -249,8 +280,18 @@ class Store:
             self.db.execute("DELETE FROM claims WHERE config_hash = ? AND owner = ?", (digest, self.owner))
             self.db.execute(
                 "INSERT INTO runs VALUES (?, ?, 'failed', ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (digest, run_id, label, config["task"]["name"], config["policy"]["name"], config["model"],
-                 config["policy"]["args"].get("budget"), now_iso(), now_iso(), error),
+                (
+                    digest,
+                    run_id,
+                    label,
+                    config["task"]["name"],
+                    config["policy"]["name"],
+                    config["model"],
+                    config["policy"]["args"].get("budget"),
+                    now_iso(),
+                    now_iso(),
+                    error,
+                ),
             )
 
     def import_dir(self, folder: str | Path, skip_bad: bool = False) -> tuple[int, list[tuple[Path, str]]]:
@@ -269,8 +310,10 @@ class Store:
         return {row[0] for row in self.db.execute("SELECT config_hash FROM runs WHERE status = 'finished'")}
 
     def rows(self) -> list[dict[str, Any]]:
-        cursor = self.db.execute("SELECT config_hash, run_id, status, label, task, policy, model, budget, "
-                                 "started, finished, error FROM runs ORDER BY started, run_id")
+        cursor = self.db.execute(
+            "SELECT config_hash, run_id, status, label, task, policy, model, budget, "
+            "started, finished, error FROM runs ORDER BY started, run_id"
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
@@ -282,5 +325,7 @@ class Store:
             try:
                 data = json.loads(payload)
             except (TypeError, ValueError, RecursionError):
-                raise ResultsError(f"store {self.path}: the result of run {str(run_id)[:80]!r} is corrupt (not JSON)") from None
+                raise ResultsError(
+                    f"store {self.path}: the result of run {str(run_id)[:80]!r} is corrupt (not JSON)"
+                ) from None
             yield validate_result(data, f"store {self.path}, run {str(run_id)[:80]!r}")

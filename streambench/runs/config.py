@@ -1,6 +1,7 @@
 """Run configuration: defaults, then a YAML preset (streambench/presets), then command-line flags.
 A `RunConfig` is what `streambench.run` takes; the budget as given (keys or a share) is parsed
 here and resolved against the task once, in the plan."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,7 +58,13 @@ def resolve_budget(value, task) -> tuple[int | None, dict]:
         return parsed, {}
     context = task.context_tokens()
     if context is None:
-        raise ConfigError(f"budget {value}: task {task.name} does not know its context length before it runs; "
-                          "give the budget in keys")
+        raise ConfigError(
+            f"budget {value}: task {task.name} does not know its context length before it runs; give the budget in keys"
+        )
     keys = max(1, round(parsed * context))
-    return keys, {"ratio": parsed, "context_tokens": context, "compression_ratio": round(1 - keys / context, 6), "keys": keys}
+    return keys, {
+        "ratio": parsed,
+        "context_tokens": context,
+        "compression_ratio": round(1 - keys / context, 6),
+        "keys": keys,
+    }

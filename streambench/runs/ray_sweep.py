@@ -9,12 +9,12 @@ works as for local sweeps: the driver skips runs the store holds, by config hash
 Each worker keeps the last model it loaded, so the runs of one model that land on the same worker
 load it once. Every node needs streambench installed (the same version as the driver).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from streambench.errors import ConfigError, MissingDependencyError, StreambenchError, UnknownNameError
 
@@ -65,14 +65,20 @@ def describe(exc: BaseException) -> tuple[str, bool]:
     return message, not isinstance(cause, (ConfigError, UnknownNameError))  # no retry mends these
 
 
-def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
-                  report: Callable[[str, dict], None] = lambda event, info: None, init_kwargs: dict | None = None) -> dict[str, int]:
+def run_sweep_ray(
+    spec,
+    store,
+    force: bool = False,
+    address: str | None = None,
+    report: Callable[[str, dict], None] = lambda event, info: None,
+    init_kwargs: dict | None = None,
+) -> dict[str, int]:
     """Run what the store does not hold yet as Ray tasks; returns counts of finished, failed and
     skipped runs. Connects to `address` (auto, ray://host:10001) or, when Ray is not initialised
     in this process and no address is given, starts a local Ray instance."""
     from streambench.results.schema import write_json_atomic
-    from streambench.sanitize import check_writable, inside
     from streambench.runs.sweep import _stored, pending
+    from streambench.sanitize import check_writable, inside
 
     ray = import_ray()
     resources = dict(spec.resources or {})
@@ -82,8 +88,11 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
         device = "cuda" if resources.get("num_gpus") else "cpu"
         configs = [dataclasses.replace(c, device=device) for c in configs]
     counts = {"finished": 0, "failed": 0, "skipped": 0, "elsewhere": 0}
-    todo = [t for _, _, _, model_todo in pending(spec, store, force, counts, report, configs, check_device=False)
-            for t in model_todo]
+    todo = [
+        t
+        for _, _, _, model_todo in pending(spec, store, force, counts, report, configs, check_device=False)
+        for t in model_todo
+    ]
     if not todo:
         return counts
     for _config, item in todo:
@@ -91,7 +100,8 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
             if item.config[part].get("origin", {}).get("kind") == "file":
                 raise ConfigError(
                     f"{part} {item.config[part]['name']} is a file plugin, which Ray workers cannot import: install it "
-                    f"as a package with a {GROUPS[part]} entry point, or use --engine local")
+                    f"as a package with a {GROUPS[part]} entry point, or use --engine local"
+                )
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -119,14 +129,21 @@ def run_sweep_ray(spec, store, force: bool = False, address: str | None = None,
             try:
                 result = ray.get(ref)
                 if result["config_hash"] != item.digest:
-                    raise RuntimeError(f"the worker planned config {result['config_hash'][:10]}, the driver {item.digest[:10]}"
-                                       " (different streambench versions on driver and worker?)")
+                    raise RuntimeError(
+                        f"the worker planned config {result['config_hash'][:10]}, the driver {item.digest[:10]}"
+                        " (different streambench versions on driver and worker?)"
+                    )
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
                 message, retry = describe(exc)
-                store.add_failure(item.config, item.digest, item.run_id, item.spec.display,
-                                  f"attempt {attempt} of {spec.retries + 1}: {message}")
+                store.add_failure(
+                    item.config,
+                    item.digest,
+                    item.run_id,
+                    item.spec.display,
+                    f"attempt {attempt} of {spec.retries + 1}: {message}",
+                )
                 if retry and attempt <= spec.retries:
                     report("retry", {"run_id": item.run_id, "error": message, "attempt": attempt})
                     submit(config, item, attempt + 1)

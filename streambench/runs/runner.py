@@ -1,26 +1,24 @@
 """`streambench.run(config)`: validate everything, load the model once, run each policy, write one
 JSON result per finished run as soon as it finishes (so an interrupted run loses nothing done)."""
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from streambench.policies.build import PolicySpec, build_policy
-
-from streambench.runs.config import RunConfig, parse_budget, resolve_budget
-
-from streambench.tasks.build import build_task
-
-from streambench.values import check_seed
 from streambench.errors import ConfigError
-from streambench.results.schema import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
 from streambench.policies import POLICIES
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.registry import BUILTIN, plugin_fault
+from streambench.results.schema import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
+from streambench.runs.config import RunConfig, parse_budget, resolve_budget
 from streambench.sanitize import check_label, inside, slug
 from streambench.tasks import TASKS
+from streambench.tasks.build import build_task
+from streambench.values import check_seed
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -59,16 +57,19 @@ def plan(config: RunConfig, check_device: bool = True):
     `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
     import torch
 
-    from streambench.models.loading import check_device_name, resolve_device, resolve_dtype
     from streambench.engine.observe import CAPTURED  # attention observers decode eagerly (session.py)
+    from streambench.models.loading import check_device_name, resolve_device, resolve_dtype
 
     check_run_config(config)
     task = build_task(config.task, config.task_args)
     budget, ratio = resolve_budget(config.budget, task)
     if budget is None:
         budget = task.default_budget
-    device = resolve_device(config.device) if check_device else torch.device(
-        config.device if config.device != "auto" else "cpu")
+    device = (
+        resolve_device(config.device)
+        if check_device
+        else torch.device(config.device if config.device != "auto" else "cpu")
+    )
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
     if config.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
@@ -79,8 +80,8 @@ def plan(config: RunConfig, check_device: bool = True):
     if batch > 1 and not task.batchable:
         raise ConfigError(f"task {task.name} runs one stream at a time; --batch-size applies to perplexity")
     planned = []
-    from streambench.models.size_guard import check_fits
     from streambench.models.loading import peek_shape
+    from streambench.models.size_guard import check_fits
 
     shape = peek_shape(config.model)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
@@ -124,8 +125,17 @@ def plan(config: RunConfig, check_device: bool = True):
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
         run_id = f"{slug(task.name, 24)}-{slug(spec.display)}-b{shown}-{digest[:10]}"
-        planned.append(PlannedRun(spec, policy, run_config, digest, run_id, decode,
-                                  ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None))
+        planned.append(
+            PlannedRun(
+                spec,
+                policy,
+                run_config,
+                digest,
+                run_id,
+                decode,
+                ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None,
+            )
+        )
     return task, planned
 
 
@@ -146,8 +156,14 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError("no policy given")
 
 
-def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: frozenset[str] = frozenset(),
-        on_error: Callable | None = None, claim: Callable[[PlannedRun], bool] | None = None) -> Iterator[dict]:
+def run(
+    config: RunConfig,
+    progress: ProgressFactory = _silent,
+    lm=None,
+    skip: frozenset[str] = frozenset(),
+    on_error: Callable | None = None,
+    claim: Callable[[PlannedRun], bool] | None = None,
+) -> Iterator[dict]:
     """Yield one result dict per policy, each already written to `config.out`. Runs whose config
     hash is in `skip` are left out (the model is not even loaded if nothing is left); with
     `on_error`, a failing run is reported to it (planned run, exception) and the others go on;
@@ -156,8 +172,8 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
     todo = [p for p in planned if p.digest not in skip]
     if not todo:
         return
-    from streambench.models import loading as models
     from streambench.errors import OutputError
+    from streambench.models import loading as models
     from streambench.models.size_guard import Shape, check_fits
     from streambench.sanitize import check_writable
 
@@ -171,8 +187,15 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
         if claim is not None and not claim(item):
             continue
         try:
-            check_fits(item.spec.display, item.policy, shape, param.element_size(), config.batch_size,
-                       task.stream_tokens(), param.device)
+            check_fits(
+                item.spec.display,
+                item.policy,
+                shape,
+                param.element_size(),
+                config.batch_size,
+                task.stream_tokens(),
+                param.device,
+            )
             yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
         except (KeyboardInterrupt, GeneratorExit, OutputError):
             raise  # an output that cannot be written stops the sweep: every later run would fail too
@@ -187,8 +210,9 @@ def run(config: RunConfig, progress: ProgressFactory = _silent, lm=None, skip: f
             on_error(item, fault or exc)
 
 
-def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory,
-             batch_size: int = 1) -> dict:
+def _run_one(
+    item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory, batch_size: int = 1
+) -> dict:
     import numpy as np
     import torch
 
@@ -199,8 +223,9 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
-    with StreamSession(lm, item.policy, batch_size=batch_size, decode=item.decode,
-                       max_tokens=task.stream_tokens()) as session:
+    with StreamSession(
+        lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens()
+    ) as session:
         meter = Meter(session.device)
         bar = progress(item.spec.display, 0)
         try:
@@ -234,8 +259,10 @@ def _run_one(item: PlannedRun, task, lm, env: dict, out_dir: Path, seed: int, pr
         **({"kv_layers": layers} if layers is not None else {}),
         **({"budget_ratio": item.budget_ratio} if item.budget_ratio else {}),
         "environment": env,
-        "provenance": {part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)
-                       for part in ("task", "policy")},
+        "provenance": {
+            part: POLICIES.origin(item.policy.name) if part == "policy" else TASKS.origin(task.name)
+            for part in ("task", "policy")
+        },
         "timing": {
             "started": started,
             "finished": now_iso(),

@@ -11,8 +11,10 @@
 
 Each measurement has a burn-in stage and a measured stage, with a synchronize around each on CUDA.
 """
+
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -80,8 +82,17 @@ def plain_generate(lm, ids: torch.Tensor, length: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def policy_decode(lm, name: str, budget: int, ids: torch.Tensor, length: int, steps: int, burn: int,
-                  repeats: int = 2, decode: str = "eager") -> float:
+def policy_decode(
+    lm,
+    name: str,
+    budget: int,
+    ids: torch.Tensor,
+    length: int,
+    steps: int,
+    burn: int,
+    repeats: int = 2,
+    decode: str = "eager",
+) -> float:
     from streambench.engine.session import StreamSession
 
     policy = build_policy(PolicySpec(name), budget)
@@ -110,16 +121,28 @@ def batched(lm, name: str, budget: int, sizes: list[int], steps: int, burn: int,
         ids = random_ids(lm, (size, budget + 2 * steps + burn + 2), size, device)
         t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
         plain = plain_decode(lm, ids, budget - 1, steps, burn)
-        rows[size] = {"tokens_per_s": size / t, "plain_tokens_per_s": size / plain,
-                      "over_single_plain": single_plain / t * size, "over_plain_same_batch": plain / t}
+        rows[size] = {
+            "tokens_per_s": size / t,
+            "plain_tokens_per_s": size / plain,
+            "over_single_plain": single_plain / t * size,
+            "over_plain_same_batch": plain / t,
+        }
         if device.type == "cuda":
             g = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
             rows[size].update({"graph_tokens_per_s": size / g, "graph_over_single_plain": single_plain / g * size})
     return rows
 
 
-def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: int, burn: int,
-              batch_sizes: tuple[int, ...] = (1, 4, 8), batch_policy: str = "streamingllm") -> dict:
+def run_bench(
+    lm,
+    policies: list[str],
+    budget: int,
+    budgets: list[int],
+    steps: int,
+    burn: int,
+    batch_sizes: tuple[int, ...] = (1, 4, 8),
+    batch_policy: str = "streamingllm",
+) -> dict:
     device = next(lm.model.parameters()).device
     need = max([budget, *budgets]) + 2 * steps + burn + 2
     ids = random_ids(lm, (1, need), 0, device)
@@ -130,8 +153,13 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
     rows = {}
     for name in policies:
         t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn)
-        rows[name] = {"ms_per_token": 1e3 * t, "tokens_per_s": 1 / t, "of_bound": bound / t, "over_plain": plain / t,
-                      "over_generate": generate / t}
+        rows[name] = {
+            "ms_per_token": 1e3 * t,
+            "tokens_per_s": 1 / t,
+            "of_bound": bound / t,
+            "over_plain": plain / t,
+            "over_generate": generate / t,
+        }
     if device.type == "cuda":  # the same steps replayed as CUDA graphs (streambench run --cuda-graphs)
         from streambench.engine.observe import CAPTURED
 
@@ -140,8 +168,14 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
             if policy.observes & CAPTURED or policy.recompute or policy.retrieves:
                 continue  # decodes eagerly (the session logs why): no graph row rather than an eager one
             t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
-            row.update({"graph_ms_per_token": 1e3 * t, "graph_of_bound": bound / t, "graph_over_plain": plain / t,
-                        "graph_over_eager": row["ms_per_token"] / (1e3 * t)})
+            row.update(
+                {
+                    "graph_ms_per_token": 1e3 * t,
+                    "graph_of_bound": bound / t,
+                    "graph_over_plain": plain / t,
+                    "graph_over_eager": row["ms_per_token"] / (1e3 * t),
+                }
+            )
     dense = rows.get("dense", {}).get("ms_per_token")
     for row in rows.values():
         row["over_dense_time"] = row["ms_per_token"] / dense if dense else None
@@ -150,18 +184,33 @@ def run_bench(lm, policies: list[str], budget: int, budgets: list[int], steps: i
         sinks = policy_decode(lm, "streamingllm", b, ids, b - 1, steps, burn)
         recompute = policy_decode(lm, "recompute-window", b, ids, b - 1, max(2, steps // 8), 1, repeats=1)
         speedups[b] = {"streamingllm_ms": 1e3 * sinks, "recompute_ms": 1e3 * recompute, "speedup": recompute / sinks}
-    return {"device": str(device), "budget": budget, "steps": steps,
-            "bound": {"ms_per_token": 1e3 * bound, "tokens_per_s": 1 / bound},
-            "plain": {"ms_per_token": 1e3 * plain, "tokens_per_s": 1 / plain, "of_bound": bound / plain},
-            "generate": {"ms_per_token": 1e3 * generate, "tokens_per_s": 1 / generate, "of_bound": bound / generate},
-            "policies": rows, "streamingllm_vs_recompute": speedups,
-            "batched": {"policy": batch_policy, "rows": batched(lm, batch_policy, budget, list(batch_sizes), steps, burn, plain)}
-            if batch_sizes else None}
+    return {
+        "device": str(device),
+        "budget": budget,
+        "steps": steps,
+        "bound": {"ms_per_token": 1e3 * bound, "tokens_per_s": 1 / bound},
+        "plain": {"ms_per_token": 1e3 * plain, "tokens_per_s": 1 / plain, "of_bound": bound / plain},
+        "generate": {"ms_per_token": 1e3 * generate, "tokens_per_s": 1 / generate, "of_bound": bound / generate},
+        "policies": rows,
+        "streamingllm_vs_recompute": speedups,
+        "batched": {
+            "policy": batch_policy,
+            "rows": batched(lm, batch_policy, budget, list(batch_sizes), steps, burn, plain),
+        }
+        if batch_sizes
+        else None,
+    }
 
 
 @torch.no_grad()
-def exact_vs_token(lm, budgets: list[int], tokens: int, steps: int, burn: int = 2,
-                   policies: tuple[str, ...] = ("dense", "window", "streamingllm", "recompute-window")) -> list[dict]:
+def exact_vs_token(
+    lm,
+    budgets: list[int],
+    tokens: int,
+    steps: int,
+    burn: int = 2,
+    policies: tuple[str, ...] = ("dense", "window", "streamingllm", "recompute-window"),
+) -> list[dict]:
     """Evaluation tokens/s of a `tokens`-token stream fed in exact chunks, over feeding it token by
     token. The exact stream is timed whole. Token by token is timed on `steps` tokens at 1/4, 1/2
     and 3/4 of the stream (state reached by exact chunks, which leave the same cache), and the
@@ -178,18 +227,36 @@ def exact_vs_token(lm, budgets: list[int], tokens: int, steps: int, burn: int = 
         for name in policies:
             if name == "dense" and budget != budgets[0]:
                 continue  # no budget: one row
-            policy = lambda: build_policy(PolicySpec(name), budget)  # noqa: E731
+            policy = functools.partial(build_policy, PolicySpec(name), budget)
             chunk = auto_chunk(policy().budget, device, lm.info.num_heads)
             if policy().recompute:
                 n = 2 * steps
                 with StreamSession(lm, policy()) as session:
                     session._window = ids[:, : budget - 1]
-                    exact = _timed(lambda i: session.feed(ids[:, budget - 1 : budget - 1 + n], exact=True), 1, 0, device, 1) / n
+                    exact = (
+                        _timed(
+                            lambda i, b=budget, n=n: session.feed(ids[:, b - 1 : b - 1 + n], exact=True),
+                            1,
+                            0,
+                            device,
+                            1,
+                        )
+                        / n
+                    )
                 with StreamSession(lm, policy()) as session:
                     session._window = ids[:, : budget - 1]
-                    token = _timed(lambda i: session.feed(ids[:, budget - 1 + i : budget + i]), steps, burn, device, 1)
-                rows.append({"policy": name, "budget": budget, "tokens": n, "chunk": n,
-                             "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+                    token = _timed(lambda i, b=budget: session.feed(ids[:, b - 1 + i : b + i]), steps, burn, device, 1)
+                rows.append(
+                    {
+                        "policy": name,
+                        "budget": budget,
+                        "tokens": n,
+                        "chunk": n,
+                        "exact_tokens_per_s": 1 / exact,
+                        "token_tokens_per_s": 1 / token,
+                        "speedup": token / exact,
+                    }
+                )
                 continue
             with StreamSession(lm, policy()) as session:
                 session.feed(ids[:, :chunk], exact=True)  # warm-up
@@ -206,10 +273,21 @@ def exact_vs_token(lm, budgets: list[int], tokens: int, steps: int, burn: int = 
                 with StreamSession(lm, policy()) as session:
                     for i in range(0, at, chunk):
                         session.feed(ids[:, i : min(i + chunk, at)], exact=True)
-                    per_token.append(_timed(lambda i: session.feed(ids[:, at + i : at + i + 1]), steps, burn, device, 1))
+                    per_token.append(
+                        _timed(lambda i, at=at: session.feed(ids[:, at + i : at + i + 1]), steps, burn, device, 1)
+                    )
             token = sum(per_token) / len(per_token)
-            rows.append({"policy": name, "budget": policy().budget, "tokens": tokens, "chunk": chunk,
-                         "exact_tokens_per_s": 1 / exact, "token_tokens_per_s": 1 / token, "speedup": token / exact})
+            rows.append(
+                {
+                    "policy": name,
+                    "budget": policy().budget,
+                    "tokens": tokens,
+                    "chunk": chunk,
+                    "exact_tokens_per_s": 1 / exact,
+                    "token_tokens_per_s": 1 / token,
+                    "speedup": token / exact,
+                }
+            )
     return rows
 
 
@@ -242,8 +320,14 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
         if fed >= next_mark or fed == tokens:
             _sync(device)
             rss = process.memory_info().rss
-            marks.append({"tokens": fed, "rss_mib": rss / 2**20, "kv_bytes": session.kv_bytes,
-                          "seconds": time.perf_counter() - start})
+            marks.append(
+                {
+                    "tokens": fed,
+                    "rss_mib": rss / 2**20,
+                    "kv_bytes": session.kv_bytes,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             if rss_10 is None and fed >= tokens // 10:
                 rss_10 = rss
             next_mark += mark_every
@@ -251,11 +335,20 @@ def soak(lm, tokens: int, budget: int, chunk: int, on_chunk=None) -> dict:
                 on_chunk(marks[-1])
     seconds = time.perf_counter() - start
     rss_end = process.memory_info().rss
-    return {"tokens": fed, "budget": budget, "chunk": chunk, "seconds": seconds, "tokens_per_s": fed / seconds,
-            "kv_bytes_values": sorted(kv), "allocated_kv_bytes_values": sorted(allocated),
-            "kv_constant": len(kv) == 1 and len(allocated) == 1,
-            "rss_10pct_mib": rss_10 / 2**20, "rss_end_mib": rss_end / 2**20,
-            "rss_growth": rss_end / rss_10 - 1, "marks": marks}
+    return {
+        "tokens": fed,
+        "budget": budget,
+        "chunk": chunk,
+        "seconds": seconds,
+        "tokens_per_s": fed / seconds,
+        "kv_bytes_values": sorted(kv),
+        "allocated_kv_bytes_values": sorted(allocated),
+        "kv_constant": len(kv) == 1 and len(allocated) == 1,
+        "rss_10pct_mib": rss_10 / 2**20,
+        "rss_end_mib": rss_end / 2**20,
+        "rss_growth": rss_end / rss_10 - 1,
+        "marks": marks,
+    }
 
 
 def format_bench(out: dict, model: str, dtype: str) -> str:
@@ -263,38 +356,121 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
     from tabulate import tabulate
 
     budget = out["budget"]
-    lines = [f"{model} on {out['device']} ({dtype}), cache {budget}, {out['steps']} measured steps",
-             f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
-             f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
-             f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound); "
-             f"model.generate: {out['generate']['ms_per_token']:.2f} ms/token", ""]
-    rows = [[n, r["ms_per_token"], r["tokens_per_s"], r["of_bound"], r["over_plain"], r["over_generate"],
-             r["over_dense_time"]] for n, r in out["policies"].items()]
+    lines = [
+        f"{model} on {out['device']} ({dtype}), cache {budget}, {out['steps']} measured steps",
+        f"bare weight-streaming bound: {out['bound']['ms_per_token']:.2f} ms/token "
+        f"({out['bound']['tokens_per_s']:.1f} tokens/s); plain transformers decode: "
+        f"{out['plain']['ms_per_token']:.2f} ms/token ({out['plain']['of_bound']:.2f} of the bound); "
+        f"model.generate: {out['generate']['ms_per_token']:.2f} ms/token",
+        "",
+    ]
+    rows = [
+        [
+            n,
+            r["ms_per_token"],
+            r["tokens_per_s"],
+            r["of_bound"],
+            r["over_plain"],
+            r["over_generate"],
+            r["over_dense_time"],
+        ]
+        for n, r in out["policies"].items()
+    ]
     if rows:
-        lines.append(tabulate(rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain",
-                                             "speed over generate", "time over dense"], floatfmt=".2f"))
+        lines.append(
+            tabulate(
+                rows,
+                headers=[
+                    "policy",
+                    "ms/token",
+                    "tokens/s",
+                    "of bound",
+                    "speed over plain",
+                    "speed over generate",
+                    "time over dense",
+                ],
+                floatfmt=".2f",
+            )
+        )
     graphed = {n: r for n, r in out["policies"].items() if "graph_ms_per_token" in r}
     if graphed:
-        rows = [[n, r["graph_ms_per_token"], 1e3 / r["graph_ms_per_token"], r["graph_of_bound"], r["graph_over_plain"],
-                 r["graph_over_eager"]] for n, r in graphed.items()]
-        lines += ["", "with CUDA graphs (--cuda-graphs):", tabulate(
-            rows, headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "speed over eager"], floatfmt=".2f")]
+        rows = [
+            [
+                n,
+                r["graph_ms_per_token"],
+                1e3 / r["graph_ms_per_token"],
+                r["graph_of_bound"],
+                r["graph_over_plain"],
+                r["graph_over_eager"],
+            ]
+            for n, r in graphed.items()
+        ]
+        lines += [
+            "",
+            "with CUDA graphs (--cuda-graphs):",
+            tabulate(
+                rows,
+                headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "speed over eager"],
+                floatfmt=".2f",
+            ),
+        ]
     if out["streamingllm_vs_recompute"]:
-        rows = [[b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]] for b, r in out["streamingllm_vs_recompute"].items()]
-        lines += ["", tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f")]
+        rows = [
+            [b, r["streamingllm_ms"], r["recompute_ms"], r["speedup"]]
+            for b, r in out["streamingllm_vs_recompute"].items()
+        ]
+        lines += [
+            "",
+            tabulate(rows, headers=["budget", "streamingllm ms", "recompute-window ms", "speedup"], floatfmt=".2f"),
+        ]
     if out.get("exact"):
-        rows = [[r["policy"], r["budget"] if r["budget"] is not None else "all", r["tokens"], r["chunk"],
-                 r["token_tokens_per_s"], r["exact_tokens_per_s"], r["speedup"]] for r in out["exact"]]
-        lines += ["", "exact chunked feeding vs token by token (same per-token NLL; evaluation tokens/s):",
-                  tabulate(rows, headers=["policy", "budget", "tokens", "chunk", "token-by-token tok/s", "exact chunked tok/s",
-                                          "speedup"], floatfmt=".2f")]
+        rows = [
+            [
+                r["policy"],
+                r["budget"] if r["budget"] is not None else "all",
+                r["tokens"],
+                r["chunk"],
+                r["token_tokens_per_s"],
+                r["exact_tokens_per_s"],
+                r["speedup"],
+            ]
+            for r in out["exact"]
+        ]
+        lines += [
+            "",
+            "exact chunked feeding vs token by token (same per-token NLL; evaluation tokens/s):",
+            tabulate(
+                rows,
+                headers=[
+                    "policy",
+                    "budget",
+                    "tokens",
+                    "chunk",
+                    "token-by-token tok/s",
+                    "exact chunked tok/s",
+                    "speedup",
+                ],
+                floatfmt=".2f",
+            ),
+        ]
     if out["batched"]:
-        rows = [[b, r["tokens_per_s"], r["plain_tokens_per_s"], r["over_single_plain"], r["over_plain_same_batch"],
-                 *([r["graph_tokens_per_s"], r["graph_over_single_plain"]] if "graph_tokens_per_s" in r else [])]
-                for b, r in out["batched"]["rows"].items()]
+        rows = [
+            [
+                b,
+                r["tokens_per_s"],
+                r["plain_tokens_per_s"],
+                r["over_single_plain"],
+                r["over_plain_same_batch"],
+                *([r["graph_tokens_per_s"], r["graph_over_single_plain"]] if "graph_tokens_per_s" in r else []),
+            ]
+            for b, r in out["batched"]["rows"].items()
+        ]
         headers = ["batch", "tokens/s (all streams)", "plain tokens/s", "over single plain", "over plain same batch"]
         if len(rows[0]) > len(headers):
             headers += ["graph tokens/s", "graph over single plain"]
-        lines += ["", f"batched streams ({out['batched']['policy']}, cache {budget}):",
-                  tabulate(rows, headers=headers, floatfmt=".2f")]
+        lines += [
+            "",
+            f"batched streams ({out['batched']['policy']}, cache {budget}):",
+            tabulate(rows, headers=headers, floatfmt=".2f"),
+        ]
     return "\n".join(lines)

@@ -10,23 +10,42 @@ failing run is recorded with its error while the others go on.
     store: results/sweep.sqlite
     out: results/sweep
 """
+
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from streambench.policies.build import PolicySpec, resolve_policy
-
-from streambench.presets import PRESET_META, load_preset
-
-from streambench.runs.config import RunConfig, parse_budget
 from streambench.errors import ConfigError, OutputError, StreambenchError
+from streambench.policies.build import PolicySpec, resolve_policy
+from streambench.presets import PRESET_META, load_preset
+from streambench.runs.config import RunConfig, parse_budget
 from streambench.sanitize import check_label
 
-SPEC_KEYS = {"models", "model", "budgets", "budget", "policies", "tasks", "task", "device", "dtype", "seed",
-             "store", "out", "version", "description", "include", "resources", "retries", "batch_size", "device_map"}
+SPEC_KEYS = {
+    "models",
+    "model",
+    "budgets",
+    "budget",
+    "policies",
+    "tasks",
+    "task",
+    "device",
+    "dtype",
+    "seed",
+    "store",
+    "out",
+    "version",
+    "description",
+    "include",
+    "resources",
+    "retries",
+    "batch_size",
+    "device_map",
+}
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
 
@@ -49,11 +68,22 @@ class SweepSpec:
     def runs(self) -> list[RunConfig]:
         """One RunConfig per (model, task, budget), each with every policy."""
         return [
-            RunConfig(model=m, device=self.device, dtype=self.dtype, seed=self.seed, budget=b,
-                      policies=[PolicySpec(p.name, dict(p.args), p.label, p.preset) for p in self.policies],
-                      task=t, task_args=dict(args), out=self.out, batch_size=self.batch_size,
-                      device_map=self.device_map)
-            for m in self.models for t, args in self.tasks for b in self.budgets
+            RunConfig(
+                model=m,
+                device=self.device,
+                dtype=self.dtype,
+                seed=self.seed,
+                budget=b,
+                policies=[PolicySpec(p.name, dict(p.args), p.label, p.preset) for p in self.policies],
+                task=t,
+                task_args=dict(args),
+                out=self.out,
+                batch_size=self.batch_size,
+                device_map=self.device_map,
+            )
+            for m in self.models
+            for t, args in self.tasks
+            for b in self.budgets
         ]
 
 
@@ -82,10 +112,21 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     retries = data.get("retries", 2)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigError(f"sweep spec: retries must be an integer >= 0, got {retries!r}")
-    spec = SweepSpec(models, tasks, budgets, policies, data.get("device", "auto"), data.get("dtype", "auto"),
-                     data.get("seed", 0), data.get("store", "results/streambench.sqlite"),
-                     data.get("out", "results"), _resources(data.get("resources")), retries,
-                     data.get("batch_size", 1), data.get("device_map"))
+    spec = SweepSpec(
+        models,
+        tasks,
+        budgets,
+        policies,
+        data.get("device", "auto"),
+        data.get("dtype", "auto"),
+        data.get("seed", 0),
+        data.get("store", "results/streambench.sqlite"),
+        data.get("out", "results"),
+        _resources(data.get("resources")),
+        retries,
+        data.get("batch_size", 1),
+        data.get("device_map"),
+    )
     for config in spec.runs():  # validate every policy, task and size now, before any model loads
         from streambench.runs.runner import plan
 
@@ -122,8 +163,17 @@ def parse_bytes(value: Any) -> int:
     if not match:
         raise ConfigError(f"sweep spec: memory must look like 8GiB or 512MB, got {value!r}")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper().rstrip("B") or "B"
-    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
     return int(number * scale)
 
 
@@ -181,8 +231,13 @@ def pending(spec: SweepSpec, store, force: bool, counts: dict[str, int], report,
         yield model, mine, planned, todo
 
 
-def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
-              report: Callable[[str, dict], None] = lambda event, info: None) -> dict[str, int]:
+def run_sweep(
+    spec: SweepSpec,
+    store,
+    force: bool = False,
+    progress=None,
+    report: Callable[[str, dict], None] = lambda event, info: None,
+) -> dict[str, int]:
     """Run what the store does not hold yet, in this process; returns counts of finished, failed
     and skipped runs. (`streambench.runs.ray_sweep` runs the same matrix on a Ray cluster.) Each run is
     claimed in the store before it is computed, so a second sweep on the same store skips it; an
@@ -198,17 +253,28 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
             lm = models.load(model, spec.device, spec.dtype, device_map=spec.device_map)
         except StreambenchError as exc:
             for _, item in todo:
-                _stored(store, spec, counts, lambda i=item: store.add_failure(
-                    i.config, i.digest, i.run_id, i.spec.display, str(exc)))
+                _stored(
+                    store,
+                    spec,
+                    counts,
+                    lambda i=item, why=str(exc): store.add_failure(i.config, i.digest, i.run_id, i.spec.display, why),
+                )
                 counts["failed"] += 1
                 report("failed", {"run_id": item.run_id, "error": str(exc)})
             continue
 
         def failed(item, exc, _counts=counts):
-            message = str(exc) if isinstance(exc, StreambenchError) else "".join(
-                traceback.format_exception_only(type(exc), exc)).strip()
-            _stored(store, spec, _counts, lambda: store.add_failure(item.config, item.digest, item.run_id,
-                                                                    item.spec.display, message))
+            message = (
+                str(exc)
+                if isinstance(exc, StreambenchError)
+                else "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            )
+            _stored(
+                store,
+                spec,
+                _counts,
+                lambda: store.add_failure(item.config, item.digest, item.run_id, item.spec.display, message),
+            )
             _counts["failed"] += 1
             report("failed", {"run_id": item.run_id, "error": message})
 
@@ -223,8 +289,9 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
         for config in configs:
             skip = frozenset(item.digest for c, item in planned if c is config and item.digest not in wanted)
             try:
-                for result in runner.run(config, progress or runner._silent, lm=lm, skip=skip, on_error=failed,
-                                         claim=claim):
+                for result in runner.run(
+                    config, progress or runner._silent, lm=lm, skip=skip, on_error=failed, claim=claim
+                ):
                     _stored(store, spec, counts, lambda r=result: store.add(r), result)
                     wanted.discard(result["config_hash"])
                     counts["finished"] += 1
@@ -236,8 +303,10 @@ def run_sweep(spec: SweepSpec, store, force: bool = False, progress=None,
 
 
 def _safe(store, spec, counts) -> str:
-    return (f"{counts['finished']} run(s) finished by this sweep are in {store.path} and {spec.out}; "
-            "free space or fix the permissions, then run the same command again to resume")
+    return (
+        f"{counts['finished']} run(s) finished by this sweep are in {store.path} and {spec.out}; "
+        "free space or fix the permissions, then run the same command again to resume"
+    )
 
 
 def _stored(store, spec, counts, write, result: dict | None = None) -> None:
@@ -252,4 +321,6 @@ def _stored(store, spec, counts, write, result: dict | None = None) -> None:
         if result is not None and result.get("path"):
             Path(result["path"]).unlink(missing_ok=True)
             dropped = f"; run {result['run_id']} was not kept"
-        raise OutputError(f"cannot write to the store {store.path}: {exc}{dropped}; {_safe(store, spec, counts)}") from None
+        raise OutputError(
+            f"cannot write to the store {store.path}: {exc}{dropped}; {_safe(store, spec, counts)}"
+        ) from None

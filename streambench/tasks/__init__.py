@@ -1,4 +1,5 @@
 """Tasks, one per module, registered by name. Importing this package imports no torch."""
+
 from streambench.registry import Registry
 from streambench.tasks.base import Task, TaskResult
 

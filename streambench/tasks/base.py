@@ -4,6 +4,7 @@ Tasks are dataclasses whose fields are their arguments (a YAML preset under `tas
 them 1:1). Each declares, per metric, whether higher is better, so reports and gates need no
 table of their own.
 """
+
 from __future__ import annotations
 
 import dataclasses

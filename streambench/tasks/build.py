@@ -1,6 +1,7 @@
 """From a task name or preset and its arguments to a built task. A preset named like a registered
 task holds that task's defaults (`tasks/mtbench.yaml` for `--task mtbench`); `-t` and the task
 flags override it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,8 @@ def build_task(name: str, args: dict[str, Any]):
     else:
         preset = find_preset(name, "tasks")
         if preset is None:
-            TASKS.get(name)
+            TASKS.get(name)  # raises with a did-you-mean hint
+            raise ConfigError(f"unknown task '{name}'")
         data = load_preset(preset)
         name = data.get("task") or TASKS.get(name)
     cls = TASKS.get(name)

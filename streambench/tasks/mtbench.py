@@ -19,6 +19,7 @@ What it measures needs no judge model:
   Under dense the two are equal (the test checks it): the shadow is the same stream.
 The answers are kept in the records and shown side by side in the report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ PROMPT_CHARS = 60  # ... and of the prompt it answers
 
 def load_questions(source: str, limit: int | None = None) -> list[dict]:
     """Records {question_id, category, turns: [str, ...]} from a JSONL file (path or URL)."""
-    from streambench.tasks.texts import valid_text
     from streambench.tasks.dialogue.items import fetch, read_jsonl
+    from streambench.tasks.texts import valid_text
 
     path = fetch(source)
     questions = []
@@ -49,8 +50,14 @@ def load_questions(source: str, limit: int | None = None) -> list[dict]:
         if isinstance(qid, str):
             qid = valid_text(qid)[0]
         cleaned = [valid_text(t) for t in turns]  # lone surrogates ("\udce9") cannot be tokenized
-        questions.append({"question_id": qid, "category": valid_text(str(record.get("category", "")))[0],
-                          "turns": [t for t, _ in cleaned], "replaced": sum(n for _, n in cleaned)})
+        questions.append(
+            {
+                "question_id": qid,
+                "category": valid_text(str(record.get("category", "")))[0],
+                "turns": [t for t, _ in cleaned],
+                "replaced": sum(n for _, n in cleaned),
+            }
+        )
         if limit and len(questions) == limit:
             break
     if not questions:
@@ -75,11 +82,23 @@ class MTBenchTask(Task):
 
     version = 1
     summary = "MT-Bench prompts answered in one endless stream (generation under the policy)"
-    higher_is_better = {"eos_rate": True, "repetition": False, "dense_nll": False, "own_nll": False, "ttft_ms": False,
-                        "answer_tokens": True}
+    higher_is_better = {
+        "eos_rate": True,
+        "repetition": False,
+        "dense_nll": False,
+        "own_nll": False,
+        "ttft_ms": False,
+        "answer_tokens": True,
+    }
     # generation speed is the engine's "decode tok/s" column (decode_tokens_per_s: one token per forward)
-    columns = (("turns", "turns"), ("answer tok", "answer_tokens"), ("EOS stop", "eos_rate"),
-               ("repetition", "repetition"), ("dense NLL", "dense_nll"), ("TTFT ms", "ttft_ms"))
+    columns = (
+        ("turns", "turns"),
+        ("answer tok", "answer_tokens"),
+        ("EOS stop", "eos_rate"),
+        ("repetition", "repetition"),
+        ("dense NLL", "dense_nll"),
+        ("TTFT ms", "ttft_ms"),
+    )
     default_budget = 512
     quality = "repetition"
 
@@ -93,12 +112,16 @@ class MTBenchTask(Task):
     format: str = "template"
 
     def configure(self) -> None:
-        from streambench.tasks.dialogue.items import check_local
         from streambench.engine.generation import Sampling
+        from streambench.tasks.dialogue.items import check_local
 
         self._check_limit()
-        self._require(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-                      and self.max_new_tokens >= 1, f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        self._require(
+            isinstance(self.max_new_tokens, int)
+            and not isinstance(self.max_new_tokens, bool)
+            and self.max_new_tokens >= 1,
+            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+        )
         self._require(isinstance(self.dense_nll, bool), f"dense_nll must be true or false, got {self.dense_nll!r}")
         self._require(self.format in ("template", "plain"), f"format must be template or plain, got {self.format!r}")
         self._require(isinstance(self.data, str) and bool(self.data), "data must be a path or URL")
@@ -118,11 +141,11 @@ class MTBenchTask(Task):
         import torch
         import torch.nn.functional as F
 
+        from streambench.engine.generation import Sampling
+        from streambench.engine.session import StreamSession
         from streambench.policies.build import PolicySpec, build_policy
         from streambench.tasks.dialogue.chat_format import ChatFormat, Conversation
         from streambench.tasks.dialogue.items import provenance
-        from streambench.engine.generation import Sampling
-        from streambench.engine.session import StreamSession
 
         questions = load_questions(self.data, self.limit)
         replaced = sum(q["replaced"] for q in questions)
@@ -131,7 +154,9 @@ class MTBenchTask(Task):
 
             from streambench.errors import DataWarning
 
-            warnings.warn(f"{self.data}: {replaced:,} lone surrogate escape(s) in the prompts read as U+FFFD", DataWarning)
+            warnings.warn(
+                f"{self.data}: {replaced:,} lone surrogate escape(s) in the prompts read as U+FFFD", DataWarning
+            )
         fmt = ChatFormat.named(tokenizer, self.format)
         conversation = Conversation(session, tokenizer, fmt)
         sampling = Sampling(self.temperature, self.top_p, self.seed)
@@ -148,12 +173,20 @@ class MTBenchTask(Task):
                 written = conversation.reply(prompt, self.max_new_tokens, sampling, score=self.dense_nll)
                 meter.step(max(session.processed - before, 1), session.kv_tokens, session.kv_bytes)
                 started = time.perf_counter()
-                record = {"question_id": q["question_id"], "category": q["category"], "turn": turn + 1, "prompt": prompt,
-                          "answer": tokenizer.decode(written.tokens, skip_special_tokens=True),
-                          "tokens": len(written.tokens), "stop": written.stop,
-                          "ttft_ms": 1000 * written.first_token_s, "tokens_per_s": written.tokens_per_s,
-                          "kv_tokens": session.kv_tokens, "kv_mib": session.kv_bytes / 2**20,
-                          "repetition": repetition(written.tokens)}
+                record = {
+                    "question_id": q["question_id"],
+                    "category": q["category"],
+                    "turn": turn + 1,
+                    "prompt": prompt,
+                    "answer": tokenizer.decode(written.tokens, skip_special_tokens=True),
+                    "tokens": len(written.tokens),
+                    "stop": written.stop,
+                    "ttft_ms": 1000 * written.first_token_s,
+                    "tokens_per_s": written.tokens_per_s,
+                    "kv_tokens": session.kv_tokens,
+                    "kv_mib": session.kv_bytes / 2**20,
+                    "repetition": repetition(written.tokens),
+                }
                 if dense is not None:  # the same turn, the policy's answer, with everything in memory
                     context = shadow._context(prompt, ())
                     last = dense.feed(context)[0, -1]
@@ -170,10 +203,17 @@ class MTBenchTask(Task):
                 progress(1)
         if dense is not None:
             dense.close()
-        return TaskResult(self._metrics(records), records=records,
-                          info={"questions": len(questions), "data": provenance(self.data), "format": self.format,
-                                **({"undecodable_replaced": replaced} if replaced else {}),
-                                "sampling": {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}})
+        return TaskResult(
+            self._metrics(records),
+            records=records,
+            info={
+                "questions": len(questions),
+                "data": provenance(self.data),
+                "format": self.format,
+                **({"undecodable_replaced": replaced} if replaced else {}),
+                "sampling": {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed},
+            },
+        )
 
     @staticmethod
     def _metrics(records: list[dict]) -> dict:
@@ -184,10 +224,17 @@ class MTBenchTask(Task):
             return float(np.mean(values)) if values else None
 
         written = sum(r["tokens"] for r in records)
-        metrics = {"turns": len(records), "answer_tokens": mean("tokens"), "generated_tokens": written,
-                   "eos_rate": float(np.mean([r["stop"] == "eos" for r in records])),
-                   "repetition": mean("repetition"), "ttft_ms": mean("ttft_ms"), "decode_tokens_per_s": mean("tokens_per_s"),
-                   "dense_nll": mean("dense_nll"), "own_nll": mean("own_nll")}
+        metrics = {
+            "turns": len(records),
+            "answer_tokens": mean("tokens"),
+            "generated_tokens": written,
+            "eos_rate": float(np.mean([r["stop"] == "eos" for r in records])),
+            "repetition": mean("repetition"),
+            "ttft_ms": mean("ttft_ms"),
+            "decode_tokens_per_s": mean("tokens_per_s"),
+            "dense_nll": mean("dense_nll"),
+            "own_nll": mean("own_nll"),
+        }
         return {k: v for k, v in metrics.items() if v is not None}
 
     @classmethod
@@ -210,4 +257,10 @@ class MTBenchTask(Task):
                 cut = text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else "")
                 cells.append(f"{cut} [{x.get('stop')}, {x.get('tokens')} tok]" if x else "")
             body.append(cells)
-        return [("Answers, side by side (first characters; [why it stopped, tokens])", ["question.turn, prompt", *names], body)]
+        return [
+            (
+                "Answers, side by side (first characters; [why it stopped, tokens])",
+                ["question.turn, prompt", *names],
+                body,
+            )
+        ]

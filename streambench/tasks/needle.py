@@ -8,6 +8,7 @@ tokens come, token-exactly in chunks where it can). Scored per cell: exact match
 answer, NLL of the value as the answer (teacher-forced, on a `StreamSession.fork`), and the share
 of the needle's tokens the cache holds when the question has been read.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,24 +16,58 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.perplexity import check_feeding, feeding
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 
 KINDS = {  # value kind: (needle template, question, the answer's lead-in)
-    "number": ("The special magic number is {value}.", "What is the special magic number?",
-               "The special magic number is"),
-    "name": ("The name of the secret agent is {value}.", "What is the name of the secret agent?",
-             "The name of the secret agent is"),
-    "passkey": ("The pass key is {value}. Remember it. {value} is the pass key.", "What is the pass key?",
-                "The pass key is"),
+    "number": (
+        "The special magic number is {value}.",
+        "What is the special magic number?",
+        "The special magic number is",
+    ),
+    "name": (
+        "The name of the secret agent is {value}.",
+        "What is the name of the secret agent?",
+        "The name of the secret agent is",
+    ),
+    "passkey": (
+        "The pass key is {value}. Remember it. {value} is the pass key.",
+        "What is the pass key?",
+        "The pass key is",
+    ),
 }
 MAX_CELLS = 100_000  # the grid is built before the run; 100,000 cells of >= 64 tokens is days of streaming already
-NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jamal", "Katya",
-         "Lorenzo", "Mariam", "Nikolai", "Olga", "Pedro", "Quentin", "Rosa", "Sven", "Tamara", "Umberto", "Vera",
-         "Walter", "Ximena", "Yusuf", "Zofia")
+NAMES = (
+    "Alice",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hiroshi",
+    "Ingrid",
+    "Jamal",
+    "Katya",
+    "Lorenzo",
+    "Mariam",
+    "Nikolai",
+    "Olga",
+    "Pedro",
+    "Quentin",
+    "Rosa",
+    "Sven",
+    "Tamara",
+    "Umberto",
+    "Vera",
+    "Walter",
+    "Ximena",
+    "Yusuf",
+    "Zofia",
+)
 
 
 def _numbers(value, what: str) -> list[int]:
@@ -57,8 +92,12 @@ class NeedleTask(Task):
     version = 1
     summary = "needle in a haystack: depth x length grid (exact match, answer NLL, needle retention)"
     higher_is_better = {"exact_match": True, "answer_nll": False, "needle_retention": True}
-    columns = (("cells", "cells"), ("exact match", "exact_match"), ("answer NLL", "answer_nll"),
-               ("needle retention", "needle_retention"))
+    columns = (
+        ("cells", "cells"),
+        ("exact match", "exact_match"),
+        ("answer NLL", "answer_nll"),
+        ("needle retention", "needle_retention"),
+    )
     default_budget = 128
     quality = "exact_match"
 
@@ -77,18 +116,30 @@ class NeedleTask(Task):
             lengths, depths = self.length_list(), self.depth_list()
         except ValueError as exc:
             self._require(False, str(exc))
-        self._require(bool(lengths) and all(n >= 64 for n in lengths), f"lengths must be integers >= 64, got {self.lengths!r}")
-        self._require(bool(depths) and all(0 <= d <= 100 for d in depths), f"depths must be percentages in [0, 100], got {self.depths!r}")
+        self._require(
+            bool(lengths) and all(n >= 64 for n in lengths), f"lengths must be integers >= 64, got {self.lengths!r}"
+        )
+        self._require(
+            bool(depths) and all(0 <= d <= 100 for d in depths),
+            f"depths must be percentages in [0, 100], got {self.depths!r}",
+        )
         for name in ("trials", "answer_tokens"):
             value = getattr(self, name)
-            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                          f"{name} must be an integer >= 1, got {value!r}")
+            self._require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}",
+            )
         self._require(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         cells = len(lengths) * len(depths) * self.trials
-        self._require(cells <= MAX_CELLS, f"{len(lengths)} lengths x {len(depths)} depths x {self.trials:,} trials = "
-                                          f"{cells:,} cells, more than the {MAX_CELLS:,} one run may hold: lower trials")
+        self._require(
+            cells <= MAX_CELLS,
+            f"{len(lengths)} lengths x {len(depths)} depths x {self.trials:,} trials = "
+            f"{cells:,} cells, more than the {MAX_CELLS:,} one run may hold: lower trials",
+        )
         check_feeding(self)
-        self._require(isinstance(self.text, str) and bool(self.text.strip()), f"text must name a text, got {self.text!r}")
+        self._require(
+            isinstance(self.text, str) and bool(self.text.strip()), f"text must name a text, got {self.text!r}"
+        )
         check_source(self.text)
 
     def length_list(self) -> list[int]:
@@ -129,7 +180,9 @@ class NeedleTask(Task):
         if room < 1:
             raise DataError(f"needle: length {length} leaves no room for a haystack around the needle and question")
         if len(hay) < room:
-            raise DataError(f"needle: the text has {len(hay)} tokens, fewer than the {room} a {length}-token haystack needs")
+            raise DataError(
+                f"needle: the text has {len(hay)} tokens, fewer than the {room} a {length}-token haystack needs"
+            )
         start = offset % (len(hay) - room + 1)
         at = round(room * depth / 100)
         if 0 < at < room:  # back to the start of a line, if one is within 64 tokens
@@ -191,19 +244,38 @@ class NeedleTask(Task):
                 written.append(token)
                 last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
             reply = tokenizer.decode(written, skip_special_tokens=True)
-            records.append({"length": length, "depth": depth, "trial": trial, "value": value, "needle_at": span[0],
-                            "needle_tokens": span[1] - span[0], "stream_tokens": len(ids), "answer": reply,
-                            "match": _matches(reply, value), "answer_nll": round(nll, 4), "needle_retention": round(kept, 4)})
+            records.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "trial": trial,
+                    "value": value,
+                    "needle_at": span[0],
+                    "needle_tokens": span[1] - span[0],
+                    "stream_tokens": len(ids),
+                    "answer": reply,
+                    "match": _matches(reply, value),
+                    "answer_nll": round(nll, 4),
+                    "needle_retention": round(kept, 4),
+                }
+            )
         grid = self.grid(records)
-        metrics = {"cells": len(records), "exact_match": float(np.mean([r["match"] for r in records])),
-                   "answer_nll": float(np.mean([r["answer_nll"] for r in records])),
-                   "needle_retention": float(np.mean([r["needle_retention"] for r in records]))}
+        metrics = {
+            "cells": len(records),
+            "exact_match": float(np.mean([r["match"] for r in records])),
+            "answer_nll": float(np.mean([r["answer_nll"] for r in records])),
+            "needle_retention": float(np.mean([r["needle_retention"] for r in records])),
+        }
         curves = {"needle_grid": grid}
         if cache_map.curve():
             curves["cache_map"] = cache_map.curve()
-        info = {"text": self.text, "kind": self.kind, "facts": "the needle sentence's tokens",
-                "feeding": fed,
-                "cache_map_cell": {"length": mapped[0], "depth": mapped[1], "trial": mapped[2]}}
+        info = {
+            "text": self.text,
+            "kind": self.kind,
+            "facts": "the needle sentence's tokens",
+            "feeding": fed,
+            "cache_map_cell": {"length": mapped[0], "depth": mapped[1], "trial": mapped[2]},
+        }
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 
     def grid(self, records: list[dict]) -> dict:

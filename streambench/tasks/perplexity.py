@@ -13,15 +13,16 @@ is fed, the logits it produces score token t+1, the policy evicts between steps.
 With chunks, tokens/s is evaluation throughput; the policy's per-token decode speed is measured
 by a short token-by-token probe after the stream (`decode_tokens_per_s`).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
+from streambench.tasks.texts import DEFAULT_TEXT, check_source, load_text
 
 FULL_CURVE_LIMIT = 8192  # longer streams store the NLL curve as bin means
 FEEDS = ("exact", "token", "approximate")
@@ -54,11 +55,17 @@ class PerplexityTask(Task):
     index: int = 0
 
     def configure(self) -> None:
-        self._require(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}")
+        self._require(
+            isinstance(self.tokens, int) and self.tokens >= 2, f"tokens must be an integer >= 2, got {self.tokens!r}"
+        )
         check_feeding(self)
-        self._require(isinstance(self.decode_probe, int) and not isinstance(self.decode_probe, bool) and self.decode_probe >= 0,
-                      f"decode_probe must be an integer >= 0, got {self.decode_probe!r}")
-        self._require(isinstance(self.text, str) and self.sources, f"text must name at least one text, got {self.text!r}")
+        self._require(
+            isinstance(self.decode_probe, int) and not isinstance(self.decode_probe, bool) and self.decode_probe >= 0,
+            f"decode_probe must be an integer >= 0, got {self.decode_probe!r}",
+        )
+        self._require(
+            isinstance(self.text, str) and self.sources, f"text must name at least one text, got {self.text!r}"
+        )
         for source in self.sources:
             check_source(source)  # a missing file fails now, not after the model has loaded
 
@@ -104,7 +111,8 @@ class PerplexityTask(Task):
                 end = min(start + step, n_pred)
                 logits = session.feed(rows[:, start:end], exact=exact)
                 nll[first : first + width, start:end] = F.cross_entropy(
-                    logits.float().transpose(1, 2), rows[:, start + 1 : end + 1], reduction="none")
+                    logits.float().transpose(1, 2), rows[:, start + 1 : end + 1], reduction="none"
+                )
                 meter.step(width * (end - start), session.kv_tokens, session.kv_bytes)
                 progress(width * (end - start))
         decode = meter.rate() if feeding["mode"] == "token" else self._probe(session, rows, meter)
@@ -117,8 +125,13 @@ class PerplexityTask(Task):
         }
         if decode is not None:
             metrics["decode_tokens_per_s"] = decode
-        info = {"text": self.text, "tokens_streamed": ids.shape[1], "predictions": n_pred * n_streams,
-                "token_exact": feeding["token_exact"], "feeding": feeding}
+        info = {
+            "text": self.text,
+            "tokens_streamed": ids.shape[1],
+            "predictions": n_pred * n_streams,
+            "token_exact": feeding["token_exact"],
+            "feeding": feeding,
+        }
         from streambench.tasks.texts import REPLACED
 
         replaced = {s: REPLACED[s] for s in sources if s in REPLACED}
@@ -147,8 +160,11 @@ class PerplexityTask(Task):
 def check_feeding(task) -> None:
     """`feed` and `chunk_size` of a task that streams (perplexity, needle)."""
     task._require(task.feed in FEEDS, f"feed must be one of {', '.join(FEEDS)}, got {task.feed!r}")
-    task._require(task.chunk_size is None or (isinstance(task.chunk_size, int) and not isinstance(task.chunk_size, bool)
-                                              and task.chunk_size >= 1), f"chunk_size must be an integer >= 1, got {task.chunk_size!r}")
+    task._require(
+        task.chunk_size is None
+        or (isinstance(task.chunk_size, int) and not isinstance(task.chunk_size, bool) and task.chunk_size >= 1),
+        f"chunk_size must be an integer >= 1, got {task.chunk_size!r}",
+    )
 
 
 def feeding(session, feed: str, chunk_size: int | None) -> dict:

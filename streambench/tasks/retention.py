@@ -10,6 +10,7 @@ of which original positions the cache holds over the first stream of a run, for 
 cache-map plot (a band and the sink line for StreamingLLM, scattered tokens for SirLLM,
 retrieved blocks for longmem).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -99,7 +100,10 @@ class Retention:
 
     def curves(self) -> dict:
         out = {}
-        for key, acc, width in (("retention_by_turns", self._by_turn, 1), ("retention_by_tokens", self._by_token, TOKEN_BIN)):
+        for key, acc, width in (
+            ("retention_by_turns", self._by_turn, 1),
+            ("retention_by_tokens", self._by_token, TOKEN_BIN),
+        ):
             seen = np.flatnonzero(acc[1])
             if not len(seen):
                 continue
@@ -108,8 +112,12 @@ class Retention:
                 pad = (-acc.shape[1]) % merge
                 acc = np.pad(acc, ((0, 0), (0, pad))).reshape(2, -1, merge).sum(-1)
                 seen = np.flatnonzero(acc[1])
-            out[key] = {"index": (seen * width * merge).tolist(), "value": np.round(acc[0, seen] / acc[1, seen], 4).tolist(),
-                        "count": acc[1, seen].astype(int).tolist(), "bin": width * merge}
+            out[key] = {
+                "index": (seen * width * merge).tolist(),
+                "value": np.round(acc[0, seen] / acc[1, seen], 4).tolist(),
+                "count": acc[1, seen].astype(int).tolist(),
+                "bin": width * merge,
+            }
         return out
 
 
@@ -163,7 +171,7 @@ class CacheMap:
         top = max(fed for fed, _, _ in columns)
         width = max(1, -(-top // MAP_ROWS))
         out = []
-        for fed, flat, share in columns:
+        for _fed, flat, share in columns:
             rows = flat // width
             cells = np.zeros(int(rows.max()) + 1 if len(rows) else 0)
             np.maximum.at(cells, rows, share)

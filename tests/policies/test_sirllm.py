@@ -53,13 +53,16 @@ def test_decay_changes_the_selection():
     np.testing.assert_array_equal(no_decay.new_round(scores), scores)
 
 
-@pytest.mark.parametrize("args,message", [
-    ({"budget": 4, "start_size": 4}, "must be above start_size"),
-    ({"budget": 8, "decay": 0.0}, "decay must be in"),
-    ({"budget": 8, "decay": 1.5}, "decay must be in"),
-    ({"budget": 8, "score": "entropy"}, "score must be one of"),
-    ({"budget": 8, "entropy_size": 2, "recent_size": 1}, "disagrees with budget"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ({"budget": 4, "start_size": 4}, "must be above start_size"),
+        ({"budget": 8, "decay": 0.0}, "decay must be in"),
+        ({"budget": 8, "decay": 1.5}, "decay must be in"),
+        ({"budget": 8, "score": "entropy"}, "score must be one of"),
+        ({"budget": 8, "entropy_size": 2, "recent_size": 1}, "disagrees with budget"),
+    ],
+)
 def test_rejects_bad_arguments(args, message):
     with pytest.raises(ConfigError, match=message):
         SirLLM(**args)

@@ -1,5 +1,6 @@
 """The loop the dialogue-memory tasks share: items in order, one conversation per group (the
 cache is reset when the group changes, as SirLLM does per dialogue or episode), one record each."""
+
 from __future__ import annotations
 
 from streambench.tasks.dialogue.items import MCItem
@@ -33,8 +34,9 @@ def conversation_for(session, tokenizer, fmt: str = "template"):
     return Conversation(session, tokenizer, ChatFormat.named(tokenizer, fmt), joined=fmt != "template")
 
 
-def play_items(items: list[MCItem], session, tokenizer, meter, progress, before=None, after=None,
-               conversation=None) -> list[dict]:
+def play_items(
+    items: list[MCItem], session, tokenizer, meter, progress, before=None, after=None, conversation=None
+) -> list[dict]:
     """`before(conversation, item)` and `after(conversation, item)` may add fields to an item's
     record (grocery's free recall on the side, the key's retention when it is asked for). An
     item's `meta["facts"]`, (name, substring of the question) pairs, are tagged for retention."""
@@ -55,19 +57,21 @@ def play_items(items: list[MCItem], session, tokenizer, meter, progress, before=
             extra.update(after(conversation, item))
         meter.step(session.processed - processed, session.kv_tokens, session.kv_bytes)
         progress(1)
-        records.append({
-            "id": item.id,
-            "group": item.group,
-            "kind": item.kind,
-            "turn": conversation.turns,
-            "chosen": chosen,
-            "answer": item.answer,
-            "correct": chosen == item.answer,
-            "greedy": [c.greedy for c in scored],
-            "first_token_logprob": [round(c.logprob, 4) for c in scored],
-            "kv_tokens": session.kv_tokens,
-            **extra,
-        })
+        records.append(
+            {
+                "id": item.id,
+                "group": item.group,
+                "kind": item.kind,
+                "turn": conversation.turns,
+                "chosen": chosen,
+                "answer": item.answer,
+                "correct": chosen == item.answer,
+                "greedy": [c.greedy for c in scored],
+                "first_token_logprob": [round(c.logprob, 4) for c in scored],
+                "kv_tokens": session.kv_tokens,
+                **extra,
+            }
+        )
     return records
 
 

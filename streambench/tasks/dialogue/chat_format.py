@@ -7,6 +7,7 @@ the model answers by choosing among fixed replies, scored as Zoeyyao27/SirLLM
 such reply), otherwise the reply whose first token is most probable. The chosen reply, not the
 gold one, is fed into the cache as the model's turn.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class ChatFormat:
     move_trailing: bool = False  # a question's trailing whitespace moves onto the reply (SirLLM's _encode_pair)
 
     @classmethod
-    def named(cls, tokenizer, name: str = "template") -> "ChatFormat":
+    def named(cls, tokenizer, name: str = "template") -> ChatFormat:
         """`template`: the tokenizer's chat template, default system prompt included (one prompt
         for every policy). `plain`: SirLLM's "USER: ...\n\nASSISTANT:" for any model (what the
         released code feeds every model not named Yi-Chat). `sirllm`: the released code's strings
@@ -39,17 +40,20 @@ class ChatFormat:
             return cls.plain()
         if name in ("sirllm", "sirllm-released"):
             if "<|im_start|>" in str(getattr(tokenizer, "chat_template", "") or ""):
-                return cls("", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n",
-                           move_trailing=True)
+                return cls(
+                    "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n", move_trailing=True
+                )
             return cls.plain()
         return cls.for_tokenizer(tokenizer)
 
     @classmethod
-    def plain(cls) -> "ChatFormat":
-        return cls(preamble="", user_prefix="USER: ", user_suffix="\n\nASSISTANT:", assistant_suffix="", reply_prefix=" ")
+    def plain(cls) -> ChatFormat:
+        return cls(
+            preamble="", user_prefix="USER: ", user_suffix="\n\nASSISTANT:", assistant_suffix="", reply_prefix=" "
+        )
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> "ChatFormat":
+    def for_tokenizer(cls, tokenizer) -> ChatFormat:
         """Pieces of the tokenizer's chat template; SirLLM's plain format when it has none."""
         if getattr(tokenizer, "chat_template", None):
             try:
@@ -59,17 +63,20 @@ class ChatFormat:
         return cls.plain()
 
     @classmethod
-    def _from_template(cls, tokenizer) -> "ChatFormat":
+    def _from_template(cls, tokenizer) -> ChatFormat:
         render = tokenizer.apply_chat_template
-        full = render([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
-                       {"role": "user", "content": _U2}], tokenize=False, add_generation_prompt=True)
+        full = render(
+            [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         single = render([{"role": "user", "content": _U1}], tokenize=False, add_generation_prompt=False)
         head, rest = full.split(_U1)
         user_suffix, rest = rest.split(_A1)
         between, tail = rest.split(_U2)
         turn_end = single.split(_U1)[1]  # what closes a turn (ChatML: "<|im_end|>\n")
         assistant_suffix = turn_end if turn_end and between.startswith(turn_end) else ""
-        user_prefix = between[len(assistant_suffix):]
+        user_prefix = between[len(assistant_suffix) :]
         if not head.endswith(user_prefix) or tail != user_suffix:
             raise ValueError("chat template is not turn-regular")
         return cls(head[: len(head) - len(user_prefix)], user_prefix, user_suffix, assistant_suffix)
@@ -80,7 +87,7 @@ class ChatFormat:
         return (self.preamble if first else "") + self.user_prefix + text + self.user_suffix
 
     def reply(self, text: str, question: str = "") -> str:
-        moved = question[len(question.rstrip()):] if self.move_trailing else ""
+        moved = question[len(question.rstrip()) :] if self.move_trailing else ""
         return self.reply_prefix + moved + text + self.assistant_suffix
 
 
@@ -128,7 +135,9 @@ class Conversation:
                 at = question.find(part)
                 if at < 0 or not part:
                     raise ValueError(f"fact {part!r} is not in the question {question!r}")
-                index = np.asarray(tokens_of(self.tokenizer, text, (head + at, head + at + len(part)), ids), dtype=np.int64)
+                index = np.asarray(
+                    tokens_of(self.tokenizer, text, (head + at, head + at + len(part)), ids), dtype=np.int64
+                )
                 positions = self.session.fed + index
                 self.retention.tag(name, positions, self.turns)
                 self.cache_map.tag(positions)
@@ -145,7 +154,7 @@ class Conversation:
         return torch.tensor([ids], device=self.session.device)
 
     def _reply_ids(self, text: str, question: str = "") -> torch.Tensor:
-        key = (text, question[len(question.rstrip()):] if self.fmt.move_trailing else "")
+        key = (text, question[len(question.rstrip()) :] if self.fmt.move_trailing else "")
         ids = self._reply_cache.get(key)
         if ids is None:
             ids = self._reply_cache[key] = self.encode(self.fmt.reply(text, question))
@@ -226,7 +235,9 @@ class Conversation:
         return nll, self.tokenizer.decode(written, skip_special_tokens=True)
 
     @torch.no_grad()
-    def reply(self, question: str, max_new_tokens: int, sampling=None, on_token=None, interrupted=None, score: bool = False):
+    def reply(
+        self, question: str, max_new_tokens: int, sampling=None, on_token=None, interrupted=None, score: bool = False
+    ):
         """The user says `question`; the model writes its reply (streambench/engine/generation.py), which
         stays in the stream, closed by the format's turn end. Room for the turn and the longest
         reply is made once, before it (streaming-llm's `evict_for_space`), so the policy evicts
@@ -240,8 +251,16 @@ class Conversation:
         suffix = self.encode(self.fmt.assistant_suffix) if self.fmt.assistant_suffix else None
         closing = suffix.shape[1] if suffix is not None else 0
         session.reserve(context.shape[1] + max_new_tokens + closing)
-        written = generate(session, prompt=context, max_new_tokens=max_new_tokens, stop_ids=self._stop_ids(),
-                           sampling=sampling, on_token=on_token, interrupted=interrupted, score=score)
+        written = generate(
+            session,
+            prompt=context,
+            max_new_tokens=max_new_tokens,
+            stop_ids=self._stop_ids(),
+            sampling=sampling,
+            on_token=on_token,
+            interrupted=interrupted,
+            score=score,
+        )
         if written.tokens and written.stop in ("limit", "string"):  # its last token was chosen, not fed
             session.feed(torch.tensor([written.tokens[-1:]], device=session.device))
         if suffix is not None:

@@ -1,12 +1,13 @@
 """dailydialog: next-utterance choice inside each DailyDialog conversation (SirLLM, Sec. 4)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streambench.tasks.dialogue.items import check_local, provenance, dailydialog_from_hub, load_dailydialog
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.dialogue.base import accuracy, check_format, conversation_for, play_items
+from streambench.tasks.dialogue.items import check_local, dailydialog_from_hub, load_dailydialog, provenance
 
 
 @register_task("dailydialog")
@@ -44,13 +45,17 @@ class DailyDialogTask(Task):
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         items = self.items()
-        records = play_items(items, session, tokenizer, meter, progress,
-                             conversation=conversation_for(session, tokenizer, self.format))
+        records = play_items(
+            items, session, tokenizer, meter, progress, conversation=conversation_for(session, tokenizer, self.format)
+        )
         dialogues = len({r["group"] for r in records})
         return TaskResult(
             metrics={"accuracy": accuracy(records), "items": len(records), "dialogues": dialogues},
             records=records,
-            info={"data": self.data or "hub:li2017dailydialog/daily_dialog (test)", "format": self.format,
-                  "facts": "untagged: which earlier turns a DailyDialog answer depends on is not marked in the data",
-                  **({"data_file": provenance(self.data, "dailydialog.jsonl")} if self.data else {})},
+            info={
+                "data": self.data or "hub:li2017dailydialog/daily_dialog (test)",
+                "format": self.format,
+                "facts": "untagged: which earlier turns a DailyDialog answer depends on is not marked in the data",
+                **({"data_file": provenance(self.data, "dailydialog.jsonl")} if self.data else {}),
+            },
         )

@@ -1,14 +1,15 @@
 """grocery: remember one requested grocery through twenty unrelated questions (SirLLM, Sec. 4)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.tasks.dialogue.items import check_local, provenance, generate_grocery, load_grocery
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.dialogue.base import accuracy, check_format, conversation_for, memory_curves, play_items
+from streambench.tasks.dialogue.items import check_local, generate_grocery, load_grocery, provenance
 
 
 @register_task("grocery")
@@ -35,9 +36,21 @@ class GroceryTask(Task):
 
     version = 1
     summary = "recall a requested grocery after 20 filler questions (key_accuracy, key_nll, key_retention)"
-    higher_is_better = {"key_accuracy": True, "accuracy": True, "key_nll": False, "key_recall": True, "key_retention": True}
-    columns = (("episodes", "episodes"), ("key accuracy", "key_accuracy"), ("accuracy", "accuracy"),
-               ("key NLL", "key_nll"), ("key recall", "key_recall"), ("key retention", "key_retention"))
+    higher_is_better = {
+        "key_accuracy": True,
+        "accuracy": True,
+        "key_nll": False,
+        "key_recall": True,
+        "key_retention": True,
+    }
+    columns = (
+        ("episodes", "episodes"),
+        ("key accuracy", "key_accuracy"),
+        ("accuracy", "accuracy"),
+        ("key NLL", "key_nll"),
+        ("key recall", "key_recall"),
+        ("key retention", "key_retention"),
+    )
     quality = "key_nll"
 
     data: str | None = None
@@ -49,8 +62,12 @@ class GroceryTask(Task):
     def configure(self) -> None:
         self._check_limit()
         check_format(self)
-        self._require(isinstance(self.recall_tokens, int) and not isinstance(self.recall_tokens, bool)
-                      and self.recall_tokens >= 1, f"recall_tokens must be an integer >= 1, got {self.recall_tokens!r}")
+        self._require(
+            isinstance(self.recall_tokens, int)
+            and not isinstance(self.recall_tokens, bool)
+            and self.recall_tokens >= 1,
+            f"recall_tokens must be an integer >= 1, got {self.recall_tokens!r}",
+        )
         check_local(self.data)
 
     def items(self):
@@ -68,20 +85,29 @@ class GroceryTask(Task):
         if fmt == "sirllm-released" and session.policy.name == "sirllm":
             fmt = "plain"  # the released streaming_inference_token_entropy_for_keys wraps every model so
         conversation = conversation_for(session, tokenizer, fmt)
-        records = play_items(self.items(), session, tokenizer, meter, progress, self._free_recall, _key_kept,
-                             conversation)
+        records = play_items(
+            self.items(), session, tokenizer, meter, progress, self._free_recall, _key_kept, conversation
+        )
         recalls = [r for r in records if r["kind"] == "recall"]
-        metrics = {"key_accuracy": accuracy(records, "recall"), "accuracy": accuracy(records, "filler"),
-                   "episodes": len({r["group"] for r in records})}
+        metrics = {
+            "key_accuracy": accuracy(records, "recall"),
+            "accuracy": accuracy(records, "filler"),
+            "episodes": len({r["group"] for r in records}),
+        }
         for key in ("key_nll", "key_recall", "key_retention"):
             values = [r[key] for r in recalls if key in r]
             metrics[key] = float(np.mean(values)) if values else float("nan")
         curves = memory_curves(conversation)
         return TaskResult(
-            metrics=metrics, records=records, curves=curves,
-            info={"data": self.data or f"generated (seed {self.seed})", "facts": "the requested item in each key statement",
-                  "format": fmt,
-                  **({"data_file": provenance(self.data, "keys.jsonl")} if self.data else {})},
+            metrics=metrics,
+            records=records,
+            curves=curves,
+            info={
+                "data": self.data or f"generated (seed {self.seed})",
+                "facts": "the requested item in each key statement",
+                "format": fmt,
+                **({"data_file": provenance(self.data, "keys.jsonl")} if self.data else {}),
+            },
         )
 
     def _free_recall(self, conversation, item) -> dict:
@@ -89,8 +115,11 @@ class GroceryTask(Task):
             return {}
         target = item.meta["answer_text"]
         nll, written = conversation.free_answer(item.meta["free"], target, self.recall_tokens)
-        return {"key_nll": round(float(np.mean(nll)), 4), "free_answer": written,
-                "key_recall": target.lower() in written.lower()}
+        return {
+            "key_nll": round(float(np.mean(nll)), 4),
+            "free_answer": written,
+            "key_recall": target.lower() in written.lower(),
+        }
 
 
 def _key_kept(conversation, item) -> dict:

@@ -10,6 +10,7 @@
 Prompts follow SirLLM's `sir_llm/utils.py` and `eval_utils.py` word for word (trailing spaces
 stripped: inside a chat turn they only move onto the next token).
 """
+
 from __future__ import annotations
 
 import json
@@ -129,7 +130,9 @@ def _choices(path, number, record) -> tuple[str, list[dict], str]:
         labels = [c["label"] for c in choices]
         [c["text"] for c in choices]
     except (KeyError, TypeError):
-        raise DataError(f"{path}:{number}: record lacks question.stem, question.choices[label, text] or answerKey") from None
+        raise DataError(
+            f"{path}:{number}: record lacks question.stem, question.choices[label, text] or answerKey"
+        ) from None
     if answer not in labels:
         raise DataError(f"{path}:{number}: answerKey {answer!r} is not one of the labels {labels}")
     return stem.strip(), choices, answer
@@ -150,11 +153,15 @@ def load_dailydialog(source: str) -> list[MCItem]:
     for number, record in read_jsonl(path):
         stem, choices, answer = _choices(path, number, record)
         rid = str(record.get("id", number))
-        items.append(MCItem(
-            id=rid, group=rid.split("_")[0],
-            question=f"Choose the best response for the input: {stem} Choices: {_listing(choices)}",
-            replies=[c["label"] for c in choices], answer=[c["label"] for c in choices].index(answer),
-        ))
+        items.append(
+            MCItem(
+                id=rid,
+                group=rid.split("_")[0],
+                question=f"Choose the best response for the input: {stem} Choices: {_listing(choices)}",
+                replies=[c["label"] for c in choices],
+                answer=[c["label"] for c in choices].index(answer),
+            )
+        )
     return items
 
 
@@ -174,8 +181,11 @@ def load_grocery(source: str) -> list[MCItem]:
             replies, gold = [c["label"] for c in choices], [c["label"] for c in choices].index(answer)
             if kind == "recall":
                 meta = {"free": stem.strip(), "answer_text": str(choices[gold]["text"]).strip()}
-        items.append(MCItem(id=rid, group=rid.split("_")[-1], question=question, replies=replies, answer=gold, kind=kind,
-                            meta=meta))
+        items.append(
+            MCItem(
+                id=rid, group=rid.split("_")[-1], question=question, replies=replies, answer=gold, kind=kind, meta=meta
+            )
+        )
     return items
 
 
@@ -196,7 +206,9 @@ def load_rps_moves(source: str) -> list[int]:
 
 
 # ---- DailyDialog from the hub -------------------------------------------------------------------
-def dailydialog_from_hub(split: str = "test", seed: int = 0, name: str = "li2017dailydialog/daily_dialog") -> list[MCItem]:
+def dailydialog_from_hub(
+    split: str = "test", seed: int = 0, name: str = "li2017dailydialog/daily_dialog"
+) -> list[MCItem]:
     """SirLLM's construction: for each odd turn t of each dialogue, the stem is utterance t-1, the
     gold reply utterance t, and three distractors are utterances of other dialogues (seeded)."""
     try:
@@ -222,26 +234,85 @@ def build_dailydialog(dialogs: list[list[str]], seed: int = 0) -> list[MCItem]:
             gold = int(rng.integers(4))
             texts = distractors[:gold] + [turns[t]] + distractors[gold:]
             choices = [{"label": LABELS[i], "text": text.strip()} for i, text in enumerate(texts)]
-            items.append(MCItem(
-                id=f"{d}_{t}", group=str(d),
-                question=f"Choose the best response for the input: {turns[t - 1].strip()} Choices: {_listing(choices)}",
-                replies=list(LABELS[:4]), answer=gold,
-            ))
+            items.append(
+                MCItem(
+                    id=f"{d}_{t}",
+                    group=str(d),
+                    question=f"Choose the best response for the input: {turns[t - 1].strip()} Choices: {_listing(choices)}",
+                    replies=list(LABELS[:4]),
+                    answer=gold,
+                )
+            )
     return items
 
 
 # ---- generators shipped with the package --------------------------------------------------------
 GROCERIES = (
-    "apples", "bananas", "blueberries", "bread", "butter", "carrots", "cheddar", "cherries", "chicken",
-    "chickpeas", "chocolate", "cinnamon", "coffee", "cucumbers", "eggs", "flour", "garlic", "ginger",
-    "grapes", "honey", "lemons", "lentils", "lettuce", "milk", "mushrooms", "mustard", "oats",
-    "olive oil", "onions", "oranges", "pasta", "peanut butter", "pears", "peppers", "pineapple",
-    "potatoes", "rice", "salmon", "salt", "spinach", "strawberries", "sugar", "tea", "tofu",
-    "tomatoes", "tuna", "vanilla extract", "vinegar", "walnuts", "yogurt",
+    "apples",
+    "bananas",
+    "blueberries",
+    "bread",
+    "butter",
+    "carrots",
+    "cheddar",
+    "cherries",
+    "chicken",
+    "chickpeas",
+    "chocolate",
+    "cinnamon",
+    "coffee",
+    "cucumbers",
+    "eggs",
+    "flour",
+    "garlic",
+    "ginger",
+    "grapes",
+    "honey",
+    "lemons",
+    "lentils",
+    "lettuce",
+    "milk",
+    "mushrooms",
+    "mustard",
+    "oats",
+    "olive oil",
+    "onions",
+    "oranges",
+    "pasta",
+    "peanut butter",
+    "pears",
+    "peppers",
+    "pineapple",
+    "potatoes",
+    "rice",
+    "salmon",
+    "salt",
+    "spinach",
+    "strawberries",
+    "sugar",
+    "tea",
+    "tofu",
+    "tomatoes",
+    "tuna",
+    "vanilla extract",
+    "vinegar",
+    "walnuts",
+    "yogurt",
 )
-_CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"),
-             ("Canada", "Ottawa"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
-             ("Spain", "Madrid"), ("Chile", "Santiago"), ("Greece", "Athens"), ("India", "New Delhi"))
+_CAPITALS = (
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Spain", "Madrid"),
+    ("Chile", "Santiago"),
+    ("Greece", "Athens"),
+    ("India", "New Delhi"),
+)
 
 
 def grocery_key_meta(stem: str) -> dict:
@@ -264,15 +335,24 @@ def generate_grocery(episodes: int, seed: int = 0, fillers: int = 20) -> list[MC
         for q in range(fillers):
             stem, texts, gold = _filler(rng)
             choices = [{"label": LABELS[i], "text": t} for i, t in enumerate(texts)]
-            items.append(MCItem(f"{e}_{q}", group, f"{stem} Choices: {_listing(choices)}",
-                                list(LABELS[:5]), gold, "filler"))
+            items.append(
+                MCItem(f"{e}_{q}", group, f"{stem} Choices: {_listing(choices)}", list(LABELS[:5]), gold, "filler")
+            )
         order = rng.permutation(4)
         texts = [GROCERIES[picks[i]] for i in order]
         choices = [{"label": LABELS[i], "text": t} for i, t in enumerate(texts)]
         stem = "Which one is the GROCERY that I want you to buy earlier?"
-        items.append(MCItem(f"answer_{e}", group, f"{stem} Choices: {_listing(choices)}",
-                            list(LABELS[:4]), int(np.flatnonzero(order == 0)[0]), "recall",
-                            {"free": stem, "answer_text": wanted}))
+        items.append(
+            MCItem(
+                f"answer_{e}",
+                group,
+                f"{stem} Choices: {_listing(choices)}",
+                list(LABELS[:4]),
+                int(np.flatnonzero(order == 0)[0]),
+                "recall",
+                {"free": stem, "answer_text": wanted},
+            )
+        )
     return items
 
 

@@ -6,22 +6,25 @@ can exploit the player's bias. The move is chosen by first-token log-probability
 Reference points, printed beside the result: random play wins 1/3; the best fixed move against
 the player's actual frequencies (about 50% for SirLLM's 50/30/20 players).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from streambench.tasks.dialogue.items import MOVES, check_local, provenance, load_rps_moves, player_moves
 from streambench.engine.meter import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 from streambench.tasks.dialogue.base import check_format, conversation_for, memory_curves
+from streambench.tasks.dialogue.items import MOVES, check_local, load_rps_moves, player_moves, provenance
 
 FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
 FIRST_RELEASED = FIRST + " "  # the released code's round 0 ends with a space (moved onto the answer)
-NEXT = ("I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next "
-        "round. Choices: (A) rock (B) paper (C) scissors. You choose:")
+NEXT = (
+    "I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next "
+    "round. Choices: (A) rock (B) paper (C) scissors. You choose:"
+)
 REPLIES = ["A", "B", "C"]
 ROLLING = 50
 
@@ -52,11 +55,23 @@ class RockPaperScissorsTask(Task):
 
     version = 1
     summary = "Rock-Paper-Scissors against biased players (win/tie/loss, rolling win rate)"
-    higher_is_better = {"win_rate": True, "loss_rate": False, "best_fixed_gap": False, "beat_logprob": True,
-                        "move_retention": True}
-    columns = (("rounds", "rounds"), ("win", "win_rate"), ("tie", "tie_rate"), ("loss", "loss_rate"),
-               ("best fixed", "best_fixed_win"), ("model moves R/P/S", "model_moves"),
-               ("beat logprob", "beat_logprob"), ("move retention", "move_retention"))
+    higher_is_better = {
+        "win_rate": True,
+        "loss_rate": False,
+        "best_fixed_gap": False,
+        "beat_logprob": True,
+        "move_retention": True,
+    }
+    columns = (
+        ("rounds", "rounds"),
+        ("win", "win_rate"),
+        ("tie", "tie_rate"),
+        ("loss", "loss_rate"),
+        ("best fixed", "best_fixed_win"),
+        ("model moves R/P/S", "model_moves"),
+        ("beat logprob", "beat_logprob"),
+        ("move retention", "move_retention"),
+    )
     quality = "win_rate"
 
     players: str = "rock,paper,scissors"
@@ -88,8 +103,12 @@ class RockPaperScissorsTask(Task):
         progress.total(sum(len(m) for m in games.values()), "round")
         conversation = conversation_for(session, tokenizer, self.format)
         first = FIRST if self.format == "template" else FIRST_RELEASED
-        records, metrics, curves, info = [], {}, {}, {"model_moves": {}, "facts": "the user's move in each 'I chose [...]' turn",
-                                                       "format": self.format}
+        records, metrics, curves, info = (
+            [],
+            {},
+            {},
+            {"model_moves": {}, "facts": "the user's move in each 'I chose [...]' turn", "format": self.format},
+        )
         beat, kept = [], []
         files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
         if files:
@@ -113,16 +132,28 @@ class RockPaperScissorsTask(Task):
                     kept.append(share)
                 progress(1)
                 results.append(outcome(model, user))
-                records.append({"player": player, "round": r, "user": MOVES[user], "model": MOVES[model],
-                                "outcome": results[-1], "logprobs": [round(c.logprob, 4) for c in scored],
-                                **({"move_retention": round(share, 4)} if share is not None else {})})
+                records.append(
+                    {
+                        "player": player,
+                        "round": r,
+                        "user": MOVES[user],
+                        "model": MOVES[model],
+                        "outcome": results[-1],
+                        "logprobs": [round(c.logprob, 4) for c in scored],
+                        **({"move_retention": round(share, 4)} if share is not None else {}),
+                    }
+                )
             tag = player.rsplit("/", 1)[-1].removesuffix(".jsonl")
             played = [rec["model"] for rec in records if rec["player"] == player]
             metrics.update(_rates(results, tag))
             metrics[f"best_fixed_win_{tag}"] = best_fixed_win(user_moves)
             info["model_moves"][tag] = {m: played.count(m) / len(played) for m in MOVES}
             wins = np.array([o == "win" for o in results], dtype=float)
-            rolling = np.convolve(wins, np.ones(ROLLING) / ROLLING, mode="valid") if len(wins) >= ROLLING else wins.cumsum() / np.arange(1, len(wins) + 1)
+            rolling = (
+                np.convolve(wins, np.ones(ROLLING) / ROLLING, mode="valid")
+                if len(wins) >= ROLLING
+                else wins.cumsum() / np.arange(1, len(wins) + 1)
+            )
             curves[f"rolling_win_rate_{tag}"] = subsample(rolling.tolist(), 512)
         every = [rec["outcome"] for rec in records]
         metrics.update(_rates(every))
@@ -145,13 +176,24 @@ class RockPaperScissorsTask(Task):
         for r in results:
             m, moves = r["metrics"], r.get("info", {}).get("model_moves", {})
             for tag, dist in moves.items():
-                rows.append([r.get("label"), tag, m.get(f"win_rate_{tag}"), m.get(f"tie_rate_{tag}"),
-                             m.get(f"loss_rate_{tag}"), m.get(f"best_fixed_win_{tag}"),
-                             "/".join(f"{100 * dist[mv]:.0f}" for mv in MOVES)])
-        table = tabulate(rows, headers=["policy", "player", "win", "tie", "loss", "best fixed", "model moves R/P/S"],
-                         floatfmt=".3f")
-        return (f"Per player:\n{table}\nReference points: random play wins 0.333; the best fixed move wins "
-                "'best fixed' (about 0.5 against a 50/30/20 player).")
+                rows.append(
+                    [
+                        r.get("label"),
+                        tag,
+                        m.get(f"win_rate_{tag}"),
+                        m.get(f"tie_rate_{tag}"),
+                        m.get(f"loss_rate_{tag}"),
+                        m.get(f"best_fixed_win_{tag}"),
+                        "/".join(f"{100 * dist[mv]:.0f}" for mv in MOVES),
+                    ]
+                )
+        table = tabulate(
+            rows, headers=["policy", "player", "win", "tie", "loss", "best fixed", "model moves R/P/S"], floatfmt=".3f"
+        )
+        return (
+            f"Per player:\n{table}\nReference points: random play wins 0.333; the best fixed move wins "
+            "'best fixed' (about 0.5 against a 50/30/20 player)."
+        )
 
 
 def _rates(outcomes: list[str], tag: str | None = None) -> dict[str, float]:

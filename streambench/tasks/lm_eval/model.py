@@ -23,6 +23,7 @@ streambench cache policy.
 lm-eval discovers no third-party models through entry points; `@register_model` takes effect when
 this module is imported (after `lm_eval.models`, or `hf` disappears from the registry).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,16 +31,24 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 
-from streambench.policies.build import PolicySpec, build_policy
-
-from streambench.values import parse_assignments
 from streambench.engine.generation import generate
+from streambench.policies.build import PolicySpec, build_policy
+from streambench.values import parse_assignments
 
 
 class StreambenchLM(TemplateLM):
-    def __init__(self, pretrained: str = "smollm2-135m", policy: str = "dense", budget: int | None = 256,
-                 device: str = "auto", dtype: str = "auto", stream: bool = False, lm=None,
-                 chunk_size: int | None = None, **policy_args: Any):
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m",
+        policy: str = "dense",
+        budget: int | None = 256,
+        device: str = "auto",
+        dtype: str = "auto",
+        stream: bool = False,
+        lm=None,
+        chunk_size: int | None = None,
+        **policy_args: Any,
+    ):
         super().__init__()
         from streambench.models import loading as models
 
@@ -48,7 +57,9 @@ class StreambenchLM(TemplateLM):
         self.spec = PolicySpec(policy, dict(policy_args))
         self.budget = budget
         self.stream = bool(stream)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             from streambench.errors import ConfigError
 
             raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
@@ -59,7 +70,7 @@ class StreambenchLM(TemplateLM):
         build_policy(self.spec, budget)  # validate now
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "StreambenchLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> StreambenchLM:
         args = parse_assignments([a for a in arg_string.split(",") if a.strip()], "--model_args")
         args.update({k: v for k, v in (additional_config or {}).items() if v is not None and k in ("device",)})
         return cls(**args)
@@ -83,7 +94,9 @@ class StreambenchLM(TemplateLM):
 
         if self.stream and self._stream_session is not None:
             return self._stream_session
-        session = StreamSession(self.model_info, build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget))
+        session = StreamSession(
+            self.model_info, build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget)
+        )
         if self.stream:
             self._stream_session = session
         return session
@@ -188,8 +201,14 @@ class StreambenchLM(TemplateLM):
             session = self._session()
             try:
                 last = self._feed(session, self.tok_encode(context))[-1]
-                written = generate(session, last=last, max_new_tokens=limit, stop_ids={self.eot_token_id},
-                                   stop_strings=until, decode=self.tokenizer.decode)
+                written = generate(
+                    session,
+                    last=last,
+                    max_new_tokens=limit,
+                    stop_ids={self.eot_token_id},
+                    stop_strings=until,
+                    decode=self.tokenizer.decode,
+                )
                 if session.kv_tokens > self.kv_tokens_peak:  # the cache only grows while generating
                     self.kv_tokens_peak, self.kv_bytes_peak = session.kv_tokens, session.kv_bytes
                 text = self.tokenizer.decode(written.tokens)

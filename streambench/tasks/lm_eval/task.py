@@ -5,10 +5,10 @@ data) or the offline tasks shipped in `tasks/lm-eval/` (streambench_mc: multiple
 streambench_ppl: rolling perplexity), or YAML tasks of your own under `include_path`. `stream`
 feeds all items into one endless stream (StreamingLLM's streaming evaluation).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -69,10 +69,19 @@ class LMEvalTask(Task):
         manager = TaskManager(include_path=self.include_path) if self.include_path else None
         meter.start()
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=self.limit, num_fewshot=self.num_fewshot,
-                                          task_manager=manager, bootstrap_iters=0, log_samples=False)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=specs,
+                limit=self.limit,
+                num_fewshot=self.num_fewshot,
+                task_manager=manager,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
         except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
-            raise DataError(f"lm-eval could not run {self.tasks}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise DataError(
+                f"lm-eval could not run {self.tasks}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         finally:
             lm.close()  # its sessions' hooks leave the shared model
         meter.step(max(lm.tokens, 1), lm.kv_tokens_peak, lm.kv_bytes_peak)
@@ -90,9 +99,16 @@ class LMEvalTask(Task):
         from lm_eval.utils import make_table
 
         versions = {t: str(v) for t, v in out.get("versions", {}).items()}
-        return TaskResult(metrics=metrics, info={"lm_eval_tasks": self.task_list(), "versions": versions,
-                                                 "n_samples": out.get("n-samples", {}), "stream": self.stream,
-                                                 "lm_eval_table": make_table(out)})
+        return TaskResult(
+            metrics=metrics,
+            info={
+                "lm_eval_tasks": self.task_list(),
+                "versions": versions,
+                "n_samples": out.get("n-samples", {}),
+                "stream": self.stream,
+                "lm_eval_table": make_table(out),
+            },
+        )
 
     @classmethod
     def notes(cls, results: list[dict]) -> str:
@@ -100,5 +116,7 @@ class LMEvalTask(Task):
         parts = []
         for r in results:
             budget = r["config"]["policy"]["args"].get("budget")
-            parts.append(f"{r.get('label')} (budget {budget if budget is not None else 'all'}):\n{r['info'].get('lm_eval_table', '')}")
+            parts.append(
+                f"{r.get('label')} (budget {budget if budget is not None else 'all'}):\n{r['info'].get('lm_eval_table', '')}"
+            )
         return "\n".join(parts)

@@ -4,6 +4,7 @@
 cheap long-range memory that needs no scores. `lorem-ppl` is perplexity on a fixed built-in text,
 showing a task plugin: a subclass of a streambench task with its own defaults.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,9 @@ class StridedPolicy(CachePolicy):
             self.recent_size = max(1, (self.budget - self.start_size) // 2)
         self._require(self.budget is not None, "needs a budget")
         self._check_int("recent_size", 1)
-        self._require(self.budget > self.start_size + self.recent_size - 1, "budget must exceed start_size + recent_size - 1")
+        self._require(
+            self.budget > self.start_size + self.recent_size - 1, "budget must exceed start_size + recent_size - 1"
+        )
 
     @property
     def max_incoming(self) -> int:

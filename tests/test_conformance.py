@@ -1,0 +1,121 @@
+"""Every registered policy, built-in or plugin, meets the same contract without being added to a
+list (as kvpress runs every press in `default_presses`): it builds from a budget alone, its
+declarations name what the engine provides, its cache after any eviction gives the logits of a
+fresh forward over the kept tokens (1 layer) and of the independent reference (2 layers), and a
+rollback returns the stream to where it was.
+
+Plugins: entry-point policies installed in the environment are included; file or module policies
+are added with `STREAMBENCH_CONFORMANCE=path/to/file.py:Class,pkg.mod:Other pytest
+tests/test_conformance.py` (the same references `--policy` takes)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from reference import ReferenceStream, fresh_logits
+from tiny_models import tiny_model
+
+from streambench.engine.session import StreamSession
+from streambench.models.loading import LoadedModel
+from streambench.policies import POLICIES
+from streambench.policies.base import OBSERVATIONS
+from streambench.policies.build import PolicySpec, build_policy
+
+BUDGET = 12
+
+
+def registered() -> list[str]:
+    POLICIES.load_plugins()  # entry points of installed distributions
+    extra = [ref.strip() for ref in os.environ.get("STREAMBENCH_CONFORMANCE", "").split(",") if ref.strip()]
+    for ref in extra:
+        POLICIES.get(ref)  # a file or module reference, registered under its reference
+    return sorted(set(POLICIES.names()) | set(extra))  # (at collection: before any test loads a plugin of its own)
+
+
+NAMES = registered()
+
+
+def build(name, budget=BUDGET):
+    return build_policy(PolicySpec(name), budget)
+
+
+def stream_ids(n, seed):
+    return torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def kept(session, fed):
+    if session.cache is None:  # recompute-window: the last `size` tokens
+        return np.arange(max(0, fed - session.policy.budget), fed)
+    return session.cache.positions
+
+
+def test_every_built_in_is_in_the_matrix():
+    built_in = {"dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem"}
+    built_in |= {"random", "h2o", "tova", "knorm", "snapkv"}
+    assert built_in <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declarations_name_what_the_engine_provides(name):
+    cls = POLICIES.get(name)
+    policy = build(name)
+    assert set(cls.observes) <= OBSERVATIONS
+    assert set(cls.sizes) <= set(policy.args())
+    assert policy.budget in (None, BUDGET)  # the budget asked for is the budget run
+    if policy.budget is not None and policy.max_incoming is not None:
+        assert 1 <= policy.max_incoming <= BUDGET - policy.protected_start  # a full chunk leaves the sinks room
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_layer_cache_equals_a_fresh_forward_over_the_kept_tokens(name):
+    model = tiny_model("llama", layers=1)
+    session = StreamSession(LoadedModel.wrap(model), build(name))
+    ids = stream_ids(40, seed=5)
+    for t in range(ids.shape[1]):
+        logits = session.feed(ids[:, t : t + 1])[0, -1]
+        if t % 5 == 4:
+            torch.testing.assert_close(
+                logits, fresh_logits(model, ids[:, : t + 1], kept(session, t + 1)), atol=1e-4, rtol=0
+            )
+        if t % 13 == 12:
+            session.new_round()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunks_equal_the_independent_reference(name):
+    policy = build(name)
+    if policy.recompute:
+        pytest.skip("recompute-window keeps no states (the fresh-forward test covers it)")
+    model = tiny_model("llama", layers=2)
+    session = StreamSession(LoadedModel.wrap(model), policy)
+    reference = ReferenceStream(model, build(name))
+    replays = policy.retrieves or bool(policy.observes - {"logits"})  # the reference replays what it cannot recompute
+    ids = stream_ids(60, seed=6)
+    at = 0
+    for size in [1, 3, 5, 2, 7, 4] * 4:
+        limit = min(size, session.policy.max_incoming or size)
+        chunk = ids[:, at : at + limit]
+        if chunk.shape[1] == 0:
+            break
+        got = session.feed(chunk)
+        replay = session.cache.positions[..., : -chunk.shape[1]] if replays else None
+        torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
+        at += chunk.shape[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_rollback_returns_the_stream_to_where_it_was(name):
+    """A branch fed after `reserve` and rolled back leaves no trace: the next logits equal those of
+    the stream that never took it (the policy's own state included: `state`/`restore`)."""
+    model = LoadedModel.wrap(tiny_model("llama", layers=2))
+    ids = stream_ids(40, seed=7)
+    straight = StreamSession(model, build(name))
+    branched = StreamSession(model, build(name))
+    for session in (straight, branched):
+        session.feed(ids[:, :30])
+        session.reserve(4)
+    saved = branched.checkpoint()
+    branched.feed(ids[:, 30:34].flip(-1))
+    branched.rollback(saved)
+    torch.testing.assert_close(branched.feed(ids[:, 30:34]), straight.feed(ids[:, 30:34]), atol=1e-5, rtol=0)
