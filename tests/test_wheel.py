@@ -49,7 +49,9 @@ def test_the_wheel_carries_every_preset_and_the_lm_eval_files(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(ROOT).as_posix() for p in PRESETS.rglob("*") if p.is_file() and p.name != "__init__.py"}
     assert shipped and shipped <= names, sorted(shipped - names)
-    assert "streambench/py.typed" in names and any(n.endswith("dist-info/LICENSE") or "licenses/LICENSE" in n for n in names)
+    assert "streambench/py.typed" in names and any(
+        n.endswith("dist-info/LICENSE") or "licenses/LICENSE" in n for n in names
+    )
 
 
 def test_the_installed_wheel_is_imported_from_its_own_folder_and_lists_the_presets(installed, tmp_path):

@@ -15,6 +15,8 @@ import sys
 
 import click
 
+from streambench.cli.exits import user_errors
+
 DEFAULT_BUDGET = 512
 HELP = "/reset starts a new stream, /stats shows the stream so far, /quit leaves; Ctrl-C stops a reply."
 
@@ -188,3 +190,58 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+@click.command(name="chat")
+@click.option(
+    "--model",
+    "-m",
+    "model",
+    default="smollm2-135m",
+    show_default=True,
+    help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.",
+)
+@click.option("--policy", default="streamingllm", show_default=True, help="A policy name or preset.")
+@click.option(
+    "-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable)."
+)
+@click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to (tokens).  [default: 512]")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["template", "plain"]),
+    default="template",
+    show_default=True,
+    help="template: the model's chat template; plain: USER/ASSISTANT (models without one).",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+)
+@user_errors
+def chat_command(model, policy, policy_args, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype):
+    """Talk to a model in one endless stream under a cache policy; the reply is printed as it is
+    written, then a status line (cache tokens, KV MiB, evictions, tokens/s).
+
+    \b
+    Commands: /reset (a new stream), /stats (the stream so far), /quit (or Ctrl-D).
+    Ctrl-C stops the reply being written, not the program.
+
+    \b
+    Examples:
+        streambench chat --policy streamingllm --budget 512
+        streambench chat --policy sirllm --budget 256 --temperature 0.7 --seed 1
+        echo "Hello" | streambench chat --policy window
+    """
+    from streambench.cli.chat import ChatLoop
+    from streambench.policies.build import apply_overrides, resolve_policy
+    from streambench.values import parse_assignments
+
+    overrides = parse_assignments(policy_args, "-p")
+    spec = resolve_policy(policy.strip(), overrides)
+    apply_overrides([spec], overrides)
+    ChatLoop(model, spec, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype).run()

@@ -40,7 +40,7 @@ keep-set whose commonest rank shift is not the recent tokens').
 
 Host-side bookkeeping (numpy, per rank in time order): physical slot, original stream position
 and per-token score. The engine is exact: the next-token logits equal a fresh forward over the
-kept tokens at positions 0..n-1 (tests/test_exactness.py).
+kept tokens at positions 0..n-1 (tests/engine/test_exactness.py).
 """
 
 from __future__ import annotations

@@ -569,7 +569,7 @@ class StreamSession:
                 "budget": self.budget,
                 "policy": self.policy.name,
                 "bytes_per_token": self._token_bytes,
-                "exact": "equals the reference rebuilt from the kept tokens (tests/test_exactness.py, tests/test_hybrid.py)",
+                "exact": "equals the reference rebuilt from the kept tokens (tests/engine/test_exactness.py, tests/engine/test_hybrid.py)",
             },
             "sliding_attention": {
                 "layers": len(slide.devices),

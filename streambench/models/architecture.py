@@ -8,7 +8,7 @@ only). `Layout` finds them by structure, not by model type: `model.base_model` h
 The rotation itself is checked numerically against the model's own `apply_rotary_pos_emb` at load.
 
 A family is supported when a tiny random-weight config of it passes the exactness matrix
-(tests/test_exactness.py): `FAMILIES` holds those configs, and `register_family` lets a plugin add
+(tests/engine/test_exactness.py): `FAMILIES` holds those configs, and `register_family` lets a plugin add
 one (with its own test). Models the engine cannot re-index are refused with the reason: ALiBi and
 learned absolute positions (the cache moves tokens between slots), linear-attention and recurrent
 layers (a running state, nothing to evict), multi-head latent attention (keys rebuilt from a latent
@@ -248,7 +248,7 @@ def check_tested(config, model_type: str | None = None) -> None:
     if family_of(model_type) is None:
         raise UnsupportedModelError(
             f"model type '{model_type}' is not among the tested families ({', '.join(sorted(FAMILIES))}): "
-            "add a tiny config with streambench.models.architecture.register_family and run tests/test_exactness.py on it"
+            "add a tiny config with streambench.models.architecture.register_family and run tests/engine/test_exactness.py on it"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     tables = (

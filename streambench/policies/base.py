@@ -307,7 +307,7 @@ def check_declarations(cls: type) -> None:
     """A policy's declarations, checked when it registers (built-in or plugin), so a typo is one
     line naming the policy, not a KeyError inside `select` at the first eviction."""
     name = getattr(cls, "name", "") or cls.__name__
-    observes = getattr(cls, "observes", frozenset())
+    observes: Any = getattr(cls, "observes", frozenset())
     if not isinstance(observes, (set, frozenset)) or not all(isinstance(o, str) for o in observes):
         raise ConfigError(f"policy {name}: observes must be a set of names, got {observes!r}")
     unknown = sorted(set(observes) - OBSERVATIONS)

@@ -25,6 +25,7 @@ class RunConfig:
     cuda_graphs: bool | None = None  # None: on where the device is CUDA (one-token steps as CUDA graphs)
     device_map: str | None = None  # "auto": spread the model's layers over the GPUs (accelerate)
     batch_size: int = 1  # streams per batch (tasks with several streams: perplexity over several texts)
+    task_defaults: dict[str, Any] = field(default_factory=dict)  # below task_args: the task's run_defaults
 
 
 def parse_budget(value, where: str = "budget"):

@@ -61,7 +61,7 @@ def plan(config: RunConfig, check_device: bool = True):
     from streambench.models.loading import check_device_name, resolve_device, resolve_dtype
 
     check_run_config(config)
-    task = build_task(config.task, config.task_args)
+    task = build_task(config.task, config.task_args, config.task_defaults)
     budget, ratio = resolve_budget(config.budget, task)
     if budget is None:
         budget = task.default_budget

@@ -32,6 +32,10 @@ class Task:
     default_budget: ClassVar[int] = 512  # used when the run names no --budget
     batchable: ClassVar[bool] = False  # runs several streams in one batch (--batch-size)
     quality: ClassVar[str | None] = None  # the metric the report's Pareto plot puts against KV memory
+    # What `streambench run --task NAME` uses unless told otherwise (below a same-name preset, -t
+    # and the task flags): sizes for a first run that finishes in minutes on a laptop CPU. Library
+    # calls and sweeps get the fields' own defaults.
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         self.configure()

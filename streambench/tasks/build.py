@@ -12,7 +12,9 @@ from streambench.presets import PRESET_META, find_preset, load_preset, same_name
 from streambench.values import check_field_types
 
 
-def build_task(name: str, args: dict[str, Any]):
+def build_task(name: str, args: dict[str, Any], defaults: dict[str, Any] | None = None):
+    """The task `name` (registered, or a preset) with `args` over a same-name preset over
+    `defaults` (the task's `run_defaults`, for `streambench run`) over its fields' defaults."""
     from streambench.tasks import TASKS
 
     data: dict[str, Any] = {}
@@ -26,7 +28,8 @@ def build_task(name: str, args: dict[str, Any]):
         data = load_preset(preset)
         name = data.get("task") or TASKS.get(name)
     cls = TASKS.get(name)
-    merged = {k: v for k, v in data.items() if k not in PRESET_META}
+    merged = dict(defaults or {})
+    merged.update({k: v for k, v in data.items() if k not in PRESET_META})
     merged.update(args)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, merged)) - fields)

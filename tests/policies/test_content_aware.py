@@ -1,6 +1,6 @@
 """H2O, TOVA, KNorm, SnapKV: what the engine observes for them, and what each keeps.
 
-The engine's exactness with their keep-sets is in tests/test_exactness.py; here: the recorded
+The engine's exactness with their keep-sets is in tests/engine/test_exactness.py; here: the recorded
 attention equals eager attention's weights, a branch's rollback restores it, and each policy's
 rule keeps what it should on planted scores.
 """

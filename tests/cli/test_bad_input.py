@@ -197,12 +197,9 @@ def test_other_commands_refuse_bad_input_in_one_line(args, needle, workdir):
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(workdir, monkeypatch):
-    from streambench.runs import config
-
     def boom(*_args, **_kwargs):
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setattr(config, "build_task", boom)
     monkeypatch.setattr("streambench.runs.runner.build_task", boom)
     result = CliRunner().invoke(cli, ["run", "-q", "--out", "out"])
     assert result.exit_code == 1

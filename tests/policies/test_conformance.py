@@ -6,7 +6,7 @@ rollback returns the stream to where it was.
 
 Plugins: entry-point policies installed in the environment are included; file or module policies
 are added with `STREAMBENCH_CONFORMANCE=path/to/file.py:Class,pkg.mod:Other pytest
-tests/test_conformance.py` (the same references `--policy` takes)."""
+tests/policies/test_conformance.py` (the same references `--policy` takes)."""
 
 import os
 

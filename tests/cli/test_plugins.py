@@ -24,7 +24,7 @@ from streambench.policies import POLICIES
 from streambench.policies.build import PolicySpec, build_policy
 from streambench.registry import PluginError, Registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILE_PLUGIN = ROOT / "examples" / "my_policy.py"
 
 

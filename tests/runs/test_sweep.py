@@ -73,7 +73,9 @@ def test_a_killed_sweep_resumes_without_redoing_or_losing_runs(tmp_path, tiny_mo
         small_text,
         budgets=[8, 12, 16, 20, 24, 28],
         policies=["window", "streamingllm"],
-        tasks=[{"task": "perplexity", "text": str(small_text), "tokens": 1200}],
+        # token by token: seconds per run (exact chunks take milliseconds, and a sweep of 12 such
+        # runs once ended before the signal reached it)
+        tasks=[{"task": "perplexity", "text": str(small_text), "tokens": 1200, "feed": "token"}],
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

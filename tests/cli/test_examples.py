@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from streambench.cli.app import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Examples that need the network, a GPU or a Ray cluster: here they must end in one `Error:` line.
 OFFLINE_ERROR = ("--device cuda", "--dataset", "Qwen/", "meta-llama/", "https://", "arc_easy")
@@ -138,7 +138,7 @@ def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
     for example in ordered:
         argv, redirect = adapt(example)
         if "--engine" in argv and "ray" in argv and "--address" not in argv:
-            continue  # a local Ray cluster: tests/test_ray.py runs this very path
+            continue  # a local Ray cluster: tests/runs/test_ray.py runs this very path
         started = time.perf_counter()
         result = CliRunner().invoke(cli, argv)
         print(f"{time.perf_counter() - started:6.1f} s  {' '.join(argv)}")

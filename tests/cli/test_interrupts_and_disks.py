@@ -64,6 +64,8 @@ def test_interrupt_mid_run_keeps_the_finished_run(tmp_path, tiny_model_dir, smal
             "16",
             "--policy",
             "dense,window",
+            "--feed",
+            "token",  # (seconds per run, not the milliseconds of exact chunks: the signal lands inside it)
             "--out",
             out,
         ]
