@@ -1,4 +1,4 @@
-# Developer shortcuts; CI (.ci/run) runs the same steps on a clean clone in a fresh venv.
+# Developer shortcuts; CI (ci/run, reached as .ci/run) runs the same steps on a clean clone in a fresh venv.
 .PHONY: install test lint format gate check
 
 install:       ## the tool, the embedded model and the test/lint dependencies

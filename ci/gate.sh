@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's own gate (run by .ci/run after the tests): a small sweep on the embedded model,
+# The project's own gate (run by ci/run after the tests): a small sweep on the embedded model,
 # then `streambench gate` against ci/baseline.json. Refresh the baseline after an intended change:
 #   bash ci/gate.sh --update
 set -euo pipefail

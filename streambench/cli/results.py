@@ -96,13 +96,14 @@ def _load_results(store_path, paths) -> list[dict]:
 
 
 def _filter(results: list[dict], filters: dict) -> list[dict]:
+    from streambench import run_fields as field
+
     def value(r, key):
-        c = r["config"]
         return {
-            "task": c["task"]["name"],
-            "policy": r.get("label") or c["policy"]["name"],
-            "model": c["model"],
-            "budget": c["policy"]["args"].get("budget"),
+            "task": field.task_name(r),
+            "policy": field.label(r),
+            "model": field.model_name(r),
+            "budget": field.budget(r),
         }.get(key)
 
     return [r for r in results if all(str(value(r, k)) == str(v) for k, v in filters.items())]

@@ -10,7 +10,7 @@ import click
 from streambench.cli.exits import UserError, interrupted, one_line, user_errors
 from streambench.cli.progress import quiet_libraries, tqdm_factory
 from streambench.errors import StreambenchError
-from streambench.results.table import format_table
+from streambench.results.table import format_table, table_notes
 
 # The default run (768 tokens: the perplexity task's run_defaults) takes about 3 minutes on 2 CPU
 # cores and still shows the papers' effect: window collapses once the first tokens leave, sinks hold.
@@ -218,12 +218,12 @@ def run_command(
 def _execute(config, quiet: bool) -> None:
     from streambench.runs import runner
 
-    runner.plan(config)  # every bad argument fails here, before the model loads
+    planned = runner.plan(config)  # every bad argument fails here, before the model loads
     quiet_libraries()
-    factory = runner._silent if quiet else tqdm_factory
+    factory = runner.silent if quiet else tqdm_factory
     rows, finished = [], []
     try:
-        for result in runner.run(config, progress=factory):
+        for result in runner.run(config, progress=factory, planned=planned):
             finished.append(result["path"])
             rows.append(result)
     except KeyboardInterrupt as exc:
@@ -236,20 +236,10 @@ def _execute(config, quiet: bool) -> None:
             raise UserError(f"{one_line(exc)}; {len(finished)} finished run(s) kept in {config.out}") from None
         raise
     if rows:
-        from streambench.tasks import TASKS
-
         click.echo(format_table(rows))
-        notes = TASKS.get(rows[0]["config"]["task"]["name"]).notes(rows)
+        notes = table_notes(rows)
         if notes:
             click.echo("\n" + notes)
-        layers = next((r["kv_layers"] for r in rows if r.get("kv_layers")), None)
-        if layers:
-            full, slide = layers["full_attention"], layers["sliding_attention"]
-            click.echo(
-                f"\nHybrid model: the policy governs its {full['layers']} full-attention layers (budget per layer); "
-                f"its {slide['layers']} sliding-window layers keep the model's own window of {slide['window']} tokens "
-                "(KV MiB = full + sliding)."
-            )
         click.echo(f"\nWrote {len(rows)} result(s) to {Path(config.out)}/")
 
 
@@ -343,10 +333,11 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
 
 def _quality(result: dict) -> str | None:
     """The metric the run's task names as its quality (`Task.quality`): ppl, accuracy, win_rate..."""
+    from streambench.run_fields import task_name
     from streambench.tasks import TASKS
 
     try:
-        return TASKS.get(result["config"]["task"]["name"]).quality
+        return TASKS.get(task_name(result)).quality
     except (StreambenchError, KeyError, TypeError):
         return None
 

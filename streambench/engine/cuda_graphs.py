@@ -69,7 +69,7 @@ class StaticDecoder:
         """Logits (B, 1, vocab) of one token per stream; the caller commits it to the cache."""
         cache = self.session.cache
         if cache.length + 1 > cache.capacity:
-            cache._grow(cache.length + 1)
+            cache.grow(cache.length + 1)
         if self.capacity != cache.capacity:
             self._buffers()
             self.graph = None
@@ -83,7 +83,8 @@ class StaticDecoder:
                 warnings.warn(
                     f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly", stacklevel=2
                 )
-                self.graph, self.session._static = None, None
+                self.graph = None
+                self.session.drop_static_decoder()
                 return self._forward()
         self.graph.replay()
         self.replays += 1

@@ -1,13 +1,17 @@
 """Meters for one run: per-token latency, tokens/s, memory (process RSS, CUDA allocator, NVML) and
 the exact KV-cache tokens and bytes over the stream.
 
-The meter's per-step work is a clock read and two list appends; RSS and NVML are sampled every
-`sample_every` steps. On CUDA the clock is read after a synchronize, so latencies are real.
+A meter started on a session (`meter.start(session)`) reads what it needs from it: `step()` after
+each unit of work (a chunk, a turn, a round) records the tokens the session ran since the last
+step, its KV tokens and bytes. The per-step work is a clock read and a few list appends; RSS and
+NVML are sampled every `sample_every` steps. On CUDA the clock is read after a synchronize, so
+latencies are real.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import psutil
@@ -47,8 +51,14 @@ class Meter:
         self.sample_every, self.curve_points = sample_every, curve_points
         self.process = psutil.Process()
         self.nvml = _Nvml(device)
+        self.session: Any = None
+        self.start()  # a task that never calls start() is measured from here
 
-    def start(self) -> None:
+    def start(self, session: Any = None) -> None:
+        """Measure from now (after the task's own preparation); with `session`, measure that
+        session: `step()` then reads its tokens run, KV tokens and KV bytes."""
+        if session is not None:
+            self.session = session
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
             self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -59,6 +69,7 @@ class Meter:
         self.rss_peak = self.rss_start = self.process.memory_info().rss
         self.nvml_peak = self.nvml.used()
         self.tokens = 0
+        self._processed = self.session.processed if self.session is not None else 0
         self.t_start = self._last = self._clock()
 
     def _clock(self) -> float:
@@ -66,7 +77,20 @@ class Meter:
             self.torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def step(self, tokens: int, kv_tokens: int, kv_bytes: int) -> None:
+    def step(self, tokens: int | None = None, kv_tokens: int | None = None, kv_bytes: int | None = None) -> None:
+        """One unit of work done: `tokens` it covered (default: what the session ran since the
+        last step, at least 1), the KV tokens and bytes held after it (default: the session's)."""
+        session = self.session
+        if session is not None:
+            if tokens is None:
+                tokens = max(session.processed - self._processed, 1)
+            if kv_tokens is None:
+                kv_tokens = session.kv_tokens
+            if kv_bytes is None:
+                kv_bytes = session.kv_bytes
+            self._processed = session.processed
+        if tokens is None or kv_tokens is None or kv_bytes is None:
+            raise TypeError("Meter.step() needs tokens, kv_tokens and kv_bytes unless started on a session")
         now = self._clock()
         self.latencies.append((now - self._last) / tokens)
         self._last = now
@@ -124,11 +148,6 @@ class Meter:
         kv["index"] = [self.fed[i] for i in kv["index"]]  # x: tokens fed, not steps (a chunk is one step)
         curves = {"kv_tokens": kv}
         return metrics, curves
-
-
-def peak_memory_mib(metrics: dict) -> float:
-    """The memory figure a table shows: the CUDA allocator's peak on GPU, else process RSS."""
-    return metrics.get("cuda_peak_mib", metrics.get("rss_peak_mib", float("nan")))
 
 
 def subsample(values, points: int) -> dict:

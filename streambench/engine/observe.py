@@ -198,7 +198,7 @@ class AttentionObserver(AttentionRoute):
         slots = (torch.arange(self._seen - w, self._seen) % self.window).to(cache.device)  # the last w, oldest first
         queries = torch.stack([q[b].to(cache.device) for q in self._ring]).index_select(2, slots)  # (L, Hq, w, D)
         fed_at = self._ring_positions[b if self._ring_positions.shape[0] > 1 else 0].index_select(0, slots)
-        now_at = torch.arange(n - w, n, device=cache.device) + int(cache._offsets[b])
+        now_at = torch.arange(n - w, n, device=cache.device) + cache.offset_of(b)
         q = cache.rope.rotate(cache.rope.unrotate(queries, fed_at), now_at).float()
         keys = cache.ranked_keys(b).float()  # (L, H, n, D)
         layers, heads, _, d = q.shape

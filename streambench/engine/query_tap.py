@@ -85,6 +85,13 @@ class QueryTap:
         )
         return q.mean(dim=2)
 
+    def state(self) -> list[torch.Tensor | None]:
+        """The last query per layer, for a branch (`StreamSession.fork`) to put back."""
+        return list(self._last)
+
+    def restore(self, state: list[torch.Tensor | None]) -> None:
+        self._last = list(state)
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +24,76 @@ from streambench.engine.cache import StreamCache
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
-from streambench.policies.base import CachePolicy, CacheView
+from streambench.policies.base import Band, CachePolicy, CacheView
 
 log = logging.getLogger("streambench")
 
+DECODES = ("eager", "static", "graph")
+
+
+def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, device: torch.device) -> str:
+    """How one-token steps run. "graph": replayed as a CUDA graph; "static": the same
+    static-shape forward run eagerly (what the tests check on CPU); "eager": plain transformers
+    forwards. Asked for, it is granted where the cache is one single-device buffer without
+    sliding layers and the policy neither captures attention nor retrieves (both work in Python
+    between layers); "graph" on a CPU is refused."""
+    from streambench.engine.observe import CAPTURED
+
+    if requested not in DECODES:
+        raise ConfigError(f"decode must be eager, static or graph, got {requested!r}")
+    if requested == "eager" or cache is None or len(cache.shards) > 1 or cache.sliding is not None:
+        return "eager"  # (no cache: recompute-window; a model spread over GPUs, or with sliding layers)
+    if policy.observes & CAPTURED:
+        log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)
+        return "eager"
+    if policy.retrieves:  # retrieval taps queries in Python
+        return "eager"
+    if requested == "graph" and device.type != "cuda":
+        raise ConfigError("CUDA graphs need a CUDA device")
+    return requested
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where a stream stands, as `checkpoint` saves it and `rollback` returns to it: tokens fed,
+    the policy's own state, the observer's, and the cache's mark (kept tokens, the epoch that a
+    rollback must not cross, the statistics a branch's queries would add to)."""
+
+    fed: int
+    policy: Any
+    observed: Any
+    cache_mark: tuple[int, int, Any] | None
+    window: torch.Tensor | None = None  # recompute-window's token window
+
+
+@dataclass
+class _Branch:
+    """What `fork` puts back when its branch ends."""
+
+    cache: StreamCache | None
+    policy: CachePolicy
+    fed: int
+    recall_at: int
+    hold_until: int
+    window: torch.Tensor | None
+    static: Any
+    observed: Any
+    tapped: list | None
+
 
 class StreamSession:
+    """A stream under an evicting (or dense) cache. Constructed with a policy that recomputes
+    instead of caching (recompute-window), it is a `RecomputeSession` (engine/recompute_session.py)."""
+
+    recomputes = False  # True on RecomputeSession: no cache, a window of tokens re-encoded per step
+
+    def __new__(cls, lm: LoadedModel, policy: CachePolicy, *args: Any, **kwargs: Any) -> StreamSession:
+        if cls is StreamSession and policy.recompute:
+            from streambench.engine.recompute_session import RecomputeSession
+
+            cls = RecomputeSession
+        return super().__new__(cls)
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -42,7 +109,7 @@ class StreamSession:
         self.budget = policy.budget
         self.evicts = self.budget is not None
         self.max_incoming = self._checked_max_incoming()
-        self.band = policy.band
+        self.band: Band | None = policy.band
         self._band_proven = False
         info = lm.info
         param = next(self.model.parameters())
@@ -56,14 +123,9 @@ class StreamSession:
         layout = lm.layout
         self._kinds = layout.layer_kinds
         self._full_layers = sum(kind != "sliding_attention" for kind in self._kinds)
-        if not self._full_layers and not policy.recompute:
-            raise ConfigError(
-                f"every layer of model type '{layout.model_type}' attends over a sliding window of {layout.sliding_window} tokens: "
-                "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
-                "to stream it with full attention)"
-            )
+        self._governed_layers = self._govern_layers()  # per token the policy governs (sliding ones apart)
         self._rope = self._sliding_rope = None
-        if self.evicts and not policy.recompute:
+        if self.evicts and not self.recomputes:
             typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
             self._rope = RotaryTable(
                 lm.rotary_emb,
@@ -80,27 +142,18 @@ class StreamSession:
                     style=layout.rope_style,
                     layer_type="sliding_attention",
                 )
-        self._layer_devices = None if policy.recompute else (layer_devices or lm.layer_devices())
-        self.batch, self.cache = 0, None
+        self._layer_devices = None if self.recomputes else (layer_devices or lm.layer_devices())
+        self.batch: int = 0
+        self.cache: StreamCache | None = None
         self._set_batch(batch_size)
-        # decode="graph": one-token steps replayed as a CUDA graph; "static": the same static-shape
-        # forward run eagerly (what the tests check on CPU); "eager": plain transformers forwards.
-        if decode not in ("eager", "static", "graph"):
-            raise ConfigError(f"decode must be eager, static or graph, got {decode!r}")
+        self.decode = decode_mode(decode, policy, self.cache, self.device)
         self._static = None
-        if self.cache is not None and (len(self.cache.shards) > 1 or self.cache.sliding is not None):
-            decode = "eager"  # a model spread over GPUs, or with sliding layers: no static-shape graph
-        from streambench.engine.observe import CAPTURED, STATS, AttentionObserver
-
-        if policy.observes & CAPTURED and decode != "eager":
-            log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, decode)
-            decode = "eager"
-        if decode != "eager" and self.cache is not None and not policy.retrieves:  # (retrieval taps queries in Python)
-            if decode == "graph" and self.device.type != "cuda":
-                raise ConfigError("CUDA graphs need a CUDA device")
+        if self.decode != "eager":
             from streambench.engine.cuda_graphs import StaticDecoder
 
-            self._static = StaticDecoder(self, capture=decode == "graph")
+            self._static = StaticDecoder(self, capture=self.decode == "graph")
+        from streambench.engine.observe import CAPTURED, STATS, AttentionObserver
+
         wants = set(policy.observes)
         if "window_attention" in wants:
             wants.add("queries")
@@ -116,11 +169,22 @@ class StreamSession:
             from streambench.engine.query_tap import QueryTap
 
             self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
-        self._rows_tokens = 16384 if self.device.type == "cuda" else 4096  # recompute-window rows per forward
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
         self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
         self._max_tokens = max_tokens
+        self.exact_chunks = self._exact_chunks()  # decided once: policy, cache layout and model are fixed
         self.reset()
+
+    def _govern_layers(self) -> int:
+        """The layers the policy's budget governs: the full-attention ones."""
+        if not self._full_layers:
+            layout = self.lm.layout
+            raise ConfigError(
+                f"every layer of model type '{layout.model_type}' attends over a sliding window of {layout.sliding_window} tokens: "
+                "no full-attention layer for a cache policy to govern (set sliding_window to null in its config.json "
+                "to stream it with full attention)"
+            )
+        return self._full_layers
 
     def _checked_max_incoming(self) -> int | None:
         """The policy's chunk limit, checked once: an integer from 1 to the budget (None on an
@@ -172,12 +236,11 @@ class StreamSession:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if batch_size > 1 and self.policy.retrieves:
             raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
-        info, policy = self.lm.info, self.policy
+        info = self.lm.info
         self.batch = batch_size
-        # per token the policy governs: the full-attention layers (sliding ones are counted apart)
-        layers = info.num_layers if policy.recompute else self._full_layers
+        layers = self._governed_layers
         self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
-        if not policy.recompute:
+        if not self.recomputes:
             capacity = self.cache.capacity if self.cache is not None else self._capacity
             stats = self.cache.stat_names if self.cache is not None else ()
             self.cache = StreamCache(
@@ -203,18 +266,17 @@ class StreamSession:
         self.policy.reset()
         if self.observer is not None:
             self.observer.reset()
-        self._window = torch.empty(self.batch, 0, dtype=torch.long, device=self.device)  # recompute-window only
         if self.cache is not None:
             self.cache.reset()
 
     # ---- stream ------------------------------------------------------------------------------
-    @property
-    def exact_chunks(self) -> str | None:
-        """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks)."""
+    def _exact_chunks(self) -> str | None:
+        """Why `feed(ids, exact=True)` goes token by token here (None: it feeds whole chunks).
+        Read as the attribute `exact_chunks`, decided once at construction."""
         from streambench.engine.exact_chunks import unsupported
 
-        if self.policy.recompute or not self.evicts:  # (nothing evicted: the model's own causal
-            return None  # forward, sliding masks included, is token-exact)
+        if not self.evicts:  # (nothing evicted: the model's own causal forward, sliding masks
+            return None  # included, is token-exact)
         if self.band is None:
             return f"{self.policy.name}'s keep-set depends on what the tokens say"
         if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
@@ -232,10 +294,8 @@ class StreamSession:
         (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
         after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
         in one forward where the policy allows it (streambench/engine/exact_chunks.py), else one token at a time."""
-        if exact and ids.shape[1] > 1 and (self.evicts or self.policy.recompute):  # (nothing evicted:
-            # the ordinary causal forward is already token-exact, dense's chunked prefill)
-            if self.policy.recompute:
-                return self._feed_recompute(ids, batched=True)
+        if exact and ids.shape[1] > 1 and self.evicts:  # (nothing evicted: the ordinary causal
+            # forward is already token-exact, dense's chunked prefill)
             if self.exact_chunks is None:
                 return self._feed_exact(ids)
             return torch.cat([self.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)
@@ -243,8 +303,6 @@ class StreamSession:
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
         self.processed += ids.shape[1]
-        if self.policy.recompute:
-            return self._feed_recompute(ids)
         cache, count = self.cache, ids.shape[1]
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
@@ -288,7 +346,7 @@ class StreamSession:
             slots[cache.slots] = held
         slots[n:] = np.arange(start, start + count)
         positions = cache.next_positions(count)
-        if self.evicts and not cache._uniform:
+        if self.evicts and not cache.uniform:
             raise RuntimeError("exact chunks need streams that evict alike")
         if self._rope is not None:
             self._rope.ensure(n + count + cache.offset + 1)
@@ -376,30 +434,11 @@ class StreamSession:
             self._hand_over(keep)
             self.cache.splice(keep, at, positions, k_pre, values)
 
-    def _feed_recompute(self, ids: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        size, outs = self.budget, []
-        if batched:  # every window a row of one forward (exact.recompute_rows)
-            from streambench.engine.exact_chunks import recompute_rows
-
-            held = self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0]
-            context = torch.cat([held, ids], dim=1)
-            logits = recompute_rows(self.model, context, held.shape[1], size, self._rows_tokens)
-            self._window = context[:, -size:]
-            self.fed += ids.shape[1]
-            return logits
-        for i in range(ids.shape[1]):
-            self._window = torch.cat(
-                [self._window[:, -(size - 1) :] if size > 1 else self._window[:, :0], ids[:, i : i + 1]], dim=1
-            )
-            outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
-        self.fed += ids.shape[1]
-        return torch.cat(outs, dim=1)
-
     # ---- branches: score alternatives from one state, keep none of them -----------------------
     def reserve(self, count: int) -> None:
         """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
         turn, for the whole turn); feeds up to that many tokens can then be rolled back."""
-        if self.cache is not None and self.evicts:
+        if self.evicts:
             if count > self.max_incoming:
                 raise ConfigError(
                     f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.budget} "
@@ -411,41 +450,47 @@ class StreamSession:
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
             if self.cache.length + count > self.budget:
                 self._evict(self._select(count))
-        if self.cache is not None and self.cache.sliding is not None:
+        if self.cache.sliding is not None:
             self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
 
-    def checkpoint(self):
+    def checkpoint(self) -> StreamState:
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
         cache = self.cache
-        kept = (
-            None if cache is None else (cache.length, cache.evictions, cache.save_stats() if cache.stat_names else None)
-        )
+        mark = None if cache is None else (cache.length, cache.epoch, cache.save_stats() if cache.stat_names else None)
         observed = self.observer.state() if self.observer is not None else None
-        return (self.fed, self.policy.state(), observed, self._window, kept)
+        return StreamState(self.fed, self.policy.state(), observed, mark)
 
-    def rollback(self, state) -> None:
-        self.fed, policy_state, observed, self._window, kept = state
-        self.policy.restore(policy_state)
-        if observed is not None:
-            self.observer.restore(observed)
-        if kept is not None:
-            n, evictions, stats = kept
+    def rollback(self, state: StreamState) -> None:
+        self.fed = state.fed
+        self.policy.restore(state.policy)
+        if state.observed is not None:
+            self.observer.restore(state.observed)
+        if state.cache_mark is not None:
+            n, epoch, stats = state.cache_mark
             cache = self.cache
-            if cache.evictions != evictions or cache.length < n:
+            if cache.epoch != epoch or cache.length < n:
                 raise RuntimeError("cannot roll back across an eviction: reserve() room for the branch first")
             cache.truncate(n)
             if stats is not None:
                 cache.restore_stats(stats)
 
     @contextmanager
-    def fork(self):
+    def fork(self) -> Iterator[StreamSession]:
         """A branch that may evict: everything fed inside the `with` block is forgotten afterwards,
         evictions included (a copy of the cache and the policy runs it). For questions the task
         asks on the side (grocery's free recall), where a rollback cannot reach across the
         eviction the branch needs. Costs one copy of the cache."""
-        saved = (self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static)
-        observed = self.observer.state() if self.observer is not None else None
-        tapped = list(self.tap._last) if self.tap is not None else None
+        saved = _Branch(
+            self.cache,
+            self.policy,
+            self.fed,
+            self._recall_at,
+            self._hold_until,
+            self._branch_window(),
+            self._static,
+            self.observer.state() if self.observer is not None else None,
+            self.tap.state() if self.tap is not None else None,
+        )
         if self.cache is not None:
             self.cache = self.cache.clone()
         self.policy = copy.deepcopy(self.policy)
@@ -457,25 +502,35 @@ class StreamSession:
             yield self
         finally:
             self.fork_depth -= 1
-            self.cache, self.policy, self.fed, self._recall_at, self._hold_until, self._window, self._static = saved
+            self.cache, self.policy, self.fed = saved.cache, saved.policy, saved.fed
+            self._recall_at, self._hold_until, self._static = saved.recall_at, saved.hold_until, saved.static
+            self._restore_window(saved.window)
             if self.observer is not None:
                 self.observer.cache = self.cache
-                self.observer.restore(observed)
+                self.observer.restore(saved.observed)
             if self.tap is not None:
-                self.tap._last = tapped
+                self.tap.restore(saved.tapped)
+
+    def _branch_window(self) -> torch.Tensor | None:
+        return None  # (RecomputeSession: its token window)
+
+    def _restore_window(self, window: torch.Tensor | None) -> None:
+        pass
+
+    def drop_static_decoder(self) -> None:
+        """Decode eagerly from now on (a model whose forward a CUDA graph cannot capture)."""
+        self._static = None
+        self.decode = "eager"
 
     def held_positions(self, stream: int = 0) -> np.ndarray:
         """Stream positions whose keys the next query reads: (n,), or (L, H_kv, n) once keep-sets
-        differ per head (recompute-window: its window)."""
-        if self.cache is None:
-            return np.arange(self.fed - self.kv_tokens, self.fed)
+        differ per head."""
         return self.cache.positions_of(stream)
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
-        if self.cache is not None:
-            self.cache.rescale_scores(self.policy.new_round)
-            self._recall_at = self.fed  # retrieval policies recall at each user turn
+        self.cache.rescale_scores(self.policy.new_round)
+        self._recall_at = self.fed  # retrieval policies recall at each user turn
 
     def _select(self, incoming: int) -> np.ndarray:
         """Ranks to keep: (n,) for every stream alike, (B, n) per stream, or (B, L, H, n) per
@@ -545,22 +600,19 @@ class StreamSession:
     @property
     def kv_tokens(self) -> int:
         """Tokens whose keys and values attention reads for the next query (excluding it)."""
-        if self.cache is None:
-            return min(self._window.shape[1], self.budget)
         return self.cache.length
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of keys and values the next query reads: the governed (full-attention) layers'
         kept tokens plus, on hybrid models, the sliding layers' windows."""
-        sliding = self.cache.sliding_bytes() if self.cache is not None else 0
-        return self.kv_tokens * self._token_bytes + sliding
+        return self.kv_tokens * self._token_bytes + self.cache.sliding_bytes()
 
     def layer_accounting(self) -> dict | None:
         """Hybrid models: what each layer kind holds and why it is exact (None without sliding
         layers): the policy's budget governs the full-attention layers; sliding ones keep the
         model's own window."""
-        if self.cache is None or self.cache.sliding is None:
+        if self.cache.sliding is None:
             return None
         slide = self.cache.sliding
         return {
@@ -583,10 +635,8 @@ class StreamSession:
     @property
     def sliding_tokens(self) -> int:
         """Tokens each sliding-window layer holds (0 without such layers)."""
-        return self.cache.sliding.visible if self.cache is not None and self.cache.sliding is not None else 0
+        return self.cache.sliding.visible if self.cache.sliding is not None else 0
 
     @property
     def allocated_kv_bytes(self) -> int:
-        if self.cache is None:  # recompute-window builds a transient cache of the window each step
-            return self.budget * self._token_bytes
         return self.cache.allocated_bytes()

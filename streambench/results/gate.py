@@ -34,15 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from streambench.errors import ResultsError
+from streambench.run_fields import budget_id, label, model_name, task_name
 
 SCHEMA = "streambench.baseline/1"
 DEFAULT_TOLERANCE = {"rel": 0.002}
 
 
 def run_key(result: dict) -> str:
-    c = result["config"]
-    budget = c["policy"]["args"].get("budget")
-    return f"{c['task']['name']}/{c['model']}/{result.get('label') or c['policy']['name']}/b{budget if budget is not None else 'inf'}"
+    """A run's key in a baseline: task/model/label/b<budget> (b"inf" when unbounded)."""
+    return f"{task_name(result)}/{model_name(result)}/{label(result)}/b{budget_id(result)}"
 
 
 @dataclass

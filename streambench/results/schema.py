@@ -52,6 +52,11 @@ ENGINE_DIRECTIONS = {
 }
 
 
+def peak_memory_mib(metrics: dict[str, Any]) -> float:
+    """The memory figure a table shows: the CUDA allocator's peak on GPU, else process RSS."""
+    return float(metrics.get("cuda_peak_mib", metrics.get("rss_peak_mib", float("nan"))))
+
+
 def config_hash(config: dict[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,57 +1,91 @@
-"""The results table the CLI prints after a run or sweep: one row per run, the task's own columns
-(quality first), then speed and memory. The report builds its tables from the same hooks."""
+"""The results table, built once for every surface: one row per run, the task's own columns
+(quality first, `Task.columns_for`), then speed and memory. The CLI prints it after a run or a
+sweep (`format_table`, plain text); the report renders the same columns as Markdown and HTML
+with the best value of each marked (results/report/tables.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
 
-def format_table(results: list[dict]) -> str:
-    """One row per run: policy, budget, the task's own columns, then speed and memory."""
-    from tabulate import tabulate
+from streambench.results.schema import peak_memory_mib
+from streambench.run_fields import budget_text, label, task_name
 
-    from streambench.engine.meter import peak_memory_mib
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str | None  # metric name; None: peak memory (the CUDA allocator's on GPU, else RSS)
+    higher: bool | None = None  # better when higher (True), lower (False), or not compared (None)
+
+    def value(self, result: dict[str, Any]) -> Any:
+        metrics = result["metrics"]
+        return peak_memory_mib(metrics) if self.key is None else metrics.get(self.key)
+
+
+def task_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """The task's own columns for these runs, with the directions the results declare."""
     from streambench.tasks import TASKS
 
-    columns = TASKS.get(results[0]["config"]["task"]["name"]).columns_for(results)
+    cls = TASKS.get(task_name(rows[0]))
+    directions = {k: v for r in rows for k, v in r.get("higher_is_better", {}).items()}
+    return [Column(h, key, directions.get(key)) for h, key in cls.columns_for(rows)]
+
+
+def columns(rows: list[dict[str, Any]], latency: bool = False) -> list[Column]:
+    """Every column after policy and budget. `latency` adds the p95 per-token latency (the
+    report has room for it; the terminal does not)."""
+    present = {k for r in rows for k in r["metrics"]}
     # eval tok/s: tokens through the model per second (a chunked stream's is throughput);
     # decode tok/s: one token per forward, the policy's speed as a decoder
-    decode = any("decode_tokens_per_s" in r["metrics"] for r in results)
-    headers = [
-        "policy",
-        "budget",
-        *(h for h, _ in columns),
-        "eval tok/s",
-        *(["decode tok/s"] if decode else []),
-        "peak mem MiB",
-        "KV MiB",
-    ]
-    hybrid = any("kv_sliding_mib_peak" in r["metrics"] for r in results)  # per layer kind
-    if hybrid:
-        headers[1] = "budget (full layers)"
-        headers += ["KV MiB full", "KV MiB sliding"]
-    bank = any("bank_mib" in r["metrics"] for r in results)  # longmem's memory bank, beside the cache
-    if bank:
-        headers.append("bank MiB")
-    rows = []
-    for r in results:
-        m = r["metrics"]
-        budget = r["config"]["policy"]["args"].get("budget")
-        ratio = r.get("budget_ratio")
-        shown = budget if budget is not None else "all"
-        if isinstance(ratio, dict) and "ratio" in ratio:
-            shown = f"{shown} ({100 * ratio['ratio']:g}%)"
-        rows.append(
-            [
-                r.get("label", r["config"]["policy"]["name"]),
-                shown,
-                *(m.get(key) for _, key in columns),
-                m.get("tokens_per_s"),
-                *([m.get("decode_tokens_per_s")] if decode else []),
-                peak_memory_mib(m),
-                m.get("kv_mib_peak"),
-                *([m.get("kv_full_mib_peak"), m.get("kv_sliding_mib_peak")] if hybrid else []),
-                *([m.get("bank_mib")] if bank else []),
-            ]
-        )
+    out = task_columns(rows) + [Column("eval tok/s", "tokens_per_s", True)]
+    if "decode_tokens_per_s" in present:
+        out.append(Column("decode tok/s", "decode_tokens_per_s", True))
+    if latency:
+        out.append(Column("p95 ms", "latency_p95_ms", False))
+    out += [Column("peak mem MiB", None, False), Column("KV MiB", "kv_mib_peak", False)]
+    if "kv_sliding_mib_peak" in present:  # hybrid models: KV per layer kind
+        out += [Column("KV MiB full", "kv_full_mib_peak", False), Column("KV MiB sliding", "kv_sliding_mib_peak")]
+    if "bank_mib" in present:  # longmem's memory bank, beside the cache
+        out.append(Column("bank MiB", "bank_mib", False))
+    return out
+
+
+def budget_header(rows: list[dict[str, Any]]) -> str:
+    hybrid = any("kv_sliding_mib_peak" in r["metrics"] for r in rows)
+    return "budget (full layers)" if hybrid else "budget"
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The terminal table: one row per run, floats to two decimals."""
+    from tabulate import tabulate
+
+    shown = columns(results)
+    headers = ["policy", budget_header(results), *(c.header for c in shown)]
+    rows = [[label(r), budget_text(r, ratio=True), *(c.value(r) for c in shown)] for r in results]
     # floats rounded here, not only by floatfmt: tabulate prints a column it takes for text as is
     rows = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in rows]
     return tabulate(rows, headers=headers, floatfmt=".2f")
+
+
+def table_notes(results: list[dict[str, Any]]) -> str:
+    """What the terminal prints under the table: the task's notes (reference points,
+    breakdowns) and, for a hybrid model, which layers the budget governs."""
+    from streambench.tasks import TASKS
+
+    parts = []
+    try:
+        notes = TASKS.get(task_name(results[0])).notes(results)
+    except Exception:  # (a task not installed here: no notes)
+        notes = ""
+    if notes:
+        parts.append(notes)
+    layers = next((r["kv_layers"] for r in results if r.get("kv_layers")), None)
+    if layers:
+        full, slide = layers["full_attention"], layers["sliding_attention"]
+        parts.append(
+            f"Hybrid model: the policy governs its {full['layers']} full-attention layers (budget per layer); "
+            f"its {slide['layers']} sliding-window layers keep the model's own window of {slide['window']} tokens "
+            "(KV MiB = full + sliding)."
+        )
+    return "\n\n".join(parts)

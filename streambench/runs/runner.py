@@ -8,36 +8,28 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from streambench.errors import ConfigError
 from streambench.policies import POLICIES
 from streambench.policies.build import PolicySpec, build_policy
 from streambench.registry import BUILTIN, plugin_fault
 from streambench.results.schema import ENGINE_DIRECTIONS, SCHEMA, config_hash, environment, now_iso, write_json_atomic
-from streambench.runs.config import RunConfig, parse_budget, resolve_budget
+from streambench.runs.config import RunConfig, resolve_budget
 from streambench.sanitize import check_label, inside, slug
 from streambench.tasks import TASKS
+from streambench.tasks.base import NoProgress, Progress, Task
 from streambench.tasks.build import build_task
 from streambench.values import check_seed
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
-ProgressFactory = Callable[[str, int], "Progress"]
+ProgressFactory = Callable[[str, int], Progress]
 
 
-class Progress:
-    """Minimal progress protocol: `total(n)` once the task knows its size, call with the units
-    done (tokens, items or rounds), `close()` at the end."""
-
-    def total(self, n: int, unit: str = "tok") -> None: ...
-
-    def __call__(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _silent(_desc: str, _total: int) -> Progress:
-    return Progress()
+def silent(_desc: str, _total: int) -> Progress:
+    """A ProgressFactory that shows nothing."""
+    return NoProgress()
 
 
 @dataclass
@@ -49,11 +41,20 @@ class PlannedRun:
     run_id: str
     decode: str = "eager"  # "graph": one-token steps replayed as CUDA graphs
     budget_ratio: dict | None = None  # a budget given as a share of the context, and what it resolved to
+    fits_checked: bool = False  # the size guard passed at planning (the model's shape was readable)
 
 
-def plan(config: RunConfig, check_device: bool = True):
+class Plan(NamedTuple):
+    """What `plan` decided, passed down as is: the task and one PlannedRun per policy."""
+
+    task: Task
+    runs: list[PlannedRun]
+
+
+def plan(config: RunConfig, check_device: bool = True) -> Plan:
     """Build and validate the task and every policy before anything heavy is loaded; each run's
     config and hash are known here, so a sweep can skip finished runs without loading a model.
+    Budget, feeding-relevant sizes, decode mode and the fit on the device are decided here, once.
     `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
     import torch
 
@@ -95,7 +96,8 @@ def plan(config: RunConfig, check_device: bool = True):
             check_device_name(bank_device, "bank_device")
             if check_device:
                 resolve_device(bank_device)
-        if shape is not None and check_device:  # refuse what cannot fit before the model loads
+        fits = shape is not None and check_device
+        if fits:  # refuse what cannot fit before the model loads
             check_fits(spec.display, policy, shape, itemsize, batch, task.stream_tokens(), device)
         run_config = {
             "model": config.model,
@@ -134,9 +136,10 @@ def plan(config: RunConfig, check_device: bool = True):
                 run_id,
                 decode,
                 ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None,
+                fits,
             )
         )
-    return task, planned
+    return Plan(task, planned)
 
 
 def check_run_config(config: RunConfig) -> None:
@@ -147,7 +150,6 @@ def check_run_config(config: RunConfig) -> None:
         if not isinstance(getattr(config, key), str):
             raise ConfigError(f"{key} must be a string, got {getattr(config, key)!r}")
     check_seed(config.seed)
-    parse_budget(config.budget)
     if config.device_map is not None and config.device_map not in DEVICE_MAPS:
         raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {config.device_map!r}")
     if config.cuda_graphs not in (None, True, False):
@@ -158,18 +160,20 @@ def check_run_config(config: RunConfig) -> None:
 
 def run(
     config: RunConfig,
-    progress: ProgressFactory = _silent,
+    progress: ProgressFactory = silent,
     lm=None,
     skip: frozenset[str] = frozenset(),
     on_error: Callable | None = None,
     claim: Callable[[PlannedRun], bool] | None = None,
+    planned: Plan | None = None,
 ) -> Iterator[dict]:
     """Yield one result dict per policy, each already written to `config.out`. Runs whose config
     hash is in `skip` are left out (the model is not even loaded if nothing is left); with
     `on_error`, a failing run is reported to it (planned run, exception) and the others go on;
-    with `claim`, a run is computed only if claim(run) says it is ours (concurrent sweeps)."""
-    task, planned = plan(config)
-    todo = [p for p in planned if p.digest not in skip]
+    with `claim`, a run is computed only if claim(run) says it is ours (concurrent sweeps);
+    `planned`: this config's plan when the caller made it already (it is not made twice)."""
+    task, runs = planned if planned is not None else plan(config)
+    todo = [p for p in runs if p.digest not in skip]
     if not todo:
         return
     from streambench.errors import OutputError
@@ -187,15 +191,16 @@ def run(
         if claim is not None and not claim(item):
             continue
         try:
-            check_fits(
-                item.spec.display,
-                item.policy,
-                shape,
-                param.element_size(),
-                config.batch_size,
-                task.stream_tokens(),
-                param.device,
-            )
+            if not item.fits_checked:  # (the plan could not read the shape before loading)
+                check_fits(
+                    item.spec.display,
+                    item.policy,
+                    shape,
+                    param.element_size(),
+                    config.batch_size,
+                    task.stream_tokens(),
+                    param.device,
+                )
             yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
         except (KeyboardInterrupt, GeneratorExit, OutputError):
             raise  # an output that cannot be written stops the sweep: every later run would fail too
@@ -227,6 +232,7 @@ def _run_one(
         lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens()
     ) as session:
         meter = Meter(session.device)
+        meter.start(session)
         bar = progress(item.spec.display, 0)
         try:
             outcome = task.run(session, lm.tokenizer, meter, bar)
@@ -243,7 +249,8 @@ def _run_one(
         # peak is theirs together, and the sliding layers' share is the rest
         engine_metrics["kv_sliding_mib_peak"] = engine_metrics["kv_mib_peak"] - engine_metrics["kv_full_mib_peak"]
     metrics = {**outcome.metrics, **engine_metrics, **item.policy.stats()}
-    directions = {k: v for k, v in {**ENGINE_DIRECTIONS, **task.higher_is_better}.items() if k in metrics}
+    declared = {**ENGINE_DIRECTIONS, **task.higher_is_better, **outcome.higher_is_better}
+    directions = {k: v for k, v in declared.items() if k in metrics}
     result = {
         "schema": SCHEMA,
         "run_id": item.run_id,

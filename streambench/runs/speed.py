@@ -99,8 +99,8 @@ def policy_decode(
     if policy.recompute or policy.retrieves:
         decode = "eager"  # no static-shape path for these
     with StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode) as session:
-        if session.policy.recompute:  # its state is just the token window; feeding it would be O(n^2)
-            session._window = ids[:, :length]
+        if session.recomputes:  # its state is just the token window; feeding it would be O(n^2)
+            session.prime(ids[:, :length])
         else:
             session.feed(ids[:, :length])
         return _timed(lambda i: session.feed(ids[:, length + i : length + i + 1]), steps, burn, ids.device, repeats)
@@ -232,7 +232,7 @@ def exact_vs_token(
             if policy().recompute:
                 n = 2 * steps
                 with StreamSession(lm, policy()) as session:
-                    session._window = ids[:, : budget - 1]
+                    session.prime(ids[:, : budget - 1])
                     exact = (
                         _timed(
                             lambda i, b=budget, n=n: session.feed(ids[:, b - 1 : b - 1 + n], exact=True),
@@ -244,7 +244,7 @@ def exact_vs_token(
                         / n
                     )
                 with StreamSession(lm, policy()) as session:
-                    session._window = ids[:, : budget - 1]
+                    session.prime(ids[:, : budget - 1])
                     token = _timed(lambda i, b=budget: session.feed(ids[:, b - 1 + i : b + i]), steps, burn, device, 1)
                 rows.append(
                     {

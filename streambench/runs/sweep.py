@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,9 @@ class SweepSpec:
     retries: int = 2  # a run that fails on a Ray cluster (error, node died) is tried this many more times
     batch_size: int = 1
     device_map: str | None = None
+    # (config, its plan) for every run of the matrix, made once by load_spec when it validates
+    plans: list[tuple[RunConfig, Any]] = field(default_factory=list, repr=False, compare=False)
+    planned_for_device: bool = field(default=True, repr=False, compare=False)
 
     def runs(self) -> list[RunConfig]:
         """One RunConfig per (model, task, budget), each with every policy."""
@@ -127,10 +130,11 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
         data.get("batch_size", 1),
         data.get("device_map"),
     )
-    for config in spec.runs():  # validate every policy, task and size now, before any model loads
-        from streambench.runs.runner import plan
+    from streambench.runs.runner import plan
 
-        plan(config, check_device=check_device)
+    # validate every policy, task and size now, before any model loads; the plans are kept
+    spec.plans = [(config, plan(config, check_device=check_device)) for config in spec.runs()]
+    spec.planned_for_device = check_device
     return spec
 
 
@@ -214,10 +218,15 @@ def pending(spec: SweepSpec, store, force: bool, counts: dict[str, int], report,
 
     done = set() if force else store.finished()
     seen: set[str] = set()
-    configs = spec.runs() if configs is None else configs
+    if configs is None and spec.plans and spec.planned_for_device == check_device:
+        plans = {id(c): p for c, p in spec.plans}  # planned once, when the spec was loaded
+        configs = [c for c, _ in spec.plans]
+    else:
+        configs = spec.runs() if configs is None else configs
+        plans = {id(c): runner.plan(c, check_device=check_device) for c in configs}
     for model in spec.models:
         mine = [c for c in configs if c.model == model]
-        planned = [(c, p) for c in mine for p in runner.plan(c, check_device=check_device)[1]]
+        planned = [(c, p) for c in mine for p in plans[id(c)].runs]
         todo = []
         for config, item in planned:
             if item.digest in seen:
@@ -228,7 +237,7 @@ def pending(spec: SweepSpec, store, force: bool, counts: dict[str, int], report,
                 report("skipped", {"run_id": item.run_id})
             else:
                 todo.append((config, item))
-        yield model, mine, planned, todo
+        yield model, [(c, plans[id(c)]) for c in mine], planned, todo
 
 
 def run_sweep(
@@ -286,11 +295,17 @@ def run_sweep(
             return False
 
         wanted = {item.digest for _, item in todo}
-        for config in configs:
+        for config, made in configs:
             skip = frozenset(item.digest for c, item in planned if c is config and item.digest not in wanted)
             try:
                 for result in runner.run(
-                    config, progress or runner._silent, lm=lm, skip=skip, on_error=failed, claim=claim
+                    config,
+                    progress or runner.silent,
+                    lm=lm,
+                    skip=skip,
+                    on_error=failed,
+                    claim=claim,
+                    planned=made,
                 ):
                     _stored(store, spec, counts, lambda r=result: store.add(r), result)
                     wanted.discard(result["config_hash"])

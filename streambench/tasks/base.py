@@ -9,9 +9,39 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from streambench.errors import ConfigError
+
+if TYPE_CHECKING:  # (torch-heavy: a task module imports them inside run())
+    from transformers import PreTrainedTokenizerBase
+
+    from streambench.engine.meter import Meter
+    from streambench.engine.session import StreamSession
+
+
+class Progress(Protocol):
+    """What a task reports its progress to: `total(n, unit)` once it knows its size, a call with
+    the units done (tokens, items, rounds), `close()` at the end (the runner closes it)."""
+
+    def total(self, n: int, unit: str = "tok") -> None: ...
+
+    def __call__(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    """A Progress that shows nothing (library calls, quiet runs, tests)."""
+
+    def total(self, n: int, unit: str = "tok") -> None:
+        pass
+
+    def __call__(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -20,6 +50,9 @@ class TaskResult:
     curves: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # what was run (text source, token count, ...)
+    # directions of metrics known only once the task ran (lm-eval's tasks declare their own),
+    # beside the class's `higher_is_better`
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,7 +76,25 @@ class Task:
     def configure(self) -> None:
         """Validate arguments; raise ConfigError."""
 
-    def run(self, session, tokenizer, meter, progress) -> TaskResult:
+    def run(
+        self, session: StreamSession, tokenizer: PreTrainedTokenizerBase, meter: Meter, progress: Progress
+    ) -> TaskResult:
+        """Stream the task through `session` (one stream, or `session.batch` in lockstep; the
+        runner made it, with the run's policy and budget) and score what comes back.
+
+        Args:
+            session: feed token ids with `session.feed(ids, exact=...)`; dialogue turns through
+                `tasks.dialogue.chat_format.Conversation`; `fork()`/`checkpoint()` for branches.
+            tokenizer: the model's tokenizer.
+            meter: call `meter.start(session)` when the measured work begins (after loading data)
+                and `meter.step()` after each unit of it; the runner adds the meter's numbers
+                (tokens/s, latency, memory, KV peaks) to the result.
+            progress: `progress.total(n, unit)` once, then `progress(done)`.
+
+        Returns:
+            TaskResult: metrics (named as `higher_is_better` and `columns` declare), curves
+            ({name: {index, value}}), per-item records, and `info` on what actually ran.
+        """
         raise ConfigError(f"task {self.name} does not implement run(session, tokenizer, meter, progress)")
 
     def stream_tokens(self) -> int | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streambench.errors import DataError
+from streambench.run_fields import label
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 
@@ -138,12 +139,9 @@ class MTBenchTask(Task):
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         import time
 
-        import torch
-        import torch.nn.functional as F
-
         from streambench.engine.generation import Sampling
         from streambench.engine.session import StreamSession
-        from streambench.policies.build import PolicySpec, build_policy
+        from streambench.policies.dense import DensePolicy
         from streambench.tasks.dialogue.chat_format import ChatFormat, Conversation
         from streambench.tasks.dialogue.items import provenance
 
@@ -162,16 +160,15 @@ class MTBenchTask(Task):
         sampling = Sampling(self.temperature, self.top_p, self.seed)
         dense = None
         if self.dense_nll:
-            dense = StreamSession(session.lm, build_policy(PolicySpec("dense", {}), None))
+            dense = StreamSession(session.lm, DensePolicy())
             shadow = Conversation(dense, tokenizer, fmt)
         progress.total(sum(len(q["turns"]) for q in questions), "turns")
         records = []
-        meter.start()
+        meter.start(session)
         for q in questions:
             for turn, prompt in enumerate(q["turns"]):
-                before = session.processed
                 written = conversation.reply(prompt, self.max_new_tokens, sampling, score=self.dense_nll)
-                meter.step(max(session.processed - before, 1), session.kv_tokens, session.kv_bytes)
+                meter.step()
                 started = time.perf_counter()
                 record = {
                     "question_id": q["question_id"],
@@ -188,16 +185,10 @@ class MTBenchTask(Task):
                     "repetition": repetition(written.tokens),
                 }
                 if dense is not None:  # the same turn, the policy's answer, with everything in memory
-                    context = shadow._context(prompt, ())
-                    last = dense.feed(context)[0, -1]
-                    answer = torch.tensor([written.tokens], device=dense.device)
-                    if written.tokens:
-                        logits = torch.cat([last[None], dense.feed(answer)[0, :-1]]).float()
-                        record["dense_nll"] = F.cross_entropy(logits, answer[0]).item()
+                    nll = shadow.replay(prompt, written.tokens)
+                    if nll is not None:
+                        record["dense_nll"] = nll
                         record["own_nll"] = -sum(written.logprobs) / len(written.logprobs)  # under the policy's cache
-                    if fmt.assistant_suffix:
-                        dense.feed(shadow.encode(fmt.assistant_suffix))
-                    shadow.turns += 1
                     meter.exclude(time.perf_counter() - started)
                 records.append(record)
                 progress(1)
@@ -243,7 +234,7 @@ class MTBenchTask(Task):
         runs = [r for r in rows if r.get("records")]
         if not runs:
             return []
-        names = [r.get("label", r["config"]["policy"]["name"]) for r in runs]
+        names = [label(r) for r in runs]
         keyed = [{(x.get("question_id"), x.get("turn")): x for x in r["records"]} for r in runs]
         order = list(dict.fromkeys(k for table in keyed for k in table))
         body = []

@@ -210,7 +210,7 @@ class NeedleTask(Task):
         cache_map = CacheMap()
         progress.total(sum(c[0] for c in cells), "tok")
         records = []
-        meter.start()
+        meter.start(session)
         for cell in cells:
             length, depth, trial, value, offset = cell
             ids, span, answer = self.build(tokenizer, hay, length, depth, value, offset)
@@ -223,7 +223,7 @@ class NeedleTask(Task):
             for first in range(0, len(ids), step):
                 piece = stream[:, first : first + step]
                 logits = session.feed(piece, exact=exact)
-                meter.step(piece.shape[1], session.kv_tokens, session.kv_bytes)
+                meter.step(piece.shape[1])
                 progress(piece.shape[1])
                 if cell == mapped:
                     cache_map.record(session.held_positions(), session.fed)

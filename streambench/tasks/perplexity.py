@@ -103,7 +103,7 @@ class PerplexityTask(Task):
         step, batch = feeding["chunk"], min(session.batch, n_streams)
         exact = feeding["mode"] == "exact-chunks"
         progress.total(n_streams * n_pred, "tok")
-        meter.start()
+        meter.start(session)
         for first in range(0, n_streams, batch):
             rows = ids[first : first + batch]
             width = rows.shape[0]
@@ -114,7 +114,7 @@ class PerplexityTask(Task):
                 nll[first : first + width, start:end] = F.cross_entropy(
                     logits.float().transpose(1, 2), rows[:, start + 1 : end + 1], reduction="none"
                 )
-                meter.step(width * (end - start), session.kv_tokens, session.kv_bytes)
+                meter.step(width * (end - start))
                 progress(width * (end - start))
         decode = meter.rate() if feeding["mode"] == "token" else self._probe(session, rows, meter)
         values = nll.double().cpu()

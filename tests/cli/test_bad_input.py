@@ -942,7 +942,8 @@ def test_snapkv_refuses_a_window_that_does_not_fit_instead_of_shrinking_it():
 
 
 def test_control_characters_reach_reports_escaped(tmp_path):
-    from streambench.results.report import _html_cell, _md_cell
+    from streambench.results.report.tables import html_cell as _html_cell
+    from streambench.results.report.tables import md_cell as _md_cell
 
     hostile = "a\x00b\x1b[31mc\x85d\udce9<e>|"
     for cell in (_html_cell(hostile), _md_cell(hostile)):

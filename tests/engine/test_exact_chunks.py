@@ -128,12 +128,12 @@ def test_perplexity_task_records_how_it_fed(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("streaming " * 40)
     from streambench.engine.meter import Meter
-    from streambench.runs.runner import Progress
+    from streambench.tasks.base import NoProgress
 
     def run(pol, **kw):
         task = PerplexityTask(text=str(text), tokens=300, **kw)
         with StreamSession(lm, pol) as session:
-            return task.run(session, Tok(), Meter(session.device), Progress())
+            return task.run(session, Tok(), Meter(session.device), NoProgress())
 
     exact = run(policy("streamingllm", {}, 64))
     assert exact.info["feeding"] == {"mode": "exact-chunks", "chunk": 64, "token_exact": True}

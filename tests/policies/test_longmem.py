@@ -98,12 +98,12 @@ def test_passkey_is_retrieved_and_helps_on_the_embedded_model(embedded):
     NLL drops by more than 1 nat."""
     from streambench.engine.meter import Meter
     from streambench.policies.build import PolicySpec, build_policy
-    from streambench.runs.runner import Progress
+    from streambench.tasks.base import NoProgress
     from streambench.tasks.build import build_task
 
     def run_task(lm, task, name, budget, **args):
         session = StreamSession(lm, build_policy(PolicySpec(name, args), budget))
-        return task.run(session, lm.tokenizer, Meter(session.device), Progress())
+        return task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
 
     task = build_task("passkey", {})
     sinks = run_task(embedded, task, "streamingllm", 128)

@@ -318,3 +318,29 @@ def test_a_ratio_with_a_zero_denominator_is_bad_input(fixture_store, tmp_path):
             },
             results,
         )
+
+
+def test_a_plugin_curve_kind_gets_its_own_plot(fixture_store, tmp_path):
+    """A task whose results carry a curve of a new kind adds its figure with register_plot."""
+    from streambench.results.report import PLOTS, register_plot, write_report
+
+    with Store(fixture_store) as s:
+        results = [r for r in s.results() if r["config"]["task"]["name"] == "rps"]
+    results[0]["curves"]["loss_by_round"] = {"index": [0, 1, 2], "value": [1.0, 0.5, 0.25]}
+    drawn = []
+
+    @register_plot("loss_by_round")
+    def loss(figures, grp, rows):
+        fig, ax = figures.plt.subplots()
+        for r in rows:
+            curve = r["curves"]["loss_by_round"]
+            ax.plot(curve["index"], curve["value"], **figures.style(r))
+        figures.save(fig, f"{grp['prefix']}loss_by_round.png", "loss by round", grp)
+        drawn.append(len(rows))
+
+    try:
+        write_report(results, tmp_path / "report")
+    finally:
+        PLOTS.pop("loss_by_round")
+    assert drawn == [1] and (tmp_path / "report" / "rps_loss_by_round.png").is_file()
+    assert "loss by round" in (tmp_path / "report" / "report.md").read_text()

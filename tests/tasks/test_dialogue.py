@@ -10,7 +10,7 @@ from streambench.engine.meter import Meter
 from streambench.engine.session import StreamSession
 from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy
-from streambench.runs.runner import Progress
+from streambench.tasks.base import NoProgress
 from streambench.tasks.build import build_task
 from streambench.tasks.dialogue.chat_format import Conversation
 from streambench.tasks.dialogue.items import MOVES, generate_grocery, player_moves
@@ -102,7 +102,7 @@ def test_rps_win_tie_loss_counts_are_exact():
     lm = LoadedModel.wrap(model, byte_tokenizer())
     task = build_task("rps", {"players": "rock,switch", "limit": 30, "seed": 3})
     session = StreamSession(lm, build_policy(PolicySpec("streamingllm"), 400))
-    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    result = task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
     for tag in ("rock", "switch"):
         user = np.array(player_moves(tag, 30, seed=3 + (0 if tag == "rock" else 1000)))
         assert result.metrics[f"win_rate_{tag}"] == pytest.approx(np.mean(user == 0))
@@ -124,7 +124,7 @@ def test_grocery_accuracy_and_key_accuracy_are_exact():
     lm = LoadedModel.wrap(model, byte_tokenizer())
     task = build_task("grocery", {"limit": 3, "seed": 1})
     session = StreamSession(lm, build_policy(PolicySpec("sirllm", {"decay": 0.9}), 256))
-    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    result = task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
     items = generate_grocery(3, seed=1)
     fillers = [i for i in items if i.kind == "filler"]
     recalls = [i for i in items if i.kind == "recall"]
@@ -194,7 +194,7 @@ def test_sirllm_format_renders_the_released_strings():
     task = build_task("rps", {"players": "rock", "limit": 3, "format": "sirllm"})
     session = StreamSession(lm, build_policy(PolicySpec("dense"), None))
     stream = committed(session)
-    result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    result = task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
     moves = [r["user"] for r in result.records]
     turns = [released_chatml(FIRST_RELEASED, "A")] + [
         released_chatml(NEXT.format(move=moves[r - 1]), "A") for r in (1, 2)
@@ -207,7 +207,7 @@ def test_sirllm_format_renders_the_released_strings():
     plain = build_task("rps", {"players": "rock", "limit": 1, "format": "plain"})
     session = StreamSession(lm, build_policy(PolicySpec("dense"), None))
     stream = committed(session)
-    plain.run(session, lm.tokenizer, Meter(session.device), Progress())
+    plain.run(session, lm.tokenizer, Meter(session.device), NoProgress())
     assert lm.tokenizer.decode(stream) == "USER: " + FIRST_RELEASED + "\n\nASSISTANT: A"  # the released non-Yi path
 
 
@@ -217,7 +217,7 @@ def test_sirllm_released_wraps_grocery_plainly_under_sirllm_only():
     infos = {}
     for name in ("sirllm", "streamingllm"):
         session = StreamSession(lm, build_policy(PolicySpec(name), 2000))
-        infos[name] = task.run(session, lm.tokenizer, Meter(session.device), Progress()).info["format"]
+        infos[name] = task.run(session, lm.tokenizer, Meter(session.device), NoProgress()).info["format"]
     assert infos == {"sirllm": "plain", "streamingllm": "sirllm-released"}
     with pytest.raises(Exception, match="format must be one of"):
         build_task("rps", {"format": "chatml"})
@@ -232,6 +232,6 @@ def test_sirllm_format_reproduces_the_released_code_on_its_player_file(embedded,
     player = shared_data / "sirllm" / "data" / "rock_paper_scissors" / "rock_paper_scissors_dominant_rock.jsonl"
     task = build_task("rps", {"players": str(player), "limit": 12, "format": "sirllm"})
     session = StreamSession(embedded, build_policy(PolicySpec("sirllm", {"score": "upstream", "decay": 0.9}), 256))
-    records = task.run(session, embedded.tokenizer, Meter(session.device), Progress()).records
+    records = task.run(session, embedded.tokenizer, Meter(session.device), NoProgress()).records
     assert records[1]["logprobs"][0] == pytest.approx(-1.6424, abs=1e-4)
     assert [r["model"] for r in records] == ["rock"] * 9 + ["paper"] * 3

@@ -72,7 +72,7 @@ def test_generate_until_stops_at_until(bridge):
     from test_dialogue import Bigram
 
     lm = bridge(policy="window", budget=16)
-    stub = Bigram(lm.model_info.model)
+    stub = Bigram(lm.loaded.model)
     for a, b in zip("eabcd", "abcde"):
         stub.prefer(a, b)
     ask = lambda kwargs: lm.generate_until([req("generate_until", "Once upon a time", kwargs)])[0]  # noqa: E731

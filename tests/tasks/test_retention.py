@@ -12,7 +12,8 @@ from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy
 from streambench.runs.config import RunConfig, resolve_budget
-from streambench.runs.runner import Progress, plan
+from streambench.runs.runner import plan
+from streambench.tasks.base import NoProgress
 from streambench.tasks.build import build_task
 from streambench.tasks.dialogue.chat_format import Conversation
 from streambench.tasks.needle import _matches
@@ -29,7 +30,7 @@ def session_of(lm, policy="dense", budget=None, **args):
 
 def run_task(lm, task, policy, budget, **args):
     session = session_of(lm, policy, budget, **args)
-    return task.run(session, lm.tokenizer, Meter(session.device), Progress())
+    return task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
 
 
 def test_kept_share_counts_lanes():
@@ -85,7 +86,7 @@ def test_retention_equals_a_count_from_the_cache_positions():
     session.feed = recording
     grocery._key_kept = spy
     try:
-        result = task.run(session, lm.tokenizer, Meter(session.device), Progress())
+        result = task.run(session, lm.tokenizer, Meter(session.device), NoProgress())
     finally:
         grocery._key_kept = kept
     items = [i for i in task.items() if i.kind == "key"]

@@ -45,17 +45,16 @@ def play_items(
     conversation = conversation or Conversation(session, tokenizer)
     records, group = [], None
     progress.total(len(items), "item")
-    meter.start()
+    meter.start(session)
     for item in items:
         if item.group != group:
             conversation.reset()
             group = item.group
-        processed = session.processed
         extra = before(conversation, item) if before else {}
         chosen, scored = conversation.ask(item.question, item.replies, facts=item.meta.get("facts", ()))
         if after:
             extra.update(after(conversation, item))
-        meter.step(session.processed - processed, session.kv_tokens, session.kv_bytes)
+        meter.step()
         progress(1)
         records.append(
             {

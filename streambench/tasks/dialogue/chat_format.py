@@ -268,6 +268,25 @@ class Conversation:
         self.turns += 1
         return written
 
+    @torch.no_grad()
+    def replay(self, question: str, tokens: list[int]) -> float | None:
+        """The user says `question` and the reply is given (`tokens`, another session's answer):
+        both enter this stream, closed by the turn end. Returns the reply's mean NLL here (None
+        for an empty reply): mtbench scores a policy's answers under a dense twin this way."""
+        import torch.nn.functional as F
+
+        session = self.session
+        last = session.feed(self._context(question, ()))[0, -1]
+        nll = None
+        if tokens:
+            answer = torch.tensor([tokens], device=session.device)
+            logits = torch.cat([last[None], session.feed(answer)[0, :-1]]).float()
+            nll = F.cross_entropy(logits, answer[0]).item()
+        if self.fmt.assistant_suffix:
+            session.feed(self.encode(self.fmt.assistant_suffix))
+        self.turns += 1
+        return nll
+
     def _stop_ids(self) -> set[int]:
         if self._stops is None:
             stops = {self.tokenizer.eos_token_id}

@@ -82,8 +82,9 @@ class GroceryTask(Task):
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         fmt = self.format
-        if fmt == "sirllm-released" and session.policy.name == "sirllm":
-            fmt = "plain"  # the released streaming_inference_token_entropy_for_keys wraps every model so
+        if fmt == "sirllm-released" and "logits" in session.policy.observes:
+            fmt = "plain"  # the released streaming_inference_token_entropy_for_keys (the path of a policy
+            # that scores tokens from their logits, SirLLM's token entropy) wraps every model so
         conversation = conversation_for(session, tokenizer, fmt)
         records = play_items(
             self.items(), session, tokenizer, meter, progress, self._free_recall, _key_kept, conversation

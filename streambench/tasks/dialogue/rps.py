@@ -113,7 +113,7 @@ class RockPaperScissorsTask(Task):
         files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
         if files:
             info["player_files"] = files
-        meter.start()
+        meter.start(session)
         for player, user_moves in games.items():
             conversation.reset()
             results = []
@@ -121,9 +121,8 @@ class RockPaperScissorsTask(Task):
             for r, user in enumerate(user_moves):
                 question = first if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
                 facts = () if r == 0 else ((f"move {r - 1}", MOVES[user_moves[r - 1]]),)
-                before = session.processed
                 model, scored = conversation.ask(question, REPLIES, by_greedy=False, facts=facts)
-                meter.step(session.processed - before, session.kv_tokens, session.kv_bytes)
+                meter.step()
                 share = None
                 if r:
                     counts[user_moves[r - 1]] += 1

@@ -26,12 +26,14 @@ this module is imported (after `lm_eval.models`, or `hf` disappears from the reg
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from lm_eval.api.model import TemplateLM
 
 from streambench.engine.generation import generate
+from streambench.policies.base import CachePolicy
 from streambench.policies.build import PolicySpec, build_policy
 from streambench.values import parse_assignments
 
@@ -40,7 +42,7 @@ class StreambenchLM(TemplateLM):
     def __init__(
         self,
         pretrained: str = "smollm2-135m",
-        policy: str = "dense",
+        policy: str | CachePolicy = "dense",
         budget: int | None = 256,
         device: str = "auto",
         dtype: str = "auto",
@@ -49,12 +51,18 @@ class StreambenchLM(TemplateLM):
         chunk_size: int | None = None,
         **policy_args: Any,
     ):
+        """`policy`: a name (or preset) built with `budget` and `policy_args`, as `lm_eval
+        --model streambench --model_args policy=...` gives it; or a policy already built (the
+        lm-eval task passes the run's own), of which every request's session gets a fresh copy."""
         super().__init__()
         from streambench.models import loading as models
 
-        self.model_info = lm or models.load(pretrained, device, dtype)
-        self.tokenizer = self.model_info.tokenizer
-        self.spec = PolicySpec(policy, dict(policy_args))
+        self.loaded = lm or models.load(pretrained, device, dtype)
+        self.tokenizer = self.loaded.tokenizer
+        self.built = policy if isinstance(policy, CachePolicy) else None
+        if self.built is not None:
+            budget, policy_args = self.built.budget, {}
+        self.spec = PolicySpec(self.built.name if self.built is not None else policy, dict(policy_args))
         self.budget = budget
         self.stream = bool(stream)
         if chunk_size is not None and (
@@ -67,7 +75,8 @@ class StreambenchLM(TemplateLM):
         self._stream_session = None
         self.tokens = 0  # tokens run through the model (tokens/s)
         self.kv_tokens_peak = self.kv_bytes_peak = 0
-        build_policy(self.spec, budget)  # validate now
+        if self.built is None:
+            build_policy(self.spec, budget)  # validate now
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> StreambenchLM:
@@ -94,9 +103,12 @@ class StreambenchLM(TemplateLM):
 
         if self.stream and self._stream_session is not None:
             return self._stream_session
-        session = StreamSession(
-            self.model_info, build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget)
+        policy = (
+            copy.deepcopy(self.built)
+            if self.built is not None
+            else build_policy(PolicySpec(self.spec.name, dict(self.spec.args)), self.budget)
         )
+        session = StreamSession(self.loaded, policy)
         if self.stream:
             self._stream_session = session
         return session
@@ -115,7 +127,7 @@ class StreambenchLM(TemplateLM):
         return logits
 
     def _ids(self, tokens: list[int]) -> torch.Tensor:
-        return torch.tensor([tokens], device=next(self.model_info.model.parameters()).device)
+        return torch.tensor([tokens], device=next(self.loaded.model.parameters()).device)
 
     # ---- the three request types -----------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import yaml
 
 from streambench.presets import preset_dirs
+from streambench.run_fields import budget_text, label
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
 
@@ -63,14 +64,13 @@ class LMEvalTask(Task):
         from streambench.errors import DataError
         from streambench.tasks.lm_eval.model import StreambenchLM
 
-        policy = session.policy
-        lm = StreambenchLM(lm=session.lm, policy=policy.name, stream=self.stream, **policy.args())
+        evaluator = StreambenchLM(lm=session.lm, policy=session.policy, stream=self.stream)
         specs = [shipped_task(name) or name for name in self.task_list()]
         manager = TaskManager(include_path=self.include_path) if self.include_path else None
         meter.start()
         try:
             out = lm_eval.simple_evaluate(
-                model=lm,
+                model=evaluator,
                 tasks=specs,
                 limit=self.limit,
                 num_fewshot=self.num_fewshot,
@@ -83,8 +83,8 @@ class LMEvalTask(Task):
                 f"lm-eval could not run {self.tasks}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
         finally:
-            lm.close()  # its sessions' hooks leave the shared model
-        meter.step(max(lm.tokens, 1), lm.kv_tokens_peak, lm.kv_bytes_peak)
+            evaluator.close()  # its sessions' hooks leave the shared model
+        meter.step(max(evaluator.tokens, 1), evaluator.kv_tokens_peak, evaluator.kv_bytes_peak)
         progress(1)
         metrics, directions = {}, {}
         for task, values in out["results"].items():
@@ -95,7 +95,6 @@ class LMEvalTask(Task):
                     higher = out.get("higher_is_better", {}).get(task, {}).get(metric)
                     if higher is not None:
                         directions[f"{task}/{metric}"] = bool(higher)
-        self.higher_is_better = directions  # per run: whatever the lm-eval tasks declare
         from lm_eval.utils import make_table
 
         versions = {t: str(v) for t, v in out.get("versions", {}).items()}
@@ -108,6 +107,7 @@ class LMEvalTask(Task):
                 "stream": self.stream,
                 "lm_eval_table": make_table(out),
             },
+            higher_is_better=directions,  # per run: whatever the lm-eval tasks declare
         )
 
     @classmethod
@@ -115,8 +115,5 @@ class LMEvalTask(Task):
         """lm-eval's own results table, per policy."""
         parts = []
         for r in results:
-            budget = r["config"]["policy"]["args"].get("budget")
-            parts.append(
-                f"{r.get('label')} (budget {budget if budget is not None else 'all'}):\n{r['info'].get('lm_eval_table', '')}"
-            )
+            parts.append(f"{label(r)} (budget {budget_text(r)}):\n{r['info'].get('lm_eval_table', '')}")
         return "\n".join(parts)

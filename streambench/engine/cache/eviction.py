@@ -1,0 +1,297 @@
+"""Keep-sets applied to the cache: the kept tokens move into the holes (swap-remove), re-indexed
+to ranks 0..n-1, and the keys whose rank shift differs from their stream's commonest one are
+re-rotated from their pre-RoPE copies.
+
+Keep-sets may differ per layer and KV head (H2O, KNorm, SnapKV keep different tokens in every
+head): the first such eviction switches the bookkeeping to one row per (layer, stream, head)
+"lane", each with its own slot map, positions and scores, all lanes keeping equally many tokens so
+the buffers stay rectangular. A token's position in a head is its rank among that head's kept
+tokens; the query sits at the count kept, as before, so one offset per stream still serves every
+head (the largest group of equal rank shifts over all of a stream's lanes keeps its rotation).
+
+Retrieval policies (longmem) take tokens out (`take`) and splice memory back in (`splice`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from streambench.engine.cache.layers import Shard
+    from streambench.models.rope import RotaryTable
+
+
+class Eviction:
+    """The eviction half of `StreamCache` (a mixin over its buffers and bookkeeping)."""
+
+    # provided by StreamCache
+    shards: list[Shard]
+    rope: RotaryTable | None
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    batch: int
+    capacity: int
+    dtype: torch.dtype
+    device: torch.device
+    evictions: int
+    epoch: int
+    per_head: bool
+    uniform: bool
+    _n: int
+    _len: list[int]
+    _slot: np.ndarray
+    _pos: np.ndarray
+    _score: np.ndarray
+    _offsets: np.ndarray
+    _row_stream: np.ndarray
+
+    def evict(self, keep: np.ndarray) -> None:
+        """Keep the tokens at ranks `keep` (sorted, time order) and re-index them to 0..n_new-1.
+        `keep` is (n_new,) for every stream alike (a position-based policy: the streams' slots and
+        offsets stay identical, so the work is done once for all), (B, n_new), one row each, or
+        (B, L, H, n_new), one keep-set per stream, layer and KV head (ranks within that head)."""
+        keep = np.asarray(keep)
+        if keep.ndim == 4 or self.per_head:
+            self._evict_per_head(keep)
+            return
+        shared = keep.ndim == 1 and self.uniform
+        if keep.ndim == 1 and not shared:
+            keep = np.broadcast_to(keep, (self.batch, len(keep)))
+        rows = keep[None] if shared else keep
+        if self.batch > 1 and not shared:
+            self.uniform = False
+        n_old, n_new = self._n, rows.shape[1]
+        if n_new == n_old:
+            return
+        self.evictions += 1
+        self.epoch += 1
+        if self.rope is None:
+            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        moves, stale = [], []
+        for b, kb in enumerate(rows):
+            stream = None if shared else b  # None: the same for every stream
+            kept_mask = np.zeros(n_old, dtype=bool)
+            kept_mask[kb] = True
+            kept_slots = self._slot[b, kb]
+            freed = self._slot[b, :n_old][~kept_mask]
+            holes = freed[freed < n_new]  # free slots inside the new valid region ...
+            movers = np.flatnonzero(kept_slots >= n_new)  # ... filled by kept tokens beyond it
+            if len(movers):
+                moves.append((stream, kept_slots[movers], holes))
+                kept_slots[movers] = holes
+            # Each kept token's rank dropped by the number of evicted tokens before it. The biggest
+            # group of equal shifts keeps its rotation; the stream's offset absorbs that shift.
+            shift = kb - np.arange(n_new)
+            common = int(np.bincount(shift).argmax()) if n_new else 0  # budget 1: nothing kept
+            offsets = self._offsets if shared else self._offsets[b : b + 1]
+            offsets += common
+            if offsets[0] > self.capacity:  # renormalise: every key back to offset 0
+                offsets[:] = 0
+                stale.append((stream, np.arange(n_new)))
+            else:
+                changed = np.flatnonzero(shift != common)
+                if len(changed):
+                    stale.append((stream, changed))
+            target = slice(None) if shared else b
+            self._pos[target, :n_new] = self._pos[target, kb]
+            self._score[target, :n_new] = self._score[target, kb]
+            self._slot[target, :n_new] = kept_slots
+        if moves:
+            self._move(moves)
+        self._n = n_new
+        self._len = [n_new] * self.num_layers
+        if stale:
+            self._rerotate(stale)
+
+    def _enter_per_head(self) -> None:
+        """From one bookkeeping row per stream to one per (layer, stream, head): every lane starts
+        as a copy of its stream's row. Rows are ordered as the buffers flatten, (L, B, H)."""
+        L, B, H = self.num_layers, self.batch, self.kv_heads
+        for name in ("_slot", "_pos", "_score"):
+            old = getattr(self, name)
+            # (a copy: with one lane the broadcast is already contiguous, and would stay a read-only view)
+            setattr(
+                self, name, np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1])).reshape(L * B * H, -1).copy()
+            )
+        self._row_stream = np.tile(np.repeat(np.arange(B), H), L)
+        self.per_head = True
+        self.uniform = False
+
+    def _evict_per_head(self, keep: np.ndarray) -> None:
+        """Every lane keeps its own ranks; all vectorised over lanes (no Python loop per head)."""
+        L, B, H = self.num_layers, self.batch, self.kv_heads
+        if self.rope is None:
+            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        if not self.per_head:
+            self._enter_per_head()
+        if keep.ndim == 4:
+            rows = keep.transpose(1, 0, 2, 3).reshape(L * B * H, -1)
+        elif keep.ndim == 2:
+            rows = keep[self._row_stream]
+        else:
+            rows = np.broadcast_to(keep, (L * B * H, len(keep)))
+        n_old, n_new = self._n, rows.shape[1]
+        if n_new == n_old:
+            return
+        self.evictions += 1
+        self.epoch += 1
+        R = rows.shape[0]
+        kept_slots = np.take_along_axis(self._slot[:, :n_old], rows, 1)
+        kept_mask = np.zeros((R, n_old), dtype=bool)
+        np.put_along_axis(kept_mask, rows, True, 1)
+        freed = self._slot[:, :n_old][~kept_mask].reshape(R, n_old - n_new)
+        # Per lane, kept tokens beyond the new valid region are as many as the holes inside it;
+        # nonzero() walks row by row, so movers and holes pair up lane by lane.
+        hole_r, hole_c = np.nonzero(freed < n_new)
+        move_r, move_c = np.nonzero(kept_slots >= n_new)
+        src, dst = kept_slots[move_r, move_c], freed[hole_r, hole_c]
+        kept_slots[move_r, move_c] = dst
+        shift = rows - np.arange(n_new)
+        common = np.zeros(B, dtype=np.int64)
+        if n_new:
+            for b in range(B):  # one offset per stream: the commonest shift over all its lanes
+                common[b] = np.bincount(shift[self._row_stream == b].ravel()).argmax()
+        self._offsets += common
+        renorm = self._offsets > self.capacity
+        self._offsets[renorm] = 0
+        stale = shift != common[self._row_stream][:, None]
+        stale[renorm[self._row_stream]] = True
+        self._pos[:, :n_new] = np.take_along_axis(self._pos[:, :n_old], rows, 1)
+        self._score[:, :n_new] = np.take_along_axis(self._score[:, :n_old], rows, 1)
+        self._slot[:, :n_new] = kept_slots
+        self._n = n_new
+        self._len = [n_new] * self.num_layers
+        if len(src):
+            self._move_lanes(move_r, src, dst)
+        stale_r, stale_c = np.nonzero(stale)
+        if len(stale_r):
+            self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+            slots = self._slot[stale_r, stale_c]
+            positions = stale_c + self._offsets[self._row_stream[stale_r]]
+            for shard, local, flat in self._lane_index(stale_r, slots):
+                pre = shard.k_pre.view(-1, self.head_dim).index_select(0, flat)
+                shard.k.view(-1, self.head_dim).index_copy_(
+                    0, flat, self.rope.rotate(pre, shard.index(positions[local]))
+                )
+
+    def _lane_index(self, rows: np.ndarray, slots: np.ndarray):
+        """Per shard: (shard, which entries fall in it, flat index into its (L_s*B*H*capacity) slots)."""
+        per_layer = self.batch * self.kv_heads
+        for shard in self.shards:
+            local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
+            if len(self.shards) == 1:
+                local = slice(None)
+            flat = (rows[local] - shard.start * per_layer) * self.capacity + slots[local]
+            yield shard, local, shard.index(flat)
+
+    def _move_lanes(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        per_layer = self.batch * self.kv_heads
+        for shard in self.shards:
+            local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
+            base = (rows[local] - shard.start * per_layer) * self.capacity
+            s, d = shard.index(base + src[local]), shard.index(base + dst[local])
+            for buf in shard.buffers():
+                flat = buf.view(-1, buf.shape[-1]) if buf.dim() == 5 else buf.view(-1)
+                flat.index_copy_(0, d, flat.index_select(0, s))
+
+    def _for_all_rows(self, entries: list) -> bool:
+        """One entry that applies to every stream alike: index the slot dimension of all rows."""
+        return len(entries) == 1 and (entries[0][0] is None or self.batch == 1)
+
+    def _move(self, moves: list) -> None:
+        """Copy tokens between slots: `moves` holds (stream or None for all, source slots, destination slots)."""
+        if self._for_all_rows(moves):
+            ((_, src, dst),) = moves
+            for shard in self.shards:
+                s, d = shard.index(src), shard.index(dst)
+                for buf in shard.buffers():
+                    buf.index_copy_(3, d, buf.index_select(3, s))
+            return
+        rows = np.concatenate([np.full(len(s), b) for b, s, _ in moves])
+        src = np.concatenate([s for _, s, _ in moves])
+        dst = np.concatenate([d for _, _, d in moves])
+        for shard in self.shards:
+            r, s, d = shard.index(rows), shard.index(src), shard.index(dst)
+            for buf in shard.buffers():
+                buf[:, r, :, d] = buf[:, r, :, s]  # (M, L, H, D) gathered, then scattered
+
+    def _rerotate(self, stale: list) -> None:
+        """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream or None for all, ranks) pairs."""
+        self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+        if self._for_all_rows(stale):
+            ((_, ranks),) = stale
+            slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
+            for shard in self.shards:
+                s = shard.index(slots)
+                shard.k.index_copy_(3, s, self.rope.rotate(shard.k_pre.index_select(3, s), shard.index(positions)))
+            return
+        rows = np.concatenate([np.full(len(r), b) for b, r in stale])
+        slots = np.concatenate([self._slot[b, r] for b, r in stale])
+        positions = np.concatenate([r + self._offsets[b] for b, r in stale])
+        for shard in self.shards:
+            r, s = shard.index(rows), shard.index(slots)
+            pre = shard.k_pre[:, r, :, s].permute(1, 2, 0, 3)  # (L, H, M, D)
+            shard.k[:, r, :, s] = self.rope.rotate(pre, shard.index(positions)).permute(2, 0, 1, 3)
+
+    def _single(self, what: str) -> None:
+        if self.batch != 1:
+            raise NotImplementedError(f"{what} works on single streams (batch size 1)")
+        if self.per_head:
+            raise NotImplementedError(f"{what} works on one keep-set for all heads")
+
+    def take(self, ranks: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
+        self._single("take")
+        slots = self._slot[0, ranks]
+        parts = [
+            (
+                s.k_pre.index_select(3, s.index(slots)).to(self.device),
+                s.v.index_select(3, s.index(slots)).to(self.device),
+            )
+            for s in self.shards
+        ]
+        if len(parts) == 1:
+            return self._pos[0, ranks].copy(), *parts[0]
+        return self._pos[0, ranks].copy(), torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
+        that they take ranks at..at+m-1: how retrieved memory joins the cache between the sinks and
+        the recent window. The side of the insertion point with fewer tokens is re-rotated."""
+        self._single("splice")
+        self.evict(keep)
+        m, n = len(positions), self._n
+        if m == 0:
+            return
+        self.epoch += 1  # ranks move: no rollback across a splice either
+        if n + m > self.capacity:
+            self.grow(n + m)
+        if n + m > self._slot.shape[1]:
+            self._grow_meta(n + m)
+        offset = self.offset
+        if at <= n - at and offset >= m:
+            offset -= m  # the tokens after `at` keep their rotation; those before move
+            stale = np.arange(at)
+        elif at > n - at:
+            stale = np.arange(at + m, n + m)  # the tokens after `at` move by m
+        else:
+            offset = 0  # no room to lower the offset: re-rotate everything once
+            stale = np.concatenate([np.arange(at), np.arange(at + m, n + m)])
+        self._offsets[0] = offset
+        self._slot[0, : n + m] = np.insert(self._slot[0, :n], at, np.arange(n, n + m))
+        self._pos[0, : n + m] = np.insert(self._pos[0, :n], at, positions)
+        self._score[0, : n + m] = np.insert(self._score[0, :n], at, np.zeros(m))
+        self._n = n + m
+        self._len = [n + m] * self.num_layers
+        new_positions = np.arange(at, at + m) + offset
+        self.rope.ensure(n + m + offset)
+        for shard in self.shards:
+            part_k = k_pre[shard.start : shard.stop].to(shard.device, self.dtype)
+            shard.k_pre[..., n : n + m, :] = part_k
+            shard.v[..., n : n + m, :] = v[shard.start : shard.stop].to(shard.device, self.dtype)
+            shard.k[..., n : n + m, :] = self.rope.rotate(part_k, shard.index(new_positions))
+        if len(stale):
+            self._rerotate([(0, stale)])

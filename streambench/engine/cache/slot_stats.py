@@ -1,0 +1,100 @@
+"""Per-slot statistics a policy asked the engine for (accumulated attention, key norms): buffers
+shaped like the keys without the last dimension, (L_s, B, H, capacity) float32 per shard, that
+move with the keys at every eviction (they are among each shard's `buffers()`). Attention
+statistics are written by the observer (observe.py); the ones in `ON_WRITE` are computed from the
+keys as tokens enter (no attention capture, so the static and graph decode paths stay open)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from streambench.engine.cache.layers import Shard
+
+
+def _key_norm(keys: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each key (rotation keeps norms: the pre-RoPE key's is the cached key's)."""
+    return keys.float().norm(dim=-1)
+
+
+# statistic -> its value from the new tokens' keys (..., count, D) -> (..., count)
+ON_WRITE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"key_norm": _key_norm}
+
+
+class SlotStats:
+    """The statistics half of `StreamCache` (a mixin over its shards and bookkeeping)."""
+
+    # provided by StreamCache
+    shards: list[Shard]
+    num_layers: int
+    kv_heads: int
+    batch: int
+    capacity: int
+    device: torch.device
+    per_head: bool
+    stat_names: tuple[str, ...]
+    _n: int
+    _slot: np.ndarray
+    _where: list[tuple[Shard, int]]
+
+    def enable_stats(self, names) -> None:
+        """Keep (L, B, H, capacity) float32 buffers `names` next to the keys; they move with them."""
+        for shard in self.shards:
+            for name in names:
+                if name not in shard.stats:
+                    shard.stats[name] = torch.zeros(
+                        (shard.stop - shard.start, self.batch, self.kv_heads, self.capacity),
+                        dtype=torch.float32,
+                        device=shard.device,
+                    )
+        self.stat_names = tuple(sorted(set(self.stat_names) | set(names)))
+
+    def stat(self, layer: int, name: str) -> torch.Tensor:
+        """Layer `layer`'s (B, H, capacity) buffer, indexed by physical slot."""
+        shard, i = self._where[layer]
+        return shard.stats[name][i]
+
+    def _ranked(self, tensors, b: int) -> torch.Tensor:
+        """Stream b's per-slot tensors (L_s, B, H, capacity, ...) per shard, in rank order: (L, H, n, ...)."""
+        n, parts = self._n, []
+        for shard, t in zip(self.shards, tensors):
+            if self.per_head:
+                idx = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
+                    shard.start : shard.stop, b, :, :n
+                ]
+                idx = shard.index(np.ascontiguousarray(idx))
+                if t.dim() == 5:
+                    idx = idx[..., None].expand(-1, -1, -1, t.shape[-1])
+                parts.append(torch.gather(t[:, b], 2, idx).to(self.device))
+            else:
+                parts.append(t[:, b].index_select(2, shard.index(self._slot[b, :n])).to(self.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def ranked_stat(self, name: str, b: int = 0) -> torch.Tensor:
+        """Statistic `name` of stream b's kept tokens, (L, H, n) in each head's rank order."""
+        return self._ranked([s.stats[name] for s in self.shards], b)
+
+    def ranked_keys(self, b: int = 0) -> torch.Tensor:
+        """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order."""
+        return self._ranked([s.k for s in self.shards], b)
+
+    def save_stats(self):
+        """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
+        return [{k: t[..., : self._n].clone() for k, t in s.stats.items()} for s in self.shards]
+
+    def restore_stats(self, saved) -> None:
+        for shard, part in zip(self.shards, saved):
+            for name, t in part.items():
+                shard.stats[name][..., : t.shape[-1]] = t
+
+    def _record_on_write(self, start: int, end: int) -> None:
+        """The write-time statistics of the tokens just committed at slots [start, end)."""
+        for shard in self.shards:
+            for name, value in ON_WRITE.items():
+                if name in shard.stats:
+                    source = shard.k_pre if shard.k_pre is not None else shard.k
+                    shard.stats[name][..., start:end] = value(source[..., start:end, :])

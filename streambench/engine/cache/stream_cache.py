@@ -1,0 +1,295 @@
+"""StreamCache itself: the buffers' state, what the model writes (once per layer per forward), what
+the session commits after each forward, one stream's views for policies, and the exact byte
+accounting. Eviction, statistics and sliding layers are its other parts (see __init__.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from streambench.engine.cache.eviction import Eviction
+from streambench.engine.cache.layers import Shard, SlidingLayer, StreamLayer
+from streambench.engine.cache.sliding import SlidingWindows
+from streambench.engine.cache.slot_stats import SlotStats
+from streambench.models.rope import RotaryTable
+
+
+class StreamCache(Eviction, SlotStats, Cache):
+    """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
+    tokens (a score-based policy evicts different ones per stream), all keep equally many."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        capacity: int,
+        rope: RotaryTable | None,
+        batch_size: int = 1,
+        layer_devices: list | None = None,
+        layer_kinds: list[str] | None = None,
+        sliding_window: int | None = None,
+        sliding_rope: RotaryTable | None = None,
+    ):
+        kinds = list(layer_kinds or ["full_attention"] * num_layers)
+        self.layer_kinds = kinds
+        full = [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
+        slides = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if not full:
+            raise ValueError("every layer slides: no layer for a cache policy to govern")
+        # model layer -> index among its kind (full layers: into the shards' buffers)
+        self.full_index = np.full(len(kinds), -1, dtype=np.int64)
+        self.full_index[full] = np.arange(len(full))
+        where = {i: n for n, i in enumerate(full)} | {i: n for n, i in enumerate(slides)}
+        super().__init__(
+            layers=[
+                (SlidingLayer if kinds[i] == "sliding_attention" else StreamLayer)(self, where[i])
+                for i in range(len(kinds))
+            ]
+        )
+        self.model_layers = len(kinds)
+        self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
+        self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
+        self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
+        self.capacity = 0
+        all_devices = [torch.device(d) for d in (layer_devices or [self.device] * len(kinds))]
+        devices = [all_devices[i] for i in full]
+        self.sliding = None
+        if slides:
+            self.sliding = SlidingWindows(
+                self,
+                [all_devices[i] for i in slides],
+                sliding_window,
+                (sliding_rope or rope) if rope is not None else None,
+            )
+        self.shards: list[Shard] = []
+        for i, d in enumerate(devices):
+            if not self.shards or self.shards[-1].device != d:
+                self.shards.append(Shard(d, i, i))
+            self.shards[-1].stop = i + 1
+        self._where = [(shard, i - shard.start) for shard in self.shards for i in range(shard.start, shard.stop)]
+        self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
+        self.stat_names: tuple[str, ...] = ()
+        self.grow(max(int(capacity), 1))
+        self.reset()
+
+    def reset(self) -> None:
+        self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
+        self.evictions = 0  # evictions that removed tokens (what chat's status line counts)
+        self.epoch = 0  # bumped by anything a rollback cannot undo: evictions, splices, sliding compaction
+        self.uniform = True  # every stream's slots and offsets alike (no per-stream eviction yet)
+        self.per_head = False  # one bookkeeping row per stream; True: one per (layer, stream, head)
+        self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
+        self._n = 0  # kept tokens; the per-token arrays below are valid up to here
+        self._fed = 0  # stream position of the next token (sliding layers' distances)
+        if self.sliding is not None:
+            self.sliding.reset()
+        self._offsets = np.zeros(self.batch, dtype=np.int64)  # per stream (batched streams evict apart)
+        capacity = max(self.capacity, 1)
+        # Per stream (rows), per kept token in time order (columns):
+        self._slot = np.zeros((self.batch, capacity), dtype=np.int64)  # physical slot
+        self._pos = np.zeros((self.batch, capacity), dtype=np.int64)  # original stream position
+        self._score = np.zeros((self.batch, capacity), dtype=np.float64)  # score (e.g. surprisal)
+        for shard in self.shards:
+            for buf in shard.stats.values():
+                buf.zero_()
+
+    def clone(self) -> StreamCache:
+        """An independent copy (buffers and bookkeeping copied, the rotary table shared), for
+        `StreamSession.fork`: a branch that may evict without touching the stream's own cache."""
+        shared = [t for t in (self.rope, self.sliding.rope if self.sliding is not None else None) if t is not None]
+        twin = copy.deepcopy(self, {id(t): t for t in shared})
+        twin.layers = [type(layer)(twin, layer._idx) for layer in self.layers]  # (their weakrefs point here)
+        if twin.sliding is not None:
+            twin.sliding.owner = twin
+        return twin
+
+    def __len__(self) -> int:  # number of layers, as transformers' Cache
+        return self.num_layers
+
+    @property
+    def length(self) -> int:
+        """Kept tokens per stream (batched streams always keep equally many)."""
+        return self._n
+
+    def _of(self, array: np.ndarray, b: int) -> np.ndarray:
+        if self.per_head:
+            return array.reshape(self.num_layers, self.batch, self.kv_heads, -1)[:, b, :, : self._n]
+        return array[b, : self._n]
+
+    def positions_of(self, b: int) -> np.ndarray:
+        return self._of(self._pos, b)
+
+    def scores_of(self, b: int) -> np.ndarray:
+        return self._of(self._score, b)
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._of(self._slot, 0)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._of(self._pos, 0)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._of(self._score, 0)
+
+    def rescale_scores(self, fn) -> None:
+        if self.per_head:
+            self._score[:, : self._n] = fn(self._score[:, : self._n])
+            return
+        for b in range(self.batch):
+            self._score[b, : self._n] = fn(self._score[b, : self._n])
+
+    @property
+    def offset(self) -> int:
+        return int(self._offsets[0])
+
+    def offset_of(self, b: int) -> int:
+        """Stream b's rotation offset: its keys are rotated at rank + offset."""
+        return int(self._offsets[b])
+
+    def next_positions(self, count: int) -> torch.Tensor:
+        """RoPE positions (B, count) for the next tokens: they sit right after the kept ones."""
+        if self.sliding is not None:
+            self.sliding.prepare(count, self._n + self._offsets, self._fed)
+        if self.batch == 1:
+            start = self._n + int(self._offsets[0])
+            return torch.arange(start, start + count, device=self.device)[None]
+        starts = self._n + self._offsets
+        return torch.from_numpy(starts[:, None] + np.arange(count)).to(self.device)
+
+    @property
+    def k(self) -> torch.Tensor:  # single-device buffers, for tests and tools that inspect them
+        return self._single_shard().k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._single_shard().v
+
+    @property
+    def k_pre(self) -> torch.Tensor:
+        return self._single_shard().k_pre
+
+    def _single_shard(self) -> Shard:
+        if len(self.shards) != 1:
+            raise RuntimeError("this cache spans several devices: use cache.shards")
+        return self.shards[0]
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` tokens per stream (at least doubling; never shrinks)."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        for shard in self.shards:
+            shape = (shard.stop - shard.start, self.batch, self.kv_heads, capacity, self.head_dim)
+            for name in ("k", "v", "k_pre"):
+                if name == "k_pre" and self.rope is None:
+                    continue
+                old = getattr(shard, name)
+                new = torch.zeros(shape, dtype=self.dtype, device=shard.device)
+                if old is not None:
+                    new[..., : self.capacity, :] = old
+                setattr(shard, name, new)
+            for name, old in shard.stats.items():
+                new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
+                new[..., : self.capacity] = old
+                shard.stats[name] = new
+        self.capacity = capacity
+
+    def set_write_slot(self, slot: int) -> None:
+        """Where the next static-shape forward writes its token (a device tensor, read by the graph)."""
+        for shard in self.shards:
+            if getattr(shard, "slot", None) is None:
+                shard.slot = torch.zeros(1, dtype=torch.long, device=shard.device)
+            shard.slot.fill_(slot)
+
+    def mark_written(self, count: int) -> None:
+        """A static-shape forward (which leaves no trace in Python) appended `count` tokens."""
+        self._len = [self._n + count] * self.num_layers
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.static:
+            shard, i = self._where[layer]
+            shard.k[i].index_copy_(2, shard.slot, k)
+            shard.v[i].index_copy_(2, shard.slot, v)
+            return shard.k[i], shard.v[i]
+        start = self._len[layer]
+        end = start + k.shape[-2]
+        if end > self.capacity:
+            self.grow(end)
+        shard, i = self._where[layer]
+        shard.k[i, :, :, start:end].copy_(k)
+        shard.v[i, :, :, start:end].copy_(v)
+        self._len[layer] = end
+        return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
+
+    def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
+        """Record the tokens the last forward appended: their stream positions (count,) and
+        scores (B, count) or None."""
+        start, count = self._n, len(positions)
+        end = start + count
+        if any(n != end for n in self._len):
+            raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
+        if end > self._slot.shape[1]:
+            self._grow_meta(end)
+        self._slot[:, start:end] = np.arange(start, end)
+        self._pos[:, start:end] = positions
+        if scores is None:
+            self._score[:, start:end] = 0.0
+        else:
+            self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
+        self._n = end
+        self._fed = int(positions[-1]) + 1 if count else self._fed
+        if self.sliding is not None:
+            self.sliding.commit(count)
+        if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
+            self.rope.ensure(end + int(self._offsets.max()))
+            if self.batch == 1:
+                idx = np.arange(start + self.offset, end + self.offset)
+            else:
+                idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
+            for shard in self.shards:
+                shard.k_pre[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
+        if self.stat_names:
+            self._record_on_write(start, end)
+
+    def _grow_meta(self, size: int) -> None:
+        size = max(size, 2 * self._slot.shape[1])
+        for name in ("_slot", "_pos", "_score"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], size), dtype=old.dtype)
+            new[:, : self._n] = old[:, : self._n]
+            setattr(self, name, new)
+
+    def truncate(self, n: int) -> None:
+        """Forget the tokens appended after the first `n` (valid only if nothing was evicted since:
+        appended tokens occupy the slots and bookkeeping entries after them)."""
+        dropped = self._n - n
+        self._fed -= dropped
+        if self.sliding is not None:
+            self.sliding.truncate(dropped)
+        self._n = n
+        self._len = [n] * self.num_layers
+
+    def token_bytes(self) -> int:
+        """Bytes of K and V per cached token, over all layers and the batch."""
+        return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.shards[0].k.element_size()
+
+    def kv_bytes(self) -> int:
+        """Exact bytes of the keys and values attention sees now (full and sliding layers)."""
+        return self.length * self.token_bytes() + self.sliding_bytes()
+
+    def sliding_bytes(self) -> int:
+        return self.sliding.visible * self.sliding.token_bytes() if self.sliding is not None else 0
+
+    def allocated_bytes(self) -> int:
+        """Bytes held by the buffers (capacity, and the pre-RoPE key copy when re-indexing)."""
+        n = sum(t.numel() * t.element_size() for s in self.shards for t in s.buffers())
+        return n + (self.sliding.allocated_bytes() if self.sliding is not None else 0)
