@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from streambench.cli.exits import UserError, user_errors
+from streambench.cli.options import device_options
 from streambench.cli.progress import quiet_libraries
 
 
@@ -46,8 +47,7 @@ from streambench.cli.progress import quiet_libraries
 @click.option("--soak-chunk", type=int, default=256, show_default=True, help="Tokens per forward in the soak.")
 @click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
 @click.option("--burn", type=int, default=4, show_default=True, help="Burn-in steps per measurement.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
+@device_options
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @user_errors
 def bench_command(

@@ -15,7 +15,8 @@ import sys
 
 import click
 
-from streambench.cli.exits import user_errors
+from streambench.cli.exits import UserError, user_errors
+from streambench.cli.options import device_options, policy_arg_option, policy_specs
 
 DEFAULT_BUDGET = 512
 HELP = "/reset starts a new stream, /stats shows the stream so far, /quit leaves; Ctrl-C stops a reply."
@@ -202,9 +203,7 @@ def _main_thread() -> bool:
     help="Embedded model name, Hugging Face hub id, local folder, or .gguf file.",
 )
 @click.option("--policy", default="streamingllm", show_default=True, help="A policy name or preset.")
-@click.option(
-    "-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE", help="Policy argument (repeatable)."
-)
+@policy_arg_option
 @click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to (tokens).  [default: 512]")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
@@ -218,10 +217,7 @@ def _main_thread() -> bool:
     show_default=True,
     help="template: the model's chat template; plain: USER/ASSISTANT (models without one).",
 )
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option(
-    "--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
-)
+@device_options
 @user_errors
 def chat_command(model, policy, policy_args, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype):
     """Talk to a model in one endless stream under a cache policy; the reply is printed as it is
@@ -238,10 +234,9 @@ def chat_command(model, policy, policy_args, budget, max_new_tokens, temperature
         echo "Hello" | streambench chat --policy window
     """
     from streambench.cli.chat import ChatLoop
-    from streambench.policies.build import apply_overrides, resolve_policy
-    from streambench.values import parse_assignments
 
-    overrides = parse_assignments(policy_args, "-p")
-    spec = resolve_policy(policy.strip(), overrides)
-    apply_overrides([spec], overrides)
+    specs = policy_specs([policy], policy_args)
+    if not specs:
+        raise UserError("no policy given")
+    spec = specs[0]
     ChatLoop(model, spec, budget, max_new_tokens, temperature, top_p, seed, fmt, device, dtype).run()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from streambench.cli.exits import UserError, interrupted, one_line, user_errors
+from streambench.cli.options import device_options, policy_arg_option, policy_specs
 from streambench.cli.progress import quiet_libraries, tqdm_factory
 from streambench.errors import StreambenchError
 from streambench.results.table import format_table, table_notes
@@ -33,14 +34,7 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     show_default=True,
     help="Policy names or preset names/files, comma-separated.",
 )
-@click.option(
-    "-p",
-    "--policy-arg",
-    "policy_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Policy argument, e.g. -p start_size=8 or -p sirllm.decay=0.9 (repeatable).",
-)
+@policy_arg_option
 @click.option(
     "--preset",
     "presets",
@@ -111,10 +105,7 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     help="RPS players, comma-separated: rock, paper, scissors, switch, mix:R,P,S or a SirLLM .jsonl.",
 )
 @click.option("--data", "data", default=None, help="Task data file, folder or URL (SirLLM's files for dialogue tasks).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option(
-    "--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
-)
+@device_options
 @click.option(
     "--out",
     "-o",
@@ -168,7 +159,6 @@ def run_command(
         streambench run --task dailydialog --limit 200
     """
     from streambench.errors import ConfigError
-    from streambench.policies.build import apply_overrides, resolve_policy
     from streambench.runs.config import RunConfig, parse_budget
     from streambench.tasks import TASKS
     from streambench.values import parse_assignments
@@ -176,9 +166,7 @@ def run_command(
     names = [n.strip() for n in policies.split(",") if n.strip()] + list(presets)
     if not names:
         raise UserError("no policy given")
-    overrides = parse_assignments(policy_args, "-p")
-    specs = [resolve_policy(n, overrides) for n in names]
-    apply_overrides(specs, overrides)
+    specs = policy_specs(names, policy_args)
     targs = parse_assignments(task_args, "-t")
     for key, value in (
         ("tokens", tokens),
@@ -352,7 +340,7 @@ def _quality(result: dict) -> str | None:
 )
 @click.option("--model", "-m", "model", default="smollm2-135m", show_default=True)
 @click.option("--policy", "policies", default="dense,streamingllm", show_default=True)
-@click.option("-p", "--policy-arg", "policy_args", multiple=True, metavar="KEY=VALUE")
+@policy_arg_option
 @click.option("--budget", "-b", type=int, default=None, help="Keys each query attends to.  [default: 256]")
 @click.option("--limit", type=int, default=None, help="Items per lm-eval task.")
 @click.option("--num-fewshot", type=int, default=None)
@@ -363,8 +351,7 @@ def _quality(result: dict) -> str | None:
     type=click.Path(file_okay=False, exists=True),
     help="Folder of your own lm-eval task YAMLs.",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
+@device_options
 @click.option("--out", "-o", "out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
@@ -383,13 +370,9 @@ def lm_eval_command(
         streambench lm-eval --tasks streambench_mc --stream --policy window,streamingllm --budget 64
         streambench lm-eval --tasks arc_easy,hellaswag --limit 200 --policy streamingllm --device cuda
     """
-    from streambench.policies.build import apply_overrides, resolve_policy
     from streambench.runs.config import RunConfig
-    from streambench.values import parse_assignments
 
-    overrides = parse_assignments(policy_args, "-p")
-    specs = [resolve_policy(n.strip(), overrides) for n in policies.split(",") if n.strip()]
-    apply_overrides(specs, overrides)
+    specs = policy_specs(policies.split(","), policy_args)
     targs = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "stream": stream, "include_path": include_path}
     config = RunConfig(
         model=model, device=device, dtype=dtype, budget=budget, policies=specs, task="lm-eval", task_args=targs, out=out

@@ -24,7 +24,7 @@ class StaticDecoder:
     def __init__(self, session, capture: bool = True):
         self._session = weakref.ref(session)  # no cycle: a finished session frees its graph pool at once
         self.capture = capture
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.capacity = -1
         self.replays = 0
 
@@ -86,7 +86,10 @@ class StaticDecoder:
                 self.graph = None
                 self.session.drop_static_decoder()
                 return self._forward()
-        self.graph.replay()
+        graph = self.graph
+        if graph is None:  # (the capture above failed: eager from now on)
+            return self._forward()
+        graph.replay()
         self.replays += 1
         return self.logits.clone()
 

@@ -24,6 +24,8 @@ it (a decode probe, an lm-eval continuation) goes on from the same state.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -99,7 +101,8 @@ class ChunkMask(AttentionRoute):
                 self.sinks = is_sink[:, None]  # (N, 1): these keys move to the second half
                 # the sinks of the re-indexed cache sit at ranks 0..S-1 (RoPE position rank + offset);
                 # the query that sees them at distance min(t, budget - 1) - i sits at this position:
-                self.sink_query_at = torch.clamp(queries, max=band.budget - 1) + offset
+                budget = cast(int, band.budget)  # (a band with sinks belongs to an evicting policy)
+                self.sink_query_at = torch.clamp(queries, max=budget - 1) + offset
                 self.rotated_at, self.rope = rotated_at, rope
         else:
             self.mask = recent

@@ -101,11 +101,13 @@ def generate(
     `score` keeps each written token's log-probability (a softmax over the vocabulary per token)."""
     if (prompt is None) == (last is None):
         raise ValueError("generate needs exactly one of prompt and last")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need decode (token ids -> text)")
     sampling = sampling or Sampling()
     stops = set(stop_ids)
     started = time.perf_counter()
-    if prompt is not None:
-        last = session.feed(prompt)[0, -1]
+    logits = session.feed(prompt)[0, -1] if prompt is not None else last
+    assert logits is not None  # (exactly one of prompt and last, checked above)
     tokens: list[int] = []
     logprobs: list[float] | None = [] if score else None
     first = None
@@ -114,7 +116,7 @@ def generate(
         if interrupted is not None and interrupted():
             stop = "interrupted"
             break
-        token = sampling.pick(last)
+        token = sampling.pick(logits)
         if first is None:
             first = time.perf_counter() - started
         if token in stops:
@@ -122,14 +124,14 @@ def generate(
             break
         tokens.append(token)
         if logprobs is not None:
-            logprobs.append(float(torch.log_softmax(last.float(), dim=-1)[token]))
+            logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
         if on_token is not None:
             on_token(token)
-        if stop_strings and any(s in decode(tokens) for s in stop_strings):
+        if stop_strings and decode is not None and any(s in decode(tokens) for s in stop_strings):
             stop = "string"
             break
         if len(tokens) == max_new_tokens:
             break
-        last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
+        logits = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
     seconds = time.perf_counter() - started
     return Generation(tokens, stop, first if first is not None else seconds, seconds, logprobs)

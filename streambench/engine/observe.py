@@ -23,6 +23,7 @@ cache's per-slot statistics before they are dropped:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -103,8 +104,8 @@ class AttentionObserver(AttentionRoute):
             for attn, kind in zip(layout.attentions, layout.layer_kinds)
             if kind != "sliding_attention"
         ]
-        self.positions = None  # (B, c) RoPE positions of the tokens being fed, set by the session
-        self._pending = {
+        self.positions: torch.Tensor | None = None  # (B, c) RoPE positions of the tokens being fed (the session)
+        self._pending: dict[str, list[torch.Tensor | None]] = {
             name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants
         }
         self.reset()
@@ -112,7 +113,7 @@ class AttentionObserver(AttentionRoute):
     def reset(self) -> None:
         layers = self.cache.num_layers
         self._ring: list[torch.Tensor | None] = [None] * layers  # per layer (B, H, w, D), as rotated
-        self._ring_positions = None  # (B or 1, w): the RoPE position each ring query was rotated at
+        self._ring_positions: torch.Tensor | None = None  # (B or 1, w): where each ring query was rotated
         self._seen = 0  # queries fed since the stream started (the ring's write position, mod w)
         self._shared = [False] * (layers + 1)  # copy on write: a checkpoint holds these buffers
 
@@ -166,7 +167,9 @@ class AttentionObserver(AttentionRoute):
             if rows[0] is None:
                 continue
             for shard in self.cache.shards:
-                got = torch.stack(rows[shard.start : shard.stop]).to(shard.device)  # (L_s, B, H_kv, N)
+                got = torch.stack(cast(list[torch.Tensor], rows[shard.start : shard.stop])).to(
+                    shard.device
+                )  # (L_s, B, H_kv, N)
                 buf, n = shard.stats[name], got.shape[-1]
                 if name == "attention_sum":
                     old = n - count
@@ -175,7 +178,7 @@ class AttentionObserver(AttentionRoute):
                 else:
                     buf[..., :n] = got
             rows[:] = [None] * len(rows)
-        if "queries" in self.wants:
+        if "queries" in self.wants and self.positions is not None:
             positions = self.positions.to(self.cache.device)
             ring = self._ring_positions
             if ring is None:
@@ -190,16 +193,19 @@ class AttentionObserver(AttentionRoute):
         """(L, H_kv, groups, w, n): the softmax attention that the last w queries, rotated at the
         last w positions of the cache as it is now, give its tokens (in each head's rank order),
         causal within the window. None before any query was seen."""
-        if self._seen == 0 or any(q is None for q in self._ring):
+        ring = [q for q in self._ring if q is not None]
+        at = self._ring_positions
+        if self._seen == 0 or len(ring) < len(self._ring) or at is None:
             return None
         cache = self.cache
+        rope = cache.reindexing()
         n = cache.length
         w = min(self._seen, self.window, n)
         slots = (torch.arange(self._seen - w, self._seen) % self.window).to(cache.device)  # the last w, oldest first
-        queries = torch.stack([q[b].to(cache.device) for q in self._ring]).index_select(2, slots)  # (L, Hq, w, D)
-        fed_at = self._ring_positions[b if self._ring_positions.shape[0] > 1 else 0].index_select(0, slots)
+        queries = torch.stack([q[b].to(cache.device) for q in ring]).index_select(2, slots)  # (L, Hq, w, D)
+        fed_at = at[b if at.shape[0] > 1 else 0].index_select(0, slots)
         now_at = torch.arange(n - w, n, device=cache.device) + cache.offset_of(b)
-        q = cache.rope.rotate(cache.rope.unrotate(queries, fed_at), now_at).float()
+        q = rope.rotate(rope.unrotate(queries, fed_at), now_at).float()
         keys = cache.ranked_keys(b).float()  # (L, H, n, D)
         layers, heads, _, d = q.shape
         kv = keys.shape[1]

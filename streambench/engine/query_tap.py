@@ -65,6 +65,7 @@ class QueryTap:
         over all heads (OLMo 2), per (head, dim) table (Cohere), or per head on (B, H, T, D)
         (Qwen3, Gemma 3, StableLM's per-head norms)."""
         weight = getattr(norm, "weight", None)
+        shape: tuple[int, ...]
         if weight is not None and weight.dim() == 2:
             shape = (1, 1, self.heads, self.head_dim)
         elif weight is not None and weight.numel() == self.heads * self.head_dim:
@@ -75,14 +76,11 @@ class QueryTap:
 
     def query(self) -> torch.Tensor | None:
         """(layers, kv_heads, head_dim) float32, or None before the first forward."""
-        if any(q is None for q in self._last):
+        last = [q for q in self._last if q is not None]
+        if len(last) < len(self._last):
             return None
-        first = self._last[0].device  # layers may sit on several GPUs (--device-map)
-        q = (
-            torch.stack([q.to(first) for q in self._last])
-            .float()
-            .reshape(len(self._last), self.kv_heads, -1, self.head_dim)
-        )
+        first = last[0].device  # layers may sit on several GPUs (--device-map)
+        q = torch.stack([q.to(first) for q in last]).float().reshape(len(self._last), self.kv_heads, -1, self.head_dim)
         return q.mean(dim=2)
 
     def state(self) -> list[torch.Tensor | None]:

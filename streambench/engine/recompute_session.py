@@ -17,6 +17,11 @@ from streambench.engine.session import StreamSession, StreamState
 
 class RecomputeSession(StreamSession):
     recomputes = True
+    _window: torch.Tensor  # (B, <= budget): the tokens the next one is encoded with
+
+    def _set_batch(self, batch_size: int) -> None:
+        super()._set_batch(batch_size)
+        self.cache = None  # type: ignore[assignment]  # (no cache: the StreamSession code that reads one never runs here)
 
     def _govern_layers(self) -> int:
         return self.lm.info.num_layers  # every layer re-encodes the window (all-sliding models too)
@@ -45,7 +50,7 @@ class RecomputeSession(StreamSession):
         if limit is not None and ids.shape[1] > limit:
             return torch.cat([self.feed(ids[:, i : i + limit]) for i in range(0, ids.shape[1], limit)], dim=1)
         self.processed += ids.shape[1]
-        size, outs = self.budget, []
+        size, outs = self._room, []
         for i in range(ids.shape[1]):
             self._window = torch.cat([self._held(size - 1), ids[:, i : i + 1]], dim=1)
             outs.append(self.model(input_ids=self._window, use_cache=False, logits_to_keep=1).logits)
@@ -58,7 +63,7 @@ class RecomputeSession(StreamSession):
     def _feed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         from streambench.engine.exact_chunks import recompute_rows
 
-        size = self.budget
+        size = self._room
         held = self._held(size - 1)
         context = torch.cat([held, ids], dim=1)
         logits = recompute_rows(self.model, context, held.shape[1], size, self._rows_tokens)
@@ -79,13 +84,15 @@ class RecomputeSession(StreamSession):
     def rollback(self, state: StreamState) -> None:
         self.fed = state.fed
         self.policy.restore(state.policy)
-        self._window = state.window
+        if state.window is not None:
+            self._window = state.window
 
     def _branch_window(self) -> torch.Tensor | None:
         return self._window
 
     def _restore_window(self, window: torch.Tensor | None) -> None:
-        self._window = window
+        if window is not None:
+            self._window = window
 
     # ---- accounting: a transient cache of the window, built every step --------------------------
     def held_positions(self, stream: int = 0) -> np.ndarray:
@@ -93,7 +100,7 @@ class RecomputeSession(StreamSession):
 
     @property
     def kv_tokens(self) -> int:
-        return min(self._window.shape[1], self.budget)
+        return min(self._window.shape[1], self._room)
 
     @property
     def kv_bytes(self) -> int:
@@ -108,4 +115,4 @@ class RecomputeSession(StreamSession):
 
     @property
     def allocated_kv_bytes(self) -> int:
-        return self.budget * self._token_bytes
+        return self._room * self._token_bytes

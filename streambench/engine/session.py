@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,7 +25,12 @@ from streambench.engine.cache import StreamCache
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
-from streambench.policies.base import Band, CachePolicy, CacheView
+from streambench.policies.base import Band, CachePolicy, CacheView, RetrievalPolicy
+
+if TYPE_CHECKING:
+    from streambench.engine.cuda_graphs import StaticDecoder
+    from streambench.engine.observe import AttentionObserver
+    from streambench.engine.query_tap import QueryTap
 
 log = logging.getLogger("streambench")
 
@@ -70,7 +76,7 @@ class StreamState:
 class _Branch:
     """What `fork` puts back when its branch ends."""
 
-    cache: StreamCache | None
+    cache: StreamCache
     policy: CachePolicy
     fed: int
     recall_at: int
@@ -86,6 +92,7 @@ class StreamSession:
     instead of caching (recompute-window), it is a `RecomputeSession` (engine/recompute_session.py)."""
 
     recomputes = False  # True on RecomputeSession: no cache, a window of tokens re-encoded per step
+    cache: StreamCache  # (None only on a RecomputeSession, which never reads it)
 
     def __new__(cls, lm: LoadedModel, policy: CachePolicy, *args: Any, **kwargs: Any) -> StreamSession:
         if cls is StreamSession and policy.recompute:
@@ -106,8 +113,10 @@ class StreamSession:
         self.lm, self.model, self.policy = lm, lm.model, policy
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
-        self.budget = policy.budget
-        self.evicts = self.budget is not None
+        self.budget = budget = policy.budget
+        self.evicts = budget is not None
+        # keys a query may see before the cache must evict: the budget, or no limit (dense)
+        self._room: int = budget if budget is not None else sys.maxsize
         self.max_incoming = self._checked_max_incoming()
         self.band: Band | None = policy.band
         self._band_proven = False
@@ -116,8 +125,9 @@ class StreamSession:
         self.device, self.dtype = param.device, param.dtype
         # Preallocate what the stream can use: a budget above the tokens streamed needs no buffer of
         # that size (the cache still grows by doubling if a stream turns out longer).
-        if self.evicts:
-            self._capacity = self.budget if max_tokens is None else min(self.budget, max_tokens + 1)
+        self._capacity: int
+        if budget is not None:
+            self._capacity = budget if max_tokens is None else min(budget, max_tokens + 1)
         else:
             self._capacity = max_tokens + 1 if max_tokens is not None else 1024
         layout = lm.layout
@@ -144,10 +154,9 @@ class StreamSession:
                 )
         self._layer_devices = None if self.recomputes else (layer_devices or lm.layer_devices())
         self.batch: int = 0
-        self.cache: StreamCache | None = None
         self._set_batch(batch_size)
         self.decode = decode_mode(decode, policy, self.cache, self.device)
-        self._static = None
+        self._static: StaticDecoder | None = None
         if self.decode != "eager":
             from streambench.engine.cuda_graphs import StaticDecoder
 
@@ -157,14 +166,14 @@ class StreamSession:
         wants = set(policy.observes)
         if "window_attention" in wants:
             wants.add("queries")
-        self.observer = None
+        self.observer: AttentionObserver | None = None
         if self.cache is not None:
             self.cache.enable_stats(sorted(wants & STATS))
             if wants & CAPTURED:
                 self.observer = AttentionObserver(
                     self.model, self.cache, frozenset(wants), window=policy.observation_window
                 )
-        self.tap = None
+        self.tap: QueryTap | None = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.engine.query_tap import QueryTap
 
@@ -241,8 +250,9 @@ class StreamSession:
         layers = self._governed_layers
         self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not self.recomputes:
-            capacity = self.cache.capacity if self.cache is not None else self._capacity
-            stats = self.cache.stat_names if self.cache is not None else ()
+            old: StreamCache | None = getattr(self, "cache", None)  # (None: the first batch)
+            capacity = old.capacity if old is not None else self._capacity
+            stats = old.stat_names if old is not None else ()
             self.cache = StreamCache(
                 info.num_layers,
                 info.kv_heads,
@@ -306,7 +316,7 @@ class StreamSession:
         cache, count = self.cache, ids.shape[1]
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
-        if self.evicts and cache.length + count > self.budget:
+        if cache.length + count > self._room:
             self._evict(self._select(count))
         if self._static is not None and count == 1:
             logits = self._static(ids)
@@ -333,10 +343,10 @@ class StreamSession:
 
         cache, count = self.cache, ids.shape[1]
         self.processed += count
-        band = self.band
+        band = cast(Band, self.band)  # (exact chunks: a declared band, exact_chunks is None)
         if not self._band_proven:
             self._prove_band()
-        if self.evicts and cache.length + 1 > self.budget:
+        if cache.length + 1 > self._room:
             self._evict(self._select(1))  # the keep-set before the chunk's first token
         n, start = cache.length, self.fed
         slots = np.empty(n + count, dtype=np.int64)
@@ -366,7 +376,7 @@ class StreamSession:
             logits = logits.to(device)
         cache.commit(np.arange(start, start + count))
         self.fed += count
-        if self.evicts and cache.length > self.budget:
+        if cache.length > self._room:
             self._evict(self._select(0))  # the keep-set after the chunk's last token
             self._check_band(band, self.fed, 0)
         return logits
@@ -388,7 +398,7 @@ class StreamSession:
         positions token by token (one `select` per token past the budget) up to twice the budget
         (or the whole stream when it is shorter). Chunk ends are checked against the real keep-set
         besides (`_check_band`)."""
-        band, budget = self.band, self.budget
+        band, budget = cast(Band, self.band), self._room
         if band.budget != budget:
             raise PolicyContractError(f"policy {self.policy.name} declares {band} for a run of budget {budget}")
         probe = copy.deepcopy(self.policy)
@@ -420,15 +430,16 @@ class StreamSession:
         if self.policy.retrieves:
             gone = np.setdiff1d(np.arange(self.cache.length), keep, assume_unique=True)
             if len(gone):
-                self.policy.on_evict(*self.cache.take(gone))
+                cast(RetrievalPolicy, self.policy).on_evict(*self.cache.take(gone))
 
     def _evict(self, keep: np.ndarray) -> None:
         self._hand_over(keep)
         self.cache.evict(keep)
 
     def _recall(self, incoming: int) -> None:
-        self._recall_at = self.fed + self.policy.refresh
-        plan = self.policy.recall(self.view(incoming), self.tap.query())
+        retriever, tap = cast(RetrievalPolicy, self.policy), cast("QueryTap", self.tap)  # (policy.retrieves)
+        self._recall_at = self.fed + retriever.refresh
+        plan = retriever.recall(self.view(incoming), tap.query())
         if plan is not None:
             keep, at, positions, k_pre, values = plan
             self._hand_over(keep)
@@ -438,7 +449,7 @@ class StreamSession:
     def reserve(self, count: int) -> None:
         """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
         turn, for the whole turn); feeds up to that many tokens can then be rolled back."""
-        if self.evicts:
+        if self.evicts and self.max_incoming is not None:  # (evicting: always an int)
             if count > self.max_incoming:
                 raise ConfigError(
                     f"{self.policy.name}: a turn of {count} tokens does not fit in budget {self.budget} "
@@ -448,7 +459,7 @@ class StreamSession:
                 if self.fed >= self._recall_at:
                     self._recall(count)
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
-            if self.cache.length + count > self.budget:
+            if self.cache.length + count > self._room:
                 self._evict(self._select(count))
         if self.cache.sliding is not None:
             self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
@@ -463,7 +474,7 @@ class StreamSession:
     def rollback(self, state: StreamState) -> None:
         self.fed = state.fed
         self.policy.restore(state.policy)
-        if state.observed is not None:
+        if self.observer is not None and state.observed is not None:
             self.observer.restore(state.observed)
         if state.cache_mark is not None:
             n, epoch, stats = state.cache_mark
@@ -508,7 +519,7 @@ class StreamSession:
             if self.observer is not None:
                 self.observer.cache = self.cache
                 self.observer.restore(saved.observed)
-            if self.tap is not None:
+            if self.tap is not None and saved.tapped is not None:
                 self.tap.restore(saved.tapped)
 
     def _branch_window(self) -> torch.Tensor | None:
@@ -558,7 +569,7 @@ class StreamSession:
                 f"(layers, k) or (layers, kv_heads, k): {exc}"
             ) from None
         length = self.cache.length if length is None else length
-        target = self.budget - incoming
+        target = self._room - incoming
         layers, heads = self.cache.num_layers, self.cache.kv_heads
         problem = None
         if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
@@ -588,13 +599,13 @@ class StreamSession:
         c = self.cache
         positions, scores = c.positions_of(stream), c.scores_of(stream)
         positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
-        observed = {}
+        observed: dict[str, Any] = {}
         for name in self.policy.observes:
             if name in c.stat_names:
                 observed[name] = c.ranked_stat(name, stream)
-            elif name == "window_attention":
+            elif name == "window_attention" and self.observer is not None:
                 observed[name] = self.observer.window_attention(stream)
-        return CacheView(c.length, incoming, self.budget, positions, scores, observed, c.num_layers, c.kv_heads)
+        return CacheView(c.length, incoming, self._room, positions, scores, observed, c.num_layers, c.kv_heads)
 
     # ---- accounting --------------------------------------------------------------------------
     @property

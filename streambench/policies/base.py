@@ -292,6 +292,7 @@ class RetrievalPolicy(CachePolicy, abc.ABC):
     Subclasses are dataclasses with a `refresh` field (tokens between recalls)."""
 
     retrieves: ClassVar[bool] = True
+    refresh: int  # (a field of every subclass: tokens between recalls)
 
     @abc.abstractmethod
     def on_evict(self, positions: np.ndarray, k_pre, values) -> None:

@@ -48,6 +48,15 @@ class Eviction:
     _offsets: np.ndarray
     _row_stream: np.ndarray
 
+    if TYPE_CHECKING:  # (StreamCache's own methods, which these parts call)
+
+        def grow(self, capacity: int) -> None: ...
+
+        def _grow_meta(self, size: int) -> None: ...
+
+        @property
+        def offset(self) -> int: ...
+
     def evict(self, keep: np.ndarray) -> None:
         """Keep the tokens at ranks `keep` (sorted, time order) and re-index them to 0..n_new-1.
         `keep` is (n_new,) for every stream alike (a position-based policy: the streams' slots and
@@ -68,8 +77,7 @@ class Eviction:
             return
         self.evictions += 1
         self.epoch += 1
-        if self.rope is None:
-            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        self.reindexing()  # (a cache built for dense never evicts)
         moves, stale = [], []
         for b, kb in enumerate(rows):
             stream = None if shared else b  # None: the same for every stream
@@ -123,8 +131,7 @@ class Eviction:
     def _evict_per_head(self, keep: np.ndarray) -> None:
         """Every lane keeps its own ranks; all vectorised over lanes (no Python loop per head)."""
         L, B, H = self.num_layers, self.batch, self.kv_heads
-        if self.rope is None:
-            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        rope = self.reindexing()
         if not self.per_head:
             self._enter_per_head()
         if keep.ndim == 4:
@@ -168,20 +175,27 @@ class Eviction:
             self._move_lanes(move_r, src, dst)
         stale_r, stale_c = np.nonzero(stale)
         if len(stale_r):
-            self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+            rope.ensure(self._n + int(self._offsets.max()) + 1)
             slots = self._slot[stale_r, stale_c]
             positions = stale_c + self._offsets[self._row_stream[stale_r]]
             for shard, local, flat in self._lane_index(stale_r, slots):
-                pre = shard.k_pre.view(-1, self.head_dim).index_select(0, flat)
-                shard.k.view(-1, self.head_dim).index_copy_(
-                    0, flat, self.rope.rotate(pre, shard.index(positions[local]))
-                )
+                pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
+                shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
+
+    def reindexing(self) -> RotaryTable:
+        """The rotary table that re-indexing rotates with; a cache built without one (for dense,
+        which never evicts) refuses."""
+        if self.rope is None:
+            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        return self.rope
 
     def _lane_index(self, rows: np.ndarray, slots: np.ndarray):
         """Per shard: (shard, which entries fall in it, flat index into its (L_s*B*H*capacity) slots)."""
         per_layer = self.batch * self.kv_heads
         for shard in self.shards:
-            local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
+            local: np.ndarray | slice = np.flatnonzero(
+                (rows >= shard.start * per_layer) & (rows < shard.stop * per_layer)
+            )
             if len(self.shards) == 1:
                 local = slice(None)
             flat = (rows[local] - shard.start * per_layer) * self.capacity + slots[local]
@@ -220,21 +234,22 @@ class Eviction:
 
     def _rerotate(self, stale: list) -> None:
         """Rotate keys afresh from their pre-RoPE copies: `stale` holds (stream or None for all, ranks) pairs."""
-        self.rope.ensure(self._n + int(self._offsets.max()) + 1)
+        rope = self.reindexing()
+        rope.ensure(self._n + int(self._offsets.max()) + 1)
         if self._for_all_rows(stale):
             ((_, ranks),) = stale
             slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
             for shard in self.shards:
                 s = shard.index(slots)
-                shard.k.index_copy_(3, s, self.rope.rotate(shard.k_pre.index_select(3, s), shard.index(positions)))
+                shard.k.index_copy_(3, s, rope.rotate(shard.pre().index_select(3, s), shard.index(positions)))
             return
         rows = np.concatenate([np.full(len(r), b) for b, r in stale])
         slots = np.concatenate([self._slot[b, r] for b, r in stale])
         positions = np.concatenate([r + self._offsets[b] for b, r in stale])
         for shard in self.shards:
             r, s = shard.index(rows), shard.index(slots)
-            pre = shard.k_pre[:, r, :, s].permute(1, 2, 0, 3)  # (L, H, M, D)
-            shard.k[:, r, :, s] = self.rope.rotate(pre, shard.index(positions)).permute(2, 0, 1, 3)
+            pre = shard.pre()[:, r, :, s].permute(1, 2, 0, 3)  # (L, H, M, D)
+            shard.k[:, r, :, s] = rope.rotate(pre, shard.index(positions)).permute(2, 0, 1, 3)
 
     def _single(self, what: str) -> None:
         if self.batch != 1:
@@ -248,7 +263,7 @@ class Eviction:
         slots = self._slot[0, ranks]
         parts = [
             (
-                s.k_pre.index_select(3, s.index(slots)).to(self.device),
+                s.pre().index_select(3, s.index(slots)).to(self.device),
                 s.v.index_select(3, s.index(slots)).to(self.device),
             )
             for s in self.shards
@@ -287,11 +302,12 @@ class Eviction:
         self._n = n + m
         self._len = [n + m] * self.num_layers
         new_positions = np.arange(at, at + m) + offset
-        self.rope.ensure(n + m + offset)
+        rope = self.reindexing()
+        rope.ensure(n + m + offset)
         for shard in self.shards:
             part_k = k_pre[shard.start : shard.stop].to(shard.device, self.dtype)
-            shard.k_pre[..., n : n + m, :] = part_k
+            shard.pre()[..., n : n + m, :] = part_k
             shard.v[..., n : n + m, :] = v[shard.start : shard.stop].to(shard.device, self.dtype)
-            shard.k[..., n : n + m, :] = self.rope.rotate(part_k, shard.index(new_positions))
+            shard.k[..., n : n + m, :] = rope.rotate(part_k, shard.index(new_positions))
         if len(stale):
             self._rerotate([(0, stale)])

@@ -5,13 +5,14 @@ own the buffers."""
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 if TYPE_CHECKING:
+    from streambench.engine.cache.sliding import SlidingWindows
     from streambench.engine.cache.stream_cache import StreamCache
 
 
@@ -33,17 +34,25 @@ class StreamLayer(CacheLayerMixin):
 
     @property
     def _owner(self) -> StreamCache:
-        return self._ref()
+        return cast("StreamCache", self._ref())  # (alive while the model uses it: the session holds it)
 
     @property
     def keys(self) -> torch.Tensor:
         shard, i = self._owner._where[self._idx]
         return shard.k[i, :, :, : self._owner._len[self._idx]]
 
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        raise AttributeError("a StreamCache layer is a view of shared buffers: the model writes through update()")
+
     @property
     def values(self) -> torch.Tensor:
         shard, i = self._owner._where[self._idx]
         return shard.v[i, :, :, : self._owner._len[self._idx]]
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        raise AttributeError("a StreamCache layer is a view of shared buffers: the model writes through update()")
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass
@@ -71,26 +80,38 @@ class SlidingLayer(StreamLayer):
     is_sliding = True
 
     @property
+    def _slide(self) -> SlidingWindows:
+        return cast("SlidingWindows", self._owner.sliding)  # (a cache with sliding layers has one)
+
+    @property
     def keys(self) -> torch.Tensor:
-        slide = self._owner.sliding
+        slide = self._slide
         return slide.k[self._idx][:, :, slide.visible_start : slide.end]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        raise AttributeError("a StreamCache layer is a view of shared buffers: the model writes through update()")
 
     @property
     def values(self) -> torch.Tensor:
-        slide = self._owner.sliding
+        slide = self._slide
         return slide.v[self._idx][:, :, slide.visible_start : slide.end]
 
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        raise AttributeError("a StreamCache layer is a view of shared buffers: the model writes through update()")
+
     def update(self, key_states, value_states, *args, **kwargs):
-        return self._owner.sliding.write(self._idx, key_states, value_states)
+        return self._slide.write(self._idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._owner.sliding.visible + query_length, 0
+        return self._slide.visible + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self._owner.sliding.visible
+        return self._slide.visible
 
     def get_max_length(self) -> int:
-        return self._owner.sliding.window
+        return self._slide.window
 
 
 class Shard:
@@ -99,8 +120,19 @@ class Shard:
 
     def __init__(self, device: torch.device, start: int, stop: int):
         self.device, self.start, self.stop = device, start, stop
-        self.k = self.v = self.k_pre = None
+        # allocated by StreamCache.grow, which its constructor calls; k_pre stays None in a cache
+        # that never re-indexes (dense)
+        self.k: torch.Tensor = cast(torch.Tensor, None)
+        self.v: torch.Tensor = cast(torch.Tensor, None)
+        self.k_pre: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}  # (L_s, B, H, capacity) float32, per slot
+        self.slot: torch.Tensor | None = None  # the static decode path's write slot, on the device
+
+    def pre(self) -> torch.Tensor:
+        """The pre-RoPE keys (a re-indexing cache keeps them; one that never evicts does not)."""
+        if self.k_pre is None:
+            raise RuntimeError("this cache was built without re-indexing support (a dense policy)")
+        return self.k_pre
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.k, self.v, self.k_pre, *self.stats.values()) if t is not None)

@@ -63,10 +63,10 @@ class SlotStats:
         n, parts = self._n, []
         for shard, t in zip(self.shards, tensors):
             if self.per_head:
-                idx = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
+                lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
                     shard.start : shard.stop, b, :, :n
                 ]
-                idx = shard.index(np.ascontiguousarray(idx))
+                idx = shard.index(np.ascontiguousarray(lanes))
                 if t.dim() == 5:
                     idx = idx[..., None].expand(-1, -1, -1, t.shape[-1])
                 parts.append(torch.gather(t[:, b], 2, idx).to(self.device))

@@ -5,6 +5,7 @@ accounting. Eviction, statistics and sliding layers are its other parts (see __i
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,13 +46,14 @@ class StreamCache(Eviction, SlotStats, Cache):
         # model layer -> index among its kind (full layers: into the shards' buffers)
         self.full_index = np.full(len(kinds), -1, dtype=np.int64)
         self.full_index[full] = np.arange(len(full))
+        if slides and sliding_window is None:
+            raise ValueError("sliding-window layers need the model's sliding_window")
         where = {i: n for n, i in enumerate(full)} | {i: n for n, i in enumerate(slides)}
-        super().__init__(
-            layers=[
-                (SlidingLayer if kinds[i] == "sliding_attention" else StreamLayer)(self, where[i])
-                for i in range(len(kinds))
-            ]
-        )
+        views: list[Any] = [  # (StreamLayer views; transformers' own layer union does not name them)
+            (SlidingLayer if kinds[i] == "sliding_attention" else StreamLayer)(self, where[i])
+            for i in range(len(kinds))
+        ]
+        super().__init__(layers=views)
         self.model_layers = len(kinds)
         self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
@@ -59,12 +61,12 @@ class StreamCache(Eviction, SlotStats, Cache):
         self.capacity = 0
         all_devices = [torch.device(d) for d in (layer_devices or [self.device] * len(kinds))]
         devices = [all_devices[i] for i in full]
-        self.sliding = None
+        self.sliding: SlidingWindows | None = None
         if slides:
             self.sliding = SlidingWindows(
                 self,
                 [all_devices[i] for i in slides],
-                sliding_window,
+                int(cast(int, sliding_window)),
                 (sliding_rope or rope) if rope is not None else None,
             )
         self.shards: list[Shard] = []
@@ -104,10 +106,13 @@ class StreamCache(Eviction, SlotStats, Cache):
         `StreamSession.fork`: a branch that may evict without touching the stream's own cache."""
         shared = [t for t in (self.rope, self.sliding.rope if self.sliding is not None else None) if t is not None]
         twin = copy.deepcopy(self, {id(t): t for t in shared})
-        twin.layers = [type(layer)(twin, layer._idx) for layer in self.layers]  # (their weakrefs point here)
+        twin.layers = [type(layer)(twin, layer._idx) for layer in self._views()]  # (their weakrefs point here)
         if twin.sliding is not None:
             twin.sliding.owner = twin
         return twin
+
+    def _views(self) -> list[StreamLayer]:
+        return cast(list[StreamLayer], self.layers)
 
     def __len__(self) -> int:  # number of layers, as transformers' Cache
         return self.num_layers
@@ -174,7 +179,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         return self._single_shard().v
 
     @property
-    def k_pre(self) -> torch.Tensor:
+    def k_pre(self) -> torch.Tensor | None:
         return self._single_shard().k_pre
 
     def _single_shard(self) -> Shard:
@@ -206,7 +211,7 @@ class StreamCache(Eviction, SlotStats, Cache):
     def set_write_slot(self, slot: int) -> None:
         """Where the next static-shape forward writes its token (a device tensor, read by the graph)."""
         for shard in self.shards:
-            if getattr(shard, "slot", None) is None:
+            if shard.slot is None:
                 shard.slot = torch.zeros(1, dtype=torch.long, device=shard.device)
             shard.slot.fill_(slot)
 
@@ -217,8 +222,9 @@ class StreamCache(Eviction, SlotStats, Cache):
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.static:
             shard, i = self._where[layer]
-            shard.k[i].index_copy_(2, shard.slot, k)
-            shard.v[i].index_copy_(2, shard.slot, v)
+            slot = cast(torch.Tensor, shard.slot)  # (set by set_write_slot before every static step)
+            shard.k[i].index_copy_(2, slot, k)
+            shard.v[i].index_copy_(2, slot, v)
             return shard.k[i], shard.v[i]
         start = self._len[layer]
         end = start + k.shape[-2]
@@ -256,7 +262,7 @@ class StreamCache(Eviction, SlotStats, Cache):
             else:
                 idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
             for shard in self.shards:
-                shard.k_pre[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
+                shard.pre()[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
         if self.stat_names:
             self._record_on_write(start, end)
 
