@@ -8,7 +8,8 @@ per command line and exits 1 if any number moved.
     python bench/same_numbers.py bca5789            # that revision against this checkout
     python bench/same_numbers.py bca5789 --quick    # the first two command lines only
 
-CPU only, embedded model: about 4 minutes per tree for the full set on 2 cores.
+CPU only, embedded model: about 5 minutes per tree for the full set on 2 cores. DailyDialog is
+read from ../shared/data (SirLLM's file); no command line touches the network.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DAILYDIALOG = ROOT.parent / "shared" / "data" / "sirllm" / "data" / "dailydialog" / "dailydialog.jsonl"
 COMMANDS = [
     ["run"],  # the default run: 768 tokens of Hamlet, all six policies, budget 64
     ["run", "--tokens", "256", "--policy", "h2o,tova,knorm,snapkv,random", "--budget", "64"],
     ["run", "--task", "rps", "--limit", "12", "--policy", "streamingllm,sirllm", "--budget", "128"],
     ["run", "--task", "grocery", "--limit", "1", "--policy", "streamingllm,sirllm,h2o", "--budget", "256"],
-    ["run", "--task", "dailydialog", "--limit", "12", "--policy", "window,random", "--budget", "128"],
+    ["run", "--task", "dailydialog", "--data", str(DAILYDIALOG), "--limit", "12", "--policy", "window,random"]
+    + ["--budget", "384"],
     [
         "run",
         "--task",
@@ -44,7 +47,7 @@ COMMANDS = [
     ],
 ]
 # what a run measures of the machine, not of the policy: compared nowhere
-MACHINE = ("tokens_per_s", "seconds", "latency_", "rss_", "cuda_", "nvml_")
+MACHINE = ("tokens_per_s", "decode_tokens_per_s", "seconds", "latency_", "rss_", "cuda_", "nvml_", "ttft_ms")
 
 
 def run_all(tree: Path, out: Path, commands: list[list[str]]) -> list[list[dict]]:
@@ -110,12 +113,17 @@ def main() -> int:
                 numbers += 1
                 if not same(a[key], b[key]):
                     diffs.append(f"{old_by[digest]['label']}.{key}: {a[key]!r} -> {b[key]!r}")
+            records = [compared(r) for r in old_by[digest]["records"]], [compared(r) for r in new_by[digest]["records"]]
+            if records[0] != records[1]:
+                diffs.append(f"{old_by[digest]['label']}: per-item records")
+            numbers += len(records[0])
             for name in ("nll", "kv_tokens"):
                 if old_by[digest]["curves"].get(name) != new_by[digest]["curves"].get(name):
                     diffs.append(f"{old_by[digest]['label']}: curve {name}")
                 numbers += name in old_by[digest]["curves"]
         moved += bool(diffs)
-        print(f"{' '.join(args_):<90} {len(new):>4} {numbers:>7}  {'identical' if not diffs else 'MOVED'}")
+        shown = " ".join(Path(a).name if "/" in a else a for a in args_)
+        print(f"{shown:<90} {len(new):>4} {numbers:>7}  {'identical' if not diffs else 'MOVED'}")
         for d in diffs[:10]:
             print(f"    {d}")
     return 1 if moved else 0

