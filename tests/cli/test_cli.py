@@ -112,7 +112,7 @@ def test_interrupt_keeps_finished_results(tmp_path, monkeypatch):
     from streambench.results.schema import write_json_atomic
     from streambench.runs import runner
 
-    def fake_run(config, progress=None, lm=None):
+    def fake_run(config, progress=None, lm=None, **kwargs):
         path = Path(config.out) / "first.json"
         write_json_atomic(path, {"done": True})
         yield {"path": str(path)}
