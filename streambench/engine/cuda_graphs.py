@@ -14,10 +14,44 @@ the ordinary path's logits.
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
+
+from streambench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streambench.engine.cache import StreamCache
+    from streambench.policies.base import CachePolicy
+
+log = logging.getLogger("streambench")
+
+DECODES = ("eager", "static", "graph")
+
+
+def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, device: torch.device) -> str:
+    """How one-token steps run. "graph": replayed as a CUDA graph; "static": the same
+    static-shape forward run eagerly (what the tests check on CPU); "eager": plain transformers
+    forwards. Asked for, it is granted where the cache is one single-device buffer without
+    sliding layers and the policy neither captures attention nor retrieves (both work in Python
+    between layers); "graph" on a CPU is refused."""
+    from streambench.engine.observe import CAPTURED
+
+    if requested not in DECODES:
+        raise ConfigError(f"decode must be eager, static or graph, got {requested!r}")
+    if requested == "eager" or cache is None or len(cache.shards) > 1 or cache.sliding is not None:
+        return "eager"  # (no cache: recompute-window; a model spread over GPUs, or with sliding layers)
+    if policy.observes & CAPTURED:
+        log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)
+        return "eager"
+    if policy.retrieves:  # retrieval taps queries in Python
+        return "eager"
+    if requested == "graph" and device.type != "cuda":
+        raise ConfigError("CUDA graphs need a CUDA device")
+    return requested
 
 
 class StaticDecoder:

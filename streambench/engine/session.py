@@ -11,7 +11,6 @@ asked for them, their scores (from logits the forward produced anyway, by the po
 from __future__ import annotations
 
 import copy
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 
 from streambench.engine.cache import StreamCache
+from streambench.engine.contract import check_band, checked_keep, checked_max_incoming, prove_band
+from streambench.engine.cuda_graphs import decode_mode
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
@@ -31,32 +32,6 @@ if TYPE_CHECKING:
     from streambench.engine.cuda_graphs import StaticDecoder
     from streambench.engine.observe import AttentionObserver
     from streambench.engine.query_tap import QueryTap
-
-log = logging.getLogger("streambench")
-
-DECODES = ("eager", "static", "graph")
-
-
-def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, device: torch.device) -> str:
-    """How one-token steps run. "graph": replayed as a CUDA graph; "static": the same
-    static-shape forward run eagerly (what the tests check on CPU); "eager": plain transformers
-    forwards. Asked for, it is granted where the cache is one single-device buffer without
-    sliding layers and the policy neither captures attention nor retrieves (both work in Python
-    between layers); "graph" on a CPU is refused."""
-    from streambench.engine.observe import CAPTURED
-
-    if requested not in DECODES:
-        raise ConfigError(f"decode must be eager, static or graph, got {requested!r}")
-    if requested == "eager" or cache is None or len(cache.shards) > 1 or cache.sliding is not None:
-        return "eager"  # (no cache: recompute-window; a model spread over GPUs, or with sliding layers)
-    if policy.observes & CAPTURED:
-        log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)
-        return "eager"
-    if policy.retrieves:  # retrieval taps queries in Python
-        return "eager"
-    if requested == "graph" and device.type != "cuda":
-        raise ConfigError("CUDA graphs need a CUDA device")
-    return requested
 
 
 @dataclass(frozen=True)
@@ -117,7 +92,7 @@ class StreamSession:
         self.evicts = budget is not None
         # keys a query may see before the cache must evict: the budget, or no limit (dense)
         self._room: int = budget if budget is not None else sys.maxsize
-        self.max_incoming = self._checked_max_incoming()
+        self.max_incoming = checked_max_incoming(policy, budget)
         self.band: Band | None = policy.band
         self._band_proven = False
         info = lm.info
@@ -194,25 +169,6 @@ class StreamSession:
                 "to stream it with full attention)"
             )
         return self._full_layers
-
-    def _checked_max_incoming(self) -> int | None:
-        """The policy's chunk limit, checked once: an integer from 1 to the budget (None on an
-        evicting policy: the budget, the most that can come in at once)."""
-        limit = self.policy.max_incoming
-        if limit is None:
-            return self.budget
-        top = self.budget
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, (int, np.integer))
-            or limit < 1
-            or (top is not None and limit > top)
-        ):
-            span = f"from 1 to the budget ({top})" if top is not None else ">= 1"
-            raise PolicyContractError(
-                f"policy {self.policy.name}: max_incoming must be None or an integer {span}, got {limit!r}"
-            )
-        return int(limit)
 
     # ---- lifecycle: a session adds hooks to a shared model; closing removes them ---------------
     def close(self) -> None:
@@ -345,14 +301,16 @@ class StreamSession:
         self.processed += count
         band = cast(Band, self.band)  # (exact chunks: a declared band, exact_chunks is None)
         if not self._band_proven:
-            self._prove_band()
+            layers, heads = cache.num_layers, cache.kv_heads
+            prove_band(self.policy, band, self._room, self._max_tokens, layers, heads)
+            self._band_proven = True
         if cache.length + 1 > self._room:
             self._evict(self._select(1))  # the keep-set before the chunk's first token
         n, start = cache.length, self.fed
         slots = np.empty(n + count, dtype=np.int64)
         held = cache.positions
         if n:
-            self._check_band(band, start, 1, held)
+            check_band(self.policy, band, held, start, 1)
             slots[cache.slots] = held
         slots[n:] = np.arange(start, start + count)
         positions = cache.next_positions(count)
@@ -378,52 +336,8 @@ class StreamSession:
         self.fed += count
         if cache.length > self._room:
             self._evict(self._select(0))  # the keep-set after the chunk's last token
-            self._check_band(band, self.fed, 0)
+            check_band(self.policy, band, cache.positions, self.fed, 0)
         return logits
-
-    def _check_band(self, band, fed: int, incoming: int, held: np.ndarray | None = None) -> None:
-        """The cache holds what the declared band says it holds once `fed` tokens are in and room
-        is made for `incoming` more (checked at every exact chunk's two ends)."""
-        held = self.cache.positions if held is None else held
-        expected = band.kept(fed, incoming)
-        if len(expected) != len(held) or not np.array_equal(np.sort(held), expected):
-            raise PolicyContractError(
-                f"policy {self.policy.name} declares {band} but kept other tokens "
-                f"{'before' if incoming else 'after'} position {fed}"
-            )
-
-    def _prove_band(self) -> None:
-        """A declared band is a claim about `select`, which exact chunks rely on without calling it
-        inside the chunk: prove it once per session, on a copy of the policy, by feeding a probe of
-        positions token by token (one `select` per token past the budget) up to twice the budget
-        (or the whole stream when it is shorter). Chunk ends are checked against the real keep-set
-        besides (`_check_band`)."""
-        band, budget = cast(Band, self.band), self._room
-        if band.budget != budget:
-            raise PolicyContractError(f"policy {self.policy.name} declares {band} for a run of budget {budget}")
-        probe = copy.deepcopy(self.policy)
-        end = 2 * budget + 2 if self._max_tokens is None else min(2 * budget + 2, self._max_tokens + 1)
-        held = np.empty(0, dtype=np.int64)
-        layers, heads = self.cache.num_layers, self.cache.kv_heads
-        for t in range(end):
-            if len(held) + 1 > budget:
-                view = CacheView(len(held), 1, budget, held, np.zeros(len(held), dtype=np.float32), {}, layers, heads)
-                keep = self._checked(probe.select(view), 1, len(held))
-                if keep.ndim == 3:
-                    if not (keep == keep[:1, :1]).all():
-                        raise PolicyContractError(
-                            f"policy {self.policy.name} declares {band} but keeps other tokens in different heads"
-                        )
-                    keep = keep[0, 0]
-                held = held[keep]
-                expected = band.kept(t, 1)
-                if not np.array_equal(held, expected):
-                    raise PolicyContractError(
-                        f"policy {self.policy.name} declares {band} but its select() keeps other "
-                        f"tokens before position {t} (a probe fed token by token)"
-                    )
-            held = np.append(held, t)
-        self._band_proven = True
 
     def _hand_over(self, keep: np.ndarray) -> None:
         """Retrieval policies get the tokens about to leave the cache (for their bank)."""
@@ -554,46 +468,9 @@ class StreamSession:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
-    def _checked(self, keep, incoming: int, length: int | None = None) -> np.ndarray:
-        """The contract of `select` (policies/base.py), checked once per eviction: integer ranks
-        of shape (k,), (L, k) or (L, H_kv, k), each set sorted, unique, in [0, length), k at most
-        `budget - incoming`. Returns (k,) or (L, H_kv, k). A policy written outside this package
-        that breaks it is one error naming it, not a corrupted cache."""
-        if isinstance(keep, torch.Tensor):
-            keep = keep.cpu().numpy()
-        try:
-            keep = np.asarray(keep)
-        except (ValueError, TypeError) as exc:  # ragged nested lists
-            raise PolicyContractError(
-                f"policy {self.policy.name}: select() must return integer ranks of shape (k,), "
-                f"(layers, k) or (layers, kv_heads, k): {exc}"
-            ) from None
-        length = self.cache.length if length is None else length
-        target = self._room - incoming
-        layers, heads = self.cache.num_layers, self.cache.kv_heads
-        problem = None
-        if keep.ndim not in (1, 2, 3) or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
-            problem = (
-                "must return integer ranks of shape (k,), (layers, k) or (layers, kv_heads, k), "
-                f"got shape {keep.shape} of {keep.dtype}"
-            )
-        elif keep.ndim > 1 and keep.shape[:-1] != (layers, heads)[: keep.ndim - 1]:
-            problem = f"returned shape {keep.shape}; this model has {layers} layers and {heads} KV heads"
-        elif keep.size and (keep.min() < 0 or keep.max() >= length):
-            problem = f"returned ranks outside [0, {length})"
-        elif keep.shape[-1] > 1 and not (np.diff(keep, axis=-1) > 0).all():
-            problem = "must return sorted, unique ranks (time order)"
-        elif keep.shape[-1] > target:
-            problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
-        if problem:
-            if self.policy.budget != self.budget:
-                problem += (
-                    f" (it set its budget to {self.policy.budget}; the run's budget {self.budget} is the one enforced)"
-                )
-            raise PolicyContractError(f"policy {self.policy.name}: select() {problem}")
-        if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
-            keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
-        return keep.astype(np.int64, copy=False)
+    def _checked(self, keep, incoming: int) -> np.ndarray:
+        c = self.cache
+        return checked_keep(self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads)
 
     def view(self, incoming: int, stream: int = 0) -> CacheView:
         c = self.cache

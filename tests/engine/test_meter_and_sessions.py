@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
+from streambench.engine.cuda_graphs import decode_mode
 from streambench.engine.meter import Meter
 from streambench.engine.recompute_session import RecomputeSession
-from streambench.engine.session import StreamSession, StreamState, decode_mode
+from streambench.engine.session import StreamSession, StreamState
 from streambench.errors import ConfigError
 from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy

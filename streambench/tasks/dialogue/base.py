@@ -3,6 +3,9 @@ cache is reset when the group changes, as SirLLM does per dialogue or episode), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from streambench.tasks.base import Task
 from streambench.tasks.dialogue.items import MCItem
 
 FORMATS = ("template", "plain", "sirllm", "sirllm-released")
@@ -17,6 +20,28 @@ FORMATS = ("template", "plain", "sirllm", "sirllm-released")
 
 def check_format(task) -> None:
     task._require(task.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {task.format!r}")
+
+
+@dataclass
+class DialogueTask(Task):
+    """The dialogue-memory tasks SirLLM evaluates (Yao et al. 2024, Sec. 4): items in order, one
+    conversation per group, the cache reset when the group changes. Their shared fields, checked
+    once: `limit` (items, episodes or rounds per player: each task says), `seed`, and `format`,
+    how turns are rendered: template (default: the model's chat template, its default system
+    prompt included, one prompt for every policy), sirllm (the released SirLLM code's strings),
+    sirllm-released, plain (see FORMATS above)."""
+
+    limit: int | None = 20
+    seed: int = 0
+    format: str = "template"
+
+    def configure(self) -> None:
+        self._check_limit()
+        check_format(self)
+        self.check_data()
+
+    def check_data(self) -> None:
+        """The task's own data and arguments, checked before the model loads."""
 
 
 def memory_curves(conversation) -> dict:

@@ -5,23 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streambench.tasks import register_task
-from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.dialogue.base import accuracy, check_format, conversation_for, play_items
+from streambench.tasks.base import TaskResult
+from streambench.tasks.dialogue.base import DialogueTask, accuracy, conversation_for, play_items
 from streambench.tasks.dialogue.items import check_local, dailydialog_from_hub, load_dailydialog, provenance
 
 
 @register_task("dailydialog")
 @dataclass
-class DailyDialogTask(Task):
+class DailyDialogTask(DialogueTask):
     """Each user turn quotes an utterance and asks for the best response among four (the true next
     utterance and three from other dialogues); the conversation grows turn by turn and the cache is
     reset at each new dialogue. SirLLM evaluates the first 2,000 records of its file (519
     dialogues). `data`: SirLLM's dailydialog.jsonl (path or URL); without it the test split is
-    built from the hub with the same construction (needs network).
-
-    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
-    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
-    streambench/tasks/dialogue/base.py."""
+    built from the hub with the same construction (needs network). `format`: see DialogueTask."""
 
     version = 1
     summary = "DailyDialog next-response choice within each dialogue (accuracy)"
@@ -31,12 +27,8 @@ class DailyDialogTask(Task):
 
     data: str | None = None
     limit: int | None = 2000
-    seed: int = 0
-    format: str = "template"
 
-    def configure(self) -> None:
-        self._check_limit()
-        check_format(self)
+    def check_data(self) -> None:
         check_local(self.data)
 
     def items(self):

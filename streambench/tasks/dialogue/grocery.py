@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.tasks import register_task
-from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.dialogue.base import accuracy, check_format, conversation_for, memory_curves, play_items
+from streambench.tasks.base import TaskResult
+from streambench.tasks.dialogue.base import DialogueTask, accuracy, conversation_for, memory_curves, play_items
 from streambench.tasks.dialogue.items import check_local, generate_grocery, load_grocery, provenance
 
 
 @register_task("grocery")
 @dataclass
-class GroceryTask(Task):
+class GroceryTask(DialogueTask):
     """An episode: "I want you to buy the GROCERY: [x]." (the model answers "OK"), twenty
     multiple-choice questions, then "Which one is the GROCERY that I want you to buy earlier?".
     `key_accuracy` over the recall questions measures memory as SirLLM scores it; `accuracy` over
@@ -28,11 +28,8 @@ class GroceryTask(Task):
     layer and head for policies whose keep-sets differ there). Before the multiple-choice recall,
     the question is also asked without options on the side (`StreamSession.fork`: the episode goes
     on as if it had not been): `key_nll` is the mean per-token NLL of the item as the reply,
-    `key_recall` whether the greedy reply (`recall_tokens` at most) names it.
-
-    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
-    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
-    streambench/tasks/dialogue/base.py."""
+    `key_recall` whether the greedy reply (`recall_tokens` at most) names it. `format`: see
+    DialogueTask."""
 
     version = 1
     summary = "recall a requested grocery after 20 filler questions (key_accuracy, key_nll, key_retention)"
@@ -54,14 +51,9 @@ class GroceryTask(Task):
     quality = "key_nll"
 
     data: str | None = None
-    limit: int | None = 20
-    seed: int = 0
     recall_tokens: int = 16
-    format: str = "template"
 
-    def configure(self) -> None:
-        self._check_limit()
-        check_format(self)
+    def check_data(self) -> None:
         self._require(
             isinstance(self.recall_tokens, int)
             and not isinstance(self.recall_tokens, bool)

@@ -15,8 +15,8 @@ import numpy as np
 
 from streambench.engine.meter import subsample
 from streambench.tasks import register_task
-from streambench.tasks.base import Task, TaskResult
-from streambench.tasks.dialogue.base import check_format, conversation_for, memory_curves
+from streambench.tasks.base import TaskResult
+from streambench.tasks.dialogue.base import DialogueTask, conversation_for, memory_curves
 from streambench.tasks.dialogue.items import MOVES, check_local, load_rps_moves, player_moves, provenance
 
 FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
@@ -37,7 +37,7 @@ def outcome(model: int, user: int) -> str:
 
 @register_task("rps")
 @dataclass
-class RockPaperScissorsTask(Task):
+class RockPaperScissorsTask(DialogueTask):
     """`players`: comma-separated rock, paper, scissors (50/30/20 players), switch (rock-dominant,
     then scissors-dominant: tests decay), mix:R,P,S, or paths/URLs of SirLLM's player files.
     `limit`: rounds per player (SirLLM plays 2,000).
@@ -47,11 +47,8 @@ class RockPaperScissorsTask(Task):
     them so far, each move weighted alike) the cache holds when the model chooses; `beat_logprob`
     the mean log-probability (first token, full vocabulary) of the move that beats the player's
     most frequent move so far (ties: the first of rock, paper, scissors), from round 2 on: what a
-    model that remembers the history should prefer, however rarely it is the argmax.
-
-    `format`: how turns are rendered: template (default: the model's chat template, one prompt for
-    every policy), sirllm (the released SirLLM code's strings), sirllm-released, plain; see
-    streambench/tasks/dialogue/base.py."""
+    model that remembers the history should prefer, however rarely it is the argmax. `format`:
+    see DialogueTask."""
 
     version = 1
     summary = "Rock-Paper-Scissors against biased players (win/tie/loss, rolling win rate)"
@@ -76,12 +73,8 @@ class RockPaperScissorsTask(Task):
 
     players: str = "rock,paper,scissors"
     limit: int | None = 2000
-    seed: int = 0
-    format: str = "template"
 
-    def configure(self) -> None:
-        self._check_limit()
-        check_format(self)
+    def check_data(self) -> None:
         self._require(bool(self.player_list()), "needs at least one player")
         for player in self.player_list():  # fail before the model loads
             if not (player.endswith(".jsonl") or player.startswith(("http://", "https://"))):
