@@ -127,8 +127,12 @@ class Registry(Generic[T]):
         base: type | None = None,
         group: str | None = None,
         check: Callable[[type], None] | None = None,
+        adapters: dict[str, tuple[Callable[[], Any], Callable[[Any], type | None]]] | None = None,
     ):
         self.kind = kind
+        # foreign libraries whose classes become entries: top-level module -> (import it, turn one
+        # of its classes into a subclass of `base` or None); e.g. kvpress presses as policies
+        self.adapters = adapters or {}
         self.base = base
         self.check = check  # validates a class's declarations when it registers (raises ConfigError)
         self.group = group  # entry-point group plugins register under
@@ -165,6 +169,13 @@ class Registry(Generic[T]):
         return self._entry_points
 
     def _adopt(self, name: str, obj: Any, origin: dict, where: str) -> T:
+        if self.adapters and isinstance(obj, type) and not (self.base is not None and issubclass(obj, self.base)):
+            tops = {str(getattr(k, "__module__", "") or "").split(".")[0] for k in obj.__mro__}
+            for top in sorted(tops & set(self.adapters)):  # (a class of that library, or one built on it)
+                adapted = self.adapters[top][1](obj)
+                if adapted is not None:
+                    obj = adapted
+                    break
         if not (isinstance(obj, type) and self.base is not None and issubclass(obj, self.base)):
             base = getattr(self.base, "__name__", "its base class")
             raise PluginError(f"{where} is not a {self.kind}: it must be a class subclassing {base}")
@@ -201,7 +212,12 @@ class Registry(Generic[T]):
             origin = {"kind": "file", "path": str(path.resolve()), "sha256": digest, "class": attr}
         else:
             try:
-                module = importlib.import_module(target)
+                top = target.split(".")[0]
+                module = self.adapters[top][0]() if top in self.adapters else importlib.import_module(target)
+                if top in self.adapters and target != top:
+                    module = importlib.import_module(target)
+            except ConfigError:
+                raise
             except (Exception, SystemExit) as exc:
                 raise PluginError(f"{self.kind} plugin module {target!r} failed to import: {_described(exc)}") from None
             origin = {"kind": "module", "module": target, "class": attr, **_distribution_of(target)}

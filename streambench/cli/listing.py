@@ -9,15 +9,18 @@ from streambench.errors import StreambenchError
 
 
 @click.command(name="list")
-@click.argument("what", type=click.Choice(["all", "policies", "tasks", "presets", "models"]), default="all")
+@click.argument("what", type=click.Choice(["all", "policies", "presses", "tasks", "presets", "models"]), default="all")
+@click.option("--markdown", is_flag=True, help="presses: the README's table (generated from kvpress's code).")
 @user_errors
-def list_command(what):
+def list_command(what, markdown):
     """List policies, tasks, presets and the model families streambench supports.
 
     \b
     Examples:
         streambench list
         streambench list policies
+        streambench list presses
+        streambench list presses --markdown
         streambench list models
     """
     import dataclasses
@@ -34,6 +37,13 @@ def list_command(what):
             click.echo(f"  {name:<18} {cls.summary}" + (f"  [{fields}]" if fields else "") + _from(POLICIES, name))
         for name, problem in broken.items():
             click.echo(f"  {name:<18} BROKEN: {problem}")
+    if what == "presses" and markdown:
+        from streambench.policies import kvpress_bridge
+
+        click.echo(kvpress_bridge.status_table())
+        return
+    if what in ("all", "presses"):
+        _list_presses()
     if what in ("all", "tasks"):
         click.echo("Tasks:")
         broken = TASKS.load_plugins()
@@ -56,6 +66,22 @@ def list_command(what):
                 click.echo(f"  {name:<18} {desc}")
     if what in ("all", "models"):
         _list_models()
+
+
+def _list_presses() -> None:
+    """kvpress's presses (`--policy kvpress:<Press>`), each with what it does or why it does not run."""
+    from streambench.policies import kvpress_bridge as bridge
+
+    try:
+        presses = bridge.press_classes()
+    except StreambenchError as exc:
+        click.echo(f"kvpress presses: {exc}")
+        return
+    runs = [n for n, c in presses.items() if bridge.press_status(c)[0] == "streaming"]
+    click.echo(f"kvpress presses ({len(runs)} of {len(presses)} run in the stream as --policy kvpress:<Press>):")
+    for name, cls in presses.items():
+        status, why = bridge.press_status(cls)
+        click.echo(f"  {'kvpress:' + name:<40} {status:<14} {why or bridge.first_line(cls)}")
 
 
 def _list_models() -> None:

@@ -38,13 +38,13 @@ def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, 
     forwards. Asked for, it is granted where the cache is one single-device buffer without
     sliding layers and the policy neither captures attention nor retrieves (both work in Python
     between layers); "graph" on a CPU is refused."""
-    from streambench.engine.observe import CAPTURED
+    from streambench.engine.observe import EAGER_ONLY
 
     if requested not in DECODES:
         raise ConfigError(f"decode must be eager, static or graph, got {requested!r}")
     if requested == "eager" or cache is None or len(cache.shards) > 1 or cache.sliding is not None:
         return "eager"  # (no cache: recompute-window; a model spread over GPUs, or with sliding layers)
-    if policy.observes & CAPTURED:
+    if policy.observes & EAGER_ONLY:
         log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)
         return "eager"
     if policy.retrieves:  # retrieval taps queries in Python

@@ -34,6 +34,8 @@ from streambench.policies.base import OBSERVATIONS
 NAME = "streambench_observing"
 CAPTURED = frozenset({"attention_sum", "attention_last", "queries", "window_attention"})  # need the attention hook
 STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot buffers in the cache
+# made in Python during the forward (the attention route, module hooks): a replayed CUDA graph skips them
+EAGER_ONLY = CAPTURED | {"hidden_states"}
 KINDS = OBSERVATIONS  # what a policy may declare in `observes` (policies/base.py)
 _ACTIVE: list[AttentionObserver] = []  # the observer of the forward running now (innermost last)
 _registered = False

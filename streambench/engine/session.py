@@ -30,6 +30,7 @@ from streambench.policies.base import Band, CachePolicy, CacheView, RetrievalPol
 
 if TYPE_CHECKING:
     from streambench.engine.cuda_graphs import StaticDecoder
+    from streambench.engine.hidden_tap import HiddenStateTap
     from streambench.engine.observe import AttentionObserver
     from streambench.engine.query_tap import QueryTap
 
@@ -45,6 +46,7 @@ class StreamState:
     observed: Any
     cache_mark: tuple[int, int, Any] | None
     window: torch.Tensor | None = None  # recompute-window's token window
+    hidden: Any = None  # the hidden-state tap's rings (policies that read hidden states)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Branch:
     static: Any
     observed: Any
     tapped: list | None
+    hidden: Any
 
 
 class StreamSession:
@@ -148,6 +151,14 @@ class StreamSession:
                 self.observer = AttentionObserver(
                     self.model, self.cache, frozenset(wants), window=policy.observation_window
                 )
+        self.hidden: HiddenStateTap | None = None
+        self._attention_modules: list | None = None
+        if self.cache is not None and "hidden_states" in wants:
+            from streambench.engine.hidden_tap import HiddenStateTap
+
+            self.hidden = HiddenStateTap(self.model, policy.observation_window)
+        if "attention_modules" in wants:
+            self._attention_modules = self._modules_for_presses()
         self.tap: QueryTap | None = None
         if policy.retrieves:  # retrieval scores bank blocks against the last token's query
             from streambench.engine.query_tap import QueryTap
@@ -158,6 +169,16 @@ class StreamSession:
         self._max_tokens = max_tokens
         self.exact_chunks = self._exact_chunks()  # decided once: policy, cache layout and model are fixed
         self.reset()
+
+    def _modules_for_presses(self) -> list:
+        """The governed layers' attention modules, each given the model's rotary embedding as
+        `rotary_emb` (what kvpress's `BasePress.__call__` attaches: presses rotate their own
+        queries with it). Set in the instance dict, not as a submodule, and removed on close."""
+        layout = self.lm.layout
+        modules = [a for a, kind in zip(layout.attentions, layout.layer_kinds) if kind != "sliding_attention"]
+        for module in modules:
+            module.__dict__.setdefault("rotary_emb", self.lm.rotary_emb)
+        return modules
 
     def _govern_layers(self) -> int:
         """The layers the policy's budget governs: the full-attention ones."""
@@ -178,6 +199,12 @@ class StreamSession:
         if self.tap is not None:
             self.tap.close()
             self.tap = None
+        if self.hidden is not None:
+            self.hidden.close()
+            self.hidden = None
+        for module in self._attention_modules or ():
+            module.__dict__.pop("rotary_emb", None)
+        self._attention_modules = None
         self._static = None
 
     def __enter__(self) -> StreamSession:
@@ -232,6 +259,9 @@ class StreamSession:
         self.policy.reset()
         if self.observer is not None:
             self.observer.reset()
+        hidden = getattr(self, "hidden", None)
+        if hidden is not None:
+            hidden.reset()
         if self.cache is not None:
             self.cache.reset()
 
@@ -289,6 +319,8 @@ class StreamSession:
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
         scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
+        if self.hidden is not None:
+            self.hidden.commit()
         cache.commit(np.arange(self.fed, self.fed + count), scores)
         self.fed += count
         return logits
@@ -383,13 +415,16 @@ class StreamSession:
         cache = self.cache
         mark = None if cache is None else (cache.length, cache.epoch, cache.save_stats() if cache.stat_names else None)
         observed = self.observer.state() if self.observer is not None else None
-        return StreamState(self.fed, self.policy.state(), observed, mark)
+        hidden = self.hidden.state() if self.hidden is not None else None
+        return StreamState(self.fed, self.policy.state(), observed, mark, hidden=hidden)
 
     def rollback(self, state: StreamState) -> None:
         self.fed = state.fed
         self.policy.restore(state.policy)
         if self.observer is not None and state.observed is not None:
             self.observer.restore(state.observed)
+        if self.hidden is not None and state.hidden is not None:
+            self.hidden.restore(state.hidden)
         if state.cache_mark is not None:
             n, epoch, stats = state.cache_mark
             cache = self.cache
@@ -415,6 +450,7 @@ class StreamSession:
             self._static,
             self.observer.state() if self.observer is not None else None,
             self.tap.state() if self.tap is not None else None,
+            self.hidden.state() if self.hidden is not None else None,
         )
         if self.cache is not None:
             self.cache = self.cache.clone()
@@ -435,6 +471,8 @@ class StreamSession:
                 self.observer.restore(saved.observed)
             if self.tap is not None and saved.tapped is not None:
                 self.tap.restore(saved.tapped)
+            if self.hidden is not None and saved.hidden is not None:
+                self.hidden.restore(saved.hidden)
 
     def _branch_window(self) -> torch.Tensor | None:
         return None  # (RecomputeSession: its token window)
@@ -482,6 +520,15 @@ class StreamSession:
                 observed[name] = c.ranked_stat(name, stream)
             elif name == "window_attention" and self.observer is not None:
                 observed[name] = self.observer.window_attention(stream)
+            elif name == "keys":  # rotated at ranks 0..n-1: the cache as a prefill of the kept tokens holds it
+                pre = c.ranked_pre_keys(stream)
+                observed[name] = c.reindexing().rotate(pre, torch.arange(c.length, device=pre.device))
+            elif name == "values":
+                observed[name] = c.ranked_values(stream)
+            elif name == "hidden_states" and self.hidden is not None:
+                observed[name] = self.hidden.last(stream)
+            elif name == "attention_modules":
+                observed[name] = self._attention_modules
         return CacheView(c.length, incoming, self._room, positions, scores, observed, c.num_layers, c.kv_heads)
 
     # ---- accounting --------------------------------------------------------------------------

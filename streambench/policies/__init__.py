@@ -3,7 +3,20 @@
 from streambench.policies.base import Band, BandPolicy, CachePolicy, CacheView, ScoredPolicy, check_declarations
 from streambench.registry import Registry
 
-POLICIES: Registry = Registry("policy", CachePolicy, group="streambench.policies", check=check_declarations)
+
+def _kvpress() -> tuple:
+    from streambench.policies import kvpress_bridge  # (imports kvpress only when a press is asked for)
+
+    return kvpress_bridge.import_kvpress, kvpress_bridge.adapt
+
+
+POLICIES: Registry = Registry(
+    "policy",
+    CachePolicy,
+    group="streambench.policies",
+    check=check_declarations,
+    adapters={"kvpress": (lambda: _kvpress()[0](), lambda obj: _kvpress()[1](obj))},
+)
 register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.

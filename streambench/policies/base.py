@@ -28,7 +28,19 @@ if TYPE_CHECKING:
 
 # What the engine can observe for a policy (streambench/engine/observe.py), by the name a policy
 # declares in `observes`: per-slot statistics, the attention of a query window, the logits.
-OBSERVATIONS = frozenset({"attention_sum", "attention_last", "key_norm", "window_attention", "logits"})
+OBSERVATIONS = frozenset(
+    {
+        "attention_sum",  # (L, H_kv, n): attention each kept token received since it entered (H2O)
+        "attention_last",  # (L, H_kv, n): the last query's attention (TOVA)
+        "key_norm",  # (L, H_kv, n): each kept key's L2 norm
+        "window_attention",  # (L, H_kv, groups, w, n): the last w queries' attention, as the cache is now
+        "logits",  # score_tokens(ids, logits) is called after each forward (SirLLM's entropy)
+        "keys",  # (L, H_kv, n, D): kept keys rotated at ranks 0..n-1, as a prefill of them holds them
+        "values",  # (L, H_kv, n, D): kept values
+        "hidden_states",  # L x (w, hidden): the inputs to each governed attention layer of the last w tokens
+        "attention_modules",  # the governed attention modules (rotary_emb attached), for presses
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
     `check_device=False` plans for another machine (a Ray worker): the device is taken as named."""
     import torch
 
-    from streambench.engine.observe import CAPTURED  # attention observers decode eagerly (session.py)
+    from streambench.engine.observe import EAGER_ONLY  # observations in Python decode eagerly (session.py)
     from streambench.models.loading import check_device_name, resolve_device, resolve_dtype
 
     check_run_config(config)
@@ -116,7 +116,7 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
             run_config["batch_size"] = batch
         if config.device_map is not None:
             run_config["device_map"] = config.device_map
-        graphable = not policy.recompute and not policy.retrieves and not policy.observes & CAPTURED
+        graphable = not policy.recompute and not policy.retrieves and not policy.observes & EAGER_ONLY
         decode = "graph" if graphs and graphable else "eager"
         if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
             run_config["decode"] = decode

@@ -161,11 +161,11 @@ def run_bench(
             "over_generate": generate / t,
         }
     if device.type == "cuda":  # the same steps replayed as CUDA graphs (streambench run --cuda-graphs)
-        from streambench.engine.observe import CAPTURED
+        from streambench.engine.observe import EAGER_ONLY
 
         for name, row in rows.items():
             policy = build_policy(PolicySpec(name), budget)
-            if policy.observes & CAPTURED or policy.recompute or policy.retrieves:
+            if policy.observes & EAGER_ONLY or policy.recompute or policy.retrieves:
                 continue  # decodes eagerly (the session logs why): no graph row rather than an eager one
             t = policy_decode(lm, name, budget, ids, budget - 1, steps, burn, decode="graph")
             row.update(

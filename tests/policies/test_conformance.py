@@ -4,8 +4,9 @@ declarations name what the engine provides, its cache after any eviction gives t
 fresh forward over the kept tokens (1 layer) and of the independent reference (2 layers), and a
 rollback returns the stream to where it was.
 
-Plugins: entry-point policies installed in the environment are included; file or module policies
-are added with `STREAMBENCH_CONFORMANCE=path/to/file.py:Class,pkg.mod:Other pytest
+Plugins: entry-point policies installed in the environment are included, and so is every kvpress
+press the bridge runs in the stream when kvpress is installed (`./install.sh test` installs it);
+file or module policies are added with `STREAMBENCH_CONFORMANCE=path/to/file.py:Class,pkg.mod:Other pytest
 tests/policies/test_conformance.py` (the same references `--policy` takes)."""
 
 import os
@@ -30,14 +31,36 @@ def registered() -> list[str]:
     extra = [ref.strip() for ref in os.environ.get("STREAMBENCH_CONFORMANCE", "").split(",") if ref.strip()]
     for ref in extra:
         POLICIES.get(ref)  # a file or module reference, registered under its reference
-    return sorted(set(POLICIES.names()) | set(extra))  # (at collection: before any test loads a plugin of its own)
+    return sorted(set(POLICIES.names()) | set(extra) | set(PRESSES))  # (at collection, before any test's own plugin)
 
 
+def streaming_presses() -> list[str]:
+    from streambench.errors import ConfigError
+    from streambench.policies import kvpress_bridge as bridge
+
+    try:
+        presses = bridge.press_classes()
+    except ConfigError:  # kvpress not installed
+        return []
+    return [f"kvpress:{n}" for n, c in presses.items() if bridge.press_status(c)[0] == "streaming"]
+
+
+PRESSES = streaming_presses()
 NAMES = registered()
+# presses whose defaults assume a prefill of thousands of tokens, sized for a budget of 12
+PRESS_ARGS = {
+    "kvpress:SnapKVPress": {"window_size": 4, "kernel_size": 3},
+    "kvpress:ExpectedAttentionPress": {"n_sink": 2, "n_future_positions": 16},
+    "kvpress:StreamingLLMPress": {"n_sink": 2},
+    "kvpress:LagKVPress": {"n_sink": 2, "lag_size": 3},
+    "kvpress:CURPress": {"num_sinks": 2, "local_window_size": 4},
+    "kvpress:CapPress": {"n_sink": 2, "n_future_positions": 16},
+    "kvpress:RandomPress": {"seed": 0},
+}
 
 
 def build(name, budget=BUDGET):
-    return build_policy(PolicySpec(name), budget)
+    return build_policy(PolicySpec(name, dict(PRESS_ARGS.get(name, {}))), budget)
 
 
 def stream_ids(n, seed):

@@ -82,6 +82,14 @@ class SlotStats:
         """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order."""
         return self._ranked([s.k for s in self.shards], b)
 
+    def ranked_values(self, b: int = 0) -> torch.Tensor:
+        """Stream b's cached values, (L, H, n, D) in each head's rank order."""
+        return self._ranked([s.v for s in self.shards], b)
+
+    def ranked_pre_keys(self, b: int = 0) -> torch.Tensor:
+        """Stream b's pre-RoPE keys, (L, H, n, D) in each head's rank order (a re-indexing cache)."""
+        return self._ranked([s.pre() for s in self.shards], b)
+
     def save_stats(self):
         """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
         return [{k: t[..., : self._n].clone() for k, t in s.stats.items()} for s in self.shards]

@@ -1,0 +1,93 @@
+"""HiddenStateTap: the inputs of each governed attention layer for the last `window` fed tokens.
+
+kvpress's presses score a cache from the hidden states that enter an attention layer (they
+project their own queries from them: SnapKV's window, ExpectedAttention's query statistics,
+TOVA's last query); its decoding mode keeps a buffer of the most recent ones
+(`DecodingPress.hidden_states_buffer_size`). This tap keeps that buffer for a streaming session:
+a forward pre-hook on each full-attention layer's attention module copies the last tokens' input
+into a per-layer ring (B, window, hidden), written in place. A checkpoint shares the rings and
+the first write after it copies them (dialogue branches roll back).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streambench.models.architecture import layout_of
+
+
+class HiddenStateTap:
+    def __init__(self, model, window: int):
+        if window < 1:
+            raise ValueError(f"hidden-state window must be >= 1, got {window}")
+        layout = layout_of(model)
+        self.modules = [a for a, kind in zip(layout.attentions, layout.layer_kinds) if kind != "sliding_attention"]
+        self.window = window
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)
+        ]
+        self.reset()
+
+    def reset(self) -> None:
+        self._ring: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._seen = 0  # tokens written (the ring's write position, mod window)
+        self._pending = 0  # tokens of the forward running now (layers write one after another)
+        self._shared = [False] * len(self.modules)
+
+    def _hook(self, layer: int):
+        def hook(_module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is None:
+                return None
+            ring = self._ring[layer]
+            if ring is None:
+                ring = hidden.new_zeros(hidden.shape[0], self.window, hidden.shape[-1])
+            elif self._shared[layer] or ring.shape[0] != hidden.shape[0]:
+                ring = ring.clone() if ring.shape[0] == hidden.shape[0] else hidden.new_zeros(ring.shape)
+                self._shared[layer] = False
+            self._ring[layer] = ring
+            count = hidden.shape[1]
+            take = min(count, self.window)
+            slots = (torch.arange(self._seen + count - take, self._seen + count) % self.window).to(ring.device)
+            ring.index_copy_(1, slots, hidden[:, count - take :].detach().to(ring.dtype))
+            self._pending = count
+            return None
+
+        return hook
+
+    def commit(self) -> None:
+        """After a forward: its tokens count as seen (every layer has written them)."""
+        self._seen += self._pending
+        self._pending = 0
+
+    def last(self, stream: int = 0) -> list[torch.Tensor]:
+        """Per layer, (1, w, hidden): the inputs of the last w = min(seen, window) tokens, oldest first."""
+        w = min(self._seen, self.window)
+        out = []
+        for ring in self._ring:
+            if ring is None or w == 0:
+                out.append(torch.empty(0))
+                continue
+            slots = (torch.arange(self._seen - w, self._seen) % self.window).to(ring.device)
+            out.append(ring[stream : stream + 1].index_select(1, slots))
+        return out
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    def state(self):
+        """A checkpoint keeps references; the first write after it copies."""
+        self._shared = [True] * len(self._shared)
+        return self._seen, list(self._ring)
+
+    def restore(self, state) -> None:
+        self._seen, ring = state
+        self._ring = list(ring)
+        self._shared = [True] * len(self._shared)
+        self._pending = 0
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

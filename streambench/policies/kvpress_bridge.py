@@ -1,0 +1,300 @@
+"""kvpress presses as streambench policies: `--policy kvpress:SnapKVPress`.
+
+NVIDIA kvpress (PyPI `kvpress`) holds the field's KV-compression methods as "presses"; its
+`ScorerPress` subclasses answer one question, `score(module, hidden_states, keys, values,
+attentions, kwargs) -> (B, H_kv, n)`, and its `compress` keeps the top-scored pairs of every head
+once, after a prefill (`ScorerPress.compress`), or every `compression_interval` decoding steps
+(`DecodingPress`). Here a press class becomes a `ScoredPolicy`: at every eviction its `score` runs
+per governed layer on the cache as the stream holds it, and every (layer, KV head) keeps its
+top-scored tokens (per-head keep-sets, exact re-indexing: the engine's usual guarantees).
+
+What the press is given, per layer (the same names and shapes as in kvpress's prefill hook):
+- `keys`: the kept keys, rotated at ranks 0..n-1 (what a prefill of exactly the kept tokens
+  holds; RoPE scores are invariant to the stream's own rotation offset, and query-projecting
+  presses then meet keys and queries in one frame); `values`: the kept values;
+- `hidden_states`: the inputs to that attention layer of the last `window` fed tokens
+  (kvpress's `hidden_states_buffer_size`), the newest last;
+- `kwargs["position_embeddings"]`: the model's (cos, sin) at positions n - w .. n - 1, where those
+  tokens sit when they are the newest kept ones (SnapKV's and TOVA's windows, which they pad to
+  the top score, so they are);
+- `module`: the layer's attention module, with the model's rotary embedding as `rotary_emb`
+  (what kvpress's `BasePress.__call__` attaches); `attentions`: None (streambench's forward is
+  SDPA; presses that need materialised attention are refused in streaming).
+The press's `compression_ratio` is set so that `int(n * (1 - ratio))` is the number kept, as
+`DecodingPress._find_target_compression_ratio` does.
+
+Two modes. Streaming (`interval` unset): evict as the budget requires, scoring with the last
+`window` hidden states. `interval=N`: kvpress's `DecodingPress(compression_interval=N,
+target_size=budget - N, hidden_states_buffer_size=window)`: every N tokens the cache is
+compressed back to budget - N, scored with the hidden states of the N tokens since (at most
+`window`), so a query sees at most `budget` keys (the project's budget convention). Identical to
+DecodingPress once its first compression has happened, which is when budget - N is a multiple
+of N (DecodingPress counts steps from the prefill; streambench from the first full cache).
+
+Install with `./install.sh kvpress` (kvpress 0.5.5 declares transformers<5.3, streambench needs
+5.24: it is installed without its dependency pins; see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, ClassVar
+
+from streambench.errors import ConfigError, PolicyContractError
+from streambench.policies.base import CacheView, ScoredPolicy
+
+KVPRESS_VERSION = "0.5.5"
+INSTALL = "./install.sh kvpress (kvpress==0.5.5 without its transformers<5.3 pin; see README)"
+OURS = ("budget", "start_size", "window", "interval")  # the bridge's own fields, beside the press's
+
+
+def import_kvpress():
+    """kvpress, imported once. Importing it wraps every attention function transformers knows
+    (`kvpress.attention_patch`, for AdaKV's masked keys); the bridge masks nothing, so the
+    functions are put back as they were and no other policy's forward changes."""
+    import sys
+
+    if "kvpress" in sys.modules:
+        return sys.modules["kvpress"]
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    saved = dict(ALL_ATTENTION_FUNCTIONS.items())
+    try:
+        import kvpress
+    except ImportError:
+        raise ConfigError(f"kvpress is not installed: {INSTALL}") from None
+    finally:
+        for name, func in saved.items():
+            ALL_ATTENTION_FUNCTIONS[name] = func
+    return kvpress
+
+
+@dataclasses.dataclass
+class PressPolicy(ScoredPolicy):
+    """Base of every bridged press (one generated subclass per press class, `adapt`)."""
+
+    press_class: ClassVar[Any] = None
+    observes = frozenset({"keys", "values", "hidden_states", "attention_modules"})
+
+    start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
+    window: int = 256  # hidden states kept per layer (kvpress DecodingPress.hidden_states_buffer_size)
+    interval: int | None = None  # None: streaming; N: DecodingPress, compress to budget - N every N tokens
+
+    @property
+    def observation_window(self) -> int:  # type: ignore[override]
+        return self.window
+
+    def configure(self) -> None:
+        super().configure()
+        self._check_int("window", 1)
+        budget = self.budget
+        assert budget is not None
+        if self.interval is not None:
+            self._check_int("interval", 1)
+            self._require(
+                self.interval < budget - self.protected_start,
+                f"interval {self.interval} leaves no room below budget {budget} (it compresses to budget - interval)",
+            )
+        self._press = self._build_press()
+
+    def _press_args(self) -> dict[str, Any]:
+        own = {f.name for f in dataclasses.fields(PressPolicy)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name not in own}
+
+    def _build_press(self):
+        try:
+            return self.press_class(**self._press_args())
+        except (Exception, SystemExit) as exc:  # kvpress validates with asserts
+            raise ConfigError(f"{self.name}: the press refused its arguments: {_described(exc)}") from None
+
+    def kept(self, view: CacheView) -> int:
+        if self.interval is None:
+            return view.target
+        return min(view.target, view.budget - self.interval)
+
+    def score(self, view: CacheView):
+        import torch
+
+        n, count = view.length, self.kept(view)
+        if n == 0:
+            return None
+        press = self._press
+        press.compression_ratio = _ratio_for(n, count)
+        keys, values = view.observed["keys"], view.observed["values"]  # (L, H, n, D)
+        hidden = view.observed["hidden_states"]
+        modules = view.observed["attention_modules"]
+        use = self.window if self.interval is None else min(self.window, self.interval)
+        out = []
+        for layer, module in enumerate(modules):
+            h = hidden[layer][:, -use:] if hidden[layer].numel() else hidden[layer]
+            w = h.shape[1] if h.dim() == 3 else 0
+            positions = torch.arange(n - w, n, device=keys.device)[None]
+            kwargs: dict[str, Any] = {"position_ids": positions, "cache_position": positions[0]}
+            if w:
+                kwargs["position_embeddings"] = module.rotary_emb(h, positions)
+            k, v = keys[layer][None], values[layer][None]
+            try:
+                scores = press.score(module, h, k.to(h.dtype) if w else k, v, None, kwargs)
+            except (Exception, SystemExit) as exc:
+                raise PolicyContractError(
+                    f"policy {self.name}: the press's score() failed: {_described(exc)}"
+                ) from None
+            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (1, k.shape[1], n):
+                shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise PolicyContractError(
+                    f"policy {self.name}: the press's score() returned {shape}, not (1, {k.shape[1]}, {n})"
+                )
+            if torch.isnan(scores).any():
+                raise PolicyContractError(f"policy {self.name}: the press's score() returned NaN scores")
+            out.append(scores[0])
+        return torch.stack(out)
+
+    def reset(self) -> None:
+        if hasattr(self._press, "reset"):
+            self._press.reset()
+
+
+def _ratio_for(n: int, count: int) -> float:
+    """The compression ratio for which kvpress keeps exactly `count` of `n` (`int(n * (1 - r))`),
+    as DecodingPress._find_target_compression_ratio finds it."""
+    if count >= n:
+        return 0.0
+    ratio = 1 - count / n
+    for _ in range(8):  # float rounding: nudge until int() lands on count
+        kept = int(n * (1 - ratio))
+        if kept == count:
+            return ratio
+        ratio += (kept - count) / n / 2 if kept > count else -(count - kept) / n / 2
+    return ratio
+
+
+def _described(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---- which presses run, and why the others do not -------------------------------------------------
+NEEDS_HUB = ("from_pretrained", "hf_hub_download", "load_dataset", "snapshot_download")
+
+
+def press_status(cls: type) -> tuple[str, str]:
+    """("streaming", "") for a press the bridge runs; otherwise (status, why), read from the press's
+    code: its base classes, what its constructor takes, what its module calls."""
+    kvpress = import_kvpress()
+    from kvpress.presses.scorer_press import ScorerPress
+
+    sources = ""
+    for klass in cls.__mro__:
+        if str(getattr(klass, "__module__", "")).startswith("kvpress"):
+            try:
+                sources += inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]
+            except (OSError, TypeError):
+                pass
+    try:
+        takes = set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        takes = set()
+    wraps = bool(takes & {"press", "presses", "base_press", "prefilling_press", "decoding_press"})
+    name = cls.__name__
+    if issubclass(cls, ScorerPress) and cls.score is ScorerPress.score:
+        return "base class", "scores nothing itself"
+    if name in ("MergingPress", "CAMPress"):
+        return "refused", "merges evicted pairs into kept ones: not token eviction"
+    if name == "ThinKPress":
+        return "refused", "prunes key channels, not tokens"
+    if any(marker in sources for marker in NEEDS_HUB):
+        return "needs the hub", "downloads weights, statistics or a dataset when built or run"
+    if not issubclass(cls, ScorerPress):
+        if issubclass(cls, kvpress.DecodingPress) or name == "PrefillDecodingPress":
+            return "protocol", "a decoding schedule, not a scorer: `-p interval=N` reproduces DecodingPress"
+        if wraps:
+            return "wrapper", "wraps another press (per-layer, per-chunk or composed budgets): not bridged yet"
+        return "not bridged", "compresses in its own compress(), with no per-token score to rank by"
+    if cls.compress is not ScorerPress.compress:
+        return "uneven budgets", "keeps a different number per layer or head (arrives with the ragged-budget issue)"
+    if wraps:
+        return "wrapper", "rescores another press given to it: not bridged yet"
+    if "assert attentions is not None" in sources:
+        return "refused", "needs the materialised attention matrix of a prefill (eager attention)"
+    if "only supports prefill" in sources:
+        return "prefill only", "asserts one query per key (keys.shape[-2] == n_queries): a prefill-only method"
+    if "NonCausal" in sources or "non_causal" in sources:
+        return "refused", "scores with non-causal attention over the whole context: a prefill-only method"
+    return "streaming", ""
+
+
+def press_classes() -> dict[str, type]:
+    """Every `*Press` class kvpress exports, by name."""
+    kvpress = import_kvpress()
+    from kvpress.presses.base_press import BasePress
+
+    found = {}
+    for name in dir(kvpress):
+        obj = getattr(kvpress, name)
+        if isinstance(obj, type) and issubclass(obj, BasePress) and obj is not BasePress and name.endswith("Press"):
+            found[name] = obj
+    return dict(sorted(found.items()))
+
+
+def first_line(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def status_table() -> str:
+    """The README's press table, generated from kvpress's code (not written by hand)."""
+    rows = ["| press | status | why not, or what it is |", "|---|---|---|"]
+    for name, cls in press_classes().items():
+        status, why = press_status(cls)
+        rows.append(f"| `kvpress:{name}` | {status} | {why or first_line(cls)} |")
+    return "\n".join(rows)
+
+
+_ADAPTED: dict[type, type] = {}
+
+
+def adapt(obj: Any) -> type | None:
+    """The policy class for a kvpress press class (made once per class), None for anything that
+    is not a press; a press the bridge cannot run is refused with the reason."""
+    if not isinstance(obj, type):
+        return None
+    import_kvpress()
+    from kvpress.presses.base_press import BasePress
+
+    if not issubclass(obj, BasePress):
+        return None
+    if obj in _ADAPTED:
+        return _ADAPTED[obj]
+    status, why = press_status(obj)
+    if status != "streaming":
+        raise ConfigError(f"kvpress:{obj.__name__} does not run in the stream ({status}): {why}")
+    press_fields = [
+        f for f in dataclasses.fields(obj) if f.init and f.name != "compression_ratio" and not f.name.startswith("_")
+    ]
+    clash = sorted({f.name for f in press_fields} & set(OURS))
+    if clash:
+        raise ConfigError(f"kvpress:{obj.__name__} has fields named like the bridge's own ({', '.join(clash)})")
+    fields = []
+    for f in press_fields:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise ConfigError(f"kvpress:{obj.__name__} needs {f.name}, which has no default: not bridged")
+        # (kvpress annotates with real types; a string annotation is left to the press to check)
+        fields.append((f.name, f.type if not isinstance(f.type, str) else Any, dataclasses.field(default=default)))
+    cls = dataclasses.make_dataclass(
+        f"{obj.__name__}Policy",
+        fields,
+        bases=(PressPolicy,),
+        namespace={
+            "press_class": obj,
+            "summary": f"kvpress {obj.__name__}: {first_line(obj)}",
+            "__doc__": f"kvpress's {obj.__name__} in the stream (policies/kvpress_bridge.py).\n\n{inspect.getdoc(obj) or ''}",
+            "__module__": __name__,
+        },
+    )
+    _ADAPTED[obj] = cls
+    return cls

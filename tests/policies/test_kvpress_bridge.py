@@ -1,0 +1,159 @@
+"""kvpress presses as policies (`--policy kvpress:<Press>`): built, listed and refused in one line;
+the same keep-sets and NLL as the native policy where the two define the same thing; a press
+that breaks is one error naming it. Exactness, chunks and rollbacks of every streaming press are
+in the conformance matrix (tests/policies/test_conformance.py)."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_model
+
+pytest.importorskip("kvpress", reason="kvpress is not installed (./install.sh kvpress)")
+
+from streambench.cli.app import cli  # noqa: E402
+from streambench.engine.session import StreamSession  # noqa: E402
+from streambench.errors import ConfigError, PolicyContractError  # noqa: E402
+from streambench.models.loading import LoadedModel  # noqa: E402
+from streambench.policies import POLICIES  # noqa: E402
+from streambench.policies import kvpress_bridge as bridge  # noqa: E402
+from streambench.policies.build import PolicySpec, apply_overrides, build_policy, resolve_policy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stream(name, args, budget, n=48, seed=3, layers=2):
+    """Per-token NLL and the positions kept per (layer, head) at the end."""
+    model = tiny_model("llama", layers=layers)
+    session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, dict(args)), budget))
+    ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+    logits = torch.cat([session.feed(ids[:, t : t + 1]) for t in range(n - 1)], dim=1)
+    nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
+    heads = session.cache.kv_heads
+    kept = np.sort(np.broadcast_to(session.held_positions(), (layers, heads, session.kv_tokens)), axis=-1)
+    return nll, kept
+
+
+def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
+    cls = POLICIES.get("kvpress:SnapKVPress")
+    policy = build_policy(PolicySpec("kvpress:SnapKVPress", {"window_size": 8}), 64)
+    assert policy.args() == {
+        "budget": 64,
+        "start_size": 0,
+        "window": 256,
+        "interval": None,
+        "window_size": 8,
+        "kernel_size": 5,
+    }
+    assert cls.summary.startswith("kvpress SnapKVPress: SnapKV")
+    origin = POLICIES.origin("kvpress:SnapKVPress")
+    assert origin["distribution"] == "kvpress" and origin["version"] == bridge.KVPRESS_VERSION
+    spec = resolve_policy("kvpress:SnapKVPress", {})
+    apply_overrides([spec], {"kvpress:SnapKVPress.window_size": 32})
+    assert spec.args == {"window_size": 32}
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("kvpress:ObservedAttentionPress", "needs the materialised attention matrix"),
+        ("kvpress:PyramidKVPress", "ragged-budget issue"),
+        ("kvpress:AdaKVPress", "wraps another press"),
+        ("kvpress:ThinKPress", "key channels"),
+        ("kvpress:KVzapPress", "downloads"),
+        ("kvpress:DecodingPress", "-p interval=N"),
+        ("kvpress:ScorerPress", "scores nothing"),
+        ("kvpress:NoSuchPress", "has no 'NoSuchPress'"),
+    ],
+)
+def test_a_press_that_does_not_run_in_the_stream_is_one_line(name, message, tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--policy", name, "--tokens", "16", "-q", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_press_arguments_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError, match="window_size must be an integer"):
+        build_policy(PolicySpec("kvpress:SnapKVPress", {"window_size": "x"}), 64)
+    with pytest.raises(ConfigError, match="interval 64 leaves no room"):
+        build_policy(PolicySpec("kvpress:KnormPress", {"interval": 64}), 64)
+
+
+def test_knorm_press_keeps_what_the_native_knorm_keeps():
+    """KnormPress (-||k||) and streambench's knorm with no sinks define the same keep-set."""
+    press, press_kept = stream("kvpress:KnormPress", {}, 16)
+    native, native_kept = stream("knorm", {"start_size": 0}, 16)
+    np.testing.assert_array_equal(press_kept, native_kept)
+    torch.testing.assert_close(press, native, atol=1e-5, rtol=0)
+
+
+def test_streamingllm_press_keeps_sinks_and_the_recent_window():
+    """StreamingLLMPress(n_sink=4) in the stream is StreamingLLM: 4 sinks + the most recent."""
+    press, press_kept = stream("kvpress:StreamingLLMPress", {"n_sink": 4}, 16)
+    native, native_kept = stream("streamingllm", {"start_size": 4}, 16)
+    np.testing.assert_array_equal(press_kept, native_kept)
+    torch.testing.assert_close(press, native, atol=1e-5, rtol=0)
+
+
+def test_interval_compresses_every_n_tokens_to_budget_less_n():
+    """interval=N (kvpress DecodingPress): the cache runs from budget - N up to budget."""
+    model = LoadedModel.wrap(tiny_model("llama", layers=1))
+    session = StreamSession(model, build_policy(PolicySpec("kvpress:KnormPress", {"interval": 4}), 16))
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+    sizes = []
+    for t in range(40):
+        session.feed(ids[:, t : t + 1])
+        sizes.append(session.kv_tokens)
+    assert max(sizes) == 16 and sizes[16:] == [13, 14, 15, 16] * 6  # evicted to 12, then 4 tokens fed
+
+
+def test_a_broken_press_is_one_error_naming_it(tmp_path):
+    plugin = tmp_path / "presses.py"
+    plugin.write_text(
+        "import torch\n"
+        "from dataclasses import dataclass\n"
+        "from kvpress import ScorerPress\n"
+        "@dataclass\n"
+        "class Raises(ScorerPress):\n"
+        "    def score(self, module, hidden_states, keys, values, attentions, kwargs):\n"
+        "        raise ValueError('boom')\n"
+        "@dataclass\n"
+        "class Flat(ScorerPress):\n"
+        "    def score(self, module, hidden_states, keys, values, attentions, kwargs):\n"
+        "        return keys.norm(dim=-1)[0]\n"
+        "@dataclass\n"
+        "class NaNs(ScorerPress):\n"
+        "    def score(self, module, hidden_states, keys, values, attentions, kwargs):\n"
+        "        return keys.norm(dim=-1) * float('nan')\n"
+    )
+    model = LoadedModel.wrap(tiny_model("llama", layers=1))
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    for cls, message in (
+        ("Raises", "score\\(\\) failed: ValueError: boom"),
+        ("Flat", "score\\(\\) returned \\(\\d+, 8\\), not \\(1, \\d+, 8\\)"),
+        ("NaNs", "NaN scores"),
+    ):
+        policy = build_policy(PolicySpec(f"{plugin}:{cls}"), 8)
+        session = StreamSession(model, policy)
+        with pytest.raises(PolicyContractError, match=f"policy {re.escape(str(plugin))}:{cls}: the press's {message}"):
+            for t in range(20):
+                session.feed(ids[:, t : t + 1])
+
+
+def test_the_readme_press_table_is_the_generated_one():
+    """The README's table of presses is generated from kvpress's code (`bridge.status_table()`)."""
+    readme = (ROOT / "README.md").read_text()
+    assert bridge.status_table() in readme, (
+        "regenerate: python -c 'from streambench.policies import kvpress_bridge as b; print(b.status_table())'"
+    )
+
+
+def test_list_presses_names_each_with_its_status():
+    result = CliRunner().invoke(cli, ["list", "presses"])
+    assert result.exit_code == 0, result.output
+    assert "kvpress:SnapKVPress" in result.output and "streaming" in result.output
+    assert re.search(r"kvpress:ThinKPress\s+refused\s+prunes key channels", result.output)
