@@ -99,6 +99,22 @@ def test_streamingllm_press_keeps_sinks_and_the_recent_window():
     torch.testing.assert_close(press, native, atol=1e-5, rtol=0)
 
 
+def test_snapkv_press_keeps_what_the_native_snapkv_keeps_at_interval_one():
+    """SnapKVPress re-projects its window's queries from hidden states; snapkv reuses the queries
+    the forward computed: the same window attention, pooled and grouped alike."""
+    press, press_kept = stream("kvpress:SnapKVPress", {"window_size": 4, "kernel_size": 3}, 16)
+    native, native_kept = stream("snapkv", {"window": 4, "kernel": 3, "interval": 1}, 16)
+    np.testing.assert_array_equal(press_kept, native_kept)
+    torch.testing.assert_close(press, native, atol=1e-5, rtol=0)
+
+
+def test_tova_press_keeps_the_newest_token_where_tova_lets_it_compete():
+    _, press_kept = stream("kvpress:TOVAPress", {}, 16)
+    _, native_kept = stream("tova", {}, 16)
+    assert not np.array_equal(press_kept, native_kept)  # the definitions differ (docs/policies.md)
+    assert (press_kept == 46).any(axis=-1).all()  # the newest fed token stays in every head
+
+
 def test_interval_compresses_every_n_tokens_to_budget_less_n():
     """interval=N (kvpress DecodingPress): the cache runs from budget - N up to budget."""
     model = LoadedModel.wrap(tiny_model("llama", layers=1))
@@ -135,7 +151,7 @@ def test_a_broken_press_is_one_error_naming_it(tmp_path):
     for cls, message in (
         ("Raises", "score\\(\\) failed: ValueError: boom"),
         ("Flat", "score\\(\\) returned \\(\\d+, 8\\), not \\(1, \\d+, 8\\)"),
-        ("NaNs", "NaN scores"),
+        ("NaNs", "score\\(\\) returned NaN scores"),
     ):
         policy = build_policy(PolicySpec(f"{plugin}:{cls}"), 8)
         session = StreamSession(model, policy)
