@@ -5,8 +5,10 @@ project their own queries from them: SnapKV's window, ExpectedAttention's query 
 TOVA's last query); its decoding mode keeps a buffer of the most recent ones
 (`DecodingPress.hidden_states_buffer_size`). This tap keeps that buffer for a streaming session:
 a forward pre-hook on each full-attention layer's attention module copies the last tokens' input
-into a per-layer ring (B, window, hidden), written in place. A checkpoint shares the rings and
-the first write after it copies them (dialogue branches roll back).
+into a per-layer ring written in place. The ring is stored twice over (B, 2 * window, hidden: slot
+s at s and s + window), so the last w tokens are always one contiguous slice, read without a
+copy. A checkpoint shares the rings and the first write after it copies them (dialogue branches
+roll back).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class HiddenStateTap:
                 return None
             ring = self._ring[layer]
             if ring is None:
-                ring = hidden.new_zeros(hidden.shape[0], self.window, hidden.shape[-1])
+                ring = hidden.new_zeros(hidden.shape[0], 2 * self.window, hidden.shape[-1])
             elif self._shared[layer] or ring.shape[0] != hidden.shape[0]:
                 ring = ring.clone() if ring.shape[0] == hidden.shape[0] else hidden.new_zeros(ring.shape)
                 self._shared[layer] = False
@@ -49,7 +51,9 @@ class HiddenStateTap:
             count = hidden.shape[1]
             take = min(count, self.window)
             slots = (torch.arange(self._seen + count - take, self._seen + count) % self.window).to(ring.device)
-            ring.index_copy_(1, slots, hidden[:, count - take :].detach().to(ring.dtype))
+            new = hidden[:, count - take :].detach().to(ring.dtype)
+            ring.index_copy_(1, slots, new)
+            ring.index_copy_(1, slots + self.window, new)
             self._pending = count
             return None
 
@@ -60,17 +64,15 @@ class HiddenStateTap:
         self._seen += self._pending
         self._pending = 0
 
-    def last(self, stream: int = 0) -> list[torch.Tensor]:
-        """Per layer, (1, w, hidden): the inputs of the last w = min(seen, window) tokens, oldest first."""
-        w = min(self._seen, self.window)
-        out = []
-        for ring in self._ring:
-            if ring is None or w == 0:
-                out.append(torch.empty(0))
-                continue
-            slots = (torch.arange(self._seen - w, self._seen) % self.window).to(ring.device)
-            out.append(ring[stream : stream + 1].index_select(1, slots))
-        return out
+    def last(self, stream: int = 0, count: int | None = None) -> list[torch.Tensor]:
+        """Per layer, (1, w, hidden) views: the inputs of the last w = min(seen, window, count)
+        tokens, oldest first."""
+        w = min(self._seen, self.window, self.window if count is None else count)
+        start = (self._seen - w) % self.window
+        return [
+            torch.empty(0) if ring is None or w == 0 else ring[stream : stream + 1, start : start + w]
+            for ring in self._ring
+        ]
 
     @property
     def seen(self) -> int:

@@ -75,7 +75,7 @@ class PressPolicy(ScoredPolicy):
     """Base of every bridged press (one generated subclass per press class, `adapt`)."""
 
     press_class: ClassVar[Any] = None
-    observes = frozenset({"keys", "values", "hidden_states", "attention_modules"})
+    observes = frozenset({"keys", "values", "attention_modules"})
 
     start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
     window: int = 256  # hidden states kept per layer (kvpress DecodingPress.hidden_states_buffer_size)
@@ -97,6 +97,7 @@ class PressPolicy(ScoredPolicy):
                 f"interval {self.interval} leaves no room below budget {budget} (it compresses to budget - interval)",
             )
         self._press = self._build_press()
+        self._reads_context = reads_context(self.press_class)
 
     def _press_args(self) -> dict[str, Any]:
         own = {f.name for f in dataclasses.fields(PressPolicy)}
@@ -122,20 +123,23 @@ class PressPolicy(ScoredPolicy):
         press = self._press
         press.compression_ratio = _ratio_for(n, count)
         keys, values = view.observed["keys"], view.observed["values"]  # (L, H, n, D)
-        hidden = view.observed["hidden_states"]
         modules = view.observed["attention_modules"]
-        use = self.window if self.interval is None else min(self.window, self.interval)
+        kwargs: dict[str, Any] = {}
+        if self._reads_context:
+            use = self.window if self.interval is None else min(self.window, self.interval)
+            hidden = view.observed["hidden_states"]
+            w = hidden[0].shape[1] if hidden[0].dim() == 3 else 0
+            w = min(w, use)
+            positions = torch.arange(n - w, n, device=keys.device)[None]
+            kwargs = {"position_ids": positions, "cache_position": positions[0]}
+            if w:  # (one rotary table for every governed layer: computed once)
+                kwargs["position_embeddings"] = modules[0].rotary_emb(hidden[0][:, -w:], positions)
         out = []
         for layer, module in enumerate(modules):
-            h = hidden[layer][:, -use:] if hidden[layer].numel() else hidden[layer]
-            w = h.shape[1] if h.dim() == 3 else 0
-            positions = torch.arange(n - w, n, device=keys.device)[None]
-            kwargs: dict[str, Any] = {"position_ids": positions, "cache_position": positions[0]}
-            if w:
-                kwargs["position_embeddings"] = module.rotary_emb(h, positions)
+            h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
             k, v = keys[layer][None], values[layer][None]
             try:
-                scores = press.score(module, h, k.to(h.dtype) if w else k, v, None, kwargs)
+                scores = press.score(module, h, k, v, None, kwargs)
             except (Exception, SystemExit) as exc:
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() failed: {_described(exc)}"
@@ -153,6 +157,29 @@ class PressPolicy(ScoredPolicy):
     def reset(self) -> None:
         if hasattr(self._press, "reset"):
             self._press.reset()
+
+
+def reads_context(cls: type) -> bool:
+    """Whether the press's score() reads the hidden states (to project queries, or for the
+    positions of its window); presses scoring keys and values alone skip collecting them."""
+    import ast
+    import textwrap
+
+    for klass in cls.__mro__:
+        method = klass.__dict__.get("score")
+        if method is None:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        except (OSError, TypeError, SyntaxError):
+            return True
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else []
+        return any(
+            (isinstance(node, ast.Name) and node.id in ("hidden_states", "kwargs"))
+            for statement in body
+            for node in ast.walk(statement)
+        )
+    return True
 
 
 def _ratio_for(n: int, count: int) -> float:
@@ -291,6 +318,8 @@ def adapt(obj: Any) -> type | None:
         bases=(PressPolicy,),
         namespace={
             "press_class": obj,
+            # the hidden-state tap (a hook per layer per token) only for presses that read it
+            "observes": PressPolicy.observes | ({"hidden_states"} if reads_context(obj) else set()),
             "summary": f"kvpress {obj.__name__}: {first_line(obj)}",
             "__doc__": f"kvpress's {obj.__name__} in the stream (policies/kvpress_bridge.py).\n\n{inspect.getdoc(obj) or ''}",
             "__module__": __name__,
