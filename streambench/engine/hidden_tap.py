@@ -25,6 +25,7 @@ class HiddenStateTap:
         layout = layout_of(model)
         self.modules = [a for a, kind in zip(layout.attentions, layout.layer_kinds) if kind != "sliding_attention"]
         self.window = window
+        self.growing = False  # True (session.unbounded): the ring doubles instead of wrapping
         self._handles = [
             m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)
         ]
@@ -42,13 +43,16 @@ class HiddenStateTap:
             if hidden is None:
                 return None
             ring = self._ring[layer]
+            count = hidden.shape[1]
+            if self.growing and self._seen + count > self.window:
+                self._enlarge(self._seen + count)
+                ring = self._ring[layer]
             if ring is None:
                 ring = hidden.new_zeros(hidden.shape[0], 2 * self.window, hidden.shape[-1])
             elif self._shared[layer] or ring.shape[0] != hidden.shape[0]:
                 ring = ring.clone() if ring.shape[0] == hidden.shape[0] else hidden.new_zeros(ring.shape)
                 self._shared[layer] = False
             self._ring[layer] = ring
-            count = hidden.shape[1]
             take = min(count, self.window)
             slots = (torch.arange(self._seen + count - take, self._seen + count) % self.window).to(ring.device)
             new = hidden[:, count - take :].detach().to(ring.dtype)
@@ -58,6 +62,23 @@ class HiddenStateTap:
             return None
 
         return hook
+
+    def _enlarge(self, needed: int) -> None:
+        """Room for `needed` tokens without wrapping: every ring rewritten oldest-first, doubled."""
+        window = max(needed, 2 * self.window)
+        held = min(self._seen, self.window)
+        for i, ring in enumerate(self._ring):
+            if ring is None:
+                continue
+            start = (self._seen - held) % self.window
+            bigger = ring.new_zeros(ring.shape[0], 2 * window, ring.shape[-1])
+            last = ring[:, start : start + held]
+            slots = torch.arange(self._seen - held, self._seen, device=ring.device) % window
+            bigger.index_copy_(1, slots, last)
+            bigger.index_copy_(1, slots + window, last)
+            self._ring[i] = bigger
+            self._shared[i] = False
+        self.window = window
 
     def commit(self) -> None:
         """After a forward: its tokens count as seen (every layer has written them)."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from streambench.engine.session import StreamSession, StreamState
+from streambench.errors import ConfigError
 
 
 class RecomputeSession(StreamSession):
@@ -77,6 +78,9 @@ class RecomputeSession(StreamSession):
 
     def new_round(self) -> None:
         pass
+
+    def compress(self, kept: int, reindex: bool = False) -> None:
+        raise ConfigError(f"{self.policy.name} keeps no cache: there is nothing to compress once")
 
     def checkpoint(self) -> StreamState:
         return StreamState(self.fed, self.policy.state(), None, None, self._window)

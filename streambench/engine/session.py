@@ -391,6 +391,39 @@ class StreamSession:
             self._hand_over(keep)
             self.cache.splice(keep, at, positions, k_pre, values)
 
+    # ---- kvpress's protocol: a context prefilled densely, compressed once --------------------------
+    @contextmanager
+    def unbounded(self) -> Iterator[StreamSession]:
+        """Feeds inside the block evict nothing: the cache grows past the budget (kvpress prefills
+        its context densely, then answers without evicting), and the hidden-state tap keeps every
+        token's, for a press that scores the whole context. `compress` still evicts."""
+        room, self._room = self._room, sys.maxsize
+        if self.hidden is not None:
+            self.hidden.growing = True
+        try:
+            yield self
+        finally:
+            self._room = room
+            if self.hidden is not None:
+                self.hidden.growing = False
+
+    def compress(self, kept: int, reindex: bool = False) -> None:
+        """Evict once, now, to `kept` tokens chosen by the policy (a view whose budget is `kept`,
+        nothing incoming): kvpress's compress-once (`ScorerPress.compress` after its prefill).
+        reindex=False, as kvpress: the kept keys keep their positions and the stream goes on at
+        its own, and the cache evicts no more; True: positions become ranks, as streaming does."""
+        c = self.cache
+        if not self.evicts:
+            return  # (dense keeps everything)
+        if c.length <= kept:
+            return
+        if self.batch != 1:
+            raise ConfigError("compress-once runs one stream at a time (batch size 1)")
+        keep = self.policy.select(self.view(0, budget=kept))
+        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads)
+        self._hand_over(keep)
+        c.evict(keep[None] if keep.ndim == 3 else keep, reindex=reindex)
+
     # ---- branches: score alternatives from one state, keep none of them -----------------------
     def reserve(self, count: int) -> None:
         """Evict now so that `count` more tokens fit without an eviction (SirLLM evicts once per
@@ -510,7 +543,7 @@ class StreamSession:
         c = self.cache
         return checked_keep(self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads)
 
-    def view(self, incoming: int, stream: int = 0) -> CacheView:
+    def view(self, incoming: int, stream: int = 0, budget: int | None = None) -> CacheView:
         c = self.cache
         positions, scores = c.positions_of(stream), c.scores_of(stream)
         positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
@@ -529,7 +562,8 @@ class StreamSession:
                 observed[name] = self.hidden.last(stream)
             elif name == "attention_modules":
                 observed[name] = self._attention_modules
-        return CacheView(c.length, incoming, self._room, positions, scores, observed, c.num_layers, c.kv_heads)
+        room = self._room if budget is None else budget
+        return CacheView(c.length, incoming, room, positions, scores, observed, c.num_layers, c.kv_heads)
 
     # ---- accounting --------------------------------------------------------------------------
     @property

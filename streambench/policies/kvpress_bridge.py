@@ -126,10 +126,10 @@ class PressPolicy(ScoredPolicy):
         modules = view.observed["attention_modules"]
         kwargs: dict[str, Any] = {}
         if self._reads_context:
-            use = self.window if self.interval is None else min(self.window, self.interval)
-            hidden = view.observed["hidden_states"]
+            hidden = view.observed["hidden_states"]  # (the tap holds the last `window`; a compress-once prefill, all)
             w = hidden[0].shape[1] if hidden[0].dim() == 3 else 0
-            w = min(w, use)
+            if self.interval is not None:  # DecodingPress: the hidden states since the last compression
+                w = min(w, self.interval)
             positions = torch.arange(n - w, n, device=keys.device)[None]
             kwargs = {"position_ids": positions, "cache_position": positions[0]}
             if w:  # (one rotary table for every governed layer: computed once)

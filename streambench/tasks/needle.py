@@ -7,12 +7,19 @@ streamed through the policy as one stream (the StreamingLLM protocol: the policy
 tokens come, token-exactly in chunks where it can). Scored per cell: exact match of the greedy
 answer, NLL of the value as the answer (teacher-forced, on a `StreamSession.fork`), and the share
 of the needle's tokens the cache holds when the question has been read.
+
+`protocol=compress-once` runs kvpress's protocol instead (its RULER and needle evaluations): the
+context (haystack and needle) is prefilled densely, compressed once by the policy to the budget,
+or by `compression_ratio` as kvpress's presses are (keep int(n * (1 - ratio))), keeping the kept
+tokens' positions as kvpress does; then the question is read and the answer scored and written
+with no further eviction. The policy never sees the question before it compresses.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -110,8 +117,34 @@ class NeedleTask(Task):
     answer_tokens: int = 8
     feed: str = "exact"
     chunk_size: int | None = None
+    protocol: str = "stream"  # or "compress-once" (kvpress's)
+    compression_ratio: float | None = None  # compress-once: the share removed (default: down to the budget)
+
+    PROTOCOLS: ClassVar[tuple[str, ...]] = ("stream", "compress-once")
+
+    def args(self) -> dict:
+        """The protocol fields enter a run's config only when set: every needle result written
+        before they existed keeps its config hash (resume, gate)."""
+        out = super().args()
+        if out.get("protocol") == "stream":
+            del out["protocol"]
+        if out.get("compression_ratio") is None:
+            out.pop("compression_ratio", None)
+        return out
 
     def configure(self) -> None:
+        self._require(
+            self.protocol in self.PROTOCOLS,
+            f"protocol must be one of {', '.join(self.PROTOCOLS)}, got {self.protocol!r}",
+        )
+        ratio = self.compression_ratio
+        self._require(
+            ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1),
+            f"compression_ratio must be a number in [0, 1), got {ratio!r}",
+        )
+        self._require(
+            ratio is None or self.protocol == "compress-once", "compression_ratio applies to protocol=compress-once"
+        )
         try:
             lengths, depths = self.length_list(), self.depth_list()
         except ValueError as exc:
@@ -170,11 +203,17 @@ class NeedleTask(Task):
                     out.append((length, depth, trial, self.value(rng), int(rng.integers(0, 1 << 30))))
         return out
 
+    def question_ids(self, tokenizer) -> list[int]:
+        """The question and the answer's lead-in that end every stream (what compress-once feeds
+        after compressing)."""
+        _, question, lead = KINDS[self.kind]
+        return tokenizer("\n" + question + " " + lead, add_special_tokens=False)["input_ids"]
+
     def build(self, tokenizer, hay: list[int], length: int, depth: int, value: str, offset: int):
         """(ids, needle span, answer ids): the stream of one cell, `length` tokens."""
         needle, question, lead = KINDS[self.kind]
         needle_ids = tokenizer("\n" + needle.format(value=value) + "\n", add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer("\n" + question + " " + lead, add_special_tokens=False)["input_ids"]
+        tail_ids = self.question_ids(tokenizer)
         answer = tokenizer(" " + value, add_special_tokens=False)["input_ids"]
         room = length - len(needle_ids) - len(tail_ids)
         if room < 1:
@@ -196,6 +235,8 @@ class NeedleTask(Task):
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
+        import contextlib
+
         import torch
         import torch.nn.functional as F
 
@@ -210,6 +251,8 @@ class NeedleTask(Task):
         cache_map = CacheMap()
         progress.total(sum(c[0] for c in cells), "tok")
         records = []
+        once = self.protocol == "compress-once"
+        question = len(self.question_ids(tokenizer)) if once else 0
         meter.start(session)
         for cell in cells:
             length, depth, trial, value, offset = cell
@@ -218,31 +261,52 @@ class NeedleTask(Task):
             session.reset()
             if cell == mapped:
                 cache_map.tag(np.arange(*span))
-            # the mapped stream in finer chunks where that changes nothing but the map's resolution
-            step = max(1, min(chunk, length // 64)) if cell == mapped and exact else chunk
-            for first in range(0, len(ids), step):
-                piece = stream[:, first : first + step]
-                logits = session.feed(piece, exact=exact)
-                meter.step(piece.shape[1])
-                progress(piece.shape[1])
+            with (
+                session.unbounded() if once else contextlib.nullcontext()
+            ):  # (compress-once: only the one compression evicts)
+                compressed = None
+                if once:  # the context prefilled densely, compressed once, then the question
+                    context = len(ids) - question
+                    for first in range(0, context, chunk):
+                        piece = stream[:, first : min(first + chunk, context)]
+                        session.feed(piece)
+                        meter.step(piece.shape[1])
+                        progress(piece.shape[1])
+                    ratio = self.compression_ratio
+                    if session.evicts:  # (dense, the reference, compresses nothing)
+                        session.compress(int(context * (1 - ratio)) if ratio is not None else session.budget)
+                    compressed = session.kv_tokens
+                    logits = session.feed(stream[:, context:])
+                    meter.step(question)
+                    progress(question)
+                    if cell == mapped:
+                        cache_map.record(session.held_positions(), session.fed)
+                else:
+                    # the mapped stream in finer chunks where that changes nothing but the map's resolution
+                    step = max(1, min(chunk, length // 64)) if cell == mapped and exact else chunk
+                    for first in range(0, len(ids), step):
+                        piece = stream[:, first : first + step]
+                        logits = session.feed(piece, exact=exact)
+                        meter.step(piece.shape[1])
+                        progress(piece.shape[1])
+                        if cell == mapped:
+                            cache_map.record(session.held_positions(), session.fed)
                 if cell == mapped:
-                    cache_map.record(session.held_positions(), session.fed)
-            if cell == mapped:
-                cache_map.end_stream()
-            last = logits[0, -1]
-            kept = float(kept_share(session.held_positions(), np.arange(*span)).mean())
-            target = torch.tensor([answer], device=session.device)
-            with session.fork():  # the value as the answer, teacher-forced
-                forced = session.feed(target, exact=fed["token_exact"])[0]
-                predicted = torch.cat([last[None], forced[:-1]]).float()
-                nll = F.cross_entropy(predicted, target[0]).item()
-            written = []
-            for _ in range(self.answer_tokens):
-                token = int(last.argmax())
-                if token == tokenizer.eos_token_id:
-                    break
-                written.append(token)
-                last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
+                    cache_map.end_stream()
+                last = logits[0, -1]
+                kept = float(kept_share(session.held_positions(), np.arange(*span)).mean())
+                target = torch.tensor([answer], device=session.device)
+                with session.fork():  # the value as the answer, teacher-forced
+                    forced = session.feed(target, exact=fed["token_exact"] and not once)[0]
+                    predicted = torch.cat([last[None], forced[:-1]]).float()
+                    nll = F.cross_entropy(predicted, target[0]).item()
+                written = []
+                for _ in range(self.answer_tokens):
+                    token = int(last.argmax())
+                    if token == tokenizer.eos_token_id:
+                        break
+                    written.append(token)
+                    last = session.feed(torch.tensor([[token]], device=session.device))[0, -1]
             reply = tokenizer.decode(written, skip_special_tokens=True)
             records.append(
                 {
@@ -257,6 +321,7 @@ class NeedleTask(Task):
                     "match": _matches(reply, value),
                     "answer_nll": round(nll, 4),
                     "needle_retention": round(kept, 4),
+                    **({"context_tokens": len(ids) - question, "compressed_to": compressed} if once else {}),
                 }
             )
         grid = self.grid(records)
@@ -275,7 +340,18 @@ class NeedleTask(Task):
             "facts": "the needle sentence's tokens",
             "feeding": fed,
             "cache_map_cell": {"length": mapped[0], "depth": mapped[1], "trial": mapped[2]},
+            "protocol": self.protocol,
         }
+        if once:
+            info["compress_once"] = (
+                f"context compressed once by {session.policy.name} to "
+                + (
+                    f"{1 - self.compression_ratio:g} of its tokens"
+                    if self.compression_ratio is not None
+                    else "the budget"
+                )
+                + ", kept positions as fed (kvpress's protocol); the question and answer then evict nothing"
+            )
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
 
     def grid(self, records: list[dict]) -> dict:

@@ -40,6 +40,8 @@ class Eviction:
     epoch: int
     per_head: bool
     uniform: bool
+    frozen: bool
+    _fed: int
     _n: int
     _len: list[int]
     _slot: np.ndarray
@@ -57,14 +59,21 @@ class Eviction:
         @property
         def offset(self) -> int: ...
 
-    def evict(self, keep: np.ndarray) -> None:
+    def evict(self, keep: np.ndarray, reindex: bool = True) -> None:
         """Keep the tokens at ranks `keep` (sorted, time order) and re-index them to 0..n_new-1.
         `keep` is (n_new,) for every stream alike (a position-based policy: the streams' slots and
         offsets stay identical, so the work is done once for all), (B, n_new), one row each, or
-        (B, L, H, n_new), one keep-set per stream, layer and KV head (ranks within that head)."""
+        (B, L, H, n_new), one keep-set per stream, layer and KV head (ranks within that head).
+
+        reindex=False (kvpress's compress-once): the kept keys keep the rotation they were fed
+        with and the next token continues at the stream's own position, as after a kvpress
+        prefill compression; the cache is then frozen (its keys no longer sit at rank + offset),
+        and a later eviction is refused."""
+        if self.frozen:
+            raise RuntimeError("this cache was compressed keeping original positions: it evicts no more")
         keep = np.asarray(keep)
         if keep.ndim == 4 or self.per_head:
-            self._evict_per_head(keep)
+            self._evict_per_head(keep, reindex)
             return
         shared = keep.ndim == 1 and self.uniform
         if keep.ndim == 1 and not shared:
@@ -78,7 +87,8 @@ class Eviction:
         self.evictions += 1
         self.epoch += 1
         self.reindexing()  # (a cache built for dense never evicts)
-        moves, stale = [], []
+        moves: list = []
+        stale: list = []
         for b, kb in enumerate(rows):
             stream = None if shared else b  # None: the same for every stream
             kept_mask = np.zeros(n_old, dtype=bool)
@@ -111,8 +121,15 @@ class Eviction:
             self._move(moves)
         self._n = n_new
         self._len = [n_new] * self.num_layers
-        if stale:
+        if not reindex:
+            self._freeze(n_new)
+        elif stale:
             self._rerotate(stale)
+
+    def _freeze(self, n_new: int) -> None:
+        """Keys stay where they were rotated; the next token goes on at the stream's position."""
+        self._offsets[:] = self._fed - n_new
+        self.frozen = True
 
     def _enter_per_head(self) -> None:
         """From one bookkeeping row per stream to one per (layer, stream, head): every lane starts
@@ -128,7 +145,7 @@ class Eviction:
         self.per_head = True
         self.uniform = False
 
-    def _evict_per_head(self, keep: np.ndarray) -> None:
+    def _evict_per_head(self, keep: np.ndarray, reindex: bool = True) -> None:
         """Every lane keeps its own ranks; all vectorised over lanes (no Python loop per head)."""
         L, B, H = self.num_layers, self.batch, self.kv_heads
         rope = self.reindexing()
@@ -173,6 +190,9 @@ class Eviction:
         self._len = [n_new] * self.num_layers
         if len(src):
             self._move_lanes(move_r, src, dst)
+        if not reindex:
+            self._freeze(n_new)
+            return
         stale_r, stale_c = np.nonzero(stale)
         if len(stale_r):
             rope.ensure(self._n + int(self._offsets.max()) + 1)

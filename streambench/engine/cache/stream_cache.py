@@ -85,6 +85,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         self.evictions = 0  # evictions that removed tokens (what chat's status line counts)
         self.epoch = 0  # bumped by anything a rollback cannot undo: evictions, splices, sliding compaction
         self.uniform = True  # every stream's slots and offsets alike (no per-stream eviction yet)
+        self.frozen = False  # compressed keeping original positions (kvpress's protocol): no more evictions
         self.per_head = False  # one bookkeeping row per stream; True: one per (layer, stream, head)
         self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here

@@ -1,0 +1,142 @@
+"""kvpress's compress-once protocol through streambench against kvpress itself.
+
+kvpress's own hook (`BasePress.forward_hook`) does not run on transformers 5.24 as it is: it reads
+`kwargs["past_key_values"]` and `kwargs["cache_position"]`, which 5.24's attention modules no
+longer receive (the cache comes as `cache=`; there is no cache_position). `kvpress_prefill` runs
+that very hook with those two names supplied, which is all it lacks, so the comparison is with
+kvpress's own `compress` (scores, top-k, gather) and its positions (the kept keys keep their
+rotation; the question continues at the context's length)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+kvpress = pytest.importorskip("kvpress", reason="kvpress is not installed (./install.sh kvpress)")
+
+from streambench.engine.session import StreamSession  # noqa: E402
+from streambench.models.loading import LoadedModel  # noqa: E402
+from streambench.policies.build import PolicySpec, build_policy  # noqa: E402
+from streambench.policies.kvpress_bridge import import_kvpress  # noqa: E402
+
+
+def kvpress_prefill(model, press, context: torch.Tensor):
+    """kvpress's prefill with its press hooked on every attention layer; returns the cache and,
+    per layer, the (H, kept) indices its compress chose."""
+    import_kvpress()
+    cache = DynamicCache(config=model.config)
+    chosen = {}
+    press.post_init_from_model(model)
+    hooks = []
+
+    def hook(module, args, kwargs, output):
+        kw = dict(kwargs)
+        kw["past_key_values"] = kw.get("cache")
+        kw["cache_position"] = torch.arange(kw["hidden_states"].shape[1])
+        keys, values = (
+            kw["past_key_values"].layers[module.layer_idx].keys,
+            kw["past_key_values"].layers[module.layer_idx].values,
+        )
+        scores = press.score(module, kw["hidden_states"], keys, values, output[1], kw)
+        n_kept = int(keys.shape[2] * (1 - press.compression_ratio))
+        chosen[module.layer_idx] = np.sort(scores.topk(n_kept, dim=-1).indices[0].numpy(), axis=-1)
+        return press.forward_hook(module, args, kw, output)
+
+    for layer in model.model.layers:
+        layer.self_attn.rotary_emb = model.model.rotary_emb
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=context, cache=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer in model.model.layers:
+            layer.self_attn.__dict__.pop("rotary_emb", None)
+            layer.self_attn._modules.pop("rotary_emb", None)
+    return cache, chosen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "press,args",
+    [
+        ("KnormPress", {}),
+        ("SnapKVPress", {"window_size": 16}),
+        ("ExpectedAttentionPress", {"n_future_positions": 64}),
+        ("TOVAPress", {}),
+        ("StreamingLLMPress", {"n_sink": 4}),
+        ("KeyDiffPress", {}),
+    ],
+)
+def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, args):
+    """The same kept tokens per layer and head, and the question's log-probs to 1e-4."""
+    from streambench.tasks.texts import DEFAULT_TEXT, load_text
+
+    ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
+    context, question = ids[:, :180], ids[:, 180:]
+    ratio = 0.5
+    theirs = getattr(kvpress, press)(compression_ratio=ratio, **args)
+    cache, chosen = kvpress_prefill(embedded.model, theirs, context)
+    with torch.no_grad():
+        positions = torch.arange(180, 200)[None]
+        want = embedded.model(input_ids=question, cache=cache, position_ids=positions, use_cache=True).logits
+
+    policy = build_policy(PolicySpec(f"kvpress:{press}", dict(args)), 256)
+    with StreamSession(embedded, policy) as session, session.unbounded():
+        session.feed(context)
+        session.compress(int(180 * (1 - ratio)))
+        held = np.sort(np.broadcast_to(session.held_positions(), (30, 3, 90)), axis=-1)
+        got = session.feed(question)
+    for layer, indices in chosen.items():
+        np.testing.assert_array_equal(held[layer], indices, err_msg=f"{press}: layer {layer}")
+    torch.testing.assert_close(
+        torch.log_softmax(got.float(), -1), torch.log_softmax(want.float(), -1), atol=1e-4, rtol=0
+    )
+
+
+def test_compress_once_keeps_original_positions_exactly_and_then_evicts_no_more():
+    """After a compress keeping positions, the next token's logits are a fresh forward's over
+    exactly the kept tokens at their original positions (1 layer); a later eviction is refused."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(3, 96, (1, 41), generator=torch.Generator().manual_seed(4))
+    session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec("streamingllm", {"start_size": 2}), 64))
+    with session.unbounded():
+        session.feed(ids[:, :40])
+        session.compress(12)
+        got = session.feed(ids[:, 40:41])[0, -1]
+    kept = np.concatenate([[0, 1], np.arange(30, 41)])
+    with torch.no_grad():
+        want = model(input_ids=ids[:, kept], position_ids=torch.as_tensor(kept)[None]).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert session.cache.frozen
+    with pytest.raises(RuntimeError, match="evicts no more"):
+        session.cache.evict(np.arange(4))
+
+
+def test_needle_runs_in_both_protocols_from_the_cli(tiny_model_dir, small_text, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from streambench.cli.app import cli
+
+    base = ["run", "-q", "--model", str(tiny_model_dir), "--task", "needle", "--text", str(small_text)]
+    base += ["-t", "lengths=128", "-t", "depths=50", "-t", "answer_tokens=2", "--budget", "48"]
+    for protocol in (["-t", "protocol=compress-once", "-t", "compression_ratio=0.5"], []):
+        result = CliRunner().invoke(
+            cli, base + protocol + ["--policy", "kvpress:KnormPress,streamingllm,dense", "--out", str(tmp_path)]
+        )
+        assert result.exit_code == 0, result.output
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(results) == 6
+    once = [r for r in results if r["info"]["protocol"] == "compress-once"]
+    assert len(once) == 3 and all(r["config"]["task"]["args"]["compression_ratio"] == 0.5 for r in once)
+    for r in once:  # half the context kept, whatever the policy's budget; dense keeps it all
+        (record,) = r["records"]
+        context = record["context_tokens"]
+        assert record["compressed_to"] == (context if r["label"] == "dense" else int(context * 0.5))
+    streamed = [r for r in results if r["info"]["protocol"] == "stream"]
+    assert all("protocol" not in r["config"]["task"]["args"] for r in streamed)  # (hashes as before)
