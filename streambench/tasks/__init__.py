@@ -6,7 +6,7 @@ from streambench.tasks.base import Task, TaskResult
 TASKS: Registry = Registry("task", Task, group="streambench.tasks")
 register_task = TASKS.register
 
-from streambench.tasks import mtbench, needle, perplexity  # noqa: E402,F401
+from streambench.tasks import kvpress_eval, mtbench, needle, perplexity  # noqa: E402,F401
 from streambench.tasks.dialogue import dailydialog, grocery, rps  # noqa: E402,F401
 from streambench.tasks.lm_eval import task as lm_eval_task  # noqa: E402,F401
 
