@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from streambench.errors import ConfigError, UnknownNameError
+from streambench.errors import ConfigError, StreambenchError, UnknownNameError
 
 T = TypeVar("T", bound=type)
 BUILTIN = {"kind": "builtin"}
@@ -100,6 +100,8 @@ def plugin_fault(exc: BaseException) -> PluginError | None:
         for name, cls in registry._entries.items():
             if registry._origins.get(name, BUILTIN) is BUILTIN:
                 continue
+            if isinstance(exc, StreambenchError) and f"{registry.kind} {name}" in str(exc):
+                return None  # already one line naming it (a bridged class's own check, e.g. kvpress's)
             owners.setdefault(cls, (registry.kind, name))
             source = _source(cls)
             if source is not None:

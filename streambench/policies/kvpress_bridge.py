@@ -96,6 +96,20 @@ class PressPolicy(ScoredPolicy):
                 self.interval < budget - self.protected_start,
                 f"interval {self.interval} leaves no room below budget {budget} (it compresses to budget - interval)",
             )
+        window = getattr(self, "window_size", None)  # (SnapKV-style presses: queries of their window)
+        if isinstance(window, int) and not isinstance(window, bool):
+            self._require(
+                window < budget - self.protected_start,
+                f"window_size {window} must be below the budget {budget}: the press scores the tokens before "
+                f"its window of {window} with that window's queries, and the stream's first eviction comes "
+                f"after {budget} tokens (-p {self.name}.window_size=...)",
+            )
+            if self.interval is not None:
+                self._require(
+                    self.interval > window,
+                    f"interval {self.interval} must exceed window_size {window}: the press scores with the "
+                    "hidden states since its last compression",
+                )
         self._press = self._build_press()
         self._reads_context = reads_context(self.press_class)
 

@@ -46,7 +46,7 @@ ADDED = {  # (flag, value or None), added when the example does not set the flag
     "sweep": [("-q", None)],
 }
 SOAK = [("--soak-chunk", "64"), ("--soak-budget", "32")]
-DIALOGUE = ("rps", "grocery", "dailydialog")
+DIALOGUE = ("rps", "grocery", "dailydialog", "kvpress-eval")  # tasks whose --limit counts items, rounds or rows
 NEEDLE = ("needle", "passkey", "needle-long")  # cut to one 64-token cell
 
 
