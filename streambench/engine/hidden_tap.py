@@ -102,10 +102,10 @@ class HiddenStateTap:
     def state(self):
         """A checkpoint keeps references; the first write after it copies."""
         self._shared = [True] * len(self._shared)
-        return self._seen, list(self._ring)
+        return self._seen, list(self._ring), self.window
 
     def restore(self, state) -> None:
-        self._seen, ring = state
+        self._seen, ring, self.window = state  # (a branch may have enlarged the rings)
         self._ring = list(ring)
         self._shared = [True] * len(self._shared)
         self._pending = 0

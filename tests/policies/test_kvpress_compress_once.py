@@ -140,3 +140,22 @@ def test_needle_runs_in_both_protocols_from_the_cli(tiny_model_dir, small_text, 
         assert record["compressed_to"] == (context if r["label"] == "dense" else int(context * 0.5))
     streamed = [r for r in results if r["info"]["protocol"] == "stream"]
     assert all("protocol" not in r["config"]["task"]["args"] for r in streamed)  # (hashes as before)
+
+
+def test_hidden_states_survive_a_branch_that_grew_them():
+    """A fork inside a prefill may enlarge the hidden-state rings; leaving it restores the rings
+    and their size together (compress-once's teacher-forced answer runs on such a fork)."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    policy = build_policy(PolicySpec("kvpress:SnapKVPress", {"window_size": 2, "window": 4}), 64)
+    session = StreamSession(LoadedModel.wrap(model), policy)
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    with session.unbounded():
+        session.feed(ids[:, :6])  # past the window of 4: the rings grow
+        with session.fork():
+            session.feed(ids[:, 6:30])  # and grow again inside the branch
+        session.feed(ids[:, 6:8])
+    (hidden,) = session.hidden.last()
+    assert hidden.shape[1] == 8
+    torch.testing.assert_close(hidden[0, -1], session.hidden.last(count=1)[0][0, -1])
