@@ -18,8 +18,14 @@ What the press is given, per layer (the same names and shapes as in kvpress's pr
   tokens sit when they are the newest kept ones (SnapKV's and TOVA's windows, which they pad to
   the top score, so they are);
 - `module`: the layer's attention module, with the model's rotary embedding as `rotary_emb`
-  (what kvpress's `BasePress.__call__` attaches); `attentions`: None (streambench's forward is
-  SDPA; presses that need materialised attention are refused in streaming).
+  (what kvpress's `BasePress.__call__` attaches);
+- `attentions`: None (streambench's forward is SDPA: SnapKV and TOVA then project their own
+  queries, as under kvpress's default SDPA), except for a press that asserts it (ObservedAttention,
+  which only sums it over queries): it gets that sum as one query row (1, H, 1, n), the attention
+  each kept token received from every query since it entered, from the engine's H2O statistic
+  (`attention_sum`). After a compress-once prefill that is exactly the prefill's matrix summed
+  (the n x n matrix is never materialised); in a stream, kvpress's normalisation by `n - rank`
+  (the queries a prefill's token at that rank saw) is applied as written.
 The press's `compression_ratio` is set so that `int(n * (1 - ratio))` is the number kept, as
 `DecodingPress._find_target_compression_ratio` does.
 
@@ -30,6 +36,9 @@ compressed back to budget - N, scored with the hidden states of the N tokens sin
 `window`), so a query sees at most `budget` keys (the project's budget convention). Identical to
 DecodingPress once its first compression has happened, which is when budget - N is a multiple
 of N (DecodingPress counts steps from the prefill; streambench from the first full cache).
+
+A press that rescores another (CriticalKVPress) takes it as `-p kvpress:CriticalKVPress.press=
+SnapKVPress(window_size=16)`: any streaming press, with its own arguments.
 
 Install with `./install.sh kvpress` (kvpress 0.5.5 declares transformers<5.3, streambench needs
 5.24: it is installed without its dependency pins; see README).
@@ -47,6 +56,7 @@ from streambench.policies.base import CacheView, ScoredPolicy
 KVPRESS_VERSION = "0.5.5"
 INSTALL = "./install.sh kvpress (kvpress==0.5.5 without its transformers<5.3 pin; see README)"
 OURS = ("budget", "start_size", "window", "interval")  # the bridge's own fields, beside the press's
+DEFAULT_RESCORED = "SnapKVPress"  # what a rescoring wrapper wraps unless told (kvpress's critical_snapkv)
 
 
 def import_kvpress():
@@ -75,6 +85,7 @@ class PressPolicy(ScoredPolicy):
     """Base of every bridged press (one generated subclass per press class, `adapt`)."""
 
     press_class: ClassVar[Any] = None
+    wraps: ClassVar[bool] = False  # rescores another press, given as `-p <name>.press=Name(arg=value)`
     observes = frozenset({"keys", "values", "attention_modules"})
 
     start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
@@ -96,13 +107,20 @@ class PressPolicy(ScoredPolicy):
                 self.interval < budget - self.protected_start,
                 f"interval {self.interval} leaves no room below budget {budget} (it compresses to budget - interval)",
             )
-        window = getattr(self, "window_size", None)  # (SnapKV-style presses: queries of their window)
+        self._press = self._build_press()
+        scorer = self._scorer()
+        window = getattr(scorer, "window_size", None)  # (SnapKV-style presses: queries of their window)
         if isinstance(window, int) and not isinstance(window, bool):
+            where = (
+                f"-p {self.name}.window_size=..."
+                if scorer is self._press
+                else f"-p {self.name}.press={type(scorer).__name__}(window_size=...)"
+            )
             self._require(
                 window < budget - self.protected_start,
                 f"window_size {window} must be below the budget {budget}: the press scores the tokens before "
                 f"its window of {window} with that window's queries, and the stream's first eviction comes "
-                f"after {budget} tokens (-p {self.name}.window_size=...)",
+                f"after {budget} tokens ({where})",
             )
             if self.interval is not None:
                 self._require(
@@ -110,18 +128,31 @@ class PressPolicy(ScoredPolicy):
                     f"interval {self.interval} must exceed window_size {window}: the press scores with the "
                     "hidden states since its last compression",
                 )
-        self._press = self._build_press()
-        self._reads_context = reads_context(self.press_class)
+        self._reads_context = reads_context(type(scorer))
+        self._needs_attentions = needs_attentions(type(scorer))
+        # a wrapper learns its press only now: what the engine collects follows the press chosen
+        self.observes = _observations(type(scorer))
 
     def _press_args(self) -> dict[str, Any]:
         own = {f.name for f in dataclasses.fields(PressPolicy)}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name not in own}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init and f.name not in own and f.name != "press"
+        }
 
     def _build_press(self):
+        args = self._press_args()
+        if self.wraps:  # a press that rescores another
+            args["press"] = inner_press(vars(self)["press"], self.name)
         try:
-            return self.press_class(**self._press_args())
+            return self.press_class(**args)
         except (Exception, SystemExit) as exc:  # kvpress validates with asserts
             raise ConfigError(f"{self.name}: the press refused its arguments: {_described(exc)}") from None
+
+    def _scorer(self):
+        """The press whose inputs decide what is collected: the wrapped one, for a wrapper."""
+        return self._press.press if self.wraps else self._press
 
     def kept(self, view: CacheView) -> int:
         if self.interval is None:
@@ -148,12 +179,17 @@ class PressPolicy(ScoredPolicy):
             kwargs = {"position_ids": positions, "cache_position": positions[0]}
             if w:  # (one rotary table for every governed layer: computed once)
                 kwargs["position_embeddings"] = modules[0].rotary_emb(hidden[0][:, -w:], positions)
+        summed = view.observed["attention_sum"] if self._needs_attentions else None  # (L, H_kv, n)
         out = []
         for layer, module in enumerate(modules):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
             k, v = keys[layer][None], values[layer][None]
+            attentions = None
+            if summed is not None:  # one query row holding the sum over queries (kvpress: heads KV-group-major)
+                groups = module.config.num_attention_heads // k.shape[1]
+                attentions = summed[layer].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
             try:
-                scores = press.score(module, h, k, v, None, kwargs)
+                scores = press.score(module, h, k, v, attentions, kwargs)
             except (Exception, SystemExit) as exc:
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() failed: {_described(exc)}"
@@ -196,6 +232,76 @@ def reads_context(cls: type) -> bool:
     return True
 
 
+def needs_attentions(cls: type) -> bool:
+    """Whether the press asserts materialised attention (ObservedAttention): it is then given the
+    engine's per-token attention sums (`attention_sum`) as one query row."""
+    return any(
+        "assert attentions is not None" in _source(klass.__dict__["score"])
+        for klass in cls.__mro__
+        if "score" in klass.__dict__
+    )
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _observations(cls: type) -> frozenset[str]:
+    """What the engine collects for a press of this class: keys, values and modules always; the
+    hidden-state tap (a hook per layer per token) and the attention statistic only when read."""
+    return (
+        PressPolicy.observes
+        | ({"hidden_states"} if reads_context(cls) else set())
+        | ({"attention_sum"} if needs_attentions(cls) else set())
+    )
+
+
+def inner_press(spec: Any, policy: str):
+    """The press a wrapper rescores, from `Name` or `Name(arg=value, ...)` (kvpress's own
+    constructor syntax; `kvpress:` may prefix the name; values are Python literals)."""
+    import ast
+
+    text = str(spec).strip().removeprefix("kvpress:")
+    hint = f"{policy}: press must be a streaming press, as Name or Name(arg=value), got {str(spec)!r}"
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ConfigError(hint) from None
+    call = node if isinstance(node, ast.Call) else None
+    name_node = call.func if call is not None else node
+    if not isinstance(name_node, ast.Name) or (
+        call is not None and (call.args or any(k.arg is None for k in call.keywords))
+    ):
+        raise ConfigError(hint)
+    try:
+        args = {k.arg: ast.literal_eval(k.value) for k in (call.keywords if call is not None else [])}
+    except ValueError:
+        raise ConfigError(f"{hint} (argument values must be literals)") from None
+    kvpress = import_kvpress()
+    cls = getattr(kvpress, name_node.id, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{policy}: kvpress has no press {name_node.id!r} (streambench list presses)")
+    status, why = press_status(cls)
+    if status != "streaming" or _wraps(cls):
+        reason = f"{status}: {why}" if why else "itself a wrapper"
+        raise ConfigError(f"{policy}: {name_node.id} cannot be rescored in the stream ({reason})")
+    try:
+        return cls(**args)
+    except (Exception, SystemExit) as exc:
+        raise ConfigError(f"{policy}: {name_node.id} refused its arguments: {_described(exc)}") from None
+
+
+def _wraps(cls: type) -> bool:
+    try:
+        takes = set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(takes & {"press", "presses", "base_press", "prefilling_press", "decoding_press"})
+
+
 def _ratio_for(n: int, count: int) -> float:
     """The compression ratio for which kvpress keeps exactly `count` of `n` (`int(n * (1 - r))`),
     as DecodingPress._find_target_compression_ratio finds it."""
@@ -232,11 +338,7 @@ def press_status(cls: type) -> tuple[str, str]:
                 sources += inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]
             except (OSError, TypeError):
                 pass
-    try:
-        takes = set(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):
-        takes = set()
-    wraps = bool(takes & {"press", "presses", "base_press", "prefilling_press", "decoding_press"})
+    wraps = _wraps(cls)
     name = cls.__name__
     if issubclass(cls, ScorerPress) and cls.score is ScorerPress.score:
         return "base class", "scores nothing itself"
@@ -254,10 +356,8 @@ def press_status(cls: type) -> tuple[str, str]:
         return "not bridged", "compresses in its own compress(), with no per-token score to rank by"
     if cls.compress is not ScorerPress.compress:
         return "uneven budgets", "keeps a different number per layer or head (arrives with the ragged-budget issue)"
-    if wraps:
-        return "wrapper", "rescores another press given to it: not bridged yet"
-    if "assert attentions is not None" in sources:
-        return "refused", "needs the materialised attention matrix of a prefill (eager attention)"
+    if wraps and "press" not in inspect.signature(cls).parameters:
+        return "wrapper", "rescores several presses given to it: not bridged yet"
     if "only supports prefill" in sources:
         return "prefill only", "asserts one query per key (keys.shape[-2] == n_queries): a prefill-only method"
     if "NonCausal" in sources or "non_causal" in sources:
@@ -295,6 +395,29 @@ def status_table() -> str:
 _ADAPTED: dict[type, type] = {}
 
 
+def _parameters(obj: type) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of what a press's constructor takes, but its compression ratio (set
+    at every eviction): dataclass fields, or the signature of a plain class (CriticalKVPress)."""
+    own_init = next(klass for klass in obj.__mro__ if "__init__" in klass.__dict__)
+    if "__dataclass_fields__" in own_init.__dict__:  # (its constructor is a dataclass's)
+        found = []
+        for f in dataclasses.fields(obj):
+            if not f.init or f.name == "compression_ratio" or f.name.startswith("_"):
+                continue
+            default = f.default
+            if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            found.append((f.name, f.type, default))
+        return found
+    found = []
+    for name, param in inspect.signature(obj).parameters.items():
+        if name == "compression_ratio" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = dataclasses.MISSING if param.default is param.empty else param.default
+        found.append((name, Any if param.annotation is param.empty else param.annotation, default))
+    return found
+
+
 def adapt(obj: Any) -> type | None:
     """The policy class for a kvpress press class (made once per class), None for anything that
     is not a press; a press the bridge cannot run is refused with the reason."""
@@ -310,30 +433,26 @@ def adapt(obj: Any) -> type | None:
     status, why = press_status(obj)
     if status != "streaming":
         raise ConfigError(f"kvpress:{obj.__name__} does not run in the stream ({status}): {why}")
-    press_fields = [
-        f for f in dataclasses.fields(obj) if f.init and f.name != "compression_ratio" and not f.name.startswith("_")
-    ]
-    clash = sorted({f.name for f in press_fields} & set(OURS))
-    if clash:
-        raise ConfigError(f"kvpress:{obj.__name__} has fields named like the bridge's own ({', '.join(clash)})")
+    wraps = _wraps(obj)
     fields = []
-    for f in press_fields:
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            raise ConfigError(f"kvpress:{obj.__name__} needs {f.name}, which has no default: not bridged")
+    for name, kind, default in _parameters(obj):
+        if name in OURS:
+            raise ConfigError(f"kvpress:{obj.__name__} has a field named like the bridge's own ({name})")
+        if name == "press" and wraps:  # the rescored press, by name (kvpress's evaluation: critical_snapkv)
+            kind, default = str, DEFAULT_RESCORED
+        elif default is dataclasses.MISSING:
+            raise ConfigError(f"kvpress:{obj.__name__} needs {name}, which has no default: not bridged")
         # (kvpress annotates with real types; a string annotation is left to the press to check)
-        fields.append((f.name, f.type if not isinstance(f.type, str) else Any, dataclasses.field(default=default)))
+        fields.append((name, kind if not isinstance(kind, str) else Any, dataclasses.field(default=default)))
     cls = dataclasses.make_dataclass(
         f"{obj.__name__}Policy",
         fields,
         bases=(PressPolicy,),
         namespace={
             "press_class": obj,
-            # the hidden-state tap (a hook per layer per token) only for presses that read it
-            "observes": PressPolicy.observes | ({"hidden_states"} if reads_context(obj) else set()),
+            "wraps": wraps,
+            # (an instance narrows this to what its rescored press reads, once it knows it)
+            "observes": _observations(obj) | ({"hidden_states", "attention_sum"} if wraps else set()),
             "summary": f"kvpress {obj.__name__}: {first_line(obj)}",
             "__doc__": f"kvpress's {obj.__name__} in the stream (policies/kvpress_bridge.py).\n\n{inspect.getdoc(obj) or ''}",
             "__module__": __name__,

@@ -56,6 +56,7 @@ PRESS_ARGS = {
     "kvpress:CURPress": {"num_sinks": 2, "local_window_size": 4},
     "kvpress:CapPress": {"n_sink": 2, "n_future_positions": 16},
     "kvpress:RandomPress": {"seed": 0},
+    "kvpress:CriticalKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
 }
 
 

@@ -59,7 +59,8 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
 @pytest.mark.parametrize(
     "name,message",
     [
-        ("kvpress:ObservedAttentionPress", "needs the materialised attention matrix"),
+        ("kvpress:CompactorPress", "prefill-only"),
+        ("kvpress:CriticalAdaKVPress", "wraps another press"),
         ("kvpress:PyramidKVPress", "ragged-budget issue"),
         ("kvpress:AdaKVPress", "wraps another press"),
         ("kvpress:ThinKPress", "key channels"),
@@ -173,3 +174,42 @@ def test_list_presses_names_each_with_its_status():
     assert result.exit_code == 0, result.output
     assert "kvpress:SnapKVPress" in result.output and "streaming" in result.output
     assert re.search(r"kvpress:ThinKPress\s+refused\s+prunes key channels", result.output)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("Foo", "kvpress has no press 'Foo'"),
+        ("KnormPress(x=1)", "KnormPress refused its arguments"),
+        ("AdaKVPress", "AdaKVPress cannot be rescored"),
+        ("CriticalKVPress", "itself a wrapper"),
+        ("SnapKVPress(window_size=foo)", "values must be literals"),
+        ("SnapKVPress(4)", "as Name or Name(arg=value)"),
+        ("__import__('os')", "as Name or Name(arg=value)"),
+    ],
+)
+def test_a_wrapper_is_given_its_press_by_name_and_a_bad_one_is_one_line(spec, message, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["run", "--policy", "kvpress:CriticalKVPress", "-p", f"kvpress:CriticalKVPress.press={spec}"]
+        + ["--tokens", "16", "--budget", "64", "-q", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wrapper_collects_what_its_press_reads():
+    """CriticalKV over Knorm needs no hidden states; over SnapKV it does; the wrapped press's
+    window is checked against the budget like a bridged press's own."""
+    knorm = build_policy(PolicySpec("kvpress:CriticalKVPress", {"press": "KnormPress"}), 64)
+    assert "hidden_states" not in knorm.observes and type(knorm._press.press).__name__ == "KnormPress"
+    snap = build_policy(PolicySpec("kvpress:CriticalKVPress", {"press": "SnapKVPress(window_size=16)"}), 64)
+    assert "hidden_states" in snap.observes and snap._press.press.window_size == 16
+    with pytest.raises(
+        ConfigError, match=r"window_size 64 must be below the budget 64.*press=SnapKVPress\(window_size"
+    ):
+        build_policy(PolicySpec("kvpress:CriticalKVPress", {}), 64)
+    observed = build_policy(PolicySpec("kvpress:ObservedAttentionPress", {}), 64)
+    assert "attention_sum" in observed.observes and "hidden_states" not in observed.observes

@@ -67,6 +67,8 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         ("TOVAPress", {}),
         ("StreamingLLMPress", {"n_sink": 4}),
         ("KeyDiffPress", {}),
+        ("ObservedAttentionPress", {}),  # (kvpress given eager attention's matrix; streambench its sums)
+        ("CriticalKVPress", {"press": "SnapKVPress(window_size=16)"}),  # (a wrapper)
     ],
 )
 def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, args):
@@ -76,8 +78,18 @@ def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, arg
     ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
     context, question = ids[:, :180], ids[:, 180:]
     ratio = 0.5
-    theirs = getattr(kvpress, press)(compression_ratio=ratio, **args)
-    cache, chosen = kvpress_prefill(embedded.model, theirs, context)
+    if press == "CriticalKVPress":
+        theirs = kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=16))
+    else:
+        theirs = getattr(kvpress, press)(compression_ratio=ratio, **args)
+    eager = press == "ObservedAttentionPress"  # kvpress's own run needs the attention matrix returned
+    before = embedded.model.config._attn_implementation
+    if eager:
+        embedded.model.set_attn_implementation("eager")
+    try:
+        cache, chosen = kvpress_prefill(embedded.model, theirs, context)
+    finally:
+        embedded.model.set_attn_implementation(before)
     with torch.no_grad():
         positions = torch.arange(180, 200)[None]
         want = embedded.model(input_ids=question, cache=cache, position_ids=positions, use_cache=True).logits
