@@ -77,10 +77,14 @@ def _list_presses() -> None:
     except StreambenchError as exc:
         click.echo(f"kvpress presses: {exc}")
         return
-    runs = [n for n, c in presses.items() if bridge.press_status(c)[0] == "streaming"]
-    click.echo(f"kvpress presses ({len(runs)} of {len(presses)} run in the stream as --policy kvpress:<Press>):")
+    statuses = {name: bridge.press_status(cls) for name, cls in presses.items()}
+    count = {kind: sum(s == kind for s, _ in statuses.values()) for kind in bridge.RUNS}
+    click.echo(
+        f"kvpress presses ({count['streaming']} of {len(presses)} run in the stream as --policy kvpress:<Press>, "
+        f"{count['hub']} more once their download is reachable, {count['prefill only']} in compress-once only):"
+    )
     for name, cls in presses.items():
-        status, why = bridge.press_status(cls)
+        status, why = statuses[name]
         click.echo(f"  {'kvpress:' + name:<40} {status:<14} {why or bridge.first_line(cls)}")
 
 

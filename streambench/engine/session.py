@@ -89,6 +89,7 @@ class StreamSession:
         max_tokens: int | None = None,
     ):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        policy.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
         self.budget = budget = policy.budget

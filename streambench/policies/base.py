@@ -79,6 +79,9 @@ class CachePolicy:
     observation_window: ClassVar[int] = 0  # queries kept for "window_attention" (a property where set by a field)
     # The fields that, all given, fix the budget themselves (`-p recent_size=252` needs no --budget).
     sizes: ClassVar[tuple[str, ...]] = ()
+    # Scores a whole context at once (kvpress's prefill-only presses): runs only where the task
+    # prefills densely and compresses once (`Task.compresses_once`), refused for a stream.
+    prefill_only: ClassVar[bool] = False
 
     budget: int | None = None
 
@@ -123,6 +126,10 @@ class CachePolicy:
 
     def reset(self) -> None:
         """A new stream starts (a policy with state, such as a memory bank, clears it)."""
+
+    def bind(self, model) -> None:
+        """A session starts on this transformers model: a policy that learned something per model
+        loads it here (kvpress's `post_init_from_model`). Raise ConfigError when it cannot."""
 
     def stats(self) -> dict[str, float]:
         """Metrics of the policy's own state at the end of a run (e.g. its memory bank's size)."""
@@ -294,6 +301,10 @@ class ScoredPolicy(CachePolicy):
             scores[..., :sinks] = float("inf")
             if recent:
                 scores[..., view.length - recent :] = float("inf")
+        return self.keep_top(scores, count)
+
+    def keep_top(self, scores: torch.Tensor, count: int) -> np.ndarray:
+        """The `count` ranks each head keeps, sorted: `top_ranks` (ties: the newest leaves)."""
         return top_ranks(scores, count)
 
 

@@ -37,6 +37,10 @@ compressed back to budget - N, scored with the hidden states of the N tokens sin
 DecodingPress once its first compression has happened, which is when budget - N is a multiple
 of N (DecodingPress counts steps from the prefill; streambench from the first full cache).
 
+A press that learned something per model (QFilter, KVzap, ExpectedAttentionStats) gets kvpress's
+`post_init_from_model` when a session starts (`bind`); one that scores a whole context at once
+(LeverageScore, NonCausalAttn, Compactor) runs only where a task compresses once.
+
 A press that rescores another (CriticalKVPress) takes it as `-p kvpress:CriticalKVPress.press=
 SnapKVPress(window_size=16)`: any streaming press, with its own arguments.
 
@@ -154,6 +158,22 @@ class PressPolicy(ScoredPolicy):
         """The press whose inputs decide what is collected: the wrapped one, for a wrapper."""
         return self._press.press if self.wraps else self._press
 
+    def bind(self, model) -> None:
+        """kvpress's `post_init_from_model`, as `BasePress.__call__` runs it: presses that learned
+        something per model (QFilter's filters, KVzap's scorer, ExpectedAttentionStats' statistics)
+        load it, from the hub or a local folder; once per model."""
+        if getattr(self, "_bound", None) == id(model):  # (an id: a copied policy never copies the model)
+            return
+        try:
+            self._press.post_init_from_model(model)
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(
+                f"{self.name}: the press could not load what it needs for this model "
+                f"(post_init_from_model: {_described(exc)}); it downloads it from the hub: run where the hub is "
+                "reachable, or give it a local copy"
+            ) from None
+        self._bound = id(model)
+
     def kept(self, view: CacheView) -> int:
         if self.interval is None:
             return view.target
@@ -173,6 +193,8 @@ class PressPolicy(ScoredPolicy):
         if self._reads_context:
             hidden = view.observed["hidden_states"]  # (the tap holds the last `window`; a compress-once prefill, all)
             w = hidden[0].shape[1] if hidden[0].dim() == 3 else 0
+            if self.prefill_only and w != n:  # (the plan refuses a stream first; a library caller meets this)
+                raise PolicyContractError(f"policy {self.name}: {PREFILL_ONLY}")
             if self.interval is not None:  # DecodingPress: the hidden states since the last compression
                 w = min(w, self.interval)
             positions = torch.arange(n - w, n, device=keys.device)[None]
@@ -203,6 +225,17 @@ class PressPolicy(ScoredPolicy):
                 raise PolicyContractError(f"policy {self.name}: the press's score() returned NaN scores")
             out.append(scores[0])
         return torch.stack(out)
+
+    def keep_top(self, scores, count: int):
+        """kvpress's own choice (`ScorerPress.compress`: `scores.topk(n_kept).indices`), so that
+        exact ties (a repeated token's pre-RoPE key, in layer 0) fall as they fall in kvpress."""
+        import numpy as np
+        import torch
+
+        n = scores.shape[-1]
+        if count >= n:
+            return np.broadcast_to(np.arange(n), scores.shape).copy()
+        return torch.sort(torch.topk(scores, count, dim=-1).indices, dim=-1).values.cpu().numpy()
 
     def reset(self) -> None:
         if hasattr(self._press, "reset"):
@@ -285,7 +318,7 @@ def inner_press(spec: Any, policy: str):
     if not isinstance(cls, type):
         raise ConfigError(f"{policy}: kvpress has no press {name_node.id!r} (streambench list presses)")
     status, why = press_status(cls)
-    if status != "streaming" or _wraps(cls):
+    if status not in ("streaming", "hub") or _wraps(cls):
         reason = f"{status}: {why}" if why else "itself a wrapper"
         raise ConfigError(f"{policy}: {name_node.id} cannot be rescored in the stream ({reason})")
     try:
@@ -325,6 +358,22 @@ def _described(exc: BaseException) -> str:
 NEEDS_HUB = ("from_pretrained", "hf_hub_download", "load_dataset", "snapshot_download")
 
 
+HUB = (
+    "scores in the stream once kvpress's post_init_from_model has loaded what it learned for the model "
+    "(from the hub, or a local folder where the press takes one); offline: one line"
+)
+PREFILL_ONLY = (
+    "scores a whole context at once (one query per key): runs in compress-once "
+    "(-t protocol=compress-once), not in a stream"
+)
+RUNS = ("streaming", "hub", "prefill only")  # the statuses the bridge builds a policy for
+
+
+def _defines(cls: type, method: str) -> bool:
+    """A kvpress class below BasePress defines `method` itself."""
+    return any(method in klass.__dict__ for klass in cls.__mro__ if klass.__name__ != "BasePress")
+
+
 def press_status(cls: type) -> tuple[str, str]:
     """("streaming", "") for a press the bridge runs; otherwise (status, why), read from the press's
     code: its base classes, what its constructor takes, what its module calls."""
@@ -346,8 +395,12 @@ def press_status(cls: type) -> tuple[str, str]:
         return "refused", "merges evicted pairs into kept ones: not token eviction"
     if name == "ThinKPress":
         return "refused", "prunes key channels, not tokens"
-    if any(marker in sources for marker in NEEDS_HUB):
-        return "needs the hub", "downloads weights, statistics or a dataset when built or run"
+    hub = any(marker in sources for marker in NEEDS_HUB)
+    scorer = issubclass(cls, ScorerPress) and cls.compress is ScorerPress.compress and not wraps
+    if hub and scorer and _defines(cls, "post_init_from_model"):
+        return "hub", HUB
+    if hub:
+        return "needs the hub", "downloads weights, statistics or a dataset, and compresses in its own way: not bridged"
     if not issubclass(cls, ScorerPress):
         if issubclass(cls, kvpress.DecodingPress) or name == "PrefillDecodingPress":
             return "protocol", "a decoding schedule, not a scorer: `-p interval=N` reproduces DecodingPress"
@@ -358,10 +411,8 @@ def press_status(cls: type) -> tuple[str, str]:
         return "uneven budgets", "keeps a different number per layer or head (arrives with the ragged-budget issue)"
     if wraps and "press" not in inspect.signature(cls).parameters:
         return "wrapper", "rescores several presses given to it: not bridged yet"
-    if "only supports prefill" in sources:
-        return "prefill only", "asserts one query per key (keys.shape[-2] == n_queries): a prefill-only method"
-    if "NonCausal" in sources or "non_causal" in sources:
-        return "refused", "scores with non-causal attention over the whole context: a prefill-only method"
+    if "only supports prefill" in sources or "NonCausal" in sources:
+        return "prefill only", PREFILL_ONLY
     return "streaming", ""
 
 
@@ -431,7 +482,7 @@ def adapt(obj: Any) -> type | None:
     if obj in _ADAPTED:
         return _ADAPTED[obj]
     status, why = press_status(obj)
-    if status != "streaming":
+    if status not in RUNS:
         raise ConfigError(f"kvpress:{obj.__name__} does not run in the stream ({status}): {why}")
     wraps = _wraps(obj)
     fields = []
@@ -451,6 +502,7 @@ def adapt(obj: Any) -> type | None:
         namespace={
             "press_class": obj,
             "wraps": wraps,
+            "prefill_only": status == "prefill only",
             # (an instance narrows this to what its rescored press reads, once it knows it)
             "observes": _observations(obj) | ({"hidden_states", "attention_sum"} if wraps else set()),
             "summary": f"kvpress {obj.__name__}: {first_line(obj)}",

@@ -89,6 +89,11 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
     for spec in config.policies:
         check_label(spec.label, f"label of {spec.name}")
         policy = build_policy(spec, budget, explicit=config.budget is not None)
+        if policy.prefill_only and not task.compresses_once:
+            raise ConfigError(
+                f"{spec.display} scores a whole prefill at once: it runs only where a context is compressed "
+                "once (-t protocol=compress-once on needle or kvpress-eval), not in a stream"
+            )
         if batch > 1 and policy.retrieves:
             raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
         bank_device = policy.args().get("bank_device")

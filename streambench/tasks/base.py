@@ -73,6 +73,12 @@ class Task:
     def __post_init__(self) -> None:
         self.configure()
 
+    @property
+    def compresses_once(self) -> bool:
+        """Prefills each context densely and compresses it once (kvpress's protocol), so a
+        prefill-only policy can run (`CachePolicy.prefill_only`)."""
+        return False
+
     def configure(self) -> None:
         """Validate arguments; raise ConfigError."""
 

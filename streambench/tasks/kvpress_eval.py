@@ -140,6 +140,10 @@ class KVPressEvalTask(Task):
 
     PROTOCOLS: ClassVar[tuple[str, ...]] = ("compress-once", "stream")
 
+    @property
+    def compresses_once(self) -> bool:
+        return self.protocol == "compress-once"
+
     def configure(self) -> None:
         from streambench.tasks.dialogue.items import check_local
 

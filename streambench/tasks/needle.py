@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from streambench.engine.exact_chunks import auto_chunk
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -131,6 +132,10 @@ class NeedleTask(Task):
         if out.get("compression_ratio") is None:
             out.pop("compression_ratio", None)
         return out
+
+    @property
+    def compresses_once(self) -> bool:
+        return self.protocol == "compress-once"
 
     def configure(self) -> None:
         self._require(
@@ -253,6 +258,9 @@ class NeedleTask(Task):
         records = []
         once = self.protocol == "compress-once"
         question = len(self.question_ids(tokenizer)) if once else 0
+        # (compress-once: nothing is evicted while the context goes in, so it goes in dense-sized
+        # chunks whatever the policy, as kvpress prefills it in one forward)
+        prefill = self.chunk_size or auto_chunk(None, session.device, session.lm.info.num_heads)
         meter.start(session)
         for cell in cells:
             length, depth, trial, value, offset = cell
@@ -267,8 +275,8 @@ class NeedleTask(Task):
                 compressed = None
                 if once:  # the context prefilled densely, compressed once, then the question
                     context = len(ids) - question
-                    for first in range(0, context, chunk):
-                        piece = stream[:, first : min(first + chunk, context)]
+                    for first in range(0, context, prefill):
+                        piece = stream[:, first : min(first + prefill, context)]
                         session.feed(piece)
                         meter.step(piece.shape[1])
                         progress(piece.shape[1])

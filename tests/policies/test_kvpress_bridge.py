@@ -3,6 +3,7 @@ the same keep-sets and NLL as the native policy where the two define the same th
 that breaks is one error naming it. Exactness, chunks and rollbacks of every streaming press are
 in the conformance matrix (tests/policies/test_conformance.py)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from tiny_models import tiny_model
 
-pytest.importorskip("kvpress", reason="kvpress is not installed (./install.sh kvpress)")
+kvpress = pytest.importorskip("kvpress", reason="kvpress is not installed (./install.sh kvpress)")
 
 from streambench.cli.app import cli  # noqa: E402
 from streambench.engine.session import StreamSession  # noqa: E402
@@ -25,11 +26,17 @@ from streambench.policies.build import PolicySpec, apply_overrides, build_policy
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def stream(name, args, budget, n=48, seed=3, layers=2):
-    """Per-token NLL and the positions kept per (layer, head) at the end."""
+def stream(name, args, budget, n=48, seed=3, layers=2, distinct=False):
+    """Per-token NLL and the positions kept per (layer, head) at the end. distinct: no token
+    repeats (a repeated token's layer-0 key norm ties exactly, and ties fall as kvpress's topk
+    lets them in a press, the newest first in a native policy)."""
     model = tiny_model("llama", layers=layers)
     session = StreamSession(LoadedModel.wrap(model), build_policy(PolicySpec(name, dict(args)), budget))
-    ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if distinct:
+        ids = (torch.randperm(93, generator=generator)[:n] + 3)[None]
+    else:
+        ids = torch.randint(3, 96, (1, n), generator=generator)
     logits = torch.cat([session.feed(ids[:, t : t + 1]) for t in range(n - 1)], dim=1)
     nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
     heads = session.cache.kv_heads
@@ -59,12 +66,13 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
 @pytest.mark.parametrize(
     "name,message",
     [
-        ("kvpress:CompactorPress", "prefill-only"),
+        ("kvpress:CompactorPress", "scores a whole prefill at once"),
         ("kvpress:CriticalAdaKVPress", "wraps another press"),
         ("kvpress:PyramidKVPress", "ragged-budget issue"),
         ("kvpress:AdaKVPress", "wraps another press"),
         ("kvpress:ThinKPress", "key channels"),
-        ("kvpress:KVzapPress", "downloads"),
+        ("kvpress:KVzipPress", "downloads"),
+        ("kvpress:QFilterPress", "could not load what it needs for this model"),
         ("kvpress:DecodingPress", "-p interval=N"),
         ("kvpress:ScorerPress", "scores nothing"),
         ("kvpress:NoSuchPress", "has no 'NoSuchPress'"),
@@ -86,8 +94,8 @@ def test_press_arguments_are_checked_before_anything_loads():
 
 def test_knorm_press_keeps_what_the_native_knorm_keeps():
     """KnormPress (-||k||) and streambench's knorm with no sinks define the same keep-set."""
-    press, press_kept = stream("kvpress:KnormPress", {}, 16)
-    native, native_kept = stream("knorm", {"start_size": 0}, 16)
+    press, press_kept = stream("kvpress:KnormPress", {}, 16, distinct=True)
+    native, native_kept = stream("knorm", {"start_size": 0}, 16, distinct=True)
     np.testing.assert_array_equal(press_kept, native_kept)
     torch.testing.assert_close(press, native, atol=1e-5, rtol=0)
 
@@ -213,3 +221,23 @@ def test_a_wrapper_collects_what_its_press_reads():
         build_policy(PolicySpec("kvpress:CriticalKVPress", {}), 64)
     observed = build_policy(PolicySpec("kvpress:ObservedAttentionPress", {}), 64)
     assert "attention_sum" in observed.observes and "hidden_states" not in observed.observes
+
+
+def test_a_press_that_learned_per_model_is_bound_to_the_model_once(tmp_path):
+    """kvpress's post_init_from_model runs when a session starts on a model (once per model), as
+    BasePress.__call__ runs it; what it loads is then there when the press scores."""
+    seen = []
+
+    @dataclasses.dataclass
+    class LearnedKnorm(kvpress.KnormPress):
+        def post_init_from_model(self, model):
+            seen.append(model)
+
+    policy = bridge.adapt(LearnedKnorm)(budget=24)
+    model = tiny_model("llama", layers=2)
+    lm = LoadedModel.wrap(model)
+    with StreamSession(lm, policy) as session:
+        session.feed(torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(0)))
+    with StreamSession(lm, policy) as session:  # a second session on the same model: already bound
+        session.feed(torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(1)))
+    assert seen == [model]

@@ -40,7 +40,11 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         scores = press.score(module, kw["hidden_states"], keys, values, output[1], kw)
         n_kept = int(keys.shape[2] * (1 - press.compression_ratio))
         chosen[module.layer_idx] = np.sort(scores.topk(n_kept, dim=-1).indices[0].numpy(), axis=-1)
-        return press.forward_hook(module, args, kw, output)
+        press.score = lambda *_: scores  # (its compress reuses these: a sketching press draws once per layer)
+        try:
+            return press.forward_hook(module, args, kw, output)
+        finally:
+            del press.score
 
     for layer in model.model.layers:
         layer.self_attn.rotary_emb = model.model.rotary_emb
@@ -69,6 +73,9 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         ("KeyDiffPress", {}),
         ("ObservedAttentionPress", {}),  # (kvpress given eager attention's matrix; streambench its sums)
         ("CriticalKVPress", {"press": "SnapKVPress(window_size=16)"}),  # (a wrapper)
+        ("LeverageScorePress", {}),  # (prefill-only presses: compress-once only)
+        ("NonCausalAttnPress", {}),
+        ("CompactorPress", {}),
     ],
 )
 def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, args):
@@ -87,6 +94,7 @@ def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, arg
     if eager:
         embedded.model.set_attn_implementation("eager")
     try:
+        torch.manual_seed(0)  # (Leverage and Compactor draw a Gaussian sketch per layer, in layer order)
         cache, chosen = kvpress_prefill(embedded.model, theirs, context)
     finally:
         embedded.model.set_attn_implementation(before)
@@ -97,6 +105,7 @@ def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, arg
     policy = build_policy(PolicySpec(f"kvpress:{press}", dict(args)), 256)
     with StreamSession(embedded, policy) as session, session.unbounded():
         session.feed(context)
+        torch.manual_seed(0)
         session.compress(int(180 * (1 - ratio)))
         held = np.sort(np.broadcast_to(session.held_positions(), (30, 3, 90)), axis=-1)
         got = session.feed(question)
@@ -171,3 +180,25 @@ def test_hidden_states_survive_a_branch_that_grew_them():
     (hidden,) = session.hidden.last()
     assert hidden.shape[1] == 8
     torch.testing.assert_close(hidden[0, -1], session.hidden.last(count=1)[0][0, -1])
+
+
+def test_a_prefill_only_press_runs_in_compress_once_and_is_refused_in_a_stream(tiny_model_dir, small_text, tmp_path):
+    """LeverageScore scores a whole context at once (one query per key): the needle's compress-once
+    runs it; the stream protocol refuses it in one line before the model loads."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streambench.cli.app import cli
+
+    base = ["run", "-q", "--model", str(tiny_model_dir), "--task", "needle", "--text", str(small_text)]
+    base += ["-t", "lengths=128", "-t", "depths=50", "-t", "answer_tokens=2", "--budget", "48"]
+    base += ["--policy", "kvpress:LeverageScorePress", "--out", str(tmp_path)]
+    refused = CliRunner().invoke(cli, base)
+    assert refused.exit_code == 2 and "scores a whole prefill at once" in refused.output, refused.output
+    assert len([line for line in refused.output.splitlines() if line.strip()]) == 1
+    result = CliRunner().invoke(cli, base + ["-t", "protocol=compress-once"])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*.json")
+    (record,) = json.loads(path.read_text())["records"]
+    assert record["compressed_to"] == 48
