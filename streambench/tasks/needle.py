@@ -23,7 +23,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from streambench.engine.exact_chunks import auto_chunk
 from streambench.errors import DataError
 from streambench.tasks import register_task
 from streambench.tasks.base import Task, TaskResult
@@ -260,6 +259,8 @@ class NeedleTask(Task):
         question = len(self.question_ids(tokenizer)) if once else 0
         # (compress-once: nothing is evicted while the context goes in, so it goes in dense-sized
         # chunks whatever the policy, as kvpress prefills it in one forward)
+        from streambench.engine.exact_chunks import auto_chunk  # (torch: only once a task runs)
+
         prefill = self.chunk_size or auto_chunk(None, session.device, session.lm.info.num_heads)
         meter.start(session)
         for cell in cells:
