@@ -90,6 +90,7 @@ class PressPolicy(ScoredPolicy):
 
     press_class: ClassVar[Any] = None
     wraps: ClassVar[bool] = False  # rescores another press, given as `-p <name>.press=Name(arg=value)`
+    chunked: ClassVar[bool] = False  # ChunkPress: its press scores, and keeps its share of, each chunk alone
     observes = frozenset({"keys", "values", "attention_modules"})
 
     start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
@@ -136,6 +137,8 @@ class PressPolicy(ScoredPolicy):
         self._needs_attentions = needs_attentions(type(scorer))
         # a wrapper learns its press only now: what the engine collects follows the press chosen
         self.observes = _observations(type(scorer))
+        if self.chunked and self._reads_context:  # (chunks of ranks meet hidden states only in a prefill)
+            self.prefill_only = True
 
     def _press_args(self) -> dict[str, Any]:
         own = {f.name for f in dataclasses.fields(PressPolicy)}
@@ -211,7 +214,20 @@ class PressPolicy(ScoredPolicy):
                 groups = module.config.num_attention_heads // k.shape[1]
                 attentions = summed[layer].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
             try:
-                scores = press.score(module, h, k, v, attentions, kwargs)
+                if self.chunked:  # ChunkPress: its press scores each chunk of ranks on its own
+                    step = self._press.chunk_length
+                    inner = self._press.press
+                    scores = torch.cat(
+                        [
+                            inner.score(
+                                module, h[:, i : i + step], k[:, :, i : i + step], v[:, :, i : i + step], None, kwargs
+                            )
+                            for i in range(0, n, step)
+                        ],
+                        dim=-1,
+                    )
+                else:
+                    scores = press.score(module, h, k, v, attentions, kwargs)
             except (Exception, SystemExit) as exc:
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() failed: {_described(exc)}"
@@ -235,6 +251,18 @@ class PressPolicy(ScoredPolicy):
         n = scores.shape[-1]
         if count >= n:
             return np.broadcast_to(np.arange(n), scores.shape).copy()
+        if self.chunked:  # ChunkPress.compress: each chunk keeps max(1, int(its length * (1 - ratio)))
+            step, ratio = self._press.chunk_length, _ratio_for(n, count)
+            parts = [
+                i + torch.topk(scores[..., i : i + step], max(1, int(min(step, n - i) * (1 - ratio))), dim=-1).indices
+                for i in range(0, n, step)
+            ]
+            chosen = torch.cat(parts, dim=-1)
+            if chosen.shape[-1] > count:  # (each chunk's floor of 1 over a small count: the lowest-scored go)
+                best = torch.topk(scores.gather(-1, chosen), count, dim=-1).indices
+                chosen = chosen.gather(-1, best)
+            kept = torch.sort(chosen, dim=-1).values
+            return kept.cpu().numpy()
         return torch.sort(torch.topk(scores, count, dim=-1).indices, dim=-1).values.cpu().numpy()
 
     def reset(self) -> None:
@@ -401,6 +429,8 @@ def press_status(cls: type) -> tuple[str, str]:
         return "hub", HUB
     if hub:
         return "needs the hub", "downloads weights, statistics or a dataset, and compresses in its own way: not bridged"
+    if name == "ChunkPress":  # (its compress() is its press's top-k per chunk: hosted as such)
+        return "streaming", ""
     if not issubclass(cls, ScorerPress):
         if issubclass(cls, kvpress.DecodingPress) or name == "PrefillDecodingPress":
             return "protocol", "a decoding schedule, not a scorer: `-p interval=N` reproduces DecodingPress"
@@ -502,6 +532,7 @@ def adapt(obj: Any) -> type | None:
         namespace={
             "press_class": obj,
             "wraps": wraps,
+            "chunked": obj.__name__ == "ChunkPress",
             "prefill_only": status == "prefill only",
             # (an instance narrows this to what its rescored press reads, once it knows it)
             "observes": _observations(obj) | ({"hidden_states", "attention_sum"} if wraps else set()),

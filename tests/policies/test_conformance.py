@@ -57,6 +57,7 @@ PRESS_ARGS = {
     "kvpress:CapPress": {"n_sink": 2, "n_future_positions": 16},
     "kvpress:RandomPress": {"seed": 0},
     "kvpress:CriticalKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
+    "kvpress:ChunkPress": {"press": "KeyDiffPress", "chunk_length": 4},
 }
 
 

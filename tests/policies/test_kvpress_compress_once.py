@@ -22,7 +22,7 @@ from streambench.policies.kvpress_bridge import import_kvpress  # noqa: E402
 
 def kvpress_prefill(model, press, context: torch.Tensor):
     """kvpress's prefill with its press hooked on every attention layer; returns the cache and,
-    per layer, the (H, kept) indices its compress chose."""
+    per layer, the (H, kept) indices its compress kept (read back from the compressed keys)."""
     import_kvpress()
     cache = DynamicCache(config=model.config)
     chosen = {}
@@ -33,18 +33,14 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         kw = dict(kwargs)
         kw["past_key_values"] = kw.get("cache")
         kw["cache_position"] = torch.arange(kw["hidden_states"].shape[1])
-        keys, values = (
-            kw["past_key_values"].layers[module.layer_idx].keys,
-            kw["past_key_values"].layers[module.layer_idx].values,
-        )
-        scores = press.score(module, kw["hidden_states"], keys, values, output[1], kw)
-        n_kept = int(keys.shape[2] * (1 - press.compression_ratio))
-        chosen[module.layer_idx] = np.sort(scores.topk(n_kept, dim=-1).indices[0].numpy(), axis=-1)
-        press.score = lambda *_: scores  # (its compress reuses these: a sketching press draws once per layer)
-        try:
-            return press.forward_hook(module, args, kw, output)
-        finally:
-            del press.score
+        layer = kw["past_key_values"].layers[module.layer_idx]
+        before = layer.keys.clone()
+        result = press.forward_hook(module, args, kw, output)
+        # which tokens its compress kept: each kept key is one of the keys before (positions differ: unique)
+        match = (layer.keys[0][:, :, None, :] == before[0][:, None, :, :]).all(-1)  # (H, kept, n)
+        assert (match.sum(-1) == 1).all()
+        chosen[module.layer_idx] = np.sort(match.float().argmax(-1).numpy(), axis=-1)
+        return result
 
     for layer in model.model.layers:
         layer.self_attn.rotary_emb = model.model.rotary_emb
@@ -76,6 +72,8 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         ("LeverageScorePress", {}),  # (prefill-only presses: compress-once only)
         ("NonCausalAttnPress", {}),
         ("CompactorPress", {}),
+        ("ChunkPress", {"press": "KeyDiffPress", "chunk_length": 60}),  # (a wrapper that compresses per chunk)
+        ("ChunkPress", {"press": "SnapKVPress(window_size=16)", "chunk_length": 60}),
     ],
 )
 def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, args):
@@ -87,6 +85,10 @@ def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, arg
     ratio = 0.5
     if press == "CriticalKVPress":
         theirs = kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=16))
+    elif press == "ChunkPress":
+        inner = kvpress.KeyDiffPress(compression_ratio=ratio) if args["press"] == "KeyDiffPress" else None
+        inner = inner or kvpress.SnapKVPress(compression_ratio=ratio, window_size=16)
+        theirs = kvpress.ChunkPress(inner, chunk_length=args["chunk_length"])
     else:
         theirs = getattr(kvpress, press)(compression_ratio=ratio, **args)
     eager = press == "ObservedAttentionPress"  # kvpress's own run needs the attention matrix returned
