@@ -75,9 +75,9 @@ class Task:
 
     @property
     def compresses_once(self) -> bool:
-        """Prefills each context densely and compresses it once (kvpress's protocol), so a
-        prefill-only policy can run (`CachePolicy.prefill_only`)."""
-        return False
+        """Prefills each context densely and compresses it once (kvpress's protocol: a task with a
+        `protocol` field set to compress-once), so a prefill-only policy can run."""
+        return getattr(self, "protocol", None) == "compress-once"
 
     def configure(self) -> None:
         """Validate arguments; raise ConfigError."""
@@ -135,6 +135,18 @@ class Task:
     def _require(self, condition: bool, message: str) -> None:
         if not condition:
             raise ConfigError(f"{self.name}: {message}")
+
+    def _check_protocol(self) -> None:
+        """`protocol` (one of the task's PROTOCOLS) and compress-once's `compression_ratio`."""
+        protocols = getattr(self, "PROTOCOLS", ())
+        protocol = getattr(self, "protocol", None)
+        self._require(protocol in protocols, f"protocol must be one of {', '.join(protocols)}, got {protocol!r}")
+        ratio = getattr(self, "compression_ratio", None)
+        self._require(
+            ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1),
+            f"compression_ratio must be a number in [0, 1), got {ratio!r}",
+        )
+        self._require(ratio is None or self.compresses_once, "compression_ratio applies to protocol=compress-once")
 
     def _check_limit(self) -> None:
         limit = getattr(self, "limit", None)

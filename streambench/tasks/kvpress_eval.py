@@ -140,10 +140,6 @@ class KVPressEvalTask(Task):
 
     PROTOCOLS: ClassVar[tuple[str, ...]] = ("compress-once", "stream")
 
-    @property
-    def compresses_once(self) -> bool:
-        return self.protocol == "compress-once"
-
     def configure(self) -> None:
         from streambench.tasks.dialogue.items import check_local
 
@@ -151,18 +147,7 @@ class KVPressEvalTask(Task):
         if not self.data.startswith("hf:"):
             check_local(self.data)
         self._check_limit()
-        self._require(
-            self.protocol in self.PROTOCOLS,
-            f"protocol must be one of {', '.join(self.PROTOCOLS)}, got {self.protocol!r}",
-        )
-        ratio = self.compression_ratio
-        self._require(
-            ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1),
-            f"compression_ratio must be a number in [0, 1), got {ratio!r}",
-        )
-        self._require(
-            ratio is None or self.protocol == "compress-once", "compression_ratio applies to protocol=compress-once"
-        )
+        self._check_protocol()
         self._require(
             isinstance(self.max_context, int) and not isinstance(self.max_context, bool) and self.max_context >= 16,
             f"max_context must be an integer >= 16, got {self.max_context!r}",
@@ -177,7 +162,7 @@ class KVPressEvalTask(Task):
         from streambench.tasks.dialogue.items import provenance
 
         rows = load_rows(self.data, self.limit)
-        once = self.protocol == "compress-once"
+        once = self.compresses_once
         stops = {tokenizer.eos_token_id} - {None}
         records = []
         progress.total(len(rows), "row")

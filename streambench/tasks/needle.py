@@ -132,23 +132,8 @@ class NeedleTask(Task):
             out.pop("compression_ratio", None)
         return out
 
-    @property
-    def compresses_once(self) -> bool:
-        return self.protocol == "compress-once"
-
     def configure(self) -> None:
-        self._require(
-            self.protocol in self.PROTOCOLS,
-            f"protocol must be one of {', '.join(self.PROTOCOLS)}, got {self.protocol!r}",
-        )
-        ratio = self.compression_ratio
-        self._require(
-            ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1),
-            f"compression_ratio must be a number in [0, 1), got {ratio!r}",
-        )
-        self._require(
-            ratio is None or self.protocol == "compress-once", "compression_ratio applies to protocol=compress-once"
-        )
+        self._check_protocol()
         try:
             lengths, depths = self.length_list(), self.depth_list()
         except ValueError as exc:
@@ -255,7 +240,7 @@ class NeedleTask(Task):
         cache_map = CacheMap()
         progress.total(sum(c[0] for c in cells), "tok")
         records = []
-        once = self.protocol == "compress-once"
+        once = self.compresses_once
         question = len(self.question_ids(tokenizer)) if once else 0
         # (compress-once: nothing is evicted while the context goes in, so it goes in dense-sized
         # chunks whatever the policy, as kvpress prefills it in one forward)
