@@ -554,9 +554,11 @@ class StreamSession:
                 observed[name] = c.ranked_stat(name, stream)
             elif name == "window_attention" and self.observer is not None:
                 observed[name] = self.observer.window_attention(stream)
-            elif name == "keys":  # rotated at ranks 0..n-1: the cache as a prefill of the kept tokens holds it
-                pre = c.ranked_pre_keys(stream)
-                observed[name] = c.reindexing().rotate(pre, torch.arange(c.length, device=pre.device))
+            elif name in ("keys", "held_keys"):
+                observed[name] = self._ranked_keys(stream, held=name == "held_keys")
+            elif name == "key_shape":
+                shape = (c.num_layers, c.kv_heads, c.length, c.head_dim)
+                observed[name] = torch.zeros((), dtype=c.dtype, device=c.device).expand(shape)
             elif name == "values":
                 observed[name] = c.ranked_values(stream)
             elif name == "hidden_states" and self.hidden is not None:
@@ -565,6 +567,19 @@ class StreamSession:
                 observed[name] = self._attention_modules
         room = self._room if budget is None else budget
         return CacheView(c.length, incoming, room, positions, scores, observed, c.num_layers, c.kv_heads)
+
+    def _ranked_keys(self, stream: int, held: bool):
+        """Kept keys in rank order: at ranks 0..n-1, as a prefill of exactly the kept tokens holds
+        them, or `held`: as the cache holds them, (keys at rank + offset, offset), which spares a
+        policy whose scores only see relative positions a pass over every key."""
+        c = self.cache
+        rope = c.reindexing()
+        if c.frozen:  # (kept at the positions they were fed at: rotated afresh at their ranks)
+            pre = c.ranked_pre_keys(stream)
+            keys = rope.rotate(pre, torch.arange(c.length, device=pre.device))
+            return (keys, 0) if held else keys
+        keys, offset = c.ranked_keys(stream), c.offset_of(stream)
+        return (keys, offset) if held else rope.shift(keys, -offset)
 
     # ---- accounting --------------------------------------------------------------------------
     @property

@@ -149,6 +149,32 @@ class RotaryTable:
             out[:, 2 * half :] = k[:, 2 * half :]
         return out
 
+    def shift(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys rotated at positions p, moved to p + delta all alike: one angle per frequency (no
+        per-row tables), so it costs one pass over k. The kvpress bridge shows a press the cache
+        at ranks 0..n-1 this way (its keys sit at rank + offset). Math in float32."""
+        if delta == 0:
+            return k
+        self.ensure(abs(delta) + 1)
+        table_cos, table_sin, inv_norm = self._on(k.device)
+        cos, sin = table_cos[abs(delta)], table_sin[abs(delta)]
+        if delta < 0:
+            sin = -sin
+        if inv_norm is not None:  # the tables carry attention_scaling: a pure rotation divides it out
+            scale = inv_norm[abs(delta)].sqrt()
+            cos, sin = cos * scale, sin * scale
+        rd = cos.shape[-1]
+        x = k[..., :rd].float()
+        if self.style == "half":  # rotate_half(x) * sin without building rotate_half(x)
+            half = rd // 2
+            out = x * cos
+            out[..., :half].addcmul_(x[..., half:], sin[:half], value=-1)
+            out[..., half:].addcmul_(x[..., :half], sin[half:])
+        else:
+            out = x * cos + rotate_pairs(x) * sin
+        out = out.to(k.dtype)
+        return out if rd == k.shape[-1] else torch.cat((out, k[..., rd:]), dim=-1)
+
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor, signed: bool = False) -> torch.Tensor:
         return self._apply(k_pre, positions, inverse=False, signed=signed)
 

@@ -36,6 +36,8 @@ OBSERVATIONS = frozenset(
         "window_attention",  # (L, H_kv, groups, w, n): the last w queries' attention, as the cache is now
         "logits",  # score_tokens(ids, logits) is called after each forward (SirLLM's entropy)
         "keys",  # (L, H_kv, n, D): kept keys rotated at ranks 0..n-1, as a prefill of them holds them
+        "held_keys",  # ((L, H_kv, n, D), offset): kept keys as the cache holds them, at rank + offset
+        "key_shape",  # (L, H_kv, n, D) zeros expanded from one (no memory): the keys' shape, dtype, device
         "values",  # (L, H_kv, n, D): kept values
         "hidden_states",  # L x (w, hidden): the inputs to each governed attention layer of the last w tokens
         "attention_modules",  # the governed attention modules (rotary_emb attached), for presses

@@ -91,7 +91,7 @@ class PressPolicy(ScoredPolicy):
     press_class: ClassVar[Any] = None
     wraps: ClassVar[bool] = False  # rescores another press, given as `-p <name>.press=Name(arg=value)`
     chunked: ClassVar[bool] = False  # ChunkPress: its press scores, and keeps its share of, each chunk alone
-    observes = frozenset({"keys", "values", "attention_modules"})
+    observes = frozenset({"attention_modules"})
 
     start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
     window: int = 256  # hidden states kept per layer (kvpress DecodingPress.hidden_states_buffer_size)
@@ -136,7 +136,9 @@ class PressPolicy(ScoredPolicy):
         self._reads_context = reads_context(type(scorer))
         self._needs_attentions = needs_attentions(type(scorer))
         # a wrapper learns its press only now: what the engine collects follows the press chosen
-        self.observes = _observations(type(scorer))
+        # (ChunkPress hands its press slices of what it is given: that press alone decides)
+        wrapper = type(self._press) if scorer is not self._press and not self.chunked else None
+        self.observes = _observations(type(scorer), wrapper)
         if self.chunked and self._reads_context:  # (chunks of ranks meet hidden states only in a prefill)
             self.prefill_only = True
 
@@ -190,7 +192,14 @@ class PressPolicy(ScoredPolicy):
             return None
         press = self._press
         press.compression_ratio = _ratio_for(n, count)
-        keys, values = view.observed["keys"], view.observed["values"]  # (L, H, n, D)
+        observed, offset = view.observed, 0
+        if "held_keys" in observed:  # (as held, at rank + offset: the window's positions move with them)
+            keys, offset = observed["held_keys"]
+        else:
+            keys = observed["keys"] if "keys" in observed else observed["key_shape"]  # (L, H, n, D)
+        values = view.observed.get("values")  # (not gathered for a press whose score() never reads them)
+        if values is None:
+            values = keys.new_empty(*keys.shape[:-1], 0)
         modules = view.observed["attention_modules"]
         kwargs: dict[str, Any] = {}
         if self._reads_context:
@@ -200,7 +209,7 @@ class PressPolicy(ScoredPolicy):
                 raise PolicyContractError(f"policy {self.name}: {PREFILL_ONLY}")
             if self.interval is not None:  # DecodingPress: the hidden states since the last compression
                 w = min(w, self.interval)
-            positions = torch.arange(n - w, n, device=keys.device)[None]
+            positions = torch.arange(offset + n - w, offset + n, device=keys.device)[None]
             kwargs = {"position_ids": positions, "cache_position": positions[0]}
             if w:  # (one rotary table for every governed layer: computed once)
                 kwargs["position_embeddings"] = modules[0].rotary_emb(hidden[0][:, -w:], positions)
@@ -273,6 +282,17 @@ class PressPolicy(ScoredPolicy):
 def reads_context(cls: type) -> bool:
     """Whether the press's score() reads the hidden states (to project queries, or for the
     positions of its window); presses scoring keys and values alone skip collecting them."""
+    return _score_reads(cls, ("hidden_states", "kwargs"))
+
+
+def reads_values(cls: type) -> bool:
+    """Whether the press's score() reads the values: those that do not (Knorm, KeyDiff, SnapKV,
+    TOVA, ...) are spared gathering every kept value in rank order at each eviction."""
+    return _score_reads(cls, ("values",))
+
+
+def _score_reads(cls: type, names: tuple[str, ...]) -> bool:
+    """Whether the body of the press's score() names any of `names` (True when unreadable)."""
     import ast
     import textwrap
 
@@ -286,9 +306,7 @@ def reads_context(cls: type) -> bool:
             return True
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else []
         return any(
-            (isinstance(node, ast.Name) and node.id in ("hidden_states", "kwargs"))
-            for statement in body
-            for node in ast.walk(statement)
+            (isinstance(node, ast.Name) and node.id in names) for statement in body for node in ast.walk(statement)
         )
     return True
 
@@ -310,11 +328,42 @@ def _source(obj: Any) -> str:
         return ""
 
 
-def _observations(cls: type) -> frozenset[str]:
-    """What the engine collects for a press of this class: keys, values and modules always; the
-    hidden-state tap (a hook per layer per token) and the attention statistic only when read."""
+# How kvpress's own presses read the keys, when a gathered copy of every key in rank order, turned
+# back to ranks 0..n-1, is more than they need (each eviction of a 1024-token stream: ~24 MB read
+# and written per tensor). "shape": only the keys' shape (scores by rank, or attention already
+# summed). "held": scores that do not change when every key turns by one common angle (norms,
+# cosines to the mean key) or when keys and the window's queries move together (queries rotated
+# with kwargs' position_embeddings, which are then given at the held positions). Any other press,
+# a subclass included, gets keys at ranks 0..n-1 (ExpectedAttention and Cap rotate their own
+# queries at positions counted from 0; LagKV reads key channels' ranges).
+KEY_FRAMES = {
+    "StreamingLLMPress": "shape",
+    "RandomPress": "shape",
+    "ObservedAttentionPress": "shape",
+    "KnormPress": "held",
+    "KeyDiffPress": "held",
+    "SnapKVPress": "held",
+    "TOVAPress": "held",
+}
+KEY_OBSERVATION = {"shape": "key_shape", "held": "held_keys", "ranks": "keys"}
+
+
+def key_frame(cls: type, wrapper: type | None = None) -> str:
+    """How a press of this class (rescored by `wrapper`, when one is) is given the keys."""
+    if wrapper is not None or not cls.__module__.startswith("kvpress."):
+        return "ranks"
+    return KEY_FRAMES.get(cls.__name__, "ranks")
+
+
+def _observations(cls: type, wrapper: type | None = None) -> frozenset[str]:
+    """What the engine collects for a press of this class (wrapped by `wrapper`, when one is):
+    the modules always, the keys in the frame the press needs; the values, the hidden-state tap (a
+    hook per layer per token) and the attention statistic only when read."""
+    values = reads_values(cls) or (wrapper is not None and reads_values(wrapper))
     return (
         PressPolicy.observes
+        | {KEY_OBSERVATION[key_frame(cls, wrapper)]}
+        | ({"values"} if values else set())
         | ({"hidden_states"} if reads_context(cls) else set())
         | ({"attention_sum"} if needs_attentions(cls) else set())
     )
@@ -535,7 +584,7 @@ def adapt(obj: Any) -> type | None:
             "chunked": obj.__name__ == "ChunkPress",
             "prefill_only": status == "prefill only",
             # (an instance narrows this to what its rescored press reads, once it knows it)
-            "observes": _observations(obj) | ({"hidden_states", "attention_sum"} if wraps else set()),
+            "observes": _observations(obj) | ({"hidden_states", "attention_sum", "values"} if wraps else set()),
             "summary": f"kvpress {obj.__name__}: {first_line(obj)}",
             "__doc__": f"kvpress's {obj.__name__} in the stream (policies/kvpress_bridge.py).\n\n{inspect.getdoc(obj) or ''}",
             "__module__": __name__,

@@ -223,6 +223,29 @@ def test_a_wrapper_collects_what_its_press_reads():
     assert "attention_sum" in observed.observes and "hidden_states" not in observed.observes
 
 
+FRAME_ARGS = {
+    "SnapKVPress": {"window_size": 4, "kernel_size": 3},
+    "StreamingLLMPress": {"n_sink": 2},
+    "RandomPress": {"seed": 0},
+}
+
+
+@pytest.mark.parametrize("press", sorted(bridge.KEY_FRAMES))
+def test_a_press_given_keys_as_held_keeps_what_it_keeps_given_keys_at_ranks(press, monkeypatch):
+    """KEY_FRAMES' claim, press by press: the keys as the cache holds them (rank + offset, the
+    window's positions moved with them) or their shape alone give the keep-sets and NLL of keys
+    turned back to ranks 0..n-1 (what every other press gets), over a stream whose offset moves."""
+    name, args = f"kvpress:{press}", FRAME_ARGS.get(press, {})
+    frame = bridge.KEY_FRAMES[press]
+    assert bridge.KEY_OBSERVATION[frame] in build_policy(PolicySpec(name, dict(args)), 16).observes
+    cheap, cheap_kept = stream(name, args, 16, n=60, distinct=True)
+    monkeypatch.setitem(bridge.KEY_FRAMES, press, "ranks")
+    assert "keys" in build_policy(PolicySpec(name, dict(args)), 16).observes
+    ranks, ranks_kept = stream(name, args, 16, n=60, distinct=True)
+    np.testing.assert_array_equal(cheap_kept, ranks_kept)
+    torch.testing.assert_close(cheap, ranks, atol=1e-5, rtol=0)
+
+
 def test_a_press_that_learned_per_model_is_bound_to_the_model_once(tmp_path):
     """kvpress's post_init_from_model runs when a session starts on a model (once per model), as
     BasePress.__call__ runs it; what it loads is then there when the press scores."""

@@ -66,6 +66,15 @@ class SlotStats:
                 lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
                     shard.start : shard.stop, b, :, :n
                 ]
+                if t.is_contiguous():  # one index_select of whole rows: ~4x a gather's speed on CPU
+                    lanes_total, cap = t.shape[0] * self.batch * self.kv_heads, t.shape[3]
+                    first = (np.arange(lanes_total).reshape(t.shape[0], self.batch, self.kv_heads)[:, b] * cap)[
+                        ..., None
+                    ]
+                    flat = shard.index((first + lanes).reshape(-1))
+                    rows = t.reshape(lanes_total * cap, -1).index_select(0, flat)
+                    parts.append(rows.reshape(*lanes.shape, *t.shape[4:]).to(self.device))
+                    continue
                 idx = shard.index(np.ascontiguousarray(lanes))
                 if t.dim() == 5:
                     idx = idx[..., None].expand(-1, -1, -1, t.shape[-1])
