@@ -79,7 +79,7 @@ class RecomputeSession(StreamSession):
     def new_round(self) -> None:
         pass
 
-    def compress(self, kept: int, reindex: bool = False) -> None:
+    def compress(self, kept: int, reindex: bool | None = None) -> None:
         raise ConfigError(f"{self.policy.name} keeps no cache: there is nothing to compress once")
 
     def checkpoint(self) -> StreamState:

@@ -408,11 +408,14 @@ class StreamSession:
             if self.hidden is not None:
                 self.hidden.growing = False
 
-    def compress(self, kept: int, reindex: bool = False) -> None:
+    def compress(self, kept: int, reindex: bool | None = None) -> None:
         """Evict once, now, to `kept` tokens chosen by the policy (a view whose budget is `kept`,
         nothing incoming): kvpress's compress-once (`ScorerPress.compress` after its prefill).
         reindex=False, as kvpress: the kept keys keep their positions and the stream goes on at
-        its own, and the cache evicts no more; True: positions become ranks, as streaming does."""
+        its own, and the cache evicts no more; True: positions become ranks, as streaming does
+        (and as kvpress's KeyRerotationPress); None: as the policy declares."""
+        if reindex is None:
+            reindex = self.policy.compress_reindexes
         c = self.cache
         if not self.evicts:
             return  # (dense keeps everything)

@@ -84,6 +84,9 @@ class CachePolicy:
     # Scores a whole context at once (kvpress's prefill-only presses): runs only where the task
     # prefills densely and compresses once (`Task.compresses_once`), refused for a stream.
     prefill_only: ClassVar[bool] = False
+    # Compress-once keeps the kept keys at their fed positions (kvpress's protocol); True: they are
+    # re-indexed to ranks and the question goes on at the kept count (kvpress's KeyRerotationPress).
+    compress_reindexes: ClassVar[bool] = False
 
     budget: int | None = None
 

@@ -91,6 +91,7 @@ class PressPolicy(ScoredPolicy):
     press_class: ClassVar[Any] = None
     wraps: ClassVar[bool] = False  # rescores another press, given as `-p <name>.press=Name(arg=value)`
     chunked: ClassVar[bool] = False  # ChunkPress: its press scores, and keeps its share of, each chunk alone
+    blocked: ClassVar[bool] = False  # BlockPress: blocks of ranks scored in turn, each with the kept so far
     observes = frozenset({"attention_modules"})
 
     start_size: int = 0  # sinks kept whatever the press scores (kvpress protects none; n_sink presses score theirs)
@@ -141,6 +142,13 @@ class PressPolicy(ScoredPolicy):
         self.observes = _observations(type(scorer), wrapper)
         if self.chunked and self._reads_context:  # (chunks of ranks meet hidden states only in a prefill)
             self.prefill_only = True
+        if self.blocked and self._reads_context and self.interval is not None:
+            self._require(
+                self.interval <= self._press.block_size,
+                f"interval {self.interval} must not exceed block_size {self._press.block_size}: over a press "
+                "reading hidden states, a stream's eviction must be one block (every block needs its tokens' "
+                "hidden states, which only a compress-once prefill holds)",
+            )
 
     def _press_args(self) -> dict[str, Any]:
         own = {f.name for f in dataclasses.fields(PressPolicy)}
@@ -214,6 +222,11 @@ class PressPolicy(ScoredPolicy):
             if w:  # (one rotary table for every governed layer: computed once)
                 kwargs["position_embeddings"] = modules[0].rotary_emb(hidden[0][:, -w:], positions)
         summed = view.observed["attention_sum"] if self._needs_attentions else None  # (L, H_kv, n)
+        # (a wrapper that only chooses differently, KeyRerotation and Block, scores with its press)
+        scoring = press if callable(getattr(press, "score", None)) else press.press
+        # (the tap holds exactly the kept tokens' hidden states: a compress-once prefill, or a stream
+        # not yet evicted from)
+        whole = self._reads_context and w == n and int(view.positions.max()) == n - 1
         out = []
         for layer, module in enumerate(modules):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
@@ -235,8 +248,12 @@ class PressPolicy(ScoredPolicy):
                         ],
                         dim=-1,
                     )
+                elif self.blocked:
+                    scores = self._block_choice(module, h, whole, k, v, count, kwargs)
                 else:
-                    scores = press.score(module, h, k, v, attentions, kwargs)
+                    scores = scoring.score(module, h, k, v, attentions, kwargs)
+            except PolicyContractError:
+                raise
             except (Exception, SystemExit) as exc:
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() failed: {_described(exc)}"
@@ -250,6 +267,51 @@ class PressPolicy(ScoredPolicy):
                 raise PolicyContractError(f"policy {self.name}: the press's score() returned NaN scores")
             out.append(scores[0])
         return torch.stack(out)
+
+    def _block_choice(self, module, hidden, whole: bool, keys, values, count: int, kwargs):
+        """BlockPress.compress for one layer, as a 0/1 score (1: kept): the first `count` ranks are
+        kept, then each next block of `block_size` ranks is scored by the press together with the
+        kept ones, which keep the `count` best. Hidden states are gathered per head as kvpress
+        gathers them, which needs every kept token's (`whole`; in a stream after its first
+        eviction the tap holds the last fed tokens instead: then the eviction must be one block,
+        scored with the press's own window, as an unwrapped press is)."""
+        import torch
+
+        inner = self._press.press
+        bsz, heads, n, _ = keys.shape
+        block = min(self._press.block_size, n)
+        kept = torch.arange(count, device=keys.device).expand(bsz, heads, -1)
+        states = None
+        if self._reads_context and whole:
+            states = hidden.view(bsz, n, heads, -1).transpose(1, 2)
+        for start in range(count, n, block):
+            end = min(start + block, n)
+            current = torch.arange(start, end, device=keys.device).expand(bsz, heads, -1)
+            current = torch.cat([kept, current], dim=-1)
+            if states is not None:
+                gathered = states.gather(2, current[..., None].expand(-1, -1, -1, states.shape[-1]))
+                h = gathered.transpose(1, 2).reshape(bsz, -1, hidden.shape[-1])
+            elif not self._reads_context:
+                h = keys.new_empty(1, 0, 0)
+            elif start == count and end == n:  # (one block: every kept token, the press's own window)
+                h = hidden
+            else:
+                raise PolicyContractError(
+                    f"policy {self.name}: a block of {end - start} of {n} ranks needs every token's hidden "
+                    "states, which only a compress-once prefill holds (evict at most block_size at a time)"
+                )
+            index = current[..., None]
+            scores = inner.score(
+                module,
+                h,
+                keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
+                values.gather(2, index.expand(-1, -1, -1, values.shape[-1])),
+                None,
+                kwargs,
+            )
+            kept = current.gather(-1, scores.topk(count, dim=-1).indices)
+        chosen = torch.zeros(bsz, heads, n, dtype=torch.float32, device=keys.device)
+        return chosen.scatter_(-1, kept, 1.0)
 
     def keep_top(self, scores, count: int):
         """kvpress's own choice (`ScorerPress.compress`: `scores.topk(n_kept).indices`), so that
@@ -478,8 +540,18 @@ def press_status(cls: type) -> tuple[str, str]:
         return "hub", HUB
     if hub:
         return "needs the hub", "downloads weights, statistics or a dataset, and compresses in its own way: not bridged"
-    if name == "ChunkPress":  # (its compress() is its press's top-k per chunk: hosted as such)
+    if name in ("ChunkPress", "BlockPress", "KeyRerotationPress"):  # (their compress(): hosted as such)
         return "streaming", ""
+    if name == "ChunkKVPress":
+        return "uneven budgets", (
+            "keeps whole chunks chosen per layer, so a layer that keeps the shorter last chunk keeps fewer "
+            "tokens than another (arrives with the ragged-budget issue)"
+        )
+    if name == "ComposedPress":
+        return "wrapper", (
+            "chains presses, each with its own ratio: one eviction (one token, in a stream) cannot be split "
+            "between its stages; not bridged"
+        )
     if not issubclass(cls, ScorerPress):
         if issubclass(cls, kvpress.DecodingPress) or name == "PrefillDecodingPress":
             return "protocol", "a decoding schedule, not a scorer: `-p interval=N` reproduces DecodingPress"
@@ -582,6 +654,9 @@ def adapt(obj: Any) -> type | None:
             "press_class": obj,
             "wraps": wraps,
             "chunked": obj.__name__ == "ChunkPress",
+            "blocked": obj.__name__ == "BlockPress",
+            # kvpress's pipeline answers after KeyRerotation at the compressed length: kept keys at ranks
+            "compress_reindexes": obj.__name__ == "KeyRerotationPress",
             "prefill_only": status == "prefill only",
             # (an instance narrows this to what its rescored press reads, once it knows it)
             "observes": _observations(obj) | ({"hidden_states", "attention_sum", "values"} if wraps else set()),

@@ -58,6 +58,8 @@ PRESS_ARGS = {
     "kvpress:RandomPress": {"seed": 0},
     "kvpress:CriticalKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
     "kvpress:ChunkPress": {"press": "KeyDiffPress", "chunk_length": 4},
+    "kvpress:BlockPress": {"press": "KeyDiffPress", "block_size": 4},
+    "kvpress:KeyRerotationPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
 }
 
 

@@ -223,6 +223,31 @@ def test_a_wrapper_collects_what_its_press_reads():
     assert "attention_sum" in observed.observes and "hidden_states" not in observed.observes
 
 
+@pytest.mark.parametrize("wrapper", ["BlockPress", "KeyRerotationPress"])
+def test_a_wrapper_that_only_chooses_differently_is_its_press_in_a_stream(wrapper):
+    """Fed token by token, an eviction is one block (BlockPress scores the kept and the new
+    together, its press's top-k) and the engine re-indexes every eviction anyway (what
+    KeyRerotationPress adds to a prefill's): both keep what their press alone keeps."""
+    args = {"press": "SnapKVPress(window_size=4, kernel_size=3)"}
+    if wrapper == "BlockPress":
+        args["block_size"] = 8
+    wrapped, wrapped_kept = stream(f"kvpress:{wrapper}", args, 16, n=60, distinct=True)
+    plain, plain_kept = stream("kvpress:SnapKVPress", {"window_size": 4, "kernel_size": 3}, 16, n=60, distinct=True)
+    np.testing.assert_array_equal(wrapped_kept, plain_kept)
+    torch.testing.assert_close(wrapped, plain, atol=1e-5, rtol=0)
+
+
+def test_block_press_over_a_press_reading_hidden_states_evicts_one_block_at_a_time():
+    with pytest.raises(ConfigError, match=r"interval 40 must not exceed block_size 32"):
+        build_policy(
+            PolicySpec("kvpress:BlockPress", {"press": "SnapKVPress(window_size=8)", "block_size": 32, "interval": 40}),
+            128,
+        )
+    # over a press of keys alone, blocks need no hidden states: any interval
+    policy = build_policy(PolicySpec("kvpress:BlockPress", {"press": "KnormPress", "block_size": 4, "interval": 8}), 32)
+    assert "hidden_states" not in policy.observes
+
+
 FRAME_ARGS = {
     "SnapKVPress": {"window_size": 4, "kernel_size": 3},
     "StreamingLLMPress": {"n_sink": 2},

@@ -17,12 +17,13 @@ kvpress = pytest.importorskip("kvpress", reason="kvpress is not installed (./ins
 from streambench.engine.session import StreamSession  # noqa: E402
 from streambench.models.loading import LoadedModel  # noqa: E402
 from streambench.policies.build import PolicySpec, build_policy  # noqa: E402
-from streambench.policies.kvpress_bridge import import_kvpress  # noqa: E402
+from streambench.policies.kvpress_bridge import import_kvpress, inner_press  # noqa: E402
 
 
-def kvpress_prefill(model, press, context: torch.Tensor):
+def kvpress_prefill(model, press, context: torch.Tensor, read_back: bool = True):
     """kvpress's prefill with its press hooked on every attention layer; returns the cache and,
-    per layer, the (H, kept) indices its compress kept (read back from the compressed keys)."""
+    per layer, the (H, kept) indices its compress kept (read back from the compressed keys; not
+    for a press that re-rotates them)."""
     import_kvpress()
     cache = DynamicCache(config=model.config)
     chosen = {}
@@ -36,6 +37,8 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         layer = kw["past_key_values"].layers[module.layer_idx]
         before = layer.keys.clone()
         result = press.forward_hook(module, args, kw, output)
+        if not read_back:
+            return result
         # which tokens its compress kept: each kept key is one of the keys before (positions differ: unique)
         match = (layer.keys[0][:, :, None, :] == before[0][:, None, :, :]).all(-1)  # (H, kept, n)
         assert (match.sum(-1) == 1).all()
@@ -74,6 +77,9 @@ def kvpress_prefill(model, press, context: torch.Tensor):
         ("CompactorPress", {}),
         ("ChunkPress", {"press": "KeyDiffPress", "chunk_length": 60}),  # (a wrapper that compresses per chunk)
         ("ChunkPress", {"press": "SnapKVPress(window_size=16)", "chunk_length": 60}),
+        ("BlockPress", {"press": "KeyDiffPress", "block_size": 32}),  # (blocks scored in turn with the kept)
+        ("BlockPress", {"press": "SnapKVPress(window_size=16)", "block_size": 32}),
+        ("KeyRerotationPress", {"press": "SnapKVPress(window_size=16)"}),  # (kept keys re-indexed to ranks)
     ],
 )
 def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, args):
@@ -83,25 +89,29 @@ def test_compress_once_equals_kvpress_on_the_embedded_model(embedded, press, arg
     ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
     context, question = ids[:, :180], ids[:, 180:]
     ratio = 0.5
-    if press == "CriticalKVPress":
-        theirs = kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=16))
-    elif press == "ChunkPress":
-        inner = kvpress.KeyDiffPress(compression_ratio=ratio) if args["press"] == "KeyDiffPress" else None
-        inner = inner or kvpress.SnapKVPress(compression_ratio=ratio, window_size=16)
-        theirs = kvpress.ChunkPress(inner, chunk_length=args["chunk_length"])
+    inner = None
+    if "press" in args:  # a wrapper, given its press as kvpress's constructor syntax
+        inner = inner_press(args["press"], "test")
+        inner.compression_ratio = ratio
+        theirs = getattr(kvpress, press)(inner, **{k: v for k, v in args.items() if k != "press"})
     else:
         theirs = getattr(kvpress, press)(compression_ratio=ratio, **args)
+    rerotates = press == "KeyRerotationPress"
     eager = press == "ObservedAttentionPress"  # kvpress's own run needs the attention matrix returned
     before = embedded.model.config._attn_implementation
     if eager:
         embedded.model.set_attn_implementation("eager")
     try:
         torch.manual_seed(0)  # (Leverage and Compactor draw a Gaussian sketch per layer, in layer order)
-        cache, chosen = kvpress_prefill(embedded.model, theirs, context)
+        cache, chosen = kvpress_prefill(embedded.model, theirs, context, read_back=not rerotates)
+        if rerotates:  # (its keys are re-rotated: which it kept is read from its press's run alone)
+            _, chosen = kvpress_prefill(embedded.model, inner, context)
     finally:
         embedded.model.set_attn_implementation(before)
     with torch.no_grad():
-        positions = torch.arange(180, 200)[None]
+        # kvpress's pipeline answers at the context's length, or at the compressed one after KeyRerotation
+        start = 90 if rerotates else 180
+        positions = torch.arange(start, start + 20)[None]
         want = embedded.model(input_ids=question, cache=cache, position_ids=positions, use_cache=True).logits
 
     policy = build_policy(PolicySpec(f"kvpress:{press}", dict(args)), 256)
