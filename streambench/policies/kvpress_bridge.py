@@ -505,6 +505,16 @@ PREFILL_ONLY = (
     "scores a whole context at once (one query per key): runs in compress-once "
     "(-t protocol=compress-once), not in a stream"
 )
+# Wrappers whose counts differ between layers or heads, why (the engine keeps one count per lane today)
+UNEVEN = {
+    "AdaKVPress": "heads of a layer compete for one pool: a different count per head",
+    "CriticalAdaKVPress": "heads of a layer compete for one pool: a different count per head",
+    "PerLayerCompressionPress": "a ratio per layer: a different count per layer",
+    "PyramidKVPress": "a budget per layer, decreasing upwards: a different count per layer",
+    "ChunkKVPress": "keeps whole chunks chosen per layer: a layer that keeps the shorter last chunk keeps fewer",
+    "DMSPress": "evicts below a score threshold: counts follow the content in every head",
+    "LUKVPress": "a downloaded budget curve per layer and head: a different count per head",
+}
 RUNS = ("streaming", "hub", "prefill only")  # the statuses the bridge builds a policy for
 
 
@@ -542,10 +552,12 @@ def press_status(cls: type) -> tuple[str, str]:
         return "needs the hub", "downloads weights, statistics or a dataset, and compresses in its own way: not bridged"
     if name in ("ChunkPress", "BlockPress", "KeyRerotationPress"):  # (their compress(): hosted as such)
         return "streaming", ""
-    if name == "ChunkKVPress":
-        return "uneven budgets", (
-            "keeps whole chunks chosen per layer, so a layer that keeps the shorter last chunk keeps fewer "
-            "tokens than another (arrives with the ragged-budget issue)"
+    if name in UNEVEN:
+        return "uneven budgets", f"{UNEVEN[name]} (arrives with the ragged-budget issue)"
+    if name == "EntropyGatedChunkKVPress":
+        return "wrapper", (
+            "keeps one count everywhere, but chosen chunk by chunk in its own compress(), not by a score "
+            "per token: not bridged yet"
         )
     if name == "ComposedPress":
         return "wrapper", (

@@ -67,9 +67,10 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
     "name,message",
     [
         ("kvpress:CompactorPress", "scores a whole prefill at once"),
-        ("kvpress:CriticalAdaKVPress", "wraps another press"),
+        ("kvpress:CriticalAdaKVPress", "a different count per head"),
         ("kvpress:PyramidKVPress", "ragged-budget issue"),
-        ("kvpress:AdaKVPress", "wraps another press"),
+        ("kvpress:AdaKVPress", "ragged-budget issue"),
+        ("kvpress:ComposedPress", "cannot be split between its stages"),
         ("kvpress:ThinKPress", "key channels"),
         ("kvpress:KVzipPress", "downloads"),
         ("kvpress:QFilterPress", "could not load what it needs for this model"),
