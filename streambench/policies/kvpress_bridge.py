@@ -134,12 +134,13 @@ class PressPolicy(ScoredPolicy):
                     f"interval {self.interval} must exceed window_size {window}: the press scores with the "
                     "hidden states since its last compression",
                 )
-        self._reads_context = reads_context(type(scorer))
-        self._needs_attentions = needs_attentions(type(scorer))
+        unwrapped = scorer is self._press
+        self._attention_rows = attention_rows(type(scorer), unwrapped)
+        self._reads_context = reads_context(type(scorer)) and not (
+            unwrapped and self._attention_rows in ATTENTION_ROWS.values()
+        )
         # a wrapper learns its press only now: what the engine collects follows the press chosen
-        # (ChunkPress hands its press slices of what it is given: that press alone decides)
-        wrapper = type(self._press) if scorer is not self._press and not self.chunked else None
-        self.observes = _observations(type(scorer), wrapper)
+        self.observes = _observations(type(scorer), None if unwrapped else type(self._press))
         if self.chunked and self._reads_context:  # (chunks of ranks meet hidden states only in a prefill)
             self.prefill_only = True
         if self.blocked and self._reads_context and self.interval is not None:
@@ -221,7 +222,7 @@ class PressPolicy(ScoredPolicy):
             kwargs = {"position_ids": positions, "cache_position": positions[0]}
             if w:  # (one rotary table for every governed layer: computed once)
                 kwargs["position_embeddings"] = modules[0].rotary_emb(hidden[0][:, -w:], positions)
-        summed = view.observed["attention_sum"] if self._needs_attentions else None  # (L, H_kv, n)
+        rows = view.observed[self._attention_rows] if self._attention_rows else None  # (L, H_kv, n)
         # (a wrapper that only chooses differently, KeyRerotation and Block, scores with its press)
         scoring = press if callable(getattr(press, "score", None)) else press.press
         # (the tap holds exactly the kept tokens' hidden states: a compress-once prefill, or a stream
@@ -232,9 +233,9 @@ class PressPolicy(ScoredPolicy):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
             k, v = keys[layer][None], values[layer][None]
             attentions = None
-            if summed is not None:  # one query row holding the sum over queries (kvpress: heads KV-group-major)
+            if rows is not None:  # one query row: the sum over queries, or the newest's (kvpress: KV-group-major)
                 groups = module.config.num_attention_heads // k.shape[1]
-                attentions = summed[layer].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
+                attentions = rows[layer].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
             try:
                 if self.chunked:  # ChunkPress: its press scores each chunk of ranks on its own
                     step = self._press.chunk_length
@@ -383,6 +384,24 @@ def needs_attentions(cls: type) -> bool:
     )
 
 
+# kvpress's own presses that score from the attention matrix when kvpress is given one (eager
+# attention), and otherwise re-project queries from hidden states (SDPA): given the engine's row
+# of that attention, they need no hidden states. TOVA reads the newest query's row
+# (`attentions[..., -1:, :-1]`), which the engine keeps per KV head as `attention_last` (averaged
+# over the group, as TOVA then averages over every head): the re-projection cost 22 ms a token at
+# budget 1024 here. Only unwrapped: Block and Chunk assert no attention, CriticalKV rescales scores.
+ATTENTION_ROWS = {"TOVAPress": "attention_last"}
+
+
+def attention_rows(cls: type, unwrapped: bool = True) -> str | None:
+    """The engine statistic a press of this class is given as `attentions` (one query row), if any."""
+    if needs_attentions(cls):
+        return "attention_sum"
+    if unwrapped and cls.__module__.startswith("kvpress.") and cls.__name__ in ATTENTION_ROWS:
+        return ATTENTION_ROWS[cls.__name__]
+    return None
+
+
 def _source(obj: Any) -> str:
     try:
         return inspect.getsource(obj)
@@ -405,7 +424,7 @@ KEY_FRAMES = {
     "KnormPress": "held",
     "KeyDiffPress": "held",
     "SnapKVPress": "held",
-    "TOVAPress": "held",
+    "TOVAPress": "shape",  # (given the newest query's attention row: ATTENTION_ROWS)
 }
 KEY_OBSERVATION = {"shape": "key_shape", "held": "held_keys", "ranks": "keys"}
 
@@ -422,12 +441,14 @@ def _observations(cls: type, wrapper: type | None = None) -> frozenset[str]:
     the modules always, the keys in the frame the press needs; the values, the hidden-state tap (a
     hook per layer per token) and the attention statistic only when read."""
     values = reads_values(cls) or (wrapper is not None and reads_values(wrapper))
+    rows = attention_rows(cls, unwrapped=wrapper is None)
+    context = reads_context(cls) and not (wrapper is None and rows in ATTENTION_ROWS.values())
     return (
         PressPolicy.observes
         | {KEY_OBSERVATION[key_frame(cls, wrapper)]}
         | ({"values"} if values else set())
-        | ({"hidden_states"} if reads_context(cls) else set())
-        | ({"attention_sum"} if needs_attentions(cls) else set())
+        | ({"hidden_states"} if context else set())
+        | ({rows} if rows else set())
     )
 
 

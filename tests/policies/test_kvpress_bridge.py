@@ -249,6 +249,23 @@ def test_block_press_over_a_press_reading_hidden_states_evicts_one_block_at_a_ti
     assert "hidden_states" not in policy.observes
 
 
+def test_tova_press_given_the_newest_querys_attention_keeps_what_its_reprojection_keeps(monkeypatch):
+    """TOVAPress scores from `attentions[..., -1:, :-1]` when kvpress has eager attention and
+    re-projects the newest query from hidden states otherwise; given the engine's row of that
+    attention (`attention_last`, ATTENTION_ROWS) it keeps what the re-projection keeps, and needs
+    no hidden states."""
+    policy = build_policy(PolicySpec("kvpress:TOVAPress", {}), 16)
+    assert "attention_last" in policy.observes and "hidden_states" not in policy.observes
+    given, given_kept = stream("kvpress:TOVAPress", {}, 16, n=60, distinct=True)
+    monkeypatch.setattr(bridge, "ATTENTION_ROWS", {})
+    monkeypatch.setitem(bridge.KEY_FRAMES, "TOVAPress", "held")
+    policy = build_policy(PolicySpec("kvpress:TOVAPress", {}), 16)
+    assert "hidden_states" in policy.observes and "attention_last" not in policy.observes
+    projected, projected_kept = stream("kvpress:TOVAPress", {}, 16, n=60, distinct=True)
+    np.testing.assert_array_equal(given_kept, projected_kept)
+    torch.testing.assert_close(given, projected, atol=1e-5, rtol=0)
+
+
 FRAME_ARGS = {
     "SnapKVPress": {"window_size": 4, "kernel_size": 3},
     "StreamingLLMPress": {"n_sink": 2},
