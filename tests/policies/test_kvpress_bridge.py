@@ -222,6 +222,14 @@ def test_a_wrapper_collects_what_its_press_reads():
         build_policy(PolicySpec("kvpress:CriticalKVPress", {}), 64)
     observed = build_policy(PolicySpec("kvpress:ObservedAttentionPress", {}), 64)
     assert "attention_sum" in observed.observes and "hidden_states" not in observed.observes
+    # values are gathered for a press whose score() reads them, and for a wrapper that does
+    for name, args, reads in [
+        ("kvpress:KnormPress", {}, False),
+        ("kvpress:SnapKVPress", {"window_size": 16}, False),
+        ("kvpress:ExpectedAttentionPress", {}, True),  # (its value norms)
+        ("kvpress:CriticalKVPress", {"press": "KnormPress"}, True),  # (the wrapper's own projection)
+    ]:
+        assert ("values" in build_policy(PolicySpec(name, args), 64).observes) == reads, name
 
 
 @pytest.mark.parametrize("wrapper", ["BlockPress", "KeyRerotationPress"])
