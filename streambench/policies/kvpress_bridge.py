@@ -135,12 +135,10 @@ class PressPolicy(ScoredPolicy):
                     "hidden states since its last compression",
                 )
         unwrapped = scorer is self._press
-        self._attention_rows = attention_rows(type(scorer), unwrapped)
-        self._reads_context = reads_context(type(scorer)) and not (
-            unwrapped and self._attention_rows in ATTENTION_ROWS.values()
-        )
         # a wrapper learns its press only now: what the engine collects follows the press chosen
         self.observes = _observations(type(scorer), None if unwrapped else type(self._press))
+        self._attention_rows = attention_rows(type(scorer), unwrapped)
+        self._reads_context = "hidden_states" in self.observes
         if self.chunked and self._reads_context:  # (chunks of ranks meet hidden states only in a prefill)
             self.prefill_only = True
         if self.blocked and self._reads_context and self.interval is not None:
@@ -225,9 +223,9 @@ class PressPolicy(ScoredPolicy):
         rows = view.observed[self._attention_rows] if self._attention_rows else None  # (L, H_kv, n)
         # (a wrapper that only chooses differently, KeyRerotation and Block, scores with its press)
         scoring = press if callable(getattr(press, "score", None)) else press.press
-        # (the tap holds exactly the kept tokens' hidden states: a compress-once prefill, or a stream
-        # not yet evicted from)
-        whole = self._reads_context and w == n and int(view.positions.max()) == n - 1
+        # (Block: whether the tap holds exactly the kept tokens' hidden states, as a compress-once
+        # prefill or a stream not yet evicted from does)
+        whole = self.blocked and self._reads_context and w == n and int(view.positions.max()) == n - 1
         out = []
         for layer, module in enumerate(modules):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
