@@ -10,6 +10,11 @@ re-indexing of mit-han-lab/streaming-llm), then runs the new tokens on top of it
 Keep-sets may differ per layer and KV head: `positions` is then (L, H, n), and each head of the
 rebuilt cache holds exactly its own tokens, rotated at their ranks 0..n-1 in that head.
 
+Lanes may keep unequal counts (`positions` (L, H, n) with -1 before a lane's kept tokens): each
+head then attends over its own c tokens through this module's own eager attention, per head, with
+no padding at all (`_per_head_attention`): its kept keys rotated so that the query sees the j-th
+at distance c - j, as a lane re-indexed to 0..c-1 on its own.
+
 Why not "a fresh forward over the kept tokens"? In layers >= 1 a kept token's keys and values were
 computed while it attended to tokens evicted since, so for a multi-layer model no eviction policy
 can equal a fresh forward; for a 1-layer model it can, and tests check that too.
@@ -37,6 +42,50 @@ class _Recording(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self._sink[layer_idx] = (key_states.detach().clone(), value_states.detach().clone())
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+_RAGGED: list[dict] = []  # per forward: full layer index -> per KV head (keys rotated, values)
+_REF_NAME = "reference_per_head"
+
+
+def _per_head_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Eager attention, one KV head at a time. A layer with per-head kept sets (in `_RAGGED`)
+    attends, in head h, over exactly head h's kept keys followed by the new tokens' own keys."""
+    lanes = _RAGGED[-1].get(module.layer_idx) if _RAGGED else None
+    b, heads, q, d = query.shape
+    kv = key.shape[1]
+    groups = heads // kv
+    scale = scaling if scaling is not None else d**-0.5
+    outs = []
+    for h in range(kv):
+        if lanes is not None:
+            kept_k, kept_v = lanes[h]
+            k = torch.cat([kept_k, key[:, h, key.shape[2] - q :]], dim=1)
+            v = torch.cat([kept_v, value[:, h, value.shape[2] - q :]], dim=1)
+        else:
+            k, v = key[:, h], value[:, h]
+        n = k.shape[1]
+        if lanes is not None or attention_mask is None:
+            allowed = torch.ones(q, n, dtype=torch.bool, device=query.device).tril(n - q)[None, None]
+        elif attention_mask.dtype == torch.bool:
+            allowed = attention_mask[:, :, :, :n]
+        else:
+            allowed = attention_mask[:, :, :, :n] == 0
+        qh = query[:, h * groups : (h + 1) * groups].float()
+        scores = torch.matmul(qh, k.float().transpose(-1, -2)[:, None]) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        outs.append(torch.matmul(probs.to(v.dtype), v[:, None]))
+    return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
+
+
+def _register_per_head():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_REF_NAME, _per_head_attention)
+    AttentionMaskInterface.register(_REF_NAME, sdpa_mask)
 
 
 class ReferenceStream:
@@ -112,6 +161,8 @@ class ReferenceStream:
         n = self.positions.shape[-1]
         self._new.clear()
         cache = _Recording(self._new, config=self.model.config)
+        if n and (self.positions < 0).any():
+            return self._feed_ragged(ids, cache)
         if n:
             pos = torch.arange(n, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
@@ -132,6 +183,10 @@ class ReferenceStream:
                 DynamicCache.update(cache, self._rotate(k, pos, i), v, i)
         positions = torch.arange(n, n + count, device=ids.device)
         logits = self.model(input_ids=ids, position_ids=positions[None], cache=cache).logits
+        return self._record(ids, positions, logits)
+
+    def _record(self, ids, positions, logits):
+        count = ids.shape[1]
         for i in range(len(self.keys)):
             k_new, v_new = self._new[i]
             k_new = self._rotate(k_new, -positions, i)  # back to pre-RoPE
@@ -142,6 +197,44 @@ class ReferenceStream:
         self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])  # every token fed
         self.fed += count
         return logits
+
+    def _feed_ragged(self, ids, cache):
+        """Lanes keeping unequal counts: head h of full layer i attends over its own c kept tokens
+        (keys rotated at n - c + j for the query at n: distances c - j, as if re-indexed to
+        0..c-1 alone) and the new tokens, in `_per_head_attention`; the model's cache holds
+        zeros of the longest lane's length so that its own positions and masks line up."""
+        n, count, device = self.positions.shape[-1], ids.shape[1], ids.device
+        lanes: dict[int, list] = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if i not in self.rank:  # sliding: the stream's last window - 1 tokens, as in feed()
+                lo = max(0, self.fed - (self.window - 1))
+                at = torch.arange(lo, self.fed, device=device) + (n - self.fed)
+                DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
+                continue
+            per_head = []
+            for h in range(k.shape[1]):
+                kept = self.positions[self.rank[i], h]
+                kept = torch.as_tensor(kept[kept >= 0], device=device)
+                c = len(kept)
+                at = torch.arange(n - c, n, device=device)
+                per_head.append((self._rotate(k[:, h : h + 1, kept], at, i)[:, 0], v[:, h, kept]))
+            lanes[i] = per_head
+            DynamicCache.update(cache, torch.zeros_like(k[:, :, :n]), torch.zeros_like(v[:, :, :n]), i)
+        _register_per_head()
+        configs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+        configs[id(self.model.config)] = self.model.config
+        saved = {key: c._attn_implementation for key, c in configs.items()}
+        _RAGGED.append(lanes)
+        try:
+            for c in configs.values():
+                c._attn_implementation = _REF_NAME
+            positions = torch.arange(n, n + count, device=device)
+            logits = self.model(input_ids=ids, position_ids=positions[None], cache=cache).logits
+        finally:
+            _RAGGED.pop()
+            for key, c in configs.items():
+                c._attn_implementation = saved[key]
+        return self._record(ids, positions, logits)
 
     def new_round(self):
         kept = np.unique(self.positions)  # a score per token: per-head sets share their tokens' scores
@@ -171,6 +264,8 @@ def fresh_logits(model, ids, kept):
         return model(input_ids=ids[:, torch.as_tensor(kept)]).logits[0, -1]
     assert (kept[..., -1] == ids.shape[1] - 1).all()
     union = np.unique(kept[..., :-1])  # every token some head keeps, captured in one forward
+    union = union[union >= 0]  # (-1: the pads of lanes keeping fewer tokens than others)
+    replay = np.where(kept[..., :-1] >= 0, np.searchsorted(union, kept[..., :-1]), -1)
     with ReferenceStream(model, None) as fresh:
         fresh.feed(ids[:, torch.as_tensor(union)], keep_positions=np.empty(0, dtype=np.int64))
-        return fresh.feed(ids[:, -1:], keep_positions=np.searchsorted(union, kept[..., :-1]))[0, -1]
+        return fresh.feed(ids[:, -1:], keep_positions=replay)[0, -1]

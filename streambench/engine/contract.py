@@ -6,7 +6,8 @@ number. A policy written outside this package gets the same checks as the built-
 - every `select()` output, at every eviction: integer ranks of shape (k,), (L, k) or
   (L, H_kv, k), each set sorted, unique, in range, leaving room for the incoming tokens, within
   the run's budget (the one the session was configured with, whatever the policy does to its own
-  fields later);
+  fields later); or, from a policy declaring `uneven`, a bool keep mask (L, n) or (L, H_kv, n)
+  whose mean count over lanes leaves that room, keeping no pad;
 - a declared `Band` (exact chunked feeding relies on it without calling `select` inside a chunk):
   proven once on a probe before the first exact chunk, and held against the real keep-set at
   both ends of every chunk.
@@ -43,12 +44,22 @@ def checked_max_incoming(policy: CachePolicy, budget: int | None) -> int | None:
 
 
 def checked_keep(
-    policy: CachePolicy, keep, budget: int, incoming: int, length: int, layers: int, heads: int
+    policy: CachePolicy,
+    keep,
+    budget: int,
+    incoming: int,
+    length: int,
+    layers: int,
+    heads: int,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """`select()`'s output for a cache of `length` tokens before `incoming` more, as (k,) or
-    (L, H_kv, k) int64 ranks (an (L, k) set is every head's of its layer)."""
+    (L, H_kv, k) int64 ranks (an (L, k) set is every head's of its layer), or an (L, H_kv, n) bool
+    keep mask when lanes keep unequal counts. `valid` (L, H_kv, n): False at a ragged cache's pads."""
     if isinstance(keep, torch.Tensor):
         keep = keep.cpu().numpy()
+    if isinstance(keep, np.ndarray) and keep.dtype == bool:
+        return checked_mask(policy, keep, budget, incoming, length, layers, heads, valid)
     try:
         keep = np.asarray(keep)
     except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -71,13 +82,62 @@ def checked_keep(
         problem = "must return sorted, unique ranks (time order)"
     elif keep.shape[-1] > target:
         problem = f"kept {keep.shape[-1]} tokens, more than the {target} that leave room for {incoming} incoming"
+    elif valid is not None and keep.size:
+        lanes = keep if keep.ndim == 3 else keep[:, None] if keep.ndim == 2 else keep[None, None]
+        lanes = np.broadcast_to(lanes, (layers, heads, keep.shape[-1]))
+        if not np.take_along_axis(valid, lanes, -1).all():
+            problem = "kept a pad (a rank where view.valid is False)"
+    _raise(policy, problem, budget)
+    if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
+        keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
+    return keep.astype(np.int64, copy=False)
+
+
+def _raise(policy: CachePolicy, problem: str | None, budget: int) -> None:
     if problem:
         if policy.budget != budget:
             problem += f" (it set its budget to {policy.budget}; the run's budget {budget} is the one enforced)"
         raise PolicyContractError(f"policy {policy.name}: select() {problem}")
-    if keep.ndim == 2:  # one set per layer: every head of the layer keeps it
-        keep = np.broadcast_to(keep[:, None], (layers, heads, keep.shape[-1]))
-    return keep.astype(np.int64, copy=False)
+
+
+def checked_mask(
+    policy: CachePolicy,
+    keep: np.ndarray,
+    budget: int,
+    incoming: int,
+    length: int,
+    layers: int,
+    heads: int,
+    valid: np.ndarray | None,
+) -> np.ndarray:
+    """A keep mask: (L, n) or (L, H_kv, n) bool from a policy that declared `uneven`; the mean
+    count over lanes within the target (the budget is keys per lane on average, so every policy
+    at a budget holds the same total). Equal counts come back as (L, H_kv, k) ranks."""
+    target = budget - incoming
+    problem = None
+    lanes = layers * heads
+    if not policy.uneven:
+        problem = "returned a keep mask (unequal counts per lane), which only a policy declaring `uneven` may"
+    elif keep.ndim not in (2, 3) or keep.shape[:-1] != (layers, heads)[: keep.ndim - 1] or keep.shape[-1] != length:
+        problem = (
+            f"returned a keep mask of shape {keep.shape}; this cache needs (layers, {length}) or "
+            f"(layers, kv_heads, {length}) with {layers} layers and {heads} KV heads"
+        )
+    else:
+        keep = np.broadcast_to(keep[:, None], (layers, heads, length)) if keep.ndim == 2 else keep
+        total = int(keep.sum())
+        if total > target * lanes:
+            problem = (
+                f"kept {total / lanes:.2f} tokens per lane on average, more than the {target} that leave "
+                f"room for {incoming} incoming"
+            )
+        elif valid is not None and (keep & ~valid).any():
+            problem = "kept a pad (a rank where view.valid is False)"
+    _raise(policy, problem, budget)
+    counts = keep.sum(axis=-1)
+    if (counts == counts.flat[0]).all():  # (equal counts: the rectangular path)
+        return np.nonzero(keep)[-1].reshape(layers, heads, int(counts.flat[0]))
+    return np.ascontiguousarray(keep)
 
 
 def check_band(policy: CachePolicy, band: Band, held: np.ndarray, fed: int, incoming: int) -> None:

@@ -47,7 +47,7 @@ def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, 
     if policy.observes & EAGER_ONLY:
         log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)
         return "eager"
-    if policy.retrieves:  # retrieval taps queries in Python
+    if policy.retrieves or policy.uneven:  # retrieval taps queries in Python; pads are masked there
         return "eager"
     if requested == "graph" and device.type != "cuda":
         raise ConfigError("CUDA graphs need a CUDA device")

@@ -59,6 +59,7 @@ class Meter:
         session: `step()` then reads its tokens run, KV tokens and KV bytes."""
         if session is not None:
             self.session = session
+        session = self.session
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
             self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -66,6 +67,10 @@ class Meter:
         self.kv_tokens: list[int] = []
         self.fed: list[int] = []  # tokens fed when each kv_tokens entry was taken (chunks: many per step)
         self.kv_bytes_peak = 0
+        # physical: every lane at the longest one's length (differs from kv_bytes only where lanes
+        # keep unequal counts; tracked for such policies alone, off the per-token path otherwise)
+        self.physical = session is not None and getattr(session.policy, "uneven", False)
+        self.kv_physical_peak = 0
         self.rss_peak = self.rss_start = self.process.memory_info().rss
         self.nvml_peak = self.nvml.used()
         self.tokens = 0
@@ -99,6 +104,8 @@ class Meter:
         self.fed.append(self.tokens)
         if kv_bytes > self.kv_bytes_peak:
             self.kv_bytes_peak = kv_bytes
+        if self.physical:
+            self.kv_physical_peak = max(self.kv_physical_peak, session.physical_kv_bytes)
         if len(self.latencies) % self.sample_every == 0:
             self._sample()
 
@@ -140,6 +147,8 @@ class Meter:
             "kv_mib_peak": self.kv_bytes_peak / MIB,
             "kv_allocated_mib": allocated_kv_bytes / MIB,
         }
+        if self.physical:
+            metrics["kv_physical_mib_peak"] = self.kv_physical_peak / MIB
         if self.cuda:
             metrics["cuda_peak_mib"] = self.torch.cuda.max_memory_allocated(self.device) / MIB
         if self.nvml_peak is not None:

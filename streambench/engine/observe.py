@@ -53,9 +53,10 @@ def _register() -> None:
     _registered = True
 
 
-def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> torch.Tensor:
+def attention_probs(module, query, key, mask, scaling=None, softcap=None, allowed=None) -> torch.Tensor:
     """Softmax attention (B, H_kv, groups, c, N) as eager attention computes it, float32. One
-    batched matmul per layer: each KV head's group of query heads is one (groups * c, D) block."""
+    batched matmul per layer: each KV head's group of query heads is one (groups * c, D) block.
+    `allowed` (B, H_kv, N) bool: False at a ragged cache's pad slots (never attended)."""
     b, heads, c, d = query.shape
     kv_heads, n = key.shape[1], key.shape[-2]
     scale = scaling if scaling is not None else 1 / math.sqrt(d)
@@ -68,12 +69,14 @@ def attention_probs(module, query, key, mask, scaling=None, softcap=None) -> tor
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         if c > 1:  # causal, the chunk's queries at the end of the keys
-            allowed = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            causal = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)
+            scores = scores.masked_fill(~causal, float("-inf"))
     elif mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask[:, :, None, :, :n], float("-inf"))
     else:
         scores = scores + mask[:, :, None, :, :n].float()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, :, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -81,7 +84,8 @@ def observing_attention(module, query, key, value, attention_mask, scaling=None,
     """An attention function for `AttentionInterface`: eager attention that also records."""
     if kwargs.get("s_aux") is not None:
         raise ConfigError("this model's attention has learned sinks (s_aux): attention observations do not support it")
-    probs = attention_probs(module, query, key, attention_mask, scaling, softcap)
+    allowed = _ACTIVE[-1].allowed(module.layer_idx, key.shape[-2]) if _ACTIVE else None
+    probs = attention_probs(module, query, key, attention_mask, scaling, softcap, allowed)
     b, heads, c, d = query.shape
     kv_heads, n = value.shape[1], value.shape[-2]
     weights = probs.to(value.dtype).reshape(b * kv_heads, (heads // kv_heads) * c, n)
@@ -140,6 +144,14 @@ class AttentionObserver(AttentionRoute):
             self._shared[index] = False
             return buf.clone()
         return buf
+
+    def allowed(self, layer: int, n: int) -> torch.Tensor | None:
+        """A ragged cache's pad mask for model layer `layer` (None: nothing to mask; a sliding
+        layer holds its own window, never padded)."""
+        if not self.cache.ragged:
+            return None
+        full = int(self.cache.full_index[layer])
+        return None if full < 0 else self.cache.allowed_keys(full, n)
 
     @torch.no_grad()
     def record(self, layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
@@ -215,4 +227,8 @@ class AttentionObserver(AttentionRoute):
         scores = torch.matmul(q.reshape(layers, kv, (heads // kv) * w, d), keys.transpose(-1, -2))
         scores = (scores * scale[:, None, None, None]).view(layers, kv, heads // kv, w, n)
         allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)
+        if cache.ragged:  # a lane's pads (its first ranks) are never attended
+            pads = torch.from_numpy(cache.lane_counts()[:, b]).to(cache.device)  # (L, H) kept
+            real = torch.arange(n, device=cache.device) >= (n - pads)[..., None]  # (L, H, n)
+            allowed = allowed & real[:, :, None, None, :]
         return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)

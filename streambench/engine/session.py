@@ -35,6 +35,13 @@ if TYPE_CHECKING:
     from streambench.engine.query_tap import QueryTap
 
 
+def _as_mask(ranks: np.ndarray, n: int) -> np.ndarray:
+    """(L, H, k) ranks as an (L, H, n) keep mask (a batch where another stream keeps unequal counts)."""
+    mask = np.zeros((*ranks.shape[:-1], n), dtype=bool)
+    np.put_along_axis(mask, ranks, True, -1)
+    return mask
+
+
 @dataclass(frozen=True)
 class StreamState:
     """Where a stream stands, as `checkpoint` saves it and `rollback` returns to it: tokens fed,
@@ -148,7 +155,7 @@ class StreamSession:
         self.observer: AttentionObserver | None = None
         if self.cache is not None:
             self.cache.enable_stats(sorted(wants & STATS))
-            if wants & CAPTURED:
+            if wants & CAPTURED or policy.uneven:  # (uneven: the route masks pads, recording nothing more)
                 self.observer = AttentionObserver(
                     self.model, self.cache, frozenset(wants), window=policy.observation_window
                 )
@@ -303,7 +310,7 @@ class StreamSession:
         cache, count = self.cache, ids.shape[1]
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
-        if cache.length + count > self._room:
+        if cache.mean_length + count > self._room:
             self._evict(self._select(count))
         if self._static is not None and count == 1:
             logits = self._static(ids)
@@ -423,8 +430,9 @@ class StreamSession:
             return
         if self.batch != 1:
             raise ConfigError("compress-once runs one stream at a time (batch size 1)")
-        keep = self.policy.select(self.view(0, budget=kept))
-        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads)
+        view = self.view(0, budget=kept)
+        keep = self.policy.select(view)
+        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads, self._valid(view))
         self._hand_over(keep)
         c.evict(keep[None] if keep.ndim == 3 else keep, reindex=reindex)
 
@@ -442,7 +450,7 @@ class StreamSession:
                 if self.fed >= self._recall_at:
                     self._recall(count)
                 self._hold_until = self.fed + count  # no recall inside this turn's branches
-            if self.cache.length + count > self._room:
+            if self.cache.mean_length + count > self._room:
                 self._evict(self._select(count))
         if self.cache.sliding is not None:
             self.cache.sliding.make_room(count)  # sliding layers compact now, not inside the branch
@@ -534,18 +542,29 @@ class StreamSession:
 
     def _select(self, incoming: int) -> np.ndarray:
         """Ranks to keep: (n,) for every stream alike, (B, n) per stream, or (B, L, H, n) per
-        stream, layer and KV head. Content-aware policies choose for each stream of a batch."""
+        stream, layer and KV head; or a (B, L, H, n) bool keep mask where lanes keep unequal
+        counts. Content-aware policies choose for each stream of a batch."""
         if self.batch == 1 or not self.policy.observes:  # position-based: one choice for every stream
-            keep = self._checked(self.policy.select(self.view(incoming)), incoming)
+            keep = self._checked(self.view(incoming), incoming)
             return np.broadcast_to(keep[None], (self.batch, *keep.shape)) if keep.ndim == 3 else keep
-        keeps = [self._checked(self.policy.select(self.view(incoming, b)), incoming) for b in range(self.batch)]
-        if len({k.shape for k in keeps}) != 1:
+        keeps = [self._checked(self.view(incoming, b), incoming) for b in range(self.batch)]
+        if any(k.dtype == bool for k in keeps):  # some stream keeps unequal counts: all as masks
+            n = self.cache.length
+            keeps = [k if k.dtype == bool else _as_mask(k, n) for k in keeps]
+        elif len({k.shape for k in keeps}) != 1:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
-    def _checked(self, keep, incoming: int) -> np.ndarray:
+    def _checked(self, view: CacheView, incoming: int) -> np.ndarray:
         c = self.cache
-        return checked_keep(self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads)
+        keep = self.policy.select(view)
+        return checked_keep(
+            self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads, self._valid(view)
+        )
+
+    def _valid(self, view: CacheView) -> np.ndarray | None:
+        """Where a ragged cache holds tokens (L, H, n) (None: no pads to keep out of a keep-set)."""
+        return view.valid if self.cache.ragged else None
 
     def view(self, incoming: int, stream: int = 0, budget: int | None = None) -> CacheView:
         c = self.cache
@@ -587,14 +606,26 @@ class StreamSession:
     # ---- accounting --------------------------------------------------------------------------
     @property
     def kv_tokens(self) -> int:
-        """Tokens whose keys and values attention reads for the next query (excluding it)."""
-        return self.cache.length
+        """Tokens whose keys and values attention reads for the next query (excluding it): per
+        lane, on average over lanes where they keep unequal counts (rounded)."""
+        cache = self.cache
+        return cache.length if not cache.ragged else round(cache.mean_length)
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of keys and values the next query reads: the governed (full-attention) layers'
-        kept tokens plus, on hybrid models, the sliding layers' windows."""
-        return self.kv_tokens * self._token_bytes + self.cache.sliding_bytes()
+        """Bytes of keys and values the next query reads (logical): the tokens each lane of the
+        governed (full-attention) layers keeps, summed over lanes, plus, on hybrid models, the
+        sliding layers' windows."""
+        cache = self.cache
+        if cache.ragged:
+            return cache.kv_bytes()
+        return cache.length * self._token_bytes + cache.sliding_bytes()
+
+    @property
+    def physical_kv_bytes(self) -> int:
+        """Bytes the cache holds for the next query's attention: every lane as long as the longest
+        (lanes keeping unequal counts pad to it), plus the sliding windows."""
+        return self.cache.length * self._token_bytes + self.cache.sliding_bytes()
 
     def layer_accounting(self) -> dict | None:
         """Hybrid models: what each layer kind holds and why it is exact (None without sliding

@@ -21,10 +21,13 @@ register_policy = POLICIES.register
 
 # Registration happens on import; keep this list in sync with the modules in this folder.
 from streambench.policies import (  # noqa: E402,F401
+    adakv,
     dense,
+    duo,
     h2o,
     knorm,
     longmem,
+    pyramidkv,
     random_keep,
     recompute_window,
     sirllm,

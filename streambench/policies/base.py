@@ -62,8 +62,15 @@ class CacheView:
 
     @property
     def target(self) -> int:
-        """How many tokens may stay so that the incoming ones fit in the budget."""
+        """How many tokens may stay so that the incoming ones fit in the budget (per lane on
+        average, for a policy keeping unequal counts)."""
         return self.budget - self.incoming
+
+    @property
+    def valid(self) -> np.ndarray:
+        """True at ranks holding a token, False at the pads of lanes that keep fewer tokens than
+        others (a ragged cache: positions -1, always at a lane's first ranks); shaped as positions."""
+        return self.positions >= 0
 
 
 @dataclass
@@ -87,6 +94,10 @@ class CachePolicy:
     # Compress-once keeps the kept keys at their fed positions (kvpress's protocol); True: they are
     # re-indexed to ranks and the question goes on at the kept count (kvpress's KeyRerotationPress).
     compress_reindexes: ClassVar[bool] = False
+    # Keeps unequal counts per layer or KV head (PyramidKV, AdaKV, DuoAttention): `select` may
+    # return a keep mask, the budget bounds the mean count over lanes, and the engine masks each
+    # lane's pads out of attention (so it routes attention through its own function, eagerly).
+    uneven: ClassVar[bool] = False
 
     budget: int | None = None
 
@@ -102,7 +113,9 @@ class CachePolicy:
         violation is one error naming the policy): an integer array of shape (k,) (one keep-set for
         every layer and head), (L, k) (one per layer) or (L, H_kv, k) (one per layer and KV head),
         each set sorted and unique (time order, ranks *within* its head once sets differ), every
-        rank in [0, view.length), the same k <= `view.target` everywhere."""
+        rank in [0, view.length), the same k <= `view.target` everywhere. A policy declaring
+        `uneven` may instead return a bool keep mask of shape (L, n) or (L, H_kv, n): each lane
+        its own count, the mean count over lanes <= `view.target`, no pad kept (`view.valid`)."""
         from streambench.errors import PolicyContractError
 
         raise PolicyContractError(

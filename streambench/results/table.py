@@ -17,10 +17,13 @@ class Column:
     header: str
     key: str | None  # metric name; None: peak memory (the CUDA allocator's on GPU, else RSS)
     higher: bool | None = None  # better when higher (True), lower (False), or not compared (None)
+    fallback: str | None = None  # metric shown where `key` is absent (physical KV: the logical one)
 
     def value(self, result: dict[str, Any]) -> Any:
         metrics = result["metrics"]
-        return peak_memory_mib(metrics) if self.key is None else metrics.get(self.key)
+        if self.key is None:
+            return peak_memory_mib(metrics)
+        return metrics.get(self.key, metrics.get(self.fallback) if self.fallback else None)
 
 
 def task_columns(rows: list[dict[str, Any]]) -> list[Column]:
@@ -44,6 +47,8 @@ def columns(rows: list[dict[str, Any]], latency: bool = False) -> list[Column]:
     if latency:
         out.append(Column("p95 ms", "latency_p95_ms", False))
     out += [Column("peak mem MiB", None, False), Column("KV MiB", "kv_mib_peak", False)]
+    if "kv_physical_mib_peak" in present:  # lanes keeping unequal counts: logical and physical
+        out.append(Column("KV MiB physical", "kv_physical_mib_peak", False, fallback="kv_mib_peak"))
     if "kv_sliding_mib_peak" in present:  # hybrid models: KV per layer kind
         out += [Column("KV MiB full", "kv_full_mib_peak", False), Column("KV MiB sliding", "kv_sliding_mib_peak")]
     if "bank_mib" in present:  # longmem's memory bank, beside the cache

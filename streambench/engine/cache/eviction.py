@@ -9,6 +9,13 @@ the buffers stay rectangular. A token's position in a head is its rank among tha
 tokens; the query sits at the count kept, as before, so one offset per stream still serves every
 head (the largest group of equal rank shifts over all of a stream's lanes keeps its rotation).
 
+Lanes may keep unequal counts (PyramidKV's per-layer budgets, AdaKV's heads sharing a layer's
+pool, DuoAttention's streaming heads): a keep *mask* evicts each lane to its own count c. The
+buffers stay rectangular, n = the largest count: a lane keeping c tokens holds them at ranks
+n - c .. n - 1 and n - c pads before them (position -1, masked out of attention: `allowed`).
+Its keys sit at rank + offset as every lane's, so the query at n + offset sees its j-th kept token
+at distance c - j: exactly a lane re-indexed to 0..c-1 on its own, with one query position.
+
 Retrieval policies (longmem) take tokens out (`take`) and splice memory back in (`splice`)."""
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class Eviction:
     _score: np.ndarray
     _offsets: np.ndarray
     _row_stream: np.ndarray
+    _pads: np.ndarray | None
+    ragged: bool
 
     if TYPE_CHECKING:  # (StreamCache's own methods, which these parts call)
 
@@ -72,6 +81,9 @@ class Eviction:
         if self.frozen:
             raise RuntimeError("this cache was compressed keeping original positions: it evicts no more")
         keep = np.asarray(keep)
+        if keep.dtype == bool:
+            self._evict_mask(keep, reindex)
+            return
         if keep.ndim == 4 or self.per_head:
             self._evict_per_head(keep, reindex)
             return
@@ -142,6 +154,7 @@ class Eviction:
                 self, name, np.broadcast_to(old[None, :, None], (L, B, H, old.shape[1])).reshape(L * B * H, -1).copy()
             )
         self._row_stream = np.tile(np.repeat(np.arange(B), H), L)
+        self._pads = np.zeros(L * B * H, dtype=np.int64)
         self.per_head = True
         self.uniform = False
 
@@ -188,6 +201,8 @@ class Eviction:
         self._slot[:, :n_new] = kept_slots
         self._n = n_new
         self._len = [n_new] * self.num_layers
+        if self.ragged:  # (pads are never kept: every lane now holds n_new tokens)
+            self._set_pads(np.zeros_like(self._pads))
         if len(src):
             self._move_lanes(move_r, src, dst)
         if not reindex:
@@ -201,6 +216,93 @@ class Eviction:
             for shard, local, flat in self._lane_index(stale_r, slots):
                 pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
                 shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
+
+    def _evict_mask(self, mask: np.ndarray, reindex: bool = True) -> None:
+        """Keep, per lane, the ranks where `mask` (B, L, H, n) is True: counts may differ. Equal
+        counts take the rectangular path (`_evict_per_head`), so a policy that happens to keep
+        alike gives the numbers it always gave."""
+        L, B, H = self.num_layers, self.batch, self.kv_heads
+        if not self.per_head:
+            self._enter_per_head()
+        rows = np.ascontiguousarray(mask.transpose(1, 0, 2, 3)).reshape(L * B * H, -1)
+        counts = rows.sum(axis=1)
+        lane_r, lane_c = np.nonzero(rows)  # kept (lane, old rank), lane by lane, time order
+        if (counts == counts[0]).all():
+            ranks = lane_c.reshape(L, B, H, int(counts[0])).transpose(1, 0, 2, 3)
+            self._evict_per_head(ranks, reindex)
+            return
+        rope = self.reindexing()
+        R, n_new = len(rows), int(counts.max())
+        self.evictions += 1
+        self.epoch += 1
+        pads = n_new - counts
+        starts = np.cumsum(counts) - counts
+        new_rank = pads[lane_r] + np.arange(len(lane_r)) - starts[lane_r]
+        kept_slots = self._slot[lane_r, lane_c]
+        # Slots inside the new valid region [0, n_new) that no kept token occupies: first the
+        # kept tokens beyond it move in (lane by lane, in slot order), the rest hold the pads.
+        used = np.zeros((R, n_new), dtype=bool)
+        inside = kept_slots < n_new
+        used[lane_r[inside], kept_slots[inside]] = True
+        free_r, free_c = np.nonzero(~used)
+        movers = np.flatnonzero(~inside)
+        n_moves = np.bincount(lane_r[movers], minlength=R)
+        free_start = np.cumsum(pads + n_moves) - (pads + n_moves)
+        free_j = np.arange(len(free_r)) - free_start[free_r]
+        to_mover = free_j < n_moves[free_r]
+        src, dst = kept_slots[movers], free_c[to_mover]
+        kept_slots[movers] = dst
+        pad_r, pad_slot = free_r[~to_mover], free_c[~to_mover]
+        pad_rank = free_j[~to_mover] - n_moves[pad_r]
+        # One offset per stream: the commonest rank shift over its kept tokens keeps its rotation.
+        shift = lane_c - new_rank
+        stream = self._row_stream[lane_r]
+        common = np.zeros(B, dtype=np.int64)
+        for b in range(B):
+            mine = shift[stream == b]  # (a kept token may move up: pads now come before it)
+            if len(mine):
+                low = mine.min()
+                common[b] = np.bincount(mine - low).argmax() + low
+        self._offsets += common
+        renorm = (self._offsets > self.capacity) | (self._offsets < 0)
+        self._offsets[renorm] = 0
+        stale = (shift != common[stream]) | renorm[stream]
+        slot, pos, score = (np.zeros((R, n_new), dtype=a.dtype) for a in (self._slot, self._pos, self._score))
+        slot[lane_r, new_rank], pos[lane_r, new_rank] = kept_slots, self._pos[lane_r, lane_c]
+        score[lane_r, new_rank] = self._score[lane_r, lane_c]
+        slot[pad_r, pad_rank], pos[pad_r, pad_rank] = pad_slot, -1
+        self._slot[:, :n_new], self._pos[:, :n_new], self._score[:, :n_new] = slot, pos, score
+        self._n = n_new
+        self._len = [n_new] * self.num_layers
+        if len(src):
+            self._move_lanes(lane_r[movers], src, dst)
+        self._set_pads(pads)
+        if not reindex:
+            self._freeze(n_new)
+            return
+        if stale.any():
+            stale_r, stale_c = lane_r[stale], new_rank[stale]
+            rope.ensure(self._n + int(self._offsets.max()) + 1)
+            slots = self._slot[stale_r, stale_c]
+            positions = stale_c + self._offsets[self._row_stream[stale_r]]
+            for shard, local, flat in self._lane_index(stale_r, slots):
+                pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
+                shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
+
+    def _set_pads(self, pads: np.ndarray) -> None:
+        """Record each lane's pad count and mask its pad slots out of attention (`allowed`, per
+        shard (L_s, B, H, capacity), True where a key may be attended; None: no pads anywhere)."""
+        self._pads = pads
+        self.ragged = bool(pads.any())
+        if not self.ragged:
+            for shard in self.shards:
+                shard.allowed = None
+            return
+        pad_r, pad_c = np.nonzero(np.arange(self._n)[None, :] < pads[:, None])
+        for shard, _, flat in self._lane_index(pad_r, self._slot[pad_r, pad_c]):
+            allowed = torch.ones(shard.k.shape[:-1], dtype=torch.bool, device=shard.device)
+            allowed.view(-1)[flat] = False
+            shard.allowed = allowed
 
     def reindexing(self) -> RotaryTable:
         """The rotary table that re-indexing rotates with; a cache built without one (for dense,

@@ -127,6 +127,9 @@ class Shard:
         self.k_pre: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}  # (L_s, B, H, capacity) float32, per slot
         self.slot: torch.Tensor | None = None  # the static decode path's write slot, on the device
+        # (L_s, B, H, capacity) bool: False at the pad slots of lanes keeping fewer tokens than
+        # others (eviction.py); None while every lane keeps equally many
+        self.allowed: torch.Tensor | None = None
 
     def pre(self) -> torch.Tensor:
         """The pre-RoPE keys (a re-indexing cache keeps them; one that never evicts does not)."""

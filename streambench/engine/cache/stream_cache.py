@@ -87,6 +87,8 @@ class StreamCache(Eviction, SlotStats, Cache):
         self.uniform = True  # every stream's slots and offsets alike (no per-stream eviction yet)
         self.frozen = False  # compressed keeping original positions (kvpress's protocol): no more evictions
         self.per_head = False  # one bookkeeping row per stream; True: one per (layer, stream, head)
+        self.ragged = False  # lanes keep unequal counts: pads masked out of attention (eviction.py)
+        self._pads = None  # per lane, pad ranks before its kept tokens (per_head only)
         self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
         self._fed = 0  # stream position of the next token (sliding layers' distances)
@@ -99,6 +101,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._pos = np.zeros((self.batch, capacity), dtype=np.int64)  # original stream position
         self._score = np.zeros((self.batch, capacity), dtype=np.float64)  # score (e.g. surprisal)
         for shard in self.shards:
+            shard.allowed = None
             for buf in shard.stats.values():
                 buf.zero_()
 
@@ -120,8 +123,31 @@ class StreamCache(Eviction, SlotStats, Cache):
 
     @property
     def length(self) -> int:
-        """Kept tokens per stream (batched streams always keep equally many)."""
+        """Ranks per lane (batched streams always hold equally many): the kept tokens, and on a
+        ragged cache the pads of lanes keeping fewer (see `lane_counts`)."""
         return self._n
+
+    def lane_counts(self) -> np.ndarray:
+        """Tokens each (layer, stream, KV head) lane keeps, (L, B, H)."""
+        shape = (self.num_layers, self.batch, self.kv_heads)
+        if not self.ragged:
+            return np.full(shape, self._n, dtype=np.int64)
+        return (self._n - cast(np.ndarray, self._pads)).reshape(shape)
+
+    @property
+    def mean_length(self) -> float:
+        """Tokens kept per lane on average: what the budget bounds (equal to `length` unless ragged)."""
+        if not self.ragged:
+            return float(self._n)
+        return self._n - float(cast(np.ndarray, self._pads).mean())
+
+    def allowed_keys(self, layer: int, n: int) -> torch.Tensor | None:
+        """(B, H, n) bool for full-attention layer `layer` (its index among full layers): False at
+        pad slots. None while no lane has pads."""
+        if not self.ragged:
+            return None
+        shard, i = self._where[layer]
+        return cast(torch.Tensor, shard.allowed)[i, :, :, :n]
 
     def _of(self, array: np.ndarray, b: int) -> np.ndarray:
         if self.per_head:
@@ -207,6 +233,10 @@ class StreamCache(Eviction, SlotStats, Cache):
                 new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
                 new[..., : self.capacity] = old
                 shard.stats[name] = new
+            if shard.allowed is not None:
+                allowed = torch.ones(shape[:-1], dtype=torch.bool, device=shard.device)
+                allowed[..., : self.capacity] = shard.allowed
+                shard.allowed = allowed
         self.capacity = capacity
 
     def set_write_slot(self, slot: int) -> None:
@@ -290,7 +320,14 @@ class StreamCache(Eviction, SlotStats, Cache):
         return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.shards[0].k.element_size()
 
     def kv_bytes(self) -> int:
-        """Exact bytes of the keys and values attention sees now (full and sliding layers)."""
+        """Exact bytes of the keys and values kept now (full and sliding layers): logical, the
+        tokens each lane keeps summed over lanes."""
+        lane_bytes = 2 * self.head_dim * self.shards[0].k.element_size()
+        return int(self.lane_counts().sum()) * lane_bytes + self.sliding_bytes()
+
+    def physical_kv_bytes(self) -> int:
+        """Bytes of the keys and values attention reads now: every lane at the longest lane's
+        length (a ragged cache's pads included), plus the sliding windows."""
         return self.length * self.token_bytes() + self.sliding_bytes()
 
     def sliding_bytes(self) -> int:

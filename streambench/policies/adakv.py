@@ -1,0 +1,61 @@
+"""adakv: the heads of a layer compete for one pool of cache, each with a floor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streambench.policies import register_policy
+from streambench.policies.base import CacheView
+from streambench.policies.uneven_base import AllocatingPolicy
+
+
+@register_policy("adakv")
+@dataclass
+class AdaKVPolicy(AllocatingPolicy):
+    """AdaKV (Feng et al., arXiv:2407.11550, "Ada-KV: Optimizing KV Cache Eviction by Adaptive
+    Budget Allocation"): heads differ in how concentrated their attention is, so a layer's budget
+    (budget x heads) goes to the top scores over all its heads together, not the top per head.
+    A safeguard keeps each head's top `alpha` x budget tokens first (kvpress `AdaKVPress`:
+    alpha_safeguard 0.20, at least one token), then the pool takes the highest of the rest.
+    Scores are the scorer's (SnapKV's window attention by default, the paper's Ada-SnapKV), which
+    are attention probabilities and so comparable across heads. Every layer keeps the same total."""
+
+    summary = "heads of a layer share its pool by score, each with a floor (AdaKV), over any scorer"
+    alpha: float = 0.2
+
+    def configure(self) -> None:
+        super().configure()
+        self._require(
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1,
+            f"alpha must be a number in [0, 1], got {self.alpha!r}",
+        )
+
+    def counts(self, view: CacheView, mean: int, scores=None) -> np.ndarray:
+        """Per layer, the floor each head keeps, then the pool's remaining places by score."""
+        held = self.held(view)
+        if scores is None:
+            return np.minimum(held, mean)
+        return self.allocate(scores, mean, held)
+
+    def allocate(self, scores, mean: int, held: np.ndarray) -> np.ndarray:
+        """(L, H) counts from scores (L, H, n): AdaKV's safeguard then top-(mean x H) of the layer."""
+        import torch
+
+        L, H, n = scores.shape
+        floor = int(mean * self.alpha)
+        if self.alpha > 0 and mean > 0:
+            floor = max(1, floor)
+        floor = np.minimum(held, floor)
+        ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # (L, H, n)
+        # the floor's tokens first (+inf), then every token by score, over the layer's heads
+        boosted = ranked.clone()
+        boosted[torch.arange(n, device=ranked.device) < torch.as_tensor(floor, device=ranked.device)[..., None]] = (
+            float("inf")
+        )
+        flat = boosted.reshape(L, H * n)
+        order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, : mean * H]
+        counts = torch.zeros((L, H * n), dtype=torch.long, device=ranked.device)
+        counts.scatter_(1, order, 1)
+        return np.minimum(counts.view(L, H, n).sum(-1).cpu().numpy(), held)
