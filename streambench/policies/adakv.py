@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.policies import register_policy
+from streambench.policies.allocation import pooled_counts
 from streambench.policies.base import CacheView
 from streambench.policies.uneven_base import AllocatingPolicy
 
@@ -41,21 +42,4 @@ class AdaKVPolicy(AllocatingPolicy):
 
     def allocate(self, scores, mean: int, held: np.ndarray) -> np.ndarray:
         """(L, H) counts from scores (L, H, n): AdaKV's safeguard then top-(mean x H) of the layer."""
-        import torch
-
-        L, H, n = scores.shape
-        floor = int(mean * self.alpha)
-        if self.alpha > 0 and mean > 0:
-            floor = max(1, floor)
-        floor = np.minimum(held, floor)
-        ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # (L, H, n)
-        # the floor's tokens first (+inf), then every token by score, over the layer's heads
-        boosted = ranked.clone()
-        boosted[torch.arange(n, device=ranked.device) < torch.as_tensor(floor, device=ranked.device)[..., None]] = (
-            float("inf")
-        )
-        flat = boosted.reshape(L, H * n)
-        order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, : mean * H]
-        counts = torch.zeros((L, H * n), dtype=torch.long, device=ranked.device)
-        counts.scatter_(1, order, 1)
-        return np.minimum(counts.view(L, H, n).sum(-1).cpu().numpy(), held)
+        return pooled_counts(scores, mean, held, float(self.alpha))

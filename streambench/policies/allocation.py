@@ -110,6 +110,24 @@ def top_mask(scores: torch.Tensor, counts: np.ndarray) -> np.ndarray:
     return (place < torch.as_tensor(np.array(counts), device=scores.device)[..., None]).cpu().numpy()
 
 
+def pooled_counts(scores: torch.Tensor, mean: int, held: np.ndarray, alpha: float) -> np.ndarray:
+    """AdaKV's allocation (kvpress `AdaKVPress.compress`): per layer, every head first keeps its
+    top max(1, int(alpha x mean)) tokens, then the layer's pool of mean x heads places goes to the
+    highest remaining scores over all its heads. (L, H) counts, each <= what the lane holds."""
+    import torch
+
+    L, H, n = scores.shape
+    floor = int(mean * alpha)
+    if alpha > 0 and mean > 0:
+        floor = max(1, floor)
+    floor_per_lane = torch.as_tensor(np.minimum(held, floor), device=scores.device)
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # each head's, best first
+    ranked = ranked.masked_fill(torch.arange(n, device=scores.device) < floor_per_lane[..., None], float("inf"))
+    order = torch.sort(ranked.reshape(L, H * n), dim=-1, descending=True, stable=True).indices[:, : mean * H]
+    chosen = torch.zeros((L, H * n), dtype=torch.long, device=scores.device).scatter_(1, order, 1)
+    return np.minimum(chosen.view(L, H, n).sum(-1).cpu().numpy(), held)
+
+
 def inner_scorer(owner: Any, name: str, budget: int) -> ScoredPolicy:
     """The scoring policy an uneven policy allocates over (`-p scorer=h2o`): any registered
     ScoredPolicy, built at the run's budget with its own defaults."""

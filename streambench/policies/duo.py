@@ -67,8 +67,7 @@ class DuoPolicy(CachePolicy):
         self._gates: np.ndarray | None = None
         if self.pattern is not None:
             self._gates = load_pattern(self.pattern)
-            self.observes = frozenset()  # type: ignore[misc]  (nothing to identify)
-        self._retrieval: np.ndarray | None = None
+        self._decided(None)
 
     @property
     def observation_window(self) -> int:  # type: ignore[override]
@@ -98,13 +97,20 @@ class DuoPolicy(CachePolicy):
             )
 
     def reset(self) -> None:
-        self._retrieval = None
+        self._decided(None)
 
     def state(self):
         return self._retrieval
 
     def restore(self, state) -> None:
-        self._retrieval = state
+        self._decided(state)
+
+    def _decided(self, retrieval: np.ndarray | None) -> None:
+        """Once the heads are split, nothing more is read: the session stops computing the window
+        attention at every eviction (the split is fixed for the stream)."""
+        self._retrieval = retrieval
+        own = frozenset() if self.pattern is not None or retrieval is not None else type(self).observes
+        self.observes = own  # type: ignore[misc]
 
     def stats(self) -> dict[str, float]:
         if self._retrieval is None:
@@ -141,7 +147,8 @@ class DuoPolicy(CachePolicy):
             gates = self._gates if self._gates is not None else self.far_attention(view)
             if gates is None:  # (no query seen yet: every lane streams this once)
                 gates = np.zeros((L, H))
-            self._retrieval = self.split(gates)
+            self._decided(self.split(gates))
+        assert self._retrieval is not None
         held = np.broadcast_to(view.valid, (L, H, view.length)).sum(-1)
         streaming = np.minimum(held, max(int(self.streaming_size) - view.incoming, self.sink_size))
         counts = np.where(self._retrieval, 0, streaming)

@@ -54,6 +54,8 @@ import dataclasses
 import inspect
 from typing import Any, ClassVar
 
+import numpy as np
+
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.policies.base import CacheView, ScoredPolicy
 
@@ -226,14 +228,20 @@ class PressPolicy(ScoredPolicy):
         # (Block: whether the tap holds exactly the kept tokens' hidden states, as a compress-once
         # prefill or a stream not yet evicted from does)
         whole = self.blocked and self._reads_context and w == n and int(view.positions.max()) == n - 1
+        # a ragged cache: each layer scored over its own span (a layer keeping fewer tokens holds
+        # pads at its first ranks), as kvpress sees a layer of that many tokens
+        starts = n - np.broadcast_to(view.valid, keys.shape[:3]).sum(-1).max(-1) if self.uneven else None
         out = []
         for layer, module in enumerate(modules):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
             k, v = keys[layer][None], values[layer][None]
+            lo = int(starts[layer]) if starts is not None else 0
+            if lo:
+                k, v = k[:, :, lo:], v[:, :, lo:]
             attentions = None
             if rows is not None:  # one query row: the sum over queries, or the newest's (kvpress: KV-group-major)
                 groups = module.config.num_attention_heads // k.shape[1]
-                attentions = rows[layer].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
+                attentions = rows[layer][:, lo:].to(k.dtype).repeat_interleave(groups, 0)[None, :, None]
             try:
                 if self.chunked:  # ChunkPress: its press scores each chunk of ranks on its own
                     step = self._press.chunk_length
@@ -257,15 +265,44 @@ class PressPolicy(ScoredPolicy):
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() failed: {_described(exc)}"
                 ) from None
-            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (1, k.shape[1], n):
+            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (1, k.shape[1], n - lo):
                 shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
                 raise PolicyContractError(
-                    f"policy {self.name}: the press's score() returned {shape}, not (1, {k.shape[1]}, {n})"
+                    f"policy {self.name}: the press's score() returned {shape}, not (1, {k.shape[1]}, {n - lo})"
                 )
             if torch.isnan(scores).any():
                 raise PolicyContractError(f"policy {self.name}: the press's score() returned NaN scores")
+            if lo:
+                scores = torch.nn.functional.pad(scores.float(), (lo, 0), value=float("-inf"))
             out.append(scores[0])
         return torch.stack(out)
+
+    def select(self, view: CacheView):
+        """AdaKVPress and PyramidKVPress: per-lane counts (`uneven`), the budget the mean."""
+        if not self.uneven:
+            return super().select(view)
+        from streambench.policies.allocation import fill, pooled_counts, scored, top_mask
+
+        count = self.kept(view)
+        L, H = view.num_layers, view.kv_heads
+        held = np.broadcast_to(view.valid, (L, H, view.length)).sum(-1)
+        scores = scored(_Scores(self.score(view)), view, self.start_size, 0)
+        if scores is None:
+            return super().select(view)
+        if type(self._press).__name__ == "AdaKVPress":
+            counts = pooled_counts(scores, count, held, float(self._press.alpha_safeguard))
+        else:
+            # PyramidKVPress: kvpress's own layer budgets for the stream so far as one context (in
+            # compress-once, the context held; in a stream, every token fed: the schedule kvpress
+            # would give it), at the ratio that keeps `count`; each layer then keeps what it can
+            # of its budget (it grows one token per token), water-filled to the exact mean
+            seen = max(view.length, int(view.positions.max()) + 1)
+            self._press.compression_ratio = _ratio_for(seen, count)
+            modules = view.observed["attention_modules"]
+            desired = np.array([self._press.get_layer_budget(m, seen) for m in modules])
+            per_layer = fill(desired, held.min(axis=1), count * L)
+            counts = np.broadcast_to(per_layer[:, None], (L, H))
+        return top_mask(scores, counts)
 
     def _block_choice(self, module, hidden, whole: bool, keys, values, count: int, kwargs):
         """BlockPress.compress for one layer, as a 0/1 score (1: kept): the first `count` ranks are
@@ -338,6 +375,16 @@ class PressPolicy(ScoredPolicy):
     def reset(self) -> None:
         if hasattr(self._press, "reset"):
             self._press.reset()
+
+
+class _Scores:
+    """Scores already computed, in the shape `allocation.scored` asks a scorer for."""
+
+    def __init__(self, scores):
+        self._scores = scores
+
+    def score(self, view):
+        return self._scores
 
 
 def reads_context(cls: type) -> bool:
@@ -525,11 +572,14 @@ PREFILL_ONLY = (
     "(-t protocol=compress-once), not in a stream"
 )
 # Wrappers whose counts differ between layers or heads, why (the engine keeps one count per lane today)
+# Streamed through the engine's unequal counts (a keep mask per lane, the budget the mean):
+ALLOCATING = {
+    "AdaKVPress": "its press's scores; a layer's pool over its heads with alpha_safeguard's floor",
+    "PyramidKVPress": "SnapKV's scores; each layer's count from its get_layer_budget",
+}
 UNEVEN = {
-    "AdaKVPress": "heads of a layer compete for one pool: a different count per head",
-    "CriticalAdaKVPress": "heads of a layer compete for one pool: a different count per head",
-    "PerLayerCompressionPress": "a ratio per layer: a different count per layer",
-    "PyramidKVPress": "a budget per layer, decreasing upwards: a different count per layer",
+    "CriticalAdaKVPress": "heads of a layer compete for one pool, in two stages of its own compress(): not bridged yet",
+    "PerLayerCompressionPress": "a ratio per layer, a list with no default: not bridged yet (pyramidkv -p scorer=...)",
     "ChunkKVPress": "keeps whole chunks chosen per layer: a layer that keeps the shorter last chunk keeps fewer",
     "DMSPress": "evicts below a score threshold: counts follow the content in every head",
     "LUKVPress": "a downloaded budget curve per layer and head: a different count per head",
@@ -571,8 +621,10 @@ def press_status(cls: type) -> tuple[str, str]:
         return "needs the hub", "downloads weights, statistics or a dataset, and compresses in its own way: not bridged"
     if name in ("ChunkPress", "BlockPress", "KeyRerotationPress"):  # (their compress(): hosted as such)
         return "streaming", ""
+    if name in ALLOCATING:
+        return "streaming", f"unequal counts per lane: {ALLOCATING[name]}"
     if name in UNEVEN:
-        return "uneven budgets", f"{UNEVEN[name]} (arrives with the ragged-budget issue)"
+        return "uneven budgets", UNEVEN[name]
     if name == "EntropyGatedChunkKVPress":
         return "wrapper", (
             "keeps one count everywhere, but chosen chunk by chunk in its own compress(), not by a score "
@@ -686,6 +738,7 @@ def adapt(obj: Any) -> type | None:
             "wraps": wraps,
             "chunked": obj.__name__ == "ChunkPress",
             "blocked": obj.__name__ == "BlockPress",
+            "uneven": obj.__name__ in ALLOCATING,
             # kvpress's pipeline answers after KeyRerotation at the compressed length: kept keys at ranks
             "compress_reindexes": obj.__name__ == "KeyRerotationPress",
             "prefill_only": status == "prefill only",

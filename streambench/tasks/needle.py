@@ -229,7 +229,7 @@ class NeedleTask(Task):
         import torch
         import torch.nn.functional as F
 
-        from streambench.tasks.retention import CacheMap, kept_share
+        from streambench.tasks.retention import CacheMap, LaneMap, kept_share
 
         text = load_text(self.text)
         hay = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -237,7 +237,7 @@ class NeedleTask(Task):
         chunk, exact = fed["chunk"], fed["mode"] == "exact-chunks"
         cells = self.cells()
         mapped = max(cells, key=lambda c: (c[0], -abs(c[1] - 50), -c[2]))  # the longest stream, depth nearest 50%
-        cache_map = CacheMap()
+        cache_map, lane_map = CacheMap(), LaneMap()
         progress.total(sum(c[0] for c in cells), "tok")
         records = []
         once = self.compresses_once
@@ -289,6 +289,9 @@ class NeedleTask(Task):
                     cache_map.end_stream()
                 last = logits[0, -1]
                 kept = float(kept_share(session.held_positions(), np.arange(*span)).mean())
+                if session.cache is not None:  # (recompute-window holds no lanes)
+                    lanes = session.cache.num_layers, session.cache.kv_heads
+                    lane_map.sample(session.held_positions(), *lanes, np.arange(*span))
                 target = torch.tensor([answer], device=session.device)
                 with session.fork():  # the value as the answer, teacher-forced
                     forced = session.feed(target, exact=fed["token_exact"] and not once)[0]
@@ -328,6 +331,8 @@ class NeedleTask(Task):
         curves = {"needle_grid": grid}
         if cache_map.curve():
             curves["cache_map"] = cache_map.curve()
+        if lane_map.curve():
+            curves["lane_map"] = lane_map.curve()
         info = {
             "text": self.text,
             "kind": self.kind,

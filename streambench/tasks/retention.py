@@ -153,6 +153,7 @@ class CacheMap:
         if self.calls % self.every:
             return
         flat = np.unique(held)
+        flat = flat[flat >= 0]  # (-1: the pads of lanes keeping fewer tokens than others)
         self.columns.append((fed, flat, kept_share(held, flat)))
         if len(self.columns) >= 2 * MAP_SAMPLES:
             self.columns = self.columns[1::2]
@@ -178,3 +179,36 @@ class CacheMap:
             occupied = np.flatnonzero(cells)
             out.append({"rows": occupied.tolist(), "share": np.round(cells[occupied], 2).tolist()})
         return {"fed": [fed for fed, _, _ in columns], "bin": width, "columns": out, "facts": self.facts[:256]}
+
+
+class LaneMap:
+    """Where the budget went, lane by lane, when a fact is asked for: the tokens each (layer, KV
+    head) lane keeps and the share of the tagged fact tokens it still holds, averaged over the
+    samples of a run. Uneven policies (pyramidkv, adakv, duo) differ here; for the others every
+    lane keeps as many, and the fact map says which heads kept the fact."""
+
+    def __init__(self):
+        self.counts: np.ndarray | None = None  # (L, H) sums over samples
+        self.facts: np.ndarray | None = None
+        self.samples = 0
+
+    def sample(self, held: np.ndarray, layers: int, heads: int, facts: np.ndarray) -> None:
+        """`held`: the session's held positions, (n,) or (L, H, n) with -1 at pads."""
+        lanes = np.broadcast_to(held, (layers, heads, held.shape[-1]))
+        counts = (lanes >= 0).sum(-1).astype(np.float64)
+        share = np.isin(lanes, np.asarray(facts)).sum(-1) / max(len(facts), 1)
+        if self.counts is None or self.facts is None:
+            self.counts, self.facts = counts, share
+        else:
+            self.counts += counts
+            self.facts += share
+        self.samples += 1
+
+    def curve(self) -> dict | None:
+        if not self.samples or self.counts is None or self.facts is None:
+            return None
+        return {
+            "counts": np.round(self.counts / self.samples, 2).tolist(),
+            "facts": np.round(self.facts / self.samples, 3).tolist(),
+            "samples": self.samples,
+        }

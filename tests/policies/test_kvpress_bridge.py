@@ -67,9 +67,8 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
     "name,message",
     [
         ("kvpress:CompactorPress", "scores a whole prefill at once"),
-        ("kvpress:CriticalAdaKVPress", "a different count per head"),
-        ("kvpress:PyramidKVPress", "ragged-budget issue"),
-        ("kvpress:AdaKVPress", "ragged-budget issue"),
+        ("kvpress:CriticalAdaKVPress", "in two stages of its own compress"),
+        ("kvpress:PerLayerCompressionPress", "a ratio per layer"),
         ("kvpress:ComposedPress", "cannot be split between its stages"),
         ("kvpress:ThinKPress", "key channels"),
         ("kvpress:KVzipPress", "downloads"),

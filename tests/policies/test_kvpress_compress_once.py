@@ -214,3 +214,71 @@ def test_a_prefill_only_press_runs_in_compress_once_and_is_refused_in_a_stream(t
     (path,) = tmp_path.glob("*.json")
     (record,) = json.loads(path.read_text())["records"]
     assert record["compressed_to"] == 48
+
+
+@pytest.mark.slow
+def test_adakv_press_compress_once_equals_kvpress_masking_heads_apart(embedded):
+    """AdaKVPress over SnapKV: kvpress keeps the whole cache and masks each head's pruned keys
+    in attention (a fake key whose weight underflows to zero); streambench evicts them, each head
+    keeping its own count. The same tokens per layer and head, the question's log-probs to 1e-4."""
+    from streambench.tasks.texts import DEFAULT_TEXT, load_text
+
+    ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
+    context, question = ids[:, :180], ids[:, 180:]
+    inner = inner_press("SnapKVPress(window_size=16)", "test")
+    theirs = kvpress.AdaKVPress(inner, alpha_safeguard=0.2)
+    theirs.compression_ratio = 0.5
+    cache, _ = kvpress_prefill(embedded.model, theirs, context, read_back=False)
+    layers = embedded.model.model.layers
+    pruned = [layer.self_attn.masked_key_indices for layer in layers]
+    with torch.no_grad():
+        want = embedded.model(
+            input_ids=question, cache=cache, position_ids=torch.arange(180, 200)[None], use_cache=True
+        ).logits
+    for layer in layers:
+        layer.self_attn.__dict__.pop("masked_key_indices", None)
+    policy = build_policy(
+        PolicySpec("kvpress:AdaKVPress", {"press": "SnapKVPress(window_size=16)", "alpha_safeguard": 0.2}), 256
+    )
+    with StreamSession(embedded, policy) as session, session.unbounded():
+        session.feed(context)
+        session.compress(90)
+        held = session.held_positions()
+        got = session.feed(question)
+    assert session.cache.ragged  # (heads really kept different counts)
+    for i, (_, heads, seq) in enumerate(pruned):
+        theirs_kept = np.ones((3, 180), dtype=bool)
+        theirs_kept[heads.numpy(), seq.numpy()] = False
+        for h in range(3):
+            mine = np.sort(held[i, h][held[i, h] >= 0])
+            np.testing.assert_array_equal(mine, np.flatnonzero(theirs_kept[h]), err_msg=f"layer {i} head {h}")
+    torch.testing.assert_close(
+        torch.log_softmax(got.float(), -1), torch.log_softmax(want.float(), -1), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_pyramidkv_press_compress_once_keeps_kvpress_layer_budgets(embedded):
+    """PyramidKVPress: each layer keeps kvpress's own get_layer_budget of the context, by
+    SnapKV's scores (a total kvpress rounds off the mean is evened by one token where needed),
+    the same tokens where the counts agree."""
+    from streambench.tasks.texts import DEFAULT_TEXT, load_text
+
+    ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
+    context = ids[:, :180]
+    theirs = kvpress.PyramidKVPress(compression_ratio=0.5, window_size=16)
+    _, chosen = kvpress_prefill(embedded.model, theirs, context)
+    policy = build_policy(PolicySpec("kvpress:PyramidKVPress", {"window_size": 16}), 256)
+    with StreamSession(embedded, policy) as session, session.unbounded():
+        session.feed(context)
+        session.compress(90)
+        held = session.held_positions()
+    counts = (held >= 0).sum(-1)[:, 0]
+    theirs_counts = np.array([chosen[i].shape[-1] for i in range(30)])
+    assert counts.sum() == 90 * 30 and np.abs(counts - theirs_counts).max() <= 1
+    assert (np.diff(theirs_counts) <= 0).all() and theirs_counts[0] > 2 * theirs_counts[-1]
+    same = np.flatnonzero(counts == theirs_counts)
+    assert len(same) >= 25
+    for i in same:
+        mine = np.sort(np.where(held[i] >= 0, held[i], 10**6), axis=-1)[:, : counts[i]]
+        np.testing.assert_array_equal(mine, chosen[i], err_msg=f"layer {i}")

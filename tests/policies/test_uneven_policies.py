@@ -167,3 +167,31 @@ def test_pyramidkv_reaches_its_pyramid_and_pays_for_it_in_physical_memory():
     counts = session.cache.lane_counts()[:, 0, 0]
     assert (np.diff(counts) < 0).all() and counts.mean() <= 16
     assert session.physical_kv_bytes == counts.max() * len(counts) * session.kv_bytes // counts.sum() > session.kv_bytes
+
+
+@pytest.mark.parametrize(
+    "press,args",
+    [
+        ("AdaKVPress", {"press": "SnapKVPress(window_size=4)"}),
+        ("AdaKVPress", {"press": "KnormPress", "alpha_safeguard": 0.5}),
+        ("PyramidKVPress", {"window_size": 4}),
+    ],
+)
+def test_kvpress_uneven_wrappers_stream_exactly(press, args):
+    """kvpress's AdaKVPress and PyramidKVPress through the same machinery: unequal counts per
+    lane, the mean at the budget, every lane equal to the reference rebuilding it."""
+    pytest.importorskip("kvpress", reason="kvpress is not installed (./install.sh kvpress)")
+    model = tiny_model("qwen2", layers=3)
+    policy = build_policy(PolicySpec(f"kvpress:{press}", dict(args)), 16)
+    assert policy.uneven
+    session = StreamSession(LoadedModel.wrap(model), policy)
+    reference = ReferenceStream(model, None)
+    ids = torch.randint(3, 96, (1, 48), generator=torch.Generator().manual_seed(5))
+    ragged = 0
+    for t in range(ids.shape[1]):
+        got = session.feed(ids[:, t : t + 1])
+        want = reference.feed(ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert session.cache.mean_length <= 16
+        ragged += session.cache.ragged
+    assert ragged

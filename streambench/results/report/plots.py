@@ -278,6 +278,62 @@ def cache_maps(fig_: Figures, grp: dict, rows: list[dict]) -> None:
         )
 
 
+@register_plot("lane_map")
+def lane_maps(fig_: Figures, grp: dict, rows: list[dict]) -> None:
+    """Per run, two maps over (layer, KV head) lanes at the question: tokens each lane keeps
+    (where the budget went) and the share of the fact's tokens it still holds (which lanes kept
+    it); then tokens kept per layer, every run on one axis, beside the budget."""
+    title = grp["title"]
+    for b, chosen in _per_budget(rows):
+        chosen = [r for r in chosen if r["curves"].get("lane_map")]
+        if not chosen:
+            continue
+        fig, axes = fig_.plt.subplots(
+            len(chosen), 2, figsize=(11, 1.0 + 1.25 * len(chosen)), squeeze=False, layout="constrained"
+        )
+        top = max(max(map(max, r["curves"]["lane_map"]["counts"])) for r in chosen) or 1
+        meshes = [None, None]
+        for (ax_count, ax_fact), r in zip(axes, chosen):
+            lanes = r["curves"]["lane_map"]
+            for k, (ax, key, vmax, cmap) in enumerate(
+                ((ax_count, "counts", top, "magma"), (ax_fact, "facts", 1, "viridis"))
+            ):
+                grid = np.asarray(lanes[key], dtype=float).T  # (heads, layers)
+                meshes[k] = ax.pcolormesh(grid, cmap=cmap, vmin=0, vmax=vmax)
+                ax.set_yticks(np.arange(grid.shape[0]) + 0.5, [str(h) for h in range(grid.shape[0])], fontsize=6)
+                ax.tick_params(labelsize=7)
+                ax.set_ylabel("KV head", fontsize=7)
+            ax_count.set_title(f"{legend(_run_name(r))}: tokens kept per lane", fontsize=8)
+            ax_fact.set_title(f"{legend(_run_name(r))}: share of the fact held", fontsize=8)
+        for ax in axes[-1]:
+            ax.set_xlabel("layer", fontsize=8)
+        fig.colorbar(meshes[0], ax=axes[:, 0], shrink=0.8, label="tokens")
+        fig.colorbar(meshes[1], ax=axes[:, 1], shrink=0.8, label="share of the fact")
+        fig.suptitle(f"Where the budget went, lane by lane, budget {b}\n{legend(title)}", fontsize=10)
+        fig_.save(
+            fig,
+            f"{grp['prefix']}lane_map_b{b}.png",
+            f"{title}: tokens kept and the fact's share held per (layer, KV head) lane at the question, budget {b}",
+            grp,
+        )
+        fig, ax = fig_.plt.subplots(figsize=(8, 3.4), layout="constrained")
+        for r in chosen:
+            per_layer = np.asarray(r["curves"]["lane_map"]["counts"], dtype=float).mean(axis=1)
+            ax.step(np.arange(len(per_layer)), per_layer, where="mid", **fig_.style(r))
+        if b != "all":
+            ax.axhline(float(b), color="grey", linewidth=0.8, linestyle=":", label=f"budget {b}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("tokens kept per KV head")
+        _outside(ax)
+        fig.suptitle(f"Budget by layer at the question, budget {b}\n{legend(title)}", fontsize=10)
+        fig_.save(
+            fig,
+            f"{grp['prefix']}budget_by_layer_b{b}.png",
+            f"{title}: tokens kept per layer (mean over its KV heads) at the question, budget {b}",
+            grp,
+        )
+
+
 @register_plot("retention_by_turns")
 def retention(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     """The share of tagged fact tokens still cached against their age, in turns and in tokens."""
@@ -374,7 +430,20 @@ def throughput_and_accuracy(fig_: Figures, grp: dict, rows: list[dict]) -> None:
 
 def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     """Each policy's quality metric (`Task.quality`) against its KV MiB across budgets, the
-    frontier marked, dense's quality as a dotted reference."""
+    frontier marked, dense's quality as a dotted reference. Where a run's lanes kept unequal
+    counts, a second plot puts every run at its physical KV (every lane as long as the longest:
+    what the cache holds, not only what it keeps)."""
+    _pareto(fig_, grp, rows, physical=False)
+    if any("kv_physical_mib_peak" in r["metrics"] for r in rows):
+        _pareto(fig_, grp, rows, physical=True)
+
+
+def _kv_mib(r: dict, physical: bool):
+    metrics = r["metrics"]
+    return metrics.get("kv_physical_mib_peak", metrics.get("kv_mib_peak")) if physical else metrics.get("kv_mib_peak")
+
+
+def _pareto(fig_: Figures, grp: dict, rows: list[dict], physical: bool) -> None:
     from streambench.tasks import TASKS
 
     title, pre = grp["title"], grp["prefix"]
@@ -385,7 +454,7 @@ def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     except Exception:  # a result of a task not installed here
         return
     key = getattr(cls, "quality", None)
-    points = [(r["metrics"].get("kv_mib_peak"), r["metrics"].get(key), r) for r in rows]
+    points = [(_kv_mib(r, physical), r["metrics"].get(key), r) for r in rows]
     points = [
         (x, y, r)
         for x, y, r in points
@@ -396,9 +465,9 @@ def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     higher = {**cls.higher_is_better}.get(key, True)
     fig, ax = fig_.plt.subplots(figsize=(7, 4.2))
     for chosen in _by_label([r for _, _, r in points]).values():
-        chosen.sort(key=lambda r: r["metrics"]["kv_mib_peak"])
+        chosen.sort(key=lambda r: _kv_mib(r, physical))
         ax.plot(
-            [r["metrics"]["kv_mib_peak"] for r in chosen],
+            [_kv_mib(r, physical) for r in chosen],
             [r["metrics"][key] for r in chosen],
             marker="o",
             **fig_.style(chosen[0]),
@@ -406,7 +475,7 @@ def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
         for r in chosen:
             ax.annotate(
                 budget_text(r),
-                (r["metrics"]["kv_mib_peak"], r["metrics"][key]),
+                (_kv_mib(r, physical), r["metrics"][key]),
                 fontsize=6,
                 xytext=(3, 3),
                 textcoords="offset points",
@@ -429,18 +498,19 @@ def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     ticks = sorted({round(x, 3) for x, _, _ in points})
     ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])  # the KV sizes measured, not decades
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("KV cache, peak MiB (log)")
+    ax.set_xlabel(f"KV cache, peak {'physical ' if physical else ''}MiB (log)")
     ax.set_ylabel(f"{key} ({'higher' if higher else 'lower'} is better)")
     if key == "ppl":
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
-    ax.set_title(f"Quality against KV memory across budgets (labels: budget)\n{legend(title)}", fontsize=10)
+    what = "physical KV memory (every lane as long as the longest)" if physical else "KV memory"
+    ax.set_title(f"Quality against {what} across budgets (labels: budget)\n{legend(title)}", fontsize=10)
     _outside(ax)
     fig_.save(
         fig,
-        f"{pre}pareto_{key}_vs_kv.png",
-        f"{title}: {key} against peak KV MiB across budgets, the Pareto frontier in grey",
+        f"{pre}pareto_{key}_vs_{'physical_' if physical else ''}kv.png",
+        f"{title}: {key} against peak {'physical ' if physical else ''}KV MiB across budgets, the Pareto frontier in grey",
         grp,
     )
 
