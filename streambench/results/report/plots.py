@@ -495,8 +495,11 @@ def _pareto(fig_: Figures, grp: dict, rows: list[dict], physical: bool) -> None:
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xscale("log")
-    ticks = sorted({round(x, 3) for x, _, _ in points})
-    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])  # the KV sizes measured, not decades
+    ticks: list[float] = []
+    for t in sorted({round(x, 3) for x, _, _ in points}):  # the KV sizes measured, not decades,
+        if not ticks or t / ticks[-1] > 1.25:  # but never two labels over each other
+            ticks.append(t)
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"KV cache, peak {'physical ' if physical else ''}MiB (log)")
     ax.set_ylabel(f"{key} ({'higher' if higher else 'lower'} is better)")
