@@ -7,7 +7,8 @@ number. A policy written outside this package gets the same checks as the built-
   (L, H_kv, k), each set sorted, unique, in range, leaving room for the incoming tokens, within
   the run's budget (the one the session was configured with, whatever the policy does to its own
   fields later); or, from a policy declaring `uneven`, a bool keep mask (L, n) or (L, H_kv, n)
-  whose mean count over lanes leaves that room, keeping no pad;
+  whose mean count over lanes leaves that room, keeping no pad, every lane within the (floor,
+  cap) the policy declares for that eviction (`lane_limits`);
 - a declared `Band` (exact chunked feeding relies on it without calling `select` inside a chunk):
   proven once on a probe before the first exact chunk, and held against the real keep-set at
   both ends of every chunk.
@@ -52,6 +53,7 @@ def checked_keep(
     layers: int,
     heads: int,
     valid: np.ndarray | None = None,
+    limits: tuple[int | None, int | None] | None = None,
 ) -> np.ndarray:
     """`select()`'s output for a cache of `length` tokens before `incoming` more, as (k,) or
     (L, H_kv, k) int64 ranks (an (L, k) set is every head's of its layer), or an (L, H_kv, n) bool
@@ -59,7 +61,7 @@ def checked_keep(
     if isinstance(keep, torch.Tensor):
         keep = keep.cpu().numpy()
     if isinstance(keep, np.ndarray) and keep.dtype == bool:
-        return checked_mask(policy, keep, budget, incoming, length, layers, heads, valid)
+        return checked_mask(policy, keep, budget, incoming, length, layers, heads, valid, limits)
     try:
         keep = np.asarray(keep)
     except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -100,6 +102,26 @@ def _raise(policy: CachePolicy, problem: str | None, budget: int) -> None:
         raise PolicyContractError(f"policy {policy.name}: select() {problem}")
 
 
+def _outside_limits(keep: np.ndarray, limits, valid: np.ndarray | None, length: int) -> str | None:
+    """Which lane breaks the policy's declared (floor, cap), if any."""
+    floor, cap = limits if limits is not None else (None, None)
+    counts = keep.sum(axis=-1)
+    held = valid.sum(axis=-1) if valid is not None else np.full(counts.shape, length)
+    if floor is not None:
+        short = np.argwhere(counts < np.minimum(floor, held))
+        if len(short):
+            layer, head = short[0]
+            return (
+                f"kept {counts[layer, head]} tokens in layer {layer}, KV head {head}, below its declared floor {floor}"
+            )
+    if cap is not None:
+        over = np.argwhere(counts > cap)
+        if len(over):
+            layer, head = over[0]
+            return f"kept {counts[layer, head]} tokens in layer {layer}, KV head {head}, above its declared cap {cap}"
+    return None
+
+
 def checked_mask(
     policy: CachePolicy,
     keep: np.ndarray,
@@ -109,6 +131,7 @@ def checked_mask(
     layers: int,
     heads: int,
     valid: np.ndarray | None,
+    limits: tuple[int | None, int | None] | None = None,
 ) -> np.ndarray:
     """A keep mask: (L, n) or (L, H_kv, n) bool from a policy that declared `uneven`; the mean
     count over lanes within the target (the budget is keys per lane on average, so every policy
@@ -133,6 +156,8 @@ def checked_mask(
             )
         elif valid is not None and (keep & ~valid).any():
             problem = "kept a pad (a rank where view.valid is False)"
+        else:
+            problem = _outside_limits(keep, limits, valid, length)
     _raise(policy, problem, budget)
     counts = keep.sum(axis=-1)
     if (counts == counts.flat[0]).all():  # (equal counts: the rectangular path)

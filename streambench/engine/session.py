@@ -432,7 +432,8 @@ class StreamSession:
             raise ConfigError("compress-once runs one stream at a time (batch size 1)")
         view = self.view(0, budget=kept)
         keep = self.policy.select(view)
-        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads, self._valid(view))
+        limits = self.policy.lane_limits(view) if self.policy.uneven else None
+        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads, self._valid(view), limits)
         self._hand_over(keep)
         c.evict(keep[None] if keep.ndim == 3 else keep, reindex=reindex)
 
@@ -558,8 +559,9 @@ class StreamSession:
     def _checked(self, view: CacheView, incoming: int) -> np.ndarray:
         c = self.cache
         keep = self.policy.select(view)
+        limits = self.policy.lane_limits(view) if self.policy.uneven else None
         return checked_keep(
-            self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads, self._valid(view)
+            self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads, self._valid(view), limits
         )
 
     def _valid(self, view: CacheView) -> np.ndarray | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streambench.policies import register_policy
-from streambench.policies.allocation import pooled_counts
+from streambench.policies.allocation import pooled_counts, safeguard
 from streambench.policies.base import CacheView
 from streambench.policies.uneven_base import AllocatingPolicy
 
@@ -32,6 +32,10 @@ class AdaKVPolicy(AllocatingPolicy):
             isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1,
             f"alpha must be a number in [0, 1], got {self.alpha!r}",
         )
+
+    def lane_limits(self, view: CacheView) -> tuple[int | None, int | None]:
+        """Every head keeps at least its safeguard (checked by the engine at every eviction)."""
+        return safeguard(self._scorer.kept(view), float(self.alpha)), None
 
     def counts(self, view: CacheView, mean: int, scores=None) -> np.ndarray:
         """Per layer, the floor each head keeps, then the pool's remaining places by score."""

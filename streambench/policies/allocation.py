@@ -110,6 +110,12 @@ def top_mask(scores: torch.Tensor, counts: np.ndarray) -> np.ndarray:
     return (place < torch.as_tensor(np.array(counts), device=scores.device)[..., None]).cpu().numpy()
 
 
+def safeguard(mean: int, alpha: float) -> int:
+    """AdaKV's per-head floor: int(alpha x mean), at least 1 when alpha and mean are positive."""
+    floor = int(mean * alpha)
+    return max(1, floor) if alpha > 0 and mean > 0 else floor
+
+
 def pooled_counts(scores: torch.Tensor, mean: int, held: np.ndarray, alpha: float) -> np.ndarray:
     """AdaKV's allocation (kvpress `AdaKVPress.compress`): per layer, every head first keeps its
     top max(1, int(alpha x mean)) tokens, then the layer's pool of mean x heads places goes to the
@@ -117,9 +123,7 @@ def pooled_counts(scores: torch.Tensor, mean: int, held: np.ndarray, alpha: floa
     import torch
 
     L, H, n = scores.shape
-    floor = int(mean * alpha)
-    if alpha > 0 and mean > 0:
-        floor = max(1, floor)
+    floor = safeguard(mean, alpha)
     floor_per_lane = torch.as_tensor(np.minimum(held, floor), device=scores.device)
     ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # each head's, best first
     ranked = ranked.masked_fill(torch.arange(n, device=scores.device) < floor_per_lane[..., None], float("inf"))

@@ -122,6 +122,12 @@ class CachePolicy:
             f"policy {self.name} does not implement select(view), which every evicting policy needs"
         )
 
+    def lane_limits(self, view: CacheView) -> tuple[int | None, int | None]:
+        """An `uneven` policy's promise about each lane's count at this eviction: (floor, cap),
+        either None. The engine holds every keep mask to it (a lane holding fewer than the floor
+        keeps all it holds), so a broken allocation is one error naming the policy."""
+        return None, None
+
     def score_tokens(self, ids, logits) -> np.ndarray:
         """Policies observing "logits": a score (B, c) for each fed token, stored with it and read
         back as `view.scores` (SirLLM's surprisal). Called after every forward."""

@@ -79,6 +79,10 @@ class DuoPolicy(CachePolicy):
         the chunk; the retrieval lanes make up the mean)."""
         return int(self.budget) - self.sink_size
 
+    def lane_limits(self, view: CacheView) -> tuple[int | None, int | None]:
+        """Every lane keeps its sinks (checked by the engine at every eviction)."""
+        return self.sink_size, None
+
     def bind(self, model) -> None:
         """A pattern for another model is refused before anything runs (where the config names
         its KV heads; `select` checks the shape again on the cache itself)."""

@@ -277,6 +277,14 @@ class PressPolicy(ScoredPolicy):
             out.append(scores[0])
         return torch.stack(out)
 
+    def lane_limits(self, view: CacheView) -> tuple[int | None, int | None]:
+        """AdaKVPress: every head keeps at least its alpha_safeguard share."""
+        if type(self._press).__name__ != "AdaKVPress":
+            return None, None
+        from streambench.policies.allocation import safeguard
+
+        return safeguard(self.kept(view), float(self._press.alpha_safeguard)), None
+
     def select(self, view: CacheView):
         """AdaKVPress and PyramidKVPress: per-lane counts (`uneven`), the budget the mean."""
         if not self.uneven:

@@ -205,3 +205,34 @@ def test_only_an_uneven_policy_may_return_a_mask():
     with pytest.raises(PolicyContractError, match="only a policy declaring `uneven` may"):
         for t in range(20):
             session.feed(stream_ids(20)[:, t : t + 1])
+
+
+def test_a_lane_below_its_declared_floor_is_one_error_naming_it():
+    """A policy's declared (floor, cap) per lane holds at every eviction (AdaKV's safeguard)."""
+
+    @dataclass
+    class Floored(RaggedRandom):
+        name = "floored"
+
+        def lane_limits(self, view):
+            return view.target + 1, None  # (more than the mean: some lane must fall below)
+
+    session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=3)), Floored(budget=BUDGET, seed=9))
+    with pytest.raises(
+        PolicyContractError,
+        match=r"policy floored: select\(\) kept \d tokens in layer \d, KV head \d, below its declared floor \d+",
+    ):
+        for t in range(30):
+            session.feed(stream_ids(30)[:, t : t + 1])
+
+    @dataclass
+    class Capped(RaggedRandom):
+        name = "capped"
+
+        def lane_limits(self, view):
+            return None, view.target - 1  # (less than the mean: some lane must pass it)
+
+    session = StreamSession(LoadedModel.wrap(tiny_model("llama", layers=3)), Capped(budget=BUDGET, seed=9))
+    with pytest.raises(PolicyContractError, match="above its declared cap"):
+        for t in range(30):
+            session.feed(stream_ids(30)[:, t : t + 1])

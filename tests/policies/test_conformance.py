@@ -60,6 +60,8 @@ PRESS_ARGS = {
     "kvpress:ChunkPress": {"press": "KeyDiffPress", "chunk_length": 4},
     "kvpress:BlockPress": {"press": "KeyDiffPress", "block_size": 4},
     "kvpress:KeyRerotationPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
+    "kvpress:AdaKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
+    "kvpress:PyramidKVPress": {"window_size": 4, "kernel_size": 3},
 }
 
 

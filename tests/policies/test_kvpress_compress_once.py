@@ -228,13 +228,24 @@ def test_adakv_press_compress_once_equals_kvpress_masking_heads_apart(embedded):
     inner = inner_press("SnapKVPress(window_size=16)", "test")
     theirs = kvpress.AdaKVPress(inner, alpha_safeguard=0.2)
     theirs.compression_ratio = 0.5
-    cache, _ = kvpress_prefill(embedded.model, theirs, context, read_back=False)
-    layers = embedded.model.model.layers
-    pruned = [layer.self_attn.masked_key_indices for layer in layers]
-    with torch.no_grad():
-        want = embedded.model(
-            input_ids=question, cache=cache, position_ids=torch.arange(180, 200)[None], use_cache=True
-        ).logits
+    from kvpress.attention_patch import patch_attention_functions
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # kvpress's masking lives in its attention patch, which the bridge takes back when it imports
+    # kvpress (it masks nothing itself): applied here for kvpress's own run alone
+    saved = dict(ALL_ATTENTION_FUNCTIONS.items())
+    patch_attention_functions()
+    try:
+        cache, _ = kvpress_prefill(embedded.model, theirs, context, read_back=False)
+        layers = embedded.model.model.layers
+        pruned = [layer.self_attn.masked_key_indices for layer in layers]
+        with torch.no_grad():
+            want = embedded.model(
+                input_ids=question, cache=cache, position_ids=torch.arange(180, 200)[None], use_cache=True
+            ).logits
+    finally:
+        for name, func in saved.items():
+            ALL_ATTENTION_FUNCTIONS[name] = func
     for layer in layers:
         layer.self_attn.__dict__.pop("masked_key_indices", None)
     policy = build_policy(
