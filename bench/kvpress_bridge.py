@@ -29,10 +29,11 @@ PAIRS = [
 ]
 
 
-def rate(lm, name, args, budget, ids) -> tuple[float, float]:
-    """(tokens/s over the evicting part of the stream, PPL over all of it)."""
+def stream(lm, name, args, budget, ids) -> dict:
+    """One stream under a policy: tokens/s over its evicting part (the first `budget` tokens, which
+    evict nothing, go in one chunk: the engine's chunks are exact), PPL over all of it, and the
+    logical and physical KV bytes it ends with."""
     with StreamSession(lm, build_policy(PolicySpec(name, dict(args)), budget)) as session:
-        # the first `budget` tokens evict nothing: one chunk (the engine's chunks are exact)
         logits = session.feed(ids[:, :budget])[0]
         nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1 : budget + 1], reduction="none").tolist()
         start = time.perf_counter()
@@ -40,7 +41,18 @@ def rate(lm, name, args, budget, ids) -> tuple[float, float]:
             logits = session.feed(ids[:, t : t + 1])[0, -1]
             nll.append(torch.nn.functional.cross_entropy(logits.float()[None], ids[0, t + 1 : t + 2]).item())
         seconds = time.perf_counter() - start
-    return (ids.shape[1] - 1 - budget) / seconds, float(torch.tensor(nll).mean().exp())
+        return {
+            "rate": (ids.shape[1] - 1 - budget) / seconds,
+            "ppl": float(torch.tensor(nll).mean().exp()),
+            "kv_bytes": session.kv_bytes,
+            "physical_kv_bytes": session.physical_kv_bytes,
+        }
+
+
+def rate(lm, name, args, budget, ids) -> tuple[float, float]:
+    """(tokens/s over the evicting part of the stream, PPL over all of it)."""
+    measured = stream(lm, name, args, budget, ids)
+    return measured["rate"], measured["ppl"]
 
 
 def main() -> int:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+from kvpress_bridge import stream  # (bench/: the same measurement as the bridge's cost)
 
-from streambench.engine.session import StreamSession
 from streambench.models import loading as models
-from streambench.policies.build import PolicySpec, build_policy
 from streambench.tasks.texts import DEFAULT_TEXT, load_text
 
 POLICIES = [
@@ -31,24 +29,6 @@ POLICIES = [
 ]
 
 
-def rate(lm, name, args, budget, ids) -> tuple[float, float, int, int]:
-    """(tokens/s over the evicting part, PPL over the stream, logical and physical KV bytes)."""
-    with StreamSession(lm, build_policy(PolicySpec(name, dict(args)), budget)) as session:
-        logits = session.feed(ids[:, :budget])[0]
-        nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1 : budget + 1], reduction="none").tolist()
-        start = time.perf_counter()
-        for t in range(budget, ids.shape[1] - 1):
-            logits = session.feed(ids[:, t : t + 1])[0, -1]
-            nll.append(torch.nn.functional.cross_entropy(logits.float()[None], ids[0, t + 1 : t + 2]).item())
-        seconds = time.perf_counter() - start
-        return (
-            (ids.shape[1] - 1 - budget) / seconds,
-            float(torch.tensor(nll).mean().exp()),
-            session.kv_bytes,
-            session.physical_kv_bytes,
-        )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -57,15 +37,16 @@ def main() -> int:
     args = parser.parse_args()
     lm = models.load(models.EMBEDDED, device="cpu", dtype="float32")
     ids = torch.tensor([lm.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][: args.tokens]])
-    rate(lm, "window", {}, args.budget, ids[:, : args.budget + 8])  # warm-up
+    stream(lm, "window", {}, args.budget, ids[:, : args.budget + 8])  # warm-up
     print(f"{'policy':<26}{'tok/s':>8}{'PPL':>9}{'KV MiB':>9}{'physical':>10}{'cost':>7}")
     base = None
     for name, policy_args in POLICIES:
         if args.no_kvpress and name.startswith("kvpress:"):
             continue
-        r, ppl, logical, physical = rate(lm, name, policy_args, args.budget, ids)
+        m = stream(lm, name, policy_args, args.budget, ids)
+        r, logical, physical = m["rate"], m["kv_bytes"] / 2**20, m["physical_kv_bytes"] / 2**20
         base = base or r
-        print(f"{name:<26}{r:>8.1f}{ppl:>9.2f}{logical / 2**20:>9.2f}{physical / 2**20:>10.2f}{base / r:>6.2f}x")
+        print(f"{name:<26}{r:>8.1f}{m['ppl']:>9.2f}{logical:>9.2f}{physical:>10.2f}{base / r:>6.2f}x")
     return 0
 
 

@@ -167,10 +167,7 @@ class ReferenceStream:
             pos = torch.arange(n, device=ids.device)
             for i, (k, v) in enumerate(zip(self.keys, self.values)):
                 if i not in self.rank:  # sliding: the stream's last window - 1 tokens
-                    lo = max(0, self.fed - (self.window - 1))
-                    at = torch.arange(lo, self.fed, device=ids.device) + (n - self.fed)  # query at n
-                    assert cache.layers[i].is_sliding
-                    DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
+                    self._slide(cache, i, k, v, n)
                     continue
                 if self.positions.ndim == 3:  # head h attends over its own tokens only
                     idx = torch.as_tensor(self.positions[self.rank[i]], device=ids.device)[None, :, :, None].expand(
@@ -198,6 +195,13 @@ class ReferenceStream:
         self.fed += count
         return logits
 
+    def _slide(self, cache, i, k, v, n):
+        """Sliding layer i: the stream's last window - 1 tokens at their distances from the query at n."""
+        lo = max(0, self.fed - (self.window - 1))
+        at = torch.arange(lo, self.fed, device=k.device) + (n - self.fed)
+        assert cache.layers[i].is_sliding
+        DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
+
     def _feed_ragged(self, ids, cache):
         """Lanes keeping unequal counts: head h of full layer i attends over its own c kept tokens
         (keys rotated at n - c + j for the query at n: distances c - j, as if re-indexed to
@@ -207,9 +211,7 @@ class ReferenceStream:
         lanes: dict[int, list] = {}
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if i not in self.rank:  # sliding: the stream's last window - 1 tokens, as in feed()
-                lo = max(0, self.fed - (self.window - 1))
-                at = torch.arange(lo, self.fed, device=device) + (n - self.fed)
-                DynamicCache.update(cache, self._rotate(k[:, :, lo:], at, i), v[:, :, lo:], i)
+                self._slide(cache, i, k, v, n)
                 continue
             per_head = []
             for h in range(k.shape[1]):

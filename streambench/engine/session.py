@@ -430,10 +430,7 @@ class StreamSession:
             return
         if self.batch != 1:
             raise ConfigError("compress-once runs one stream at a time (batch size 1)")
-        view = self.view(0, budget=kept)
-        keep = self.policy.select(view)
-        limits = self.policy.lane_limits(view) if self.policy.uneven else None
-        keep = checked_keep(self.policy, keep, kept, 0, c.length, c.num_layers, c.kv_heads, self._valid(view), limits)
+        keep = self._checked(self.view(0, budget=kept), 0, room=kept)
         self._hand_over(keep)
         c.evict(keep[None] if keep.ndim == 3 else keep, reindex=reindex)
 
@@ -556,17 +553,15 @@ class StreamSession:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
-    def _checked(self, view: CacheView, incoming: int) -> np.ndarray:
-        c = self.cache
-        keep = self.policy.select(view)
-        limits = self.policy.lane_limits(view) if self.policy.uneven else None
-        return checked_keep(
-            self.policy, keep, self._room, incoming, c.length, c.num_layers, c.kv_heads, self._valid(view), limits
-        )
-
-    def _valid(self, view: CacheView) -> np.ndarray | None:
-        """Where a ragged cache holds tokens (L, H, n) (None: no pads to keep out of a keep-set)."""
-        return view.valid if self.cache.ragged else None
+    def _checked(self, view: CacheView, incoming: int, room: int | None = None) -> np.ndarray:
+        """The policy's keep-set for `view`, held to the contract at the run's budget (or `room`:
+        compress-once's), the pads of a ragged cache and the lane limits it declares."""
+        c, policy = self.cache, self.policy
+        keep = policy.select(view)
+        valid = view.valid if c.ragged else None  # (no pads to keep out of a keep-set otherwise)
+        limits = policy.lane_limits(view) if policy.uneven else None
+        room = self._room if room is None else room
+        return checked_keep(policy, keep, room, incoming, c.length, c.num_layers, c.kv_heads, valid, limits)
 
     def view(self, incoming: int, stream: int = 0, budget: int | None = None) -> CacheView:
         c = self.cache
@@ -618,10 +613,7 @@ class StreamSession:
         """Bytes of keys and values the next query reads (logical): the tokens each lane of the
         governed (full-attention) layers keeps, summed over lanes, plus, on hybrid models, the
         sliding layers' windows."""
-        cache = self.cache
-        if cache.ragged:
-            return cache.kv_bytes()
-        return cache.length * self._token_bytes + cache.sliding_bytes()
+        return self.cache.kv_bytes() if self.cache.ragged else self.physical_kv_bytes
 
     @property
     def physical_kv_bytes(self) -> int:

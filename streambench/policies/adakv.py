@@ -39,7 +39,7 @@ class AdaKVPolicy(AllocatingPolicy):
 
     def counts(self, view: CacheView, mean: int, scores=None) -> np.ndarray:
         """Per layer, the floor each head keeps, then the pool's remaining places by score."""
-        held = self.held(view)
+        held = view.held
         if scores is None:
             return np.minimum(held, mean)
         return self.allocate(scores, mean, held)

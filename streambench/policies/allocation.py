@@ -64,12 +64,12 @@ def pyramid(target: int, layers: int, window: int, beta: float) -> np.ndarray:
     return counts
 
 
-def scored(policy: ScoredPolicy, view: CacheView, sinks: int, recent: int) -> torch.Tensor | None:
-    """The scorer's (L, H, n) float scores with every lane's pads at -inf and its first `sinks`
-    valid tokens and last `recent` tokens at +inf; None where the scorer has nothing yet."""
+def protect(raw: Any, view: CacheView, sinks: int, recent: int) -> torch.Tensor | None:
+    """A scorer's (L, H, n) or (L, n) scores as (L, H, n) floats with every lane's pads at -inf
+    and its first `sinks` valid tokens and last `recent` tokens at +inf; None stays None (the
+    scorer has nothing yet)."""
     import torch
 
-    raw = policy.score(view)
     if raw is None:
         return None
     scores = torch.as_tensor(raw).float()
@@ -77,13 +77,13 @@ def scored(policy: ScoredPolicy, view: CacheView, sinks: int, recent: int) -> to
     if scores.dim() == 2:
         scores = scores[:, None].expand(L, H, n)
     scores = scores.clone()
-    valid = torch.from_numpy(np.array(np.broadcast_to(view.valid, (L, H, n)))).to(scores.device)
-    protect = torch.zeros((L, H, n), dtype=torch.bool, device=scores.device)
+    valid = torch.from_numpy(np.array(view.lane_valid)).to(scores.device)
+    always = torch.zeros((L, H, n), dtype=torch.bool, device=scores.device)
     if sinks:
-        protect |= valid & (valid.cumsum(-1) <= sinks)
+        always |= valid & (valid.cumsum(-1) <= sinks)
     if recent:
-        protect[..., n - min(recent, n) :] = True
-    scores[protect] = float("inf")
+        always[..., n - min(recent, n) :] = True
+    scores[always] = float("inf")
     scores[~valid] = float("-inf")
     return scores
 
@@ -91,8 +91,7 @@ def scored(policy: ScoredPolicy, view: CacheView, sinks: int, recent: int) -> to
 def recent_mask(view: CacheView, counts: np.ndarray, sinks: int = 0) -> np.ndarray:
     """Each lane keeps its first `sinks` valid tokens and its most recent others, `counts` (L, H)
     in all: the keep mask of scorer-less lanes (DuoAttention's streaming heads)."""
-    L, H, n = view.num_layers, view.kv_heads, view.length
-    valid = np.broadcast_to(view.valid, (L, H, n))
+    valid = view.lane_valid
     order = np.cumsum(valid, axis=-1)  # 1-based index of each valid token in its lane
     held = order[..., -1:]
     sink = np.minimum(sinks, counts)[..., None]

@@ -72,6 +72,16 @@ class CacheView:
         others (a ragged cache: positions -1, always at a lane's first ranks); shaped as positions."""
         return self.positions >= 0
 
+    @property
+    def lane_valid(self) -> np.ndarray:
+        """`valid` for every (layer, KV head) lane: (L, H_kv, n), a read-only broadcast."""
+        return np.broadcast_to(self.valid, (self.num_layers, self.kv_heads, self.length))
+
+    @property
+    def held(self) -> np.ndarray:
+        """Tokens each (layer, KV head) lane holds now: (L, H_kv)."""
+        return self.lane_valid.sum(-1)
+
 
 @dataclass
 class CachePolicy:

@@ -153,7 +153,7 @@ class DuoPolicy(CachePolicy):
                 gates = np.zeros((L, H))
             self._decided(self.split(gates))
         assert self._retrieval is not None
-        held = np.broadcast_to(view.valid, (L, H, view.length)).sum(-1)
+        held = view.held
         streaming = np.minimum(held, max(int(self.streaming_size) - view.incoming, self.sink_size))
         counts = np.where(self._retrieval, 0, streaming)
         spare = view.target * L * H - int(counts.sum())

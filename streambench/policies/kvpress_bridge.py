@@ -230,7 +230,7 @@ class PressPolicy(ScoredPolicy):
         whole = self.blocked and self._reads_context and w == n and int(view.positions.max()) == n - 1
         # a ragged cache: each layer scored over its own span (a layer keeping fewer tokens holds
         # pads at its first ranks), as kvpress sees a layer of that many tokens
-        starts = n - np.broadcast_to(view.valid, keys.shape[:3]).sum(-1).max(-1) if self.uneven else None
+        starts = n - view.held.max(-1) if self.uneven else None
         out = []
         for layer, module in enumerate(modules):
             h = hidden[layer][:, -w:] if self._reads_context and w else keys.new_empty(1, 0, 0)
@@ -289,12 +289,12 @@ class PressPolicy(ScoredPolicy):
         """AdaKVPress and PyramidKVPress: per-lane counts (`uneven`), the budget the mean."""
         if not self.uneven:
             return super().select(view)
-        from streambench.policies.allocation import fill, pooled_counts, scored, top_mask
+        from streambench.policies.allocation import fill, pooled_counts, protect, top_mask
 
         count = self.kept(view)
         L, H = view.num_layers, view.kv_heads
-        held = np.broadcast_to(view.valid, (L, H, view.length)).sum(-1)
-        scores = scored(_Scores(self.score(view)), view, self.start_size, 0)
+        held = view.held
+        scores = protect(self.score(view), view, self.start_size, 0)
         if scores is None:
             return super().select(view)
         if type(self._press).__name__ == "AdaKVPress":
@@ -383,16 +383,6 @@ class PressPolicy(ScoredPolicy):
     def reset(self) -> None:
         if hasattr(self._press, "reset"):
             self._press.reset()
-
-
-class _Scores:
-    """Scores already computed, in the shape `allocation.scored` asks a scorer for."""
-
-    def __init__(self, scores):
-        self._scores = scores
-
-    def score(self, view):
-        return self._scores
 
 
 def reads_context(cls: type) -> bool:

@@ -45,6 +45,6 @@ class PyramidKVPolicy(AllocatingPolicy):
 
     def counts(self, view: CacheView, mean: int, scores=None) -> np.ndarray:
         L, H = view.num_layers, view.kv_heads
-        caps = self.held(view).min(axis=1)  # (every head of a layer holds alike under a pyramid)
+        caps = view.held.min(axis=1)  # (every head of a layer holds alike under a pyramid)
         per_layer = fill(self.layer_budgets(mean, L), caps, mean * L)
         return np.broadcast_to(per_layer[:, None], (L, H))

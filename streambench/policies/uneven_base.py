@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from streambench.policies.allocation import inner_scorer, recent_mask, scored, top_mask
+from streambench.policies.allocation import inner_scorer, protect, recent_mask, top_mask
 from streambench.policies.base import CachePolicy, CacheView, ScoredPolicy
 
 
@@ -55,12 +55,8 @@ class AllocatingPolicy(CachePolicy):
 
     def select(self, view: CacheView) -> np.ndarray:
         mean = self._scorer.kept(view)  # (snapkv: evict `interval` at once)
-        scores = scored(self._scorer, view, self.start_size, self.window or 0)
+        scores = protect(self._scorer.score(view), view, self.start_size, self.window or 0)
         counts = self.counts(view, mean, scores)
         if scores is None:  # nothing observed yet: each lane keeps its most recent
             return recent_mask(view, counts, self.start_size)
         return top_mask(scores, counts)
-
-    def held(self, view: CacheView) -> np.ndarray:
-        """(L, H) tokens each lane holds now."""
-        return np.broadcast_to(view.valid, (view.num_layers, view.kv_heads, view.length)).sum(-1)

@@ -187,10 +187,7 @@ class Eviction:
         src, dst = kept_slots[move_r, move_c], freed[hole_r, hole_c]
         kept_slots[move_r, move_c] = dst
         shift = rows - np.arange(n_new)
-        common = np.zeros(B, dtype=np.int64)
-        if n_new:
-            for b in range(B):  # one offset per stream: the commonest shift over all its lanes
-                common[b] = np.bincount(shift[self._row_stream == b].ravel()).argmax()
+        common = self._commonest(shift.ravel(), np.repeat(self._row_stream, n_new))
         self._offsets += common
         renorm = self._offsets > self.capacity
         self._offsets[renorm] = 0
@@ -208,14 +205,18 @@ class Eviction:
         if not reindex:
             self._freeze(n_new)
             return
-        stale_r, stale_c = np.nonzero(stale)
-        if len(stale_r):
-            rope.ensure(self._n + int(self._offsets.max()) + 1)
-            slots = self._slot[stale_r, stale_c]
-            positions = stale_c + self._offsets[self._row_stream[stale_r]]
-            for shard, local, flat in self._lane_index(stale_r, slots):
-                pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
-                shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
+        self._rerotate_lanes(rope, *np.nonzero(stale))
+
+    def _commonest(self, shift: np.ndarray, stream: np.ndarray) -> np.ndarray:
+        """Per stream, the commonest rank shift of its kept tokens (ties: the smallest), which
+        keeps its rotation (one offset per stream); 0 for a stream that keeps nothing."""
+        common = np.zeros(self.batch, dtype=np.int64)
+        for b in range(self.batch):
+            mine = shift[stream == b]
+            if len(mine):
+                low = mine.min()
+                common[b] = np.bincount(mine - low).argmax() + low
+        return common
 
     def _evict_mask(self, mask: np.ndarray, reindex: bool = True) -> None:
         """Keep, per lane, the ranks where `mask` (B, L, H, n) is True: counts may differ. Equal
@@ -255,14 +256,9 @@ class Eviction:
         pad_r, pad_slot = free_r[~to_mover], free_c[~to_mover]
         pad_rank = free_j[~to_mover] - n_moves[pad_r]
         # One offset per stream: the commonest rank shift over its kept tokens keeps its rotation.
-        shift = lane_c - new_rank
+        shift = lane_c - new_rank  # (a kept token may move up: pads now come before it)
         stream = self._row_stream[lane_r]
-        common = np.zeros(B, dtype=np.int64)
-        for b in range(B):
-            mine = shift[stream == b]  # (a kept token may move up: pads now come before it)
-            if len(mine):
-                low = mine.min()
-                common[b] = np.bincount(mine - low).argmax() + low
+        common = self._commonest(shift, stream)
         self._offsets += common
         renorm = (self._offsets > self.capacity) | (self._offsets < 0)
         self._offsets[renorm] = 0
@@ -280,14 +276,18 @@ class Eviction:
         if not reindex:
             self._freeze(n_new)
             return
-        if stale.any():
-            stale_r, stale_c = lane_r[stale], new_rank[stale]
-            rope.ensure(self._n + int(self._offsets.max()) + 1)
-            slots = self._slot[stale_r, stale_c]
-            positions = stale_c + self._offsets[self._row_stream[stale_r]]
-            for shard, local, flat in self._lane_index(stale_r, slots):
-                pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
-                shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
+        self._rerotate_lanes(rope, lane_r[stale], new_rank[stale])
+
+    def _rerotate_lanes(self, rope: RotaryTable, rows: np.ndarray, ranks: np.ndarray) -> None:
+        """Rotate the keys at (lane row, rank) afresh from their pre-RoPE copies, at rank + offset."""
+        if not len(rows):
+            return
+        rope.ensure(self._n + int(self._offsets.max()) + 1)
+        slots = self._slot[rows, ranks]
+        positions = ranks + self._offsets[self._row_stream[rows]]
+        for shard, local, flat in self._lane_index(rows, slots):
+            pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
+            shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
 
     def _set_pads(self, pads: np.ndarray) -> None:
         """Record each lane's pad count and mask its pad slots out of attention (`allowed`, per
