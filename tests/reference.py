@@ -48,7 +48,7 @@ _RAGGED: list[dict] = []  # per forward: full layer index -> per KV head (keys r
 _REF_NAME = "reference_per_head"
 
 
-def _per_head_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def _per_head_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
     """Eager attention, one KV head at a time. A layer with per-head kept sets (in `_RAGGED`)
     attends, in head h, over exactly head h's kept keys followed by the new tokens' own keys."""
     lanes = _RAGGED[-1].get(module.layer_idx) if _RAGGED else None

@@ -42,7 +42,7 @@ def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, 
 
     if requested not in DECODES:
         raise ConfigError(f"decode must be eager, static or graph, got {requested!r}")
-    if requested == "eager" or cache is None or len(cache.shards) > 1 or cache.sliding is not None:
+    if requested == "eager" or cache is None or cache.spread or cache.sliding is not None:
         return "eager"  # (no cache: recompute-window; a model spread over GPUs, or with sliding layers)
     if policy.observes & EAGER_ONLY:
         log.info("%s observes attention in Python: decoding eagerly, not with decode=%s", policy.name, requested)

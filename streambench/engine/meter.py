@@ -67,8 +67,9 @@ class Meter:
         self.kv_tokens: list[int] = []
         self.fed: list[int] = []  # tokens fed when each kv_tokens entry was taken (chunks: many per step)
         self.kv_bytes_peak = 0
-        # physical: every lane at the longest one's length (differs from kv_bytes only where lanes
-        # keep unequal counts; tracked for such policies alone, off the per-token path otherwise)
+        # physical: every layer at its longest lane's length (differs from kv_bytes only where
+        # heads of one layer keep unequal counts; tracked for such policies alone, off the
+        # per-token path otherwise)
         self.physical = session is not None and getattr(session.policy, "uneven", False)
         self.kv_physical_peak = 0
         self.rss_peak = self.rss_start = self.process.memory_info().rss

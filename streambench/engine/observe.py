@@ -80,11 +80,17 @@ def attention_probs(module, query, key, mask, scaling=None, softcap=None, allowe
     return torch.softmax(scores, dim=-1)
 
 
-def observing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
-    """An attention function for `AttentionInterface`: eager attention that also records."""
+def observing_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """An attention function for `AttentionInterface`: eager attention that also records.
+    (dropout before scaling, as transformers' sdpa_attention_forward: kvpress's attention patch,
+    applied when something imports kvpress directly, passes dropout by position.)"""
     if kwargs.get("s_aux") is not None:
         raise ConfigError("this model's attention has learned sinks (s_aux): attention observations do not support it")
     allowed = _ACTIVE[-1].allowed(module.layer_idx, key.shape[-2]) if _ACTIVE else None
+    if allowed is not None and attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+        # a ragged cache's layer holding fewer slots than the stream's ranks: its old keys are
+        # all visible, the new ones sit at its end as at the mask's
+        attention_mask = attention_mask[..., attention_mask.shape[-1] - key.shape[-2] :]
     probs = attention_probs(module, query, key, attention_mask, scaling, softcap, allowed)
     b, heads, c, d = query.shape
     kv_heads, n = value.shape[1], value.shape[-2]

@@ -285,7 +285,7 @@ class StreamSession:
             return f"{self.policy.name}'s keep-set depends on what the tokens say"
         if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
             return f"{self.policy.name} observes or retrieves while it feeds"
-        if self.cache is not None and len(self.cache.shards) > 1 and self.band.sinks:
+        if self.cache is not None and self.cache.spread and self.band.sinks:
             return "the model is spread over several devices"
         reason = unsupported(self.model)
         return f"this model cannot: {reason}" if reason else None
@@ -617,8 +617,10 @@ class StreamSession:
 
     @property
     def physical_kv_bytes(self) -> int:
-        """Bytes the cache holds for the next query's attention: every lane as long as the longest
-        (lanes keeping unequal counts pad to it), plus the sliding windows."""
+        """Bytes the cache holds for the next query's attention: every layer at the slots it
+        holds (lanes keeping unequal counts pad to their layer's longest), plus the sliding windows."""
+        if self.cache.split:
+            return self.cache.physical_kv_bytes()
         return self.cache.length * self._token_bytes + self.cache.sliding_bytes()
 
     def layer_accounting(self) -> dict | None:

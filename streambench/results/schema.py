@@ -44,7 +44,7 @@ ENGINE_DIRECTIONS = {
     "cuda_peak_mib": False,
     "nvml_used_peak_mib": False,
     "kv_mib_peak": False,
-    "kv_physical_mib_peak": False,  # lanes keeping unequal counts: every lane at the longest's length
+    "kv_physical_mib_peak": False,  # lanes keeping unequal counts: every layer at its longest lane
     "kv_tokens_peak": False,
     "kv_allocated_mib": False,
     "kv_full_mib_peak": False,  # hybrid models: the policy-governed full-attention layers

@@ -162,7 +162,7 @@ def test_rollback_and_fork_on_a_ragged_cache():
 
 def test_mean_budget_and_memory_both_ways():
     """The mean count over lanes never passes the budget; logical bytes count the tokens the
-    lanes keep (from the cache's own positions), physical bytes every lane at the longest one."""
+    lanes keep (from the cache's own positions), physical bytes every layer at its longest lane."""
     model = tiny_model("llama", layers=3)
     session = session_for(model, seed=6)
     info = session.lm.info
@@ -172,11 +172,69 @@ def test_mean_budget_and_memory_both_ways():
         session.feed(ids[:, t : t + 1])
         cache = session.cache
         positions = np.broadcast_to(cache.positions, (cache.num_layers, cache.kv_heads, cache.length))
-        assert (positions >= 0).sum() / (positions.shape[0] * positions.shape[1]) <= BUDGET
-        assert session.kv_bytes == int((positions >= 0).sum()) * lane_bytes
-        assert session.physical_kv_bytes == positions.size * lane_bytes
+        kept = positions >= 0
+        assert kept.sum() / (positions.shape[0] * positions.shape[1]) <= BUDGET
+        assert session.kv_bytes == int(kept.sum()) * lane_bytes
+        layer_longest = kept.sum(-1).max(-1)  # (L,)
+        assert session.physical_kv_bytes == int(layer_longest.sum()) * cache.kv_heads * lane_bytes
         assert session.kv_tokens <= BUDGET
     assert session.physical_kv_bytes > session.kv_bytes  # (ragged at the end)
+
+
+@dataclass
+class Pyramid(RaggedRandom):
+    """Layer l keeps (L - l) x what the top layer keeps, per head a random share of it: layers far
+    apart in length, so the lower ones hold slots the upper ones do not."""
+
+    name = "ragged-pyramid"
+
+    def select(self, view):
+        L, H, n = view.num_layers, view.kv_heads, view.length
+        valid = np.broadcast_to(view.valid, (L, H, n))
+        weights = np.arange(L, 0, -1, dtype=float)
+        per_layer = np.floor(view.target * L * weights / weights.sum()).astype(int)
+        keep = np.zeros((L, H, n), dtype=bool)
+        for layer in range(L):
+            for h in range(H):
+                mine = np.flatnonzero(valid[layer, h])
+                count = min(len(mine), max(1, per_layer[layer] - self._rng.integers(0, 2)))
+                keep[layer, h, self._rng.choice(mine, count, replace=False)] = True
+        return keep
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3", "gpt_neox"])
+def test_each_layer_holds_its_own_capacity_and_stays_exact(arch):
+    """A ragged cache sizes each layer's buffers to what that layer holds (PyramidKV's memory is
+    real, not padded to the bottom layer's length), and attention stays exact: the deep
+    reference replaying the engine's lanes, after every step, through rollback and fork."""
+    model = tiny_model(arch, layers=4)
+    session = StreamSession(LoadedModel.wrap(model), Pyramid(budget=12, seed=3))
+    reference = ReferenceStream(model, None)
+    ids = stream_ids(60, seed=4)
+    for t in range(ids.shape[1]):
+        if t == 40:
+            session.reserve(3)
+            state = session.checkpoint()
+            session.feed(ids[:, :3])
+            session.rollback(state)
+            with session.fork():
+                session.feed(ids[:, 5:9])
+        got = session.feed(ids[:, t : t + 1])
+        want = reference.feed(ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    cache = session.cache
+    assert cache.split and cache.ragged
+    held = [int(h) for h in cache._len]
+    assert held[0] >= 1.5 * held[-1]
+    for layer, shard in enumerate(cache.shards):
+        assert (shard.start, shard.stop) == (layer, layer + 1)
+        assert shard.k.shape[3] == shard.capacity <= held[layer] + held[layer] // 2 + 16
+        lanes = cache._slot.reshape(cache.num_layers, 1, cache.kv_heads, -1)[layer, 0, :, : cache.length]
+        assert lanes.max() < held[layer]  # every slot it uses lies in its own buffer
+    rectangular = cache.num_layers * cache.length * cache.kv_heads * cache.head_dim * 4
+    physical = sum(held) * cache.kv_heads * cache.head_dim * 4
+    assert cache.physical_kv_bytes() == 2 * physical + cache.sliding_bytes()
+    assert physical < 0.8 * rectangular
 
 
 @pytest.mark.parametrize(

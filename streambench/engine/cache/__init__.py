@@ -2,7 +2,8 @@
 
 Layout: one preallocated buffer per tensor for all layers, shape (L, B, H, capacity, D) (one per
 device when a device map spreads the layers), so the engine's own work (eviction, re-rotation) is
-a handful of batched ops per step, not L of them. B streams are fed in lockstep; each keeps its own
+a handful of batched ops per step, not L of them. A cache whose lanes keep unequal counts splits
+into one buffer per layer, each at its own length (eviction.py). B streams are fed in lockstep; each keeps its own
 tokens, bookkeeping and rotation offset. transformers lets each layer own its tensors
 (`cache_utils.DynamicLayer`); here layers are views into the shared buffers, which is why the
 cache is split along its own seams rather than transformers':

@@ -10,11 +10,16 @@ tokens; the query sits at the count kept, as before, so one offset per stream st
 head (the largest group of equal rank shifts over all of a stream's lanes keeps its rotation).
 
 Lanes may keep unequal counts (PyramidKV's per-layer budgets, AdaKV's heads sharing a layer's
-pool, DuoAttention's streaming heads): a keep *mask* evicts each lane to its own count c. The
-buffers stay rectangular, n = the largest count: a lane keeping c tokens holds them at ranks
-n - c .. n - 1 and n - c pads before them (position -1, masked out of attention: `allowed`).
-Its keys sit at rank + offset as every lane's, so the query at n + offset sees its j-th kept token
-at distance c - j: exactly a lane re-indexed to 0..c-1 on its own, with one query position.
+pool, DuoAttention's streaming heads): a keep *mask* evicts each lane to its own count c. Ranks
+stay rectangular, n = the largest count: a lane keeping c tokens holds them at ranks n - c .. n - 1
+and n - c pads before them (position -1, masked out of attention: `allowed`). Its keys sit at
+rank + offset as every lane's, so the query at n + offset sees its j-th kept token at distance
+c - j: exactly a lane re-indexed to 0..c-1 on its own, with one query position. Slots do not:
+each layer gets its own buffers (`_fit_layers`), holding m = its longest lane's count in slots
+0..m-1; a lane's first n - m pads hold no slot at all (slot -1), the rest of its pads the slots
+its kept tokens leave free. New tokens go after the layer's m slots, and the layer reads the
+model's mask from the end (its old keys are all visible). So PyramidKV's upper layers allocate
+what they keep, and only heads ragged within a layer pad (to that layer's longest).
 
 Retrieval policies (longmem) take tokens out (`take`) and splice memory back in (`splice`)."""
 
@@ -40,7 +45,6 @@ class Eviction:
     kv_heads: int
     head_dim: int
     batch: int
-    capacity: int
     dtype: torch.dtype
     device: torch.device
     evictions: int
@@ -57,13 +61,20 @@ class Eviction:
     _offsets: np.ndarray
     _row_stream: np.ndarray
     _pads: np.ndarray | None
+    _base: np.ndarray
     ragged: bool
+    split: bool
 
     if TYPE_CHECKING:  # (StreamCache's own methods, which these parts call)
 
         def grow(self, capacity: int) -> None: ...
 
         def _grow_meta(self, size: int) -> None: ...
+
+        def _fit_layers(self, held: np.ndarray) -> None: ...
+
+        @property
+        def capacity(self) -> int: ...
 
         @property
         def offset(self) -> int: ...
@@ -182,7 +193,7 @@ class Eviction:
         freed = self._slot[:, :n_old][~kept_mask].reshape(R, n_old - n_new)
         # Per lane, kept tokens beyond the new valid region are as many as the holes inside it;
         # nonzero() walks row by row, so movers and holes pair up lane by lane.
-        hole_r, hole_c = np.nonzero(freed < n_new)
+        hole_r, hole_c = np.nonzero((freed >= 0) & (freed < n_new))  # (-1: a ragged layer's slotless pads)
         move_r, move_c = np.nonzero(kept_slots >= n_new)
         src, dst = kept_slots[move_r, move_c], freed[hole_r, hole_c]
         kept_slots[move_r, move_c] = dst
@@ -198,6 +209,7 @@ class Eviction:
         self._slot[:, :n_new] = kept_slots
         self._n = n_new
         self._len = [n_new] * self.num_layers
+        self._base[:] = 0
         if self.ragged:  # (pads are never kept: every lane now holds n_new tokens)
             self._set_pads(np.zeros_like(self._pads))
         if len(src):
@@ -240,21 +252,29 @@ class Eviction:
         starts = np.cumsum(counts) - counts
         new_rank = pads[lane_r] + np.arange(len(lane_r)) - starts[lane_r]
         kept_slots = self._slot[lane_r, lane_c]
-        # Slots inside the new valid region [0, n_new) that no kept token occupies: first the
-        # kept tokens beyond it move in (lane by lane, in slot order), the rest hold the pads.
-        used = np.zeros((R, n_new), dtype=bool)
-        inside = kept_slots < n_new
+        if (kept_slots < 0).any():
+            raise RuntimeError("a keep mask kept a pad")  # (the contract refuses it first)
+        # Each layer holds slots [0, held) for its longest lane; a lane's first `base` ranks are
+        # pads with no slot (-1), the rest of its pads take the slots its kept tokens leave free.
+        held = counts.reshape(L, B * H).max(axis=1)
+        base = n_new - held
+        lane_held = np.repeat(held, B * H)
+        # Slots inside the layer's region [0, held) that no kept token occupies: first the kept
+        # tokens beyond it move in (lane by lane, in slot order), the rest hold the slotted pads.
+        used = np.arange(n_new)[None, :] >= lane_held[:, None]
+        inside = kept_slots < lane_held[lane_r]
         used[lane_r[inside], kept_slots[inside]] = True
         free_r, free_c = np.nonzero(~used)
         movers = np.flatnonzero(~inside)
         n_moves = np.bincount(lane_r[movers], minlength=R)
-        free_start = np.cumsum(pads + n_moves) - (pads + n_moves)
+        n_free = lane_held - counts + n_moves
+        free_start = np.cumsum(n_free) - n_free
         free_j = np.arange(len(free_r)) - free_start[free_r]
         to_mover = free_j < n_moves[free_r]
         src, dst = kept_slots[movers], free_c[to_mover]
         kept_slots[movers] = dst
         pad_r, pad_slot = free_r[~to_mover], free_c[~to_mover]
-        pad_rank = free_j[~to_mover] - n_moves[pad_r]
+        pad_rank = free_j[~to_mover] - n_moves[pad_r] + (n_new - lane_held)[pad_r]
         # One offset per stream: the commonest rank shift over its kept tokens keeps its rotation.
         shift = lane_c - new_rank  # (a kept token may move up: pads now come before it)
         stream = self._row_stream[lane_r]
@@ -267,11 +287,15 @@ class Eviction:
         slot[lane_r, new_rank], pos[lane_r, new_rank] = kept_slots, self._pos[lane_r, lane_c]
         score[lane_r, new_rank] = self._score[lane_r, lane_c]
         slot[pad_r, pad_rank], pos[pad_r, pad_rank] = pad_slot, -1
+        slotless = np.arange(n_new)[None, :] < (n_new - lane_held)[:, None]
+        slot[slotless], pos[slotless] = -1, -1
         self._slot[:, :n_new], self._pos[:, :n_new], self._score[:, :n_new] = slot, pos, score
         self._n = n_new
-        self._len = [n_new] * self.num_layers
+        self._base = base
+        self._len = [int(h) for h in held]
         if len(src):
             self._move_lanes(lane_r[movers], src, dst)
+        self._fit_layers(held)
         self._set_pads(pads)
         if not reindex:
             self._freeze(n_new)
@@ -299,7 +323,9 @@ class Eviction:
                 shard.allowed = None
             return
         pad_r, pad_c = np.nonzero(np.arange(self._n)[None, :] < pads[:, None])
-        for shard, _, flat in self._lane_index(pad_r, self._slot[pad_r, pad_c]):
+        pad_slots = self._slot[pad_r, pad_c]
+        slotted = pad_slots >= 0  # (a layer's first pads hold no slot)
+        for shard, _, flat in self._lane_index(pad_r[slotted], pad_slots[slotted]):
             allowed = torch.ones(shard.k.shape[:-1], dtype=torch.bool, device=shard.device)
             allowed.view(-1)[flat] = False
             shard.allowed = allowed
@@ -320,14 +346,14 @@ class Eviction:
             )
             if len(self.shards) == 1:
                 local = slice(None)
-            flat = (rows[local] - shard.start * per_layer) * self.capacity + slots[local]
+            flat = (rows[local] - shard.start * per_layer) * shard.capacity + slots[local]
             yield shard, local, shard.index(flat)
 
     def _move_lanes(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
         per_layer = self.batch * self.kv_heads
         for shard in self.shards:
             local = np.flatnonzero((rows >= shard.start * per_layer) & (rows < shard.stop * per_layer))
-            base = (rows[local] - shard.start * per_layer) * self.capacity
+            base = (rows[local] - shard.start * per_layer) * shard.capacity
             s, d = shard.index(base + src[local]), shard.index(base + dst[local])
             for buf in shard.buffers():
                 flat = buf.view(-1, buf.shape[-1]) if buf.dim() == 5 else buf.view(-1)

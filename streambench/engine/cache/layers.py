@@ -61,10 +61,13 @@ class StreamLayer(CacheLayerMixin):
         return self._owner._write(self._idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._owner._len[self._idx] + query_length, 0
+        # in ranks, as every full layer shares one mask; a layer of a ragged cache holding fewer
+        # slots reads its last columns (observe.py)
+        return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self._owner._len[self._idx]
+        owner = self._owner
+        return owner._len[self._idx] + int(owner._base[self._idx])
 
     def get_max_length(self) -> int:
         return -1
@@ -116,10 +119,12 @@ class SlidingLayer(StreamLayer):
 
 class Shard:
     """The buffers of consecutive layers that live on one device, (L_s, B, H, capacity, D) each.
-    One shard on a single device; a model spread over GPUs (--device-map) has one per device."""
+    One shard on a single device; a model spread over GPUs (--device-map) has one per device; a
+    ragged cache has one per layer, each with its own capacity (eviction.py)."""
 
     def __init__(self, device: torch.device, start: int, stop: int):
         self.device, self.start, self.stop = device, start, stop
+        self.capacity = 0  # slots per lane
         # allocated by StreamCache.grow, which its constructor calls; k_pre stays None in a cache
         # that never re-indexes (dense)
         self.k: torch.Tensor = cast(torch.Tensor, None)

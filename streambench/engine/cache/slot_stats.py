@@ -33,13 +33,15 @@ class SlotStats:
     num_layers: int
     kv_heads: int
     batch: int
-    capacity: int
     device: torch.device
     per_head: bool
     stat_names: tuple[str, ...]
     _n: int
     _slot: np.ndarray
     _where: list[tuple[Shard, int]]
+    _base: np.ndarray
+    _len: list[int]
+    split: bool
 
     def enable_stats(self, names) -> None:
         """Keep (L, B, H, capacity) float32 buffers `names` next to the keys; they move with them."""
@@ -47,7 +49,7 @@ class SlotStats:
             for name in names:
                 if name not in shard.stats:
                     shard.stats[name] = torch.zeros(
-                        (shard.stop - shard.start, self.batch, self.kv_heads, self.capacity),
+                        (shard.stop - shard.start, self.batch, self.kv_heads, shard.capacity),
                         dtype=torch.float32,
                         device=shard.device,
                     )
@@ -66,6 +68,8 @@ class SlotStats:
                 lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
                     shard.start : shard.stop, b, :, :n
                 ]
+                if self.split:  # a ragged layer's first pads hold no slot (-1): read slot 0, invalid anyway
+                    lanes = np.maximum(lanes, 0)
                 if t.is_contiguous():  # one index_select of whole rows: ~4x a gather's speed on CPU
                     lanes_total, cap = t.shape[0] * self.batch * self.kv_heads, t.shape[3]
                     first = (np.arange(lanes_total).reshape(t.shape[0], self.batch, self.kv_heads)[:, b] * cap)[
@@ -101,7 +105,7 @@ class SlotStats:
 
     def save_stats(self):
         """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
-        return [{k: t[..., : self._n].clone() for k, t in s.stats.items()} for s in self.shards]
+        return [{k: t[..., : self._len[s.start]].clone() for k, t in s.stats.items()} for s in self.shards]
 
     def restore_stats(self, saved) -> None:
         for shard, part in zip(self.shards, saved):
@@ -111,7 +115,8 @@ class SlotStats:
     def _record_on_write(self, start: int, end: int) -> None:
         """The write-time statistics of the tokens just committed at slots [start, end)."""
         for shard in self.shards:
+            at = slice(start - int(self._base[shard.start]), end - int(self._base[shard.start]))
             for name, value in ON_WRITE.items():
                 if name in shard.stats:
                     source = shard.k_pre if shard.k_pre is not None else shard.k
-                    shard.stats[name][..., start:end] = value(source[..., start:end, :])
+                    shard.stats[name][..., at] = value(source[..., at, :])

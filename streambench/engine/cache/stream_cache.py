@@ -17,6 +17,8 @@ from streambench.engine.cache.sliding import SlidingWindows
 from streambench.engine.cache.slot_stats import SlotStats
 from streambench.models.rope import RotaryTable
 
+_SLACK = 16  # slots a ragged cache's layer keeps beyond what it holds (tokens arriving between evictions)
+
 
 class StreamCache(Eviction, SlotStats, Cache):
     """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
@@ -58,7 +60,6 @@ class StreamCache(Eviction, SlotStats, Cache):
         self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
-        self.capacity = 0
         all_devices = [torch.device(d) for d in (layer_devices or [self.device] * len(kinds))]
         devices = [all_devices[i] for i in full]
         self.sliding: SlidingWindows | None = None
@@ -69,18 +70,47 @@ class StreamCache(Eviction, SlotStats, Cache):
                 int(cast(int, sliding_window)),
                 (sliding_rope or rope) if rope is not None else None,
             )
+        self._devices = devices
         self.shards: list[Shard] = []
-        for i, d in enumerate(devices):
-            if not self.shards or self.shards[-1].device != d:
-                self.shards.append(Shard(d, i, i))
-            self.shards[-1].stop = i + 1
-        self._where = [(shard, i - shard.start) for shard in self.shards for i in range(shard.start, shard.stop)]
+        self._where: list[tuple[Shard, int]] = []
+        self._build_shards()
+        self._base = np.zeros(self.num_layers, dtype=np.int64)  # per layer: ranks it holds no slot for
         self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
         self.stat_names: tuple[str, ...] = ()
         self.grow(max(int(capacity), 1))
         self.reset()
 
+    def _build_shards(self) -> None:
+        """One shard per device (consecutive layers), buffers allocated by `grow`."""
+        self.shards = []
+        for i, d in enumerate(self._devices):
+            if not self.shards or self.shards[-1].device != d:
+                self.shards.append(Shard(d, i, i))
+            self.shards[-1].stop = i + 1
+        self._index_shards()
+        self.split = False  # True: one shard per layer, each its own capacity (a ragged cache)
+
+    def _index_shards(self) -> None:
+        self._where = [(shard, i - shard.start) for shard in self.shards for i in range(shard.start, shard.stop)]
+
+    @property
+    def capacity(self) -> int:
+        """Slots per lane (of the largest layer, once a ragged cache sized each layer apart)."""
+        return max(shard.capacity for shard in self.shards)
+
+    @property
+    def spread(self) -> bool:
+        """The layers live on several devices (--device-map)."""
+        return len({shard.device for shard in self.shards}) > 1
+
     def reset(self) -> None:
+        if self.split:  # back to one buffer per device, as a fresh cache
+            capacity = self.capacity
+            self._build_shards()
+            self.grow(capacity)
+            for name in self.stat_names:
+                self.enable_stats([name])
+        self._base = np.zeros(self.num_layers, dtype=np.int64)
         self._len = [0] * self.num_layers  # per layer, as layers run one after another in a forward
         self.evictions = 0  # evictions that removed tokens (what chat's status line counts)
         self.epoch = 0  # bumped by anything a rollback cannot undo: evictions, splices, sliding compaction
@@ -216,28 +246,58 @@ class StreamCache(Eviction, SlotStats, Cache):
 
     def grow(self, capacity: int) -> None:
         """Room for `capacity` tokens per stream (at least doubling; never shrinks)."""
-        if capacity <= self.capacity:
-            return
-        capacity = max(capacity, 2 * self.capacity)
         for shard in self.shards:
-            shape = (shard.stop - shard.start, self.batch, self.kv_heads, capacity, self.head_dim)
-            for name in ("k", "v", "k_pre"):
-                if name == "k_pre" and self.rope is None:
+            if capacity > shard.capacity:
+                self._resize(shard, max(capacity, 2 * shard.capacity))
+
+    def _resize(self, shard: Shard, capacity: int, keep: int | None = None) -> None:
+        """New buffers of `capacity` slots per lane for `shard`, its first `keep` slots copied
+        (all that fit by default)."""
+        keep = min(shard.capacity if keep is None else keep, capacity)
+        shape = (shard.stop - shard.start, self.batch, self.kv_heads, capacity, self.head_dim)
+        for name in ("k", "v", "k_pre"):
+            if name == "k_pre" and self.rope is None:
+                continue
+            old = getattr(shard, name)
+            new = torch.zeros(shape, dtype=self.dtype, device=shard.device)
+            if old is not None:
+                new[..., :keep, :] = old[..., :keep, :]
+            setattr(shard, name, new)
+        for name, old in shard.stats.items():
+            new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
+            new[..., :keep] = old[..., :keep]
+            shard.stats[name] = new
+        if shard.allowed is not None:
+            allowed = torch.ones(shape[:-1], dtype=torch.bool, device=shard.device)
+            allowed[..., :keep] = shard.allowed[..., :keep]
+            shard.allowed = allowed
+        shard.capacity = capacity
+
+    def _fit_layers(self, held: np.ndarray) -> None:
+        """Size each layer's buffers to the slots it holds, `held` (L,): a ragged cache's layers
+        keep unequal counts (PyramidKV's schedule), and one capacity for all would allocate every
+        layer at the longest one's length. The first call splits the shards into one per layer;
+        a layer holding well under its capacity moves to smaller buffers (its held slots are its
+        first ones, eviction.py), one growing past it to larger ones (`_write`)."""
+        shards: list[Shard] = []
+        for shard in self.shards:
+            for i in range(shard.start, shard.stop):
+                need = int(held[i])
+                if self.split and shard.capacity <= need + need // 2 + _SLACK:
+                    shards.append(shard)
                     continue
-                old = getattr(shard, name)
-                new = torch.zeros(shape, dtype=self.dtype, device=shard.device)
-                if old is not None:
-                    new[..., : self.capacity, :] = old
-                setattr(shard, name, new)
-            for name, old in shard.stats.items():
-                new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
-                new[..., : self.capacity] = old
-                shard.stats[name] = new
-            if shard.allowed is not None:
-                allowed = torch.ones(shape[:-1], dtype=torch.bool, device=shard.device)
-                allowed[..., : self.capacity] = shard.allowed
-                shard.allowed = allowed
-        self.capacity = capacity
+                one = Shard(shard.device, i, i + 1)
+                local = slice(i - shard.start, i - shard.start + 1)
+                one.k, one.v = shard.k[local], shard.v[local]
+                one.k_pre = shard.k_pre[local] if shard.k_pre is not None else None
+                one.stats = {name: t[local] for name, t in shard.stats.items()}
+                one.allowed = shard.allowed[local] if shard.allowed is not None else None
+                one.capacity = shard.capacity
+                self._resize(one, need + need // 4 + _SLACK, keep=need)  # (copies: frees the old buffers)
+                shards.append(one)
+        self.shards = shards
+        self.split = True
+        self._index_shards()
 
     def set_write_slot(self, slot: int) -> None:
         """Where the next static-shape forward writes its token (a device tensor, read by the graph)."""
@@ -259,9 +319,9 @@ class StreamCache(Eviction, SlotStats, Cache):
             return shard.k[i], shard.v[i]
         start = self._len[layer]
         end = start + k.shape[-2]
-        if end > self.capacity:
-            self.grow(end)
         shard, i = self._where[layer]
+        if end > shard.capacity:
+            self._resize(shard, max(end, shard.capacity + shard.capacity // 4 if self.split else 2 * shard.capacity))
         shard.k[i, :, :, start:end].copy_(k)
         shard.v[i, :, :, start:end].copy_(v)
         self._len[layer] = end
@@ -272,11 +332,16 @@ class StreamCache(Eviction, SlotStats, Cache):
         scores (B, count) or None."""
         start, count = self._n, len(positions)
         end = start + count
-        if any(n != end for n in self._len):
+        base = self._base
+        if any(n != end - b for n, b in zip(self._len, base)):
             raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
         if end > self._slot.shape[1]:
             self._grow_meta(end)
-        self._slot[:, start:end] = np.arange(start, end)
+        if self.split:  # each layer appends after the slots it holds
+            first = (start - base)[np.arange(len(self._slot)) // (self.batch * self.kv_heads)]
+            self._slot[:, start:end] = first[:, None] + np.arange(count)
+        else:
+            self._slot[:, start:end] = np.arange(start, end)
         self._pos[:, start:end] = positions
         if scores is None:
             self._score[:, start:end] = 0.0
@@ -293,7 +358,8 @@ class StreamCache(Eviction, SlotStats, Cache):
             else:
                 idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
             for shard in self.shards:
-                shard.pre()[..., start:end, :] = self.rope.unrotate(shard.k[..., start:end, :], shard.index(idx))
+                at = slice(start - int(base[shard.start]), end - int(base[shard.start]))
+                shard.pre()[..., at, :] = self.rope.unrotate(shard.k[..., at, :], shard.index(idx))
         if self.stat_names:
             self._record_on_write(start, end)
 
@@ -313,7 +379,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         if self.sliding is not None:
             self.sliding.truncate(dropped)
         self._n = n
-        self._len = [n] * self.num_layers
+        self._len = [n - int(b) for b in self._base]
 
     def token_bytes(self) -> int:
         """Bytes of K and V per cached token, over all layers and the batch."""
@@ -326,9 +392,10 @@ class StreamCache(Eviction, SlotStats, Cache):
         return int(self.lane_counts().sum()) * lane_bytes + self.sliding_bytes()
 
     def physical_kv_bytes(self) -> int:
-        """Bytes of the keys and values attention reads now: every lane at the longest lane's
-        length (a ragged cache's pads included), plus the sliding windows."""
-        return self.length * self.token_bytes() + self.sliding_bytes()
+        """Bytes of the keys and values attention reads now: every layer at the slots it holds,
+        its lanes padded to its longest (a ragged cache's pads included), plus the sliding windows."""
+        slots = self.num_layers * self.length - int(self._base.sum())
+        return slots * (self.token_bytes() // self.num_layers) + self.sliding_bytes()
 
     def sliding_bytes(self) -> int:
         return self.sliding.visible * self.sliding.token_bytes() if self.sliding is not None else 0

@@ -431,7 +431,7 @@ def throughput_and_accuracy(fig_: Figures, grp: dict, rows: list[dict]) -> None:
 def pareto(fig_: Figures, grp: dict, rows: list[dict]) -> None:
     """Each policy's quality metric (`Task.quality`) against its KV MiB across budgets, the
     frontier marked, dense's quality as a dotted reference. Where a run's lanes kept unequal
-    counts, a second plot puts every run at its physical KV (every lane as long as the longest:
+    counts, a second plot puts every run at its physical KV (every layer at its longest lane:
     what the cache holds, not only what it keeps)."""
     _pareto(fig_, grp, rows, physical=False)
     if any("kv_physical_mib_peak" in r["metrics"] for r in rows):
@@ -507,7 +507,7 @@ def _pareto(fig_: Figures, grp: dict, rows: list[dict], physical: bool) -> None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
-    what = "physical KV memory (every lane as long as the longest)" if physical else "KV memory"
+    what = "physical KV memory (every layer at its longest lane)" if physical else "KV memory"
     ax.set_title(f"Quality against {what} across budgets (labels: budget)\n{legend(title)}", fontsize=10)
     _outside(ax)
     fig_.save(
