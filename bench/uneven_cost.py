@@ -26,7 +26,15 @@ POLICIES = [
     ("duo", {}),
     ("kvpress:PyramidKVPress", {"window_size": 32}),
     ("kvpress:AdaKVPress", {"press": "SnapKVPress(window_size=32)"}),
+    ("kvpress:CriticalAdaKVPress", {"press": "SnapKVPress(window_size=32)"}),
+    ("kvpress:PerLayerCompressionPress", {"press": "SnapKVPress(window_size=32)", "compression_ratios": "pyramid"}),
 ]
+
+
+def layer_ratios(layers: int) -> list[float]:
+    """A PerLayerCompressionPress schedule for the bench: ratios rising from 0.2 at the bottom
+    layer to 0.8 at the top (each layer's share of the budget falls linearly)."""
+    return [0.2 + 0.6 * i / max(layers - 1, 1) for i in range(layers)]
 
 
 def main() -> int:
@@ -43,6 +51,8 @@ def main() -> int:
     for name, policy_args in POLICIES:
         if args.no_kvpress and name.startswith("kvpress:"):
             continue
+        if policy_args.get("compression_ratios") == "pyramid":
+            policy_args = {**policy_args, "compression_ratios": layer_ratios(lm.model.config.num_hidden_layers)}
         m = stream(lm, name, policy_args, args.budget, ids)
         r, logical, physical = m["rate"], m["kv_bytes"] / 2**20, m["physical_kv_bytes"] / 2**20
         base = base or r

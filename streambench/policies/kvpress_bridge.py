@@ -50,6 +50,7 @@ Install with `./install.sh kvpress` (kvpress 0.5.5 declares transformers<5.3, st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any, ClassVar
@@ -161,12 +162,31 @@ class PressPolicy(ScoredPolicy):
 
     def _build_press(self):
         args = self._press_args()
+        if "compression_ratios" in args:  # PerLayerCompressionPress
+            args["compression_ratios"] = self._layer_ratios(args["compression_ratios"])
         if self.wraps:  # a press that rescores another
             args["press"] = inner_press(vars(self)["press"], self.name)
         try:
+            if (
+                "compression_ratios" in args
+            ):  # (its warning is about kvpress's own hooks, which the bridge does not run)
+                with _quiet("kvpress.presses.per_layer_compression_press"):
+                    return self.press_class(**args)
             return self.press_class(**args)
         except (Exception, SystemExit) as exc:  # kvpress validates with asserts
             raise ConfigError(f"{self.name}: the press refused its arguments: {_described(exc)}") from None
+
+    def _layer_ratios(self, ratios: Any) -> list[float]:
+        """PerLayerCompressionPress's `compression_ratios`: one ratio in [0, 1) per model layer."""
+        how = f"-p {self.name}.compression_ratios=[0.3,0.5,...] (one ratio in [0, 1) per model layer)"
+        if ratios is None:
+            raise ConfigError(f"{self.name} needs its per-layer ratios: {how}")
+        if not isinstance(ratios, (list, tuple)) or not ratios:
+            raise ConfigError(f"{self.name}: compression_ratios must be a list of numbers, got {ratios!r}: {how}")
+        for r in ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise ConfigError(f"{self.name}: compression_ratios holds {r!r}, not a ratio in [0, 1): {how}")
+        return [float(r) for r in ratios]
 
     def _scorer(self):
         """The press whose inputs decide what is collected: the wrapped one, for a wrapper."""
@@ -178,6 +198,13 @@ class PressPolicy(ScoredPolicy):
         load it, from the hub or a local folder; once per model."""
         if getattr(self, "_bound", None) == id(model):  # (an id: a copied policy never copies the model)
             return
+        ratios = getattr(self._press, "compression_ratios", None)
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if isinstance(ratios, list) and isinstance(layers, int) and len(ratios) != layers:
+            raise ConfigError(
+                f"{self.name}: compression_ratios has {len(ratios)} ratios for a model of {layers} layers "
+                "(one per model layer, as kvpress indexes them)"
+            )
         try:
             self._press.post_init_from_model(model)
         except (Exception, SystemExit) as exc:
@@ -200,7 +227,10 @@ class PressPolicy(ScoredPolicy):
         if n == 0:
             return None
         press = self._press
-        press.compression_ratio = _ratio_for(n, count)
+        # (PerLayerCompressionPress refuses one ratio: its press scores, at any, as scores are ratio-free)
+        (press.press if type(press).__name__ == "PerLayerCompressionPress" else press).compression_ratio = _ratio_for(
+            n, count
+        )
         observed, offset = view.observed, 0
         if "held_keys" in observed:  # (as held, at rank + offset: the window's positions move with them)
             keys, offset = observed["held_keys"]
@@ -278,15 +308,16 @@ class PressPolicy(ScoredPolicy):
         return torch.stack(out)
 
     def lane_limits(self, view: CacheView) -> tuple[int | None, int | None]:
-        """AdaKVPress: every head keeps at least its alpha_safeguard share."""
-        if type(self._press).__name__ != "AdaKVPress":
+        """AdaKVPress and CriticalAdaKVPress: every head keeps at least its alpha_safeguard share."""
+        if type(self._press).__name__ not in POOLED:
             return None, None
         from streambench.policies.allocation import safeguard
 
         return safeguard(self.kept(view), float(self._press.alpha_safeguard)), None
 
     def select(self, view: CacheView):
-        """AdaKVPress and PyramidKVPress: per-lane counts (`uneven`), the budget the mean."""
+        """AdaKVPress, CriticalAdaKVPress, PyramidKVPress and PerLayerCompressionPress: per-lane
+        counts (`uneven`), the budget the mean."""
         if not self.uneven:
             return super().select(view)
         from streambench.policies.allocation import fill, pooled_counts, protect, top_mask
@@ -297,8 +328,18 @@ class PressPolicy(ScoredPolicy):
         scores = protect(self.score(view), view, self.start_size, 0)
         if scores is None:
             return super().select(view)
-        if type(self._press).__name__ == "AdaKVPress":
+        if type(self._press).__name__ in POOLED:
             counts = pooled_counts(scores, count, held, float(self._press.alpha_safeguard))
+            if type(self._press).__name__ == "CriticalAdaKVPress":
+                scores = self._critical(scores, counts, count, view)
+        elif type(self._press).__name__ == "PerLayerCompressionPress":
+            # each model layer keeps its 1 - ratio share (kvpress: `compression_ratios[layer_idx]`),
+            # scaled so the mean is the budget, then water-filled to what each layer holds
+            modules = view.observed["attention_modules"]
+            share = np.array([1 - self._press.compression_ratios[m.layer_idx] for m in modules])
+            desired = np.floor(share / max(share.mean(), 1e-9) * count).astype(np.int64)
+            per_layer = fill(desired, held.min(axis=1), count * L)
+            counts = np.broadcast_to(per_layer[:, None], (L, H))
         else:
             # PyramidKVPress: kvpress's own layer budgets for the stream so far as one context (in
             # compress-once, the context held; in a stream, every token fed: the schedule kvpress
@@ -311,6 +352,50 @@ class PressPolicy(ScoredPolicy):
             per_layer = fill(desired, held.min(axis=1), count * L)
             counts = np.broadcast_to(per_layer[:, None], (L, H))
         return top_mask(scores, counts)
+
+    def _critical(self, scores, counts: np.ndarray, count: int, view: CacheView):
+        """CriticalAdaKVPress's two stages after AdaKV's pool (kvpress
+        `CriticalAdaKVPress.compress`, arXiv:2502.03805): each head's safeguard tokens and the top
+        `first_stage_ratio` of its pooled count by score are kept outright; its other places go
+        to the highest (score + epsilon) x |W_o V|_1 (kvpress's own `CriticalKVPress.vwl1norm`
+        of each token's value through the output projection). Scores as (L, H, n): kept outright
+        at +inf, pads at -inf."""
+        import torch
+
+        from streambench.policies.allocation import safeguard, top_mask
+
+        press = self._press
+        values = view.observed["values"]  # (L, H, n, D) in rank order
+        held = torch.from_numpy(np.array(view.lane_valid)).to(scores.device)
+        floor = np.minimum(view.held, safeguard(count, float(press.alpha_safeguard)))
+        outright = torch.from_numpy(top_mask(scores, floor)).to(scores.device) | torch.isposinf(scores)
+        first = (counts * float(press.first_stage_ratio)).astype(np.int64)
+        boosted = scores.masked_fill(outright, float("inf"))
+        outright |= torch.from_numpy(top_mask(boosted, first)).to(scores.device)
+        out = []
+        for layer, module in enumerate(view.observed["attention_modules"]):
+            norm = self._value_norm(values[layer], module)
+            out.append((scores[layer].clamp(min=-1e30, max=1e30) + float(press.epsilon)) * norm.float())
+        second = torch.stack(out).masked_fill(outright, float("inf"))
+        return second.masked_fill(~held, float("-inf"))
+
+    def _value_norm(self, values, module):
+        """|W_o V|_1 per KV head and token, (H_kv, n), averaged over each head's query group: kvpress
+        `CriticalKVPress.vwl1norm`, with the head size read from the values (not every config
+        names `head_dim`)."""
+        import torch
+
+        weight = getattr(getattr(module, "o_proj", None), "weight", None)
+        if weight is None:
+            raise PolicyContractError(
+                f"policy {self.name}: this model's attention has no o_proj (CriticalAdaKV weighs values by it)"
+            )
+        kv_heads, n, d = values.shape
+        heads = weight.shape[1] // d
+        wo = weight.t().reshape(heads, d, weight.shape[0])
+        v = values.to(wo.dtype).repeat_interleave(heads // kv_heads, 0)  # (heads, n, D), kvpress's repeat_kv
+        norm = torch.bmm(v, wo).abs().sum(dim=-1)  # (heads, n): one batched product, not a loop per head
+        return norm.view(kv_heads, heads // kv_heads, n).mean(dim=1).float()
 
     def _block_choice(self, module, hidden, whole: bool, keys, values, count: int, kwargs):
         """BlockPress.compress for one layer, as a 0/1 score (1: kept): the first `count` ranks are
@@ -538,6 +623,20 @@ def _wraps(cls: type) -> bool:
     return bool(takes & {"press", "presses", "base_press", "prefilling_press", "decoding_press"})
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """A kvpress module's log warnings held back (ones that speak of kvpress's own pipeline)."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _ratio_for(n: int, count: int) -> float:
     """The compression ratio for which kvpress keeps exactly `count` of `n` (`int(n * (1 - r))`),
     as DecodingPress._find_target_compression_ratio finds it."""
@@ -573,11 +672,12 @@ PREFILL_ONLY = (
 # Streamed through the engine's unequal counts (a keep mask per lane, the budget the mean):
 ALLOCATING = {
     "AdaKVPress": "its press's scores; a layer's pool over its heads with alpha_safeguard's floor",
+    "CriticalAdaKVPress": "AdaKV's pool, then its two stages: first_stage_ratio by score, the rest by score x the L1 norm of W_o V",
     "PyramidKVPress": "SnapKV's scores; each layer's count from its get_layer_budget",
+    "PerLayerCompressionPress": "its press's scores; each layer keeps its 1 - ratio share, the mean scaled to the budget",
 }
+POOLED = ("AdaKVPress", "CriticalAdaKVPress")  # heads of a layer share its pool (AdaKV's allocation)
 UNEVEN = {
-    "CriticalAdaKVPress": "heads of a layer compete for one pool, in two stages of its own compress(): not bridged yet",
-    "PerLayerCompressionPress": "a ratio per layer, a list with no default: not bridged yet (pyramidkv -p scorer=...)",
     "ChunkKVPress": "keeps whole chunks chosen per layer: a layer that keeps the shorter last chunk keeps fewer",
     "DMSPress": "evicts below a score threshold: counts follow the content in every head",
     "LUKVPress": "a downloaded budget curve per layer and head: a different count per head",
@@ -723,6 +823,8 @@ def adapt(obj: Any) -> type | None:
             raise ConfigError(f"kvpress:{obj.__name__} has a field named like the bridge's own ({name})")
         if name == "press" and wraps:  # the rescored press, by name (kvpress's evaluation: critical_snapkv)
             kind, default = str, DEFAULT_RESCORED
+        elif (obj.__name__, name) == ("PerLayerCompressionPress", "compression_ratios"):
+            kind, default = Any, None  # (required: `_build_press` says how to give it)
         elif default is dataclasses.MISSING:
             raise ConfigError(f"kvpress:{obj.__name__} needs {name}, which has no default: not bridged")
         # (kvpress annotates with real types; a string annotation is left to the press to check)

@@ -67,8 +67,7 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
     "name,message",
     [
         ("kvpress:CompactorPress", "scores a whole prefill at once"),
-        ("kvpress:CriticalAdaKVPress", "in two stages of its own compress"),
-        ("kvpress:PerLayerCompressionPress", "a ratio per layer"),
+        ("kvpress:PerLayerCompressionPress", "needs its per-layer ratios"),
         ("kvpress:ComposedPress", "cannot be split between its stages"),
         ("kvpress:ThinKPress", "key channels"),
         ("kvpress:KVzipPress", "downloads"),
@@ -80,6 +79,22 @@ def test_a_press_is_a_policy_with_its_own_fields_and_provenance():
 )
 def test_a_press_that_does_not_run_in_the_stream_is_one_line(name, message, tmp_path):
     result = CliRunner().invoke(cli, ["run", "--policy", name, "--tokens", "16", "-q", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+@pytest.mark.parametrize(
+    "ratios,message",
+    [
+        ("[0.5,0.5]", "has 2 ratios for a model of 30 layers"),
+        ("[0.5,1.5]", "holds 1.5, not a ratio in [0, 1)"),
+        ("half", "must be a list of numbers"),
+    ],
+)
+def test_per_layer_ratios_are_one_line_when_wrong(ratios, message, tmp_path):
+    args = ["run", "--policy", "kvpress:PerLayerCompressionPress", "-p", f"compression_ratios={ratios}"]
+    result = CliRunner().invoke(cli, [*args, "--budget", "128", "--tokens", "16", "-q", "--out", str(tmp_path)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output

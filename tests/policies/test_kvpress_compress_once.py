@@ -217,16 +217,18 @@ def test_a_prefill_only_press_runs_in_compress_once_and_is_refused_in_a_stream(t
 
 
 @pytest.mark.slow
-def test_adakv_press_compress_once_equals_kvpress_masking_heads_apart(embedded):
-    """AdaKVPress over SnapKV: kvpress keeps the whole cache and masks each head's pruned keys
-    in attention (a fake key whose weight underflows to zero); streambench evicts them, each head
-    keeping its own count. The same tokens per layer and head, the question's log-probs to 1e-4."""
+@pytest.mark.parametrize("press", ["AdaKVPress", "CriticalAdaKVPress"])
+def test_adakv_press_compress_once_equals_kvpress_masking_heads_apart(embedded, press):
+    """AdaKVPress (and CriticalAdaKVPress, its two stages weighting by |W_o V|) over SnapKV:
+    kvpress keeps the whole cache and masks each head's pruned keys in attention (a fake key
+    whose weight underflows to zero); streambench evicts them, each head keeping its own count.
+    The same tokens per layer and head, the question's log-probs to 1e-4."""
     from streambench.tasks.texts import DEFAULT_TEXT, load_text
 
     ids = torch.tensor([embedded.tokenizer(load_text(DEFAULT_TEXT))["input_ids"][:200]])
     context, question = ids[:, :180], ids[:, 180:]
     inner = inner_press("SnapKVPress(window_size=16)", "test")
-    theirs = kvpress.AdaKVPress(inner, alpha_safeguard=0.2)
+    theirs = getattr(kvpress, press)(inner, alpha_safeguard=0.2)
     theirs.compression_ratio = 0.5
     from kvpress.attention_patch import patch_attention_functions
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -249,7 +251,7 @@ def test_adakv_press_compress_once_equals_kvpress_masking_heads_apart(embedded):
     for layer in layers:
         layer.self_attn.__dict__.pop("masked_key_indices", None)
     policy = build_policy(
-        PolicySpec("kvpress:AdaKVPress", {"press": "SnapKVPress(window_size=16)", "alpha_safeguard": 0.2}), 256
+        PolicySpec(f"kvpress:{press}", {"press": "SnapKVPress(window_size=16)", "alpha_safeguard": 0.2}), 256
     )
     with StreamSession(embedded, policy) as session, session.unbounded():
         session.feed(context)

@@ -179,6 +179,8 @@ def test_pyramidkv_reaches_its_pyramid_and_holds_only_what_each_layer_keeps():
     [
         ("AdaKVPress", {"press": "SnapKVPress(window_size=4)"}),
         ("AdaKVPress", {"press": "KnormPress", "alpha_safeguard": 0.5}),
+        ("CriticalAdaKVPress", {"press": "SnapKVPress(window_size=4)", "first_stage_ratio": 0.3}),
+        ("PerLayerCompressionPress", {"press": "KnormPress", "compression_ratios": [0.2, 0.5, 0.8]}),
         ("PyramidKVPress", {"window_size": 4}),
     ],
 )
