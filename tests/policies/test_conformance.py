@@ -62,11 +62,17 @@ PRESS_ARGS = {
     "kvpress:KeyRerotationPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
     "kvpress:AdaKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
     "kvpress:PyramidKVPress": {"window_size": 4, "kernel_size": 3},
+    "kvpress:CriticalAdaKVPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
+    "kvpress:PerLayerCompressionPress": {"press": "SnapKVPress(window_size=4, kernel_size=3)"},
 }
+PER_LAYER = {"kvpress:PerLayerCompressionPress": "compression_ratios"}  # one ratio per model layer
 
 
-def build(name, budget=BUDGET):
-    return build_policy(PolicySpec(name, dict(PRESS_ARGS.get(name, {}))), budget)
+def build(name, budget=BUDGET, layers=2):
+    args = dict(PRESS_ARGS.get(name, {}))
+    if name in PER_LAYER:
+        args[PER_LAYER[name]] = [0.2 + 0.5 * i / max(layers - 1, 1) for i in range(layers)]
+    return build_policy(PolicySpec(name, args), budget)
 
 
 def stream_ids(n, seed):
@@ -99,7 +105,7 @@ def test_declarations_name_what_the_engine_provides(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_layer_cache_equals_a_fresh_forward_over_the_kept_tokens(name):
     model = tiny_model("llama", layers=1)
-    session = StreamSession(LoadedModel.wrap(model), build(name))
+    session = StreamSession(LoadedModel.wrap(model), build(name, layers=1))
     ids = stream_ids(40, seed=5)
     for t in range(ids.shape[1]):
         logits = session.feed(ids[:, t : t + 1])[0, -1]
