@@ -366,7 +366,7 @@ class PressPolicy(ScoredPolicy):
 
         press = self._press
         values = view.observed["values"]  # (L, H, n, D) in rank order
-        held = torch.from_numpy(np.array(view.lane_valid)).to(scores.device)
+        valid = torch.from_numpy(np.array(view.lane_valid)).to(scores.device)
         floor = np.minimum(view.held, safeguard(count, float(press.alpha_safeguard)))
         outright = torch.from_numpy(top_mask(scores, floor)).to(scores.device) | torch.isposinf(scores)
         first = (counts * float(press.first_stage_ratio)).astype(np.int64)
@@ -377,7 +377,7 @@ class PressPolicy(ScoredPolicy):
             norm = self._value_norm(values[layer], module)
             out.append((scores[layer].clamp(min=-1e30, max=1e30) + float(press.epsilon)) * norm.float())
         second = torch.stack(out).masked_fill(outright, float("inf"))
-        return second.masked_fill(~held, float("-inf"))
+        return second.masked_fill(~valid, float("-inf"))
 
     def _value_norm(self, values, module):
         """|W_o V|_1 per KV head and token, (H_kv, n), averaged over each head's query group: kvpress

@@ -333,7 +333,11 @@ class StreamCache(Eviction, SlotStats, Cache):
         start, count = self._n, len(positions)
         end = start + count
         base = self._base
-        if any(n != end - b for n, b in zip(self._len, base)):
+        if self.split:  # (per token: the per-layer arithmetic only where layers hold apart)
+            disagree = any(n != end - b for n, b in zip(self._len, base))
+        else:
+            disagree = any(n != end for n in self._len)
+        if disagree:
             raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
         if end > self._slot.shape[1]:
             self._grow_meta(end)
