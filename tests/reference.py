@@ -88,9 +88,23 @@ def _register_per_head():
     AttentionMaskInterface.register(_REF_NAME, sdpa_mask)
 
 
+def fake_quantize(x, bits, group):
+    """x (..., D) as a per-token-group quantized cache holds it: each group of `group` channels
+    min-max quantized to `bits` bits and back (an independent re-implementation: no packing,
+    no streambench code)."""
+    g = x.float().reshape(-1, group)
+    low, high = g.min(dim=-1, keepdim=True).values, g.max(dim=-1, keepdim=True).values
+    scale = (high - low) / (2**bits - 1)
+    codes = torch.round((g - low) / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, 2**bits - 1)
+    return (low + codes * scale).to(x.dtype).reshape(x.shape)
+
+
 class ReferenceStream:
-    def __init__(self, model, policy):
+    def __init__(self, model, policy, quant=None):
+        """quant: (bits, group): the full-attention layers hold every token's pre-RoPE key and
+        value quantized (`fake_quantize`); a forward's own tokens attend in full precision."""
         self.model, self.policy = model, policy
+        self.quant = quant
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.rotary_emb = model.base_model.rotary_emb
@@ -187,6 +201,8 @@ class ReferenceStream:
         for i in range(len(self.keys)):
             k_new, v_new = self._new[i]
             k_new = self._rotate(k_new, -positions, i)  # back to pre-RoPE
+            if self.quant is not None and i in self.rank:
+                k_new, v_new = fake_quantize(k_new, *self.quant), fake_quantize(v_new, *self.quant)
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
             self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
         new = np.broadcast_to(np.arange(self.fed, self.fed + count), (*self.positions.shape[:-1], count))

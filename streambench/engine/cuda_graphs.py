@@ -49,6 +49,8 @@ def decode_mode(requested: str, policy: CachePolicy, cache: StreamCache | None, 
         return "eager"
     if policy.retrieves or policy.uneven:  # retrieval taps queries in Python; pads are masked there
         return "eager"
+    if cache.quant is not None:  # dequantizes what it holds as each layer reads it
+        return "eager"
     if requested == "graph" and device.type != "cuda":
         raise ConfigError("CUDA graphs need a CUDA device")
     return requested

@@ -29,6 +29,7 @@ from streambench.models.rope import RotaryTable
 from streambench.policies.base import Band, CachePolicy, CacheView, RetrievalPolicy
 
 if TYPE_CHECKING:
+    from streambench.engine.cache.quant import KVQuant
     from streambench.engine.cuda_graphs import StaticDecoder
     from streambench.engine.hidden_tap import HiddenStateTap
     from streambench.engine.observe import AttentionObserver
@@ -94,8 +95,15 @@ class StreamSession:
         layer_devices: list | None = None,
         decode: str = "eager",
         max_tokens: int | None = None,
+        quant: KVQuant | None = None,
     ):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        # a quantized cache (engine/cache/quant.py); None or 16 bits: the model's dtype
+        self.quant = quant if quant is not None and quant.quantized else None
+        if self.quant is not None:
+            self.quant.check(lm.info.head_dim)
+            if policy.recompute:
+                raise ConfigError(f"{policy.name} re-encodes its window every step and holds no cache to quantize")
         policy.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
@@ -121,7 +129,7 @@ class StreamSession:
         self._full_layers = sum(kind != "sliding_attention" for kind in self._kinds)
         self._governed_layers = self._govern_layers()  # per token the policy governs (sliding ones apart)
         self._rope = self._sliding_rope = None
-        if self.evicts and not self.recomputes:
+        if (self.evicts or self.quant is not None) and not self.recomputes:  # (quantized: keys held before RoPE)
             typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
             self._rope = RotaryTable(
                 lm.rotary_emb,
@@ -257,8 +265,10 @@ class StreamSession:
                 layer_kinds=self._kinds,
                 sliding_window=self.lm.layout.sliding_window,
                 sliding_rope=self._sliding_rope,
+                quant=self.quant,
             )
             self.cache.enable_stats(stats)
+            self._token_bytes = self.cache.token_bytes()
 
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
@@ -279,6 +289,8 @@ class StreamSession:
         Read as the attribute `exact_chunks`, decided once at construction."""
         from streambench.engine.exact_chunks import unsupported
 
+        if self.quant is not None:
+            return "a quantized cache reads a forward's own tokens in full precision, the held ones quantized"
         if not self.evicts:  # (nothing evicted: the model's own causal forward, sliding masks
             return None  # included, is token-exact)
         if self.band is None:
@@ -298,8 +310,8 @@ class StreamSession:
         (a dialogue turn, SirLLM's protocol). exact=True: every token's logits, and the cache
         after the chunk, are those of feeding the tokens one at a time (the StreamingLLM protocol),
         in one forward where the policy allows it (streambench/engine/exact_chunks.py), else one token at a time."""
-        if exact and ids.shape[1] > 1 and self.evicts:  # (nothing evicted: the ordinary causal
-            # forward is already token-exact, dense's chunked prefill)
+        if exact and ids.shape[1] > 1 and (self.evicts or self.quant is not None):  # (nothing evicted
+            # nor quantized: the ordinary causal forward is already token-exact, dense's chunked prefill)
             if self.exact_chunks is None:
                 return self._feed_exact(ids)
             return torch.cat([self.feed(ids[:, i : i + 1]) for i in range(ids.shape[1])], dim=1)

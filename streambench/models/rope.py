@@ -175,6 +175,27 @@ class RotaryTable:
         out = out.to(k.dtype)
         return out if rd == k.shape[-1] else torch.cat((out, k[..., rd:]), dim=-1)
 
+    def rotate_each(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """k_pre (..., T, D) with one position per row, positions (..., T): a quantized cache
+        holds keys before RoPE and rotates them as attention reads them. Math in float32."""
+        table_cos, table_sin, _ = self._on(k_pre.device)
+        if self.halved:  # (the flat path of _apply_rows: half the tables, no rotate_half copy)
+            half = table_cos.shape[-1] // 2
+            cos, sin = table_cos[positions, :half], table_sin[positions, :half]
+            x1, x2 = k_pre[..., :half].float(), k_pre[..., half : 2 * half].float()
+            out = torch.empty_like(k_pre)
+            out[..., :half] = x1 * cos - x2 * sin
+            out[..., half : 2 * half] = x2 * cos + x1 * sin
+            if 2 * half < k_pre.shape[-1]:
+                out[..., 2 * half :] = k_pre[..., 2 * half :]
+            return out
+        cos, sin = table_cos[positions], table_sin[positions]
+        rd = cos.shape[-1]
+        x = k_pre[..., :rd].float()
+        turn = rotate_half(x) if self.style == "half" else rotate_pairs(x)
+        out = (x * cos + turn * sin).to(k_pre.dtype)
+        return out if rd == k_pre.shape[-1] else torch.cat((out, k_pre[..., rd:]), dim=-1)
+
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor, signed: bool = False) -> torch.Tensor:
         return self._apply(k_pre, positions, inverse=False, signed=signed)
 

@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from streambench.engine.cache.quant import dequantize, quantize
+
 if TYPE_CHECKING:
     from streambench.engine.cache.layers import Shard
+    from streambench.engine.cache.quant import KVQuant
     from streambench.models.rope import RotaryTable
 
 
@@ -64,6 +67,7 @@ class Eviction:
     _base: np.ndarray
     ragged: bool
     split: bool
+    quant: KVQuant | None
 
     if TYPE_CHECKING:  # (StreamCache's own methods, which these parts call)
 
@@ -310,6 +314,9 @@ class Eviction:
         slots = self._slot[rows, ranks]
         positions = ranks + self._offsets[self._row_stream[rows]]
         for shard, local, flat in self._lane_index(rows, slots):
+            if shard.kpos is not None:  # quantized: keys are rotated as attention reads them
+                shard.kpos.view(-1).index_copy_(0, flat, shard.index(positions[local].astype(np.int32)))
+                continue
             pre = shard.pre().view(-1, self.head_dim).index_select(0, flat)
             shard.k.view(-1, self.head_dim).index_copy_(0, flat, rope.rotate(pre, shard.index(positions[local])))
 
@@ -326,7 +333,7 @@ class Eviction:
         pad_slots = self._slot[pad_r, pad_c]
         slotted = pad_slots >= 0  # (a layer's first pads hold no slot)
         for shard, _, flat in self._lane_index(pad_r[slotted], pad_slots[slotted]):
-            allowed = torch.ones(shard.k.shape[:-1], dtype=torch.bool, device=shard.device)
+            allowed = torch.ones((shard.stop - shard.start, self.batch, self.kv_heads, shard.capacity), dtype=torch.bool, device=shard.device)
             allowed.view(-1)[flat] = False
             shard.allowed = allowed
 
@@ -389,6 +396,10 @@ class Eviction:
             slots, positions = self._slot[0, ranks], ranks + self._offsets[0]
             for shard in self.shards:
                 s = shard.index(slots)
+                if shard.kpos is not None:  # quantized: keys are rotated as attention reads them
+                    at = shard.index(positions.astype(np.int32))
+                    shard.kpos.index_copy_(3, s, at.expand(*shard.kpos.shape[:3], len(slots)))
+                    continue
                 shard.k.index_copy_(3, s, rope.rotate(shard.pre().index_select(3, s), shard.index(positions)))
             return
         rows = np.concatenate([np.full(len(r), b) for b, r in stale])
@@ -396,6 +407,9 @@ class Eviction:
         positions = np.concatenate([r + self._offsets[b] for b, r in stale])
         for shard in self.shards:
             r, s = shard.index(rows), shard.index(slots)
+            if shard.kpos is not None:  # quantized: keys are rotated as attention reads them
+                shard.kpos[:, r, :, s] = shard.index(positions.astype(np.int32))[:, None, None]
+                continue
             pre = shard.pre()[:, r, :, s].permute(1, 2, 0, 3)  # (L, H, M, D)
             shard.k[:, r, :, s] = rope.rotate(pre, shard.index(positions)).permute(2, 0, 1, 3)
 
@@ -409,16 +423,20 @@ class Eviction:
         """(positions, pre-RoPE keys, values) of the tokens at `ranks`; tensors (L, B, H, T, D)."""
         self._single("take")
         slots = self._slot[0, ranks]
-        parts = [
-            (
-                s.pre().index_select(3, s.index(slots)).to(self.device),
-                s.v.index_select(3, s.index(slots)).to(self.device),
-            )
-            for s in self.shards
-        ]
+        parts = [self._taken(s, s.index(slots)) for s in self.shards]
         if len(parts) == 1:
             return self._pos[0, ranks].copy(), *parts[0]
         return self._pos[0, ranks].copy(), torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _taken(self, shard: Shard, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-RoPE keys, values) at `slots` of every layer of `shard`, on the cache's device;
+        a quantized cache's dequantized (what attention read)."""
+        quant = self.quant
+        if quant is None:
+            return shard.pre().index_select(3, slots).to(self.device), shard.v.index_select(3, slots).to(self.device)
+        got = [getattr(shard, name).index_select(3, slots) for name in ("kq", "ks", "kz", "vq", "vs", "vz")]
+        pre = dequantize(*got[:3], quant.bits, self.dtype)
+        return pre.to(self.device), dequantize(*got[3:], quant.bits, self.dtype).to(self.device)
 
     def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
@@ -454,6 +472,15 @@ class Eviction:
         rope.ensure(n + m + offset)
         for shard in self.shards:
             part_k = k_pre[shard.start : shard.stop].to(shard.device, self.dtype)
+            if self.quant is not None:  # (a bank's tokens held quantized again, as every token)
+                part_v = v[shard.start : shard.stop].to(shard.device, self.dtype)
+                for part, x in (("k", part_k), ("v", part_v)):
+                    for suffix, t in zip("qsz", quantize(x, self.quant.bits, self.quant.group)):
+                        getattr(shard, part + suffix)[..., n : n + m, :] = t
+                kpos = shard.kpos
+                assert kpos is not None
+                kpos[..., n : n + m] = shard.index(new_positions.astype(np.int32))
+                continue
             shard.pre()[..., n : n + m, :] = part_k
             shard.v[..., n : n + m, :] = v[shard.start : shard.stop].to(shard.device, self.dtype)
             shard.k[..., n : n + m, :] = rope.rotate(part_k, shard.index(new_positions))

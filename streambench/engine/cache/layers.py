@@ -38,8 +38,11 @@ class StreamLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor:
-        shard, i = self._owner._where[self._idx]
-        return shard.k[i, :, :, : self._owner._len[self._idx]]
+        owner = self._owner
+        if owner.quant is not None:
+            return owner.held_kv(self._idx)[0]
+        shard, i = owner._where[self._idx]
+        return shard.k[i, :, :, : owner._len[self._idx]]
 
     @keys.setter
     def keys(self, value: torch.Tensor) -> None:
@@ -47,8 +50,11 @@ class StreamLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor:
-        shard, i = self._owner._where[self._idx]
-        return shard.v[i, :, :, : self._owner._len[self._idx]]
+        owner = self._owner
+        if owner.quant is not None:
+            return owner.held_kv(self._idx)[1]
+        shard, i = owner._where[self._idx]
+        return shard.v[i, :, :, : owner._len[self._idx]]
 
     @values.setter
     def values(self, value: torch.Tensor) -> None:
@@ -130,6 +136,15 @@ class Shard:
         self.k: torch.Tensor = cast(torch.Tensor, None)
         self.v: torch.Tensor = cast(torch.Tensor, None)
         self.k_pre: torch.Tensor | None = None
+        # a quantized cache (quant.py) holds these instead of k, v and k_pre: codes, scales and
+        # zeros of the pre-RoPE keys and of the values, and each key's rotation position (int32)
+        self.kq: torch.Tensor | None = None
+        self.ks: torch.Tensor | None = None
+        self.kz: torch.Tensor | None = None
+        self.vq: torch.Tensor | None = None
+        self.vs: torch.Tensor | None = None
+        self.vz: torch.Tensor | None = None
+        self.kpos: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}  # (L_s, B, H, capacity) float32, per slot
         self.slot: torch.Tensor | None = None  # the static decode path's write slot, on the device
         # (L_s, B, H, capacity) bool: False at the pad slots of lanes keeping fewer tokens than
@@ -143,7 +158,9 @@ class Shard:
         return self.k_pre
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.k, self.v, self.k_pre, *self.stats.values()) if t is not None)
+        """Every per-slot tensor (what eviction moves with its token)."""
+        held = (self.k, self.v, self.k_pre, self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.kpos)
+        return tuple(t for t in (*held, *self.stats.values()) if t is not None)
 
     def index(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)

@@ -7,13 +7,17 @@ keys as tokens enter (no attention capture, so the static and graph decode paths
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
+from streambench.engine.cache.quant import dequantize
+
 if TYPE_CHECKING:
     from streambench.engine.cache.layers import Shard
+    from streambench.engine.cache.quant import KVQuant
+    from streambench.models.rope import RotaryTable
 
 
 def _key_norm(keys: torch.Tensor) -> torch.Tensor:
@@ -36,6 +40,9 @@ class SlotStats:
     device: torch.device
     per_head: bool
     stat_names: tuple[str, ...]
+    quant: KVQuant | None
+    rope: RotaryTable | None
+    dtype: torch.dtype
     _n: int
     _slot: np.ndarray
     _where: list[tuple[Shard, int]]
@@ -92,16 +99,29 @@ class SlotStats:
         return self._ranked([s.stats[name] for s in self.shards], b)
 
     def ranked_keys(self, b: int = 0) -> torch.Tensor:
-        """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order."""
+        """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order: a quantized
+        cache's as attention reads them (dequantized, rotated at their positions)."""
+        if self.quant is not None:
+            positions = self._ranked([cast(torch.Tensor, s.kpos) for s in self.shards], b)
+            return cast("RotaryTable", self.rope).rotate_each(self.ranked_pre_keys(b), positions)
         return self._ranked([s.k for s in self.shards], b)
 
     def ranked_values(self, b: int = 0) -> torch.Tensor:
         """Stream b's cached values, (L, H, n, D) in each head's rank order."""
+        if self.quant is not None:
+            return self._ranked_dequantized("v", b)
         return self._ranked([s.v for s in self.shards], b)
 
     def ranked_pre_keys(self, b: int = 0) -> torch.Tensor:
         """Stream b's pre-RoPE keys, (L, H, n, D) in each head's rank order (a re-indexing cache)."""
+        if self.quant is not None:
+            return self._ranked_dequantized("k", b)
         return self._ranked([s.pre() for s in self.shards], b)
+
+    def _ranked_dequantized(self, part: str, b: int) -> torch.Tensor:
+        quant = cast("KVQuant", self.quant)
+        got = [self._ranked([cast(torch.Tensor, getattr(s, part + x)) for s in self.shards], b) for x in "qsz"]
+        return dequantize(*got, quant.bits, self.dtype)
 
     def save_stats(self):
         """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
@@ -118,5 +138,9 @@ class SlotStats:
             at = slice(start - int(self._base[shard.start]), end - int(self._base[shard.start]))
             for name, value in ON_WRITE.items():
                 if name in shard.stats:
-                    source = shard.k_pre if shard.k_pre is not None else shard.k
-                    shard.stats[name][..., at] = value(source[..., at, :])
+                    if self.quant is not None:  # (what attention reads: the held keys, dequantized)
+                        codes = [cast(torch.Tensor, getattr(shard, "k" + x))[..., at, :] for x in "qsz"]
+                        source = dequantize(*codes, self.quant.bits, self.dtype)
+                    else:
+                        source = (shard.k_pre if shard.k_pre is not None else shard.k)[..., at, :]
+                    shard.stats[name][..., at] = value(source)

@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from streambench.engine.cache.eviction import Eviction
 from streambench.engine.cache.layers import Shard, SlidingLayer, StreamLayer
+from streambench.engine.cache.quant import KVQuant, dequantize, quantize
 from streambench.engine.cache.sliding import SlidingWindows
 from streambench.engine.cache.slot_stats import SlotStats
 from streambench.models.rope import RotaryTable
@@ -38,6 +39,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         layer_kinds: list[str] | None = None,
         sliding_window: int | None = None,
         sliding_rope: RotaryTable | None = None,
+        quant: KVQuant | None = None,
     ):
         kinds = list(layer_kinds or ["full_attention"] * num_layers)
         self.layer_kinds = kinds
@@ -60,6 +62,14 @@ class StreamCache(Eviction, SlotStats, Cache):
         self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
+        # quantized (quant.py): codes, scales and zeros instead of k, v and k_pre; the full layers
+        # only (sliding windows stay in the model's dtype)
+        self.quant = quant if quant is not None and quant.quantized else None
+        if self.quant is not None:
+            self.quant.check(head_dim)
+            if rope is None:
+                raise ValueError("a quantized cache holds keys before RoPE: it needs the rotary table")
+        self._wpos: tuple | None = None  # (rank, count, positions): where the forward's new keys were rotated
         all_devices = [torch.device(d) for d in (layer_devices or [self.device] * len(kinds))]
         devices = [all_devices[i] for i in full]
         self.sliding: SlidingWindows | None = None
@@ -121,6 +131,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._pads = None  # per lane, pad ranks before its kept tokens (per_head only)
         self._row_stream = np.arange(self.batch)  # the stream of each bookkeeping row
         self._n = 0  # kept tokens; the per-token arrays below are valid up to here
+        self._wpos = None
         self._fed = 0  # stream position of the next token (sliding layers' distances)
         if self.sliding is not None:
             self.sliding.reset()
@@ -221,6 +232,7 @@ class StreamCache(Eviction, SlotStats, Cache):
         """RoPE positions (B, count) for the next tokens: they sit right after the kept ones."""
         if self.sliding is not None:
             self.sliding.prepare(count, self._n + self._offsets, self._fed)
+        self._wpos = None
         if self.batch == 1:
             start = self._n + int(self._offsets[0])
             return torch.arange(start, start + count, device=self.device)[None]
@@ -229,15 +241,26 @@ class StreamCache(Eviction, SlotStats, Cache):
 
     @property
     def k(self) -> torch.Tensor:  # single-device buffers, for tests and tools that inspect them
-        return self._single_shard().k
+        shard = self._single_shard()
+        return shard.k if self.quant is None else self._whole(shard)[0]
 
     @property
     def v(self) -> torch.Tensor:
-        return self._single_shard().v
+        shard = self._single_shard()
+        return shard.v if self.quant is None else self._whole(shard)[1]
 
     @property
     def k_pre(self) -> torch.Tensor | None:
-        return self._single_shard().k_pre
+        shard = self._single_shard()
+        if self.quant is None:
+            return shard.k_pre
+        quant = self.quant
+        return dequantize(cast(torch.Tensor, shard.kq), cast(torch.Tensor, shard.ks), cast(torch.Tensor, shard.kz), quant.bits, self.dtype)
+
+    def _whole(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantized shard's every slot, dequantized: (L_s, B, H, capacity, D) keys and values."""
+        pairs = [self._dequantized(shard, i, shard.capacity) for i in range(shard.stop - shard.start)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _single_shard(self) -> Shard:
         if len(self.shards) != 1:
@@ -255,13 +278,11 @@ class StreamCache(Eviction, SlotStats, Cache):
         (all that fit by default)."""
         keep = min(shard.capacity if keep is None else keep, capacity)
         shape = (shard.stop - shard.start, self.batch, self.kv_heads, capacity, self.head_dim)
-        for name in ("k", "v", "k_pre"):
-            if name == "k_pre" and self.rope is None:
-                continue
+        for name, tail, dtype in self._held_tensors():
             old = getattr(shard, name)
-            new = torch.zeros(shape, dtype=self.dtype, device=shard.device)
+            new = torch.zeros((*shape[:-1], *tail), dtype=dtype, device=shard.device)
             if old is not None:
-                new[..., :keep, :] = old[..., :keep, :]
+                new[:, :, :, :keep] = old[:, :, :, :keep]
             setattr(shard, name, new)
         for name, old in shard.stats.items():
             new = torch.zeros(shape[:-1], dtype=old.dtype, device=shard.device)
@@ -272,6 +293,18 @@ class StreamCache(Eviction, SlotStats, Cache):
             allowed[..., :keep] = shard.allowed[..., :keep]
             shard.allowed = allowed
         shard.capacity = capacity
+
+    def _held_tensors(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape after the slot axis, dtype) of each tensor a shard holds per slot."""
+        d = self.head_dim
+        if self.quant is None:
+            names = ("k", "v", "k_pre") if self.rope is not None else ("k", "v")
+            return [(name, (d,), self.dtype) for name in names]
+        width, groups = self.quant.code_width(d), d // self.quant.group
+        out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        for part in ("k", "v"):
+            out += [(part + "q", (width,), torch.uint8), (part + "s", (groups,), self.dtype), (part + "z", (groups,), self.dtype)]
+        return out + [("kpos", (), torch.int32)]
 
     def _fit_layers(self, held: np.ndarray) -> None:
         """Size each layer's buffers to the slots it holds, `held` (L,): a ragged cache's layers
@@ -288,8 +321,8 @@ class StreamCache(Eviction, SlotStats, Cache):
                     continue
                 one = Shard(shard.device, i, i + 1)
                 local = slice(i - shard.start, i - shard.start + 1)
-                one.k, one.v = shard.k[local], shard.v[local]
-                one.k_pre = shard.k_pre[local] if shard.k_pre is not None else None
+                for name, _, _ in self._held_tensors():
+                    setattr(one, name, getattr(shard, name)[local])
                 one.stats = {name: t[local] for name, t in shard.stats.items()}
                 one.allowed = shard.allowed[local] if shard.allowed is not None else None
                 one.capacity = shard.capacity
@@ -311,6 +344,8 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._len = [self._n + count] * self.num_layers
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.quant is not None:
+            return self._write_quantized(layer, k, v)
         if self.static:
             shard, i = self._where[layer]
             slot = cast(torch.Tensor, shard.slot)  # (set by set_write_slot before every static step)
@@ -326,6 +361,61 @@ class StreamCache(Eviction, SlotStats, Cache):
         shard.v[i, :, :, start:end].copy_(v)
         self._len[layer] = end
         return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
+
+    def _new_positions(self, count: int) -> torch.Tensor:
+        """Where the forward's `count` new keys were rotated, rank + offset: (count,) for one stream,
+        (B, 1, count) for several (one per forward, shared by every layer)."""
+        if self._wpos is None or self._wpos[:2] != (self._n, count):
+            rope = self.reindexing()
+            rope.ensure(self._n + count + int(self._offsets.max()) + 1)
+            if self.batch == 1:
+                start = self._n + int(self._offsets[0])
+                at = torch.arange(start, start + count, device=self.device)
+            else:
+                ranks = (self._n + self._offsets)[:, None] + np.arange(count)
+                at = torch.from_numpy(ranks).to(self.device)[:, None]
+            self._wpos = (self._n, count, at)
+        return self._wpos[2]
+
+    def _write_quantized(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Hold the new tokens quantized (pre-RoPE keys); attention reads the held ones
+        dequantized and rotated, and the forward's own tokens as the model computed them (as
+        transformers' QuantizedCache returns them)."""
+        quant = cast(KVQuant, self.quant)
+        count = k.shape[-2]
+        start = self._len[layer]
+        end = start + count
+        shard, i = self._where[layer]
+        if end > shard.capacity:
+            self._resize(shard, max(end, shard.capacity + shard.capacity // 4 if self.split else 2 * shard.capacity))
+        at = self._new_positions(count).to(k.device)
+        rope = cast(RotaryTable, self.rope)
+        pre = rope.unrotate(k, at)
+        kq, ks, kz = quantize(pre, quant.bits, quant.group)
+        vq, vs, vz = quantize(v, quant.bits, quant.group)
+        for name, t in (("kq", kq), ("ks", ks), ("kz", kz), ("vq", vq), ("vs", vs), ("vz", vz)):
+            getattr(shard, name)[i, :, :, start:end] = t
+        cast(torch.Tensor, shard.kpos)[i, :, :, start:end] = at.to(torch.int32)
+        self._len[layer] = end
+        if start == 0:
+            return k, v
+        held_k, held_v = self._dequantized(shard, i, start)
+        return torch.cat((held_k, k), dim=-2), torch.cat((held_v, v), dim=-2)
+
+    def _dequantized(self, shard: Shard, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i of `shard`, slots [0, n): (keys rotated at their positions, values), (B, H, n, D)."""
+        quant, rope = cast(KVQuant, self.quant), cast(RotaryTable, self.rope)
+        t = {name: cast(torch.Tensor, getattr(shard, name))[i, :, :, :n] for name in ("kq", "ks", "kz", "vq", "vs", "vz")}
+        pre = dequantize(t["kq"], t["ks"], t["kz"], quant.bits, self.dtype)
+        keys = rope.rotate_each(pre, cast(torch.Tensor, shard.kpos)[i, :, :, :n])
+        return keys, dequantize(t["vq"], t["vs"], t["vz"], quant.bits, self.dtype)
+
+    def held_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What full-attention layer `layer` holds, as attention reads it: (keys, values) (B, H, n, D)."""
+        shard, i = self._where[layer]
+        if self.quant is None:
+            return shard.k[i, :, :, : self._len[layer]], shard.v[i, :, :, : self._len[layer]]
+        return self._dequantized(shard, i, self._len[layer])
 
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
         """Record the tokens the last forward appended: their stream positions (count,) and
@@ -355,7 +445,9 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._fed = int(positions[-1]) + 1 if count else self._fed
         if self.sliding is not None:
             self.sliding.commit(count)
-        if self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
+        if self.quant is not None:  # (held before RoPE as they were written)
+            self._wpos = None
+        elif self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
             if self.batch == 1:
                 idx = np.arange(start + self.offset, end + self.offset)
@@ -385,15 +477,24 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._n = n
         self._len = [n - int(b) for b in self._base]
 
+    def lane_bytes(self) -> int:
+        """Bytes of one token's key and value in one (layer, stream, head) lane: 2 x head_dim
+        values, or quantized, their codes with a scale and a zero per group (quant.py). A
+        quantized key's int32 rotation position is bookkeeping, like the slot map: not counted
+        here, counted in `allocated_bytes`."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        if self.quant is None:
+            return 2 * self.head_dim * itemsize
+        return 2 * self.quant.vector_bytes(self.head_dim, itemsize)
+
     def token_bytes(self) -> int:
         """Bytes of K and V per cached token, over all layers and the batch."""
-        return 2 * self.num_layers * self.batch * self.kv_heads * self.head_dim * self.shards[0].k.element_size()
+        return self.num_layers * self.batch * self.kv_heads * self.lane_bytes()
 
     def kv_bytes(self) -> int:
         """Exact bytes of the keys and values kept now (full and sliding layers): logical, the
         tokens each lane keeps summed over lanes."""
-        lane_bytes = 2 * self.head_dim * self.shards[0].k.element_size()
-        return int(self.lane_counts().sum()) * lane_bytes + self.sliding_bytes()
+        return int(self.lane_counts().sum()) * self.lane_bytes() + self.sliding_bytes()
 
     def physical_kv_bytes(self) -> int:
         """Bytes of the keys and values attention reads now: every layer at the slots it holds,
