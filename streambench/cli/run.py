@@ -50,6 +50,22 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     "task's context: 25% (perplexity: of --tokens; needle: of the longest haystack).  "
     "[default: the task's: 64 for perplexity, 128 for needle, 512 for the dialogue tasks]",
 )
+@click.option(
+    "--kv-bits",
+    "kv_bits",
+    default="16",
+    show_default=True,
+    help="Bits per cached key and value, comma-separated for one run each: 16 (unquantized, the model's "
+    "dtype), 8, 4, 2 (per-token groups of --kv-group channels, keys held before RoPE).",
+)
+@click.option(
+    "--kv-group",
+    "kv_group",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Channels per quantization group (a scale and a zero each); must divide the model's head size.",
+)
 @click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
 @click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
 @click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 768]")
@@ -124,6 +140,8 @@ def run_command(
     policy_args,
     presets,
     budget,
+    kv_bits,
+    kv_group,
     task,
     task_args,
     tokens,
@@ -157,6 +175,7 @@ def run_command(
         streambench run --task rps --limit 300 --policy streamingllm,sirllm
         streambench run --task grocery --limit 5 --budget 256 --policy streamingllm,sirllm,longmem
         streambench run --task dailydialog --limit 200
+        streambench run --policy dense,streamingllm,h2o --kv-bits 16,4,2 --tokens 2048 --budget 256
     """
     from streambench.errors import ConfigError
     from streambench.runs.config import RunConfig, parse_budget
@@ -181,8 +200,11 @@ def run_command(
             targs[key] = value
     if dataset is not None:
         targs["text"] = "hf:" + dataset
+    from streambench.engine.cache.quant import parse_bits
+
     try:
         parsed = parse_budget(budget, "--budget")
+        bits = parse_bits(kv_bits, "--kv-bits")
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     config = RunConfig(
@@ -199,6 +221,8 @@ def run_command(
         device_map=device_map,
         cuda_graphs=cuda_graphs,
         task_defaults=dict(TASKS.get(task).run_defaults) if task in TASKS else {},
+        kv_bits=bits,
+        kv_group=kv_group,
     )
     _execute(config, quiet)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from streambench.engine.cache.quant import DEFAULT_GROUP
 from streambench.errors import ConfigError
 from streambench.policies.build import PolicySpec
 
@@ -26,6 +27,10 @@ class RunConfig:
     device_map: str | None = None  # "auto": spread the model's layers over the GPUs (accelerate)
     batch_size: int = 1  # streams per batch (tasks with several streams: perplexity over several texts)
     task_defaults: dict[str, Any] = field(default_factory=dict)  # below task_args: the task's run_defaults
+    # the KV cache's bits per value, one run per width and policy (16: unquantized, the model's
+    # dtype; 8/4/2: per-token groups of kv_group channels, engine/cache/quant.py)
+    kv_bits: list[int] = field(default_factory=lambda: [16])
+    kv_group: int = DEFAULT_GROUP
 
 
 def parse_budget(value, where: str = "budget"):

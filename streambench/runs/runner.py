@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from streambench.engine.cache.quant import KVQuant, parse_bits
 from streambench.errors import ConfigError
 from streambench.policies import POLICIES
 from streambench.policies.build import PolicySpec, build_policy
@@ -42,6 +43,7 @@ class PlannedRun:
     decode: str = "eager"  # "graph": one-token steps replayed as CUDA graphs
     budget_ratio: dict | None = None  # a budget given as a share of the context, and what it resolved to
     fits_checked: bool = False  # the size guard passed at planning (the model's shape was readable)
+    quant: KVQuant | None = None  # a quantized cache (None: the model's dtype)
 
 
 class Plan(NamedTuple):
@@ -86,9 +88,15 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
 
     shape = peek_shape(config.model)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    for spec in config.policies:
+    quants = [KVQuant(bits, group=config.kv_group) for bits in parse_bits(config.kv_bits, "kv_bits")]
+    for quant in quants:
+        if shape is not None:
+            quant.check(shape.head_dim)
+    for spec, quant in [(spec, quant) for spec in config.policies for quant in quants]:
         check_label(spec.label, f"label of {spec.name}")
         policy = build_policy(spec, budget, explicit=config.budget is not None)
+        if quant.quantized and policy.recompute:
+            raise ConfigError(f"{spec.display} re-encodes its window every step and holds no cache to quantize (--kv-bits)")
         if policy.prefill_only and not task.compresses_once:
             raise ConfigError(
                 f"{spec.display} scores a whole prefill at once: it runs only where a context is compressed "
@@ -121,7 +129,10 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
             run_config["batch_size"] = batch
         if config.device_map is not None:
             run_config["device_map"] = config.device_map
+        if quant.quantized:  # (unquantized runs keep the hashes they always had)
+            run_config["kv_quant"] = quant.record()
         graphable = not policy.recompute and not policy.retrieves and not policy.observes & EAGER_ONLY
+        graphable = graphable and not quant.quantized  # (dequantizes as each layer reads it: eager)
         decode = "graph" if graphs and graphable else "eager"
         if decode == "graph":  # speed only; recorded so GPU runs with and without graphs stay apart
             run_config["decode"] = decode
@@ -131,7 +142,8 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
             run_config["label"] = spec.label
         digest = config_hash(run_config)
         shown = policy.budget if policy.budget is not None else "inf"
-        run_id = f"{slug(task.name, 24)}-{slug(spec.display)}-b{shown}-{digest[:10]}"
+        tag = f"-{quant.tag}" if quant.quantized else ""
+        run_id = f"{slug(task.name, 24)}-{slug(spec.display)}{tag}-b{shown}-{digest[:10]}"
         planned.append(
             PlannedRun(
                 spec,
@@ -142,6 +154,7 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
                 decode,
                 ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None,
                 fits,
+                quant if quant.quantized else None,
             )
         )
     return Plan(task, planned)
@@ -234,7 +247,7 @@ def _run_one(
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
     with StreamSession(
-        lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens()
+        lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens(), quant=item.quant
     ) as session:
         meter = Meter(session.device)
         meter.start(session)
@@ -259,7 +272,7 @@ def _run_one(
     result = {
         "schema": SCHEMA,
         "run_id": item.run_id,
-        "label": item.spec.display,
+        "label": item.spec.display + (f" {item.quant.tag}" if item.quant is not None else ""),
         "config": item.config,
         "config_hash": item.digest,
         "model": lm.info.as_dict(),

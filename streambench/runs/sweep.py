@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streambench.engine.cache.quant import DEFAULT_GROUP, parse_bits
 from streambench.errors import ConfigError, OutputError, StreambenchError
 from streambench.policies.build import PolicySpec, resolve_policy
 from streambench.presets import PRESET_META, load_preset
@@ -45,6 +46,8 @@ SPEC_KEYS = {
     "retries",
     "batch_size",
     "device_map",
+    "kv_bits",
+    "kv_group",
 }
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
@@ -64,6 +67,8 @@ class SweepSpec:
     retries: int = 2  # a run that fails on a Ray cluster (error, node died) is tried this many more times
     batch_size: int = 1
     device_map: str | None = None
+    kv_bits: list[int] = field(default_factory=lambda: [16])  # one run per width (16: unquantized)
+    kv_group: int = DEFAULT_GROUP
     # (config, its plan) for every run of the matrix, made once by load_spec when it validates
     plans: list[tuple[RunConfig, Any]] = field(default_factory=list, repr=False, compare=False)
     planned_for_device: bool = field(default=True, repr=False, compare=False)
@@ -83,6 +88,8 @@ class SweepSpec:
                 out=self.out,
                 batch_size=self.batch_size,
                 device_map=self.device_map,
+                kv_bits=list(self.kv_bits),
+                kv_group=self.kv_group,
             )
             for m in self.models
             for t, args in self.tasks
@@ -105,7 +112,9 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     for key in ("device", "dtype", "store", "out"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"sweep spec: {key} must be a string, got {data[key]!r}")
-    for key in ("seed", "batch_size"):
+    raw_bits = data.get("kv_bits", [16])
+    kv_bits = parse_bits(raw_bits if isinstance(raw_bits, list | str) else [raw_bits], "sweep spec: kv_bits")
+    for key in ("seed", "batch_size", "kv_group"):
         if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int)):
             raise ConfigError(f"sweep spec: {key} must be an integer, got {data[key]!r}")
     policies = [_policy(p) for p in _as_list(data.get("policies"), "policies")]
@@ -129,6 +138,8 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
         retries,
         data.get("batch_size", 1),
         data.get("device_map"),
+        kv_bits,
+        data.get("kv_group", DEFAULT_GROUP),
     )
     from streambench.runs.runner import plan
 

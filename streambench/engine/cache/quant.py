@@ -59,11 +59,15 @@ class KVQuant:
         return {"bits": self.bits, "method": self.method, "group": self.group}
 
     def check(self, head_dim: int) -> None:
-        if self.quantized and head_dim % self.group:
+        if not self.quantized:
+            return
+        if head_dim % self.group:
             raise ConfigError(
                 f"KV group size {self.group} does not divide the model's head size {head_dim}: "
                 f"use a divisor of {head_dim} (--kv-group)"
             )
+        if head_dim % (8 // self.bits):
+            raise ConfigError(f"a head size of {head_dim} does not pack into bytes at {self.bits} bits")
 
     def code_width(self, head_dim: int) -> int:
         """Bytes of codes per vector of head_dim values."""
