@@ -154,3 +154,34 @@ def test_a_rollback_returns_the_stream_to_where_it_was(name):
     branched.feed(ids[:, 30:34].flip(-1))
     branched.rollback(saved)
     torch.testing.assert_close(branched.feed(ids[:, 30:34]), straight.feed(ids[:, 30:34]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("name", NAMES)
+def test_quantized_chunks_equal_the_reference_holding_quantized_tokens(name, bits):
+    """Every policy over a quantized cache (engine/cache/quant.py): chunks of 1-7 tokens equal the
+    independent reference holding every token quantized; keys a policy scores are the ones
+    attention reads (dequantized). recompute-window holds no cache and refuses."""
+    from streambench.engine.cache.quant import KVQuant
+    from streambench.errors import ConfigError
+
+    policy = build(name)
+    model = tiny_model("llama", layers=2)
+    if policy.recompute:
+        with pytest.raises(ConfigError, match="no cache to quantize"):
+            StreamSession(LoadedModel.wrap(model), policy, quant=KVQuant(bits, group=8))
+        return
+    session = StreamSession(LoadedModel.wrap(model), policy, quant=KVQuant(bits, group=8))
+    reference = ReferenceStream(model, build(name), quant=(bits, 8))
+    replays = policy.retrieves or bool(policy.observes - {"logits"})
+    ids = stream_ids(40, seed=6 + bits)
+    at = 0
+    for size in [1, 3, 5, 2, 7, 4] * 3:
+        limit = min(size, session.policy.max_incoming or size)
+        chunk = ids[:, at : at + limit]
+        if chunk.shape[1] == 0:
+            break
+        got = session.feed(chunk)
+        replay = session.cache.positions[..., : -chunk.shape[1]] if replays else None
+        torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
+        at += chunk.shape[1]

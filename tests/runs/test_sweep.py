@@ -127,6 +127,8 @@ def test_a_corrupt_store_is_an_error_and_left_untouched(tmp_path, tiny_model_dir
         ({"policies": ["dense"], "budgets": [0]}, "budget must be a positive integer or a percentage"),
         ({"policies": ["nope"]}, "unknown policy 'nope'"),
         ({"policies": ["streamingllm"], "budgets": [4]}, "budget 4 must be above start_size 4"),
+        ({"policies": ["dense"], "kv_bits": [16, 3]}, "kv_bits: 3 is not one of 16, 8, 4, 2"),
+        ({"policies": ["dense"], "kv_bits": [4], "kv_group": "x"}, "kv_group must be an integer"),
     ],
 )
 def test_bad_specs_fail_before_anything_runs(tmp_path, content, message):
@@ -172,3 +174,31 @@ def test_import_and_export_round_trip(tmp_path, tiny_model_dir, small_text):
     (tmp_path / "json" / "broken.json").write_text("{")
     broken = runner.invoke(cli, ["import", str(tmp_path / "json"), "--store", store])
     assert broken.exit_code == 2 and "corrupt results file" in broken.output
+
+
+def test_a_sweep_over_kv_bits_runs_each_width_and_counts_its_bytes(tmp_path, tiny_model_dir, small_text):
+    """kv_bits is an axis: one run per width and policy, each its own label and config hash;
+    resumed like any run; a quantized run's KV bytes are its codes, scales and zeros."""
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        small_text,
+        budgets=[16],
+        policies=["streamingllm", "h2o"],
+        kv_bits=[16, 4, 2],
+        kv_group=8,
+    )
+    result = sweep(spec)
+    assert result.exit_code == 0, result.output
+    with Store(tmp_path / "store.sqlite") as store:
+        results = {r["label"]: r for r in store.results()}
+    assert set(results) == {f"{p}{t}" for p in ("streamingllm", "h2o") for t in ("", " int4", " int2")}
+    assert len({r["config_hash"] for r in results.values()}) == 6
+    assert "kv_quant" not in results["h2o"]["config"]
+    assert results["h2o int4"]["config"]["kv_quant"] == {"bits": 4, "method": "token", "group": 8}
+    # head size 16, fp32: 64 bytes a vector; int4 8 bytes of codes + 2 groups x (scale, zero) x 4 bytes
+    kv = {label: r["metrics"]["kv_mib_peak"] for label, r in results.items()}
+    assert kv["h2o int4"] == pytest.approx(kv["h2o"] * 24 / 64)
+    assert kv["h2o int2"] == pytest.approx(kv["h2o"] * 20 / 64)
+    again = sweep(spec)
+    assert again.output.strip().endswith(f"0 finished, 0 failed, 6 already in {tmp_path / 'store.sqlite'}")

@@ -80,7 +80,7 @@ class KVQuant:
 
 def parse_bits(text, where: str = "--kv-bits") -> list[int]:
     """"16,4,2" (or a list of ints) -> [16, 4, 2]; a value outside 16/8/4/2 is one line."""
-    items = text if isinstance(text, list | tuple) else str(text).split(",")
+    items = text if isinstance(text, list | tuple) else [w for w in str(text).split(",") if w.strip()]
     out = []
     for item in items:
         word = item.strip() if isinstance(item, str) else item
