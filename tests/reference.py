@@ -101,10 +101,18 @@ def fake_quantize(x, bits, group):
 
 class ReferenceStream:
     def __init__(self, model, policy, quant=None):
-        """quant: (bits, group): the full-attention layers hold every token's pre-RoPE key and
-        value quantized (`fake_quantize`); a forward's own tokens attend in full precision."""
+        """quant: (bits, group[, method, residual]): the full-attention layers hold every token's
+        pre-RoPE key and value quantized (`fake_quantize`) once it is `residual` tokens old
+        (method "kivi": keys per channel over each block of `group` stream positions, from the
+        tokens each head keeps when the block is complete); a forward's own tokens attend in full
+        precision."""
         self.model, self.policy = model, policy
-        self.quant = quant
+        self.quant = None
+        if quant is not None:
+            bits, group, *rest = quant
+            method = rest[0] if rest else "token"
+            residual = rest[1] if len(rest) > 1 else (128 if method == "kivi" else 0)
+            self.quant = (bits, group, method, residual)
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.rotary_emb = model.base_model.rotary_emb
@@ -120,6 +128,8 @@ class ReferenceStream:
         layers = cfg.num_hidden_layers
         self.keys = [None] * layers  # per layer (B, H, every token fed, D), pre-RoPE
         self.values = [None] * layers
+        self.qkeys = [None] * layers  # the same, as a quantized cache holds them (full layers)
+        self.qvalues = [None] * layers
         self.positions = np.empty(0, dtype=np.int64)  # the kept tokens, time order
         self.scores = np.empty(0)
         self.prev_logprobs = None
@@ -179,7 +189,7 @@ class ReferenceStream:
             return self._feed_ragged(ids, cache)
         if n:
             pos = torch.arange(n, device=ids.device)
-            for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            for i, (k, v) in enumerate((self._held(i) for i in range(len(self.keys)))):
                 if i not in self.rank:  # sliding: the stream's last window - 1 tokens
                     self._slide(cache, i, k, v, n)
                     continue
@@ -196,19 +206,60 @@ class ReferenceStream:
         logits = self.model(input_ids=ids, position_ids=positions[None], cache=cache).logits
         return self._record(ids, positions, logits)
 
+    def _fronts(self, fed):
+        bits, group, method, residual = self.quant
+        values = max(0, fed - residual)
+        return (values - values % group if method == "kivi" else values), values
+
+    def _held(self, i):
+        """Layer i's keys and values of every token fed, as the cache holds them now."""
+        k, v = self.keys[i], self.values[i]
+        if self.quant is None or i not in self.rank or k is None:
+            return k, v
+        fk, fv = self._fronts(self.fed)
+        k = torch.cat([self.qkeys[i][:, :, :fk], k[:, :, fk:]], dim=2)
+        v = torch.cat([self.qvalues[i][:, :, :fv], v[:, :, fv:]], dim=2)
+        return k, v
+
+    def _flush_blocks(self, fed_before):
+        """KIVI: each key block completed by this step, per head from the tokens it keeps."""
+        bits, group, method, _ = self.quant
+        if method != "kivi":
+            return
+        for block in range(self._fronts(fed_before)[0], self._fronts(self.fed)[0], group):
+            for i in self.full:
+                keys = self.keys[i]
+                for h in range(keys.shape[1]):
+                    kept = self.positions if self.positions.ndim == 1 else self.positions[self.rank[i], h]
+                    members = torch.as_tensor(kept[(kept >= block) & (kept < block + group)])
+                    if not len(members):
+                        continue
+                    x = keys[0, h, members].float()
+                    low, high = x.min(dim=0).values, x.max(dim=0).values
+                    scale = (high - low) / (2**bits - 1)
+                    codes = torch.round((x - low) / torch.where(scale > 0, scale, torch.ones_like(scale)))
+                    self.qkeys[i][0, h, members] = (low + codes.clamp(0, 2**bits - 1) * scale).to(keys.dtype)
+
     def _record(self, ids, positions, logits):
         count = ids.shape[1]
+        fed_before = self.fed
         for i in range(len(self.keys)):
             k_new, v_new = self._new[i]
             k_new = self._rotate(k_new, -positions, i)  # back to pre-RoPE
             if self.quant is not None and i in self.rank:
-                k_new, v_new = fake_quantize(k_new, *self.quant), fake_quantize(v_new, *self.quant)
+                bits, group, method = self.quant[:3]
+                qk = k_new.clone() if method == "kivi" else fake_quantize(k_new, bits, group)
+                qv = fake_quantize(v_new, bits, group)
+                self.qkeys[i] = qk if self.qkeys[i] is None else torch.cat([self.qkeys[i], qk], dim=2)
+                self.qvalues[i] = qv if self.qvalues[i] is None else torch.cat([self.qvalues[i], qv], dim=2)
             self.keys[i] = k_new if self.keys[i] is None else torch.cat([self.keys[i], k_new], dim=2)
             self.values[i] = v_new if self.values[i] is None else torch.cat([self.values[i], v_new], dim=2)
         new = np.broadcast_to(np.arange(self.fed, self.fed + count), (*self.positions.shape[:-1], count))
         self.positions = np.concatenate([self.positions, new], axis=-1)
         self.scores = np.concatenate([self.scores, self._surprisal(ids, logits)])  # every token fed
         self.fed += count
+        if self.quant is not None:
+            self._flush_blocks(fed_before)
         return logits
 
     def _slide(self, cache, i, k, v, n):
@@ -225,7 +276,7 @@ class ReferenceStream:
         zeros of the longest lane's length so that its own positions and masks line up."""
         n, count, device = self.positions.shape[-1], ids.shape[1], ids.device
         lanes: dict[int, list] = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+        for i, (k, v) in enumerate((self._held(i) for i in range(len(self.keys)))):
             if i not in self.rank:  # sliding: the stream's last window - 1 tokens, as in feed()
                 self._slide(cache, i, k, v, n)
                 continue

@@ -66,6 +66,22 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     show_default=True,
     help="Channels per quantization group (a scale and a zero each); must divide the model's head size.",
 )
+@click.option(
+    "--kv-method",
+    "kv_method",
+    type=click.Choice(["token", "kivi"]),
+    default="token",
+    show_default=True,
+    help="token: keys and values per token in groups of channels; kivi: keys per channel in blocks of "
+    "--kv-group tokens, values per token (KIVI, arXiv:2402.02750).",
+)
+@click.option(
+    "--kv-residual",
+    "kv_residual",
+    type=int,
+    default=None,
+    help="Recent tokens held in full precision.  [default: 0 for token, 128 for kivi]",
+)
 @click.option("--task", "task", default="perplexity", show_default=True, help="Task name or preset.")
 @click.option("-t", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task argument (repeatable).")
 @click.option("--tokens", "-n", type=int, default=None, help="Tokens to stream (perplexity).  [default: 768]")
@@ -142,6 +158,8 @@ def run_command(
     budget,
     kv_bits,
     kv_group,
+    kv_method,
+    kv_residual,
     task,
     task_args,
     tokens,
@@ -223,6 +241,8 @@ def run_command(
         task_defaults=dict(TASKS.get(task).run_defaults) if task in TASKS else {},
         kv_bits=bits,
         kv_group=kv_group,
+        kv_method=kv_method,
+        kv_residual=kv_residual,
     )
     _execute(config, quiet)
 

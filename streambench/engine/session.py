@@ -104,6 +104,11 @@ class StreamSession:
             self.quant.check(lm.info.head_dim)
             if policy.recompute:
                 raise ConfigError(f"{policy.name} re-encodes its window every step and holds no cache to quantize")
+            if policy.retrieves and self.quant.per_channel:
+                raise ConfigError(
+                    f"{policy.name} splices tokens back from its bank, which KIVI's key blocks cannot take in: "
+                    "use --kv-method token"
+                )
         policy.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
@@ -625,13 +630,13 @@ class StreamSession:
         """Bytes of keys and values the next query reads (logical): the tokens each lane of the
         governed (full-attention) layers keeps, summed over lanes, plus, on hybrid models, the
         sliding layers' windows."""
-        return self.cache.kv_bytes() if self.cache.ragged else self.physical_kv_bytes
+        return self.cache.kv_bytes() if self.cache.ragged or self.quant is not None else self.physical_kv_bytes
 
     @property
     def physical_kv_bytes(self) -> int:
         """Bytes the cache holds for the next query's attention: every layer at the slots it
         holds (lanes keeping unequal counts pad to their layer's longest), plus the sliding windows."""
-        if self.cache.split:
+        if self.cache.split or self.quant is not None:
             return self.cache.physical_kv_bytes()
         return self.cache.length * self._token_bytes + self.cache.sliding_bytes()
 

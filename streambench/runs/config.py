@@ -31,6 +31,8 @@ class RunConfig:
     # dtype; 8/4/2: per-token groups of kv_group channels, engine/cache/quant.py)
     kv_bits: list[int] = field(default_factory=lambda: [16])
     kv_group: int = DEFAULT_GROUP
+    kv_method: str = "token"  # or "kivi": keys per channel in blocks of kv_group tokens
+    kv_residual: int | None = None  # recent tokens in full precision (None: 0 token, 128 kivi)
 
 
 def parse_budget(value, where: str = "budget"):

@@ -88,7 +88,10 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
 
     shape = peek_shape(config.model)
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    quants = [KVQuant(bits, group=config.kv_group) for bits in parse_bits(config.kv_bits, "kv_bits")]
+    quants = [
+        KVQuant(bits, method=config.kv_method, group=config.kv_group, residual=config.kv_residual)
+        for bits in parse_bits(config.kv_bits, "kv_bits")
+    ]
     for quant in quants:
         if shape is not None:
             quant.check(shape.head_dim)
@@ -97,6 +100,11 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
         policy = build_policy(spec, budget, explicit=config.budget is not None)
         if quant.quantized and policy.recompute:
             raise ConfigError(f"{spec.display} re-encodes its window every step and holds no cache to quantize (--kv-bits)")
+        if quant.quantized and quant.per_channel and policy.retrieves:
+            raise ConfigError(
+                f"{spec.display} splices tokens back from its bank, which KIVI's key blocks cannot take in: "
+                "use --kv-method token"
+            )
         if policy.prefill_only and not task.compresses_once:
             raise ConfigError(
                 f"{spec.display} scores a whole prefill at once: it runs only where a context is compressed "

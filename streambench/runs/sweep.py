@@ -48,6 +48,8 @@ SPEC_KEYS = {
     "device_map",
     "kv_bits",
     "kv_group",
+    "kv_method",
+    "kv_residual",
 }
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
@@ -69,6 +71,8 @@ class SweepSpec:
     device_map: str | None = None
     kv_bits: list[int] = field(default_factory=lambda: [16])  # one run per width (16: unquantized)
     kv_group: int = DEFAULT_GROUP
+    kv_method: str = "token"
+    kv_residual: int | None = None
     # (config, its plan) for every run of the matrix, made once by load_spec when it validates
     plans: list[tuple[RunConfig, Any]] = field(default_factory=list, repr=False, compare=False)
     planned_for_device: bool = field(default=True, repr=False, compare=False)
@@ -90,6 +94,8 @@ class SweepSpec:
                 device_map=self.device_map,
                 kv_bits=list(self.kv_bits),
                 kv_group=self.kv_group,
+                kv_method=self.kv_method,
+                kv_residual=self.kv_residual,
             )
             for m in self.models
             for t, args in self.tasks
@@ -140,6 +146,8 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
         data.get("device_map"),
         kv_bits,
         data.get("kv_group", DEFAULT_GROUP),
+        data.get("kv_method", "token"),
+        data.get("kv_residual"),
     )
     from streambench.runs.runner import plan
 

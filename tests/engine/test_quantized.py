@@ -79,15 +79,19 @@ def test_the_arithmetic_is_optimum_quantos():
     ],
 )
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_quantized_cache_equals_a_reference_holding_quantized_tokens(name, args, bits):
+@pytest.mark.parametrize("method,group,residual", [("token", 8, 0), ("token", 8, 5), ("kivi", 4, 3), ("kivi", 8, 0)])
+def test_quantized_cache_equals_a_reference_holding_quantized_tokens(name, args, bits, method, group, residual):
     """Three layers, token by token: the logits of a DynamicCache rebuilt every step from the kept
     tokens' quantized-then-dequantized states (keys re-rotated at their ranks), the new token in
-    full precision. Covers re-indexing without re-rotation (a position per key), per-head and
-    per-layer keep-sets, and an offset renormalisation (a stream three times the capacity)."""
+    full precision; with a residual, the last tokens in full precision; KIVI, keys quantized per
+    channel over each completed block of `group` stream positions, from the tokens each head still
+    keeps (eviction inside a block: its scale and zero come from the survivors). Covers
+    re-indexing without re-rotation (a position per key), per-head and per-layer keep-sets, and an
+    offset renormalisation (a stream three times the capacity)."""
     model = tiny_model("llama", layers=3)
-    quant = KVQuant(bits, group=8)
+    quant = KVQuant(bits, method=method, group=group, residual=residual)
     session = StreamSession(LoadedModel.wrap(model), policy(name, args), quant=quant)
-    reference = ReferenceStream(model, policy(name, args), quant=(bits, 8))
+    reference = ReferenceStream(model, policy(name, args), quant=(bits, group, method, residual))
     replay = bool(session.policy.observes - {"logits"})
     ids = stream_ids(40, seed=bits)
     for t in range(ids.shape[1]):
@@ -212,3 +216,86 @@ def test_bad_settings_are_refused():
         StreamSession(model, policy("h2o"), quant=KVQuant(4, group=12))
     with pytest.raises(ConfigError, match="holds no cache to quantize"):
         StreamSession(model, policy("recompute-window"), quant=KVQuant(4, group=8))
+
+
+def test_eviction_inside_a_kivi_key_block_keeps_the_survivors_codes_and_scales():
+    """StreamingLLM evicts the oldest window token every step, one member of a quantized key
+    block at a time: the block's survivors read back exactly as before (their codes and their
+    block's per-channel scale and zero stay), until the last one leaves and its entry is reused."""
+    model = LoadedModel.wrap(tiny_model("llama", layers=2))
+    quant = KVQuant(2, method="kivi", group=4, residual=2)
+    session = StreamSession(model, policy("streamingllm", {"start_size": 2}, budget=14), quant=quant)
+    ids = stream_ids(60, seed=11)
+    session.feed(ids[:, :30], exact=True)
+    cache = session.cache
+    before = dict(zip(cache.positions.tolist(), cache.ranked_pre_keys(0).unbind(2)))
+    session.feed(ids[:, 30:31])
+    after = dict(zip(cache.positions.tolist(), cache.ranked_pre_keys(0).unbind(2)))
+    front = quant.frontiers(30)[0]
+    survivors = [p for p in after if p in before and p < front]
+    partial = [p for p in survivors if p >= 2 and (p // 4) * 4 < min(q for q in survivors if q >= 2) + 4]
+    assert partial, "the window's oldest block should be partly evicted"
+    for p in survivors:
+        torch.testing.assert_close(after[p], before[p], atol=0, rtol=0)
+    shard = cache.shards[0]
+    assert shard.kgs.shape[3] <= 14 // 4 + 4 + 2  # entries of emptied blocks are reused
+
+
+@pytest.mark.parametrize("method,residual", [("token", 6), ("kivi", 3)])
+def test_windowed_kv_bytes_count_the_held_tensors(method, residual):
+    """Residual tokens at the model's dtype, quantized ones their codes and per-token scales or
+    (KIVI keys) a scale and a zero per channel per block a held key refers to, counted from the
+    cache's own tensors (stream positions, block ids), per-head keep-sets included."""
+    model = LoadedModel.wrap(tiny_model("llama", layers=3))
+    quant = KVQuant(4, method=method, group=4, residual=residual)
+    for name in ("streamingllm", "h2o", "pyramidkv"):
+        session = StreamSession(model, policy(name), quant=quant)
+        session.feed(stream_ids(37, seed=2))
+        cache, total = session.cache, 0
+        keys_front, values_front = quant.frontiers(cache._fed)
+        d = cache.head_dim
+        for shard in cache.shards:
+            m = cache._len[shard.start]
+            held = torch.ones_like(shard.spos[..., :m], dtype=torch.bool)
+            if shard.allowed is not None:
+                held &= shard.allowed[..., :m]
+            spos = shard.spos[..., :m]
+            recent_k, recent_v = held & (spos >= keys_front), held & (spos >= values_front)
+            total += int((recent_k.sum() + recent_v.sum())) * d * 4
+            total += int((held & ~recent_v).sum()) * (shard.vq.shape[-1] + 2 * shard.vs.shape[-1] * 4)
+            quantized_k = held & ~recent_k
+            total += int(quantized_k.sum()) * shard.kq.shape[-1]
+            if method == "kivi":
+                gid = shard.kgid[..., :m]
+                for lane_gid, lane_q in zip(gid.reshape(-1, m), quantized_k.reshape(-1, m)):
+                    total += len(lane_gid[lane_q].unique()) * 2 * d * 4
+            else:
+                total += int(quantized_k.sum()) * 2 * shard.ks.shape[-1] * 4
+        assert session.kv_bytes == total, name
+
+
+@pytest.mark.parametrize("method,group,residual", [("token", 8, 0), ("kivi", 4, 3)], ids=["token", "kivi"])
+@pytest.mark.parametrize("arch", __import__("tiny_models").ARCHITECTURES)
+def test_every_architecture_holds_its_quantized_tokens_exactly(arch, method, group, residual):
+    """Every supported family (partial rotary, interleaved RoPE, GQA, hybrid sliding layers, which
+    stay in the model's dtype): streamingllm then h2o, token by token, against the reference."""
+    model = tiny_model(arch, layers=3)
+    head_dim = LoadedModel.wrap(model).info.head_dim
+    if head_dim % group:
+        group = head_dim
+    quant = KVQuant(4, method=method, group=group, residual=residual)
+    for name in ("streamingllm", "h2o"):
+        lm = LoadedModel.wrap(model)
+        from streambench.engine.observe import CAPTURED
+
+        made = policy(name)
+        if not lm.layout.routable and made.observes & CAPTURED:
+            continue  # (Falcon refuses attention observers: tested in test_exactness.py)
+        session = StreamSession(lm, made, quant=quant)
+        reference = ReferenceStream(model, policy(name), quant=(4, group, method, residual))
+        replay = bool(session.policy.observes - {"logits"})
+        ids = stream_ids(30, seed=12)
+        for t in range(ids.shape[1]):
+            got = session.feed(ids[:, t : t + 1])
+            want = reference.feed(ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1] if replay else None)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

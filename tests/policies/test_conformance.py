@@ -157,22 +157,25 @@ def test_a_rollback_returns_the_stream_to_where_it_was(name):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("method,group,residual", [("token", 8, 0), ("kivi", 4, 3)], ids=["token", "kivi"])
 @pytest.mark.parametrize("name", NAMES)
-def test_quantized_chunks_equal_the_reference_holding_quantized_tokens(name, bits):
+def test_quantized_chunks_equal_the_reference_holding_quantized_tokens(name, method, group, residual, bits):
     """Every policy over a quantized cache (engine/cache/quant.py): chunks of 1-7 tokens equal the
-    independent reference holding every token quantized; keys a policy scores are the ones
-    attention reads (dequantized). recompute-window holds no cache and refuses."""
+    independent reference holding every token quantized (per token, or KIVI's key blocks with a
+    residual window); keys a policy scores are the ones attention reads (dequantized).
+    recompute-window holds no cache and refuses; longmem's bank cannot rejoin KIVI's key blocks."""
     from streambench.engine.cache.quant import KVQuant
     from streambench.errors import ConfigError
 
     policy = build(name)
     model = tiny_model("llama", layers=2)
-    if policy.recompute:
-        with pytest.raises(ConfigError, match="no cache to quantize"):
-            StreamSession(LoadedModel.wrap(model), policy, quant=KVQuant(bits, group=8))
+    quant = KVQuant(bits, method=method, group=group, residual=residual)
+    if policy.recompute or (policy.retrieves and quant.per_channel):
+        with pytest.raises(ConfigError, match="no cache to quantize|KIVI's key blocks"):
+            StreamSession(LoadedModel.wrap(model), policy, quant=quant)
         return
-    session = StreamSession(LoadedModel.wrap(model), policy, quant=KVQuant(bits, group=8))
-    reference = ReferenceStream(model, build(name), quant=(bits, 8))
+    session = StreamSession(LoadedModel.wrap(model), policy, quant=quant)
+    reference = ReferenceStream(model, build(name), quant=(bits, group, method, residual))
     replays = policy.retrieves or bool(policy.observes - {"logits"})
     ids = stream_ids(40, seed=6 + bits)
     at = 0

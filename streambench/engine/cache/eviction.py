@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from streambench.engine.cache.quant import dequantize, quantize
+from streambench.engine.cache.quant import quantize
 
 if TYPE_CHECKING:
     from streambench.engine.cache.layers import Shard
@@ -74,6 +74,8 @@ class Eviction:
         def grow(self, capacity: int) -> None: ...
 
         def _grow_meta(self, size: int) -> None: ...
+
+        def _read(self, shard, layers, slots, b=None, rotate=True, part="kv"): ...
 
         def _fit_layers(self, held: np.ndarray) -> None: ...
 
@@ -431,12 +433,11 @@ class Eviction:
     def _taken(self, shard: Shard, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre-RoPE keys, values) at `slots` of every layer of `shard`, on the cache's device;
         a quantized cache's dequantized (what attention read)."""
-        quant = self.quant
-        if quant is None:
+        if self.quant is None:
             return shard.pre().index_select(3, slots).to(self.device), shard.v.index_select(3, slots).to(self.device)
-        got = [getattr(shard, name).index_select(3, slots) for name in ("kq", "ks", "kz", "vq", "vs", "vz")]
-        pre = dequantize(*got[:3], quant.bits, self.dtype)
-        return pre.to(self.device), dequantize(*got[3:], quant.bits, self.dtype).to(self.device)
+        lanes = slots.expand(shard.stop - shard.start, self.kv_heads, len(slots))
+        pre, values = self._read(shard, slice(None), lanes, b=0, rotate=False)
+        return pre[:, None].to(self.device), values[:, None].to(self.device)
 
     def splice(self, keep: np.ndarray, at: int, positions: np.ndarray, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the ranks `keep`, then insert tokens (pre-RoPE keys and values, (L, B, H, m, D)) so
@@ -480,6 +481,8 @@ class Eviction:
                 kpos = shard.kpos
                 assert kpos is not None
                 kpos[..., n : n + m] = shard.index(new_positions.astype(np.int32))
+                if shard.spos is not None:  # (their stream positions: behind the frontier, quantized)
+                    shard.spos[..., n : n + m] = shard.index(positions.astype(np.int32))
                 continue
             shard.pre()[..., n : n + m, :] = part_k
             shard.v[..., n : n + m, :] = v[shard.start : shard.stop].to(shard.device, self.dtype)

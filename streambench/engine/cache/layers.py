@@ -145,6 +145,13 @@ class Shard:
         self.vs: torch.Tensor | None = None
         self.vz: torch.Tensor | None = None
         self.kpos: torch.Tensor | None = None
+        self.kgid: torch.Tensor | None = None  # KIVI: each key's block-table entry
+        self.spos: torch.Tensor | None = None  # a windowed quantized cache: each slot's stream position
+        # per layer, not per slot (quantized.py): KIVI's block tables, the recent tokens' rings
+        self.kgs: torch.Tensor | None = None
+        self.kgz: torch.Tensor | None = None
+        self.kr: torch.Tensor | None = None
+        self.vr: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}  # (L_s, B, H, capacity) float32, per slot
         self.slot: torch.Tensor | None = None  # the static decode path's write slot, on the device
         # (L_s, B, H, capacity) bool: False at the pad slots of lanes keeping fewer tokens than
@@ -159,8 +166,12 @@ class Shard:
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """Every per-slot tensor (what eviction moves with its token)."""
-        held = (self.k, self.v, self.k_pre, self.kq, self.ks, self.kz, self.vq, self.vs, self.vz, self.kpos)
-        return tuple(t for t in (*held, *self.stats.values()) if t is not None)
+        held = (self.k, self.v, self.k_pre, self.kq, self.ks, self.kz, self.kgid, self.vq, self.vs, self.vz)
+        return tuple(t for t in (*held, self.kpos, self.spos, *self.stats.values()) if t is not None)
+
+    def side(self) -> tuple[torch.Tensor, ...]:
+        """Per-layer tensors that do not move with tokens (a quantized cache's tables and rings)."""
+        return tuple(t for t in (self.kgs, self.kgz, self.kr, self.vr) if t is not None)
 
     def index(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)

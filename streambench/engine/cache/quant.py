@@ -25,8 +25,9 @@ import torch
 from streambench.errors import ConfigError
 
 BITS = (16, 8, 4, 2)
-METHODS = ("token",)
+METHODS = ("token", "kivi")
 DEFAULT_GROUP = 32  # KIVI's group size (transformers' QuantizedCache defaults to 64)
+KIVI_RESIDUAL = 128  # KIVI's full-precision window (its R)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class KVQuant:
     bits: int = 16
     method: str = "token"
     group: int = DEFAULT_GROUP
+    residual: int | None = None  # recent tokens held in full precision; None: 0 (token), 128 (kivi)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in BITS:
@@ -44,24 +46,61 @@ class KVQuant:
             raise ConfigError(f"KV quantization method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
             raise ConfigError(f"KV group size must be a positive integer, got {self.group!r}")
+        if self.residual is None:
+            object.__setattr__(self, "residual", KIVI_RESIDUAL if self.method == "kivi" else 0)
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ConfigError(f"KV residual must be an integer >= 0, got {self.residual!r}")
 
+    @property
+    def recent(self) -> int:
+        """Recent tokens held in full precision (an int: __post_init__ resolved None)."""
+        return int(self.residual or 0)
+
+    @property
+    def per_channel(self) -> bool:
+        """KIVI's keys: each channel of a block of `group` tokens shares a scale and a zero."""
+        return self.method == "kivi"
+
+    @property
+    def windowed(self) -> bool:
+        """Tokens wait in full precision before they are quantized (a residual, or KIVI's
+        incomplete key block): the cache holds a ring of recent tokens by stream position."""
+        return self.per_channel or self.recent > 0
+
+    def frontiers(self, fed: int) -> tuple[int, int]:
+        """(keys, values): stream positions before which a held token is quantized, once `fed`
+        tokens are in. Values leave the residual one by one (KIVI's values, the token method's
+        keys); KIVI's keys in whole blocks of `group` tokens."""
+        values = max(0, fed - self.recent)
+        keys = values - values % self.group if self.per_channel else values
+        return keys, values
     @property
     def quantized(self) -> bool:
         return self.bits < 16
 
     @property
     def tag(self) -> str:
-        """How labels and run ids name it: "int4" (unquantized: empty)."""
-        return f"int{self.bits}" if self.quantized else ""
+        """How labels and run ids name it: "int4", "kivi2" (unquantized: empty)."""
+        if not self.quantized:
+            return ""
+        return f"{'kivi' if self.per_channel else 'int'}{self.bits}" + (f"-r{self.recent}" if self.recent != (KIVI_RESIDUAL if self.per_channel else 0) else "")
 
     def record(self) -> dict:
-        """What the run's config (and hash) records; an unquantized run records nothing."""
-        return {"bits": self.bits, "method": self.method, "group": self.group}
+        """What the run's config (and hash) records; an unquantized run records nothing. (The
+        token method without a residual records what it always did.)"""
+        out = {"bits": self.bits, "method": self.method, "group": self.group}
+        return out | ({"residual": self.recent} if self.windowed else {})
 
     def check(self, head_dim: int) -> None:
         if not self.quantized:
             return
-        if head_dim % self.group:
+        if self.per_channel:  # (KIVI's values: groups of channels, as its keys' groups of tokens)
+            if head_dim % self.group:
+                raise ConfigError(
+                    f"KV group size {self.group} does not divide the model's head size {head_dim}: "
+                    f"KIVI groups values by channels too; use a divisor of {head_dim} (--kv-group)"
+                )
+        elif head_dim % self.group:
             raise ConfigError(
                 f"KV group size {self.group} does not divide the model's head size {head_dim}: "
                 f"use a divisor of {head_dim} (--kv-group)"

@@ -12,12 +12,9 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from streambench.engine.cache.quant import dequantize
-
 if TYPE_CHECKING:
     from streambench.engine.cache.layers import Shard
     from streambench.engine.cache.quant import KVQuant
-    from streambench.models.rope import RotaryTable
 
 
 def _key_norm(keys: torch.Tensor) -> torch.Tensor:
@@ -41,14 +38,16 @@ class SlotStats:
     per_head: bool
     stat_names: tuple[str, ...]
     quant: KVQuant | None
-    rope: RotaryTable | None
-    dtype: torch.dtype
     _n: int
     _slot: np.ndarray
     _where: list[tuple[Shard, int]]
     _base: np.ndarray
     _len: list[int]
     split: bool
+
+    if TYPE_CHECKING:
+
+        def _read(self, shard, layers, slots, b=None, rotate=True, part="kv"): ...
 
     def enable_stats(self, names) -> None:
         """Keep (L, B, H, capacity) float32 buffers `names` next to the keys; they move with them."""
@@ -102,26 +101,35 @@ class SlotStats:
         """Stream b's cached (rotated) keys, (L, H, n, D) in each head's rank order: a quantized
         cache's as attention reads them (dequantized, rotated at their positions)."""
         if self.quant is not None:
-            positions = self._ranked([cast(torch.Tensor, s.kpos) for s in self.shards], b)
-            return cast("RotaryTable", self.rope).rotate_each(self.ranked_pre_keys(b), positions)
+            return self._ranked_read(b, rotate=True, part="k")
         return self._ranked([s.k for s in self.shards], b)
 
     def ranked_values(self, b: int = 0) -> torch.Tensor:
         """Stream b's cached values, (L, H, n, D) in each head's rank order."""
         if self.quant is not None:
-            return self._ranked_dequantized("v", b)
+            return self._ranked_read(b, rotate=False, part="v")
         return self._ranked([s.v for s in self.shards], b)
 
     def ranked_pre_keys(self, b: int = 0) -> torch.Tensor:
         """Stream b's pre-RoPE keys, (L, H, n, D) in each head's rank order (a re-indexing cache)."""
         if self.quant is not None:
-            return self._ranked_dequantized("k", b)
+            return self._ranked_read(b, rotate=False, part="k")
         return self._ranked([s.pre() for s in self.shards], b)
 
-    def _ranked_dequantized(self, part: str, b: int) -> torch.Tensor:
-        quant = cast("KVQuant", self.quant)
-        got = [self._ranked([cast(torch.Tensor, getattr(s, part + x)) for s in self.shards], b) for x in "qsz"]
-        return dequantize(*got, quant.bits, self.dtype)
+    def _ranked_read(self, b: int, rotate: bool, part: str) -> torch.Tensor:
+        """A quantized cache's keys or values of stream b as attention reads them, (L, H, n, D)
+        in each head's rank order."""
+        parts = []
+        for shard in self.shards:
+            layers = shard.stop - shard.start
+            if self.per_head:
+                lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[shard.start : shard.stop, b, :, : self._n]
+                lanes = np.maximum(lanes, 0)  # (a ragged layer's slotless pads: read slot 0, masked anyway)
+            else:
+                lanes = np.broadcast_to(self._slot[b, : self._n], (layers, self.kv_heads, self._n))
+            idx = shard.index(np.ascontiguousarray(lanes))
+            parts.append(self._read(shard, slice(None), idx, b=b, rotate=rotate, part=part).to(self.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def save_stats(self):
         """The statistics of the kept tokens, for a rollback (a branch's queries add attention)."""
@@ -139,8 +147,7 @@ class SlotStats:
             for name, value in ON_WRITE.items():
                 if name in shard.stats:
                     if self.quant is not None:  # (what attention reads: the held keys, dequantized)
-                        codes = [cast(torch.Tensor, getattr(shard, "k" + x))[..., at, :] for x in "qsz"]
-                        source = dequantize(*codes, self.quant.bits, self.dtype)
+                        source = self._read(shard, slice(None), at, rotate=False, part="k")
                     else:
                         source = (shard.k_pre if shard.k_pre is not None else shard.k)[..., at, :]
                     shard.stats[name][..., at] = value(source)

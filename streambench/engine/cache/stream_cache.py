@@ -13,7 +13,8 @@ from transformers.cache_utils import Cache
 
 from streambench.engine.cache.eviction import Eviction
 from streambench.engine.cache.layers import Shard, SlidingLayer, StreamLayer
-from streambench.engine.cache.quant import KVQuant, dequantize, quantize
+from streambench.engine.cache.quant import KVQuant
+from streambench.engine.cache.quantized import SIDE_NAMES, Quantized
 from streambench.engine.cache.sliding import SlidingWindows
 from streambench.engine.cache.slot_stats import SlotStats
 from streambench.models.rope import RotaryTable
@@ -21,7 +22,7 @@ from streambench.models.rope import RotaryTable
 _SLACK = 16  # slots a ragged cache's layer keeps beyond what it holds (tokens arriving between evictions)
 
 
-class StreamCache(Eviction, SlotStats, Cache):
+class StreamCache(Eviction, SlotStats, Quantized, Cache):
     """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
     tokens (a score-based policy evicts different ones per stream), all keep equally many."""
 
@@ -254,13 +255,12 @@ class StreamCache(Eviction, SlotStats, Cache):
         shard = self._single_shard()
         if self.quant is None:
             return shard.k_pre
-        quant = self.quant
-        return dequantize(cast(torch.Tensor, shard.kq), cast(torch.Tensor, shard.ks), cast(torch.Tensor, shard.kz), quant.bits, self.dtype)
+        return self._read(shard, slice(None), slice(0, shard.capacity), rotate=False, part="k")
 
     def _whole(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
-        """A quantized shard's every slot, dequantized: (L_s, B, H, capacity, D) keys and values."""
-        pairs = [self._dequantized(shard, i, shard.capacity) for i in range(shard.stop - shard.start)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        """A quantized shard's every slot, as attention would read it: (L_s, B, H, capacity, D)."""
+        keys, values = self._read(shard, slice(None), slice(0, shard.capacity))
+        return keys, values
 
     def _single_shard(self) -> Shard:
         if len(self.shards) != 1:
@@ -293,18 +293,15 @@ class StreamCache(Eviction, SlotStats, Cache):
             allowed[..., :keep] = shard.allowed[..., :keep]
             shard.allowed = allowed
         shard.capacity = capacity
+        if self.quant is not None:
+            self._ensure_side(shard)
 
     def _held_tensors(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape after the slot axis, dtype) of each tensor a shard holds per slot."""
-        d = self.head_dim
-        if self.quant is None:
-            names = ("k", "v", "k_pre") if self.rope is not None else ("k", "v")
-            return [(name, (d,), self.dtype) for name in names]
-        width, groups = self.quant.code_width(d), d // self.quant.group
-        out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-        for part in ("k", "v"):
-            out += [(part + "q", (width,), torch.uint8), (part + "s", (groups,), self.dtype), (part + "z", (groups,), self.dtype)]
-        return out + [("kpos", (), torch.int32)]
+        if self.quant is not None:
+            return self._quantized_slots()
+        names = ("k", "v", "k_pre") if self.rope is not None else ("k", "v")
+        return [(name, (self.head_dim,), self.dtype) for name in names]
 
     def _fit_layers(self, held: np.ndarray) -> None:
         """Size each layer's buffers to the slots it holds, `held` (L,): a ragged cache's layers
@@ -323,6 +320,9 @@ class StreamCache(Eviction, SlotStats, Cache):
                 local = slice(i - shard.start, i - shard.start + 1)
                 for name, _, _ in self._held_tensors():
                     setattr(one, name, getattr(shard, name)[local])
+                for name in SIDE_NAMES:  # (a quantized cache's block tables and rings, per layer)
+                    side = getattr(shard, name)
+                    setattr(one, name, side[local].clone() if side is not None else None)
                 one.stats = {name: t[local] for name, t in shard.stats.items()}
                 one.allowed = shard.allowed[local] if shard.allowed is not None else None
                 one.capacity = shard.capacity
@@ -362,66 +362,12 @@ class StreamCache(Eviction, SlotStats, Cache):
         self._len[layer] = end
         return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
 
-    def _new_positions(self, count: int) -> torch.Tensor:
-        """Where the forward's `count` new keys were rotated, rank + offset: (count,) for one stream,
-        (B, 1, count) for several (one per forward, shared by every layer)."""
-        if self._wpos is None or self._wpos[:2] != (self._n, count):
-            rope = self.reindexing()
-            rope.ensure(self._n + count + int(self._offsets.max()) + 1)
-            if self.batch == 1:
-                start = self._n + int(self._offsets[0])
-                at = torch.arange(start, start + count, device=self.device)
-            else:
-                ranks = (self._n + self._offsets)[:, None] + np.arange(count)
-                at = torch.from_numpy(ranks).to(self.device)[:, None]
-            self._wpos = (self._n, count, at)
-        return self._wpos[2]
-
-    def _write_quantized(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Hold the new tokens quantized (pre-RoPE keys); attention reads the held ones
-        dequantized and rotated, and the forward's own tokens as the model computed them (as
-        transformers' QuantizedCache returns them)."""
-        quant = cast(KVQuant, self.quant)
-        count = k.shape[-2]
-        start = self._len[layer]
-        end = start + count
-        shard, i = self._where[layer]
-        if end > shard.capacity:
-            self._resize(shard, max(end, shard.capacity + shard.capacity // 4 if self.split else 2 * shard.capacity))
-        at = self._new_positions(count).to(k.device)
-        rope = cast(RotaryTable, self.rope)
-        pre = rope.unrotate(k, at)
-        kq, ks, kz = quantize(pre, quant.bits, quant.group)
-        vq, vs, vz = quantize(v, quant.bits, quant.group)
-        for name, t in (("kq", kq), ("ks", ks), ("kz", kz), ("vq", vq), ("vs", vs), ("vz", vz)):
-            getattr(shard, name)[i, :, :, start:end] = t
-        cast(torch.Tensor, shard.kpos)[i, :, :, start:end] = at.to(torch.int32)
-        self._len[layer] = end
-        if start == 0:
-            return k, v
-        held_k, held_v = self._dequantized(shard, i, start)
-        return torch.cat((held_k, k), dim=-2), torch.cat((held_v, v), dim=-2)
-
-    def _dequantized(self, shard: Shard, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i of `shard`, slots [0, n): (keys rotated at their positions, values), (B, H, n, D)."""
-        quant, rope = cast(KVQuant, self.quant), cast(RotaryTable, self.rope)
-        t = {name: cast(torch.Tensor, getattr(shard, name))[i, :, :, :n] for name in ("kq", "ks", "kz", "vq", "vs", "vz")}
-        pre = dequantize(t["kq"], t["ks"], t["kz"], quant.bits, self.dtype)
-        keys = rope.rotate_each(pre, cast(torch.Tensor, shard.kpos)[i, :, :, :n])
-        return keys, dequantize(t["vq"], t["vs"], t["vz"], quant.bits, self.dtype)
-
-    def held_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What full-attention layer `layer` holds, as attention reads it: (keys, values) (B, H, n, D)."""
-        shard, i = self._where[layer]
-        if self.quant is None:
-            return shard.k[i, :, :, : self._len[layer]], shard.v[i, :, :, : self._len[layer]]
-        return self._dequantized(shard, i, self._len[layer])
-
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
         """Record the tokens the last forward appended: their stream positions (count,) and
         scores (B, count) or None."""
         start, count = self._n, len(positions)
         end = start + count
+        fed_before = self._fed
         base = self._base
         if self.split:  # (per token: the per-layer arithmetic only where layers hold apart)
             disagree = any(n != end - b for n, b in zip(self._len, base))
@@ -447,6 +393,8 @@ class StreamCache(Eviction, SlotStats, Cache):
             self.sliding.commit(count)
         if self.quant is not None:  # (held before RoPE as they were written)
             self._wpos = None
+            if self.quant.windowed:
+                self._advance(fed_before)
         elif self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
             if self.batch == 1:
@@ -493,13 +441,18 @@ class StreamCache(Eviction, SlotStats, Cache):
 
     def kv_bytes(self) -> int:
         """Exact bytes of the keys and values kept now (full and sliding layers): logical, the
-        tokens each lane keeps summed over lanes."""
+        tokens each lane keeps summed over lanes (quantized: `quantized_kv_bytes`)."""
+        if self.quant is not None:
+            return self.quantized_kv_bytes() + self.sliding_bytes()
         return int(self.lane_counts().sum()) * self.lane_bytes() + self.sliding_bytes()
 
     def physical_kv_bytes(self) -> int:
         """Bytes of the keys and values attention reads now: every layer at the slots it holds,
         its lanes padded to its longest (a ragged cache's pads included), plus the sliding windows."""
         slots = self.num_layers * self.length - int(self._base.sum())
+        if self.quant is not None:  # what the lanes hold, and a quantized token's bytes per pad slot
+            pads = slots * self.batch * self.kv_heads - int(self.lane_counts().sum())
+            return self.kv_bytes() + pads * self.lane_bytes()
         return slots * (self.token_bytes() // self.num_layers) + self.sliding_bytes()
 
     def sliding_bytes(self) -> int:
@@ -507,5 +460,5 @@ class StreamCache(Eviction, SlotStats, Cache):
 
     def allocated_bytes(self) -> int:
         """Bytes held by the buffers (capacity, and the pre-RoPE key copy when re-indexing)."""
-        n = sum(t.numel() * t.element_size() for s in self.shards for t in s.buffers())
+        n = sum(t.numel() * t.element_size() for s in self.shards for t in (*s.buffers(), *s.side()))
         return n + (self.sliding.allocated_bytes() if self.sliding is not None else 0)
