@@ -54,7 +54,11 @@ def main() -> None:
         f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads: ms per token after {args.warm} tokens "
         f"(budget {args.budget}; dense holds them all), best of 2"
     )
-    print(f"{'policy':<14}" + "".join(f"{f'{b}-bit':>10}" for b in bits_list) + "".join(f"{f'{b}/16':>8}" for b in bits_list[1:]))
+    print(
+        f"{'policy':<14}"
+        + "".join(f"{f'{b}-bit':>10}" for b in bits_list)
+        + "".join(f"{f'{b}/16':>8}" for b in bits_list[1:])
+    )
     for name in args.policies.split(","):
         row = [best[(name, b)] for b in bits_list]
         print(f"{name:<14}" + "".join(f"{v:10.1f}" for v in row) + "".join(f"{v / row[0]:8.2f}x" for v in row[1:]))

@@ -106,7 +106,9 @@ def main() -> None:
         rows = [("ours", ours, time.perf_counter() - t0)]
         for name, pre in (("hf", False), ("hf-pre-rope", True)):
             t0 = time.perf_counter()
-            rows.append((name, nll_per_token(hf_run(lm.model, ids, bits, args.group, pre), ids), time.perf_counter() - t0))
+            rows.append(
+                (name, nll_per_token(hf_run(lm.model, ids, bits, args.group, pre), ids), time.perf_counter() - t0)
+            )
         for name, nll, secs in rows:
             diff = (nll - ours).abs()
             print(

@@ -189,7 +189,7 @@ class ReferenceStream:
             return self._feed_ragged(ids, cache)
         if n:
             pos = torch.arange(n, device=ids.device)
-            for i, (k, v) in enumerate((self._held(i) for i in range(len(self.keys)))):
+            for i, (k, v) in enumerate(self._held(i) for i in range(len(self.keys))):
                 if i not in self.rank:  # sliding: the stream's last window - 1 tokens
                     self._slide(cache, i, k, v, n)
                     continue
@@ -276,7 +276,7 @@ class ReferenceStream:
         zeros of the longest lane's length so that its own positions and masks line up."""
         n, count, device = self.positions.shape[-1], ids.shape[1], ids.device
         lanes: dict[int, list] = {}
-        for i, (k, v) in enumerate((self._held(i) for i in range(len(self.keys)))):
+        for i, (k, v) in enumerate(self._held(i) for i in range(len(self.keys))):
             if i not in self.rank:  # sliding: the stream's last window - 1 tokens, as in feed()
                 self._slide(cache, i, k, v, n)
                 continue

@@ -99,7 +99,9 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
         check_label(spec.label, f"label of {spec.name}")
         policy = build_policy(spec, budget, explicit=config.budget is not None)
         if quant.quantized and policy.recompute:
-            raise ConfigError(f"{spec.display} re-encodes its window every step and holds no cache to quantize (--kv-bits)")
+            raise ConfigError(
+                f"{spec.display} re-encodes its window every step and holds no cache to quantize (--kv-bits)"
+            )
         if quant.quantized and quant.per_channel and policy.retrieves:
             raise ConfigError(
                 f"{spec.display} splices tokens back from its bank, which KIVI's key blocks cannot take in: "

@@ -3,7 +3,6 @@ reads exactly those, dequantized (keys rotated at their rank + offset), and a fo
 in full precision. Exactness is defined against what is held: the independent reference holds
 every token quantized by its own code (reference.fake_quantize)."""
 
-import numpy as np
 import pytest
 import torch
 from reference import ReferenceStream, fake_quantize
@@ -58,7 +57,9 @@ def test_a_constant_group_comes_back_exactly():
 def test_the_arithmetic_is_optimum_quantos():
     """The same codes and dequantized values as quanto's MaxOptimizer + quantize_affine with
     axis=0 (per-token groups), what transformers' QuantizedCache calls."""
-    quanto = pytest.importorskip("optimum.quanto", reason="optimum-quanto not installed: pip install 'streambench[quant]'")
+    quanto = pytest.importorskip(
+        "optimum.quanto", reason="optimum-quanto not installed: pip install 'streambench[quant]'"
+    )
     x = torch.randn(2, 3, 9, 64, generator=torch.Generator().manual_seed(0))
     for bits, qtype in ((4, quanto.qint4), (2, quanto.qint2)):
         scale, shift = quanto.MaxOptimizer()(x, qtype, 0, 32)
@@ -261,7 +262,7 @@ def test_windowed_kv_bytes_count_the_held_tensors(method, residual):
                 held &= shard.allowed[..., :m]
             spos = shard.spos[..., :m]
             recent_k, recent_v = held & (spos >= keys_front), held & (spos >= values_front)
-            total += int((recent_k.sum() + recent_v.sum())) * d * 4
+            total += int(recent_k.sum() + recent_v.sum()) * d * 4
             total += int((held & ~recent_v).sum()) * (shard.vq.shape[-1] + 2 * shard.vs.shape[-1] * 4)
             quantized_k = held & ~recent_k
             total += int(quantized_k.sum()) * shard.kq.shape[-1]
@@ -297,5 +298,7 @@ def test_every_architecture_holds_its_quantized_tokens_exactly(arch, method, gro
         ids = stream_ids(30, seed=12)
         for t in range(ids.shape[1]):
             got = session.feed(ids[:, t : t + 1])
-            want = reference.feed(ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1] if replay else None)
+            want = reference.feed(
+                ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1] if replay else None
+            )
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -335,7 +335,11 @@ class Eviction:
         pad_slots = self._slot[pad_r, pad_c]
         slotted = pad_slots >= 0  # (a layer's first pads hold no slot)
         for shard, _, flat in self._lane_index(pad_r[slotted], pad_slots[slotted]):
-            allowed = torch.ones((shard.stop - shard.start, self.batch, self.kv_heads, shard.capacity), dtype=torch.bool, device=shard.device)
+            allowed = torch.ones(
+                (shard.stop - shard.start, self.batch, self.kv_heads, shard.capacity),
+                dtype=torch.bool,
+                device=shard.device,
+            )
             allowed.view(-1)[flat] = False
             shard.allowed = allowed
 

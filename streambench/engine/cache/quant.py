@@ -74,6 +74,7 @@ class KVQuant:
         values = max(0, fed - self.recent)
         keys = values - values % self.group if self.per_channel else values
         return keys, values
+
     @property
     def quantized(self) -> bool:
         return self.bits < 16
@@ -83,7 +84,9 @@ class KVQuant:
         """How labels and run ids name it: "int4", "kivi2" (unquantized: empty)."""
         if not self.quantized:
             return ""
-        return f"{'kivi' if self.per_channel else 'int'}{self.bits}" + (f"-r{self.recent}" if self.recent != (KIVI_RESIDUAL if self.per_channel else 0) else "")
+        return f"{'kivi' if self.per_channel else 'int'}{self.bits}" + (
+            f"-r{self.recent}" if self.recent != (KIVI_RESIDUAL if self.per_channel else 0) else ""
+        )
 
     def record(self) -> dict:
         """What the run's config (and hash) records; an unquantized run records nothing. (The
@@ -118,7 +121,7 @@ class KVQuant:
 
 
 def parse_bits(text, where: str = "--kv-bits") -> list[int]:
-    """"16,4,2" (or a list of ints) -> [16, 4, 2]; a value outside 16/8/4/2 is one line."""
+    """ "16,4,2" (or a list of ints) -> [16, 4, 2]; a value outside 16/8/4/2 is one line."""
     items = text if isinstance(text, list | tuple) else [w for w in str(text).split(",") if w.strip()]
     out = []
     for item in items:
@@ -147,7 +150,9 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     return pack(codes, bits), scale[..., 0].to(x.dtype), low[..., 0].to(x.dtype)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The inverse of `quantize`: (..., D) in `dtype`."""
     q = unpack(codes, bits)
     groups = scale.shape[-1]

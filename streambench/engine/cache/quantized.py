@@ -316,9 +316,11 @@ class Quantized:
         rows = counts.size  # (layer, stream, head) lanes
         pos = self._pos[:, : self._n]
         if pos.shape[0] != rows:  # one row per stream: every layer and head alike
-            pos = np.repeat(pos, self.num_layers * self.kv_heads, axis=0) if self.batch == 1 else pos[
-                np.tile(np.repeat(np.arange(self.batch), self.kv_heads), self.num_layers)
-            ]
+            pos = (
+                np.repeat(pos, self.num_layers * self.kv_heads, axis=0)
+                if self.batch == 1
+                else pos[np.tile(np.repeat(np.arange(self.batch), self.kv_heads), self.num_layers)]
+            )
         held = pos >= 0
         keys_front, values_front = quant.frontiers(self._fed)
         fp = 2 * d * itemsize // 2  # one vector at the model's dtype

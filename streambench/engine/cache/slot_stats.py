@@ -7,7 +7,7 @@ keys as tokens enter (no attention capture, so the static and graph decode paths
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -123,7 +123,9 @@ class SlotStats:
         for shard in self.shards:
             layers = shard.stop - shard.start
             if self.per_head:
-                lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[shard.start : shard.stop, b, :, : self._n]
+                lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
+                    shard.start : shard.stop, b, :, : self._n
+                ]
                 lanes = np.maximum(lanes, 0)  # (a ragged layer's slotless pads: read slot 0, masked anyway)
             else:
                 lanes = np.broadcast_to(self._slot[b, : self._n], (layers, self.kv_heads, self._n))
