@@ -302,3 +302,23 @@ def test_every_architecture_holds_its_quantized_tokens_exactly(arch, method, gro
                 ids[:, t : t + 1], keep_positions=session.cache.positions[..., :-1] if replay else None
             )
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,group,residual", [("token", 8, 0), ("kivi", 4, 3)], ids=["token", "kivi"])
+def test_greedy_generation_reads_the_quantized_cache(method, group, residual):
+    """Generation (chat, mtbench, lm-eval's generate_until) decodes through the quantized cache:
+    the prompt as one chunk, then every greedy token the argmax of the reference holding the
+    same quantized tokens."""
+    from streambench.engine.generation import generate
+
+    model = tiny_model("llama", layers=2)
+    quant = KVQuant(4, method=method, group=group, residual=residual)
+    session = StreamSession(LoadedModel.wrap(model), policy("streamingllm"), quant=quant)
+    ids = stream_ids(10, seed=13)
+    written = generate(session, prompt=ids, max_new_tokens=20)
+    assert len(written.tokens) == 20
+    reference = ReferenceStream(model, policy("streamingllm"), quant=(4, group, method, residual))
+    logits = reference.feed(ids)
+    for token in written.tokens:
+        assert int(logits[0, -1].argmax()) == token
+        logits = reference.feed(torch.tensor([[token]]))

@@ -97,13 +97,7 @@ class KVQuant:
     def check(self, head_dim: int) -> None:
         if not self.quantized:
             return
-        if self.per_channel:  # (KIVI's values: groups of channels, as its keys' groups of tokens)
-            if head_dim % self.group:
-                raise ConfigError(
-                    f"KV group size {self.group} does not divide the model's head size {head_dim}: "
-                    f"KIVI groups values by channels too; use a divisor of {head_dim} (--kv-group)"
-                )
-        elif head_dim % self.group:
+        if head_dim % self.group:  # (KIVI's values too: groups of channels, as its keys' of tokens)
             raise ConfigError(
                 f"KV group size {self.group} does not divide the model's head size {head_dim}: "
                 f"use a divisor of {head_dim} (--kv-group)"
@@ -116,8 +110,14 @@ class KVQuant:
         return head_dim * self.bits // 8
 
     def vector_bytes(self, head_dim: int, itemsize: int) -> int:
-        """Bytes one key or value vector takes: its codes, and a scale and a zero per group."""
+        """Bytes one vector quantized per token takes: its codes, and a scale and a zero per group."""
         return self.code_width(head_dim) + 2 * (head_dim // self.group) * itemsize
+
+    def lane_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Bytes of one quantized token's key and value in one lane (KIVI's keys: their codes;
+        their blocks' scales and zeros are counted per block, `Quantized.quantized_kv_bytes`)."""
+        keys = self.code_width(head_dim) if self.per_channel else self.vector_bytes(head_dim, itemsize)
+        return keys + self.vector_bytes(head_dim, itemsize)
 
 
 def parse_bits(text, where: str = "--kv-bits") -> list[int]:

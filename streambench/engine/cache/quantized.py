@@ -323,7 +323,7 @@ class Quantized:
             )
         held = pos >= 0
         keys_front, values_front = quant.frontiers(self._fed)
-        fp = 2 * d * itemsize // 2  # one vector at the model's dtype
+        fp = d * itemsize  # one vector at the model's dtype
         total = 0
         recent_v = int((held & (pos >= values_front)).sum())
         total += recent_v * fp + (int(held.sum()) - recent_v) * (codes + 2 * groups * itemsize)

@@ -433,7 +433,7 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         if self.quant is None:
             return 2 * self.head_dim * itemsize
-        return 2 * self.quant.vector_bytes(self.head_dim, itemsize)
+        return self.quant.lane_bytes(self.head_dim, itemsize)
 
     def token_bytes(self) -> int:
         """Bytes of K and V per cached token, over all layers and the batch."""
