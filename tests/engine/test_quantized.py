@@ -322,3 +322,27 @@ def test_greedy_generation_reads_the_quantized_cache(method, group, residual):
     for token in written.tokens:
         assert int(logits[0, -1].argmax()) == token
         logits = reference.feed(torch.tensor([[token]]))
+
+
+def test_dense_int4_equals_transformers_quantized_cache_holding_pre_rope_keys():
+    """The cross-check (bench/quant_crosscheck.py) on a tiny model: under dense, per-token int4
+    and int2 give the per-token NLL of transformers' QuantizedCache (optimum-quanto, residual 1)
+    whose layers hold keys before RoPE as streambench does; with keys after RoPE (transformers'
+    own layout) they differ by more than float noise."""
+    pytest.importorskip("optimum.quanto", reason="optimum-quanto not installed: pip install 'streambench[quant]'")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "quant_crosscheck.py"
+    spec = importlib.util.spec_from_file_location("quant_crosscheck", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model("llama", layers=2)
+    ids = stream_ids(40, seed=14)
+    for bits in (4, 2):
+        session = StreamSession(LoadedModel.wrap(model), policy("dense", budget=None), quant=KVQuant(bits, group=8))
+        ours = bench.nll_per_token(session.feed(ids, exact=True), ids)
+        pre = bench.nll_per_token(bench.hf_run(model, ids, bits, 8, pre_rope=True), ids)
+        post = bench.nll_per_token(bench.hf_run(model, ids, bits, 8, pre_rope=False), ids)
+        torch.testing.assert_close(ours, pre, atol=1e-5, rtol=0)
+        assert (ours - post).abs().max() > 1e-4
