@@ -57,6 +57,11 @@ class Figures:
         name = label(r)
         if name == REFERENCE:
             return {"color": "black", "linestyle": "--", "label": legend(f"{name} (reference)")}
+        quant = r.get("config", {}).get("kv_quant")
+        if isinstance(quant, dict):  # a quantized run: its policy's colour, a dash per width / method
+            base = name.rsplit(" ", 1)[0]
+            dash = "-." if quant.get("method") == "kivi" else {8: (0, (5, 1)), 4: "--"}.get(quant.get("bits"), ":")
+            return {"color": self.color.get(base, self.color[name]), "linestyle": dash, "label": legend(name)}
         return {"color": self.color[name], "label": legend(name)}
 
 
@@ -497,7 +502,7 @@ def _pareto(fig_: Figures, grp: dict, rows: list[dict], physical: bool) -> None:
     ax.set_xscale("log")
     ticks: list[float] = []
     for t in sorted({round(x, 3) for x, _, _ in points}):  # the KV sizes measured, not decades,
-        if not ticks or t / ticks[-1] > 1.25:  # but never two labels over each other
+        if not ticks or t / ticks[-1] > 1.4:  # but never two labels over each other
             ticks.append(t)
     ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
