@@ -10,7 +10,9 @@ the same text, per-token NLL compared:
   ours          StreamSession(dense, quant=KVQuant(bits, group=G))
   hf            QuantizedCache("quanto", nbits, q_group_size=G, residual_length=1): keys after RoPE
   hf-pre-rope   the same layer, keys un-rotated before quanto quantizes them and rotated back after
-                it dequantizes (what ours holds): should equal ours to float noise
+                it dequantizes (what ours holds): equal to float noise until the first rounding
+                decision two float paths take differently (a value within ~1e-6 of a rounding
+                boundary becomes the neighbouring code, a whole step); "equal until" says where
 
     python bench/quant_crosscheck.py --tokens 512 --group 32       (needs pip install 'streambench[quant]')
 """
@@ -98,7 +100,10 @@ def main() -> None:
         fp = nll_per_token(lm.model(input_ids=ids).logits, ids)
     print(f"SmolLM2-135M fp32, dense, {ids.shape[1]} tokens of Hamlet, token by token, group {args.group}")
     print(f"unquantized PPL {math.exp(fp.mean()):.3f}\n")
-    print(f"{'bits':>4}  {'run':<12} {'PPL':>8}  {'max |dNLL| vs ours':>19}  {'mean |dNLL|':>11}  {'s':>5}")
+    print(
+        f"{'bits':>4}  {'run':<12} {'PPL':>8}  {'max |dNLL| vs ours':>19}  {'mean |dNLL|':>11}  "
+        f"{'equal until':>11}  {'s':>5}"
+    )
     for bits in map(int, args.bits.split(",")):
         t0 = time.perf_counter()
         with StreamSession(lm, build_policy(PolicySpec("dense", {}), None), quant=KVQuant(bits, group=args.group)) as s:
@@ -111,8 +116,11 @@ def main() -> None:
             )
         for name, nll, secs in rows:
             diff = (nll - ours).abs()
+            apart = (diff > 1e-4).nonzero()
+            until = f"token {int(apart[0, 0]) + 1}" if len(apart) else "the end"
             print(
-                f"{bits:>4}  {name:<12} {math.exp(nll.mean()):8.3f}  {diff.max():19.2e}  {diff.mean():11.2e}  {secs:5.0f}"
+                f"{bits:>4}  {name:<12} {math.exp(nll.mean()):8.3f}  {diff.max():19.2e}  {diff.mean():11.2e}  "
+                f"{until:>11}  {secs:5.0f}"
             )
         print()
 
