@@ -13,6 +13,8 @@ cache is split along its own seams rather than transformers':
     eviction.py       keep-sets applied: swap-remove, re-rotation, per-head lanes, retrieval splices
     slot_stats.py     per-slot statistics a policy asked for (attention sums, key norms)
     sliding.py        hybrid models' sliding-window layers (the model's own window)
+    quant.py          quantized KV's arithmetic and settings (--kv-bits: per-token groups, KIVI)
+    quantized.py      what a quantized cache holds per slot, its writes and reads
 
 The valid tokens occupy physical slots [0, n) in *any* order: attention over a cache is
 permutation-invariant, so eviction fills holes with tokens moved from the tail ("swap-remove"):
