@@ -145,11 +145,14 @@ def test_batched_streams_and_chunks_equal_their_single_runs():
         at += size
 
 
-def test_a_rollback_returns_the_quantized_stream_to_where_it_was():
+@pytest.mark.parametrize("quant", [KVQuant(2, group=8), KVQuant(2, method="kivi", group=4, residual=2)], ids=str)
+def test_a_rollback_returns_the_quantized_stream_to_where_it_was(quant):
+    """A branch's tokens leave no trace, KIVI's frontier included: blocks the branch completed are
+    back in full precision in the ring (their codes are written again when the stream passes)."""
     model = LoadedModel.wrap(tiny_model("llama", layers=2))
     ids = stream_ids(40, seed=7)
-    straight = StreamSession(model, policy("streamingllm"), quant=KVQuant(2, group=8))
-    branched = StreamSession(model, policy("streamingllm"), quant=KVQuant(2, group=8))
+    straight = StreamSession(model, policy("streamingllm"), quant=quant)
+    branched = StreamSession(model, policy("streamingllm"), quant=quant)
     for session in (straight, branched):
         session.feed(ids[:, :30])
         session.reserve(4)

@@ -125,11 +125,17 @@ def test_chunks_equal_the_independent_reference(name):
     model = tiny_model("llama", layers=2)
     session = StreamSession(LoadedModel.wrap(model), policy)
     reference = ReferenceStream(model, build(name))
-    replays = policy.retrieves or bool(policy.observes - {"logits"})  # the reference replays what it cannot recompute
-    ids = stream_ids(60, seed=6)
+    chunks_equal(session, reference, stream_ids(60, seed=6))
+
+
+def chunks_equal(session, reference, ids):
+    """Feed `ids` in chunks of 1-7 tokens (split at the policy's limit); after each, the logits
+    equal the reference's (which replays the kept sets it cannot recompute: retrieval, attention)."""
+    policy = session.policy
+    replays = policy.retrieves or bool(policy.observes - {"logits"})
     at = 0
     for size in [1, 3, 5, 2, 7, 4] * 4:
-        limit = min(size, session.policy.max_incoming or size)
+        limit = min(size, policy.max_incoming or size)
         chunk = ids[:, at : at + limit]
         if chunk.shape[1] == 0:
             break
@@ -176,15 +182,4 @@ def test_quantized_chunks_equal_the_reference_holding_quantized_tokens(name, met
         return
     session = StreamSession(LoadedModel.wrap(model), policy, quant=quant)
     reference = ReferenceStream(model, build(name), quant=(bits, group, method, residual))
-    replays = policy.retrieves or bool(policy.observes - {"logits"})
-    ids = stream_ids(40, seed=6 + bits)
-    at = 0
-    for size in [1, 3, 5, 2, 7, 4] * 3:
-        limit = min(size, session.policy.max_incoming or size)
-        chunk = ids[:, at : at + limit]
-        if chunk.shape[1] == 0:
-            break
-        got = session.feed(chunk)
-        replay = session.cache.positions[..., : -chunk.shape[1]] if replays else None
-        torch.testing.assert_close(got, reference.feed(chunk, keep_positions=replay), atol=1e-4, rtol=0)
-        at += chunk.shape[1]
+    chunks_equal(session, reference, stream_ids(40, seed=6 + bits))
