@@ -312,28 +312,17 @@ class Quantized:
         quant = cast(KVQuant, self.quant)
         d, itemsize = self.head_dim, torch.empty(0, dtype=self.dtype).element_size()
         codes, groups = quant.code_width(d), d // quant.group
-        counts = self.lane_counts()
-        rows = counts.size  # (layer, stream, head) lanes
-        pos = self._pos[:, : self._n]
-        if pos.shape[0] != rows:  # one row per stream: every layer and head alike
-            pos = (
-                np.repeat(pos, self.num_layers * self.kv_heads, axis=0)
-                if self.batch == 1
-                else pos[np.tile(np.repeat(np.arange(self.batch), self.kv_heads), self.num_layers)]
-            )
-        held = pos >= 0
+        pos = self._pos[:, : self._n]  # one row per lane, or per stream standing for all its lanes
+        lanes = 1 if self.per_head else self.num_layers * self.kv_heads
         keys_front, values_front = quant.frontiers(self._fed)
-        fp = d * itemsize  # one vector at the model's dtype
-        total = 0
-        recent_v = int((held & (pos >= values_front)).sum())
-        total += recent_v * fp + (int(held.sum()) - recent_v) * (codes + 2 * groups * itemsize)
-        recent_k = int((held & (pos >= keys_front)).sum())
-        quantized_k = int(held.sum()) - recent_k
-        total += recent_k * fp + quantized_k * codes
-        if quant.per_channel:
-            blocks = np.where(held & (pos < keys_front), pos // quant.group, -1)
-            live = sum(len(np.unique(r[r >= 0])) for r in blocks)
+        held = int((pos >= 0).sum())
+        recent_v, recent_k = int((pos >= values_front).sum()), int((pos >= keys_front).sum())
+        total = (recent_v + recent_k) * d * itemsize  # the full-precision window, keys and values
+        total += (held - recent_v) * (codes + 2 * groups * itemsize) + (held - recent_k) * codes
+        if quant.per_channel:  # a scale and a zero per channel for each distinct block per row
+            blocks = np.sort(np.where((pos >= 0) & (pos < keys_front), pos // quant.group, -1), axis=1)
+            live = int((blocks[:, :1] >= 0).sum() + ((np.diff(blocks, axis=1) != 0) & (blocks[:, 1:] >= 0)).sum())
             total += live * 2 * d * itemsize
         else:
-            total += quantized_k * 2 * groups * itemsize
-        return total
+            total += (held - recent_k) * 2 * groups * itemsize
+        return total * lanes
