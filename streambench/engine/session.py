@@ -43,6 +43,81 @@ def _as_mask(ranks: np.ndarray, n: int) -> np.ndarray:
     return mask
 
 
+def check_group(group: list[CachePolicy]) -> None:
+    """What one batch of policies over one stream needs: a shared budget, streams a batch can
+    carry (no bank, no recompute, no whole-prefill scoring, no module hooks of a press), one
+    observation window among those that observe one."""
+    if not group:
+        raise ConfigError("a group needs at least one policy")
+    budgets = {p.budget for p in group}
+    if len(budgets) != 1:
+        raise ConfigError(f"a group's policies share one budget, got {sorted(map(str, budgets))}")
+    for p in group:
+        why = ungroupable(p)
+        if why is not None:
+            raise ConfigError(f"{p.name} cannot join a group: {why}")
+    windows = {p.observation_window for p in group if p.observes & {"window_attention", "queries"}}
+    if len(windows) > 1:
+        raise ConfigError(f"a group's policies observe one window of queries, got {sorted(windows)}")
+
+
+def ungroupable(policy: CachePolicy) -> str | None:
+    """Why `policy` cannot share a batch with other policies (None: it can)."""
+    if policy.recompute:
+        return "it re-encodes a window instead of caching"
+    if policy.retrieves:
+        return "it keeps one memory bank per session"
+    if policy.uneven:
+        return "its lanes keep unequal counts by design (uneven budgets run alone)"
+    if policy.prefill_only:
+        return "it scores a whole prefill at once"
+    if policy.observes & {"hidden_states", "attention_modules"}:
+        return "it reads hidden states or hooks attention modules (a kvpress press)"
+    return None
+
+
+def _without_pads(view: CacheView, pads: int) -> CacheView:
+    """A group's stream holding `pads` fewer tokens than the cache's ranks, in every lane: its view
+    from rank `pads` on, as it would be alone (its ranks 0..n - pads - 1)."""
+    observed: dict[str, Any] = {}
+    for name, value in view.observed.items():
+        if name == "held_keys":  # (keys at rank + offset): the same keys, `pads` ranks earlier
+            keys, offset = value
+            observed[name] = (keys[..., pads:, :], offset + pads)
+        elif name in ("keys", "values", "key_shape"):
+            observed[name] = value[..., pads:, :]
+        elif value is None or name == "attention_modules":
+            observed[name] = value
+        else:  # per-token statistics and window attention: tokens on the last axis
+            observed[name] = value[..., pads:]
+    return CacheView(
+        view.length - pads,
+        view.incoming,
+        view.budget,
+        view.positions[..., pads:],
+        view.scores[..., pads:],
+        observed,
+        view.num_layers,
+        view.kv_heads,
+    )
+
+
+def join_keeps(keeps: list[np.ndarray], n: int, layers: int, heads: int) -> np.ndarray:
+    """One keep-set per stream, as the cache takes a batch's: (B, k) where every stream keeps the
+    same count for every lane, (B, L, H, k) where lanes differ, or (B, L, H, n) bool masks where
+    counts differ between streams or lanes."""
+
+    def lanes(k: np.ndarray) -> np.ndarray:  # (k,), (L, k) or (L, H, k) as (L, H, k)
+        return np.broadcast_to(k[:, None] if k.ndim == 2 else k, (layers, heads, k.shape[-1]))
+
+    if all(k.dtype != bool for k in keeps):
+        if all(k.ndim == 1 for k in keeps) and len({len(k) for k in keeps}) == 1:
+            return np.stack(keeps)
+        if len({k.shape[-1] for k in keeps}) == 1:
+            return np.stack([lanes(k) for k in keeps])
+    return np.stack([lanes(k) if k.dtype == bool else _as_mask(lanes(k), n) for k in keeps])
+
+
 @dataclass(frozen=True)
 class StreamState:
     """Where a stream stands, as `checkpoint` saves it and `rollback` returns to it: tokens fed,
@@ -96,8 +171,16 @@ class StreamSession:
         decode: str = "eager",
         max_tokens: int | None = None,
         quant: KVQuant | None = None,
+        group: list[CachePolicy] | None = None,
     ):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        # a group: one stream per policy, the same tokens fed to all (a sweep's runs in one batch,
+        # grouping.py); `policy` is the first, the one whose budget every other shares
+        self.group: list[CachePolicy] | None = None
+        if group is not None:
+            check_group(group)
+            policy, self.policy, batch_size = group[0], group[0], len(group)
+            self.group = list(group)
         # a quantized cache (engine/cache/quant.py); None or 16 bits: the model's dtype
         self.quant = quant if quant is not None and quant.quantized else None
         if self.quant is not None:
@@ -109,7 +192,8 @@ class StreamSession:
                     f"{policy.name} splices tokens back from its bank, which KIVI's key blocks cannot take in: "
                     "use --kv-method token"
                 )
-        policy.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
+        for member in self.group or [policy]:
+            member.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
         self.budget = budget = policy.budget
@@ -117,7 +201,13 @@ class StreamSession:
         # keys a query may see before the cache must evict: the budget, or no limit (dense)
         self._room: int = budget if budget is not None else sys.maxsize
         self.max_incoming = checked_max_incoming(policy, budget)
-        self.band: Band | None = policy.band
+        self.band: Band | None = policy.band if group is None else None
+        self._scorers: list[tuple[int, CachePolicy]] = []  # a group's streams whose policy scores logits
+        if self.group is not None:
+            for member in self.group[1:]:
+                limit = checked_max_incoming(member, budget)
+                self.max_incoming = limit if self.max_incoming is None or limit is None else min(self.max_incoming, limit)
+            self._scorers = [(b, p) for b, p in enumerate(self.group) if "logits" in p.observes]
         self._band_proven = False
         info = lm.info
         param = next(self.model.parameters())
@@ -162,16 +252,15 @@ class StreamSession:
             self._static = StaticDecoder(self, capture=self.decode == "graph")
         from streambench.engine.observe import CAPTURED, STATS, AttentionObserver
 
-        wants = set(policy.observes)
+        wants = set().union(*(member.observes for member in self.group or [policy]))
         if "window_attention" in wants:
             wants.add("queries")
         self.observer: AttentionObserver | None = None
         if self.cache is not None:
             self.cache.enable_stats(sorted(wants & STATS))
             if wants & CAPTURED or policy.uneven:  # (uneven: the route masks pads, recording nothing more)
-                self.observer = AttentionObserver(
-                    self.model, self.cache, frozenset(wants), window=policy.observation_window
-                )
+                window = max(member.observation_window for member in self.group or [policy])
+                self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=window)
         self.hidden: HiddenStateTap | None = None
         self._attention_modules: list | None = None
         if self.cache is not None and "hidden_states" in wants:
@@ -279,7 +368,11 @@ class StreamSession:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
-        self.policy.reset()
+        for member in self.group or [self.policy]:
+            member.reset()
+        # a group's streams whose policy chose per layer or head: the others see one keep-set
+        # (n,) in their views as alone, though the cache holds lanes for the streams that do
+        self._lanes = np.zeros(self.batch, dtype=bool)
         if self.observer is not None:
             self.observer.reset()
         hidden = getattr(self, "hidden", None)
@@ -296,6 +389,8 @@ class StreamSession:
 
         if self.quant is not None:
             return "a quantized cache reads a forward's own tokens in full precision, the held ones quantized"
+        if self.group is not None:
+            return "a group's streams each evict by their own policy, token by token"
         if not self.evicts:  # (nothing evicted: the model's own causal forward, sliding masks
             return None  # included, is token-exact)
         if self.band is None:
@@ -327,7 +422,9 @@ class StreamSession:
         cache, count = self.cache, ids.shape[1]
         if self.policy.retrieves and self.fed >= max(self._recall_at, self._hold_until):
             self._recall(count)
-        if cache.mean_length + count > self._room:
+        if self.group is not None:
+            self._evict_group(count)
+        elif cache.mean_length + count > self._room:
             self._evict(self._select(count))
         if self._static is not None and count == 1:
             logits = self._static(ids)
@@ -343,7 +440,10 @@ class StreamSession:
             ).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
-        scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
+        if self.group is not None:
+            scores = self._group_scores(ids, logits)
+        else:
+            scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
         if self.hidden is not None:
             self.hidden.commit()
         cache.commit(np.arange(self.fed, self.fed + count), scores)
@@ -406,6 +506,51 @@ class StreamSession:
     def _evict(self, keep: np.ndarray) -> None:
         self._hand_over(keep)
         self.cache.evict(keep)
+
+    def _evict_group(self, incoming: int) -> None:
+        """A group: each stream evicts when its own policy would alone (its count plus what comes
+        in passes the budget), choosing by its own policy from the view it would have alone (its
+        pads cut off: a stream keeping fewer than another holds pads at its lanes' first ranks,
+        eviction.py); a stream with room keeps all it holds. The keep-sets are joined into the
+        one form the cache takes."""
+        cache, batch = self.cache, self.batch
+        n, layers, heads = cache.length, cache.num_layers, cache.kv_heads
+        held = cache.lane_counts()[0, :, 0] if cache.ragged else np.full(batch, n)  # (a stream's lanes hold alike)
+        full = held + incoming > self._room
+        if not full.any():
+            return
+        keeps = []
+        for b in range(batch):
+            pads = n - int(held[b])
+            if full[b]:
+                view = self.view(incoming, b)
+                keep = self._checked(_without_pads(view, pads) if pads else view, incoming, stream=b)
+                self._lanes[b] |= keep.ndim > 1
+                if pads:  # back to the cache's ranks
+                    keep = np.pad(keep, [(0, 0)] * (keep.ndim - 1) + [(pads, 0)]) if keep.dtype == bool else keep + pads
+            elif pads:  # (everything it holds: the ranks after its pads)
+                keep = np.arange(pads, n)
+            else:
+                keep = np.arange(n)
+            keeps.append(keep)
+        self._evict(join_keeps(keeps, n, layers, heads))
+
+    def _group_scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray | None:
+        """A group's per-token scores: each scoring policy's for its own stream, 0 for the rest."""
+        if not self._scorers:
+            return None
+        scores = np.zeros(ids.shape, dtype=np.float64)
+        for b, member in self._scorers:
+            scores[b] = member.score_tokens(ids[b : b + 1], logits[b : b + 1])[0]
+        return scores
+
+    def stream_kv(self, stream: int) -> tuple[int, int]:
+        """(KV tokens, KV bytes) stream `stream` of a group holds: what `kv_tokens` and `kv_bytes`
+        would say were it run alone."""
+        cache = self.cache
+        lanes = cache.lane_counts()[:, stream]
+        sliding = cache.sliding_bytes() // self.batch
+        return round(float(lanes.mean())), int(lanes.sum()) * cache.lane_bytes() + sliding
 
     def _recall(self, incoming: int) -> None:
         retriever, tap = cast(RetrievalPolicy, self.policy), cast("QueryTap", self.tap)  # (policy.retrieves)
@@ -472,6 +617,8 @@ class StreamSession:
 
     def checkpoint(self) -> StreamState:
         """The stream's state now; `rollback` returns to it if nothing was evicted in between."""
+        if self.group is not None:
+            raise ConfigError("a group of policies streams without branches: checkpoint one policy at a time")
         cache = self.cache
         mark = None if cache is None else (cache.length, cache.epoch, cache.save_stats() if cache.stat_names else None)
         observed = self.observer.state() if self.observer is not None else None
@@ -547,12 +694,22 @@ class StreamSession:
 
     def held_positions(self, stream: int = 0) -> np.ndarray:
         """Stream positions whose keys the next query reads: (n,), or (L, H_kv, n) once keep-sets
-        differ per head."""
-        return self.cache.positions_of(stream)
+        differ per head. A group's stream: as it would be alone (its pads cut off)."""
+        c = self.cache
+        positions = c.positions_of(stream)
+        if self.group is None:
+            return positions
+        if c.per_head and not self._lanes[stream]:
+            positions = positions[0, 0]
+        return positions[..., c.length - int(c.lane_counts()[0, stream, 0]) :]
 
     def new_round(self) -> None:
         """A new user turn: let the policy rescale stored scores (SirLLM's decay)."""
-        self.cache.rescale_scores(self.policy.new_round)
+        if self.group is not None:
+            for b, member in enumerate(self.group):
+                self.cache.rescale_scores(member.new_round, stream=b)
+        else:
+            self.cache.rescale_scores(self.policy.new_round)
         self._recall_at = self.fed  # retrieval policies recall at each user turn
 
     def _select(self, incoming: int) -> np.ndarray:
@@ -570,22 +727,28 @@ class StreamSession:
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
-    def _checked(self, view: CacheView, incoming: int, room: int | None = None) -> np.ndarray:
+    def _checked(self, view: CacheView, incoming: int, room: int | None = None, stream: int = 0) -> np.ndarray:
         """The policy's keep-set for `view`, held to the contract at the run's budget (or `room`:
-        compress-once's), the pads of a ragged cache and the lane limits it declares."""
-        c, policy = self.cache, self.policy
+        compress-once's), the pads of a ragged cache and the lane limits it declares. A group:
+        the policy of stream `stream`."""
+        c = self.cache
+        policy = self.policy if self.group is None else self.group[stream]
         keep = policy.select(view)
-        valid = view.valid if c.ragged else None  # (no pads to keep out of a keep-set otherwise)
+        # (no pads to keep out of a keep-set otherwise; a group's stream sees none: _without_pads)
+        valid = view.valid if c.ragged and self.group is None else None
         limits = policy.lane_limits(view) if policy.uneven else None
         room = self._room if room is None else room
-        return checked_keep(policy, keep, room, incoming, c.length, c.num_layers, c.kv_heads, valid, limits)
+        return checked_keep(policy, keep, room, incoming, view.length, c.num_layers, c.kv_heads, valid, limits)
 
     def view(self, incoming: int, stream: int = 0, budget: int | None = None) -> CacheView:
         c = self.cache
         positions, scores = c.positions_of(stream), c.scores_of(stream)
+        if self.group is not None and c.per_head and not self._lanes[stream]:
+            positions, scores = positions[0, 0], scores[0, 0]  # (its lanes hold alike)
         positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
         observed: dict[str, Any] = {}
-        for name in self.policy.observes:
+        policy = self.policy if self.group is None else self.group[stream]
+        for name in policy.observes:
             if name in c.stat_names:
                 observed[name] = c.ranked_stat(name, stream)
             elif name == "window_attention" and self.observer is not None:

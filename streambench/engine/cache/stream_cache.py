@@ -214,12 +214,16 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
     def scores(self) -> np.ndarray:
         return self._of(self._score, 0)
 
-    def rescale_scores(self, fn) -> None:
+    def rescale_scores(self, fn, stream: int | None = None) -> None:
+        """Apply `fn` to the stored scores of every stream, or of `stream` alone (a group's
+        streams each under their own policy)."""
+        n = self._n
         if self.per_head:
-            self._score[:, : self._n] = fn(self._score[:, : self._n])
+            rows = slice(None) if stream is None else np.flatnonzero(self._row_stream == stream)
+            self._score[rows, :n] = fn(self._score[rows, :n])
             return
-        for b in range(self.batch):
-            self._score[b, : self._n] = fn(self._score[b, : self._n])
+        for b in range(self.batch) if stream is None else (stream,):
+            self._score[b, :n] = fn(self._score[b, :n])
 
     @property
     def offset(self) -> int:

@@ -1,0 +1,108 @@
+"""A group: one stream fed to B policies as one batch, each stream evicting by its own policy,
+gives each policy's logits and keep-sets alone (to float tolerance), whatever the policies' mix
+of keep-set forms (one set, per layer, per head) and of eviction times."""
+
+import numpy as np
+import pytest
+import torch
+from test_exactness import POLICY_CASES, make_policy
+from tiny_models import tiny_model
+
+from streambench.engine.session import StreamSession, join_keeps, ungroupable
+from streambench.errors import ConfigError
+from streambench.models.loading import LoadedModel
+
+GROUPABLE = [(n, a) for n, a in POLICY_CASES if n not in ("dense", "recompute-window", "longmem")]
+
+
+def distinct(n, vocab=96, seed=7):
+    """Distinct tokens: a repeated token's layer-0 key ties exactly with its twin's (knorm's
+    score), and batched arithmetic may break such a tie the other way."""
+    return (torch.randperm(vocab - 3, generator=torch.Generator().manual_seed(seed))[:n] + 3)[None]
+
+
+def run(session, ids, chunk, rounds=False):
+    out = []
+    for i in range(0, ids.shape[1], chunk):
+        out.append(session.feed(ids[:, i : i + chunk]))
+        if rounds and i % 20 == 19:
+            session.new_round()
+    return torch.cat(out, dim=1), [session.held_positions(b).copy() for b in range(session.batch)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_group_equals_each_policy_alone(arch, chunk):
+    lm = LoadedModel.wrap(tiny_model(arch, layers=2))
+    ids = distinct(60)
+    group = [make_policy(n, a) for n, a in GROUPABLE]
+    with StreamSession(lm, group[0], group=group) as together:
+        assert together.batch == len(group) and together.exact_chunks is not None
+        logits, kept = run(together, ids.expand(len(group), -1), chunk, rounds=True)
+        tallies = [together.stream_kv(b) for b in range(len(group))]
+    for b, (name, args) in enumerate(GROUPABLE):
+        with StreamSession(lm, make_policy(name, args)) as alone:
+            single, single_kept = run(alone, ids, chunk, rounds=True)
+            torch.testing.assert_close(logits[b : b + 1], single, atol=2e-5, rtol=0, msg=f"{name} {args}")
+            np.testing.assert_array_equal(kept[b], single_kept[0], err_msg=f"{name} {args}")
+            assert tallies[b] == (alone.kv_tokens, alone.kv_bytes), (name, args)
+
+
+def test_a_group_of_the_same_policy_is_a_batch():
+    """Two streams under h2o in a group evict together, as two batched streams would."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    ids = distinct(40)
+    group = [make_policy("h2o", {}), make_policy("h2o", {})]
+    with StreamSession(lm, group[0], group=group) as together:
+        logits, kept = run(together, ids.expand(2, -1), 1)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+    np.testing.assert_array_equal(kept[0], kept[1])
+
+
+def test_streams_evict_when_their_own_policy_would():
+    """A stream whose policy evicts to fewer keys than another's (snapkv every 3 tokens, window
+    every token) evicts at its own times: the cache then holds unequal counts per stream (pads
+    at the first ranks of the shorter ones' lanes), and each stream's count is its count alone
+    after every token."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    cases = [("window", {}), ("snapkv", {"window": 4, "kernel": 3, "interval": 3})]
+    ids = distinct(30)
+    group = [make_policy(n, a) for n, a in cases]
+    alone = [StreamSession(lm, make_policy(n, a)) for n, a in cases]
+    ragged = 0
+    with StreamSession(lm, group[0], group=group) as together:
+        for i in range(ids.shape[1]):
+            together.feed(ids[:, i : i + 1].expand(2, -1))
+            ragged += together.cache.ragged
+            for b, session in enumerate(alone):
+                session.feed(ids[:, i : i + 1])
+                assert together.stream_kv(b) == (session.kv_tokens, session.kv_bytes), (i, b)
+    assert ragged > 5
+
+
+def test_join_keeps_takes_every_form():
+    n, layers, heads = 6, 2, 3
+    same = join_keeps([np.array([0, 2, 5]), np.array([1, 2, 3])], n, layers, heads)
+    assert same.shape == (2, 3)
+    lanes = join_keeps([np.array([0, 2, 5]), np.tile(np.array([1, 2, 3]), (layers, heads, 1))], n, layers, heads)
+    assert lanes.shape == (2, layers, heads, 3) and (lanes[0] == [0, 2, 5]).all()
+    per_layer = join_keeps([np.array([[0, 1], [4, 5]]), np.array([0, 5])], n, layers, heads)
+    assert per_layer.shape == (2, layers, heads, 2) and (per_layer[0, 1] == [4, 5]).all()
+    unequal = join_keeps([np.array([0, 2, 5]), np.arange(n)], n, layers, heads)
+    assert unequal.dtype == bool and unequal.shape == (2, layers, heads, n)
+    assert unequal[0].sum(-1).tolist() == [[3] * heads] * layers and unequal[1].all()
+
+
+def test_what_cannot_join_a_group_says_why():
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    assert ungroupable(make_policy("longmem", {"start_size": 2, "block_size": 2})) is not None
+    assert ungroupable(make_policy("recompute-window", {})) is not None
+    assert ungroupable(make_policy("h2o", {})) is None
+    with pytest.raises(ConfigError, match="share one budget"):
+        StreamSession(lm, make_policy("h2o", {}), group=[make_policy("h2o", {}), make_policy("tova", {}, budget=20)])
+    with pytest.raises(ConfigError, match="memory bank"):
+        group = [make_policy("h2o", {}), make_policy("longmem", {"start_size": 2, "block_size": 2})]
+        StreamSession(lm, group[0], group=group)
+    group = [make_policy("h2o", {}), make_policy("tova", {})]
+    with StreamSession(lm, group[0], group=group) as together, pytest.raises(ConfigError, match="branches"):
+        together.checkpoint()
