@@ -128,6 +128,14 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     help="Streams per batch (perplexity over several --text, comma-separated); same numbers, faster.",
 )
 @click.option(
+    "--group/--no-group",
+    "group",
+    default=True,
+    show_default=True,
+    help="Feed the stream to the content-aware policies (h2o, tova, snapkv...) as one batch, a stream each; "
+    "same numbers, several times faster (perplexity over one text).",
+)
+@click.option(
     "--limit", type=int, default=None, help="Items (dailydialog), episodes (grocery) or rounds per player (rps)."
 )
 @click.option(
@@ -170,6 +178,7 @@ def run_command(
     cuda_graphs,
     device_map,
     batch_size,
+    group,
     limit,
     players,
     data,
@@ -243,6 +252,7 @@ def run_command(
         kv_group=kv_group,
         kv_method=kv_method,
         kv_residual=kv_residual,
+        group=group,
     )
     _execute(config, quiet)
 
@@ -251,6 +261,9 @@ def _execute(config, quiet: bool) -> None:
     from streambench.runs import runner
 
     planned = runner.plan(config)  # every bad argument fails here, before the model loads
+    if not quiet:
+        for line in planned.grouping():
+            click.echo(line, err=True)
     quiet_libraries()
     factory = runner.silent if quiet else tqdm_factory
     rows, finished = [], []
@@ -327,6 +340,10 @@ def sweep_command(spec_file, store_path, out, force, engine, address, quiet):
     check_writable(store_file.parent, "store folder")
     store = Store(store_file)  # refuses a foreign database before touching it
     quiet_libraries()
+    if not quiet and engine == "local":
+        for _, made in spec.plans:
+            for line in made.grouping():
+                click.echo(line)
 
     def report(event, info):
         if event == "finished":

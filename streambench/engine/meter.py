@@ -170,3 +170,44 @@ def subsample(values, points: int) -> dict:
     if idx[-1] != n - 1:
         idx.append(n - 1)
     return {"index": idx, "value": [values[i] for i in idx]}
+
+
+class GroupMeter:
+    """The meters of a group's runs (one stream each, engine/session.py `group`): one `step()`
+    steps every run's meter with its stream's share of the tokens and its own KV tokens and
+    bytes, so each run's tokens/s is the rate its stream advanced at and its KV numbers are its
+    own. Tasks call it as a Meter (`rate(b)`: run b's)."""
+
+    def __init__(self, device, runs: int):
+        self.meters = [Meter(device) for _ in range(runs)]
+        self.session: Any = None
+
+    def start(self, session: Any = None) -> None:
+        if session is not None:
+            self.session = session
+        for meter in self.meters:
+            meter.start()
+        self._processed = self.session.processed if self.session is not None else 0
+
+    def step(self, tokens: int | None = None) -> None:
+        session, runs = self.session, len(self.meters)
+        if tokens is None:
+            tokens = max(session.processed - self._processed, runs)
+        self._processed = session.processed
+        share = max(tokens // runs, 1)
+        for b, meter in enumerate(self.meters):
+            kv_tokens, kv_bytes = session.stream_kv(b)
+            meter.step(share, kv_tokens, kv_bytes)
+
+    def rate(self, run: int = 0) -> float:
+        return self.meters[run].rate()
+
+    def clock(self) -> float:
+        return self.meters[0].clock()
+
+    def exclude(self, seconds: float) -> None:
+        for meter in self.meters:
+            meter.exclude(seconds)
+
+    def finish(self, run: int, allocated_kv_bytes: int) -> tuple[dict, dict]:
+        return self.meters[run].finish(allocated_kv_bytes)

@@ -43,6 +43,16 @@ def _as_mask(ranks: np.ndarray, n: int) -> np.ndarray:
     return mask
 
 
+def token_by_token_reason(policy: CachePolicy) -> str | None:
+    """Why an evicting `policy` feeds an exact stream token by token whatever the model (None:
+    its band allows exact chunks)."""
+    if policy.band is None:
+        return f"{policy.name}'s keep-set depends on what the tokens say"
+    if policy.observes or policy.retrieves:  # a plugin declaring a band and observing
+        return f"{policy.name} observes or retrieves while it feeds"
+    return None
+
+
 def check_group(group: list[CachePolicy]) -> None:
     """What one batch of policies over one stream needs: a shared budget, streams a batch can
     carry (no bank, no recompute, no whole-prefill scoring, no module hooks of a press), one
@@ -193,7 +203,9 @@ class StreamSession:
                     "use --kv-method token"
                 )
         for member in self.group or [policy]:
-            member.bind(lm.model)  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
+            member.bind(
+                lm.model
+            )  # (a policy that learned something per model loads it: kvpress's post_init_from_model)
         # The budget the run was configured with is the one enforced (and recorded), whatever the
         # policy object does to its own fields later; so are its chunk limit and declared band.
         self.budget = budget = policy.budget
@@ -206,7 +218,9 @@ class StreamSession:
         if self.group is not None:
             for member in self.group[1:]:
                 limit = checked_max_incoming(member, budget)
-                self.max_incoming = limit if self.max_incoming is None or limit is None else min(self.max_incoming, limit)
+                self.max_incoming = (
+                    limit if self.max_incoming is None or limit is None else min(self.max_incoming, limit)
+                )
             self._scorers = [(b, p) for b, p in enumerate(self.group) if "logits" in p.observes]
         self._band_proven = False
         info = lm.info
@@ -393,11 +407,10 @@ class StreamSession:
             return "a group's streams each evict by their own policy, token by token"
         if not self.evicts:  # (nothing evicted: the model's own causal forward, sliding masks
             return None  # included, is token-exact)
-        if self.band is None:
-            return f"{self.policy.name}'s keep-set depends on what the tokens say"
-        if self.policy.observes or self.policy.retrieves:  # a plugin declaring a band and observing
-            return f"{self.policy.name} observes or retrieves while it feeds"
-        if self.cache is not None and self.cache.spread and self.band.sinks:
+        why = token_by_token_reason(self.policy)
+        if why is not None:
+            return why
+        if self.cache is not None and self.cache.spread and cast(Band, self.band).sinks:  # (a band: no reason above)
             return "the model is spread over several devices"
         reason = unsupported(self.model)
         return f"this model cannot: {reason}" if reason else None

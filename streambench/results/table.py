@@ -85,6 +85,15 @@ def table_notes(results: list[dict[str, Any]]) -> str:
         notes = ""
     if notes:
         parts.append(notes)
+    grouped = [r for r in results if isinstance(r.get("info"), dict) and r["info"].get("grouped")]
+    if grouped:
+        streams = grouped[0]["info"]["grouped"].get("streams", len(grouped))
+        names = ", ".join(str(r.get("label", "?")) for r in grouped)
+        parts.append(
+            f"Grouped: {names} streamed the same tokens as one batch ({streams} streams, each evicting by "
+            "its own policy; the numbers each gives alone): their tok/s is the rate each stream advanced at "
+            "(--no-group: one at a time)."
+        )
     layers = next((r["kv_layers"] for r in results if r.get("kv_layers")), None)
     if layers:
         full, slide = layers["full_attention"], layers["sliding_attention"]

@@ -33,6 +33,8 @@ class RunConfig:
     kv_group: int = DEFAULT_GROUP
     kv_method: str = "token"  # or "kivi": keys per channel in blocks of kv_group tokens
     kv_residual: int | None = None  # recent tokens in full precision (None: 0 token, 128 kivi)
+    # runs over the same stream share one batch where that is faster and exact (runs/grouping.py)
+    group: bool = True
 
 
 def parse_budget(value, where: str = "budget"):

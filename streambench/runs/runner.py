@@ -47,10 +47,19 @@ class PlannedRun:
 
 
 class Plan(NamedTuple):
-    """What `plan` decided, passed down as is: the task and one PlannedRun per policy."""
+    """What `plan` decided, passed down as is: the task, one PlannedRun per policy, and which
+    runs share one batch (indices into runs; runs/grouping.py) and why the others run alone."""
 
     task: Task
     runs: list[PlannedRun]
+    groups: list[list[int]] = []
+    alone: dict[int, str] = {}
+
+    def grouping(self) -> list[str]:
+        """The grouping in lines for the user (nothing when no run is grouped)."""
+        from streambench.runs.grouping import describe
+
+        return describe(self.runs, self.groups, self.alone) if self.groups else []
 
 
 def plan(config: RunConfig, check_device: bool = True) -> Plan:
@@ -167,7 +176,10 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
                 quant if quant.quantized else None,
             )
         )
-    return Plan(task, planned)
+    from streambench.runs.grouping import group_runs
+
+    groups, alone = group_runs(task, planned, config)
+    return Plan(task, planned, groups, alone)
 
 
 def check_run_config(config: RunConfig) -> None:
@@ -200,10 +212,12 @@ def run(
     `on_error`, a failing run is reported to it (planned run, exception) and the others go on;
     with `claim`, a run is computed only if claim(run) says it is ours (concurrent sweeps);
     `planned`: this config's plan when the caller made it already (it is not made twice)."""
-    task, runs = planned if planned is not None else plan(config)
+    made = planned if planned is not None else plan(config)
+    task, runs = made.task, made.runs
     todo = [p for p in runs if p.digest not in skip]
     if not todo:
         return
+    group_of = {id(runs[i]): members for members in made.groups for i in members}  # run -> its group
     from streambench.errors import OutputError
     from streambench.models import loading as models
     from streambench.models.size_guard import Shape, check_fits
@@ -215,8 +229,22 @@ def run(
     param = next(lm.model.parameters())
     env = environment(param.device)
     shape = Shape(lm.info.num_layers, lm.info.kv_heads, lm.info.head_dim)
+    done: set[int] = set()  # runs already computed in a group
     for item in todo:
-        if claim is not None and not claim(item):
+        if id(item) in done:
+            continue
+        members = [runs[i] for i in group_of.get(id(item), [])]
+        members = [m for m in members if m.digest not in skip and id(m) not in done]
+        if len(members) > 1:
+            members = [m for m in members if claim is None or claim(m)]
+            done.update(id(m) for m in members)
+            if len(members) > 1:
+                yield from _run_group_safely(members, task, lm, env, out_dir, config, progress, shape, param, on_error)
+                continue
+            if not members:
+                continue
+            item = members[0]
+        elif claim is not None and not claim(item):
             continue
         try:
             if not item.fits_checked:  # (the plan could not read the shape before loading)
@@ -241,6 +269,81 @@ def run(
                     raise
                 raise fault from exc
             on_error(item, fault or exc)
+
+
+def _run_group_safely(members, task, lm, env, out_dir, config, progress, shape, param, on_error) -> Iterator[dict]:
+    """A group's results, or each of its runs reported failed (as one failing run is alone)."""
+    from streambench.errors import OutputError
+    from streambench.models.size_guard import check_fits
+
+    try:
+        for item in members:
+            check_fits(
+                item.spec.display,
+                item.policy,
+                shape,
+                param.element_size(),
+                len(members),
+                task.stream_tokens(),
+                param.device,
+            )
+        results = _run_group(members, task, lm, env, out_dir, config.seed, progress)
+    except (KeyboardInterrupt, GeneratorExit, OutputError):
+        raise
+    except (Exception, SystemExit) as exc:
+        fault = plugin_fault(exc)
+        if fault is None and isinstance(exc, SystemExit):
+            raise
+        if on_error is None:
+            if fault is None:
+                raise
+            raise fault from exc
+        for item in members:
+            on_error(item, fault or exc)
+        return
+    yield from results
+
+
+def _run_group(
+    members: list[PlannedRun], task, lm, env: dict, out_dir: Path, seed: int, progress: ProgressFactory
+) -> list[dict]:
+    """The group's runs as one batch (runs/grouping.py), one result each, written as each is alone."""
+    import numpy as np
+    import torch
+
+    from streambench.engine.meter import GroupMeter
+    from streambench.engine.session import StreamSession
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    started, t0 = now_iso(), time.perf_counter()
+    policies = [item.policy for item in members]
+    with StreamSession(lm, policies[0], max_tokens=task.stream_tokens(), group=policies) as session:
+        meter = GroupMeter(session.device, len(members))
+        meter.start(session)
+        bar = progress(" + ".join(item.spec.display for item in members), 0)
+        try:
+            outcomes = task.run_group(session, lm.tokenizer, meter, bar)
+        finally:
+            bar.close()
+        allocated = session.allocated_kv_bytes // len(members)
+        engine = [meter.finish(b, allocated) for b in range(len(members))]
+        layers = session.layer_accounting()
+    wall = time.perf_counter() - t0
+    together = [item.run_id for item in members]
+    results = []
+    for b, (item, outcome) in enumerate(zip(members, outcomes)):
+        outcome.info["grouped"] = {
+            "streams": len(members),
+            "with": [run_id for run_id in together if run_id != item.run_id],
+            "why": "the same stream under several policies in one batch: tokens/s is the rate this stream advanced at",
+        }
+        engine_metrics, engine_curves = engine[b]
+        results.append(
+            _write(item, task, lm, env, out_dir, outcome, engine_metrics, engine_curves, layers, started, wall)
+        )
+    return results
 
 
 def _run_one(
@@ -268,6 +371,13 @@ def _run_one(
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
         layers = session.layer_accounting()
+    return _write(
+        item, task, lm, env, out_dir, outcome, engine_metrics, engine_curves, layers, started, time.perf_counter() - t0
+    )
+
+
+def _write(item, task, lm, env, out_dir, outcome, engine_metrics, engine_curves, layers, started, wall) -> dict:
+    """The run's result, written to its JSON file."""
     if layers is not None:  # hybrid: the governed layers' KV and the sliding windows', apart
         from streambench.engine.meter import MIB
 
@@ -301,7 +411,7 @@ def _run_one(
         "timing": {
             "started": started,
             "finished": now_iso(),
-            "wall_s": round(time.perf_counter() - t0, 3),
+            "wall_s": round(wall, 3),
             "model_load_s": lm.info.load_seconds,
         },
     }

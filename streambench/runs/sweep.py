@@ -50,6 +50,7 @@ SPEC_KEYS = {
     "kv_group",
     "kv_method",
     "kv_residual",
+    "group",
 }
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # what each run asks a Ray cluster for
 
@@ -73,6 +74,7 @@ class SweepSpec:
     kv_group: int = DEFAULT_GROUP
     kv_method: str = "token"
     kv_residual: int | None = None
+    group: bool = True  # runs over one stream share a batch where faster and exact (runs/grouping.py)
     # (config, its plan) for every run of the matrix, made once by load_spec when it validates
     plans: list[tuple[RunConfig, Any]] = field(default_factory=list, repr=False, compare=False)
     planned_for_device: bool = field(default=True, repr=False, compare=False)
@@ -96,6 +98,7 @@ class SweepSpec:
                 kv_group=self.kv_group,
                 kv_method=self.kv_method,
                 kv_residual=self.kv_residual,
+                group=self.group,
             )
             for m in self.models
             for t, args in self.tasks
@@ -128,6 +131,9 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
     if not policies:
         raise ConfigError("sweep spec names no policies")
     retries = data.get("retries", 2)
+    group = data.get("group", True)
+    if not isinstance(group, bool):
+        raise ConfigError(f"sweep spec: group must be true or false, got {group!r}")
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigError(f"sweep spec: retries must be an integer >= 0, got {retries!r}")
     spec = SweepSpec(
@@ -148,6 +154,7 @@ def load_spec(path: str | Path, check_device: bool = True) -> SweepSpec:
         data.get("kv_group", DEFAULT_GROUP),
         data.get("kv_method", "token"),
         data.get("kv_residual"),
+        group,
     )
     from streambench.runs.runner import plan
 

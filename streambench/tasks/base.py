@@ -103,6 +103,20 @@ class Task:
         """
         raise ConfigError(f"task {self.name} does not implement run(session, tokenizer, meter, progress)")
 
+    def group_refusal(self) -> str | None:
+        """Why this task's runs cannot share one batch, the same stream under several policies
+        (None: they can, through `run_group`; runs/grouping.py decides which do)."""
+        return f"task {self.name} feeds each run alone"
+
+    def feeds_exact_chunks(self, policy) -> bool:
+        """Whether `policy` alone would feed this task's stream in exact chunks (then alone is faster)."""
+        return False
+
+    def run_group(self, session: StreamSession, tokenizer, meter, progress) -> list[TaskResult]:
+        """`run` for a group (session.group: one policy per stream, the same tokens to each): one
+        TaskResult per stream, each what `run` gives that policy alone."""
+        raise ConfigError(f"task {self.name} does not run groups")
+
     def stream_tokens(self) -> int | None:
         """Most tokens one stream of this task feeds, when known before it runs (None: unknown).
         The size guard and the cache's preallocation use it: a budget above it needs no buffer."""

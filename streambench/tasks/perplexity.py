@@ -93,17 +93,65 @@ class PerplexityTask(Task):
 
     def run(self, session, tokenizer, meter, progress) -> TaskResult:
         import torch
-        import torch.nn.functional as F
 
         sources = self.sources
         ids = torch.tensor([self.token_ids(tokenizer, s) for s in sources], device=session.device)
+        n_streams = ids.shape[0]
+        feeding = self.feeding(session)
+        batch = min(session.batch, n_streams)
+        progress.total(n_streams * (ids.shape[1] - 1), "tok")
+        meter.start(session)
+        nll, rows = self._stream(session, ids, batch, feeding, meter, progress)
+        decode = meter.rate() if feeding["mode"] == "token" else self._probe(session, rows, meter)
+        values = nll.double().cpu()
+        info = self._info(ids, feeding)
+        if n_streams > 1:
+            info["streams"] = n_streams
+            info["batch_size"] = batch
+            info["per_text"] = [{"text": s, "ppl": math.exp(values[i].mean().item())} for i, s in enumerate(sources)]
+        return self._result(values, decode, info)
+
+    def group_refusal(self) -> str | None:
+        if len(self.sources) > 1:
+            return "several texts batch by --batch-size"
+        if self.feed == "approximate":
+            return "approximate chunks evict between chunks, each run its own way"
+        return None
+
+    def feeds_exact_chunks(self, policy) -> bool:
+        return self.feed == "exact" and policy.band is not None and not policy.observes and not policy.retrieves
+
+    def run_group(self, session, tokenizer, meter, progress) -> list[TaskResult]:
+        """One text fed to every stream of the group token by token (each policy would alone:
+        runs/grouping.py groups no policy that feeds exact chunks); one result per policy."""
+        import torch
+
+        from streambench.engine.session import token_by_token_reason
+
+        ids = torch.tensor([self.token_ids(tokenizer)], device=session.device).expand(session.batch, -1)
+        progress.total(session.batch * (ids.shape[1] - 1), "tok")
+        feeding = {"mode": "token", "chunk": 1, "token_exact": True}
+        meter.start(session)
+        nll, _ = self._stream(session, ids, session.batch, feeding, meter, progress)
+        values = nll.double().cpu()
+        results = []
+        for b, policy in enumerate(session.group):
+            own = {**feeding}
+            if self.feed != "token":
+                own["why_token"] = token_by_token_reason(policy)
+            results.append(self._result(values[b : b + 1], meter.rate(b), self._info(ids[:1], own)))
+        return results
+
+    def _stream(self, session, ids, batch, feeding, meter, progress):
+        """Feed the rows of `ids`, `batch` at a time; (NLL per prediction (rows, n - 1), the last rows fed)."""
+        import torch
+        import torch.nn.functional as F
+
         n_streams, n_pred = ids.shape[0], ids.shape[1] - 1
         nll = torch.empty(n_streams, n_pred, dtype=torch.float32, device=session.device)
-        feeding = self.feeding(session)
-        step, batch = feeding["chunk"], min(session.batch, n_streams)
+        step = feeding["chunk"]
         exact = feeding["mode"] == "exact-chunks"
-        progress.total(n_streams * n_pred, "tok")
-        meter.start(session)
+        rows = ids
         for first in range(0, n_streams, batch):
             rows = ids[first : first + batch]
             width = rows.shape[0]
@@ -116,8 +164,26 @@ class PerplexityTask(Task):
                 )
                 meter.step(width * (end - start))
                 progress(width * (end - start))
-        decode = meter.rate() if feeding["mode"] == "token" else self._probe(session, rows, meter)
-        values = nll.double().cpu()
+        return nll, rows
+
+    def _info(self, ids, feeding: dict) -> dict:
+        from streambench.tasks.texts import REPLACED
+
+        info = {
+            "text": self.text,
+            "tokens_streamed": ids.shape[1],
+            "predictions": (ids.shape[1] - 1) * ids.shape[0],
+            "token_exact": feeding["token_exact"],
+            "feeding": feeding,
+        }
+        replaced = {s: REPLACED[s] for s in self.sources if s in REPLACED}
+        if replaced:
+            info["undecodable_replaced"] = replaced  # bytes that were not UTF-8, read as U+FFFD
+        return info
+
+    def _result(self, values, decode: float | None, info: dict) -> TaskResult:
+        """Metrics and curve from per-prediction NLLs (streams, n - 1)."""
+        n_pred = values.shape[1]
         half = values[:, n_pred // 2 :]
         metrics = {
             "ppl": math.exp(values.mean().item()),
@@ -126,22 +192,6 @@ class PerplexityTask(Task):
         }
         if decode is not None:
             metrics["decode_tokens_per_s"] = decode
-        info = {
-            "text": self.text,
-            "tokens_streamed": ids.shape[1],
-            "predictions": n_pred * n_streams,
-            "token_exact": feeding["token_exact"],
-            "feeding": feeding,
-        }
-        from streambench.tasks.texts import REPLACED
-
-        replaced = {s: REPLACED[s] for s in sources if s in REPLACED}
-        if replaced:
-            info["undecodable_replaced"] = replaced  # bytes that were not UTF-8, read as U+FFFD
-        if n_streams > 1:
-            info["streams"] = n_streams
-            info["batch_size"] = batch
-            info["per_text"] = [{"text": s, "ppl": math.exp(values[i].mean().item())} for i, s in enumerate(sources)]
         return TaskResult(metrics=metrics, curves={"nll": nll_curve(values.mean(0).tolist())}, info=info)
 
     def _probe(self, session, rows, meter) -> float | None:
