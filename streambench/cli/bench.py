@@ -45,6 +45,21 @@ from streambench.cli.progress import quiet_libraries
 )
 @click.option("--soak-budget", type=int, default=512, show_default=True)
 @click.option("--soak-chunk", type=int, default=256, show_default=True, help="Tokens per forward in the soak.")
+@click.option(
+    "--group",
+    "group_policies",
+    default="sirllm,h2o,tova,knorm,snapkv",
+    show_default=True,
+    help="Policies streamed one at a time and as one group (one batch, a stream each) ('' to skip).",
+)
+@click.option("--group-tokens", type=int, default=512, show_default=True, help="Tokens streamed in that comparison.")
+@click.option(
+    "--replies",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Candidate replies scored one forward each and as one tree forward (0 to skip).",
+)
 @click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
 @click.option("--burn", type=int, default=4, show_default=True, help="Burn-in steps per measurement.")
 @device_options
@@ -61,6 +76,9 @@ def bench_command(
     soak,
     soak_budget,
     soak_chunk,
+    group_policies,
+    group_tokens,
+    replies,
     steps,
     burn,
     device,
@@ -76,7 +94,8 @@ def bench_command(
         streambench bench
         streambench bench --budgets 256,512 --batch-sizes '' --steps 16
         streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets 256,1024
-        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak 1000000
+        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group '' --replies 0 --soak 1000000
+        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group-tokens 2048
         streambench bench --device cuda --json bench.json
     """
     import json
@@ -102,6 +121,17 @@ def bench_command(
         raise UserError(
             f"--exact-tokens must be at least 4 x the largest --exact-budgets ({4 * max(exact_sizes)}), got {exact_tokens}"
         )
+    grouped = [p.strip() for p in group_policies.split(",") if p.strip()]
+    if grouped:
+        from streambench.engine.session import check_group
+        from streambench.errors import ConfigError
+
+        try:
+            check_group([build_policy(PolicySpec(name), budget) for name in grouped])
+        except ConfigError as exc:
+            raise UserError(f"--group: {exc}") from None
+    if group_tokens < 2 or replies < 0:
+        raise UserError("--group-tokens must be >= 2 and --replies >= 0")
     if soak:
         build_policy(PolicySpec("streamingllm"), soak_budget)
     if steps < 2 or burn < 0 or any(b < 1 for b in batches) or soak < 0 or soak_chunk < 1:
@@ -110,13 +140,23 @@ def bench_command(
     lm = models.load(model, device, dtype)
     out = {}
     if (
-        names or sizes or batches or exact_sizes
-    ):  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --soak N`: the soak alone
+        names or sizes or batches or exact_sizes or grouped or replies
+    ):  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group '' --replies 0 --soak N`: the soak alone
         out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
         if exact_sizes:
             from streambench.runs.speed import exact_vs_token
 
             out["exact"] = exact_vs_token(lm, exact_sizes, exact_tokens, steps, min(burn, 2))
+        if grouped:
+            from streambench.runs.speed import grouped_vs_alone
+
+            out["grouped"] = grouped_vs_alone(lm, grouped, budget, group_tokens)
+        if replies:
+            from streambench.runs.speed import tree_vs_branches
+
+            out["replies"] = tree_vs_branches(
+                lm, "streamingllm", budget, 2 * budget, replies, max(1, min(12, budget // 4 - 2)), max(2, steps // 4)
+            )
         click.echo(format_bench(out, model, lm.info.dtype))
     if soak:
         from streambench.runs.speed import soak as run_soak

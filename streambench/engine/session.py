@@ -272,7 +272,8 @@ class StreamSession:
         self.observer: AttentionObserver | None = None
         if self.cache is not None:
             self.cache.enable_stats(sorted(wants & STATS))
-            if wants & CAPTURED or policy.uneven:  # (uneven: the route masks pads, recording nothing more)
+            # (uneven, or a group whose streams keep unequal counts: the route masks pads, recording nothing more)
+            if wants & CAPTURED or policy.uneven or self.group is not None:
                 window = max(member.observation_window for member in self.group or [policy])
                 self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=window)
         self.hidden: HiddenStateTap | None = None
@@ -289,6 +290,7 @@ class StreamSession:
 
             self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
+        self.branch_peak = (0, 0)  # (KV tokens, bytes) held at most during the last score_branches
         self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
         self._max_tokens = max_tokens
         self.exact_chunks = self._exact_chunks()  # decided once: policy, cache layout and model are fixed
@@ -573,6 +575,67 @@ class StreamSession:
             keep, at, positions, k_pre, values = plan
             self._hand_over(keep)
             self.cache.splice(keep, at, positions, k_pre, values)
+
+    # ---- candidates: several continuations of the state now, in one forward ---------------------
+    def branch_reason(self) -> str | None:
+        """Why `score_branches` feeds candidates one forward each here (None: one tree forward)."""
+        from streambench.engine.exact_chunks import unsupported
+
+        if self.recomputes:
+            return "it re-encodes a window instead of caching"
+        if self.batch != 1:
+            return "a tree runs one stream"
+        if self.observer is not None or self.hidden is not None or self.tap is not None:
+            return f"{self.policy.name} observes attention, hidden states or queries while it feeds"
+        if self.quant is not None:
+            return "a quantized cache reads a forward's own tokens in full precision"
+        cache = self.cache
+        if cache.sliding is not None or cache.ragged or cache.split:
+            return "the cache has sliding layers or lanes of unequal counts"
+        reason = unsupported(self.model)
+        return f"this model cannot: {reason}" if reason else None
+
+    @torch.no_grad()
+    def score_branches(self, branches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The logits (1, len, vocab) of each branch (1, len) fed from the state now, each what
+        `feed(branch)` then `rollback` gives; the state is left as it was. Where `branch_reason()`
+        is None, all go in as one forward, a tree (engine/branches.py): every branch sees the held
+        tokens and its own; the buffers grow for it and shrink back. The caller makes room first
+        (`reserve`): no branch may need an eviction."""
+        state = self.checkpoint()
+        cache = self.cache
+        longest = max(branch.shape[1] for branch in branches)
+        if self.branch_reason() is not None or cache.length + longest > self._room:
+            out, peak = [], (0, 0)
+            for branch in branches:
+                out.append(self.feed(branch))
+                peak = max(peak, (self.kv_tokens, self.kv_bytes))
+                self.rollback(state)
+            self.branch_peak = peak
+            return out
+        # the most the cache held during the branches, as one at a time (no sliding layer, no pads)
+        self.branch_peak = (cache.length + longest, (cache.length + longest) * self._token_bytes)
+        from streambench.engine.branches import TreeMask
+
+        lengths = [branch.shape[1] for branch in branches]
+        n, capacity = cache.length, cache.capacity
+        if n + sum(lengths) > capacity:  # room for the tree now, the run's buffers again after it
+            cache.set_capacity(n + sum(lengths))
+        try:
+            ids = torch.cat(branches, dim=1)
+            start = cache.next_positions(1)[0, 0]
+            tree = TreeMask(self.model, n, lengths, self.device)
+            positions = (start + tree.local.to(self.device))[None]
+            self.processed += ids.shape[1]
+            with tree:
+                logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+            if logits.device != self.device:
+                logits = logits.to(self.device)
+        finally:
+            self.rollback(state)  # (nothing was committed: the written slots are dropped)
+            if cache.capacity != capacity:
+                cache.set_capacity(capacity)
+        return list(logits.split(lengths, dim=1))
 
     # ---- kvpress's protocol: a context prefilled densely, compressed once --------------------------
     @contextmanager

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streambench.policies import register_policy
-from streambench.policies.base import CacheView, ScoredPolicy
+from streambench.policies.base import CacheView, ScoredPolicy, top_ranks
+
+# Norms within this share of the largest count as tied. The same token's layer-0 keys are equal
+# before RoPE; rotated at two positions (and back) their norms differ in the last bits, and by
+# how much depends on the positions and on the batch's matrix kernels (a batch of streams, a
+# group of policies). Exact twins must tie, and their tie go by rank, for a stream to keep the
+# same tokens alone and batched.
+TIE = 1e-5
 
 
 @register_policy("knorm")
@@ -26,3 +33,18 @@ class KnormPolicy(ScoredPolicy):
 
     def score(self, view: CacheView):
         return -view.observed["key_norm"]
+
+    def keep_top(self, scores, count: int):
+        """One token leaves (a stream's step): the newest of those whose norm is within TIE of the
+        largest; more leave at once (a chunk, a turn): `top_ranks`."""
+        import torch  # policies import no torch until they run
+
+        n = scores.shape[-1]
+        if n - count != 1:
+            return top_ranks(scores, count)
+        low = scores.min(dim=-1, keepdim=True).values  # (scores are -norm; protected ones +inf)
+        tied = scores <= low + TIE * low.abs()
+        gone = (n - 1) - tied.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the newest tied
+        kept = torch.ones(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, gone, False)
+        ranks = torch.arange(n, device=scores.device).expand(scores.shape)
+        return ranks[kept].view(*scores.shape[:-1], count).cpu().numpy()

@@ -203,6 +203,83 @@ def run_bench(
 
 
 @torch.no_grad()
+def grouped_vs_alone(lm, policies: list[str], budget: int, tokens: int) -> dict:
+    """Wall time of streaming `tokens` tokens token by token to each policy alone, against all of
+    them as one group (one batch, a stream each: engine/session.py `group`), from the same text;
+    and how far apart the logits are (the same numbers: float tolerance)."""
+    from streambench.engine.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    ids = random_ids(lm, (1, tokens), 3, device)
+    alone_s, alone_logits = 0.0, []
+    for name in policies:
+        with StreamSession(lm, build_policy(PolicySpec(name), budget), max_tokens=tokens) as session:
+            _sync(device)
+            start = time.perf_counter()
+            alone_logits.append(torch.cat([session.feed(ids[:, i : i + 1]) for i in range(tokens)], dim=1))
+            _sync(device)
+            alone_s += time.perf_counter() - start
+    group = [build_policy(PolicySpec(name), budget) for name in policies]
+    with StreamSession(lm, group[0], max_tokens=tokens, group=group) as session:
+        rows = ids.expand(len(group), -1)
+        _sync(device)
+        start = time.perf_counter()
+        logits = torch.cat([session.feed(rows[:, i : i + 1]) for i in range(tokens)], dim=1)
+        _sync(device)
+        grouped_s = time.perf_counter() - start
+    apart = max(float((logits[b : b + 1] - alone).abs().max()) for b, alone in enumerate(alone_logits))
+    return {
+        "policies": policies,
+        "budget": budget,
+        "tokens": tokens,
+        "alone_s": alone_s,
+        "grouped_s": grouped_s,
+        "speedup": alone_s / grouped_s,
+        "max_abs_logit_diff": apart,
+    }
+
+
+@torch.no_grad()
+def tree_vs_branches(lm, policy: str, budget: int, context: int, replies: int, reply_tokens: int, rounds: int) -> dict:
+    """Multiple-choice scoring, `replies` candidates of about `reply_tokens` tokens after a
+    `context`-token stream: one tree forward (engine/branches.py) against one forward per reply
+    and a rollback, seconds per question over `rounds` questions; the log-probs' largest gap."""
+    from streambench.engine.session import StreamSession
+
+    device = next(lm.model.parameters()).device
+    ids = random_ids(lm, (1, context), 5, device)
+    options = [random_ids(lm, (1, reply_tokens + i % 3), 10 + i, device) for i in range(replies)]
+    with StreamSession(lm, build_policy(PolicySpec(policy), budget), max_tokens=context + 4 * reply_tokens) as session:
+        session.feed(ids, exact=True)
+        session.reserve(max(o.shape[1] for o in options))
+        why = session.branch_reason()
+
+        def one_by_one(_i: int) -> list:
+            state, out = session.checkpoint(), []
+            for option in options:
+                out.append(session.feed(option))
+                session.rollback(state)
+            return out
+
+        per_reply = _timed(one_by_one, rounds, 1, device)
+        tree = _timed(lambda _i: session.score_branches(options), rounds, 1, device)
+        apart = max(float((a - b).abs().max()) for a, b in zip(one_by_one(0), session.score_branches(options)))
+    return {
+        "policy": policy,
+        "budget": budget,
+        "context": context,
+        "replies": replies,
+        "reply_tokens": reply_tokens,
+        "per_reply_ms": 1e3 * per_reply,
+        "tree_ms": 1e3 * tree,
+        "speedup": per_reply / tree,
+        "max_abs_logit_diff": apart,
+        "tree": why is None,
+        **({"why_not": why} if why is not None else {}),
+    }
+
+
+@torch.no_grad()
 def exact_vs_token(
     lm,
     budgets: list[int],
@@ -451,6 +528,31 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
                     "speedup",
                 ],
                 floatfmt=".2f",
+            ),
+        ]
+    if out.get("grouped"):
+        g = out["grouped"]
+        lines += [
+            "",
+            f"one stream to {len(g['policies'])} policies ({', '.join(g['policies'])}; cache {g['budget']}, "
+            f"{g['tokens']} tokens, token by token):",
+            tabulate(
+                [[g["alone_s"], g["grouped_s"], g["speedup"], g["max_abs_logit_diff"]]],
+                headers=["one at a time s", "one group s", "speedup", "max |logit diff|"],
+                floatfmt=(".2f", ".2f", ".2f", ".1e"),
+            ),
+        ]
+    if out.get("replies"):
+        r = out["replies"]
+        how = "one tree forward" if r["tree"] else f"no tree here ({r['why_not']})"
+        lines += [
+            "",
+            f"reply scoring ({r['policy']}, cache {r['budget']}, {r['replies']} replies of ~{r['reply_tokens']} "
+            f"tokens after {r['context']}; {how}):",
+            tabulate(
+                [[r["per_reply_ms"], r["tree_ms"], r["speedup"], r["max_abs_logit_diff"]]],
+                headers=["one forward per reply ms", "tree ms", "speedup", "max |logit diff|"],
+                floatfmt=(".2f", ".2f", ".2f", ".1e"),
             ),
         ]
     if out["batched"]:

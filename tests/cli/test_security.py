@@ -220,7 +220,7 @@ def test_unlabelled_runs_keep_their_config_hashes():
     from pathlib import Path
 
     baseline = json.loads((Path(__file__).resolve().parents[2] / "ci" / "baseline.json").read_text())
-    _, (item,) = plan(config)
+    (item,) = plan(config).runs
     assert "label" not in item.config
     assert item.digest == baseline["runs"]["perplexity/smollm2-135m/streamingllm/b64"]["config_hash"]
 

@@ -106,3 +106,27 @@ def test_what_cannot_join_a_group_says_why():
     group = [make_policy("h2o", {}), make_policy("tova", {})]
     with StreamSession(lm, group[0], group=group) as together, pytest.raises(ConfigError, match="branches"):
         together.checkpoint()
+
+
+def test_pads_are_masked_in_a_group_without_attention_observers():
+    """A group's streams may keep unequal counts (one evicts more at a time than another); so a
+    group routes attention through the observer, which masks the pads, whatever its policies
+    observe. The cache made ragged by hand: each stream's next logits are a fresh forward's over
+    its kept tokens (1 layer)."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=1))
+    ids = distinct(20)
+    group = [make_policy("window", {}), make_policy("knorm", {})]
+    with StreamSession(lm, group[0], group=group) as together:
+        assert together.observer is not None  # (the route that masks pads)
+        together.feed(ids[:, :10].expand(2, -1))
+        n = together.cache.length
+        keep = np.zeros((2, 1, together.cache.kv_heads, n), dtype=bool)
+        keep[0, ..., 2:] = True  # stream 0 keeps 8, stream 1 keeps 5: pads in stream 1's lanes
+        keep[1, ..., [0, 3, 5, 8, 9]] = True
+        together._evict(keep)
+        assert together.cache.ragged
+        logits = together.feed(ids[:, 10:11].expand(2, -1))[:, -1]
+    kept = [list(range(2, 10)), [0, 3, 5, 8, 9]]
+    for b in range(2):
+        fresh = lm.model(input_ids=torch.cat([ids[:, kept[b]], ids[:, 10:11]], dim=1)).logits[:, -1]
+        torch.testing.assert_close(logits[b : b + 1], fresh, atol=1e-5, rtol=0)

@@ -29,6 +29,10 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
             "16,32",
             "--exact-tokens",
             "128",
+            "--group-tokens",
+            "48",
+            "--replies",
+            "3",
             "--steps",
             "3",
             "--burn",
@@ -51,6 +55,13 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
         *((p, b) for p in ("window", "streamingllm", "recompute-window") for b in (16, 32)),
     }
     assert all(r["speedup"] > 0 for r in data["exact"])
+    grouped = data["grouped"]
+    assert grouped["policies"] == ["sirllm", "h2o", "tova", "knorm", "snapkv"] and grouped["tokens"] == 48
+    assert grouped["speedup"] > 0 and grouped["max_abs_logit_diff"] < 1e-4  # (the same numbers)
+    assert "one stream to 5 policies" in result.output
+    replies = data["replies"]
+    assert replies["tree"] and replies["replies"] == 3 and replies["max_abs_logit_diff"] < 1e-4
+    assert "reply scoring (streamingllm" in result.output and "one tree forward" in result.output
 
 
 def test_bench_rejects_bad_input():
@@ -58,6 +69,10 @@ def test_bench_rejects_bad_input():
     assert result.exit_code == 2 and "unknown policy 'nope'" in result.output
     result = CliRunner().invoke(cli, ["bench", "--exact-budgets", "1024", "--exact-tokens", "100"])
     assert result.exit_code == 2 and "--exact-tokens must be at least" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--group", "h2o,longmem"])
+    assert result.exit_code == 2 and "--group: longmem cannot join a group" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--replies", "-1"])
+    assert result.exit_code == 2 and "--replies >= 0" in result.output
 
 
 def test_bench_batched_and_soak(tiny_model_dir, tmp_path):

@@ -266,6 +266,6 @@ def test_ratio_budgets_resolve_against_the_task_context(tiny_model_dir):
         task_args={"tokens": 400},
         policies=[PolicySpec("streamingllm"), PolicySpec("dense")],
     )
-    _, planned = plan(config)
+    planned = plan(config).runs
     assert planned[0].policy.budget == 100 and planned[0].budget_ratio["ratio"] == 0.25
     assert planned[1].policy.budget is None and planned[1].budget_ratio is None

@@ -17,19 +17,9 @@ if TYPE_CHECKING:
     from streambench.engine.cache.quant import KVQuant
 
 
-NORM_BITS_DROPPED = 9  # of float32's 23 mantissa bits: norms kept to 2^-14 (6e-5) relative
-
-
 def _key_norm(keys: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each key (rotation keeps norms: the pre-RoPE key's is the cached key's),
-    rounded to 14 significant bits. The same token's layer-0 keys are equal before RoPE; after
-    rotating at two positions and back their norms differ in the last bits, and by how much
-    depends on the positions and on the batch's matrix kernels. Rounded, such twins tie exactly
-    and the tie goes by rank (the newest is evicted first, policies/base.py `top_ranks`), so a
-    stream keeps the same tokens alone, batched or grouped."""
-    bits = keys.float().norm(dim=-1).view(torch.int32)  # (norms are >= 0: no sign bit to spare)
-    half = 1 << (NORM_BITS_DROPPED - 1)
-    return ((bits + half) & ~((1 << NORM_BITS_DROPPED) - 1)).view(torch.float32)
+    """L2 norm of each key (rotation keeps norms: the pre-RoPE key's is the cached key's)."""
+    return keys.float().norm(dim=-1)
 
 
 # statistic -> its value from the new tokens' keys (..., count, D) -> (..., count)

@@ -277,6 +277,15 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
             if capacity > shard.capacity:
                 self._resize(shard, max(capacity, 2 * shard.capacity))
 
+    def set_capacity(self, capacity: int) -> None:
+        """Exactly `capacity` slots per lane (at least the tokens held, which keep their slots):
+        room for a tree of branches, then back (session.py `score_branches`)."""
+        if self.split or capacity < self._n:
+            raise RuntimeError("set_capacity: a cache of one shape per layer, holding at most `capacity` tokens")
+        for shard in self.shards:
+            if capacity != shard.capacity:
+                self._resize(shard, capacity)
+
     def _resize(self, shard: Shard, capacity: int, keep: int | None = None) -> None:
         """New buffers of `capacity` slots per lane for `shard`, its first `keep` slots copied
         (all that fit by default)."""

@@ -182,14 +182,12 @@ class Conversation:
             chosen = max(scored, key=lambda c: c.logprob).index
             self._commit(before, context, options[chosen])
             return chosen, scored
-        state = session.checkpoint()
         scored = []
-        for i, option in enumerate(options):
-            logits = session.feed(option)[0]
-            predicted = torch.cat([last[None], logits[:-1]]).argmax(-1)
-            logprob = torch.log_softmax(last.float(), -1)[option[0, 0]].item()
-            scored.append(Choice(i, logprob, self._same_text(predicted, option[0])))
-            session.rollback(state)
+        first = torch.log_softmax(last.float(), -1)
+        # every reply from the state after the question: one tree forward where the session can
+        for i, (option, logits) in enumerate(zip(options, session.score_branches(options))):
+            predicted = torch.cat([last[None], logits[0, :-1]]).argmax(-1)
+            scored.append(Choice(i, first[option[0, 0]].item(), self._same_text(predicted, option[0])))
         chosen = next((c.index for c in scored if c.greedy), None)
         if chosen is None:
             chosen = max(scored, key=lambda c: c.logprob).index

@@ -151,7 +151,11 @@ class StreambenchLM(TemplateLM):
 
     def _score(self, session, last: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
         """Log-probability of `continuation` after the state whose last logits are `last`."""
-        logits = torch.cat([last[None], self._feed(session, continuation)[:-1]]).float()
+        return self._judge(last, self._feed(session, continuation), continuation)
+
+    def _judge(self, last: torch.Tensor, fed: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """(log-probability, greedy) of `continuation` from the logits `fed` gave feeding it."""
+        logits = torch.cat([last[None], fed[:-1]]).float()
         target = self._ids(continuation)[0]
         logprobs = torch.log_softmax(logits, dim=-1)
         return logprobs.gather(1, target[:, None]).sum().item(), bool((logits.argmax(-1) == target).all())
@@ -170,11 +174,12 @@ class StreambenchLM(TemplateLM):
             session.new_round()
             session.reserve(len(context) + max(len(c) for c in choices))
             last = self._feed(session, context)[-1]
-            state = session.checkpoint()
-            scored = []
-            for choice in choices:
-                scored.append(self._score(session, last, choice))
-                session.rollback(state)
+            # every choice from the state after the context: one tree forward where the session can
+            branches = session.score_branches([self._ids(choice) for choice in choices])
+            self.tokens += sum(len(choice) for choice in choices)
+            if session.branch_peak[0] > self.kv_tokens_peak:
+                self.kv_tokens_peak, self.kv_bytes_peak = session.branch_peak
+            scored = [self._judge(last, logits[0], choice) for logits, choice in zip(branches, choices)]
             best = max(range(len(choices)), key=lambda k: scored[k][0])
             self._feed(session, choices[best])
             out += scored
