@@ -108,6 +108,10 @@ class CachePolicy:
     # return a keep mask, the budget bounds the mean count over lanes, and the engine masks each
     # lane's pads out of attention (so it routes attention through its own function, eagerly).
     uneven: ClassVar[bool] = False
+    # Why a batch's float arithmetic (another summation order, ~1e-6) can change this policy's
+    # keep-set where alone it would not (None: it does not in practice). Such a policy runs alone
+    # rather than in a group of policies over one stream (runs/grouping.py), to keep its numbers.
+    batch_sensitive: ClassVar[str | None] = None
 
     budget: int | None = None
 

@@ -28,6 +28,10 @@ class KnormPolicy(ScoredPolicy):
 
     summary = "lowest key L2 norm, per layer and KV head (+ optional sinks, recent window)"
     observes = frozenset({"key_norm"})
+    batch_sensitive = (
+        "its keep-set follows key norms that near-tie within float noise, which a batch's arithmetic "
+        "reorders (2,048 Hamlet tokens at budget 256: PPL 171.9 alone, 170.7 in a group)"
+    )
     start_size: int = 0
     recent_size: int = 0
 

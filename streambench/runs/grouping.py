@@ -40,7 +40,7 @@ def alone_reason(task: Task, item: PlannedRun, config: RunConfig) -> str | None:
         return "a quantized cache runs alone"
     if item.decode != "eager":
         return "it decodes with CUDA graphs"
-    why = ungroupable(policy)  # type: ignore[arg-type]
+    why = ungroupable(policy) or policy.batch_sensitive  # type: ignore[arg-type,attr-defined]
     if why is not None:
         return why
     if policy.budget is None:  # type: ignore[attr-defined]
