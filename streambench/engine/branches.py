@@ -14,23 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streambench.engine.routing import AttentionRoute
+from streambench.engine.routing import AttentionRoute, register
 
 NAME = "streambench_tree"
 _ACTIVE: list[TreeMask] = []
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, tree_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the model's own mask is built, then ignored
-    _registered = True
 
 
 class TreeMask(AttentionRoute):
@@ -38,7 +25,7 @@ class TreeMask(AttentionRoute):
     `lengths` tokens, one after another, each causal within itself and blind to the others."""
 
     def __init__(self, model, held: int, lengths: list[int], device):
-        _register()
+        register(NAME, tree_attention)
         super().__init__(model, NAME, _ACTIVE)
         sizes = torch.tensor(lengths)
         owner = torch.repeat_interleave(torch.arange(len(lengths)), sizes)

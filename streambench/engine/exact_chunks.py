@@ -29,12 +29,11 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from streambench.engine.routing import AttentionRoute
+from streambench.engine.routing import AttentionRoute, register
 from streambench.policies.base import Band  # noqa: F401  (re-exported: the declaration this module serves)
 
 NAME = "streambench_exact"
 _ACTIVE: list[ChunkMask] = []
-_registered = False
 
 
 def unsupported(model) -> str | None:
@@ -54,18 +53,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, exact_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the model's own mask is built, then ignored
-    _registered = True
-
-
 class ChunkMask(AttentionRoute):
     """The restriction of one chunk, shared by every layer of its forward.
 
@@ -83,7 +70,7 @@ class ChunkMask(AttentionRoute):
         rope=None,
         offset: int = 0,
     ):
-        _register()
+        register(NAME, exact_attention)
         super().__init__(model, NAME, _ACTIVE)
         t = queries[:, None]
         keys = slot_positions[None, :]

@@ -27,7 +27,7 @@ from typing import cast
 
 import torch
 
-from streambench.engine.routing import AttentionRoute
+from streambench.engine.routing import AttentionRoute, register
 from streambench.errors import ConfigError
 from streambench.policies.base import OBSERVATIONS
 
@@ -38,19 +38,6 @@ STATS = frozenset({"attention_sum", "attention_last", "key_norm"})  # per-slot b
 EAGER_ONLY = CAPTURED | {"hidden_states"}
 KINDS = OBSERVATIONS  # what a policy may declare in `observes` (policies/base.py)
 _ACTIVE: list[AttentionObserver] = []  # the observer of the forward running now (innermost last)
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, observing_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    _registered = True
 
 
 def attention_probs(module, query, key, mask, scaling=None, softcap=None, allowed=None) -> torch.Tensor:
@@ -105,7 +92,7 @@ class AttentionObserver(AttentionRoute):
     """Routes one model's attention through `observing_attention` while a session feeds."""
 
     def __init__(self, model, cache, wants: frozenset, window: int = 0):
-        _register()
+        register(NAME, observing_attention)
         self.cache, self.wants, self.window = cache, wants, window
         super().__init__(model, NAME, _ACTIVE)
         from streambench.models.architecture import layout_of

@@ -7,6 +7,21 @@ shared model otherwise. `active` is the module's stack of the objects the functi
 
 from __future__ import annotations
 
+_REGISTERED: set[str] = set()
+
+
+def register(name: str, function) -> None:
+    """Register `function` with transformers' AttentionInterface as `name`, once per process, with
+    the model's own SDPA mask builder (the function uses the mask it is given, or its own)."""
+    if name in _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _REGISTERED.add(name)
+
 
 class AttentionRoute:
     def __init__(self, model, name: str, active: list):

@@ -235,44 +235,47 @@ def run(
             continue
         members = [runs[i] for i in group_of.get(id(item), [])]
         members = [m for m in members if m.digest not in skip and id(m) not in done]
+        alone = [item]
         if len(members) > 1:
             members = [m for m in members if claim is None or claim(m)]
             done.update(id(m) for m in members)
+            alone = members
             if len(members) > 1:
-                yield from _run_group_safely(members, task, lm, env, out_dir, config, progress, shape, param, on_error)
-                continue
-            if not members:
-                continue
-            item = members[0]
+                results = _try_group(members, task, lm, env, out_dir, config, progress, shape, param)
+                if results is not None:
+                    yield from results
+                    continue
         elif claim is not None and not claim(item):
             continue
-        try:
-            if not item.fits_checked:  # (the plan could not read the shape before loading)
-                check_fits(
-                    item.spec.display,
-                    item.policy,
-                    shape,
-                    param.element_size(),
-                    config.batch_size,
-                    task.stream_tokens(),
-                    param.device,
-                )
-            yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
-        except (KeyboardInterrupt, GeneratorExit, OutputError):
-            raise  # an output that cannot be written stops the sweep: every later run would fail too
-        except (Exception, SystemExit) as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
-            fault = plugin_fault(exc)  # a plugin's defect (its SystemExit too) is a plugin error naming it
-            if fault is None and isinstance(exc, SystemExit):
-                raise
-            if on_error is None:
-                if fault is None:
+        for item in alone:  # (a group that failed: each run alone, its failure its own)
+            try:
+                if not item.fits_checked:  # (the plan could not read the shape before loading)
+                    check_fits(
+                        item.spec.display,
+                        item.policy,
+                        shape,
+                        param.element_size(),
+                        config.batch_size,
+                        task.stream_tokens(),
+                        param.device,
+                    )
+                yield _run_one(item, task, lm, env, out_dir, config.seed, progress, config.batch_size)
+            except (KeyboardInterrupt, GeneratorExit, OutputError):
+                raise  # an output that cannot be written stops the sweep: every later run would fail too
+            except (Exception, SystemExit) as exc:  # one failing run (out of memory, a bad turn) does not stop a sweep
+                fault = plugin_fault(exc)  # a plugin's defect (its SystemExit too) is a plugin error naming it
+                if fault is None and isinstance(exc, SystemExit):
                     raise
-                raise fault from exc
-            on_error(item, fault or exc)
+                if on_error is None:
+                    if fault is None:
+                        raise
+                    raise fault from exc
+                on_error(item, fault or exc)
 
 
-def _run_group_safely(members, task, lm, env, out_dir, config, progress, shape, param, on_error) -> Iterator[dict]:
-    """A group's results, or each of its runs reported failed (as one failing run is alone)."""
+def _try_group(members, task, lm, env, out_dir, config, progress, shape, param) -> list[dict] | None:
+    """A group's results, or None where any of its runs fails (a plugin's defect, memory): the
+    runner then runs each alone, so one run's failure is not its neighbours'."""
     from streambench.errors import OutputError
     from streambench.models.size_guard import check_fits
 
@@ -287,21 +290,11 @@ def _run_group_safely(members, task, lm, env, out_dir, config, progress, shape, 
                 task.stream_tokens(),
                 param.device,
             )
-        results = _run_group(members, task, lm, env, out_dir, config.seed, progress)
+        return _run_group(members, task, lm, env, out_dir, config.seed, progress)
     except (KeyboardInterrupt, GeneratorExit, OutputError):
         raise
-    except (Exception, SystemExit) as exc:
-        fault = plugin_fault(exc)
-        if fault is None and isinstance(exc, SystemExit):
-            raise
-        if on_error is None:
-            if fault is None:
-                raise
-            raise fault from exc
-        for item in members:
-            on_error(item, fault or exc)
-        return
-    yield from results
+    except (Exception, SystemExit):
+        return None
 
 
 def _run_group(
