@@ -195,8 +195,7 @@ class GroupMeter:
             tokens = max(session.processed - self._processed, runs)
         self._processed = session.processed
         share = max(tokens // runs, 1)
-        for b, meter in enumerate(self.meters):
-            kv_tokens, kv_bytes = session.stream_kv(b)
+        for meter, (kv_tokens, kv_bytes) in zip(self.meters, session.streams_kv()):
             meter.step(share, kv_tokens, kv_bytes)
 
     def rate(self, run: int = 0) -> float:

@@ -559,13 +559,14 @@ class StreamSession:
             scores[b] = member.score_tokens(ids[b : b + 1], logits[b : b + 1])[0]
         return scores
 
-    def stream_kv(self, stream: int) -> tuple[int, int]:
-        """(KV tokens, KV bytes) stream `stream` of a group holds: what `kv_tokens` and `kv_bytes`
-        would say were it run alone."""
+    def streams_kv(self) -> list[tuple[int, int]]:
+        """(KV tokens, KV bytes) each stream of a group holds: what `kv_tokens` and `kv_bytes`
+        would say were it run alone (one count of the lanes for all streams: a per-step call)."""
         cache = self.cache
-        lanes = cache.lane_counts()[:, stream]
-        sliding = cache.sliding_bytes() // self.batch
-        return round(float(lanes.mean())), int(lanes.sum()) * cache.lane_bytes() + sliding
+        lanes = cache.lane_counts()  # (L, B, H)
+        tokens, held = lanes.mean(axis=(0, 2)), lanes.sum(axis=(0, 2))
+        per_lane, sliding = cache.lane_bytes(), cache.sliding_bytes() // self.batch
+        return [(round(float(t)), int(h) * per_lane + sliding) for t, h in zip(tokens, held)]
 
     def _recall(self, incoming: int) -> None:
         retriever, tap = cast(RetrievalPolicy, self.policy), cast("QueryTap", self.tap)  # (policy.retrieves)

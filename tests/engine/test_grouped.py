@@ -39,7 +39,7 @@ def test_a_group_equals_each_policy_alone(arch, chunk):
     with StreamSession(lm, group[0], group=group) as together:
         assert together.batch == len(group) and together.exact_chunks is not None
         logits, kept = run(together, ids.expand(len(group), -1), chunk, rounds=True)
-        tallies = [together.stream_kv(b) for b in range(len(group))]
+        tallies = together.streams_kv()
     for b, (name, args) in enumerate(GROUPABLE):
         with StreamSession(lm, make_policy(name, args)) as alone:
             single, single_kept = run(alone, ids, chunk, rounds=True)
@@ -76,7 +76,7 @@ def test_streams_evict_when_their_own_policy_would():
             ragged += together.cache.ragged
             for b, session in enumerate(alone):
                 session.feed(ids[:, i : i + 1])
-                assert together.stream_kv(b) == (session.kv_tokens, session.kv_bytes), (i, b)
+                assert together.streams_kv()[b] == (session.kv_tokens, session.kv_bytes), (i, b)
     assert ragged > 5
 
 
