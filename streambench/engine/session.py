@@ -23,6 +23,7 @@ import torch
 from streambench.engine.cache import StreamCache
 from streambench.engine.contract import check_band, checked_keep, checked_max_incoming, prove_band
 from streambench.engine.cuda_graphs import decode_mode
+from streambench.engine.ragged import RaggedFeeding
 from streambench.errors import ConfigError, PolicyContractError
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
@@ -158,7 +159,7 @@ class _Branch:
     hidden: Any
 
 
-class StreamSession:
+class StreamSession(RaggedFeeding):
     """A stream under an evicting (or dense) cache. Constructed with a policy that recomputes
     instead of caching (recompute-window), it is a `RecomputeSession` (engine/recompute_session.py)."""
 
@@ -238,7 +239,8 @@ class StreamSession:
         self._full_layers = sum(kind != "sliding_attention" for kind in self._kinds)
         self._governed_layers = self._govern_layers()  # per token the policy governs (sliding ones apart)
         self._rope = self._sliding_rope = None
-        if (self.evicts or self.quant is not None) and not self.recomputes:  # (quantized: keys held before RoPE)
+        # (quantized: keys held before RoPE; a group: its ragged streams drop pads, ragged.py)
+        if (self.evicts or self.quant is not None or self.group is not None) and not self.recomputes:
             typed = layout.takes_layer_type()  # Gemma 3: local and global RoPE bases
             self._rope = RotaryTable(
                 lm.rotary_emb,
@@ -382,6 +384,7 @@ class StreamSession:
 
     def reset(self) -> None:
         self.fed = 0  # tokens in the stream since the last reset (branches rolled back are not)
+        self.stream_fed = np.zeros(self.batch, dtype=np.int64)  # per stream, where streams are ragged (ragged.py)
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
         for member in self.group or [self.policy]:
@@ -522,24 +525,25 @@ class StreamSession:
         self._hand_over(keep)
         self.cache.evict(keep)
 
-    def _evict_group(self, incoming: int) -> None:
+    def _evict_group(self, incoming: int | np.ndarray) -> None:
         """A group: each stream evicts when its own policy would alone (its count plus what comes
         in passes the budget), choosing by its own policy from the view it would have alone (its
         pads cut off: a stream keeping fewer than another holds pads at its lanes' first ranks,
         eviction.py); a stream with room keeps all it holds. The keep-sets are joined into the
-        one form the cache takes."""
+        one form the cache takes. `incoming`: for every stream, or one count each (ragged.py)."""
         cache, batch = self.cache, self.batch
         n, layers, heads = cache.length, cache.num_layers, cache.kv_heads
         held = cache.lane_counts()[0, :, 0] if cache.ragged else np.full(batch, n)  # (a stream's lanes hold alike)
-        full = held + incoming > self._room
+        coming = np.broadcast_to(np.asarray(incoming, dtype=np.int64), (batch,))
+        full = held + coming > self._room
         if not full.any():
             return
         keeps = []
         for b in range(batch):
             pads = n - int(held[b])
             if full[b]:
-                view = self.view(incoming, b)
-                keep = self._checked(_without_pads(view, pads) if pads else view, incoming, stream=b)
+                view = self.view(int(coming[b]), b)
+                keep = self._checked(_without_pads(view, pads) if pads else view, int(coming[b]), stream=b)
                 self._lanes[b] |= keep.ndim > 1
                 if pads:  # back to the cache's ranks
                     keep = np.pad(keep, [(0, 0)] * (keep.ndim - 1) + [(pads, 0)]) if keep.dtype == bool else keep + pads

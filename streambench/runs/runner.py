@@ -3,6 +3,7 @@ JSON result per finished run as soon as it finishes (so an interrupted run loses
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -90,7 +91,9 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
     if not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch size must be an integer >= 1, got {batch!r}")
     if batch > 1 and not task.batchable:
-        raise ConfigError(f"task {task.name} runs one stream at a time; --batch-size applies to perplexity")
+        raise ConfigError(
+            f"task {task.name} runs one stream at a time; --batch-size applies to perplexity, grocery, rps and dailydialog"
+        )
     planned = []
     from streambench.models.loading import peek_shape
     from streambench.models.size_guard import check_fits
@@ -352,8 +355,25 @@ def _run_one(
     np.random.seed(seed)
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
+    group, batched = None, None
+    if batch_size > 1 and task.lanes:
+        # the task's conversations as the ragged streams of one batch (engine/lanes.py), or alone
+        from streambench.engine.ragged import ragged_refusal
+
+        why = task.lanes_refusal() or ragged_refusal(item.policy, item.quant, lm.model)
+        if why is None:
+            group = [item.policy] + [copy.deepcopy(item.policy) for _ in range(batch_size - 1)]
+            batched = {"streams": batch_size, "why": "conversations of the task as the ragged streams of one batch"}
+        else:
+            batch_size, batched = 1, {"streams": 1, "why": why}
     with StreamSession(
-        lm, item.policy, batch_size=batch_size, decode=item.decode, max_tokens=task.stream_tokens(), quant=item.quant
+        lm,
+        item.policy,
+        batch_size=batch_size,
+        decode=item.decode if group is None else "eager",
+        max_tokens=task.stream_tokens(),
+        quant=item.quant,
+        group=group,
     ) as session:
         meter = Meter(session.device)
         meter.start(session)
@@ -364,6 +384,8 @@ def _run_one(
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
         layers = session.layer_accounting()
+    if batched is not None:
+        outcome.info["batched"] = batched
     return _write(
         item, task, lm, env, out_dir, outcome, engine_metrics, engine_curves, layers, started, time.perf_counter() - t0
     )

@@ -64,6 +64,7 @@ class Task:
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (table header, metric) the CLI prints
     default_budget: ClassVar[int] = 512  # used when the run names no --budget
     batchable: ClassVar[bool] = False  # runs several streams in one batch (--batch-size)
+    lanes: ClassVar[bool] = False  # ... as its conversations, ragged (`lanes_refusal`, engine/lanes.py)
     quality: ClassVar[str | None] = None  # the metric the report's Pareto plot puts against KV memory
     # What `streambench run --task NAME` uses unless told otherwise (below a same-name preset, -t
     # and the task flags): sizes for a first run that finishes in minutes on a laptop CPU. Library
@@ -107,6 +108,11 @@ class Task:
         """Why this task's runs cannot share one batch, the same stream under several policies
         (None: they can, through `run_group`; runs/grouping.py decides which do)."""
         return f"task {self.name} feeds each run alone"
+
+    def lanes_refusal(self) -> str | None:
+        """Why `--batch-size` does not play this task's conversations as the ragged streams of one
+        batch (None: `run` gets a group session, a copy of the policy per stream, engine/lanes.py)."""
+        return f"task {self.name} has no conversations to batch"
 
     def feeds_exact_chunks(self, policy) -> bool:
         """Whether `policy` alone would feed this task's stream in exact chunks (then alone is faster)."""

@@ -87,6 +87,15 @@ class Retention:
         self._by_turn = _accumulate(self._by_turn, turn - self.turn_of[old], shares)
         self._by_token = _accumulate(self._by_token, (fed - self.positions[old]) // TOKEN_BIN, shares)
 
+    def absorb(self, other: Retention) -> None:
+        """Add `other`'s samples to these curves (conversations of one run played on other streams)."""
+        for name in ("_by_turn", "_by_token"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            size = max(mine.shape[1], theirs.shape[1])
+            merged = np.pad(mine, ((0, 0), (0, size - mine.shape[1])))
+            merged[:, : theirs.shape[1]] += theirs
+            setattr(self, name, merged)
+
     def share(self, name: str) -> float:
         """Mean share of the fact's tokens cached at the last sample (1.0: every token in every lane)."""
         fact = self.facts.index(name)
@@ -107,6 +116,7 @@ class Retention:
             seen = np.flatnonzero(acc[1])
             if not len(seen):
                 continue
+            acc = acc[:, : int(seen[-1]) + 1]  # (the ages seen: not the buffer's doubling)
             merge = max(1, -(-acc.shape[1] // CURVE_POINTS))
             if merge > 1:
                 pad = (-acc.shape[1]) % merge

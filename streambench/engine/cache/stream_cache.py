@@ -376,9 +376,9 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
         return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
 
     def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
-        """Record the tokens the last forward appended: their stream positions (count,) and
-        scores (B, count) or None."""
-        start, count = self._n, len(positions)
+        """Record the tokens the last forward appended: their stream positions (count,), or
+        (B, count) where streams are ragged (a pad at -1, ragged.py), and scores (B, count) or None."""
+        start, count = self._n, positions.shape[-1]
         end = start + count
         fed_before = self._fed
         base = self._base
@@ -395,13 +395,13 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
             self._slot[:, start:end] = first[:, None] + np.arange(count)
         else:
             self._slot[:, start:end] = np.arange(start, end)
-        self._pos[:, start:end] = positions
+        self._pos[:, start:end] = positions if positions.ndim == 1 or not self.per_head else positions[self._row_stream]
         if scores is None:
             self._score[:, start:end] = 0.0
         else:
             self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
         self._n = end
-        self._fed = int(positions[-1]) + 1 if count else self._fed
+        self._fed = int(positions[..., -1].max()) + 1 if count else self._fed
         if self.sliding is not None:
             self.sliding.commit(count)
         if self.quant is not None:  # (held before RoPE as they were written)

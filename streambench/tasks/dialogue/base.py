@@ -31,9 +31,17 @@ class DialogueTask(Task):
     prompt included, one prompt for every policy), sirllm (the released SirLLM code's strings),
     sirllm-released, plain (see FORMATS above)."""
 
+    batchable = True  # --batch-size B: B conversations at a time, one ragged batch (engine/lanes.py)
+    lanes = True
+
     limit: int | None = 20
     seed: int = 0
     format: str = "template"
+
+    def lanes_refusal(self) -> str | None:
+        if self.format != "template":
+            return f"format {self.format} feeds each turn again after rolling its question back (one conversation at a time)"
+        return None
 
     def configure(self) -> None:
         self._check_limit()
@@ -64,13 +72,59 @@ def play_items(
 ) -> list[dict]:
     """`before(conversation, item)` and `after(conversation, item)` may add fields to an item's
     record (grocery's free recall on the side, the key's retention when it is asked for). An
-    item's `meta["facts"]`, (name, substring of the question) pairs, are tagged for retention."""
+    item's `meta["facts"]`, (name, substring of the question) pairs, are tagged for retention.
+    A group session (--batch-size): the conversations are dealt to its streams and played as
+    one ragged batch (engine/lanes.py), each item's record what it is alone."""
     from streambench.tasks.dialogue.chat_format import Conversation  # torch: loaded when a run starts, not on listing
 
     conversation = conversation or Conversation(session, tokenizer)
-    records, group = [], None
     progress.total(len(items), "item")
-    meter.start(session)
+    if session.group is None:
+        meter.start(session)
+        return _play(items, conversation, meter, progress, before, after)
+    talks: list[list[MCItem]] = []
+    for item in items:
+        if not talks or item.group != talks[-1][-1].group:
+            talks.append([])
+        talks[-1].append(item)
+    played = play_lanes(
+        session,
+        conversation,
+        meter,
+        [lambda talk, c: _play(talk, c, meter, progress, before, after) for _ in talks],
+        talks,
+    )
+    return [record for records in played for record in records]
+
+
+def play_lanes(session, conversation, meter, jobs, inputs) -> list:
+    """`jobs[i](inputs[i], conversation_i)` for each conversation i, dealt to the streams of the
+    group `session` (stream b plays conversations b, b + B, ...), each on a Conversation like
+    `conversation` over its stream; results in the order of `inputs`. What the lanes' caches
+    kept (retention, the first stream's cache map) is merged into `conversation`."""
+    from streambench.engine.lanes import Lanes, LanesGauge
+
+    lanes, width = Lanes(session), min(session.batch, len(inputs))
+    talks = [conversation.like(None) for _ in range(width)]
+
+    def lane_job(b: int):
+        def run(lane):
+            talks[b].session = lane
+            return [jobs[i](inputs[i], talks[b]) for i in range(b, len(inputs), width)]
+
+        return run
+
+    meter.start(LanesGauge(session))
+    out = lanes.run([lane_job(b) for b in range(width)])
+    for talk in talks:
+        conversation.retention.absorb(talk.retention)
+    conversation.cache_map = talks[0].cache_map
+    conversation.lanes = lanes
+    return [out[i % width][i // width] for i in range(len(inputs))]
+
+
+def _play(items: list[MCItem], conversation, meter, progress, before, after) -> list[dict]:
+    records, group = [], None
     for item in items:
         if item.group != group:
             conversation.reset()
@@ -92,7 +146,7 @@ def play_items(
                 "correct": chosen == item.answer,
                 "greedy": [c.greedy for c in scored],
                 "first_token_logprob": [round(c.logprob, 4) for c in scored],
-                "kv_tokens": session.kv_tokens,
+                "kv_tokens": conversation.session.kv_tokens,
                 **extra,
             }
         )

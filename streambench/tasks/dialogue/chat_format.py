@@ -115,6 +115,11 @@ class Conversation:
         self._reply_cache: dict[str, torch.Tensor] = {}
         self.retention, self.cache_map = Retention(), CacheMap()
         self._stops = None
+        self.lanes = None  # the Lanes that played this run's conversations as one batch (base.py play_lanes)
+
+    def like(self, session) -> Conversation:
+        """A new conversation in this one's format over `session` (another stream of a batch)."""
+        return Conversation(session, self.tokenizer, self.fmt, self.joined)
 
     def reset(self) -> None:
         self.session.reset()

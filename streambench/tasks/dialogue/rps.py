@@ -16,7 +16,7 @@ import numpy as np
 from streambench.engine.meter import subsample
 from streambench.tasks import register_task
 from streambench.tasks.base import TaskResult
-from streambench.tasks.dialogue.base import DialogueTask, conversation_for, memory_curves
+from streambench.tasks.dialogue.base import DialogueTask, conversation_for, memory_curves, play_lanes
 from streambench.tasks.dialogue.items import MOVES, check_local, load_rps_moves, player_moves, provenance
 
 FIRST = "Let's play a game of Rock-Paper-Scissors. Choose one option from: (A) rock (B) paper (C) scissors."
@@ -95,7 +95,6 @@ class RockPaperScissorsTask(DialogueTask):
         games = {p: self.moves(p, i) for i, p in enumerate(self.player_list())}
         progress.total(sum(len(m) for m in games.values()), "round")
         conversation = conversation_for(session, tokenizer, self.format)
-        first = FIRST if self.format == "template" else FIRST_RELEASED
         records, metrics, curves, info = (
             [],
             {},
@@ -106,40 +105,26 @@ class RockPaperScissorsTask(DialogueTask):
         files = {p: provenance(p) for p in games if p.endswith(".jsonl") or p.startswith(("http://", "https://"))}
         if files:
             info["player_files"] = files
-        meter.start(session)
-        for player, user_moves in games.items():
-            conversation.reset()
-            results = []
-            counts = np.zeros(3, dtype=int)
-            for r, user in enumerate(user_moves):
-                question = first if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
-                facts = () if r == 0 else ((f"move {r - 1}", MOVES[user_moves[r - 1]]),)
-                model, scored = conversation.ask(question, REPLIES, by_greedy=False, facts=facts)
-                meter.step()
-                share = None
-                if r:
-                    counts[user_moves[r - 1]] += 1
-                    beat.append(scored[(int(counts.argmax()) + 1) % 3].logprob)
-                    share = float(conversation.retention.shares().mean())
-                    kept.append(share)
-                progress(1)
-                results.append(outcome(model, user))
-                records.append(
-                    {
-                        "player": player,
-                        "round": r,
-                        "user": MOVES[user],
-                        "model": MOVES[model],
-                        "outcome": results[-1],
-                        "logprobs": [round(c.logprob, 4) for c in scored],
-                        **({"move_retention": round(share, 4)} if share is not None else {}),
-                    }
-                )
+        if session.group is None:
+            meter.start(session)
+            played = [self._play(conversation, player, moves, meter, progress) for player, moves in games.items()]
+        else:  # the players as the ragged streams of one batch (engine/lanes.py)
+            played = play_lanes(
+                session,
+                conversation,
+                meter,
+                [lambda game, c: self._play(c, *game, meter, progress) for _ in games],
+                list(games.items()),
+            )
+        for (player, user_moves), (rounds, results, beats, shares) in zip(games.items(), played):
+            records += rounds
+            beat += beats
+            kept += shares
             tag = player.rsplit("/", 1)[-1].removesuffix(".jsonl")
-            played = [rec["model"] for rec in records if rec["player"] == player]
+            played_moves = [rec["model"] for rec in rounds]
             metrics.update(_rates(results, tag))
             metrics[f"best_fixed_win_{tag}"] = best_fixed_win(user_moves)
-            info["model_moves"][tag] = {m: played.count(m) / len(played) for m in MOVES}
+            info["model_moves"][tag] = {m: played_moves.count(m) / len(played_moves) for m in MOVES}
             wins = np.array([o == "win" for o in results], dtype=float)
             rolling = (
                 np.convolve(wins, np.ones(ROLLING) / ROLLING, mode="valid")
@@ -159,6 +144,38 @@ class RockPaperScissorsTask(DialogueTask):
         metrics["move_retention"] = float(np.mean(kept)) if kept else float("nan")
         curves.update(memory_curves(conversation))
         return TaskResult(metrics=metrics, curves=curves, records=records, info=info)
+
+    def _play(self, conversation, player: str, user_moves: list[int], meter, progress):
+        """One player's game, on its own conversation: (records, outcomes, beat log-probs, move retention)."""
+        conversation.reset()
+        first = FIRST if self.format == "template" else FIRST_RELEASED
+        records, results, beat, kept = [], [], [], []
+        counts = np.zeros(3, dtype=int)
+        for r, user in enumerate(user_moves):
+            question = first if r == 0 else NEXT.format(move=MOVES[user_moves[r - 1]])
+            facts = () if r == 0 else ((f"move {r - 1}", MOVES[user_moves[r - 1]]),)
+            model, scored = conversation.ask(question, REPLIES, by_greedy=False, facts=facts)
+            meter.step()
+            share = None
+            if r:
+                counts[user_moves[r - 1]] += 1
+                beat.append(scored[(int(counts.argmax()) + 1) % 3].logprob)
+                share = float(conversation.retention.shares().mean())
+                kept.append(share)
+            progress(1)
+            results.append(outcome(model, user))
+            records.append(
+                {
+                    "player": player,
+                    "round": r,
+                    "user": MOVES[user],
+                    "model": MOVES[model],
+                    "outcome": results[-1],
+                    "logprobs": [round(c.logprob, 4) for c in scored],
+                    **({"move_retention": round(share, 4)} if share is not None else {}),
+                }
+            )
+        return records, results, beat, kept
 
     @classmethod
     def notes(cls, results: list[dict]) -> str:
