@@ -60,6 +60,13 @@ from streambench.cli.progress import quiet_libraries
     show_default=True,
     help="Candidate replies scored one forward each and as one tree forward (0 to skip).",
 )
+@click.option(
+    "--dialogue",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Grocery episodes played one at a time and as one ragged batch (0 to skip).",
+)
 @click.option("--steps", type=int, default=32, show_default=True, help="Measured decode steps per measurement.")
 @click.option("--burn", type=int, default=4, show_default=True, help="Burn-in steps per measurement.")
 @device_options
@@ -79,6 +86,7 @@ def bench_command(
     group_policies,
     group_tokens,
     replies,
+    dialogue,
     steps,
     burn,
     device,
@@ -94,7 +102,7 @@ def bench_command(
         streambench bench
         streambench bench --budgets 256,512 --batch-sizes '' --steps 16
         streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets 256,1024
-        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group '' --replies 0 --soak 1000000
+        streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group '' --replies 0 --dialogue 0 --soak 1000000
         streambench bench --policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group-tokens 2048
         streambench bench --device cuda --json bench.json
     """
@@ -130,8 +138,8 @@ def bench_command(
             check_group([build_policy(PolicySpec(name), budget) for name in grouped])
         except ConfigError as exc:
             raise UserError(f"--group: {exc}") from None
-    if group_tokens < 2 or replies < 0:
-        raise UserError("--group-tokens must be >= 2 and --replies >= 0")
+    if group_tokens < 2 or replies < 0 or dialogue < 0 or dialogue == 1:
+        raise UserError("--group-tokens must be >= 2, --replies >= 0, --dialogue 0 or >= 2")
     if soak:
         build_policy(PolicySpec("streamingllm"), soak_budget)
     if steps < 2 or burn < 0 or any(b < 1 for b in batches) or soak < 0 or soak_chunk < 1:
@@ -140,8 +148,8 @@ def bench_command(
     lm = models.load(model, device, dtype)
     out = {}
     if (
-        names or sizes or batches or exact_sizes or grouped or replies
-    ):  # `--policy '' --budgets '' --batch-sizes '' --exact-budgets '' --group '' --replies 0 --soak N`: the soak alone
+        names or sizes or batches or exact_sizes or grouped or replies or dialogue
+    ):  # `... --group '' --replies 0 --dialogue 0 --soak N`: the soak alone
         out = run_bench(lm, names, budget, sizes, steps, burn, tuple(batches))
         if exact_sizes:
             from streambench.runs.speed import exact_vs_token
@@ -157,6 +165,10 @@ def bench_command(
             out["replies"] = tree_vs_branches(
                 lm, "streamingllm", budget, 2 * budget, replies, max(1, min(12, budget // 4 - 2)), max(2, steps // 4)
             )
+        if dialogue:
+            from streambench.runs.speed import dialogue_batched_vs_alone
+
+            out["dialogue"] = dialogue_batched_vs_alone(lm, "streamingllm", max(budget, 512), dialogue)
         click.echo(format_bench(out, model, lm.info.dtype))
     if soak:
         from streambench.runs.speed import soak as run_soak

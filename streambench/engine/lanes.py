@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from streambench.errors import DataError
+
 if TYPE_CHECKING:
     from streambench.engine.session import StreamSession
 
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 PARTIAL = ("feed", "branches", "reserve")
 
 
-class LanesOutOfStep(RuntimeError):
+class LanesOutOfStep(DataError):
     """Every live lane waits, on calls that cannot run together (e.g. one asks a side question
     while another starts a new conversation): the task's conversations are not alike enough."""
 

@@ -360,7 +360,11 @@ def _run_one(
         # the task's conversations as the ragged streams of one batch (engine/lanes.py), or alone
         from streambench.engine.ragged import ragged_refusal
 
+        known = task.conversations()
+        batch_size = min(batch_size, known) if known else batch_size
         why = task.lanes_refusal() or ragged_refusal(item.policy, item.quant, lm.model)
+        if batch_size == 1:
+            why = why or "one conversation"
         if why is None:
             group = [item.policy] + [copy.deepcopy(item.policy) for _ in range(batch_size - 1)]
             batched = {"streams": batch_size, "why": "conversations of the task as the ragged streams of one batch"}

@@ -280,6 +280,57 @@ def tree_vs_branches(lm, policy: str, budget: int, context: int, replies: int, r
 
 
 @torch.no_grad()
+def dialogue_batched_vs_alone(lm, policy: str, budget: int, episodes: int) -> dict:
+    """Wall time of `episodes` grocery episodes (the generated ones, SirLLM's shape) played one
+    at a time, against all of them as the ragged streams of one batch (engine/lanes.py); whether
+    every item's record came out the same (choice, greedy matches) and the log-probs' largest gap."""
+    import copy
+
+    from streambench.engine.meter import Meter
+    from streambench.engine.ragged import ragged_refusal
+    from streambench.engine.session import StreamSession
+    from streambench.tasks.base import NoProgress
+    from streambench.tasks.build import build_task
+
+    device = next(lm.model.parameters()).device
+    task = build_task("grocery", {"limit": episodes, "seed": 0, "recall_tokens": 8})
+    why = ragged_refusal(build_policy(PolicySpec(policy), budget), model=lm.model)
+    if why is not None:
+        return {"policy": policy, "budget": budget, "episodes": episodes, "why_not": why}
+
+    def play(batch: int):
+        first = build_policy(PolicySpec(policy), budget)
+        group = [first] + [copy.deepcopy(first) for _ in range(batch - 1)] if batch > 1 else None
+        with StreamSession(lm, first, group=group) as session:
+            _sync(device)
+            start = time.perf_counter()
+            result = task.run(session, lm.tokenizer, Meter(device), NoProgress())
+            _sync(device)
+            return result.records, time.perf_counter() - start
+
+    alone, alone_s = play(1)
+    batched, batched_s = play(episodes)
+    same = all(
+        (a["chosen"], a["greedy"], a.get("free_answer")) == (b["chosen"], b["greedy"], b.get("free_answer"))
+        for a, b in zip(alone, batched)
+    )
+    apart = max(
+        abs(x - y) for a, b in zip(alone, batched) for x, y in zip(a["first_token_logprob"], b["first_token_logprob"])
+    )
+    return {
+        "policy": policy,
+        "budget": budget,
+        "episodes": episodes,
+        "items": len(alone),
+        "alone_s": alone_s,
+        "batched_s": batched_s,
+        "speedup": alone_s / batched_s,
+        "records_identical": same and len(alone) == len(batched),
+        "max_abs_logprob_diff": apart,
+    }
+
+
+@torch.no_grad()
 def exact_vs_token(
     lm,
     budgets: list[int],
@@ -542,6 +593,29 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
                 floatfmt=(".2f", ".2f", ".2f", ".1e"),
             ),
         ]
+    if out.get("dialogue"):
+        d = out["dialogue"]
+        head = f"dialogue batched ({d['episodes']} grocery episodes, {d['policy']}, cache {d['budget']}"
+        if "why_not" in d:
+            lines += ["", f"{head}): runs one at a time ({d['why_not']})"]
+        else:
+            lines += [
+                "",
+                f"{head}, {d['items']} questions; one ragged batch against one episode at a time):",
+                tabulate(
+                    [
+                        [
+                            d["alone_s"],
+                            d["batched_s"],
+                            d["speedup"],
+                            "yes" if d["records_identical"] else "NO",
+                            d["max_abs_logprob_diff"],
+                        ]
+                    ],
+                    headers=["one at a time s", "batched s", "speedup", "same choices", "max |logprob diff|"],
+                    floatfmt=(".2f", ".2f", ".2f", "", ".1e"),
+                ),
+            ]
     if out.get("replies"):
         r = out["replies"]
         how = "one tree forward" if r["tree"] else f"no tree here ({r['why_not']})"

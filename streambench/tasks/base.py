@@ -114,6 +114,11 @@ class Task:
         batch (None: `run` gets a group session, a copy of the policy per stream, engine/lanes.py)."""
         return f"task {self.name} has no conversations to batch"
 
+    def conversations(self) -> int | None:
+        """How many conversations `run` plays, when known before it runs (None: unknown): a batch
+        wider than that would carry idle streams."""
+        return None
+
     def feeds_exact_chunks(self, policy) -> bool:
         """Whether `policy` alone would feed this task's stream in exact chunks (then alone is faster)."""
         return False

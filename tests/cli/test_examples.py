@@ -45,6 +45,7 @@ ADDED = {  # (flag, value or None), added when the example does not set the flag
         ("--exact-tokens", "128"),
         ("--group-tokens", "8"),
         ("--replies", "2"),
+        ("--dialogue", "0"),  # (tests/runs/test_bench.py plays it on a tiny model)
     ],
     "sweep": [("-q", None)],
 }

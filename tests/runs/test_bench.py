@@ -33,6 +33,8 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
             "48",
             "--replies",
             "3",
+            "--dialogue",
+            "2",
             "--steps",
             "3",
             "--burn",
@@ -62,6 +64,10 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     replies = data["replies"]
     assert replies["tree"] and replies["replies"] == 3 and replies["max_abs_logit_diff"] < 1e-4
     assert "reply scoring (streamingllm" in result.output and "one tree forward" in result.output
+    dialogue = data["dialogue"]
+    assert dialogue["episodes"] == 2 and dialogue["items"] == 44 and dialogue["records_identical"]
+    assert dialogue["speedup"] > 0 and dialogue["max_abs_logprob_diff"] < 1e-3
+    assert "dialogue batched (2 grocery episodes" in result.output
 
 
 def test_bench_rejects_bad_input():
@@ -72,6 +78,8 @@ def test_bench_rejects_bad_input():
     result = CliRunner().invoke(cli, ["bench", "--group", "h2o,longmem"])
     assert result.exit_code == 2 and "--group: longmem cannot join a group" in result.output
     result = CliRunner().invoke(cli, ["bench", "--replies", "-1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["bench", "--dialogue", "1"])
     assert result.exit_code == 2 and "--replies >= 0" in result.output
 
 

@@ -153,3 +153,45 @@ def test_lanes_batch_their_calls():
         assert lanes.calls["feed"] == 3
         assert out[2] == [torch.Size([1, 3, 258])] * 3
         assert list(session.stream_fed) == [3, 6, 9, 12]
+
+
+def test_an_interrupt_in_a_conversation_reaches_the_caller():
+    with group_session() as session:
+        lanes = Lanes(session)
+
+        def waits(lane):
+            lane.feed(torch.tensor([[5, 6]]))
+            lane.feed(torch.tensor([[7]]))
+
+        def interrupted(lane):
+            lane.feed(torch.tensor([[5]]))
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            lanes.run([waits, interrupted])
+    assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]
+
+
+def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
+    """`run --batch-size`: streamingllm's players play as one batch, snapkv's one at a time, and
+    each result says which; both with the records the unbatched run gives."""
+    from click.testing import CliRunner
+
+    from streambench.cli.app import cli
+
+    def run(out, batch):
+        args = ["run", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--task", "rps"]
+        args += ["-t", "players=rock,paper", "--limit", "4", "--budget", "300", "--policy", "streamingllm,snapkv"]
+        result = CliRunner().invoke(cli, [*args, "--batch-size", str(batch), "-q", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        return {r["label"]: r for r in (json.loads(p.read_text()) for p in out.glob("*.json"))}
+
+    alone, batched = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert batched["streamingllm"]["info"]["batched"]["streams"] == 2
+    assert batched["snapkv"]["info"]["batched"] == {
+        "streams": 1,
+        "why": "snapkv observes a window of queries, which a ragged batch would fill with pads (not carried yet)",
+    }
+    assert "batched" not in alone["streamingllm"]["info"]
+    for label in ("streamingllm", "snapkv"):
+        same_records(alone[label]["records"], batched[label]["records"], {"logprobs"})

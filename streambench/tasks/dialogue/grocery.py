@@ -62,6 +62,9 @@ class GroceryTask(DialogueTask):
         )
         check_local(self.data)
 
+    def conversations(self) -> int | None:
+        return self.limit if self.limit else None if self.data else 548
+
     def items(self):
         if not self.data:
             return generate_grocery(self.limit or 548, seed=self.seed)

@@ -82,6 +82,9 @@ class RockPaperScissorsTask(DialogueTask):
             else:
                 check_local(player)
 
+    def conversations(self) -> int | None:
+        return len(self.player_list())
+
     def player_list(self) -> list[str]:
         return [p.strip() for p in str(self.players).split(",") if p.strip()]
 
