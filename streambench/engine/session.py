@@ -590,8 +590,10 @@ class StreamSession(RaggedFeeding):
             return "it re-encodes a window instead of caching"
         if self.batch != 1:
             return "a tree runs one stream"
-        if self.observer is not None or self.hidden is not None or self.tap is not None:
-            return f"{self.policy.name} observes attention, hidden states or queries while it feeds"
+        # (an observer records nothing during a tree, as the rollback after a branch would
+        # drop what it recorded; a hidden-state tap's rings are restored by the rollback)
+        if self.tap is not None:
+            return f"{self.policy.name} retrieves with the last query a forward leaves, which a tree's last reply would set"
         if self.quant is not None:
             return "a quantized cache reads a forward's own tokens in full precision"
         cache = self.cache

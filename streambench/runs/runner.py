@@ -124,7 +124,7 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
                 f"{spec.display} scores a whole prefill at once: it runs only where a context is compressed "
                 "once (-t protocol=compress-once on needle or kvpress-eval), not in a stream"
             )
-        if batch > 1 and policy.retrieves:
+        if batch > 1 and policy.retrieves and not task.lanes:  # (a task's conversations: it plays them alone)
             raise ConfigError(f"{policy.name} keeps one memory bank per stream: run it with --batch-size 1")
         bank_device = policy.args().get("bank_device")
         if bank_device is not None:

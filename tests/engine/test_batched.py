@@ -120,7 +120,7 @@ def test_several_texts_same_numbers_at_any_batch_size(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--task", "rps", "--batch-size", "2"], "runs one stream at a time"),
+        (["--task", "needle", "--batch-size", "2"], "runs one stream at a time"),
         (["--policy", "longmem", "--batch-size", "2"], "run it with --batch-size 1"),
         (["--batch-size", "0"], "batch size must be an integer >= 1"),
         (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),

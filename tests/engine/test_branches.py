@@ -19,6 +19,9 @@ TREE = [
     ("sirllm", {"start_size": 2}),
     ("random", {"start_size": 2, "seed": 3}),
     ("knorm", {}),
+    ("h2o", {}),  # (observing attention: the tree records nothing, as a rolled-back branch keeps nothing)
+    ("tova", {}),
+    ("snapkv", {"window": 4, "kernel": 3, "interval": 3}),
 ]
 
 
@@ -76,14 +79,14 @@ def test_the_buffers_grow_for_the_tree_and_shrink_back():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,args", [("h2o", {}), ("snapkv", {"window": 4, "kernel": 3, "interval": 3})])
-def test_policies_observing_attention_score_one_by_one(name, args):
+def test_a_retrieving_policy_scores_one_by_one():
     lm = LoadedModel.wrap(tiny_model("llama", layers=2))
     branches = options()
-    with StreamSession(lm, make_policy(name, args)) as session:
+    args = {"start_size": 2, "block_size": 2, "top_k": 1, "refresh": 3, "bank_tokens": 16}
+    with StreamSession(lm, make_policy("longmem", args)) as session:
         session.feed(torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(2)))
         session.reserve(5)
-        assert "observes attention" in session.branch_reason()
+        assert "retrieves" in session.branch_reason()
         scored = session.score_branches(branches)
         again = one_by_one(session, branches)
         assert session.branch_peak[0] == session.kv_tokens + 5
@@ -91,7 +94,7 @@ def test_policies_observing_attention_score_one_by_one(name, args):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "sirllm"])
+@pytest.mark.parametrize("policy", ["streamingllm", "sirllm", "h2o", "tova"])
 def test_grocery_chooses_and_scores_alike_with_and_without_trees(policy, monkeypatch):
     """A real (random) tiny model: every record's choice, log-probs and greedy flags are those
     of scoring each reply in its own forward."""

@@ -181,7 +181,16 @@ def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
 
     def run(out, batch):
         args = ["run", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--task", "rps"]
-        args += ["-t", "players=rock,paper", "--limit", "4", "--budget", "300", "--policy", "streamingllm,snapkv"]
+        args += [
+            "-t",
+            "players=rock,paper",
+            "--limit",
+            "4",
+            "--budget",
+            "300",
+            "--policy",
+            "streamingllm,snapkv,longmem",
+        ]
         result = CliRunner().invoke(cli, [*args, "--batch-size", str(batch), "-q", "-o", str(out)])
         assert result.exit_code == 0, result.output
         return {r["label"]: r for r in (json.loads(p.read_text()) for p in out.glob("*.json"))}
@@ -192,6 +201,7 @@ def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
         "streams": 1,
         "why": "snapkv observes a window of queries, which a ragged batch would fill with pads (not carried yet)",
     }
+    assert "memory bank" in batched["longmem"]["info"]["batched"]["why"]
     assert "batched" not in alone["streamingllm"]["info"]
-    for label in ("streamingllm", "snapkv"):
+    for label in ("streamingllm", "snapkv", "longmem"):
         same_records(alone[label]["records"], batched[label]["records"], {"logprobs"})
