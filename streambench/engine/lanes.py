@@ -5,9 +5,10 @@ feed the question, score the replies, feed the chosen one) and decides its next 
 came back. To batch B conversations without writing that logic twice, each runs in its own
 thread against a `Lane`, a stand-in for its stream of a group session (engine/ragged.py). A call
 that runs the model waits until every live lane waits on one; then the lanes that asked for the
-same kind of call (feed, branches, reserve) go in one batched call, and the others wait on: a
-lane with nothing to feed costs its row of the forward, not a stall. Calls that concern the
-whole batch (reset, a side question's fork, a checkpoint) wait for every live lane and run once.
+same kind of call (feed, branches, reserve, a new conversation) go in one batched call, and the
+others wait on: a lane with nothing to feed costs its row of the forward, not a stall. Calls
+that concern the whole batch (a side question's fork, a checkpoint) wait for every live lane
+and run once.
 
 Only one thread runs at a time (a lane holds the lock except while it waits), so the lanes'
 own work (a softmax over a reply's logits, the retention bookkeeping) never overlaps a forward
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from streambench.engine.session import StreamSession
 
 # calls that batch the lanes asking for them (the others wait); the rest wait for every live lane
-PARTIAL = ("feed", "branches", "reserve")
+PARTIAL = ("feed", "branches", "reserve", "reset")
 
 
 class LanesOutOfStep(DataError):
@@ -55,7 +56,7 @@ class Lanes:
         self.results: dict[int, Any] = {}
         self.live: set[int] = set()
         self.error: BaseException | None = None
-        self.calls = {kind: 0 for kind in (*PARTIAL, "reset", "fork", "unfork", "checkpoint", "rollback")}
+        self.calls = {kind: 0 for kind in (*PARTIAL, "fork", "unfork", "checkpoint", "rollback")}
 
     def run(self, jobs: list[Callable[[Lane], Any]]) -> list[Any]:
         if len(jobs) > self.session.batch:
@@ -117,7 +118,11 @@ class Lanes:
         while self.live and len(self.waiting) == len(self.live) and self.error is None:
             kinds = [kind for kind, _ in self.waiting.values()]
             partial = [k for k in PARTIAL if k in kinds]
-            if partial:
+            cheap = [k for k in ("reset", "reserve") if k in kinds]
+            kind: str
+            if cheap:  # (no forward: the lanes behind catch up before the next one)
+                kind = cheap[0]
+            elif partial:
                 kind = max(partial, key=kinds.count)
             elif len(set(kinds)) == 1:
                 kind = kinds[0]
@@ -154,8 +159,9 @@ class Lanes:
         if kind == "reserve":
             session.reserve_streams([args.get(b, 0) for b in range(batch)])
             return {}
-        if kind == "reset":
-            session.reset()
+        if kind == "reset":  # (those that ended start with them: their conversations are over)
+            done = [b for b in range(batch) if b not in self.live]
+            session.reset_streams(sorted(set(args) | set(done)))
             return {}
         if kind in ("fork", "checkpoint"):
             state = session.snapshot()

@@ -192,12 +192,15 @@ class RaggedFeeding:
     max_incoming: int | None
     _room: int
     _scorers: list[tuple[int, CachePolicy]]
+    _lanes: np.ndarray
 
     if TYPE_CHECKING:  # (StreamSession's own methods, which these call)
 
         def _evict_group(self, incoming: int | np.ndarray) -> None: ...
 
         def _evict(self, keep: np.ndarray) -> None: ...
+
+        def reset(self) -> None: ...
 
     def _ragged(self) -> None:
         if self.group is None:
@@ -331,6 +334,30 @@ class RaggedFeeding:
             list(logits[b : b + 1, : counts[b]].split(lengths[b], dim=1)) if counts[b] else []
             for b in range(self.batch)
         ]
+
+    def reset_streams(self, streams: list[int]) -> None:
+        """Start `streams` afresh (a new conversation each) while the others go on: their tokens
+        leave the cache (their lanes hold pads until they feed again), their policies and
+        positions start over. Every stream at once: `reset`."""
+        self._ragged()
+        if len(set(streams)) == self.batch:
+            self.reset()
+            return
+        from streambench.engine.session import join_keeps
+
+        cache = self.cache
+        n = cache.length
+        held = cache.lane_counts()[0, :, 0] if cache.ragged else np.full(self.batch, n)
+        keeps = [
+            np.zeros(0, dtype=np.int64) if b in streams else np.arange(n - int(held[b]), n) for b in range(self.batch)
+        ]
+        if n:
+            self._evict(join_keeps(keeps, n, cache.num_layers, cache.kv_heads))
+        group = self.group or []
+        for b in streams:
+            group[b].reset()
+            self.stream_fed[b] = 0
+            self._lanes[b] = False  # (one keep-set for all its lanes again, until its policy chooses per head)
 
     def snapshot(self) -> Snapshot:
         """The batch now: its cache cloned, its policies copied (`restore` returns to it)."""

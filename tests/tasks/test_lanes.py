@@ -132,15 +132,16 @@ def test_conversations_out_of_step_are_one_clear_error():
     with group_session() as session:
         lanes = Lanes(session)
 
-        def resets(lane):
-            lane.reset()
+        def checkpoints(lane):
+            lane.feed(torch.tensor([[5]]))
+            lane.rollback(lane.checkpoint())
 
         def forks(lane):
             with lane.fork():
                 lane.feed(torch.tensor([[5]]))
 
         with pytest.raises(LanesOutOfStep, match="--batch-size 1"):
-            lanes.run([resets, forks])
+            lanes.run([checkpoints, forks])
 
 
 def test_lanes_batch_their_calls():
