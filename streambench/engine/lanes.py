@@ -182,7 +182,6 @@ class Lane:
         self.lanes, self.index = lanes, index
         self.session = lanes.session
         self.device = self.session.device
-        self.fork_depth = 0
 
     @property
     def policy(self):
@@ -228,11 +227,9 @@ class Lane:
     @contextmanager
     def fork(self) -> Iterator[Lane]:
         state = self.lanes.call(self.index, "fork")
-        self.fork_depth += 1
         try:
             yield self
         finally:
-            self.fork_depth -= 1
             self.lanes.call(self.index, "unfork", state)
 
 

@@ -119,7 +119,6 @@ def play_lanes(session, conversation, meter, jobs, inputs) -> list:
     for talk in talks:
         conversation.retention.absorb(talk.retention)
     conversation.cache_map = talks[0].cache_map
-    conversation.lanes = lanes
     return [out[i % width][i // width] for i in range(len(inputs))]
 
 

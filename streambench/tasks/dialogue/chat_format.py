@@ -115,7 +115,6 @@ class Conversation:
         self._reply_cache: dict[str, torch.Tensor] = {}
         self.retention, self.cache_map = Retention(), CacheMap()
         self._stops = None
-        self.lanes = None  # the Lanes that played this run's conversations as one batch (base.py play_lanes)
 
     def like(self, session) -> Conversation:
         """A new conversation in this one's format over `session` (another stream of a batch)."""
