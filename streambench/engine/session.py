@@ -183,6 +183,7 @@ class StreamSession(RaggedFeeding):
         max_tokens: int | None = None,
         quant: KVQuant | None = None,
         group: list[CachePolicy] | None = None,
+        device_steps: bool | None = None,
     ):
         self.lm, self.model, self.policy = lm, lm.model, policy
         # a group: one stream per policy, the same tokens fed to all (a sweep's runs in one batch,
@@ -296,6 +297,18 @@ class StreamSession(RaggedFeeding):
         self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
         self._max_tokens = max_tokens
         self.exact_chunks = self._exact_chunks()  # decided once: policy, cache layout and model are fixed
+        # Evictions chosen and applied on the device, the bookkeeping kept there between them
+        # (engine/cache/device_steps.py): the step then never waits on the device. Asked for
+        # (True), or by default on a CUDA device, where a policy selects from device tensors alone.
+        wanted = self.device.type == "cuda" if device_steps is None else device_steps
+        self.device_steps = bool(
+            wanted
+            and policy.device_select
+            and self.group is None
+            and not policy.uneven
+            and self.cache is not None
+            and self.cache.device_refusal() is None
+        )
         self.reset()
 
     def _modules_for_presses(self) -> list:
@@ -443,7 +456,10 @@ class StreamSession(RaggedFeeding):
         if self.group is not None:
             self._evict_group(count)
         elif cache.mean_length + count > self._room:
-            self._evict(self._select(count))
+            if self.device_steps and cache.device_refusal() is None:
+                self._evict_on_device(count)
+            else:
+                self._evict(self._select(count))
         if self._static is not None and count == 1:
             logits = self._static(ids)
             cache.mark_written(1)
@@ -461,7 +477,11 @@ class StreamSession(RaggedFeeding):
         if self.group is not None:
             scores = self._group_scores(ids, logits)
         else:
-            scores = self.policy.score_tokens(ids, logits) if "logits" in self.policy.observes else None
+            scores = None
+            if "logits" in self.policy.observes:
+                scores = (self.policy.score_tokens_on_device if self.device_steps else self.policy.score_tokens)(
+                    ids, logits
+                )
         if self.hidden is not None:
             self.hidden.commit()
         cache.commit(np.arange(self.fed, self.fed + count), scores)
@@ -810,6 +830,27 @@ class StreamSession(RaggedFeeding):
             raise PolicyContractError(f"policy {self.policy.name} kept different numbers of tokens in batched streams")
         return np.stack(keeps)
 
+    def _evict_on_device(self, incoming: int) -> None:
+        """`_select` then `_evict`, without leaving the device: each stream's policy names the
+        ranks it drops (`dropped`: (L, H, k) or (L, k) per lane, (k,) per stream), and the cache
+        drops them in place: one row per stream while every lane keeps alike, else one per
+        (layer, stream, head) lane as its buffers order them."""
+        c = self.cache
+        layers, heads = c.num_layers, c.kv_heads
+        c.device_lanes(0)  # (the bookkeeping moves to the device first, so the views read it there)
+        drops = [
+            torch.as_tensor(self.policy.dropped(self.view(incoming, b, on_device=True)), device=c.device)
+            for b in range(self.batch)
+        ]
+        if not c.per_head and all(d.dim() == 1 for d in drops):
+            c.evict_on_device(torch.stack(drops))
+            return
+        lanes = []
+        for drop in drops:
+            drop = drop.view(1, 1, -1) if drop.dim() == 1 else drop[:, None] if drop.dim() == 2 else drop
+            lanes.append(drop.expand(layers, heads, drop.shape[-1]))
+        c.evict_on_device(torch.stack(lanes, 1).reshape(layers * self.batch * heads, -1))
+
     def _checked(self, view: CacheView, incoming: int, room: int | None = None, stream: int = 0) -> np.ndarray:
         """The policy's keep-set for `view`, held to the contract at the run's budget (or `room`:
         compress-once's), the pads of a ragged cache and the lane limits it declares. A group:
@@ -823,12 +864,19 @@ class StreamSession(RaggedFeeding):
         room = self._room if room is None else room
         return checked_keep(policy, keep, room, incoming, view.length, c.num_layers, c.kv_heads, valid, limits)
 
-    def view(self, incoming: int, stream: int = 0, budget: int | None = None) -> CacheView:
+    def view(self, incoming: int, stream: int = 0, budget: int | None = None, on_device: bool = False) -> CacheView:
+        """What stream `stream`'s policy decides on. on_device: positions and scores as device
+        tensors (a device step: the policy reads neither, `CachePolicy.device_select`)."""
         c = self.cache
-        positions, scores = c.positions_of(stream), c.scores_of(stream)
-        if self.group is not None and c.per_head and not self._lanes[stream]:
-            positions, scores = positions[0, 0], scores[0, 0]  # (its lanes hold alike)
-        positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
+        positions: Any
+        scores: Any
+        if on_device:
+            positions, scores = c.device_positions(stream), c.device_scores(stream)
+        else:
+            positions, scores = c.positions_of(stream), c.scores_of(stream)
+            if self.group is not None and c.per_head and not self._lanes[stream]:
+                positions, scores = positions[0, 0], scores[0, 0]  # (its lanes hold alike)
+            positions.flags.writeable = scores.flags.writeable = False  # views: a policy only reads
         observed: dict[str, Any] = {}
         policy = self.policy if self.group is None else self.group[stream]
         for name in policy.observes:

@@ -112,6 +112,11 @@ class CachePolicy:
     # keep-set where alone it would not (None: it does not in practice). Such a policy runs alone
     # rather than in a group of policies over one stream (runs/grouping.py), to keep its numbers.
     batch_sensitive: ClassVar[str | None] = None
+    # Its keep-set is a function of device tensors alone and `dropped` computes it there (a
+    # ScoredPolicy whose `score` reads only `view.observed`, `length` and `incoming`; sirllm from
+    # its scores): the engine may keep the step on the device (engine/cache/device_steps.py),
+    # where `view.positions` and `view.scores` are device tensors.
+    device_select: ClassVar[bool] = False
 
     budget: int | None = None
 
@@ -150,6 +155,18 @@ class CachePolicy:
         raise PolicyContractError(
             f"policy {self.name} observes logits but does not implement score_tokens(ids, logits)"
         )
+
+    def score_tokens_on_device(self, ids, logits) -> Any:
+        """`score_tokens` as a float64 tensor on the logits' device (a device-side step); by
+        default through the host."""
+        import torch  # policies import no torch until they run
+
+        return torch.as_tensor(self.score_tokens(ids, logits), dtype=torch.float64, device=logits.device)
+
+    def dropped(self, view: CacheView) -> Any:
+        """The ranks that leave, computed on the device: (L, H, k) or (L, k) per lane, (k,) for
+        the whole stream (a `device_select` policy implements it)."""
+        raise NotImplementedError(f"policy {self.name} does not choose on the device")
 
     def state(self) -> Any:
         """Per-stream state a branch must not change (saved by checkpoint, restored by rollback)."""
@@ -325,12 +342,28 @@ class ScoredPolicy(CachePolicy):
         return view.target
 
     def select(self, view: CacheView) -> np.ndarray:
+        scores, count = self._protected_scores(view)
+        if scores is None:
+            return recent_ranks(view.length, count)
+        return self.keep_top(scores, count)
+
+    def dropped(self, view: CacheView) -> Any:
+        """The ranks each head drops, (..., n - kept) in any order, left on the scores' device:
+        `select`'s keep-set as its complement, for a step that never waits on the device
+        (engine/cache/device_steps.py). A numpy array where nothing was scored (the oldest go)."""
+        scores, count = self._protected_scores(view)
+        if scores is None:
+            return np.arange(max(view.length - count, 0))
+        return self.drop_lowest(scores, scores.shape[-1] - count)
+
+    def _protected_scores(self, view: CacheView) -> tuple[Any, int]:
+        """(scores with the protected sinks and recent tokens at +inf, or None; how many stay)."""
         import torch  # policies import no torch until they run
 
         count = self.kept(view)
         scores = self.score(view)
         if scores is None:
-            return recent_ranks(view.length, count)
+            return None, count
         scores = torch.as_tensor(scores).float()
         sinks = min(self.protected_start, count)
         recent = min(max(int(getattr(self, "recent_size", 0) or 0) - view.incoming, 0), count - sinks)
@@ -339,11 +372,15 @@ class ScoredPolicy(CachePolicy):
             scores[..., :sinks] = float("inf")
             if recent:
                 scores[..., view.length - recent :] = float("inf")
-        return self.keep_top(scores, count)
+        return scores, count
 
     def keep_top(self, scores: torch.Tensor, count: int) -> np.ndarray:
-        """The `count` ranks each head keeps, sorted: `top_ranks` (ties: the newest leaves)."""
-        return top_ranks(scores, count)
+        """The `count` ranks each head keeps, sorted: the complement of `drop_lowest`."""
+        return kept_ranks(scores.shape, self.drop_lowest(scores, scores.shape[-1] - count))
+
+    def drop_lowest(self, scores: torch.Tensor, drop: int) -> torch.Tensor:
+        """The `drop` lowest-scored ranks of every head (ties: the newest leaves): `bottom_ranks`."""
+        return bottom_ranks(scores, drop)
 
 
 class RetrievalPolicy(CachePolicy, abc.ABC):
@@ -393,25 +430,38 @@ def recent_ranks(length: int, count: int) -> np.ndarray:
 
 def top_ranks(scores, count: int, protect: slice | None = None) -> np.ndarray:
     """The `count` highest-scored ranks of every head, sorted (time order): (..., count). Ranks
-    in `protect` are always kept (and counted in `count`). Streaming evicts one token per step
-    most of the time: that is an argmin (ties: the newest goes), otherwise a bottom-k."""
-    import torch  # policies import no torch until they run
-
+    in `protect` are always kept (and counted in `count`)."""
     scores = scores.float()
     if protect is not None:
         scores = scores.clone()
         scores[..., protect] = float("inf")
+    return kept_ranks(scores.shape, bottom_ranks(scores, scores.shape[-1] - count))
+
+
+def bottom_ranks(scores, drop: int):
+    """The `drop` lowest-scored ranks of every head, on the scores' device, in no order: (..., drop).
+    Streaming evicts one token per step most of the time: that is an argmin (ties: the newest
+    goes), otherwise a bottom-k."""
+    import torch  # policies import no torch until they run
+
     n = scores.shape[-1]
-    drop = n - count
-    ranks = torch.arange(n, device=scores.device)
     if drop <= 0:
-        return ranks.expand(scores.shape).cpu().numpy()
+        return torch.zeros((*scores.shape[:-1], 0), dtype=torch.long, device=scores.device)
     if drop == 1:
-        gone = (n - 1) - scores.flip(-1).argmin(dim=-1, keepdim=True)
-    else:
-        gone = torch.topk(scores, drop, dim=-1, largest=False, sorted=False).indices
-    kept = torch.ones(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, gone, False)
-    return ranks.expand(scores.shape)[kept].view(*scores.shape[:-1], count).cpu().numpy()
+        return (n - 1) - scores.flip(-1).argmin(dim=-1, keepdim=True)
+    return torch.topk(scores, drop, dim=-1, largest=False, sorted=False).indices
+
+
+def kept_ranks(shape, gone) -> np.ndarray:
+    """The ranks not in `gone` (..., drop), sorted, on the host: (..., n - drop)."""
+    import torch  # policies import no torch until they run
+
+    n = shape[-1]
+    ranks = torch.arange(n, device=gone.device)
+    if gone.shape[-1] == 0:
+        return ranks.expand(shape).cpu().numpy()
+    kept = torch.ones(shape, dtype=torch.bool, device=gone.device).scatter_(-1, gone, False)
+    return ranks.expand(shape)[kept].view(*shape[:-1], n - gone.shape[-1]).cpu().numpy()
 
 
 def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ class H2OPolicy(ScoredPolicy):
 
     summary = "heavy hitters (accumulated attention) + recent window, per layer and KV head"
     observes = frozenset({"attention_sum"})
+    device_select = True
     sizes = ("heavy_size", "recent_size")
     heavy_size: int | None = None
     recent_size: int | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streambench.policies import register_policy
-from streambench.policies.base import CacheView, ScoredPolicy, top_ranks
+from streambench.policies.base import CacheView, ScoredPolicy, bottom_ranks
 
 # Norms within this share of the largest count as tied. The same token's layer-0 keys are equal
 # before RoPE; rotated at two positions (and back) their norms differ in the last bits, and by
@@ -28,6 +28,7 @@ class KnormPolicy(ScoredPolicy):
 
     summary = "lowest key L2 norm, per layer and KV head (+ optional sinks, recent window)"
     observes = frozenset({"key_norm"})
+    device_select = True
     batch_sensitive = (
         "its keep-set follows key norms that near-tie within float noise, which a batch's arithmetic "
         "reorders (2,048 Hamlet tokens at budget 256: PPL 171.9 alone, 170.7 in a group)"
@@ -38,17 +39,13 @@ class KnormPolicy(ScoredPolicy):
     def score(self, view: CacheView):
         return -view.observed["key_norm"]
 
-    def keep_top(self, scores, count: int):
+    def drop_lowest(self, scores, drop: int):
         """One token leaves (a stream's step): the newest of those whose norm is within TIE of the
-        largest; more leave at once (a chunk, a turn): `top_ranks`."""
+        largest; more leave at once (a chunk, a turn): `bottom_ranks`."""
         import torch  # policies import no torch until they run
 
-        n = scores.shape[-1]
-        if n - count != 1:
-            return top_ranks(scores, count)
+        if drop != 1:
+            return bottom_ranks(scores, drop)
         low = scores.min(dim=-1, keepdim=True).values  # (scores are -norm; protected ones +inf)
         tied = scores <= low + TIE * low.abs()
-        gone = (n - 1) - tied.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the newest tied
-        kept = torch.ones(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, gone, False)
-        ranks = torch.arange(n, device=scores.device).expand(scores.shape)
-        return ranks[kept].view(*scores.shape[:-1], count).cpu().numpy()
+        return (scores.shape[-1] - 1) - tied.flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the newest tied

@@ -36,6 +36,7 @@ class SirLLMPolicy(CachePolicy):
     decay: float = 1.0
     score: str = "surprisal"
     observes = frozenset({"logits"})
+    device_select = True
     _prev_logprobs: object = field(default=None, init=False, repr=False, compare=False)  # (B, vocab)
 
     sizes = ("entropy_size", "recent_size")
@@ -66,6 +67,10 @@ class SirLLMPolicy(CachePolicy):
 
     def score_tokens(self, ids, logits) -> np.ndarray:
         """Per-token scores (B, c) from the logits the forward produced anyway."""
+        return self.score_tokens_on_device(ids, logits).cpu().numpy()
+
+    def score_tokens_on_device(self, ids, logits):
+        """`score_tokens`, left on the logits' device as float64 (a device-side step)."""
         import torch
 
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, c, vocab)
@@ -82,7 +87,7 @@ class SirLLMPolicy(CachePolicy):
                 first = nxt.new_zeros(ids.shape[0], 1)
             scores = torch.cat([first, nxt], dim=1)
             self._prev_logprobs = logprobs[:, -1]
-        return scores.double().cpu().numpy()
+        return scores.double()
 
     def select(self, view: CacheView) -> np.ndarray:
         target = view.target
@@ -96,6 +101,25 @@ class SirLLMPolicy(CachePolicy):
             candidates = np.flatnonzero(~keep)
             keep[candidates[-missing:]] = True
         return np.flatnonzero(keep)
+
+    def dropped(self, view: CacheView):
+        """`select`'s complement computed on the device from the scores held there (a step that
+        never waits on it): the same start tokens, stable top-k (ties: the older stays) and
+        recent fill, as fixed-shape tensor ops."""
+        import torch
+
+        scores = view.scores  # (n,) float64 on the device
+        n, target = view.length, view.target
+        keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        keep[: min(self.start_size, n)] = True
+        top = self.entropy_size - view.incoming
+        if top > 0:
+            keep[torch.sort(-scores, stable=True).indices[:top]] = True
+        missing = target - keep.sum()  # (a device scalar)
+        free = ~keep
+        after = free.flip(0).cumsum(0).flip(0)  # free ranks at or after each rank
+        keep |= free & (after <= missing)  # the most recent free ones fill up to the target
+        return torch.sort(keep.to(torch.uint8), stable=True).indices[: max(n - target, 0)]
 
     def new_round(self, scores: np.ndarray) -> np.ndarray:
         return scores * self.decay if self.decay != 1.0 else scores

@@ -26,6 +26,7 @@ class SnapKVPolicy(ScoredPolicy):
 
     summary = "attention of the last `window` queries, pooled (SnapKV), per layer and KV head"
     observes = frozenset({"window_attention"})
+    device_select = True
     window: int | None = None
     kernel: int = 5
     interval: int | None = None

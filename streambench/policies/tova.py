@@ -21,6 +21,7 @@ class TOVAPolicy(ScoredPolicy):
 
     summary = "tokens the last query attends to most (averaged over heads), per layer"
     observes = frozenset({"attention_last"})
+    device_select = True
     start_size: int = 0
 
     def score(self, view: CacheView):

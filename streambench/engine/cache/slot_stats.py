@@ -44,8 +44,11 @@ class SlotStats:
     _base: np.ndarray
     _len: list[int]
     split: bool
+    _dev: dict[str, torch.Tensor] | None
 
     if TYPE_CHECKING:
+
+        def device_lanes(self, b: int) -> torch.Tensor: ...
 
         def _read(self, shard, layers, slots, b=None, rotate=True, part="kv"): ...
 
@@ -69,6 +72,8 @@ class SlotStats:
     def _ranked(self, tensors, b: int) -> torch.Tensor:
         """Stream b's per-slot tensors (L_s, B, H, capacity, ...) per shard, in rank order: (L, H, n, ...)."""
         n, parts = self._n, []
+        if self._dev is not None:  # (device-side bookkeeping: one shard, per-head rows; device_steps.py)
+            return self._ranked_on_device(tensors[0], b)
         for shard, t in zip(self.shards, tensors):
             if self.per_head:
                 lanes = self._slot.reshape(self.num_layers, self.batch, self.kv_heads, -1)[
@@ -92,6 +97,13 @@ class SlotStats:
             else:
                 parts.append(t[:, b].index_select(2, shard.index(self._slot[b, :n])).to(self.device))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _ranked_on_device(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        lanes = self.device_lanes(b)  # (L, H, n) slots
+        L, B, H, cap = t.shape[:4]
+        first = (torch.arange(L * B * H, device=t.device).view(L, B, H)[:, b] * cap)[..., None]
+        rows = t.reshape(L * B * H * cap, -1).index_select(0, (first + lanes).reshape(-1))
+        return rows.reshape(*lanes.shape, *t.shape[4:])
 
     def ranked_stat(self, name: str, b: int = 0) -> torch.Tensor:
         """Statistic `name` of stream b's kept tokens, (L, H, n) in each head's rank order."""

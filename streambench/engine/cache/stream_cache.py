@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from streambench.engine.cache.device_steps import DeviceSteps
 from streambench.engine.cache.eviction import Eviction
 from streambench.engine.cache.layers import Shard, SlidingLayer, StreamLayer
 from streambench.engine.cache.quant import KVQuant
@@ -22,7 +23,7 @@ from streambench.models.rope import RotaryTable
 _SLACK = 16  # slots a ragged cache's layer keeps beyond what it holds (tokens arriving between evictions)
 
 
-class StreamCache(Eviction, SlotStats, Quantized, Cache):
+class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
     """Preallocated, evictable KV cache for B streams fed in lockstep: each stream keeps its own
     tokens (a score-based policy evicts different ones per stream), all keep equally many."""
 
@@ -88,6 +89,7 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
         self._base = np.zeros(self.num_layers, dtype=np.int64)  # per layer: ranks it holds no slot for
         self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
         self.stat_names: tuple[str, ...] = ()
+        self._dev: dict[str, torch.Tensor] | None = None  # the bookkeeping's device mirror (device_steps.py)
         self.grow(max(int(capacity), 1))
         self.reset()
 
@@ -115,6 +117,7 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
         return len({shard.device for shard in self.shards}) > 1
 
     def reset(self) -> None:
+        self._dev = None
         if self.split:  # back to one buffer per device, as a fresh cache
             capacity = self.capacity
             self._build_shards()
@@ -375,9 +378,10 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
         self._len[layer] = end
         return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
 
-    def commit(self, positions: np.ndarray, scores: np.ndarray | None = None) -> None:
+    def commit(self, positions: np.ndarray, scores: np.ndarray | torch.Tensor | None = None) -> None:
         """Record the tokens the last forward appended: their stream positions (count,), or
-        (B, count) where streams are ragged (a pad at -1, ragged.py), and scores (B, count) or None."""
+        (B, count) where streams are ragged (a pad at -1, ragged.py), and scores (B, count) or None
+        (a device tensor from a device-side step: device_steps.py)."""
         start, count = self._n, positions.shape[-1]
         end = start + count
         fed_before = self._fed
@@ -388,18 +392,16 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
             disagree = any(n != end for n in self._len)
         if disagree:
             raise RuntimeError("cache and bookkeeping disagree: was the forward run with this cache?")
-        if end > self._slot.shape[1]:
-            self._grow_meta(end)
-        if self.split:  # each layer appends after the slots it holds
-            first = (start - base)[np.arange(len(self._slot)) // (self.batch * self.kv_heads)]
-            self._slot[:, start:end] = first[:, None] + np.arange(count)
-        else:
-            self._slot[:, start:end] = np.arange(start, end)
-        self._pos[:, start:end] = positions if positions.ndim == 1 or not self.per_head else positions[self._row_stream]
-        if scores is None:
-            self._score[:, start:end] = 0.0
-        else:
-            self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
+        if not (  # a device-side step keeps its bookkeeping there (device_steps.py)
+            self._dev is not None
+            and (scores is None or isinstance(scores, torch.Tensor))
+            and positions.ndim == 1
+            and (count == 0 or int(positions[-1]) - int(positions[0]) == count - 1)
+            and self.commit_on_device(start, count, int(positions[0]) if count else 0, scores)
+        ):
+            if isinstance(scores, torch.Tensor):
+                scores = scores.cpu().numpy()
+            self._commit_host(start, end, positions, scores)
         self._n = end
         self._fed = int(positions[..., -1].max()) + 1 if count else self._fed
         if self.sliding is not None:
@@ -419,6 +421,21 @@ class StreamCache(Eviction, SlotStats, Quantized, Cache):
                 shard.pre()[..., at, :] = self.rope.unrotate(shard.k[..., at, :], shard.index(idx))
         if self.stat_names:
             self._record_on_write(start, end)
+
+    def _commit_host(self, start: int, end: int, positions: np.ndarray, scores: np.ndarray | None) -> None:
+        count = end - start
+        if end > self._slot.shape[1]:
+            self._grow_meta(end)
+        if self.split:  # each layer appends after the slots it holds
+            first = (start - self._base)[np.arange(len(self._slot)) // (self.batch * self.kv_heads)]
+            self._slot[:, start:end] = first[:, None] + np.arange(count)
+        else:
+            self._slot[:, start:end] = np.arange(start, end)
+        self._pos[:, start:end] = positions if positions.ndim == 1 or not self.per_head else positions[self._row_stream]
+        if scores is None:
+            self._score[:, start:end] = 0.0
+        else:
+            self._score[:, start:end] = scores if not self.per_head else scores[self._row_stream]
 
     def _grow_meta(self, size: int) -> None:
         size = max(size, 2 * self._slot.shape[1])
