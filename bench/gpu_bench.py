@@ -10,7 +10,9 @@
    memory table per policy (CUDA allocator peak, NVML, exact KV bytes). Models: the embedded
    SmolLM2-135M when it is installed (else a random-weight model of its shape), and random-weight
    Llama-2-7B and Llama-3-8B shapes in bf16: real sizes, no downloads. Random weights make
-   perplexity meaningless; time and memory are what they would be.
+   perplexity meaningless; time and memory are what they would be. Then, per content-aware
+   policy, evictions chosen on the device against the host path (ms per token, the host syncs a
+   device step makes, logit gap).
 
 Everything lands in OUT_DIR (gpu_bench.json, gpu_bench.txt), rewritten after each model, so a run
 cut short keeps what it measured. Targets 8 minutes on an H100; --deadline skips what is left.
@@ -115,6 +117,58 @@ def exactness(device) -> dict:
             fresh = model(input_ids=ids[:1, torch.as_tensor(session.cache.positions, device=device)]).logits[0, -1]
             out[f"one-layer-bf16-{name}"] = (last.float() - fresh.float()).abs().max().item()
     return out
+
+
+DEVICE_POLICIES = ["h2o", "tova", "knorm", "snapkv", "sirllm"]
+
+
+@torch.no_grad()
+def device_steps(lm, budget: int, steps: int, burn: int, device) -> list[dict]:
+    """Evictions chosen on the device against the host path (issue 29, item 4), per policy at a
+    full cache: ms per token each way (eager forwards), the host syncs a device step made
+    (the dispatch-mode counter; on CUDA also `torch.cuda.set_sync_debug_mode("error")`), and the
+    largest logit gap between the two paths over the timed tokens."""
+    from streambench.engine.host_sync import HostSyncCounter
+    from streambench.runs.speed import _timed
+
+    need = budget + burn + 2 * steps + 8
+    ids = random_ids(lm, (1, need), 0, device)
+    rows = []
+    for name in DEVICE_POLICIES:
+        row: dict = {"policy": name, "budget": budget}
+        logits = {}
+        for on in (False, True):
+            policy = build_policy(PolicySpec(name), budget)
+            with StreamSession(lm, policy, device_steps=on) as session:
+                session.feed(ids[:, :budget])
+                at = budget
+                outs = [session.feed(ids[:, at + i : at + i + 1]) for i in range(4)]
+                logits[on] = torch.cat(outs, 1).float()
+                at += 4
+                if on:
+                    row["device_steps"] = session.device_steps
+                    with HostSyncCounter() as syncs:
+                        for i in range(2):
+                            session.feed(ids[:, at + i : at + i + 1])
+                    row["counted_syncs"] = syncs.count
+                    at += 2
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("error")
+                        try:
+                            session.feed(ids[:, at : at + 1])
+                            row["cuda_sync_debug"] = "no sync"
+                        except RuntimeError as e:
+                            row["cuda_sync_debug"] = str(e).splitlines()[0][:120]
+                        finally:
+                            torch.cuda.set_sync_debug_mode("default")
+                    at += 1
+                start = at
+                ms = 1000 * _timed(lambda i, s=session, a=start: s.feed(ids[:, a + i : a + i + 1]), steps, burn, device)
+                row["device_ms" if on else "host_ms"] = ms
+        row["ratio"] = row["device_ms"] / row["host_ms"]
+        row["max_abs_logit_diff"] = (logits[True] - logits[False]).abs().max().item()
+        rows.append(row)
+    return rows
 
 
 def build(name: str, device, tokenizer_dir: str | None) -> LoadedModel:
@@ -228,6 +282,7 @@ def main() -> None:
         bench = run_bench(lm, POLICIES, budget, budgets, steps, burn, batches)
         if exact_budgets:
             bench["exact"] = exact_vs_token(lm, exact_budgets, exact_tokens, steps)
+        entry_steps = device_steps(lm, budget, steps, burn, device)
         entry = {
             "bench": bench,
             "dtype": str(next(lm.model.parameters()).dtype),
@@ -235,6 +290,36 @@ def main() -> None:
         }
         say(f"\n== {lm.info.name} ({entry['parameters'] / 1e9:.2f}B parameters) ==")
         say(format_bench(bench, lm.info.name, entry["dtype"]))
+        entry["device_steps"] = entry_steps
+        say(
+            "\nevictions on the device vs on the host (eager, ms per token at a full cache):\n"
+            + tabulate(
+                [
+                    [
+                        r["policy"],
+                        r["device_steps"],
+                        r["host_ms"],
+                        r["device_ms"],
+                        r["ratio"],
+                        r["counted_syncs"],
+                        r.get("cuda_sync_debug", "-"),
+                        r["max_abs_logit_diff"],
+                    ]
+                    for r in entry_steps
+                ],
+                headers=[
+                    "policy",
+                    "on device",
+                    "host ms",
+                    "device ms",
+                    "device/host",
+                    "syncs",
+                    "CUDA sync check",
+                    "max |d logit|",
+                ],
+                floatfmt=".3g",
+            )
+        )
         if device.type == "cuda":
             entry["bench_cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             entry["memory"] = memory(lm, POLICIES, budget, 2 * budget if not args.quick else 64, device)

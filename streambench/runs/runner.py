@@ -388,6 +388,8 @@ def _run_one(
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
         layers = session.layer_accounting()
+        if session.device_steps:  # (a CUDA run of a device-side policy: evictions chosen on the GPU)
+            outcome.info["device_steps"] = True
     if batched is not None:
         outcome.info["batched"] = batched
     return _write(
