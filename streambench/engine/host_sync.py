@@ -10,7 +10,11 @@ a GPU only; this counter finds the same calls on a CPU, where they cost nothing 
 - data-dependent shapes: `aten.nonzero`, `masked_select`, `unique`, boolean indexing,
   `repeat_interleave` without its output size;
 - host copies: `Tensor.numpy()`, `.tolist()`, `.cpu()`, `__array__` (numpy reading a tensor),
-  which do not pass the dispatcher and are wrapped for the duration.
+  which do not pass the dispatcher and are wrapped for the duration;
+- host data entering (`uploads`, counted apart): `torch.from_numpy`, `torch.tensor`,
+  `torch.as_tensor` of host data, and a factory (`arange`, `zeros`, ...) called without a device.
+  On a GPU such a tensor is copied to the device, and PyTorch's blocking host-to-device copy
+  synchronizes the stream (`memcpy_and_sync`): the host waits as it does for `.item()`.
 
 tests/engine/test_device_steps.py asserts a content-aware policy's full-cache step counts none.
 """
@@ -21,6 +25,7 @@ import collections
 import traceback
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
@@ -33,6 +38,34 @@ _SHAPES = {
     _aten.unique_consecutive.default,
 }
 _HOST_COPIES = ("numpy", "tolist", "cpu", "__array__")
+_FACTORIES = {
+    torch.arange,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.eye,
+    torch.linspace,
+    torch.randperm,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+}
+_UPLOADS = ("from_numpy", "tensor", "as_tensor")
+
+
+class _Factories(TorchFunctionMode):
+    """Factories called without a device: on a GPU, host tensors copied up afterwards."""
+
+    def __init__(self, note) -> None:
+        super().__init__()
+        self.note = note
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("device") is None:
+            self.note(f"{func.__name__} on the host")
+        return func(*args, **kwargs)
 
 
 def _syncs(func, args, kwargs) -> bool:
@@ -52,17 +85,34 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.where: collections.Counter[str] = collections.Counter()
+        self.where: collections.Counter[str] = collections.Counter()  # device values read on the host
+        self.uploads: collections.Counter[str] = collections.Counter()  # host data made into tensors
         self._saved: dict[str, object] = {}
+        self._saved_torch: dict[str, object] = {}
+        self._factories = _Factories(self._upload)
 
     @property
     def count(self) -> int:
         return sum(self.where.values())
 
+    @property
+    def upload_count(self) -> int:
+        return sum(self.uploads.values())
+
+    @staticmethod
+    def _site() -> str:
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-3]
+            if "streambench/" in f.filename and not f.filename.endswith("host_sync.py")
+        ]
+        return f"{frames[-1].filename.split('streambench/')[-1]}:{frames[-1].lineno}" if frames else "?"
+
     def _note(self, what: str) -> None:
-        frames = [f for f in traceback.extract_stack()[:-2] if "streambench" in f.filename and __file__ != f.filename]
-        at = f"{frames[-1].filename.split('streambench/')[-1]}:{frames[-1].lineno}" if frames else "?"
-        self.where[f"{what} at {at}"] += 1
+        self.where[f"{what} at {self._site()}"] += 1
+
+    def _upload(self, what: str) -> None:
+        self.uploads[f"{what} at {self._site()}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,10 +130,25 @@ class HostSyncCounter(TorchDispatchMode):
                 return _original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, name, wrapped)
+        for name in _UPLOADS:
+            original = getattr(torch, name)
+            self._saved_torch[name] = original
+
+            def made(data, *args, _name=name, _original=original, **kwargs):
+                if not isinstance(data, torch.Tensor):
+                    self._upload(f"torch.{_name}")
+                return _original(data, *args, **kwargs)
+
+            setattr(torch, name, made)
+        self._factories.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
+        result = super().__exit__(*exc)
+        self._factories.__exit__(*exc)
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
-        self._saved = {}
-        return super().__exit__(*exc)
+        for name, original in self._saved_torch.items():
+            setattr(torch, name, original)
+        self._saved, self._saved_torch = {}, {}
+        return result

@@ -103,6 +103,7 @@ class AttentionObserver(AttentionRoute):
             for attn, kind in zip(layout.attentions, layout.layer_kinds)
             if kind != "sliding_attention"
         ]
+        self._scale: torch.Tensor | None = None  # per layer, on the cache's device (window_attention)
         self.positions: torch.Tensor | None = None  # (B, c) RoPE positions of the tokens being fed (the session)
         self._pending: dict[str, list[torch.Tensor | None]] = {
             name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants
@@ -130,7 +131,7 @@ class AttentionObserver(AttentionRoute):
         """The last min(count, w) of `count` new queries: how many, and their ring slots."""
         take = min(count, self.window)
         start = self._seen + count - take
-        return take, (torch.arange(start, start + take) % self.window).to(device)
+        return take, torch.arange(start, start + take, device=device) % self.window
 
     def _writable(self, index: int, buf: torch.Tensor) -> torch.Tensor:
         if self._shared[index]:
@@ -208,7 +209,7 @@ class AttentionObserver(AttentionRoute):
         rope = cache.reindexing()
         n = cache.length
         w = min(self._seen, self.window, n)
-        slots = (torch.arange(self._seen - w, self._seen) % self.window).to(cache.device)  # the last w, oldest first
+        slots = torch.arange(self._seen - w, self._seen, device=cache.device) % self.window  # the last w, oldest first
         queries = torch.stack([q[b].to(cache.device) for q in ring]).index_select(2, slots)  # (L, Hq, w, D)
         fed_at = at[b if at.shape[0] > 1 else 0].index_select(0, slots)
         now_at = torch.arange(n - w, n, device=cache.device) + cache.offset_of(b)
@@ -216,7 +217,11 @@ class AttentionObserver(AttentionRoute):
         keys = cache.ranked_keys(b).float()  # (L, H, n, D)
         layers, heads, _, d = q.shape
         kv = keys.shape[1]
-        scale = torch.tensor([s if s is not None else 1 / math.sqrt(d) for s in self.scaling], device=cache.device)
+        if self._scale is None or self._scale.device != cache.device:  # (made once: not a copy per eviction)
+            self._scale = torch.tensor(
+                [s if s is not None else 1 / math.sqrt(d) for s in self.scaling], device=cache.device
+            )
+        scale = self._scale
         scores = torch.matmul(q.reshape(layers, kv, (heads // kv) * w, d), keys.transpose(-1, -2))
         scores = (scores * scale[:, None, None, None]).view(layers, kv, heads // kv, w, n)
         allowed = torch.ones(w, n, dtype=torch.bool, device=cache.device).tril(n - w)

@@ -194,6 +194,8 @@ class RaggedFeeding:
     _scorers: list[tuple[int, CachePolicy]]
     _lanes: np.ndarray
 
+    device_steps: bool
+
     if TYPE_CHECKING:  # (StreamSession's own methods, which these call)
 
         def _evict_group(self, incoming: int | np.ndarray) -> None: ...
@@ -205,6 +207,8 @@ class RaggedFeeding:
     def _ragged(self) -> None:
         if self.group is None:
             raise RuntimeError("ragged feeding needs a group session (a policy per stream)")
+        # (streams evict at their own times: the host bookkeeping's ragged path, every turn)
+        self.device_steps = False
 
     def reserve_streams(self, counts: list[int]) -> None:
         """`reserve` per stream: each stream whose held tokens and `counts[b]` would pass the

@@ -113,6 +113,19 @@ def _without_pads(view: CacheView, pads: int) -> CacheView:
     )
 
 
+def _on_device(drop: Any, device: torch.device) -> torch.Tensor:
+    """A policy's dropped ranks as a device tensor. Ranks chosen on the host from counts alone
+    (a band's, the oldest ones) are one run of consecutive ranks: made on the device by arange,
+    not copied up (a blocking host-to-device copy waits for the device, as `.item()` does)."""
+    if isinstance(drop, torch.Tensor):
+        return drop.to(device)
+    drop = np.asarray(drop, dtype=np.int64)
+    first = int(drop.min()) if drop.size else 0
+    if drop.ndim == 1 and np.array_equal(drop, np.arange(first, first + len(drop))):
+        return torch.arange(first, first + len(drop), device=device)
+    return torch.from_numpy(drop).to(device)
+
+
 def join_keeps(keeps: list[np.ndarray], n: int, layers: int, heads: int) -> np.ndarray:
     """One keep-set per stream, as the cache takes a batch's: (B, k) where every stream keeps the
     same count for every lane, (B, L, H, k) where lanes differ, or (B, L, H, n) bool masks where
@@ -300,12 +313,14 @@ class StreamSession(RaggedFeeding):
         # Evictions chosen and applied on the device, the bookkeeping kept there between them
         # (engine/cache/device_steps.py): the step then never waits on the device. Asked for
         # (True), or by default on a CUDA device, where a policy selects from device tensors alone.
+        # A group: every stream's policy chooses on the device or from counts alone (a band).
         wanted = self.device.type == "cuda" if device_steps is None else device_steps
+        members = self.group or [policy]
         self.device_steps = bool(
             wanted
-            and policy.device_select
-            and self.group is None
-            and not policy.uneven
+            and any(member.device_select for member in members)
+            and all(member.device_select or member.band is not None for member in members)
+            and not any(member.uneven for member in members)
             and self.cache is not None
             and self.cache.device_refusal() is None
         )
@@ -558,6 +573,8 @@ class StreamSession(RaggedFeeding):
         full = held + coming > self._room
         if not full.any():
             return
+        if self.device_steps and full.all() and not cache.ragged and self._evict_group_on_device(coming):
+            return
         keeps = []
         for b in range(batch):
             pads = n - int(held[b])
@@ -574,10 +591,35 @@ class StreamSession(RaggedFeeding):
             keeps.append(keep)
         self._evict(join_keeps(keeps, n, layers, heads))
 
-    def _group_scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray | None:
-        """A group's per-token scores: each scoring policy's for its own stream, 0 for the rest."""
+    def _evict_group_on_device(self, coming: np.ndarray) -> bool:
+        """`_evict_group` on the device where every stream is full and drops as many tokens as
+        the others (the cache stays rectangular); False, having changed nothing, where they do
+        not (snapkv's interval in a group: the host's ragged path)."""
+        c = self.cache
+        layers, heads = c.num_layers, c.kv_heads
+        c.device_lanes(0)  # (the bookkeeping moves to the device first, so the views read it there)
+        drops, per_lane = [], []
+        for b, member in enumerate(cast(list[CachePolicy], self.group)):
+            drop = _on_device(member.dropped(self.view(int(coming[b]), b, on_device=True)), c.device)
+            per_lane.append(drop.dim() > 1)
+            drops.append(drop.view(1, 1, -1) if drop.dim() == 1 else drop[:, None] if drop.dim() == 2 else drop)
+        if len({d.shape[-1] for d in drops}) != 1:
+            return False
+        self._lanes |= np.array(per_lane)
+        lanes = torch.stack([d.expand(layers, heads, d.shape[-1]) for d in drops], 1)
+        c.evict_on_device(lanes.reshape(layers * self.batch * heads, -1))
+        return True
+
+    def _group_scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray | torch.Tensor | None:
+        """A group's per-token scores: each scoring policy's for its own stream, 0 for the rest
+        (on the device for a group stepping there)."""
         if not self._scorers:
             return None
+        if self.device_steps:
+            rows = torch.zeros(ids.shape, dtype=torch.float64, device=logits.device)
+            for b, member in self._scorers:
+                rows[b] = member.score_tokens_on_device(ids[b : b + 1], logits[b : b + 1])[0]
+            return rows
         scores = np.zeros(ids.shape, dtype=np.float64)
         for b, member in self._scorers:
             scores[b] = member.score_tokens(ids[b : b + 1], logits[b : b + 1])[0]
@@ -839,8 +881,7 @@ class StreamSession(RaggedFeeding):
         layers, heads = c.num_layers, c.kv_heads
         c.device_lanes(0)  # (the bookkeeping moves to the device first, so the views read it there)
         drops = [
-            torch.as_tensor(self.policy.dropped(self.view(incoming, b, on_device=True)), device=c.device)
-            for b in range(self.batch)
+            _on_device(self.policy.dropped(self.view(incoming, b, on_device=True)), c.device) for b in range(self.batch)
         ]
         if not c.per_head and all(d.dim() == 1 for d in drops):
             c.evict_on_device(torch.stack(drops))
@@ -872,6 +913,8 @@ class StreamSession(RaggedFeeding):
         scores: Any
         if on_device:
             positions, scores = c.device_positions(stream), c.device_scores(stream)
+            if self.group is not None and c.per_head and not self._lanes[stream]:
+                positions, scores = positions[0, 0], scores[0, 0]  # (its lanes hold alike)
         else:
             positions, scores = c.positions_of(stream), c.scores_of(stream)
             if self.group is not None and c.per_head and not self._lanes[stream]:

@@ -285,6 +285,11 @@ class BandPolicy(CachePolicy):
     def band(self) -> Band:
         raise NotImplementedError(f"policy {self.name} is a BandPolicy but defines no band")
 
+    def dropped(self, view: CacheView) -> np.ndarray:
+        """The ranks that leave, from the counts alone (host-known: a group stepping on the device
+        takes them as they are)."""
+        return np.setdiff1d(np.arange(view.length), self.select(view), assume_unique=True)
+
     def select(self, view: CacheView) -> np.ndarray:
         band = self.band
         if band.width is None:

@@ -130,6 +130,7 @@ def test_a_full_cache_step_makes_the_host_wait_for_nothing(name, args):
                 s.feed(ids[:, t : t + 1])
         counts[device_steps] = syncs
     assert counts[True].count == 0, dict(counts[True].where)
+    assert counts[True].upload_count == 0, dict(counts[True].uploads)  # (nor copies host data up)
     assert counts[False].count > 0
 
 
@@ -146,6 +147,20 @@ def test_position_based_steps_make_the_host_wait_for_nothing(name):
         for t in range(30, 36):
             s.feed(ids[:, t : t + 1])
     assert syncs.count == 0, dict(syncs.where)
+
+
+def test_the_counter_sees_host_data_made_into_tensors():
+    """On a GPU these are blocking host-to-device copies (the stream is synchronized)."""
+    with HostSyncCounter() as syncs:
+        torch.from_numpy(np.arange(3))
+        torch.tensor([1, 2])
+        torch.as_tensor(np.zeros(2))
+        torch.arange(4)
+        torch.zeros(2, device="cpu")  # (a device named: not counted)
+        torch.as_tensor(torch.ones(2, device="cpu"))  # (already a tensor: not counted)
+    assert syncs.upload_count == 4, dict(syncs.uploads)
+    assert syncs.count == 0
+    assert torch.from_numpy.__name__ == "from_numpy"  # (restored)
 
 
 def test_the_counter_sees_every_kind_of_host_read():
@@ -227,3 +242,82 @@ def test_device_steps_are_refused_where_the_cache_keeps_host_state():
     assert SLIDING  # (the matrix has hybrid models: their sliding layers refuse)
     hybrid = LoadedModel.wrap(tiny_model(SLIDING[0], layers=2))
     assert not StreamSession(hybrid, policy("h2o", {}), device_steps=True).device_steps
+
+
+GROUP = [
+    ("h2o", {}),
+    ("tova", {}),
+    ("knorm", {}),
+    ("snapkv", {"window": 4, "kernel": 3, "interval": 1}),
+    ("sirllm", {"start_size": 2, "recent_size": 3, "decay": 0.8}),
+    ("streamingllm", {"start_size": 4}),
+    ("window", {}),
+]
+
+
+def group_session(lm, cases, device_steps):
+    members = [policy(n, a) for n, a in cases]
+    return StreamSession(lm, members[0], group=members, device_steps=device_steps)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_group_of_policies_steps_on_the_device_as_on_the_host(arch):
+    """A sweep's group (one stream, a policy per batch row; bands among the scorers): each
+    stream's logits and kept positions as the host path's, and a full-cache step of the whole
+    group reads nothing on the host."""
+    from test_grouped import distinct
+
+    lm = LoadedModel.wrap(tiny_model(arch, layers=2))
+    ids = distinct(60).expand(len(GROUP), -1)
+    host, dev = group_session(lm, GROUP, False), group_session(lm, GROUP, True)
+    assert dev.device_steps and not host.device_steps
+    for t in range(50):
+        torch.testing.assert_close(dev.feed(ids[:, t : t + 1]), host.feed(ids[:, t : t + 1]), atol=2e-5, rtol=0)
+        if t == 25:
+            dev.new_round()
+            host.new_round()
+    with HostSyncCounter() as syncs:
+        steps = [dev.feed(ids[:, t : t + 1]) for t in range(50, 56)]
+    assert syncs.count == 0, dict(syncs.where)
+    assert syncs.upload_count == 0, dict(syncs.uploads)  # (the bands' drops made on the device too)
+    for t, got in zip(range(50, 56), steps):
+        torch.testing.assert_close(got, host.feed(ids[:, t : t + 1]), atol=2e-5, rtol=0)
+    assert dev.cache.on_device
+    for b in range(len(GROUP)):
+        np.testing.assert_array_equal(dev.held_positions(b), host.held_positions(b), err_msg=str(GROUP[b]))
+
+
+def test_a_group_whose_streams_drop_unequal_counts_takes_the_host_path():
+    """snapkv evicting every 3 tokens beside window evicting every token: their drops differ,
+    so those steps go the host's ragged way, and the group still equals the host path."""
+    from test_grouped import distinct
+
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    cases = [("window", {}), ("snapkv", {"window": 4, "kernel": 3, "interval": 3}), ("h2o", {})]
+    ids = distinct(40).expand(3, -1)
+    host, dev = group_session(lm, cases, False), group_session(lm, cases, True)
+    for t in range(40):
+        torch.testing.assert_close(dev.feed(ids[:, t : t + 1]), host.feed(ids[:, t : t + 1]), atol=2e-5, rtol=0)
+    for b in range(3):
+        np.testing.assert_array_equal(dev.held_positions(b), host.held_positions(b))
+
+
+def test_static_decode_with_device_steps_waits_for_nothing():
+    """knorm reads key norms recorded as keys are written, so its one-token steps take the
+    static-shape forward a CUDA graph replays (run eagerly here): with evictions on the device
+    between them, a step neither reads the device nor copies host data up, and the stream
+    equals the host path's."""
+    model = tiny_model("llama", layers=2)
+    ids = ids_of(50, seed=9)
+    runs = {}
+    for device_steps in (False, True):
+        s = StreamSession(LoadedModel.wrap(model), policy("knorm", {}), decode="static", device_steps=device_steps)
+        assert s.decode == "static"
+        logits = [s.feed(ids[:, t : t + 1]) for t in range(45)]
+        with HostSyncCounter() as syncs:
+            logits += [s.feed(ids[:, t : t + 1]) for t in range(45, 50)]
+        runs[device_steps] = torch.cat(logits, 1), s.cache.positions.copy(), syncs
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+    assert runs[True][2].count == runs[True][2].upload_count == 0
+    assert runs[False][2].count > 0 and runs[False][2].upload_count > 0

@@ -141,6 +141,7 @@ class DeviceSteps:
             dev = {name: torch.from_numpy(getattr(self, name)).to(self.device) for name in _HOST}
             dev["offset"] = torch.from_numpy(self._offsets[self._row_stream]).to(self.device)[:, None]
             dev["stream"] = torch.from_numpy(self._row_stream).to(self.device)
+            dev["stream_offset"] = torch.from_numpy(self._offsets).to(self.device)  # (B,)
             self._dev = dev
         return self._dev
 

@@ -244,6 +244,8 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
         if self.batch == 1:
             start = self._n + int(self._offsets[0])
             return torch.arange(start, start + count, device=self.device)[None]
+        if self._dev is not None:  # (device-side steps: no host data copied up, device_steps.py)
+            return self._n + self._dev["stream_offset"][:, None] + torch.arange(count, device=self.device)
         starts = self._n + self._offsets
         return torch.from_numpy(starts[:, None] + np.arange(count)).to(self.device)
 
@@ -412,13 +414,16 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
                 self._advance(fed_before)
         elif self.rope is not None:  # keep the pre-RoPE key of each new token for later re-rotation
             self.rope.ensure(end + int(self._offsets.max()))
-            if self.batch == 1:
+            if self._dev is not None:  # (device-side steps: the rotation positions made there)
+                rotated = self._dev["stream_offset"][:, None] + torch.arange(start, end, device=self.device)
+            elif self.batch == 1:
                 idx = np.arange(start + self.offset, end + self.offset)
             else:
                 idx = (self._n - count + self._offsets)[:, None] + np.arange(count)  # (B, count): rank + offset
             for shard in self.shards:
                 at = slice(start - int(base[shard.start]), end - int(base[shard.start]))
-                shard.pre()[..., at, :] = self.rope.unrotate(shard.k[..., at, :], shard.index(idx))
+                where = rotated if self._dev is not None else shard.index(idx)
+                shard.pre()[..., at, :] = self.rope.unrotate(shard.k[..., at, :], where)
         if self.stat_names:
             self._record_on_write(start, end)
 
