@@ -605,6 +605,9 @@ class StreamSession(RaggedFeeding):
             drops.append(drop.view(1, 1, -1) if drop.dim() == 1 else drop[:, None] if drop.dim() == 2 else drop)
         if len({d.shape[-1] for d in drops}) != 1:
             return False
+        if not c.per_head and not any(per_lane):  # (every stream keeps alike in its lanes: a row each)
+            c.evict_on_device(torch.cat([d.view(1, -1) for d in drops]))
+            return True
         self._lanes |= np.array(per_lane)
         lanes = torch.stack([d.expand(layers, heads, d.shape[-1]) for d in drops], 1)
         c.evict_on_device(lanes.reshape(layers * self.batch * heads, -1))

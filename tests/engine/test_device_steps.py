@@ -321,3 +321,24 @@ def test_static_decode_with_device_steps_waits_for_nothing():
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
     assert runs[True][2].count == runs[True][2].upload_count == 0
     assert runs[False][2].count > 0 and runs[False][2].upload_count > 0
+
+
+def test_a_group_of_stream_wide_policies_keeps_a_row_per_stream_on_the_device():
+    """sirllm and bands keep alike in every lane of their stream: the device bookkeeping stays
+    one row per stream (as the host path's), equal to the host path, counting nothing."""
+    from test_grouped import distinct
+
+    lm = LoadedModel.wrap(tiny_model("qwen2", layers=2))
+    cases = [("sirllm", {"start_size": 2, "recent_size": 3}), ("streamingllm", {"start_size": 4}), ("window", {})]
+    ids = distinct(40).expand(3, -1)
+    host, dev = group_session(lm, cases, False), group_session(lm, cases, True)
+    for t in range(34):
+        torch.testing.assert_close(dev.feed(ids[:, t : t + 1]), host.feed(ids[:, t : t + 1]), atol=2e-5, rtol=0)
+    with HostSyncCounter() as syncs:
+        steps = [dev.feed(ids[:, t : t + 1]) for t in range(34, 40)]
+    assert syncs.count == syncs.upload_count == 0, (dict(syncs.where), dict(syncs.uploads))
+    for t, got in zip(range(34, 40), steps):
+        torch.testing.assert_close(got, host.feed(ids[:, t : t + 1]), atol=2e-5, rtol=0)
+    assert dev.cache.on_device and not dev.cache.per_head
+    for b in range(3):
+        np.testing.assert_array_equal(dev.held_positions(b), host.held_positions(b))
