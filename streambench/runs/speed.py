@@ -92,13 +92,14 @@ def policy_decode(
     burn: int,
     repeats: int = 2,
     decode: str = "eager",
+    device_steps: bool | None = None,
 ) -> float:
     from streambench.engine.session import StreamSession
 
     policy = build_policy(PolicySpec(name), budget)
     if policy.recompute or policy.retrieves:
         decode = "eager"  # no static-shape path for these
-    with StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode) as session:
+    with StreamSession(lm, policy, batch_size=ids.shape[0], decode=decode, device_steps=device_steps) as session:
         if session.recomputes:  # its state is just the token window; feeding it would be O(n^2)
             session.prime(ids[:, :length])
         else:
@@ -179,6 +180,15 @@ def run_bench(
     dense = rows.get("dense", {}).get("ms_per_token")
     for row in rows.values():
         row["over_dense_time"] = row["ms_per_token"] / dense if dense else None
+    # evictions chosen on the device against the host (engine/cache/device_steps.py): the
+    # default is the device on CUDA, the host elsewhere; the other path is timed here
+    steps_rows = {}
+    for name, row in rows.items():
+        if build_policy(PolicySpec(name), budget).device_select:
+            on_device = device.type != "cuda"
+            other = 1e3 * policy_decode(lm, name, budget, ids, budget - 1, steps, burn, device_steps=on_device)
+            host, dev = (row["ms_per_token"], other) if on_device else (other, row["ms_per_token"])
+            steps_rows[name] = {"host_ms": host, "device_ms": dev, "device_over_host": dev / host}
     speedups = {}
     for b in budgets:
         sinks = policy_decode(lm, "streamingllm", b, ids, b - 1, steps, burn)
@@ -192,6 +202,7 @@ def run_bench(
         "plain": {"ms_per_token": 1e3 * plain, "tokens_per_s": 1 / plain, "of_bound": bound / plain},
         "generate": {"ms_per_token": 1e3 * generate, "tokens_per_s": 1 / generate, "of_bound": bound / generate},
         "policies": rows,
+        "device_steps": steps_rows,
         "streamingllm_vs_recompute": speedups,
         "batched": {
             "policy": batch_policy,
@@ -541,6 +552,14 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
                 headers=["policy", "ms/token", "tokens/s", "of bound", "speed over plain", "speed over eager"],
                 floatfmt=".2f",
             ),
+        ]
+    if out.get("device_steps"):
+        default = "the device" if out["device"].startswith("cuda") else "the host"
+        rows = [[n, r["host_ms"], r["device_ms"], r["device_over_host"]] for n, r in out["device_steps"].items()]
+        lines += [
+            "",
+            f"evictions chosen on the host and on the device (ms/token; the default here: {default}):",
+            tabulate(rows, headers=["policy", "host", "device", "device over host"], floatfmt=".2f"),
         ]
     if out["streamingllm_vs_recompute"]:
         rows = [
