@@ -27,13 +27,14 @@ DEVICE_CASES = [
     ("sirllm", {"start_size": 2, "recent_size": 3}),
     ("sirllm", {"score": "upstream", "decay": 0.8}),
 ]
-# Families whose attention the engine observes (not Falcon's own code) and whose every layer the
-# policy governs: sliding-window layers keep host-side state per slot (refused, tested below).
+# Families whose attention the engine observes (not Falcon's own code); the hybrid ones have
+# sliding-window layers beside the governed full ones.
 _LAYOUTS = {arch: layout_of(tiny_model(arch, layers=2)) for arch in ARCHITECTURES}
-ARCHS = [a for a, lay in _LAYOUTS.items() if lay.routable and "sliding_attention" not in lay.layer_kinds]
+ARCHS = [a for a, lay in _LAYOUTS.items() if lay.routable]
 SLIDING = [a for a, lay in _LAYOUTS.items() if "sliding_attention" in lay.layer_kinds]
-# rotate-half RoPE, partial rotary (phi), interleaved pairs (cohere), queries and keys normed (qwen3)
-ROPES = ["llama", "phi", "cohere", "qwen3"]
+# rotate-half RoPE, partial rotary (phi), interleaved pairs (cohere), queries and keys normed
+# (qwen3), sliding-window layers beside the full ones (gemma2; gemma3 with a RoPE table per kind)
+ROPES = ["llama", "phi", "cohere", "qwen3", "gemma2", "gemma3_text"]
 ONE_EACH = [
     ("h2o", {}),
     ("tova", {}),
@@ -112,13 +113,15 @@ def test_one_layer_device_steps_equal_a_fresh_forward_over_the_kept_tokens(arch,
     torch.testing.assert_close(logits, fresh_logits(model, ids, dev.cache.positions), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 @pytest.mark.parametrize("name,args", DEVICE_CASES, ids=IDS)
-def test_a_full_cache_step_makes_the_host_wait_for_nothing(name, args):
+def test_a_full_cache_step_makes_the_host_wait_for_nothing(arch, name, args):
     """The issue's counter: at a full cache, a step (forward, observation, selection, eviction,
     re-rotation, bookkeeping) reads no device value on the host (.item(), .cpu(), .numpy(), a
     boolean index, nonzero). The host path of the same policy does (its keep-set goes to numpy):
-    the counter sees it, so the zero is not the counter's blindness."""
-    model = tiny_model("llama", layers=2)
+    the counter sees it, so the zero is not the counter's blindness. gemma2: sliding-window
+    layers beside the governed ones."""
+    model = tiny_model(arch, layers=2)
     ids = ids_of(40, seed=4)
     counts = {}
     for device_steps in (False, True):
@@ -230,7 +233,7 @@ def test_host_paths_after_device_steps_see_the_same_cache():
 
 
 def test_device_steps_are_refused_where_the_cache_keeps_host_state():
-    """A quantized cache, a policy keeping unequal counts, a host-side policy: the host path."""
+    """A quantized cache, a host-side policy (random's numpy generator), a band alone: the host path."""
     from streambench.engine.cache.quant import KVQuant
 
     model = tiny_model("llama", layers=2)
@@ -239,9 +242,9 @@ def test_device_steps_are_refused_where_the_cache_keeps_host_state():
     assert not StreamSession(lm, policy("random", {"scope": "head"}), device_steps=True).device_steps
     assert not StreamSession(lm, policy("streamingllm", {}), device_steps=True).device_steps
     assert not StreamSession(lm, policy("h2o", {}), device_steps=None).device_steps  # (a CPU: off by default)
-    assert SLIDING  # (the matrix has hybrid models: their sliding layers refuse)
+    assert SLIDING  # (hybrid models step on the device: their sliding layers keep counters only)
     hybrid = LoadedModel.wrap(tiny_model(SLIDING[0], layers=2))
-    assert not StreamSession(hybrid, policy("h2o", {}), device_steps=True).device_steps
+    assert StreamSession(hybrid, policy("h2o", {}), device_steps=True).device_steps
 
 
 GROUP = [

@@ -17,9 +17,10 @@ its steady state, and moves back the first time anything reads it on the host:
   paired in slot order), the slot map, positions and scores are gathered to their new ranks.
 - Re-rotation: which keys change rotation depends on the dropped ranks, so it is data-dependent
   on the host path (the commonest shift keeps its rotation). Here every kept key is rotated afresh
-  from its pre-RoPE copy at rank + offset, the stream's offset unchanged: one pass over the keys
-  per eviction instead of a variable-length gather, the price of a step whose shapes never depend
-  on the data (and so could be captured whole in a CUDA graph).
+  from its pre-RoPE copy at rank + offset, the offset grown by the count dropped (so the query's
+  position advances with the stream, and a hybrid model's sliding keys keep theirs): one pass over
+  the keys per eviction instead of a variable-length gather, the price of a step whose shapes
+  never depend on the data (and so could be captured whole in a CUDA graph).
 
 Exactness is the host path's: the kept keys sit at rank + offset, rotated from their pre-RoPE
 copies (tests/engine/test_device_steps.py compares logits with the reference and the host path,
@@ -123,8 +124,8 @@ class DeviceSteps:
         """Why this cache cannot keep its bookkeeping on the device now (None: it can)."""
         if self.rope is None:
             return "it never re-indexes (dense)"
-        if self.quant is not None or self.sliding is not None:
-            return "quantized caches and sliding layers keep host-side state per slot"
+        if self.quant is not None:
+            return "a quantized cache keeps host-side state per slot"
         if self.ragged or self.split or self.frozen:
             return "its lanes keep unequal counts, or it was compressed keeping positions"
         if len(self.shards) != 1:
@@ -138,10 +139,15 @@ class DeviceSteps:
 
     def _to_device(self) -> dict[str, torch.Tensor]:
         if self._dev is None:
-            dev = {name: torch.from_numpy(getattr(self, name)).to(self.device) for name in _HOST}
-            dev["offset"] = torch.from_numpy(self._offsets[self._row_stream]).to(self.device)[:, None]
-            dev["stream"] = torch.from_numpy(self._row_stream).to(self.device)
-            dev["stream_offset"] = torch.from_numpy(self._offsets).to(self.device)  # (B,)
+            # (copies: on a CPU `.to` would share the host arrays' memory, and the two sides
+            # update their offsets apart)
+            def up(array: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.array(array)).to(self.device)
+
+            dev = {name: up(getattr(self, name)) for name in _HOST}
+            dev["offset"] = up(self._offsets[self._row_stream])[:, None]
+            dev["stream"] = up(self._row_stream)
+            dev["stream_offset"] = up(self._offsets)  # (B,)
             self._dev = dev
         return self._dev
 
@@ -221,10 +227,8 @@ class DeviceSteps:
         slot[:, :n_new] = new_slots
         rank_of_slot = torch.empty((R, n_new), dtype=torch.long, device=device)
         rank_of_slot.scatter_(1, new_slots, torch.arange(n_new, device=device).expand(R, n_new))
-        positions = rank_of_slot + dev["offset"]
         if not lanes:  # (a stream's row, for every lane of it)
             dest = dest.view(1, B, 1, k).expand(L, B, H, k).reshape(L * B * H, k)
-            positions = positions.view(1, B, 1, n_new).expand(L, B, H, n_new)
         for shard in self.shards:
             for buf in (shard.v, shard.pre(), *shard.stats.values()):
                 flat = buf.view(L * B * H, shard.capacity, -1)
@@ -234,7 +238,20 @@ class DeviceSteps:
         self._len = [n_new] * L
         self._base[:] = 0
         self.uniform = self.uniform and not lanes and B == 1
-        # Every kept key afresh at rank + offset (which ones moved rank depends on the data)
+        # Every kept key afresh at rank + offset (which ones moved rank depends on the data). The
+        # offset grows by the count dropped, as the host path's does for a stream dropping its
+        # oldest: the query's position then advances with the stream, so sliding layers' keys
+        # keep their rotation; past the capacity it starts again at 0, on both sides (host and
+        # device apply the same rule, so neither reads the other).
+        self._offsets += k
+        renorm = self._offsets > self.capacity
+        self._offsets[renorm] = 0
+        for name in ("offset", "stream_offset"):
+            dev[name] += k
+            dev[name].masked_fill_(dev[name] > self.capacity, 0)
+        positions = rank_of_slot + dev["offset"]
+        if not lanes:
+            positions = positions.view(1, B, 1, n_new).expand(L, B, H, n_new)
         rope.ensure(n_new + int(self._offsets.max()) + 1)
         positions = positions.reshape(L, B, H, n_new)
         for shard in self.shards:
