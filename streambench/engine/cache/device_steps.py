@@ -76,6 +76,9 @@ class DeviceSteps:
 
         def _enter_per_head(self) -> None: ...
 
+        @property
+        def capacity(self) -> int: ...
+
     # ---- the host arrays, brought back from the device when read ------------------------------
     def _host(self, name: str) -> np.ndarray:
         if self._dev is not None:
