@@ -34,7 +34,7 @@ ARCHS = [a for a, lay in _LAYOUTS.items() if lay.routable]
 SLIDING = [a for a, lay in _LAYOUTS.items() if "sliding_attention" in lay.layer_kinds]
 # rotate-half RoPE, partial rotary (phi), interleaved pairs (cohere), queries and keys normed
 # (qwen3), sliding-window layers beside the full ones (gemma2; gemma3 with a RoPE table per kind)
-ROPES = ["llama", "phi", "cohere", "qwen3", "gemma2", "gemma3_text"]
+VARIANTS = ["llama", "phi", "cohere", "qwen3", "gemma2", "gemma3_text"]
 ONE_EACH = [
     ("h2o", {}),
     ("tova", {}),
@@ -57,7 +57,7 @@ def ids_of(n, seed=1, batch=1):
     return torch.randint(3, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ROPES)
+@pytest.mark.parametrize("arch", VARIANTS)
 @pytest.mark.parametrize("name,args", DEVICE_CASES, ids=IDS)
 def test_device_steps_equal_the_host_path_and_stay_on_the_device(arch, name, args):
     """Token by token, nothing read on the host in between: the logits of every step and, at the

@@ -28,7 +28,7 @@ and counts host syncs with a dispatch-mode counter)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,25 @@ if TYPE_CHECKING:
     from streambench.models.rope import RotaryTable
 
 _HOST = ("_slot_h", "_pos_h", "_score_h")
+
+
+class _HostArray:
+    """A host bookkeeping array (`_slot`, `_pos`, `_score`, stored as `<name>_h`) that copies the
+    device mirror back before it is read or replaced."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.store = f"{name}_h"
+
+    def __get__(self, cache: DeviceSteps | None, owner: type | None = None) -> Any:
+        if cache is None:  # (read on the class)
+            return self
+        if cache._dev is not None:
+            cache._to_host()
+        return getattr(cache, self.store)
+
+    def __set__(self, cache: DeviceSteps, value: np.ndarray) -> None:
+        cache._to_host()
+        setattr(cache, self.store, value)
 
 
 class DeviceSteps:
@@ -80,37 +99,9 @@ class DeviceSteps:
         def capacity(self) -> int: ...
 
     # ---- the host arrays, brought back from the device when read ------------------------------
-    def _host(self, name: str) -> np.ndarray:
-        if self._dev is not None:
-            self._to_host()
-        return getattr(self, name)
-
-    @property
-    def _slot(self) -> np.ndarray:
-        return self._host("_slot_h")
-
-    @_slot.setter
-    def _slot(self, value: np.ndarray) -> None:
-        self._to_host()
-        self._slot_h = value
-
-    @property
-    def _pos(self) -> np.ndarray:
-        return self._host("_pos_h")
-
-    @_pos.setter
-    def _pos(self, value: np.ndarray) -> None:
-        self._to_host()
-        self._pos_h = value
-
-    @property
-    def _score(self) -> np.ndarray:
-        return self._host("_score_h")
-
-    @_score.setter
-    def _score(self, value: np.ndarray) -> None:
-        self._to_host()
-        self._score_h = value
+    _slot = _HostArray()
+    _pos = _HostArray()
+    _score = _HostArray()
 
     def _to_host(self) -> None:
         """The device mirror back into the host arrays (the one copy a host reader pays)."""
