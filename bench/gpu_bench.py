@@ -168,6 +168,29 @@ def device_steps(lm, budget: int, steps: int, burn: int, device) -> list[dict]:
         row["ratio"] = row["device_ms"] / row["host_ms"]
         row["max_abs_logit_diff"] = (logits[True] - logits[False]).abs().max().item()
         rows.append(row)
+    # a sweep's group: one stream to several policies as one batch (snapkv left out: its interval
+    # makes its stream drop at other times, which takes the host's ragged path)
+    names = ["h2o", "tova", "knorm", "sirllm", "streamingllm"]
+    row = {"policy": "group of " + ",".join(names), "budget": budget}
+    logits = {}
+    for on in (False, True):
+        group = [build_policy(PolicySpec(n), budget) for n in names]
+        many = ids.expand(len(group), -1)
+        with StreamSession(lm, group[0], group=group, device_steps=on) as session:
+            session.feed(many[:, :budget])
+            logits[on] = torch.cat([session.feed(many[:, budget + i : budget + i + 1]) for i in range(4)], 1).float()
+            at = budget + 4
+            if on:
+                row["device_steps"] = session.device_steps
+                with HostSyncCounter() as syncs:
+                    session.feed(many[:, at : at + 1])
+                row["counted_syncs"] = syncs.count
+            at += 1
+            ms = 1000 * _timed(lambda i, s=session, a=at: s.feed(many[:, a + i : a + i + 1]), steps, burn, device)
+            row["device_ms" if on else "host_ms"] = ms
+    row["ratio"] = row["device_ms"] / row["host_ms"]
+    row["max_abs_logit_diff"] = (logits[True] - logits[False]).abs().max().item()
+    rows.append(row)
     return rows
 
 
