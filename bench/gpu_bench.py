@@ -186,7 +186,7 @@ def device_steps(lm, budget: int, steps: int, burn: int, device) -> list[dict]:
                     session.feed(many[:, at : at + 1])
                 row["counted_syncs"] = syncs.count
             at += 1
-            ms = 1000 * _timed(lambda i, s=session, a=at: s.feed(many[:, a + i : a + i + 1]), steps, burn, device)
+            ms = 1000 * _timed(lambda i, s=session, a=at, m=many: s.feed(m[:, a + i : a + i + 1]), steps, burn, device)
             row["device_ms" if on else "host_ms"] = ms
     row["ratio"] = row["device_ms"] / row["host_ms"]
     row["max_abs_logit_diff"] = (logits[True] - logits[False]).abs().max().item()
