@@ -1,17 +1,18 @@
 """Evictions decided and applied on the device: the decode step of a content-aware policy with no
 device-to-host copy (issue 29).
 
-A scored policy (h2o, tova, knorm, snapkv) picks its keep-set from device tensors (accumulated
-attention, key norms); the host bookkeeping (eviction.py: slot map, positions, scores in numpy)
+A scored policy (h2o, tova, knorm, snapkv; sirllm from logit surprisal) picks its keep-set from
+device tensors (accumulated attention, key norms); the host bookkeeping (eviction.py: slot map, positions, scores in numpy)
 needs that keep-set on the host, so every step waited for the device to finish before choosing
 (the `.cpu()` of the keep-set). Here the bookkeeping moves to the device while the stream is in
 its steady state, and moves back the first time anything reads it on the host:
 
-- `_slot`, `_pos` and `_score` are properties over the host arrays that first copy the device
+- `_slot`, `_pos` and `_score` are descriptors over the host arrays that first copy the device
   mirror back if it is the current one (`_dev`): every host path of the cache (eviction.py,
   slot_stats.py, the views a host policy reads, checkpoints) stays as it was, and only pays one
   copy when it follows device steps.
-- `evict_on_device(drop)` removes `drop` ranks per (layer, stream, head) lane, all in fixed-shape
+- `evict_on_device(drop)` removes `drop` ranks per (layer, stream, head) lane (or per stream,
+  for a policy keeping alike in all its lanes), all in fixed-shape
   tensor ops (a stable sort instead of a boolean gather, sorted pairs instead of `nonzero`): the
   kept tokens beyond the new valid region move into the holes (the swap-remove of eviction.py,
   paired in slot order), the slot map, positions and scores are gathered to their new ranks.
