@@ -595,22 +595,16 @@ class StreamSession(RaggedFeeding):
         """`_evict_group` on the device where every stream is full and drops as many tokens as
         the others (the cache stays rectangular); False, having changed nothing, where they do
         not (snapkv's interval in a group: the host's ragged path)."""
-        c = self.cache
-        layers, heads = c.num_layers, c.kv_heads
-        c.device_lanes(0)  # (the bookkeeping moves to the device first, so the views read it there)
-        drops, per_lane = [], []
-        for b, member in enumerate(cast(list[CachePolicy], self.group)):
-            drop = _on_device(member.dropped(self.view(int(coming[b]), b, on_device=True)), c.device)
-            per_lane.append(drop.dim() > 1)
-            drops.append(drop.view(1, 1, -1) if drop.dim() == 1 else drop[:, None] if drop.dim() == 2 else drop)
+        self.cache.to_device()  # (first, so the views below read the bookkeeping there)
+        policies = cast(list[CachePolicy], self.group)
+        drops = [
+            _on_device(p.dropped(self.view(int(coming[b]), b, on_device=True)), self.device)
+            for b, p in enumerate(policies)
+        ]
         if len({d.shape[-1] for d in drops}) != 1:
             return False
-        if not c.per_head and not any(per_lane):  # (every stream keeps alike in its lanes: a row each)
-            c.evict_on_device(torch.cat([d.view(1, -1) for d in drops]))
-            return True
-        self._lanes |= np.array(per_lane)
-        lanes = torch.stack([d.expand(layers, heads, d.shape[-1]) for d in drops], 1)
-        c.evict_on_device(lanes.reshape(layers * self.batch * heads, -1))
+        self._lanes |= np.array([d.dim() > 1 for d in drops])
+        self._drop_on_device(drops)
         return True
 
     def _group_scores(self, ids: torch.Tensor, logits: torch.Tensor) -> np.ndarray | torch.Tensor | None:
@@ -877,23 +871,27 @@ class StreamSession(RaggedFeeding):
 
     def _evict_on_device(self, incoming: int) -> None:
         """`_select` then `_evict`, without leaving the device: each stream's policy names the
-        ranks it drops (`dropped`: (L, H, k) or (L, k) per lane, (k,) per stream), and the cache
-        drops them in place: one row per stream while every lane keeps alike, else one per
-        (layer, stream, head) lane as its buffers order them."""
+        ranks it drops (`dropped`), and the cache drops them in place."""
+        self.cache.to_device()  # (first, so the views below read the bookkeeping there)
+        self._drop_on_device(
+            [
+                _on_device(self.policy.dropped(self.view(incoming, b, on_device=True)), self.device)
+                for b in range(self.batch)
+            ]
+        )
+
+    def _drop_on_device(self, drops: list[torch.Tensor]) -> None:
+        """Each stream's dropped ranks ((L, H, k) or (L, k) per lane, (k,) for the whole stream)
+        as the cache takes them: one row per stream while every lane keeps alike, else one per
+        (layer, stream, head) lane in the buffers' order."""
         c = self.cache
-        layers, heads = c.num_layers, c.kv_heads
-        c.device_lanes(0)  # (the bookkeeping moves to the device first, so the views read it there)
-        drops = [
-            _on_device(self.policy.dropped(self.view(incoming, b, on_device=True)), c.device) for b in range(self.batch)
-        ]
         if not c.per_head and all(d.dim() == 1 for d in drops):
             c.evict_on_device(torch.stack(drops))
             return
-        lanes = []
-        for drop in drops:
-            drop = drop.view(1, 1, -1) if drop.dim() == 1 else drop[:, None] if drop.dim() == 2 else drop
-            lanes.append(drop.expand(layers, heads, drop.shape[-1]))
-        c.evict_on_device(torch.stack(lanes, 1).reshape(layers * self.batch * heads, -1))
+        layers, heads = c.num_layers, c.kv_heads
+        lanes = [d.view(1, 1, -1) if d.dim() == 1 else d[:, None] if d.dim() == 2 else d for d in drops]
+        stacked = torch.stack([d.expand(layers, heads, d.shape[-1]) for d in lanes], 1)
+        c.evict_on_device(stacked.reshape(layers * self.batch * heads, -1))
 
     def _checked(self, view: CacheView, incoming: int, room: int | None = None, stream: int = 0) -> np.ndarray:
         """The policy's keep-set for `view`, held to the contract at the run's budget (or `room`:

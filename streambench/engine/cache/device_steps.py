@@ -106,7 +106,7 @@ class DeviceSteps:
 
     def _to_host(self) -> None:
         """The device mirror back into the host arrays (the one copy a host reader pays)."""
-        dev = getattr(self, "_dev", None)
+        dev = self._dev
         if dev is None:
             return
         self._dev = None
@@ -132,7 +132,8 @@ class DeviceSteps:
         """The bookkeeping lives on the device now (the host arrays are stale)."""
         return self._dev is not None
 
-    def _to_device(self) -> dict[str, torch.Tensor]:
+    def to_device(self) -> dict[str, torch.Tensor]:
+        """The bookkeeping's device mirror, made from the host arrays if they are the current ones."""
         if self._dev is None:
             # (copies: on a CPU `.to` would share the host arrays' memory, and the two sides
             # update their offsets apart)
@@ -148,7 +149,7 @@ class DeviceSteps:
 
     def _lanes_of(self, name: str, b: int) -> torch.Tensor:
         """Stream b's row(s) of a device array: (L, H, n) per head, else (n,)."""
-        rows = self._to_device()[name]
+        rows = self.to_device()[name]
         if self.per_head:
             return rows.view(self.num_layers, self.batch, self.kv_heads, -1)[:, b, :, : self._n]
         return rows[b, : self._n]
@@ -194,7 +195,7 @@ class DeviceSteps:
         if lanes and not self.per_head:  # (one bookkeeping row per lane from now on)
             self._to_host()
             self._enter_per_head()
-        dev = self._to_device()
+        dev = self.to_device()
         n_old = self._n
         n_new = n_old - k
         if k == 0:

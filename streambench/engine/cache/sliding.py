@@ -40,6 +40,7 @@ class SlidingWindows:
         self.start = self.end = 0
         self.first = 0  # stream position of slot `start`
         self.shift = np.zeros(self.owner.batch, dtype=np.int64)  # per stream: keys rotated at s + shift
+        self._shift_dev: tuple[np.ndarray, torch.Tensor] | None = None  # (shift, its device copy)
 
     @property
     def visible_start(self) -> int:
@@ -117,26 +118,28 @@ class SlidingWindows:
             positions = self.first + np.arange(lo - self.start, hi - self.start)
             at_all = positions[None] + self.shift[:, None]  # (B, count): where the model rotated them
             self.rope.ensure(int(np.abs(at_all).max()) + 2)
-            # (positions made on the device, not copied up: one run per stream, its shift apart)
-            shifts = self._shifts_on(self.k[0].device) if self.owner.batch > 1 else None
+            # (positions made on the device once, not copied up: one run per stream, its shift apart)
+            device = self.k[0].device
+            if self.owner.batch == 1:
+                first = int(at_all[0, 0])
+                made = torch.arange(first, first + count, device=device)
+            else:
+                start = int(positions[0])
+                made = self._shifts_on(device)[:, None] + torch.arange(start, start + count, device=device)
             for k, k_pre in zip(self.k, self.k_pre):
-                if shifts is None:
-                    first = int(at_all[0, 0])
-                    at = torch.arange(first, first + count, device=k.device)
+                at = made.to(k.device)
+                if self.owner.batch == 1:
                     k_pre[:, :, lo:hi] = self.rope.unrotate(k[:, :, lo:hi], at, signed=True)
                 else:
-                    at = shifts.to(k.device)[:, None] + torch.arange(
-                        int(positions[0]), int(positions[0]) + count, device=k.device
-                    )
                     k_pre[:, :, lo:hi] = self.rope.unrotate(k[None, :, :, lo:hi], at, signed=True)[0]
         self.end += count
 
     def _shifts_on(self, device: torch.device) -> torch.Tensor:
         """The streams' shifts as a device tensor, copied up only when they change (rarely)."""
-        cached = getattr(self, "_shift_dev", None)
+        cached = self._shift_dev
         if cached is None or cached[0] is not self.shift or cached[1].device != device:
-            self._shift_dev = (self.shift, torch.from_numpy(self.shift).to(device))
-        return self._shift_dev[1]
+            cached = self._shift_dev = (self.shift, torch.from_numpy(self.shift).to(device))
+        return cached[1]
 
     def truncate(self, dropped: int) -> None:
         self.end -= dropped
