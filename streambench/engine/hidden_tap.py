@@ -54,7 +54,7 @@ class HiddenStateTap:
                 self._shared[layer] = False
             self._ring[layer] = ring
             take = min(count, self.window)
-            slots = (torch.arange(self._seen + count - take, self._seen + count) % self.window).to(ring.device)
+            slots = torch.arange(self._seen + count - take, self._seen + count, device=ring.device) % self.window
             new = hidden[:, count - take :].detach().to(ring.dtype)
             ring.index_copy_(1, slots, new)
             ring.index_copy_(1, slots + self.window, new)

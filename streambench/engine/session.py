@@ -367,7 +367,17 @@ class StreamSession(RaggedFeeding):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            if exc[0] is None:  # (what a step on the device noted, raised now: not over another error)
+                self.check_deferred()
+        finally:
+            self.close()
+
+    def check_deferred(self) -> None:
+        """Raise what the policies noted on the device without waiting for it (a press's NaN
+        scores, `CachePolicy.check_deferred`): between streams and when the session ends."""
+        for member in self.group or [self.policy]:
+            member.check_deferred()
 
     def set_batch(self, batch_size: int) -> None:
         """Run `batch_size` streams from now on (a new cache; the streams start afresh)."""
@@ -416,6 +426,7 @@ class StreamSession(RaggedFeeding):
         self._recall_at = 0  # retrieval policies: recall when `fed` reaches this
         self._hold_until = 0  # ... but not inside a turn whose room reserve() made
         for member in self.group or [self.policy]:
+            member.check_deferred()
             member.reset()
         # a group's streams whose policy chose per layer or head: the others see one keep-set
         # (n,) in their views as alone, though the cache holds lanes for the streams that do

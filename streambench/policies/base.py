@@ -182,6 +182,10 @@ class CachePolicy:
     def reset(self) -> None:
         """A new stream starts (a policy with state, such as a memory bank, clears it)."""
 
+    def check_deferred(self) -> None:
+        """Raise what a step on the device could not raise without waiting for it (a press's NaN
+        scores): the session calls this between streams and when it ends."""
+
     def bind(self, model) -> None:
         """A session starts on this transformers model: a policy that learned something per model
         loads it here (kvpress's `post_init_from_model`). Raise ConfigError when it cannot."""
@@ -281,13 +285,17 @@ class BandPolicy(CachePolicy):
     disagree. StreamingLLM is `Band(start_size, recent_size, budget)`; window `Band(0, size,
     budget)`; dense `Band()`. Subclasses are dataclasses that define `band`."""
 
+    # (its drops are a run of consecutive ranks known from the counts: made on the device by
+    # `arange`, so a step alone uploads no index arrays, engine/cache/device_steps.py)
+    device_select = True
+
     @property
     def band(self) -> Band:
         raise NotImplementedError(f"policy {self.name} is a BandPolicy but defines no band")
 
     def dropped(self, view: CacheView) -> np.ndarray:
-        """The ranks that leave, from the counts alone (host-known: a group stepping on the device
-        takes them as they are)."""
+        """The ranks that leave, from the counts alone (host-known: the session makes them on the
+        device as one `arange`)."""
         return np.setdiff1d(np.arange(view.length), self.select(view), assume_unique=True)
 
     def select(self, view: CacheView) -> np.ndarray:

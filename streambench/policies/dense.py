@@ -15,6 +15,7 @@ class DensePolicy(BandPolicy):
     trained context, positions it never saw make perplexity explode (StreamingLLM, Fig. 1a)."""
 
     summary = "keep everything (no budget; cache grows with the stream)"
+    device_select = False  # (it never evicts)
 
     def configure(self) -> None:
         self.budget = None  # a budget means nothing here; recorded as unbounded

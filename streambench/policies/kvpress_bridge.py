@@ -62,6 +62,13 @@ from streambench.policies.base import CacheView, ScoredPolicy
 
 KVPRESS_VERSION = "0.5.5"
 INSTALL = "./install.sh kvpress (kvpress==0.5.5 without its transformers<5.3 pin; see README)"
+NAN_SCORES = "the press's score() returned NaN scores"
+# Presses whose score() reads no device value on the host and copies no host data up (kvpress
+# 0.5.5, counted per press by tests/engine/test_device_steps.py): the engine may keep their step
+# on the device. SnapKV, TOVA, Cap and ExpectedAttention call `.max().item()` (and some make
+# tensors on the host) inside their score(); ObservedAttention makes an arange on the host; a
+# wrapper's depends on the press it wraps.
+DEVICE_PRESSES = frozenset({"CURPress", "KeyDiffPress", "KnormPress", "LagKVPress", "RandomPress", "StreamingLLMPress"})
 OURS = ("budget", "start_size", "window", "interval")  # the bridge's own fields, beside the press's
 DEFAULT_RESCORED = "SnapKVPress"  # what a rescoring wrapper wraps unless told (kvpress's critical_snapkv)
 
@@ -107,6 +114,8 @@ class PressPolicy(ScoredPolicy):
 
     def configure(self) -> None:
         super().configure()
+        self._nan_seen: Any = None  # NaN scores met in a step on the device (a device bool), or None
+        self._deferring = False
         self._check_int("window", 1)
         budget = self.budget
         assert budget is not None
@@ -300,8 +309,11 @@ class PressPolicy(ScoredPolicy):
                 raise PolicyContractError(
                     f"policy {self.name}: the press's score() returned {shape}, not (1, {k.shape[1]}, {n - lo})"
                 )
-            if torch.isnan(scores).any():
-                raise PolicyContractError(f"policy {self.name}: the press's score() returned NaN scores")
+            nan = torch.isnan(scores).any()
+            if self._deferring:  # a step on the device: noted there, raised when the host next asks
+                self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
+            elif nan:
+                raise PolicyContractError(f"policy {self.name}: {NAN_SCORES}")
             if lo:
                 scores = torch.nn.functional.pad(scores.float(), (lo, 0), value=float("-inf"))
             out.append(scores[0])
@@ -446,11 +458,29 @@ class PressPolicy(ScoredPolicy):
         """kvpress's own choice (`ScorerPress.compress`: `scores.topk(n_kept).indices`), so that
         exact ties (a repeated token's pre-RoPE key, in layer 0) fall as they fall in kvpress."""
         import numpy as np
-        import torch
 
         n = scores.shape[-1]
         if count >= n:
             return np.broadcast_to(np.arange(n), scores.shape).copy()
+        return self._kept(scores, count).cpu().numpy()
+
+    def drop_lowest(self, scores, drop: int):
+        """The complement of `keep_top`'s choice, on the device: the ranks kvpress's topk leaves
+        out, ties falling as there (a stable sort of the left-out mask, no boolean gather)."""
+        import torch
+
+        n = scores.shape[-1]
+        if drop <= 0:
+            return torch.zeros((*scores.shape[:-1], 0), dtype=torch.long, device=scores.device)
+        gone = torch.ones(scores.shape, dtype=torch.uint8, device=scores.device)
+        gone.scatter_(-1, self._kept(scores, n - drop), 0)
+        return torch.sort(gone, dim=-1, descending=True, stable=True).indices[..., :drop]
+
+    def _kept(self, scores, count: int):
+        """The `count` ranks each head keeps, sorted, on the scores' device."""
+        import torch
+
+        n = scores.shape[-1]
         if self.chunked:  # ChunkPress.compress: each chunk keeps max(1, int(its length * (1 - ratio)))
             step, ratio = self._press.chunk_length, _ratio_for(n, count)
             parts = [
@@ -461,11 +491,24 @@ class PressPolicy(ScoredPolicy):
             if chosen.shape[-1] > count:  # (each chunk's floor of 1 over a small count: the lowest-scored go)
                 best = torch.topk(scores.gather(-1, chosen), count, dim=-1).indices
                 chosen = chosen.gather(-1, best)
-            kept = torch.sort(chosen, dim=-1).values
-            return kept.cpu().numpy()
-        return torch.sort(torch.topk(scores, count, dim=-1).indices, dim=-1).values.cpu().numpy()
+            return torch.sort(chosen, dim=-1).values
+        return torch.sort(torch.topk(scores, count, dim=-1).indices, dim=-1).values
+
+    def dropped(self, view: CacheView):
+        """ScoredPolicy's, with the NaN check left on the device (`check_deferred` reads it)."""
+        self._deferring = True
+        try:
+            return super().dropped(view)
+        finally:
+            self._deferring = False
+
+    def check_deferred(self) -> None:
+        seen, self._nan_seen = self._nan_seen, None
+        if seen is not None and bool(seen):
+            raise PolicyContractError(f"policy {self.name}: {NAN_SCORES} (in a step on the device)")
 
     def reset(self) -> None:
+        self._nan_seen = None
         if hasattr(self._press, "reset"):
             self._press.reset()
 
@@ -838,6 +881,7 @@ def adapt(obj: Any) -> type | None:
             "wraps": wraps,
             "chunked": obj.__name__ == "ChunkPress",
             "blocked": obj.__name__ == "BlockPress",
+            "device_select": obj.__name__ in DEVICE_PRESSES,
             "uneven": obj.__name__ in ALLOCATING,
             # kvpress's pipeline answers after KeyRerotation at the compressed length: kept keys at ranks
             "compress_reindexes": obj.__name__ == "KeyRerotationPress",
