@@ -119,7 +119,13 @@ def exactness(device) -> dict:
     return out
 
 
-DEVICE_POLICIES = ["h2o", "tova", "knorm", "snapkv", "sirllm"]
+DEVICE_POLICIES = ["h2o", "tova", "knorm", "snapkv", "sirllm", "streamingllm", "window"]
+try:  # (a press that steps on the device, when kvpress is installed: ./install.sh kvpress)
+    import kvpress  # noqa: F401
+
+    DEVICE_POLICIES.append("kvpress:KeyDiffPress")
+except ImportError:
+    pass
 
 
 @torch.no_grad()
