@@ -69,10 +69,19 @@ class RaggedMask(AttentionRoute):
     cache's pads hidden) and, of the forward's own tokens, what `own` (B, width, width) shows
     (causal over its chunk, or a tree of branches); a pad query sees itself only."""
 
-    def __init__(self, model, cache, own: torch.Tensor, observer=None, counts: list[int] | None = None):
+    def __init__(
+        self,
+        model,
+        cache,
+        own: torch.Tensor,
+        observer=None,
+        counts: list[int] | None = None,
+        streams: torch.Tensor | None = None,
+    ):
         register(NAME, ragged_attention)
         super().__init__(model, NAME, _ACTIVE)
-        self.cache, self.own = cache, own
+        # streams: the batch's rows this forward carries (own and counts are theirs), None: all
+        self.cache, self.own, self.streams = cache, own, streams
         # recording attention statistics (h2o's sums, tova's last row) for the committed tokens:
         # each stream's first counts[b] queries, never a pad's
         self.observer, self.counts = observer, counts
@@ -81,6 +90,14 @@ class RaggedMask(AttentionRoute):
             self.valid = (torch.arange(width)[None] < torch.tensor(counts)[:, None]).to(own.device)
             self.last = torch.tensor([max(c - 1, 0) for c in counts], device=own.device)
 
+    def whole(self, stats: torch.Tensor) -> torch.Tensor:
+        """A statistic of the carried streams (A, ...) as the batch's (B, ...): 0 for a stream
+        this forward does not carry (what its pad queries would add; its last row is restored)."""
+        if self.streams is None:
+            return stats
+        out = stats.new_zeros((self.cache.batch, *stats.shape[1:]))
+        return out.index_copy_(0, self.streams.to(stats.device), stats)
+
     def rows(self, layer: int, keys: int, groups: int) -> torch.Tensor:
         """(B, H_kv, groups * width, keys) bool for model layer `layer` (its query heads of a KV
         head as one block of rows, as `ragged_attention` lays them out)."""
@@ -88,6 +105,8 @@ class RaggedMask(AttentionRoute):
         batch, width = own.shape[0], own.shape[-1]
         held = keys - width
         allowed = cache.allowed_keys(int(cache.full_index[layer]), held) if cache.ragged else None
+        if allowed is not None and self.streams is not None:
+            allowed = allowed.index_select(0, self.streams.to(allowed.device))
         if allowed is None:
             allowed = torch.ones((batch, cache.kv_heads, held), dtype=torch.bool, device=own.device)
         rows = torch.cat(
@@ -135,10 +154,10 @@ def _observed(route: RaggedMask, module, query, key, value, scaling, softcap):
             pending = observer._pending
             if "attention_sum" in pending:
                 kept = probs * route.valid[:, None, None, :, None].to(probs.dtype)
-                pending["attention_sum"][layer] = kept.sum(dim=3).mean(dim=2)
+                pending["attention_sum"][layer] = route.whole(kept.sum(dim=3).mean(dim=2))
             if "attention_last" in pending:
                 at = route.last.to(probs.device)[:, None, None, None, None].expand(-1, kv_heads, probs.shape[2], 1, n)
-                pending["attention_last"][layer] = probs.gather(3, at)[:, :, :, 0].mean(dim=2)
+                pending["attention_last"][layer] = route.whole(probs.gather(3, at)[:, :, :, 0].mean(dim=2))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -249,7 +268,7 @@ class RaggedFeeding:
         cache = self.cache
         n, width = cache.length, max(counts)
         held = cache.lane_counts()[0, :, 0] if cache.ragged else np.full(self.batch, n)
-        logits = self._forward_streams(chunks, counts, width, causal_rows(counts, width, self.device))
+        logits, row = self._forward_streams(chunks, counts, width, causal_rows(counts, width, self.device))
         scores = None
         if self._scorers:
             scores = np.zeros((self.batch, width), dtype=np.float64)
@@ -257,7 +276,7 @@ class RaggedFeeding:
                 c = counts[b]
                 if c:  # (its own tokens only: a scorer carrying state from its last token sees no pad)
                     ids = chunks[b]
-                    scores[b, :c] = member.score_tokens(ids, logits[b : b + 1, :c])[0]
+                    scores[b, :c] = member.score_tokens(ids, logits[row[b] : row[b] + 1, :c])[0]
         fed = self.stream_fed
         positions = np.full((self.batch, width), -1, dtype=np.int64)
         for b, c in enumerate(counts):
@@ -272,36 +291,48 @@ class RaggedFeeding:
             evictions = cache.evictions
             self._evict(join_keeps(keeps, n + width, cache.num_layers, cache.kv_heads))
             cache.evictions = evictions  # (pads are not tokens: no eviction to count)
-        return [logits[b : b + 1, :c] if c else None for b, c in enumerate(counts)]
+        return [logits[row[b] : row[b] + 1, :c] if c else None for b, c in enumerate(counts)]
 
     def _forward_streams(
         self, chunks, counts: list[int], width: int, own: torch.Tensor, local: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One forward of every stream's chunk, right-padded to `width`, under the ragged mask
-        `own` shows of the forward's tokens; (B, width, vocab). `local`: each token's position
-        past its stream's end (a tree's), else its index in the chunk."""
-        ids = torch.zeros((self.batch, width), dtype=torch.long, device=self.device)
-        for b, c in enumerate(counts):
-            if c:
-                ids[b, :c] = chunks[b][0]
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """One forward of the chunks of the streams that feed (counts[b] > 0), each right-padded
+        to `width`, under the ragged mask `own` shows of the forward's tokens; their logits
+        (A, width, vocab) and each such stream's row in them. A stream that feeds nothing is not
+        carried: its row costs nothing (its slots of this forward stay unwritten, pads dropped
+        after). `local`: each token's position past its stream's end (a tree's), else its index
+        in the chunk."""
+        active = [b for b, c in enumerate(counts) if c]
+        ids = torch.zeros((len(active), width), dtype=torch.long, device=self.device)
+        for j, b in enumerate(active):
+            ids[j, : counts[b]] = chunks[b][0]
         cache = self.cache
         positions = cache.next_positions(width)
         if local is not None:
             positions = positions[:, :1] + local.to(positions.device)
+        streams = None
+        if len(active) < self.batch:
+            streams = torch.tensor(active, dtype=torch.long, device=self.device)
+            positions, own = positions[streams], own[streams]
         observer = self.observer if self.observer is not None and self.observer.wants & _STATS else None
         # (branches commit nothing: observed as alone's rolled-back forward, their statistics dropped)
-        counts_seen = counts if local is None else None
+        counts_seen = [counts[b] for b in active] if local is None else None
         idle = [b for b, c in enumerate(counts) if c == 0]
         last = None
         if observer is not None and counts_seen is not None and idle and "attention_last" in observer.wants:
             last = [shard.stats["attention_last"][:, idle].clone() for shard in cache.shards]
-        with RaggedMask(self.model, cache, own, observer, counts_seen):
-            logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+        cache.rows = streams
+        try:
+            with RaggedMask(self.model, cache, own, observer, counts_seen, streams):
+                logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+        finally:
+            cache.rows = None
         if observer is not None and counts_seen is not None:
             observer.flush(width)
             for shard, rows in zip(cache.shards, last or ()):  # (a stream that fed nothing: its last query's)
                 shard.stats["attention_last"][:, idle, :, : rows.shape[-1]] = rows
-        return logits.to(self.device) if logits.device != self.device else logits
+        logits = logits.to(self.device) if logits.device != self.device else logits
+        return logits, {b: j for j, b in enumerate(active)}
 
     @torch.no_grad()
     def branches_streams(self, branches: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor]]:
@@ -329,13 +360,13 @@ class RaggedFeeding:
         else:
             capacity = None
         try:
-            logits = self._forward_streams(chunks, counts, width, rows.to(self.device), local)
+            logits, row = self._forward_streams(chunks, counts, width, rows.to(self.device), local)
         finally:
             cache.truncate(n)
             if capacity is not None:
                 cache.set_capacity(capacity)
         return [
-            list(logits[b : b + 1, : counts[b]].split(lengths[b], dim=1)) if counts[b] else []
+            list(logits[row[b] : row[b] + 1, : counts[b]].split(lengths[b], dim=1)) if counts[b] else []
             for b in range(self.batch)
         ]
 

@@ -88,6 +88,9 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
         self._build_shards()
         self._base = np.zeros(self.num_layers, dtype=np.int64)  # per layer: ranks it holds no slot for
         self.static = False  # set by graphs.StaticDecoder: write at a device-held slot, return whole buffers
+        # the streams a forward carries, when it carries only some (ragged.py: the others fed
+        # nothing this time): their rows are written and read, the others' left as they are
+        self.rows: torch.Tensor | None = None
         self.stat_names: tuple[str, ...] = ()
         self._dev: dict[str, torch.Tensor] | None = None  # the bookkeeping's device mirror (device_steps.py)
         self.grow(max(int(capacity), 1))
@@ -375,9 +378,14 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
         shard, i = self._where[layer]
         if end > shard.capacity:
             self._resize(shard, max(end, shard.capacity + shard.capacity // 4 if self.split else 2 * shard.capacity))
+        self._len[layer] = end
+        rows = self.rows
+        if rows is not None:
+            shard.k[i, :, :, start:end].index_copy_(0, rows, k)
+            shard.v[i, :, :, start:end].index_copy_(0, rows, v)
+            return shard.k[i, :, :, :end].index_select(0, rows), shard.v[i, :, :, :end].index_select(0, rows)
         shard.k[i, :, :, start:end].copy_(k)
         shard.v[i, :, :, start:end].copy_(v)
-        self._len[layer] = end
         return shard.k[i, :, :, :end], shard.v[i, :, :, :end]
 
     def commit(self, positions: np.ndarray, scores: np.ndarray | torch.Tensor | None = None) -> None:
