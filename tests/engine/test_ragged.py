@@ -147,6 +147,34 @@ def test_branches_commit_nothing_and_equal_each_stream_alone(name):
             torch.testing.assert_close(x, y, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["streamingllm", "h2o"])
+def test_a_forward_carries_only_the_streams_that_feed(name):
+    """A stream that feeds nothing this turn (or has no branches) is not a row of the forward:
+    an idle or finished conversation costs nothing. Its tokens, positions and statistics stay as
+    they were; the others' logits equal each alone (the ragged tests above, idle turns included)."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    rows = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    group = [make_policy(name, {}) for _ in range(STREAMS)]
+    try:
+        with StreamSession(lm, group[0], group=group) as together:
+            together.feed_streams([torch.tensor([[5, 6, 7]])] * STREAMS)
+            held = together.held_positions(1).copy()
+            before = observed(together, 1)
+            out = together.feed_streams([torch.tensor([[8, 9]]), None, torch.tensor([[4]])])
+            assert out[1] is None and out[0].shape[1] == 2 and out[2].shape[1] == 1
+            together.reserve_streams([2, 0, 0])
+            together.branches_streams([[torch.tensor([[5, 6]]), torch.tensor([[3]])], None, None])
+            np.testing.assert_array_equal(together.held_positions(1), held)
+            for key, value in observed(together, 1).items():
+                torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+    finally:
+        hook.remove()
+    assert rows == [3, 2, 1]
+
+
 def test_a_snapshot_restores_the_batch():
     lm = LoadedModel.wrap(tiny_model("llama", layers=2))
     turns = schedule(seed=5, turns=10)

@@ -101,6 +101,7 @@ def test_what_runs_alone_says_why():
     assert "window of queries" in ragged_refusal(build_policy(PolicySpec("snapkv"), 64))
     assert "bank" in ragged_refusal(build_policy(PolicySpec("longmem"), 64))
     assert build_task("grocery", {}).lanes_refusal() is None
+    assert build_task("dailydialog", {}).lanes_refusal() is None  # (idle streams cost nothing: batched too)
     assert "format sirllm" in build_task("grocery", {"format": "sirllm"}).lanes_refusal()
     assert build_task("perplexity", {}).lanes_refusal() is not None
 

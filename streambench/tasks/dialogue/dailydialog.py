@@ -31,14 +31,6 @@ class DailyDialogTask(DialogueTask):
     def check_data(self) -> None:
         check_local(self.data)
 
-    def lanes_refusal(self) -> str | None:
-        # (the lanes play its dialogues exactly, tests/tasks/test_lanes.py; a run does not use them)
-        return super().lanes_refusal() or (
-            "its dialogues differ in length (1 to 13 questions in SirLLM's file), so batched dialogues drift apart "
-            "and pad each other's forwards: slower than one at a time on a CPU (60 questions: 38.0 s at batch 8, "
-            "31.0 alone)"
-        )
-
     def items(self):
         items = load_dailydialog(self.data) if self.data else dailydialog_from_hub(seed=self.seed)
         return items[: self.limit] if self.limit else items
