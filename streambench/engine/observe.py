@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import cast
 
+import numpy as np
 import torch
 
 from streambench.engine.routing import AttentionRoute, register
@@ -115,17 +116,72 @@ class AttentionObserver(AttentionRoute):
         self._ring: list[torch.Tensor | None] = [None] * layers  # per layer (B, H, w, D), as rotated
         self._ring_positions: torch.Tensor | None = None  # (B or 1, w): where each ring query was rotated
         self._seen = 0  # queries fed since the stream started (the ring's write position, mod w)
+        # ragged streams (ragged.py) each feed their own counts: queries seen per stream, or None
+        # while every stream has seen `_seen`
+        self._stream_seen: np.ndarray | None = None
         self._shared = [False] * (layers + 1)  # copy on write: a checkpoint holds these buffers
 
     def state(self):
         """A checkpoint keeps references; the first write after it copies (dialogue branches)."""
         self._shared = [True] * len(self._shared)
-        return self._seen, list(self._ring), self._ring_positions
+        seen = None if self._stream_seen is None else self._stream_seen.copy()
+        return self._seen, list(self._ring), self._ring_positions, seen
 
     def restore(self, state) -> None:
-        self._seen, ring, self._ring_positions = state
+        self._seen, ring, self._ring_positions, seen = state
+        self._stream_seen = None if seen is None else seen.copy()
         self._ring = list(ring)
         self._shared = [True] * len(self._shared)
+
+    def seen_by(self, b: int) -> int:
+        """Queries stream `b` has fed since it started."""
+        return self._seen if self._stream_seen is None else int(self._stream_seen[b])
+
+    def restart_streams(self, streams: list[int], batch: int) -> None:
+        """Ragged streams starting afresh (a new conversation each): no query of theirs is seen."""
+        if self._stream_seen is None:
+            self._stream_seen = np.full(batch, self._seen, dtype=np.int64)
+        self._stream_seen[streams] = 0
+
+    @torch.no_grad()
+    def record_streams(self, layer: int, query: torch.Tensor, counts: list[int], streams: list[int]) -> None:
+        """A ragged forward's queries into the ring: row j is stream `streams[j]`, whose own
+        `counts[j]` queries come first (pads after); each stream writes at its own position."""
+        layer = int(self.cache.full_index[layer])
+        if layer < 0 or "queries" not in self.wants:
+            return
+        batch = self.cache.batch
+        ring = self._ring[layer]
+        if ring is None:
+            ring = query.new_zeros(batch, query.shape[1], self.window, query.shape[3])
+        ring = self._ring[layer] = self._writable(layer, ring)
+        for j, (b, c) in enumerate(zip(streams, counts)):
+            take, slots = self._stream_slots(b, c, query.device)
+            ring[b].index_copy_(1, slots, query[j, :, c - take : c])
+
+    def flush_streams(self, counts: list[int], positions: torch.Tensor) -> None:
+        """After a ragged forward: each stream's ring positions ((B, width) RoPE positions, its
+        own first `counts[b]`) and queries seen."""
+        if "queries" not in self.wants:
+            return
+        batch = len(counts)
+        if self._stream_seen is None:
+            self._stream_seen = np.full(batch, self._seen, dtype=np.int64)
+        ring = self._ring_positions
+        if ring is None or ring.shape[0] != batch:
+            ring = positions.new_zeros(batch, self.window) if ring is None else ring.expand(batch, -1)
+        ring = self._ring_positions = self._writable(-1, ring).contiguous()
+        positions = positions.to(ring.device)
+        for b, c in enumerate(counts):
+            if c:
+                take, slots = self._stream_slots(b, c, ring.device)
+                ring[b].index_copy_(0, slots, positions[b, c - take : c])
+        self._stream_seen += np.asarray(counts, dtype=np.int64)
+
+    def _stream_slots(self, b: int, count: int, device) -> tuple[int, torch.Tensor]:
+        take = min(count, self.window)
+        start = self.seen_by(b) + count - take
+        return take, torch.arange(start, start + take, device=device) % self.window
 
     def _ring_slots(self, count: int, device) -> tuple[int, torch.Tensor]:
         """The last min(count, w) of `count` new queries: how many, and their ring slots."""
@@ -195,6 +251,8 @@ class AttentionObserver(AttentionRoute):
             take, slots = self._ring_slots(count, ring.device)
             ring.index_copy_(1, slots, positions[:, count - take :])
             self._seen += count
+            if self._stream_seen is not None:
+                self._stream_seen += count
 
     @torch.no_grad()
     def window_attention(self, b: int = 0) -> torch.Tensor | None:
@@ -203,13 +261,16 @@ class AttentionObserver(AttentionRoute):
         causal within the window. None before any query was seen."""
         ring = [q for q in self._ring if q is not None]
         at = self._ring_positions
-        if self._seen == 0 or len(ring) < len(self._ring) or at is None:
+        seen = self.seen_by(b)
+        if seen == 0 or len(ring) < len(self._ring) or at is None:
             return None
         cache = self.cache
         rope = cache.reindexing()
         n = cache.length
-        w = min(self._seen, self.window, n)
-        slots = torch.arange(self._seen - w, self._seen, device=cache.device) % self.window  # the last w, oldest first
+        # (a ragged cache: the stream's tokens are the last ranks of its lanes, pads before them)
+        held = int(cache.lane_counts()[0, b, 0]) if cache.ragged and self._stream_seen is not None else n
+        w = min(seen, self.window, held)
+        slots = torch.arange(seen - w, seen, device=cache.device) % self.window  # the last w, oldest first
         queries = torch.stack([q[b].to(cache.device) for q in ring]).index_select(2, slots)  # (L, Hq, w, D)
         fed_at = at[b if at.shape[0] > 1 else 0].index_select(0, slots)
         now_at = torch.arange(n - w, n, device=cache.device) + cache.offset_of(b)

@@ -39,10 +39,8 @@ if TYPE_CHECKING:
 
 NAME = "streambench_ragged"
 _STATS = frozenset({"attention_sum", "attention_last"})  # recorded per query by the observer
+_QUERIES = frozenset({"queries"})  # SnapKV's ring of the last queries: each stream writes its own
 _ACTIVE: list[RaggedMask] = []
-# observations of a window of queries (SnapKV's): a ring of the last queries per stream, which a
-# ragged forward would fill with pads; not carried yet
-_WINDOW = frozenset({"queries", "window_attention"})
 
 
 def ragged_refusal(policy: CachePolicy, quant: KVQuant | None = None, model: Any = None) -> str | None:
@@ -54,10 +52,6 @@ def ragged_refusal(policy: CachePolicy, quant: KVQuant | None = None, model: Any
     why = ungroupable(policy) or policy.batch_sensitive
     if why:
         return why
-    if policy.observes & _WINDOW:
-        return (
-            f"{policy.name} observes a window of queries, which a ragged batch would fill with pads (not carried yet)"
-        )
     if quant is not None and quant.quantized:
         return "a quantized cache feeds its streams token by token"
     reason = unsupported(model) if model is not None else None
@@ -77,11 +71,14 @@ class RaggedMask(AttentionRoute):
         observer=None,
         counts: list[int] | None = None,
         streams: torch.Tensor | None = None,
+        active: list[int] | None = None,
     ):
         register(NAME, ragged_attention)
         super().__init__(model, NAME, _ACTIVE)
-        # streams: the batch's rows this forward carries (own and counts are theirs), None: all
+        # streams: the batch's rows this forward carries (own and counts are theirs), None: all;
+        # active: the same as a list (the stream of each row)
         self.cache, self.own, self.streams = cache, own, streams
+        self.active = active if active is not None else list(range(own.shape[0]))
         # recording attention statistics (h2o's sums, tova's last row) for the committed tokens:
         # each stream's first counts[b] queries, never a pad's
         self.observer, self.counts = observer, counts
@@ -125,7 +122,10 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     b, heads, c, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    if route.observer is not None:
+    observer = route.observer
+    if observer is not None and route.counts is not None and "queries" in observer.wants:
+        observer.record_streams(module.layer_idx, query, route.counts, route.active)
+    if observer is not None and observer.wants & _STATS:
         return _observed(route, module, query, key, value, scaling, softcap)
     q = query.reshape(b, kv_heads, groups * c, d)  # each KV head's query heads as one block (no repeated keys)
     mask = route.rows(module.layer_idx, key.shape[-2], groups).to(query.device)
@@ -191,6 +191,7 @@ class Snapshot:
     cache: Any
     group: list
     fed: np.ndarray
+    observed: Any = None  # the observer's ring of queries (SnapKV's), where it keeps one
 
 
 class RaggedFeeding:
@@ -307,14 +308,14 @@ class RaggedFeeding:
         for j, b in enumerate(active):
             ids[j, : counts[b]] = chunks[b][0]
         cache = self.cache
-        positions = cache.next_positions(width)
+        every = positions = cache.next_positions(width)
         if local is not None:
             positions = positions[:, :1] + local.to(positions.device)
         streams = None
         if len(active) < self.batch:
             streams = torch.tensor(active, dtype=torch.long, device=self.device)
             positions, own = positions[streams], own[streams]
-        observer = self.observer if self.observer is not None and self.observer.wants & _STATS else None
+        observer = self.observer if self.observer is not None and self.observer.wants & (_STATS | _QUERIES) else None
         # (branches commit nothing: observed as alone's rolled-back forward, their statistics dropped)
         counts_seen = [counts[b] for b in active] if local is None else None
         idle = [b for b, c in enumerate(counts) if c == 0]
@@ -323,12 +324,14 @@ class RaggedFeeding:
             last = [shard.stats["attention_last"][:, idle].clone() for shard in cache.shards]
         cache.rows = streams
         try:
-            with RaggedMask(self.model, cache, own, observer, counts_seen, streams):
+            with RaggedMask(self.model, cache, own, observer, counts_seen, streams, active):
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         finally:
             cache.rows = None
         if observer is not None and counts_seen is not None:
+            observer.positions = None  # (the ring's positions: each stream's own, below)
             observer.flush(width)
+            observer.flush_streams(counts, every)
             for shard, rows in zip(cache.shards, last or ()):  # (a stream that fed nothing: its last query's)
                 shard.stats["attention_last"][:, idle, :, : rows.shape[-1]] = rows
         logits = logits.to(self.device) if logits.device != self.device else logits
@@ -389,6 +392,8 @@ class RaggedFeeding:
         if n:
             self._evict(join_keeps(keeps, n, cache.num_layers, cache.kv_heads))
         group = self.group or []
+        if self.observer is not None:
+            self.observer.restart_streams(streams, self.batch)
         for b in streams:
             group[b].reset()
             self.stream_fed[b] = 0
@@ -397,7 +402,8 @@ class RaggedFeeding:
     def snapshot(self) -> Snapshot:
         """The batch now: its cache cloned, its policies copied (`restore` returns to it)."""
         self._ragged()
-        return Snapshot(self.cache.clone(), copy.deepcopy(list(self.group or ())), self.stream_fed.copy())
+        observed = self.observer.state() if self.observer is not None else None
+        return Snapshot(self.cache.clone(), copy.deepcopy(list(self.group or ())), self.stream_fed.copy(), observed)
 
     def restore(self, snapshot: Snapshot, keep: bool = False) -> None:
         """Back to `snapshot` (keep=True: it stays usable for another restore)."""
@@ -408,3 +414,5 @@ class RaggedFeeding:
         self.stream_fed = snapshot.fed.copy()
         if self.observer is not None:
             self.observer.cache = cache
+            if snapshot.observed is not None:
+                self.observer.restore(snapshot.observed)

@@ -63,10 +63,10 @@ def alone(lm, policy, chunks, rounds):
     return logits, kept, stats
 
 
-def test_the_policies_that_batch_ragged_are_the_ones_without_a_query_window():
+def test_the_policies_that_batch_ragged():
     names = {n for n, _ in RAGGED}
-    assert {"dense", "window", "streamingllm", "sirllm", "random", "h2o", "tova"} <= names
-    assert not names & {"snapkv", "knorm", "longmem", "recompute-window"}
+    assert {"dense", "window", "streamingllm", "sirllm", "random", "h2o", "tova", "snapkv"} <= names
+    assert not names & {"knorm", "longmem", "recompute-window"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -117,7 +117,7 @@ def test_ragged_streams_equal_each_stream_alone(arch, case):
                 torch.testing.assert_close(mine[key], expected[key], atol=tol, rtol=0, msg=f"{name} {key} turn {t}")
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "sirllm", "h2o", "tova"])
+@pytest.mark.parametrize("name", ["streamingllm", "sirllm", "h2o", "tova", "snapkv"])
 def test_branches_commit_nothing_and_equal_each_stream_alone(name):
     lm = LoadedModel.wrap(tiny_model("llama", layers=2))
     turns = schedule(seed=3, turns=8)
@@ -147,7 +147,7 @@ def test_branches_commit_nothing_and_equal_each_stream_alone(name):
             torch.testing.assert_close(x, y, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o"])
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "snapkv"])
 def test_a_forward_carries_only_the_streams_that_feed(name):
     """A stream that feeds nothing this turn (or has no branches) is not a row of the forward:
     an idle or finished conversation costs nothing. Its tokens, positions and statistics stay as
@@ -195,7 +195,7 @@ def test_a_snapshot_restores_the_batch():
                     torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "sirllm", "h2o", "tova"])
+@pytest.mark.parametrize("name", ["streamingllm", "sirllm", "h2o", "tova", "snapkv"])
 def test_a_stream_starts_afresh_while_the_others_go_on(name):
     """Stream 1 starts a new conversation at turn 6 (its tokens leave, its policy starts over):
     from then on it gives what a fresh stream fed the same turns gives, and the others what they

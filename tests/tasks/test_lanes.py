@@ -54,7 +54,15 @@ def same_records(alone, batched, logprob_keys):
 
 
 @pytest.mark.parametrize(
-    "policy,args", [("streamingllm", {}), ("sirllm", {"decay": 0.9}), ("dense", {}), ("h2o", {}), ("tova", {})]
+    "policy,args",
+    [
+        ("streamingllm", {}),
+        ("sirllm", {"decay": 0.9}),
+        ("dense", {}),
+        ("h2o", {}),
+        ("tova", {}),
+        ("snapkv", {"window": 8, "interval": 4}),
+    ],
 )
 def test_grocery_batched_gives_every_item_its_record_alone(policy, args):
     task_args = {"limit": 3, "seed": 2, "recall_tokens": 6}
@@ -98,7 +106,8 @@ def test_dailydialog_dialogues_of_unequal_lengths_batch(tmp_path):
 def test_what_runs_alone_says_why():
     assert ragged_refusal(build_policy(PolicySpec("streamingllm"), 64)) is None
     assert ragged_refusal(build_policy(PolicySpec("h2o"), 64)) is None
-    assert "window of queries" in ragged_refusal(build_policy(PolicySpec("snapkv"), 64))
+    assert ragged_refusal(build_policy(PolicySpec("snapkv"), 64)) is None  # (each stream its own ring of queries)
+    assert ragged_refusal(build_policy(PolicySpec("knorm"), 64))  # (batch-sensitive)
     assert "bank" in ragged_refusal(build_policy(PolicySpec("longmem"), 64))
     assert build_task("grocery", {}).lanes_refusal() is None
     assert build_task("dailydialog", {}).lanes_refusal() is None  # (idle streams cost nothing: batched too)
@@ -175,8 +184,8 @@ def test_an_interrupt_in_a_conversation_reaches_the_caller():
 
 
 def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
-    """`run --batch-size`: streamingllm's players play as one batch, snapkv's one at a time, and
-    each result says which; both with the records the unbatched run gives."""
+    """`run --batch-size`: streamingllm's and snapkv's players play as one batch, longmem's one
+    at a time, and each result says which; all with the records the unbatched run gives."""
     from click.testing import CliRunner
 
     from streambench.cli.app import cli
@@ -199,10 +208,7 @@ def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
 
     alone, batched = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     assert batched["streamingllm"]["info"]["batched"]["streams"] == 2
-    assert batched["snapkv"]["info"]["batched"] == {
-        "streams": 1,
-        "why": "snapkv observes a window of queries, which a ragged batch would fill with pads (not carried yet)",
-    }
+    assert batched["snapkv"]["info"]["batched"]["streams"] == 2
     assert "memory bank" in batched["longmem"]["info"]["batched"]["why"]
     assert "batched" not in alone["streamingllm"]["info"]
     for label in ("streamingllm", "snapkv", "longmem"):
