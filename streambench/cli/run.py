@@ -125,8 +125,8 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     type=int,
     default=1,
     show_default=True,
-    help="Streams per batch: perplexity over several --text (comma-separated); grocery episodes and rps players "
-    "played as one ragged batch. Same numbers, faster.",
+    help="Streams per batch: perplexity over several --text (comma-separated); grocery episodes, rps players and "
+    "dailydialog dialogues played as one ragged batch. Same numbers, faster.",
 )
 @click.option(
     "--group/--no-group",
