@@ -6,7 +6,7 @@ came back. To batch B conversations without writing that logic twice, each runs 
 thread against a `Lane`, a stand-in for its stream of a group session (engine/ragged.py). A call
 that runs the model waits until every live lane waits on one; then the lanes that asked for the
 same kind of call (feed, branches, reserve, a new conversation) go in one batched call, and the
-others wait on: a lane with nothing to feed costs its row of the forward, not a stall. Calls
+others wait on: a lane with nothing to feed is not a row of that forward (nor a stall). Calls
 that concern the whole batch (a side question's fork, a checkpoint) wait for every live lane
 and run once.
 

@@ -2,8 +2,9 @@
 
 Dialogue tasks batch their conversations (grocery episodes, RPS players, DailyDialog dialogues)
 as a group of copies of one policy, a stream each (session.py `group`). Their turns differ in
-length, so one forward carries each stream's chunk right-padded to the longest: a stream's own
-tokens come first in its row, so the causal mask already hides the pads from them; the pads are
+length, so one forward carries each feeding stream's chunk right-padded to the longest (a stream
+with nothing to feed is not a row of it: `StreamCache.rows`): a stream's own tokens come first in
+its row, so the causal mask already hides the pads from them; the pads are
 written, committed, and dropped at once by a keep mask (the cache's ragged lanes: a lane keeping
 fewer tokens holds pads at its first ranks, masked out of attention, eviction.py). The drop moves
 a stream's tokens by one common rank shift, which its rotation offset absorbs: no key is
