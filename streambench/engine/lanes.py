@@ -237,6 +237,8 @@ class LanesGauge:
     """What a run's meter reads of a batch of lanes: every stream's tokens (tokens/s is the run's
     rate), and one stream's KV tokens and bytes (the largest; what a conversation holds)."""
 
+    shared = True  # (every conversation's step reads one count: the meter counts each token once)
+
     def __init__(self, session: StreamSession):
         self.session, self.policy = session, session.policy
 

@@ -88,8 +88,9 @@ class Meter:
         last step, at least 1), the KV tokens and bytes held after it (default: the session's)."""
         session = self.session
         if session is not None:
-            if tokens is None:
-                tokens = max(session.processed - self._processed, 1)
+            if tokens is None:  # (a batch's conversations share one count: a step whose tokens
+                # another conversation's step already counted ran none of its own)
+                tokens = max(session.processed - self._processed, 0 if getattr(session, "shared", False) else 1)
             if kv_tokens is None:
                 kv_tokens = session.kv_tokens
             if kv_bytes is None:
@@ -98,7 +99,8 @@ class Meter:
         if tokens is None or kv_tokens is None or kv_bytes is None:
             raise TypeError("Meter.step() needs tokens, kv_tokens and kv_bytes unless started on a session")
         now = self._clock()
-        self.latencies.append((now - self._last) / tokens)
+        if tokens:
+            self.latencies.append((now - self._last) / tokens)
         self._last = now
         self.tokens += tokens
         self.kv_tokens.append(kv_tokens)

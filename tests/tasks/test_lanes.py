@@ -213,3 +213,5 @@ def test_run_batches_what_it_can_and_says_why_not(tiny_model_dir, tmp_path):
     assert "batched" not in alone["streamingllm"]["info"]
     for label in ("streamingllm", "snapkv", "longmem"):
         same_records(alone[label]["records"], batched[label]["records"], {"logprobs"})
+        # (each token counted once, whichever conversation's step finds it)
+        assert batched[label]["metrics"]["tokens"] == alone[label]["metrics"]["tokens"], label
