@@ -115,6 +115,14 @@ DEFAULT_POLICIES = "dense,window,recompute-window,streamingllm,sirllm,longmem"
     help="Replay one-token decode steps as CUDA graphs (default: on with a CUDA device; 3-20x faster there).",
 )
 @click.option(
+    "--device-steps/--host-steps",
+    "device_steps",
+    default=None,
+    help="Choose and apply evictions on the device, so a decode step never waits for it (h2o, tova, knorm, "
+    "snapkv, sirllm, streamingllm, window, six presses), or on the host (default: the device with CUDA). "
+    "Same keep-sets either way.",
+)
+@click.option(
     "--device-map",
     "device_map",
     default=None,
@@ -177,6 +185,7 @@ def run_command(
     feed,
     chunk_size,
     cuda_graphs,
+    device_steps,
     device_map,
     batch_size,
     group,
@@ -248,6 +257,7 @@ def run_command(
         batch_size=batch_size,
         device_map=device_map,
         cuda_graphs=cuda_graphs,
+        device_steps=device_steps,
         task_defaults=dict(TASKS.get(task).run_defaults) if task in TASKS else {},
         kv_bits=bits,
         kv_group=kv_group,

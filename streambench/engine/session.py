@@ -306,6 +306,7 @@ class StreamSession(RaggedFeeding):
 
             self.tap = QueryTap(self.model, info.num_heads, info.kv_heads, info.head_dim)
         self.processed = 0  # every token run through the model, branches included (for tokens/s)
+        self.device_evictions = 0  # evictions chosen and applied on the device (device_steps)
         self.branch_peak = (0, 0)  # (KV tokens, bytes) held at most during the last score_branches
         self.fork_depth = 0  # > 0 inside `fork()`: what is fed now will be forgotten
         self._max_tokens = max_tokens
@@ -896,6 +897,7 @@ class StreamSession(RaggedFeeding):
         as the cache takes them: one row per stream while every lane keeps alike, else one per
         (layer, stream, head) lane in the buffers' order."""
         c = self.cache
+        self.device_evictions += 1
         if not c.per_head and all(d.dim() == 1 for d in drops):
             c.evict_on_device(torch.stack(drops))
             return

@@ -24,6 +24,9 @@ class RunConfig:
     task_args: dict[str, Any] = field(default_factory=dict)
     out: str = "results"
     cuda_graphs: bool | None = None  # None: on where the device is CUDA (one-token steps as CUDA graphs)
+    # evictions chosen and applied on the device (engine/cache/device_steps.py); None: on with
+    # CUDA. Speed only (the same keep-sets): not in the config hash; the result's info says which ran
+    device_steps: bool | None = None
     device_map: str | None = None  # "auto": spread the model's layers over the GPUs (accelerate)
     batch_size: int = 1  # streams per batch (tasks with several streams: perplexity over several texts)
     task_defaults: dict[str, Any] = field(default_factory=dict)  # below task_args: the task's run_defaults

@@ -45,6 +45,7 @@ class PlannedRun:
     budget_ratio: dict | None = None  # a budget given as a share of the context, and what it resolved to
     fits_checked: bool = False  # the size guard passed at planning (the model's shape was readable)
     quant: KVQuant | None = None  # a quantized cache (None: the model's dtype)
+    device_steps: bool | None = None  # evictions on the device (None: with CUDA; StreamSession)
 
 
 class Plan(NamedTuple):
@@ -177,6 +178,7 @@ def plan(config: RunConfig, check_device: bool = True) -> Plan:
                 ratio if ratio and "budget" not in spec.args and policy.budget == ratio["keys"] else None,
                 fits,
                 quant if quant.quantized else None,
+                config.device_steps,
             )
         )
     from streambench.runs.grouping import group_runs
@@ -195,8 +197,9 @@ def check_run_config(config: RunConfig) -> None:
     check_seed(config.seed)
     if config.device_map is not None and config.device_map not in DEVICE_MAPS:
         raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {config.device_map!r}")
-    if config.cuda_graphs not in (None, True, False):
-        raise ConfigError(f"cuda_graphs must be true or false, got {config.cuda_graphs!r}")
+    for key in ("cuda_graphs", "device_steps"):
+        if getattr(config, key) not in (None, True, False):
+            raise ConfigError(f"{key} must be true or false, got {getattr(config, key)!r}")
     if not config.policies:
         raise ConfigError("no policy given")
 
@@ -315,7 +318,9 @@ def _run_group(
     torch.manual_seed(seed)
     started, t0 = now_iso(), time.perf_counter()
     policies = [item.policy for item in members]
-    with StreamSession(lm, policies[0], max_tokens=task.stream_tokens(), group=policies) as session:
+    with StreamSession(
+        lm, policies[0], max_tokens=task.stream_tokens(), group=policies, device_steps=members[0].device_steps
+    ) as session:
         meter = GroupMeter(session.device, len(members))
         meter.start(session)
         bar = progress(" + ".join(item.spec.display for item in members), 0)
@@ -326,6 +331,7 @@ def _run_group(
         allocated = session.allocated_kv_bytes // len(members)
         engine = [meter.finish(b, allocated) for b in range(len(members))]
         layers = session.layer_accounting()
+        on_device = session.device_evictions > 0
     wall = time.perf_counter() - t0
     together = [item.run_id for item in members]
     results = []
@@ -335,6 +341,8 @@ def _run_group(
             "with": [run_id for run_id in together if run_id != item.run_id],
             "why": "the same stream under several policies in one batch: tokens/s is the rate this stream advanced at",
         }
+        if on_device:  # (evictions chosen and applied on the device)
+            outcome.info["device_steps"] = True
         engine_metrics, engine_curves = engine[b]
         results.append(
             _write(item, task, lm, env, out_dir, outcome, engine_metrics, engine_curves, layers, started, wall)
@@ -378,6 +386,7 @@ def _run_one(
         max_tokens=task.stream_tokens(),
         quant=item.quant,
         group=group,
+        device_steps=item.device_steps,
     ) as session:
         meter = Meter(session.device)
         meter.start(session)
@@ -388,7 +397,7 @@ def _run_one(
             bar.close()
         engine_metrics, engine_curves = meter.finish(session.allocated_kv_bytes)
         layers = session.layer_accounting()
-        if session.device_steps:  # (a CUDA run of a device-side policy: evictions chosen on the GPU)
+        if session.device_evictions:  # (a CUDA run of a device-side policy: evictions chosen on the GPU)
             outcome.info["device_steps"] = True
     if batched is not None:
         outcome.info["batched"] = batched

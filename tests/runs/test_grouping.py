@@ -107,6 +107,28 @@ def test_grouped_runs_write_what_each_writes_alone(tiny_model_dir, small_text, t
             assert a["info"]["feeding"] == b["info"]["feeding"]
 
 
+@pytest.mark.parametrize("group", ["--group", "--no-group"])
+def test_device_steps_on_the_cli_write_the_host_paths_results(tiny_model_dir, small_text, tmp_path, group):
+    """`--device-steps` forces evictions onto the device (here a CPU): each run's result names it
+    (`info.device_steps`), keeps its config hash and run id (speed only) and its numbers."""
+    args = ["run", "--model", str(tiny_model_dir), "--text", str(small_text), "--tokens", "96", "--budget", "24"]
+    args += ["--policy", "h2o,tova,streamingllm", "-q", group]
+    host = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "host")])
+    assert host.exit_code == 0, host.output
+    dev = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "dev"), "--device-steps"])
+    assert dev.exit_code == 0, dev.output
+    on_host, on_device = _results(tmp_path / "host"), _results(tmp_path / "dev")
+    for name in ("h2o", "tova", "streamingllm"):
+        a, b = on_device[name], on_host[name]
+        assert a["config_hash"] == b["config_hash"] and a["run_id"] == b["run_id"]
+        np.testing.assert_allclose(a["curves"]["nll"]["value"], b["curves"]["nll"]["value"], atol=1e-5, rtol=0)
+        assert a["curves"]["kv_tokens"] == b["curves"]["kv_tokens"], name
+        assert "device_steps" not in b["info"]
+        # (a band alone feeds exact chunks, evicting on the host, and decodes token by token for
+        # its tokens/s: those evictions run on the device)
+        assert a["info"]["device_steps"] is True, name
+
+
 def test_a_grouped_sweep_resumes_and_refuses_a_bad_group_value(tiny_model_dir, small_text, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
