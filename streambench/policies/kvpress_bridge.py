@@ -64,10 +64,10 @@ KVPRESS_VERSION = "0.5.5"
 INSTALL = "./install.sh kvpress (kvpress==0.5.5 without its transformers<5.3 pin; see README)"
 NAN_SCORES = "the press's score() returned NaN scores"
 # Presses whose score() reads no device value on the host and copies no host data up (kvpress
-# 0.5.5, counted per press by tests/engine/test_device_steps.py): the engine may keep their step
-# on the device. SnapKV, TOVA, Cap and ExpectedAttention call `.max().item()` (and some make
-# tensors on the host) inside their score(); ObservedAttention makes an arange on the host; a
-# wrapper's depends on the press it wraps.
+# 0.5.5, counted per press by tests/policies/test_kvpress_device_steps.py): the engine may keep
+# their step on the device. SnapKV, TOVA, Cap and ExpectedAttention call `.max().item()` (and
+# some make tensors on the host) inside their score(); ObservedAttention makes an arange on the
+# host; a wrapper's depends on the press it wraps.
 DEVICE_PRESSES = frozenset({"CURPress", "KeyDiffPress", "KnormPress", "LagKVPress", "RandomPress", "StreamingLLMPress"})
 OURS = ("budget", "start_size", "window", "interval")  # the bridge's own fields, beside the press's
 DEFAULT_RESCORED = "SnapKVPress"  # what a rescoring wrapper wraps unless told (kvpress's critical_snapkv)
