@@ -76,6 +76,9 @@ class Meter:
         self.nvml_peak = self.nvml.used()
         self.tokens = 0
         self._processed = self.session.processed if self.session is not None else 0
+        # a step counts at least one token, but where a batch's conversations share one count
+        # (LanesGauge.shared), a step whose tokens another's step already counted ran none
+        self._floor = 0 if getattr(self.session, "shared", False) else 1
         self.t_start = self._last = self._clock()
 
     def _clock(self) -> float:
@@ -88,9 +91,8 @@ class Meter:
         last step, at least 1), the KV tokens and bytes held after it (default: the session's)."""
         session = self.session
         if session is not None:
-            if tokens is None:  # (a batch's conversations share one count: a step whose tokens
-                # another conversation's step already counted ran none of its own)
-                tokens = max(session.processed - self._processed, 0 if getattr(session, "shared", False) else 1)
+            if tokens is None:
+                tokens = max(session.processed - self._processed, self._floor)
             if kv_tokens is None:
                 kv_tokens = session.kv_tokens
             if kv_bytes is None:

@@ -156,7 +156,7 @@ class AttentionObserver(AttentionRoute):
             ring = query.new_zeros(batch, query.shape[1], self.window, query.shape[3])
         ring = self._ring[layer] = self._writable(layer, ring)
         for j, (b, c) in enumerate(zip(streams, counts)):
-            take, slots = self._stream_slots(b, c, query.device)
+            take, slots = self._ring_slots(c, query.device, b)
             ring[b].index_copy_(1, slots, query[j, :, c - take : c])
 
     def flush_streams(self, counts: list[int], positions: torch.Tensor) -> None:
@@ -174,19 +174,15 @@ class AttentionObserver(AttentionRoute):
         positions = positions.to(ring.device)
         for b, c in enumerate(counts):
             if c:
-                take, slots = self._stream_slots(b, c, ring.device)
+                take, slots = self._ring_slots(c, ring.device, b)
                 ring[b].index_copy_(0, slots, positions[b, c - take : c])
         self._stream_seen += np.asarray(counts, dtype=np.int64)
 
-    def _stream_slots(self, b: int, count: int, device) -> tuple[int, torch.Tensor]:
+    def _ring_slots(self, count: int, device, stream: int | None = None) -> tuple[int, torch.Tensor]:
+        """The last min(count, w) of `count` new queries: how many, and their ring slots (of
+        `stream`, a ragged stream at its own position)."""
         take = min(count, self.window)
-        start = self.seen_by(b) + count - take
-        return take, torch.arange(start, start + take, device=device) % self.window
-
-    def _ring_slots(self, count: int, device) -> tuple[int, torch.Tensor]:
-        """The last min(count, w) of `count` new queries: how many, and their ring slots."""
-        take = min(count, self.window)
-        start = self._seen + count - take
+        start = (self._seen if stream is None else self.seen_by(stream)) + count - take
         return take, torch.arange(start, start + take, device=device) % self.window
 
     def _writable(self, index: int, buf: torch.Tensor) -> torch.Tensor:
