@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from streambench.engine.routing import AttentionRoute, register
+from streambench.models.few_rows import few_rows_linears
 
 if TYPE_CHECKING:
     from streambench.engine.cache import StreamCache
@@ -205,6 +206,7 @@ class RaggedFeeding:
     cache: StreamCache
     observer: AttentionObserver | None
     model: Any
+    _few_rows: bool
     device: torch.device
     processed: int
     stream_fed: np.ndarray
@@ -325,7 +327,10 @@ class RaggedFeeding:
             last = [shard.stats["attention_last"][:, idle].clone() for shard in cache.shards]
         cache.rows = streams
         try:
-            with RaggedMask(self.model, cache, own, observer, counts_seen, streams, active):
+            with (
+                RaggedMask(self.model, cache, own, observer, counts_seen, streams, active),
+                few_rows_linears(self._few_rows),
+            ):
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         finally:
             cache.rows = None

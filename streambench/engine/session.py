@@ -25,6 +25,7 @@ from streambench.engine.contract import check_band, checked_keep, checked_max_in
 from streambench.engine.cuda_graphs import decode_mode
 from streambench.engine.ragged import RaggedFeeding
 from streambench.errors import ConfigError, PolicyContractError
+from streambench.models.few_rows import few_rows_linears, install
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
 from streambench.policies.base import Band, CachePolicy, CacheView, RetrievalPolicy
@@ -397,6 +398,8 @@ class StreamSession(RaggedFeeding):
             raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
         info = self.lm.info
         self.batch = batch_size
+        # a batch's forwards of a few rows take the CPU's faster layout (models/few_rows.py)
+        self._few_rows = batch_size > 1 and install(self.model)
         layers = self._governed_layers
         self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not self.recomputes:
@@ -492,13 +495,14 @@ class StreamSession(RaggedFeeding):
             cache.mark_written(1)
         elif self.observer is not None:
             positions = self.observer.positions = cache.next_positions(count)
-            with self.observer:
+            with self.observer, few_rows_linears(self._few_rows):
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
             self.observer.flush(count)
         else:
-            logits = self.model(
-                input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True
-            ).logits
+            with few_rows_linears(self._few_rows):
+                logits = self.model(
+                    input_ids=ids, position_ids=cache.next_positions(count), cache=cache, use_cache=True
+                ).logits
         if logits.device != self.device:  # a model spread over GPUs ends on the last one
             logits = logits.to(self.device)
         if self.group is not None:
@@ -550,7 +554,7 @@ class StreamSession(RaggedFeeding):
             self._rope,
             cache.offset,
         )
-        with mask:
+        with mask, few_rows_linears(self._few_rows):
             logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         if logits.device != device:
             logits = logits.to(device)
@@ -705,7 +709,7 @@ class StreamSession(RaggedFeeding):
             tree = TreeMask(self.model, n, lengths, self.device)
             positions = (start + tree.local.to(self.device))[None]
             self.processed += ids.shape[1]
-            with tree:
+            with tree, few_rows_linears(self._few_rows):
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
             if logits.device != self.device:
                 logits = logits.to(self.device)
