@@ -1,22 +1,15 @@
 """Linear layers for forwards of a few rows on a CPU: a batch of one-token steps (a group of
-policies over one stream, batched texts, a dialogue batch's replies).
+policies over one stream, batched texts, a dialogue batch's short forwards).
 
-`F.linear` computes x @ W^T. For 2 to a few dozen rows, this machine's CPU GEMM (torch 2.13's
-MKL/oneDNN on a 2-core AMD EPYC, fp32) runs that layout 1.4-2.5x slower than the same product
-as W @ x^T, where the weights are the left operand: for SmolLM2-135M's 211 linear weights,
-best of 12 (bench/few_rows_linear.py):
-
-| rows | 1 | 2 | 4 | 5 | 8 | 16 | 38 | 114 |
-|---|---|---|---|---|---|---|---|---|
-| x @ W^T, ms | 56.6 | 109.2 | 127.8 | 110.7 | 108.7 | 134.5 | 190.6 | 377.4 |
-| W @ x^T, ms | 68.4 | 52.6 | 51.3 | 63.3 | 69.8 | 97.9 | 181.5 | 399.3 |
-
-A one-token forward of a batch of five thus cost ~2x one of a single stream, where reading the
-weights once should cost about the same: batching streams gained little on a CPU. So a batched
-session gives the model's `nn.Linear` modules the class `FewRowsLinear` (`install`) and runs its
-forwards inside `few_rows_linears`: W @ x^T from 2 to `MAX_ROWS` rows there, `F.linear`
-otherwise and outside (a stream alone computes exactly as before). Both are the same sums in another order, so
-results move by float rounding only (what a batch's kernels already do)."""
+`F.linear` computes x @ W^T. For 2 to ~32 rows this project's CPU GEMM (torch 2.13, MKL/oneDNN,
+2-core AMD EPYC, fp32) runs that layout 1.4-2.5x slower than the same product as W @ x^T
+(`python bench/few_rows_linear.py`: SmolLM2-135M's 211 weights, 5 rows 110.7 against 63.3 ms),
+so a batch of five one-token forwards cost ~2x one, where reading the weights once should cost
+about the same. A batched session therefore gives the model's `nn.Linear` modules the class
+`FewRowsLinear` (`install`) and runs its forwards inside `few_rows_linears`: W @ x^T from 2 to
+`MAX_ROWS` rows there, `F.linear` otherwise and outside, so a stream alone computes bit for bit
+as before. The two are the same sums in another order: a batch's results move by float rounding,
+as they already did with the batch's own kernels."""
 
 from __future__ import annotations
 
