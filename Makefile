@@ -11,7 +11,7 @@ format:        ## rewrite the code in the house style (ruff format + safe fixes)
 	ruff format streambench tests bench examples
 	ruff check --fix streambench tests bench examples
 
-test:          ## the suite (~20-30 minutes on 2 cores)
+test:          ## the suite, two workers (~27 minutes on 2 cores)
 	python3 -m pytest -q
 
 gate:          ## the regression gate: a small sweep against ci/baseline.json

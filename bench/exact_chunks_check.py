@@ -1,6 +1,6 @@
 """Exact chunks against token-by-token feeding on the embedded model, at full size.
 
-The suite checks this on 512 Hamlet tokens at budget 128 (tests/engine/test_exact_chunks.py);
+The suite checks this on 256 Hamlet tokens at budget 64 (tests/engine/test_exact_chunks.py);
 this is the same check at the size a user runs: per-token NLL of whole-chunk feeding (the
 default `--feed exact`) against one token per forward, for dense, window and streamingllm over
 `--tokens` tokens at `--budget`, and recompute-window over its first `--recompute-tokens`.

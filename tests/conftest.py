@@ -10,6 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs as one worker per core (`-n 2`, pyproject's addopts): each worker, and each
+    # subprocess it starts, gets its share of the cores, since oversubscribed OpenMP runs 10-30x slower.
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    import torch
+
+    torch.set_num_threads(int(_threads))
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

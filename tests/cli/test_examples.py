@@ -1,7 +1,9 @@
 """Every example in `--help`, the README and docs/ runs as written: offline ones to completion (with
 their sizes cut to a few tokens, rounds or steps), network and GPU ones to their one-line error
-(exit 2) on this offline, GPU-less machine. They run in a scratch folder holding copies of
-examples/ and ci/ (presets ship in the package), in order, so `report` and `gate` find what the `sweep` examples made."""
+(exit 2) on this offline, GPU-less machine. Each runs in a scratch folder holding copies of
+examples/ and ci/ (presets ship in the package); the `sweep` examples and those that read their
+store (`report`, `gate`, `import`, `export`) share one, in order. One test per example, so that the
+suite's workers share them out."""
 
 import re
 import shlex
@@ -101,12 +103,99 @@ def adapt(example: str) -> tuple[list[str], str | None]:
     return argv, redirect
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("examples")
+# Examples that read what an earlier one wrote (a sweep's store, results/): one test, in this order,
+# in one folder, after the default run; every other example runs as a test of its own.
+CHAIN = ("sweep", "report", "gate", "import", "export")
+
+
+def _command(example: str) -> str:
+    words = example.split()
+    return words[1] if len(words) > 1 else ""
+
+
+def _key(example: str) -> tuple:
+    """An example as what it runs: the same flags written in another order run once."""
+    argv, redirect = adapt(example)
+    items, i = [], 1
+    while i < len(argv):
+        value = (
+            argv[i + 1] if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+        )
+        items.append((argv[i], value))
+        i += 2 if value is not None else 1
+    return tuple(argv[:1]), tuple(sorted(items, key=str)), redirect
+
+
+def examples() -> list[str]:
+    out, seen = [], set()
+    for example in dict.fromkeys(help_examples() + readme_examples()):
+        if _key(example) not in seen:
+            seen.add(_key(example))
+            out.append(example)
+    return out
+
+
+EXAMPLES = examples()
+FIRST_RUN = next(e for e in EXAMPLES if _command(e) == "run")
+CHAINED = (
+    [FIRST_RUN]
+    + [e for e in EXAMPLES if _command(e) == "sweep"]
+    + [e for e in EXAMPLES if _command(e) in CHAIN and _command(e) != "sweep"]
+)
+ALONE = [e for e in EXAMPLES if e not in CHAINED]
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch, embedded):
+    """A folder holding copies of examples/ and ci/ (presets ship in the package), the working
+    directory of the examples; the embedded model is loaded once per test session, the rest as
+    the example says."""
+    from streambench.models import loading as models
+
     for name in ("examples", "ci"):
-        shutil.copytree(ROOT / name, folder / name)
-    return folder
+        shutil.copytree(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    real = models.load
+
+    def load(name, device="auto", *args, **kwargs):
+        if name in models.EMBEDDED_ALIASES:
+            models.resolve_device(device)  # --device cuda still says CUDA is missing
+            return embedded
+        return real(name, device, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load", load)
+    return tmp_path
+
+
+def run_example(example: str, scratch: Path) -> str | None:
+    """What is wrong with running the example here, or None."""
+    argv, redirect = adapt(example)
+    if "--engine" in argv and "ray" in argv and "--address" not in argv:
+        return None  # a local Ray cluster: tests/runs/test_ray.py runs this very path
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, argv)
+    print(f"{time.perf_counter() - started:6.1f} s  {' '.join(argv)}")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    one_error = result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:")
+    if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
+        return None
+    network = (
+        any(marker in example for marker in OFFLINE_ERROR + USER_DATA)
+        or ("--task dailydialog" in example and "--data" not in example)  # builds its items from the hub
+        or ("--task mtbench" in example and "--data" not in example)  # reads upstream's mt_bench.jsonl
+    )
+    if network:
+        if (
+            result.exit_code != 2
+            or len([line for line in lines if line.startswith("Error:")]) != 1
+            or "Traceback" in result.output
+        ):
+            return f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}"
+    elif result.exit_code != 0:
+        return f"{example} -> {' '.join(argv)}: exit {result.exit_code}: {result.output[-600:]}"
+    elif redirect:
+        (scratch / redirect).write_text(result.output)
+    return None
 
 
 def test_help_and_readme_name_no_missing_file():
@@ -117,59 +206,21 @@ def test_help_and_readme_name_no_missing_file():
             assert "../shared" not in token, example
 
 
+def test_examples_are_all_collected():
+    assert len(EXAMPLES) > 50 and sorted(CHAINED + ALONE) == sorted(EXAMPLES)
+    assert {_command(e) for e in CHAINED} == {"run", *CHAIN}
+
+
 @pytest.mark.slow
-def test_every_example_runs_as_written(scratch, monkeypatch, embedded):
-    from streambench.models import loading as models
+@pytest.mark.parametrize("example", ALONE, ids=[f"{i:02d}-{_command(e)}" for i, e in enumerate(ALONE)])
+def test_example_runs_as_written(example, scratch):
+    failure = run_example(example, scratch)
+    assert failure is None, failure
 
-    monkeypatch.chdir(scratch)
-    real = models.load  # the embedded model is loaded once for the session, the rest as the example says
 
-    def load(name, device="auto", *args, **kwargs):
-        if name in models.EMBEDDED_ALIASES:
-            models.resolve_device(device)  # --device cuda still says CUDA is missing
-            return embedded
-        return real(name, device, *args, **kwargs)
-
-    monkeypatch.setattr(models, "load", load)
-    examples = list(dict.fromkeys(help_examples() + readme_examples()))
-    sweeps = [e for e in examples if e.startswith("streambench sweep")]
-    ordered = (
-        [e for e in examples if e.startswith("streambench run")]
-        + sweeps
-        + [e for e in examples if e not in sweeps and not e.startswith("streambench run")]
-    )
-    failures = []
-    for example in ordered:
-        argv, redirect = adapt(example)
-        if "--engine" in argv and "ray" in argv and "--address" not in argv:
-            continue  # a local Ray cluster: tests/runs/test_ray.py runs this very path
-        started = time.perf_counter()
-        result = CliRunner().invoke(cli, argv)
-        print(f"{time.perf_counter() - started:6.1f} s  {' '.join(argv)}")
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        one_error = result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:")
-        if any(marker in example for marker in MAY_FAIL) and (result.exit_code == 0 or one_error):
-            continue
-        network = (
-            any(marker in example for marker in OFFLINE_ERROR + USER_DATA)
-            or ("--task dailydialog" in example and "--data" not in example)
-            or (  # builds its items from the hub
-                "--task mtbench" in example and "--data" not in example
-            )
-        )  # reads upstream's mt_bench.jsonl
-        if network:
-            if (
-                result.exit_code != 2
-                or len([line for line in lines if line.startswith("Error:")]) != 1
-                or "Traceback" in result.output
-            ):
-                failures.append(
-                    f"{example}: expected one offline error line, exit 2; got {result.exit_code}: {result.output[-400:]}"
-                )
-        elif result.exit_code != 0:
-            failures.append(f"{example} -> {' '.join(argv)}: exit {result.exit_code}: {result.output[-600:]}")
-        elif redirect:
-            (scratch / redirect).write_text(result.output)
+@pytest.mark.slow
+def test_sweep_report_gate_import_export_examples_run_in_order(scratch):
+    failures = [f for f in (run_example(e, scratch) for e in CHAINED) if f]
     assert not failures, "\n".join(failures)
     assert (scratch / "results" / "streambench.sqlite").exists() and (scratch / "report" / "report.html").exists()
     assert (scratch / "runs.csv").read_text().startswith("run_id,")

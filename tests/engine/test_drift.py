@@ -1,10 +1,13 @@
-"""No drift: 20,000 eviction steps keep the cache equal to a fresh forward over the kept tokens.
+"""No drift: 5,000 eviction steps keep the cache equal to a fresh forward over the kept tokens.
 
 StreamingLLM re-rotates its sinks every step and the shared offset renormalises every
-`capacity` steps; composing those rotations on the cached keys would drift (in bf16 within a
+`capacity` (24) steps; composing those rotations on the cached keys would drift (in bf16 within a
 few hundred steps). The engine always rotates afresh from the pre-RoPE key, so the error after
-20,000 steps is the error after 50.
+5,000 steps (~200 renormalisations) is the error after 50. `STREAMBENCH_DRIFT_STEPS=20000` runs
+the longer check (~8 CPU minutes, too long for the suite).
 """
+
+import os
 
 import pytest
 import torch
@@ -15,12 +18,12 @@ from streambench.engine.session import StreamSession
 from streambench.models.loading import LoadedModel
 from streambench.policies.build import PolicySpec, build_policy
 
-STEPS = 20_000
+STEPS = int(os.environ.get("STREAMBENCH_DRIFT_STEPS", "5000"))
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
 @pytest.mark.parametrize("name", ["streamingllm", "sirllm", "h2o"])
-def test_no_drift_over_20000_evictions(dtype, atol, name):
+def test_no_drift_over_thousands_of_evictions(dtype, atol, name):
     """h2o: keep-sets per KV head, each re-indexed on its own, every step."""
     model = tiny_model("llama", layers=1, dtype=dtype)
     args = {"recent_size": 8} if name == "sirllm" else {}
