@@ -129,8 +129,9 @@ def _key(example: str) -> tuple:
 def examples() -> list[str]:
     out, seen = [], set()
     for example in dict.fromkeys(help_examples() + readme_examples()):
-        if _key(example) not in seen:
-            seen.add(_key(example))
+        key = _key(example)
+        if key not in seen:
+            seen.add(key)
             out.append(example)
     return out
 
