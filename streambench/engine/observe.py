@@ -84,9 +84,34 @@ def observing_attention(module, query, key, value, attention_mask, dropout=0.0, 
     kv_heads, n = value.shape[1], value.shape[-2]
     weights = probs.to(value.dtype).reshape(b * kv_heads, (heads // kv_heads) * c, n)
     out = torch.bmm(weights, value.reshape(b * kv_heads, n, -1)).view(b, heads, c, -1)
+    out = out.transpose(1, 2).contiguous()
     if _ACTIVE:
-        _ACTIVE[-1].record(module.layer_idx, query, probs)  # (a sliding layer's are not the cache's: skipped)
-    return out.transpose(1, 2).contiguous(), None
+        observer = _ACTIVE[-1]
+        if observer.exact_rows:
+            extra = {**kwargs, "scaling": scaling, "softcap": softcap, "dropout": dropout}
+            _as_alone(observer, module, query, key, value, attention_mask, out, allowed is not None, extra)
+        observer.record(module.layer_idx, query, probs)  # (a sliding layer's are not the cache's: skipped)
+    return out, None
+
+
+def _as_alone(observer, module, query, key, value, mask, out, ragged: bool, kwargs: dict) -> None:
+    """A bitwise group's attention (models/few_rows.py): a stream whose policy alone observes
+    nothing takes the model's own attention function, in place in `out`, one stream per call
+    (SDPA's kernel tiles a batch: two rows give other bits than one). Not a stream holding fewer
+    tokens than another (snapkv's interval): its keys sit in other slots than alone (eviction.py
+    fills holes with pads), so its attention sums in another order whatever runs it, and it keeps
+    the masked row (float-close to alone)."""
+    padded = observer.padded_streams(module.layer_idx) if ragged else ()
+    rows = [b for b in observer.plain_rows if b not in padded]
+    plain = observer.plain_attention(module) if rows else None
+    if plain is None:
+        return
+    softcap = kwargs.pop("softcap", None)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    for b in rows:
+        m = mask if mask is None or mask.shape[0] == 1 else mask[b : b + 1]
+        out[b : b + 1] = plain(module, query[b : b + 1], key[b : b + 1], value[b : b + 1], m, **kwargs)[0]
 
 
 class AttentionObserver(AttentionRoute):
@@ -105,11 +130,38 @@ class AttentionObserver(AttentionRoute):
             if kind != "sliding_attention"
         ]
         self._scale: torch.Tensor | None = None  # per layer, on the cache's device (window_attention)
+        # a group's rows whose policy alone runs the model's own attention, not this observing one:
+        # their outputs come from that function (the same bits as alone; `plain_rows`)
+        self.exact_rows = False
+        self.plain_rows: list[int] = []
+        self._plain: str | None = None
         self.positions: torch.Tensor | None = None  # (B, c) RoPE positions of the tokens being fed (the session)
         self._pending: dict[str, list[torch.Tensor | None]] = {
             name: [None] * cache.num_layers for name in ("attention_sum", "attention_last") if name in wants
         }
         self.reset()
+
+    def set_exact_rows(self, plain_rows: list[int], implementation: str) -> None:
+        """A bitwise group (models/few_rows.py): each stream's attention as alone (`_as_alone`);
+        `plain_rows`, the streams that alone attend through the model's `implementation`."""
+        self.exact_rows, self.plain_rows, self._plain = True, list(plain_rows), implementation
+
+    def padded_streams(self, layer: int) -> set[int]:
+        """The streams holding fewer tokens than the widest at model layer `layer` (pads)."""
+        full = int(self.cache.full_index[layer])
+        if full < 0:
+            return set()
+        return {int(b) for b in np.flatnonzero(self.cache.lane_pads()[full].any(axis=1))}
+
+    def plain_attention(self, module):
+        """The attention function the model runs alone (its `eager_attention_forward` for eager)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self._plain in ALL_ATTENTION_FUNCTIONS:
+            return ALL_ATTENTION_FUNCTIONS[self._plain]
+        import sys
+
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
 
     def reset(self) -> None:
         layers = self.cache.num_layers

@@ -206,7 +206,7 @@ class RaggedFeeding:
     cache: StreamCache
     observer: AttentionObserver | None
     model: Any
-    _few_rows: bool
+    _few_rows: str | None
     device: torch.device
     processed: int
     stream_fed: np.ndarray
@@ -329,7 +329,7 @@ class RaggedFeeding:
         try:
             with (
                 RaggedMask(self.model, cache, own, observer, counts_seen, streams, active),
-                few_rows_linears(self._few_rows),
+                few_rows_linears("few" if self._few_rows else None),  # (turns: never exact)
             ):
                 logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
         finally:

@@ -25,7 +25,7 @@ from streambench.engine.contract import check_band, checked_keep, checked_max_in
 from streambench.engine.cuda_graphs import decode_mode
 from streambench.engine.ragged import RaggedFeeding
 from streambench.errors import ConfigError, PolicyContractError
-from streambench.models.few_rows import few_rows_linears, install
+from streambench.models.few_rows import exact_steps, few_rows_linears, install
 from streambench.models.loading import LoadedModel
 from streambench.models.rope import RotaryTable
 from streambench.policies.base import Band, CachePolicy, CacheView, RetrievalPolicy
@@ -198,8 +198,13 @@ class StreamSession(RaggedFeeding):
         quant: KVQuant | None = None,
         group: list[CachePolicy] | None = None,
         device_steps: bool | None = None,
+        bitwise: bool = True,
     ):
         self.lm, self.model, self.policy = lm, lm.model, policy
+        # a group's one-token steps as each stream's alone, bit for bit, where the CPU allows
+        # (models/few_rows.py); False: the faster few-rows layout (a dialogue batch, whose turns
+        # of many tokens are float-close anyway)
+        self._bitwise = bitwise
         # a group: one stream per policy, the same tokens fed to all (a sweep's runs in one batch,
         # grouping.py); `policy` is the first, the one whose budget every other shares
         self.group: list[CachePolicy] | None = None
@@ -293,6 +298,11 @@ class StreamSession(RaggedFeeding):
             if wants & CAPTURED or policy.uneven or self.group is not None:
                 window = max(member.observation_window for member in self.group or [policy])
                 self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=window)
+                if (
+                    self._few_rows == "exact"
+                ):  # (each stream's attention as alone: the model's own where it observes nothing)
+                    own = [b for b, m in enumerate(cast(list, self.group)) if not (m.observes & CAPTURED or m.uneven)]
+                    self.observer.set_exact_rows(own, self.model.config._attn_implementation)
         self.hidden: HiddenStateTap | None = None
         self._attention_modules: list | None = None
         if self.cache is not None and "hidden_states" in wants:
@@ -398,8 +408,12 @@ class StreamSession(RaggedFeeding):
             raise ConfigError(f"{self.policy.name} keeps one memory bank per session: run it with batch size 1")
         info = self.lm.info
         self.batch = batch_size
-        # a batch's forwards of a few rows take the CPU's faster layout (models/few_rows.py)
-        self._few_rows = batch_size > 1 and install(self.model)
+        # a batch's forwards of a few rows take the CPU's faster layout, a group's and a stream
+        # alone's one-token steps the layout that gives each stream the same bits (models/few_rows.py)
+        self._few_rows: str | None = None
+        if install(self.model):
+            exact = self.group is not None and self._bitwise and exact_steps(self.model)
+            self._few_rows = "one" if batch_size == 1 else "exact" if exact else "few"
         layers = self._governed_layers
         self._token_bytes = 2 * batch_size * layers * info.kv_heads * info.head_dim * self.dtype.itemsize
         if not self.recomputes:

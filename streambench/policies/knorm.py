@@ -31,7 +31,9 @@ class KnormPolicy(ScoredPolicy):
     device_select = True
     batch_sensitive = (
         "its keep-set follows key norms that near-tie within float noise, which a batch's arithmetic "
-        "reorders (2,048 Hamlet tokens at budget 256: PPL 171.6 alone, 173.0 in a group)"
+        "reorders where a group's steps are not bit for bit as alone (not a CPU in fp32 whose GEMM "
+        "passes models/few_rows.py's proof; 2,048 Hamlet tokens at budget 256: PPL 171.6 alone, 173.0 "
+        "in such a group)"
     )
     start_size: int = 0
     recent_size: int = 0

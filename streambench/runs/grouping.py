@@ -3,7 +3,10 @@ stream evicting by its own policy (engine/session.py `group`). A batch of B one-
 costs far less than B forwards of one token (the weights are read once per step), and the
 policies whose keep-set depends on content feed token by token anyway; so a sweep's
 content-aware runs over one text finish several times sooner grouped, with the numbers each
-gives alone (tests/engine/test_grouped.py, tests/runs/test_grouping.py).
+gives alone: bit for bit on a CPU in fp32 whose GEMM passes models/few_rows.py's proof (where
+every stream evicts in step; snapkv's interval leaves pads: float-close), float-close elsewhere,
+where a batch-sensitive policy (knorm) runs alone (tests/engine/test_grouped.py,
+tests/runs/test_grouping.py).
 
 A run joins a group only where that is faster and exact: not a policy that feeds exact chunks
 alone (dense, window, StreamingLLM: hundreds of tokens per forward beat a token-by-token batch),
@@ -40,14 +43,33 @@ def alone_reason(task: Task, item: PlannedRun, config: RunConfig) -> str | None:
         return "a quantized cache runs alone"
     if item.decode != "eager":
         return "it decodes with CUDA graphs"
-    why = ungroupable(policy) or policy.batch_sensitive  # type: ignore[arg-type,attr-defined]
+    why = ungroupable(policy)  # type: ignore[arg-type]
     if why is not None:
         return why
+    sensitive = policy.batch_sensitive  # type: ignore[attr-defined]
+    if sensitive is not None and not exact_groups(config):
+        return sensitive
     if policy.budget is None:  # type: ignore[attr-defined]
         return "it never evicts: whole chunks alone are faster"
     if task.feeds_exact_chunks(policy):
         return "it feeds exact chunks alone, faster than a token-by-token batch"
     return None
+
+
+def exact_groups(config: RunConfig) -> bool:
+    """Whether a group's streams would compute their one-token steps bit for bit as alone:
+    a CPU in fp32 whose GEMM passes models/few_rows.py's proof (the model's own weights are
+    proven again when it loads, `runner.run`)."""
+    import torch
+
+    from streambench.models.few_rows import exact_products_here
+    from streambench.models.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    if device.type != "cpu" or resolve_dtype(config.dtype, device) != torch.float32:
+        return False
+
+    return exact_products_here()
 
 
 def group_runs(task: Task, runs: list[PlannedRun], config: RunConfig) -> tuple[list[list[int]], dict[int, str]]:

@@ -1,11 +1,12 @@
 """A group: one stream fed to B policies as one batch, each stream evicting by its own policy,
 gives each policy's logits and keep-sets alone (to float tolerance), whatever the policies' mix
-of keep-set forms (one set, per layer, per head) and of eviction times."""
+of keep-set forms (one set, per layer, per head) and of eviction times; bit for bit where the
+streams evict in step on a CPU whose GEMM allows it (models/few_rows.py)."""
 
 import numpy as np
 import pytest
 import torch
-from test_exactness import POLICY_CASES, make_policy
+from test_exactness import POLICY_CASES, make_policy, stream_ids
 from tiny_models import tiny_model
 
 from streambench.engine.session import StreamSession, join_keeps, ungroupable
@@ -46,6 +47,52 @@ def test_a_group_equals_each_policy_alone(arch, chunk):
             torch.testing.assert_close(logits[b : b + 1], single, atol=2e-5, rtol=0, msg=f"{name} {args}")
             np.testing.assert_array_equal(kept[b], single_kept[0], err_msg=f"{name} {args}")
             assert tallies[b] == (alone.kv_tokens, alone.kv_bytes), (name, args)
+
+
+LOCKSTEP = [  # (policies that evict one token per step: their cache stays rectangular in a group)
+    ("window", {}),
+    ("streamingllm", {"start_size": 4}),
+    ("sirllm", {"start_size": 2, "recent_size": 3}),
+    ("h2o", {}),
+    ("tova", {}),
+    ("knorm", {}),
+    ("random", {"scope": "head", "seed": 5}),
+]
+
+
+@pytest.mark.parametrize("size", [2, 4, 7])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_group_gives_each_stream_its_bits_alone(arch, size):
+    """On a CPU whose GEMM passes models/few_rows.py's proof, a group's one-token steps take each
+    stream's products three at a time and its attention as alone: every stream's logits and
+    keep-sets are the same bits as alone, through evictions, including knorm's exact ties (the
+    tokens repeat) and streams that alone observe nothing (SDPA) beside observers (eager)."""
+    from streambench.models.few_rows import exact_steps, install
+
+    lm = LoadedModel.wrap(tiny_model(arch, layers=2))
+    if not (install(lm.model) and exact_steps(lm.model)):
+        pytest.skip("this CPU's GEMM does not compute a column alike in 2- and 3-column products")
+    cases = LOCKSTEP[:size] if size < len(LOCKSTEP) else LOCKSTEP
+    ids = stream_ids(48, vocab=24)  # (a small vocabulary: twins, knorm's ties)
+    group = [make_policy(n, a) for n, a in cases]
+    with StreamSession(lm, group[0], group=group) as together:
+        assert together._few_rows == "exact"
+        logits, kept = run(together, ids.expand(len(group), -1), 1)
+        assert not together.cache.ragged
+    for b, (name, args) in enumerate(cases):
+        with StreamSession(lm, make_policy(name, args)) as alone:
+            single, single_kept = run(alone, ids, 1)
+        assert torch.equal(logits[b : b + 1], single), (name, (logits[b : b + 1] - single).abs().max())
+        np.testing.assert_array_equal(kept[b], single_kept[0], err_msg=name)
+
+
+def test_a_dialogue_batch_keeps_the_faster_layout():
+    """A group made with bitwise=False (a dialogue batch: its turns are float-close anyway)
+    takes the few-rows layout, and its attention is the batch's."""
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    group = [make_policy("h2o", {}), make_policy("knorm", {})]
+    with StreamSession(lm, group[0], group=group, bitwise=False) as together:
+        assert together._few_rows == "few" and not together.observer.exact_rows
 
 
 def test_a_group_of_the_same_policy_is_a_batch():

@@ -182,6 +182,10 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
             return np.full(shape, self._n, dtype=np.int64)
         return (self._n - cast(np.ndarray, self._pads)).reshape(shape)
 
+    def lane_pads(self) -> np.ndarray:
+        """Pad slots at the first ranks of each (layer, stream, KV head) lane, (L, B, H)."""
+        return self._n - self.lane_counts()
+
     @property
     def mean_length(self) -> float:
         """Tokens kept per lane on average: what the budget bounds (equal to `length` unless ragged)."""
