@@ -48,7 +48,7 @@ from streambench.cli.progress import quiet_libraries
 @click.option(
     "--group",
     "group_policies",
-    default="sirllm,h2o,tova,snapkv",
+    default="sirllm,h2o,tova,knorm,snapkv",
     show_default=True,
     help="Policies streamed one at a time and as one group (one batch, a stream each) ('' to skip).",
 )

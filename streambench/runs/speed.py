@@ -217,7 +217,7 @@ def run_bench(
 def grouped_vs_alone(lm, policies: list[str], budget: int, tokens: int) -> dict:
     """Wall time of streaming `tokens` tokens token by token to each policy alone, against all of
     them as one group (one batch, a stream each: engine/session.py `group`), from the same text;
-    and how far apart the logits are (the same numbers: float tolerance)."""
+    how far apart the logits are, and which streams' are the same bits as alone."""
     from streambench.engine.session import StreamSession
 
     device = next(lm.model.parameters()).device
@@ -239,8 +239,12 @@ def grouped_vs_alone(lm, policies: list[str], budget: int, tokens: int) -> dict:
         _sync(device)
         grouped_s = time.perf_counter() - start
     apart = max(float((logits[b : b + 1] - alone).abs().max()) for b, alone in enumerate(alone_logits))
+    same = [
+        name for b, (name, alone) in enumerate(zip(policies, alone_logits)) if torch.equal(logits[b : b + 1], alone)
+    ]
     return {
         "policies": policies,
+        "bit_for_bit": same,  # (the streams whose logits are alone's to the bit: models/few_rows.py)
         "budget": budget,
         "tokens": tokens,
         "alone_s": alone_s,
@@ -312,7 +316,7 @@ def dialogue_batched_vs_alone(lm, policy: str, budget: int, episodes: int) -> di
     def play(batch: int):
         first = build_policy(PolicySpec(policy), budget)
         group = [first] + [copy.deepcopy(first) for _ in range(batch - 1)] if batch > 1 else None
-        with StreamSession(lm, first, group=group) as session:
+        with StreamSession(lm, first, group=group, bitwise=False) as session:  # (as the runner's)
             _sync(device)
             start = time.perf_counter()
             result = task.run(session, lm.tokenizer, Meter(device), NoProgress())
@@ -607,8 +611,16 @@ def format_bench(out: dict, model: str, dtype: str) -> str:
             f"one stream to {len(g['policies'])} policies ({', '.join(g['policies'])}; cache {g['budget']}, "
             f"{g['tokens']} tokens, token by token):",
             tabulate(
-                [[g["alone_s"], g["grouped_s"], g["speedup"], g["max_abs_logit_diff"]]],
-                headers=["one at a time s", "one group s", "speedup", "max |logit diff|"],
+                [
+                    [
+                        g["alone_s"],
+                        g["grouped_s"],
+                        g["speedup"],
+                        g["max_abs_logit_diff"],
+                        f"{len(g['bit_for_bit'])}/{len(g['policies'])}",
+                    ]
+                ],
+                headers=["one at a time s", "one group s", "speedup", "max |logit diff|", "bit for bit"],
                 floatfmt=(".2f", ".2f", ".2f", ".1e"),
             ),
         ]

@@ -5,6 +5,7 @@ import json
 from click.testing import CliRunner
 
 from streambench.cli.app import cli
+from streambench.models.few_rows import exact_products_here
 
 
 def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
@@ -61,9 +62,11 @@ def test_bench_reports_every_ratio(tiny_model_dir, tmp_path):
     }
     assert all(r["speedup"] > 0 for r in data["exact"])
     grouped = data["grouped"]
-    assert grouped["policies"] == ["sirllm", "h2o", "tova", "snapkv"] and grouped["tokens"] == 48
+    assert grouped["policies"] == ["sirllm", "h2o", "tova", "knorm", "snapkv"] and grouped["tokens"] == 48
     assert grouped["speedup"] > 0 and grouped["max_abs_logit_diff"] < 1e-4  # (the same numbers)
-    assert "one stream to 4 policies" in result.output
+    if exact_products_here():  # (the streams evicting in step: bit for bit, models/few_rows.py)
+        assert {"sirllm", "h2o", "tova", "knorm"} <= set(grouped["bit_for_bit"])
+    assert "one stream to 5 policies" in result.output and "bit for bit" in result.output
     replies = data["replies"]
     assert replies["tree"] and replies["replies"] == 3 and replies["max_abs_logit_diff"] < 1e-4
     assert "reply scoring (streamingllm" in result.output and "one tree forward" in result.output
