@@ -436,6 +436,8 @@ class StreamSession(RaggedFeeding):
                 quant=self.quant,
             )
             self.cache.enable_stats(stats)
+            if self.group is not None:  # (its pads may grow the cache where each stream alone would not)
+                self.cache.fix_renorm()
             self._token_bytes = self.cache.token_bytes()
 
     def reset(self) -> None:

@@ -6,7 +6,7 @@ streams evict in step on a CPU whose GEMM allows it (models/few_rows.py)."""
 import numpy as np
 import pytest
 import torch
-from test_exactness import POLICY_CASES, make_policy, stream_ids
+from test_exactness import BUDGET, POLICY_CASES, make_policy, stream_ids
 from tiny_models import tiny_model
 
 from streambench.engine.session import StreamSession, join_keeps, ungroupable
@@ -84,6 +84,39 @@ def test_a_group_gives_each_stream_its_bits_alone(arch, size):
             single, single_kept = run(alone, ids, 1)
         assert torch.equal(logits[b : b + 1], single), (name, (logits[b : b + 1] - single).abs().max())
         np.testing.assert_array_equal(kept[b], single_kept[0], err_msg=name)
+
+
+def test_a_stream_beside_one_with_pads_keeps_its_bits():
+    """snapkv evicts `interval` tokens at once, so its stream holds pads while the others do not:
+    the pads grow the cache, yet the others renormalise their offsets where alone they do (the
+    capacity the group started with) and keep their bits through many renormalisations; snapkv's
+    own stream is float-close (its keys sit in other slots than alone)."""
+    from streambench.models.few_rows import exact_steps, install
+
+    lm = LoadedModel.wrap(tiny_model("llama", layers=2))
+    if not (install(lm.model) and exact_steps(lm.model)):
+        pytest.skip("this CPU's GEMM does not compute a column alike in 2- and 3-column products")
+    cases = [("window", {}), ("snapkv", {"window": 4, "kernel": 3, "interval": 3}), ("knorm", {}), ("h2o", {})]
+    ids = stream_ids(80, vocab=24)
+    group = [make_policy(n, a) for n, a in cases]
+    ragged = renorms = 0
+    with StreamSession(lm, group[0], group=group) as together:
+        out = []
+        for i in range(ids.shape[1]):
+            before = int(together.cache._offsets[0])  # (window's: one more per token)
+            out.append(together.feed(ids[:, i : i + 1].expand(len(group), -1)))
+            ragged += together.cache.ragged
+            renorms += int(together.cache._offsets[0]) < before
+        logits = torch.cat(out, dim=1)
+        assert together.cache.capacity > BUDGET  # (grown by the pads)
+    assert ragged > 20 and renorms >= 3
+    for b, (name, args) in enumerate(cases):
+        with StreamSession(lm, make_policy(name, args)) as alone:
+            single, _ = run(alone, ids, 1)
+        if name == "snapkv":
+            torch.testing.assert_close(logits[b : b + 1], single, atol=2e-5, rtol=0)
+        else:
+            assert torch.equal(logits[b : b + 1], single), (name, (logits[b : b + 1] - single).abs().max())
 
 
 def test_a_dialogue_batch_keeps_the_faster_layout():

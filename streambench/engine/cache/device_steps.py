@@ -99,6 +99,9 @@ class DeviceSteps:
         @property
         def capacity(self) -> int: ...
 
+        @property
+        def renorm_limit(self) -> int: ...
+
     # ---- the host arrays, brought back from the device when read ------------------------------
     _slot = _HostArray()
     _pos = _HostArray()
@@ -240,11 +243,11 @@ class DeviceSteps:
         # keep their rotation; past the capacity it starts again at 0, on both sides (host and
         # device apply the same rule, so neither reads the other).
         self._offsets += k
-        renorm = self._offsets > self.capacity
+        renorm = self._offsets > self.renorm_limit
         self._offsets[renorm] = 0
         for name in ("offset", "stream_offset"):
             dev[name] += k
-            dev[name].masked_fill_(dev[name] > self.capacity, 0)
+            dev[name].masked_fill_(dev[name] > self.renorm_limit, 0)
         positions = rank_of_slot + dev["offset"]
         if not lanes:
             positions = positions.view(1, B, 1, n_new).expand(L, B, H, n_new)

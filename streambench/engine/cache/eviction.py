@@ -83,6 +83,9 @@ class Eviction:
         def capacity(self) -> int: ...
 
         @property
+        def renorm_limit(self) -> int: ...
+
+        @property
         def offset(self) -> int: ...
 
     def evict(self, keep: np.ndarray, reindex: bool = True) -> None:
@@ -135,7 +138,7 @@ class Eviction:
             common = int(np.bincount(shift).argmax()) if n_new else 0  # budget 1: nothing kept
             offsets = self._offsets if shared else self._offsets[b : b + 1]
             offsets += common
-            if offsets[0] > self.capacity:  # renormalise: every key back to offset 0
+            if offsets[0] > self.renorm_limit:  # renormalise: every key back to offset 0
                 offsets[:] = 0
                 stale.append((stream, np.arange(n_new)))
             else:
@@ -206,7 +209,7 @@ class Eviction:
         shift = rows - np.arange(n_new)
         common = self._commonest(shift.ravel(), np.repeat(self._row_stream, n_new))
         self._offsets += common
-        renorm = self._offsets > self.capacity
+        renorm = self._offsets > self.renorm_limit
         self._offsets[renorm] = 0
         stale = shift != common[self._row_stream][:, None]
         stale[renorm[self._row_stream]] = True
@@ -286,7 +289,7 @@ class Eviction:
         stream = self._row_stream[lane_r]
         common = self._commonest(shift, stream)
         self._offsets += common
-        renorm = (self._offsets > self.capacity) | (self._offsets < 0)
+        renorm = (self._offsets > self.renorm_limit) | (self._offsets < 0)
         self._offsets[renorm] = 0
         stale = (shift != common[stream]) | renorm[stream]
         slot, pos, score = (np.zeros((R, n_new), dtype=a.dtype) for a in (self._slot, self._pos, self._score))

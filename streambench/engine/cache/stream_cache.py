@@ -64,6 +64,7 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
         self.num_layers, self.kv_heads, self.head_dim = len(full), kv_heads, head_dim
         self.batch, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.rope = rope  # None: this cache never re-indexes (dense), so no pre-RoPE copy is kept
+        self._renorm_at: int | None = None  # (`fix_renorm`)
         # quantized (quant.py): codes, scales and zeros instead of k, v and k_pre; the full layers
         # only (sliding windows stay in the model's dtype)
         self.quant = quant if quant is not None and quant.quantized else None
@@ -113,6 +114,18 @@ class StreamCache(Eviction, SlotStats, Quantized, DeviceSteps, Cache):
     def capacity(self) -> int:
         """Slots per lane (of the largest layer, once a ragged cache sized each layer apart)."""
         return max(shard.capacity for shard in self.shards)
+
+    @property
+    def renorm_limit(self) -> int:
+        """The offset past which a stream's keys renormalise to offset 0: the capacity, or the one
+        a group fixed (`fix_renorm`)."""
+        return self._renorm_at if self._renorm_at is not None else self.capacity
+
+    def fix_renorm(self) -> None:
+        """Renormalise at today's capacity whatever the cache grows to: a group's pads grow it
+        where each stream alone would not, and a stream renormalising at another offset than
+        alone rotates its keys at other positions (float-close, not the same bits)."""
+        self._renorm_at = self.capacity
 
     @property
     def spread(self) -> bool:
