@@ -4,7 +4,7 @@ prints wall times, the ratio, and how far apart each run's per-token NLL is.
 
     python bench/group_sweep.py [--tokens 2048] [--budget 256] [--policies dense,window,...]
 
-About 15 minutes on 2 CPU cores (one at a time ~11, grouped ~4)."""
+About 25-35 minutes on 2 CPU cores (one at a time ~17-21, grouped ~9-12)."""
 
 from __future__ import annotations
 
