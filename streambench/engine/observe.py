@@ -87,8 +87,10 @@ def observing_attention(module, query, key, value, attention_mask, dropout=0.0, 
     out = out.transpose(1, 2).contiguous()
     if _ACTIVE:
         observer = _ACTIVE[-1]
-        if observer.exact_rows:
-            extra = {**kwargs, "scaling": scaling, "softcap": softcap, "dropout": dropout}
+        if observer.exact_rows and observer.plain_rows:  # (no dict per layer where every stream observes)
+            extra = {**kwargs, "scaling": scaling, "dropout": dropout}
+            if softcap is not None:  # (the model's own function takes softcap only where the model passes it)
+                extra["softcap"] = softcap
             _as_alone(observer, module, query, key, value, attention_mask, out, allowed is not None, extra)
         observer.record(module.layer_idx, query, probs)  # (a sliding layer's are not the cache's: skipped)
     return out, None
@@ -106,9 +108,6 @@ def _as_alone(observer, module, query, key, value, mask, out, ragged: bool, kwar
     plain = observer.plain_attention(module) if rows else None
     if plain is None:
         return
-    softcap = kwargs.pop("softcap", None)
-    if softcap is not None:
-        kwargs["softcap"] = softcap
     for b in rows:
         m = mask if mask is None or mask.shape[0] == 1 else mask[b : b + 1]
         out[b : b + 1] = plain(module, query[b : b + 1], key[b : b + 1], value[b : b + 1], m, **kwargs)[0]

@@ -298,9 +298,8 @@ class StreamSession(RaggedFeeding):
             if wants & CAPTURED or policy.uneven or self.group is not None:
                 window = max(member.observation_window for member in self.group or [policy])
                 self.observer = AttentionObserver(self.model, self.cache, frozenset(wants), window=window)
-                if (
-                    self._few_rows == "exact"
-                ):  # (each stream's attention as alone: the model's own where it observes nothing)
+                # (each stream's attention as alone: the model's own where it observes nothing)
+                if self._few_rows == "exact":
                     own = [b for b, m in enumerate(cast(list, self.group)) if not (m.observes & CAPTURED or m.uneven)]
                     self.observer.set_exact_rows(own, self.model.config._attn_implementation)
         self.hidden: HiddenStateTap | None = None
